@@ -1,0 +1,76 @@
+"""Helpers shared by the CLI modules: errors, the engine, output, selection options."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+
+import click
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def handle_errors(fn):
+    """Library errors become one-line CLI errors that say what to do next."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CxrlabelError as e:
+            raise click.ClickException(str(e)) from e
+    return wrapper
+
+
+def engine_of(ctx: click.Context):
+    obj = ctx.ensure_object(dict)
+    if "engine" not in obj:
+        try:
+            obj["engine"] = D.connect(obj.get("url"))
+        except CxrlabelError:
+            raise
+        except Exception as e:
+            raise click.ClickException(f"cannot open database {D.resolve_url(obj.get('url'))}: {e}. "
+                                       "Check --db / CXRLABEL_DB") from e
+    return obj["engine"]
+
+
+def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
+    """Rows as JSON, CSV or an aligned table."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("(no rows)")
+        return
+    cols = list(rows[0])
+    if as_csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        return
+    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))[:60]
+              for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def selection_options(fn):
+    fn = click.option("--limit", type=click.IntRange(min=1), help="At most N images (by uid).")(fn)
+    fn = click.option("--all", "all_images", is_flag=True, help="Every catalogued image.")(fn)
+    fn = click.option("--sample", help="A named sample (see `groups sample`).")(fn)
+    fn = click.option("--group", help="A group, e.g. cardiomegaly or healthy.")(fn)
+    return fn
+
+
+def _select(engine, group, sample, all_images, limit):
+    from pipeline.groups import select_images
+    with engine.connect() as conn:
+        return select_images(conn, group, sample, all_images, limit)

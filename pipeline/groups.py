@@ -1,0 +1,249 @@
+"""Stage 1b: groups of interest from report text, named samples, and selections.
+
+Rules are data (``pipeline/rules/default.toml``, or ``--rules FILE`` in the same form): see
+that file's header for how they are read. :func:`classify` is a pure function of the text
+and structured labels, so the same rules run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import Connection, Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RULES = Path(__file__).resolve().parent / "rules" / "default.toml"
+
+
+class GroupsError(CxrlabelError):
+    pass
+
+
+@dataclass
+class GroupRule:
+    name: str
+    labels: list[str]
+    match: list[re.Pattern]
+    unless: list[re.Pattern] = field(default_factory=list)
+
+
+@dataclass
+class Rules:
+    groups: list[GroupRule]
+    negation: re.Pattern
+    uncertain: re.Pattern
+    split: re.Pattern
+    window: int = 6
+    source: str = "default"
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+
+def _compile(patterns: list[str], where: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p, re.IGNORECASE))
+        except re.error as e:
+            raise GroupsError(f"{where}: bad pattern {p!r}: {e}") from e
+    return out
+
+
+def load_rules(path: str | Path | None = None) -> Rules:
+    """Parse and compile a rules file (default: the shipped English/Russian rules)."""
+    path = Path(path) if path else DEFAULT_RULES
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise GroupsError(f"rules file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GroupsError(f"rules file {path} is not valid TOML: {e}") from e
+    if not raw.get("group"):
+        raise GroupsError(f"rules file {path} defines no [[group]] tables")
+    groups = []
+    for i, g in enumerate(raw["group"]):
+        if "name" not in g or "match" not in g:
+            raise GroupsError(f"{path}: group #{i + 1} needs `name` and `match`")
+        groups.append(GroupRule(g["name"], list(g.get("labels", [])),
+                                _compile(g["match"], f"{path} {g['name']}.match"),
+                                _compile(g.get("unless", []), f"{path} {g['name']}.unless")))
+
+    def alternation(key: str) -> re.Pattern:
+        pats = raw.get(key, []) or [r"(?!x)x"]
+        _compile(pats, f"{path} {key}")
+        return re.compile("|".join(f"(?:{p})" for p in pats), re.IGNORECASE)
+
+    return Rules(groups, alternation("negation"), alternation("uncertain"),
+                 re.compile(raw.get("sentence_split", r"[.;!?\n]+")), int(raw.get("window", 6)),
+                 str(path))
+
+
+def _cue_before(sentence: str, start: int, end: int, cue: re.Pattern, window: int) -> bool:
+    """A cue in the ``window`` words before ``start``, or inside the match itself."""
+    before = sentence[:start].split()[-window:]
+    return bool(cue.search(" ".join(before) + " " + sentence[start:end]))
+
+
+def _find(sentences: list[str], patterns: list[re.Pattern], rules: Rules) -> tuple[str, str | None]:
+    """``('yes'|'uncertain'|'no', matched text)`` over sentences, negated matches ignored."""
+    uncertain = None
+    for s in sentences:
+        for p in patterns:
+            for m in p.finditer(s):
+                if _cue_before(s, m.start(), m.end(), rules.negation, rules.window):
+                    continue
+                if _cue_before(s, m.start(), m.end(), rules.uncertain, rules.window):
+                    uncertain = uncertain or m.group(0)
+                    continue
+                return "yes", m.group(0)
+    return ("uncertain", uncertain) if uncertain else ("no", None)
+
+
+def classify(text: str | None, labels: str | None, rules: Rules) -> tuple[str | None, str]:
+    """The group of one image and the reason: ``('cardiomegaly', "text: 'enlarged heart'")``.
+
+    Returns ``(None, reason)`` when no group applies or the text is ambiguous.
+    """
+    label_set = {x.strip().lower() for x in (labels or "").split("|") if x.strip()}
+    for g in rules.groups:
+        for lab in g.labels:
+            low = lab.lower()
+            if low in label_set and (low != "no finding" or len(label_set) == 1):
+                return g.name, f"label: {lab}"
+    if not text or not text.strip():
+        return None, "no text"
+    sentences = [s.strip() for s in rules.split.split(text.lower()) if s.strip()]
+    for g in rules.groups:
+        verdict, hit = _find(sentences, g.match, rules)
+        if verdict == "uncertain":
+            return None, f"uncertain {g.name}: {hit!r}"
+        if verdict == "no":
+            continue
+        if g.unless:
+            veto, what = _find(sentences, g.unless, rules)
+            if veto == "yes":
+                continue
+        return g.name, f"text: {hit!r}"
+    return None, "no rule matched"
+
+
+# ---------------------------------------------------------------- in the database
+
+
+def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
+           progress: bool = True) -> dict[str, int]:
+    """(Re)assign every catalogued image; returns counts per group (``None``: no group)."""
+    rules = rules or load_rules()
+    counts: dict[str, int] = {}
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(D.images)).scalar() or 0
+    bar = tqdm(total=total, desc="groups", unit="img", disable=not progress)
+    last = ""
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(select(D.images.c.uid, D.images.c.text, D.images.c.labels)
+                                .where(D.images.c.uid > last).order_by(D.images.c.uid)
+                                .limit(batch_size)).all()
+            if not rows:
+                break
+            now = D.utcnow()
+            out = []
+            for uid, text, labels in rows:
+                name, why = classify(text, labels, rules)
+                counts[name or "none"] = counts.get(name or "none", 0) + 1
+                if name:
+                    out.append({"uid": uid, "group_name": name, "rule": why[:500], "assigned_at": now})
+            uids = [r.uid for r in rows]
+            conn.execute(delete(D.groups).where(D.groups.c.uid.in_(uids)))
+            if out:
+                conn.execute(D.groups.insert(), out)
+            last = rows[-1].uid
+        bar.update(len(rows))
+    bar.close()
+    return counts
+
+
+@dataclass
+class SampleSummary:
+    name: str
+    per_group: dict[str, int]
+    short: dict[str, int]  # groups that had fewer images than asked, taken whole
+
+
+def sample(engine: Engine, name: str, per_group: int, seed: int = 0,
+           groups: Sequence[str] | None = None) -> SampleSummary:
+    """Balanced, reproducible sample stored as ``name`` (replacing one of that name)."""
+    if per_group < 1:
+        raise GroupsError(f"--per-group must be at least 1, got {per_group}")
+    with engine.begin() as conn:
+        present = sorted(conn.execute(select(D.groups.c.group_name).distinct()).scalars())
+        if not present:
+            raise GroupsError("no groups assigned yet: run `cxrlabel groups assign` first")
+        wanted = list(groups) if groups else present
+        missing = [g for g in wanted if g not in present]
+        if missing:
+            raise GroupsError(f"group(s) {missing} have no images; present: {present}")
+        taken, short = {}, {}
+        conn.execute(delete(D.samples).where(D.samples.c.name == name))
+        now = D.utcnow()
+        for g in wanted:
+            uids = sorted(conn.execute(select(D.groups.c.uid)
+                                       .where(D.groups.c.group_name == g)).scalars())
+            chosen = uids if len(uids) <= per_group else random.Random(f"{seed}:{g}").sample(uids, per_group)
+            if len(uids) < per_group:
+                short[g] = len(uids)
+            for i in range(0, len(chosen), 5000):
+                conn.execute(D.samples.insert(), [{"name": name, "uid": u, "group_name": g,
+                                                   "created_at": now} for u in chosen[i:i + 5000]])
+            taken[g] = len(chosen)
+    return SampleSummary(name, taken, short)
+
+
+def counts(engine: Engine) -> dict[str, list[tuple[str, int]]]:
+    """``{'groups': [(group, n)], 'samples': [(sample/group, n)]}`` for listings."""
+    with engine.connect() as conn:
+        g = conn.execute(select(D.groups.c.group_name, func.count()).group_by(D.groups.c.group_name)
+                         .order_by(D.groups.c.group_name)).all()
+        s = conn.execute(select(D.samples.c.name, D.samples.c.group_name, func.count())
+                         .group_by(D.samples.c.name, D.samples.c.group_name)
+                         .order_by(D.samples.c.name, D.samples.c.group_name)).all()
+        total = conn.execute(select(func.count()).select_from(D.images)).scalar() or 0
+    return {"groups": [(a, int(b)) for a, b in g],
+            "samples": [(f"{a}/{b}", int(c)) for a, b, c in s], "total": total}
+
+
+def select_images(conn: Connection, group: str | None = None, sample_name: str | None = None,
+                  all_images: bool = False, limit: int | None = None) -> list[tuple[str, str | None]]:
+    """``(uid, path)`` sorted by uid for one selection: a group, a sample, or everything."""
+    chosen = sum(x is not None and x is not False for x in (group, sample_name, all_images or None))
+    if chosen != 1:
+        raise GroupsError("choose exactly one of --group, --sample or --all")
+    i = D.images
+    q = select(i.c.uid, i.c.path)
+    if group:
+        q = q.join(D.groups, D.groups.c.uid == i.c.uid).where(D.groups.c.group_name == group)
+    elif sample_name:
+        q = q.join(D.samples, D.samples.c.uid == i.c.uid).where(D.samples.c.name == sample_name)
+    q = q.order_by(i.c.uid)
+    if limit:
+        q = q.limit(limit)
+    rows = [(u, p) for u, p in conn.execute(q).all()]
+    if not rows:
+        what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
+        raise GroupsError(f"{what} has no images: see `cxrlabel groups list`")
+    return rows

@@ -1,0 +1,278 @@
+"""Decoding and preprocessing of one image: pure functions, no database, no global state.
+
+Intensity convention (one for every input, checked at the boundary):
+
+* ``decode_*`` return ``(H, W) float32`` in ``[0, 1]`` in the *display* sense: air and lungs
+  dark (near 0), bone bright (near 1). DICOM goes through modality LUT/rescale, then the VOI
+  LUT or window, then MONOCHROME1 inversion, in that order (PS3.4 grayscale pipeline).
+* The cache holds ``(S, S) uint8`` = ``round(255 * x)`` of that image after geometry.
+* Model input is the cached image as ``(1, S, S) float32`` z-scored per image
+  (:func:`model_input`), which removes exposure and window differences between sites.
+
+Geometry: ``cache = (original + offset) * scale`` per axis in continuous pixel coordinates
+(pixel ``i`` covers ``[i, i+1)``). :class:`Geometry` maps arrays both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline import CxrlabelError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
+XRAY_MODALITIES = {"CR", "DX", "DR", "RG", "XA", "RF", "MG", "OT", "SC", ""}
+# Non-chest projection modalities we still refuse: an MR or CT slice is not an X-ray.
+NOT_XRAY_MODALITIES = {"CT", "MR", "PT", "NM", "US", "SR", "SEG", "RTSTRUCT", "ECG", "PR"}
+
+
+class DecodeError(CxrlabelError):
+    """An image that cannot be turned into the intensity convention (missing, corrupt...)."""
+
+
+class NotAnXray(DecodeError):
+    """A readable file that is not a projection radiograph (CT slice, colour photo, SR...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Affine map between an original image and its square cache entry.
+
+    ``cache = (original + offset) * scale`` for x (columns) and y (rows), continuous coords.
+    """
+
+    orig_height: int
+    orig_width: int
+    size: int
+    mode: str  # "pad" (keep aspect, pad to square) or "stretch" (rescale each axis)
+    offset_x: float
+    offset_y: float
+    scale_x: float
+    scale_y: float
+
+    @classmethod
+    def fit(cls, height: int, width: int, size: int, mode: str = "pad") -> Geometry:
+        if height < 1 or width < 1 or size < 1:
+            raise ValueError(f"bad geometry: {height}x{width} -> {size}")
+        if mode == "stretch":
+            return cls(height, width, size, mode, 0.0, 0.0, size / width, size / height)
+        if mode != "pad":
+            raise ValueError(f"unknown geometry mode {mode!r}: use 'pad' or 'stretch'")
+        side = max(height, width)
+        return cls(height, width, size, mode, (side - width) / 2, (side - height) / 2,
+                   size / side, size / side)
+
+    def matrix(self, inverse: bool = False) -> np.ndarray:
+        """2x3 affine matrix between pixel *centres* (OpenCV's convention), original -> cache."""
+        # centre_c = (centre_o + 0.5 + offset) * scale - 0.5
+        m = np.array([
+            [self.scale_x, 0.0, (0.5 + self.offset_x) * self.scale_x - 0.5],
+            [0.0, self.scale_y, (0.5 + self.offset_y) * self.scale_y - 0.5],
+        ])
+        return cv2.invertAffineTransform(m) if inverse else m
+
+    def to_cache(self, arr: np.ndarray) -> np.ndarray:
+        """Original ``(H, W)`` array -> ``(S, S)`` float32 (area-averaged when shrinking)."""
+        return _warp(arr, self.matrix(), (self.size, self.size))
+
+    def to_original(self, arr: np.ndarray) -> np.ndarray:
+        """Cache ``(S, S)`` array (e.g. probabilities) -> ``(H, W)`` float32, bilinear."""
+        if arr.shape != (self.size, self.size):
+            raise ValueError(f"expected a {self.size}x{self.size} array, got {arr.shape}")
+        out = cv2.warpAffine(arr.astype(np.float32), self.matrix(inverse=True),
+                             (self.orig_width, self.orig_height), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        return out
+
+    def as_row(self) -> dict[str, float | int | str]:
+        return dataclasses.asdict(self)
+
+
+def _warp(arr: np.ndarray, m: np.ndarray, out_wh: tuple[int, int]) -> np.ndarray:
+    """Affine resample with anti-aliasing: integer area pre-shrink, then bilinear warp."""
+    arr = arr.astype(np.float32, copy=False)
+    shrink = int(min(1 / m[0, 0], 1 / m[1, 1]) // 2)
+    if shrink >= 2:
+        h, w = arr.shape
+        small = cv2.resize(arr, (max(1, w // shrink), max(1, h // shrink)),
+                           interpolation=cv2.INTER_AREA)
+        m = _from_smaller_source(m, w / small.shape[1], h / small.shape[0])
+        arr = small
+    return cv2.warpAffine(arr, m, out_wh, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+
+
+def _from_smaller_source(m: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """Re-base a centre-to-centre matrix onto a source shrunk by ``fx``, ``fy``.
+
+    A shrunk pixel centre ``c`` lies at ``(c + 0.5) * f - 0.5`` in the full-size source.
+    """
+    out = m.copy()
+    out[0, 2] += m[0, 0] * (0.5 * fx - 0.5)
+    out[1, 2] += m[1, 1] * (0.5 * fy - 0.5)
+    out[0, 0] *= fx
+    out[1, 1] *= fy
+    return out
+
+
+def _to_unit(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    arr = arr.astype(np.float32, copy=False)
+    if lo is None or hi is None:
+        lo, hi = (float(v) for v in np.percentile(arr[:: max(1, arr.shape[0] // 256)], (0.5, 99.5)))
+    if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
+        raise DecodeError("image has no contrast (constant pixel values)")
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+
+
+def is_dicom(path: Path) -> bool:
+    """True when ``path`` has the DICOM preamble (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def decode_dicom(path: Path) -> tuple[np.ndarray, dict]:
+    """DICOM -> ``(H, W) float32 [0, 1]``, display convention, and header facts."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise DecodeError(f"{path}: not readable as DICOM ({e})") from e
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NOT_XRAY_MODALITIES:
+        raise NotAnXray(f"{path}: modality {modality} is not a projection radiograph")
+    if "PixelData" not in ds:
+        raise NotAnXray(f"{path}: no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise DecodeError(f"{path}: pixel data cannot be decoded "
+                          f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if pixels.ndim == 3:
+            pixels = _grey_from_rgb(pixels)
+        return _to_unit(pixels), {"photometric": photometric}
+    arr = apply_modality_lut(pixels, ds)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        arr = apply_voi_lut(arr, ds, index=0)
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        # windowed output spans the VOI output range; normalise by the window's own range
+        if "VOILUTSequence" not in ds:
+            lo, hi = _window_output_range(ds, arr)
+        unit = _to_unit(arr, lo, hi)
+    else:
+        unit = _to_unit(arr)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit, {"photometric": photometric}
+
+
+def _window_output_range(ds, arr: np.ndarray) -> tuple[float, float]:
+    """pydicom's windowing maps onto the stored value range; use that range as [0, 1]."""
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds:
+        return float(np.min(arr)), float(np.max(arr))
+    lo = -(2 ** (bits - 1)) if signed else 0
+    hi = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    return float(lo), float(hi)
+
+
+def _grey_from_rgb(arr: np.ndarray) -> np.ndarray:
+    rgb = arr[..., :3].astype(np.float32)
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def decode_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """PNG/JPEG/TIFF/BMP in 8 or 16 bits, grey/RGB/RGBA/palette -> ``(h, w) float32 [0, 1]``.
+
+    With ``target``, JPEGs larger than it decode at a reduced size (DCT scaling, at least
+    ``target`` on the shorter side), which is several times faster. Returns the array and
+    the *original* ``(height, width)``, so geometry stays exact.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        orig_w, orig_h = img.size
+        if target and img.format == "JPEG" and min(orig_w, orig_h) > 2 * target:
+            img.draft("L", (target, target))
+        img.load()
+    except FileNotFoundError as e:
+        raise DecodeError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"{path}: not a readable image ({e})") from e
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    elif mode in ("I", "F"):
+        raw = np.asarray(img, dtype=np.float32)
+        arr = _to_unit(raw, float(raw.min()), float(raw.max()))
+    elif mode == "L":
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    else:
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            img = _flatten_alpha(img)
+        grey = img.convert("L")
+        arr = np.asarray(grey, dtype=np.float32) / 255.0
+    if arr.ndim != 2:
+        raise NotAnXray(f"{path}: expected a single-channel image, got shape {arr.shape}")
+    return arr, (orig_h, orig_w)
+
+
+def _flatten_alpha(img):
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tuple[int, int], dict]:
+    """Any supported file -> ``(array (h, w) float32 [0,1], original (H, W), facts)``.
+
+    ``array`` may be smaller than the original when a JPEG was decoded at reduced size.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DecodeError(f"{path}: file not found")
+    if is_dicom(path):
+        arr, facts = decode_dicom(path)
+        return arr, arr.shape, facts  # type: ignore[return-value]
+    arr, orig = decode_raster(path, target)
+    return arr, orig, {}
+
+
+def preprocess(path: str | Path, size: int = 512, mode: str = "pad") -> tuple[np.ndarray, Geometry]:
+    """Decode and fit into the cache: ``(size, size) uint8`` (convention above) and geometry."""
+    arr, (h, w), _ = decode(path, target=size)
+    geom = Geometry.fit(h, w, size, mode)
+    if arr.shape != (h, w):  # reduced-size decode: map decoded pixels onto original ones
+        m = _from_smaller_source(geom.matrix(), w / arr.shape[1], h / arr.shape[0])
+        out = _warp(arr, m, (size, size))
+    else:
+        out = geom.to_cache(arr)
+    return to_uint8(out), geom
+
+
+def to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def model_input(cached: np.ndarray) -> np.ndarray:
+    """Cached ``(S, S) uint8`` -> ``(1, S, S) float32``, z-scored over the image."""
+    x = cached.astype(np.float32)
+    std = float(x.std())
+    return ((x - float(x.mean())) / (std if std > 1e-6 else 1.0))[None]

@@ -1,0 +1,316 @@
+"""Stage 4: batch labelling into the database, resumably.
+
+Flow per batch: load cached images (collecting missing ones on the fly) -> one forward
+pass -> post-processing and measurements per image -> one transaction that writes masks,
+measurements and the run's counts. A re-run skips images the same model already
+measured, so after a crash (even ``kill -9``) every image ends labelled exactly once.
+
+:func:`label_batch` is a pure function of (model, batch) and :func:`write_batch` of
+(engine, results): no global state, so a distributed engine's workers can run them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+from pipeline import masks as M
+from pipeline.collect import Settings, cache_root, collect_one, entry_path, geometry_of, read_entry
+from pipeline.imaging import Geometry, model_input
+from pipeline.measure import clean, measure, quality
+from pipeline.train import TrainConfig, load_checkpoint, predict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "model.pt"
+
+
+class LabelError(CxrlabelError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    sha256: str
+    model: torch.nn.Module
+    cfg: TrainConfig
+    device: torch.device
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LabelError("--device cuda: no CUDA GPU visible; use --device auto or cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LabelError(f"--device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_model(engine: Engine, ref: str = "default", device: str = "auto") -> LoadedModel:
+    """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
+    if ref == "default":
+        path, name = DEFAULT_MODEL, "default"
+    elif Path(ref).suffix == ".pt" or Path(ref).exists():
+        path, name = Path(ref), Path(ref).stem if Path(ref).stem not in ("best", "model") \
+            else Path(ref).parent.name
+    else:
+        with engine.connect() as conn:
+            row = conn.execute(select(D.models.c.path).where(D.models.c.name == ref)).first()
+        if row is None:
+            raise LabelError(f"model {ref!r} is neither 'default', a registered model nor a "
+                             "checkpoint file: see `cxrlabel models list`")
+        path, name = Path(row.path), ref
+    if not path.exists():
+        raise LabelError(f"checkpoint {path} not found" + (
+            " (the shipped default lives in models/default/; reinstall or run `make train`)"
+            if ref == "default" else ""))
+    dev = pick_device(device)
+    model, cfg, _ = load_checkpoint(path, dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedModel(name, path, sha, model, cfg, dev)
+
+
+# ---------------------------------------------------------------- pure per-batch work
+
+
+@dataclass
+class Item:
+    uid: str
+    image: np.ndarray  # (S, S) uint8 cache entry
+    geom: Geometry
+    spacing: tuple[float | None, float | None] = (None, None)
+    cache_row: dict | None = None  # set when collected on the fly: written with the batch
+
+
+@dataclass
+class Result:
+    uid: str
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # original geometry
+    measurements: dict = field(default_factory=dict)
+    cache_row: dict | None = None
+    error: str | None = None
+
+
+def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
+    """``(C, S, S)`` probabilities of one image -> masks in original geometry + measurements."""
+    cleaned, kept, original = {}, {}, {}
+    for i, s in enumerate(structures):
+        cleaned[s], kept[s] = clean(probs[i] > 0.5)
+        original[s] = item.geom.to_original(cleaned[s].astype(np.float32)) > 0.5
+    values = measure(original, item.spacing)
+    values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
+    return Result(item.uid, original, values, item.cache_row)
+
+
+def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor | None = None,
+                ) -> list[Result]:
+    """Forward pass over one batch and post-processing of each image."""
+    x = torch.from_numpy(np.stack([model_input(it.image) for it in items]))
+    x = x.to(lm.device, non_blocking=True)
+    if lm.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", enabled=lm.device.type == "cuda"):
+        probs = predict(lm.model, x, lm.cfg.roi).float().cpu().numpy()
+    structures = lm.cfg.structures
+    if pool is None:
+        return [postprocess(it, probs[i], structures) for i, it in enumerate(items)]
+    return list(pool.map(lambda i: postprocess(items[i], probs[i], structures), range(len(items))))
+
+
+def write_batch(engine: Engine, results: Sequence[Result], model: str, run_id: int,
+                settings_id: str) -> None:
+    """Masks, measurements, on-the-fly cache rows and run counts: one transaction."""
+    now = D.utcnow()
+    mask_rows, meas_rows, cache_rows = [], [], []
+    for r in results:
+        if r.error:
+            continue
+        for s, m in r.masks.items():
+            mask_rows.append(M.mask_row(r.uid, s, m, "predicted", model, run_id))
+        meas_rows.append({"uid": r.uid, "model": model, "run_id": run_id, "labelled_at": now,
+                          **r.measurements})
+        if r.cache_row:
+            cache_rows.append({**r.cache_row, "settings_id": settings_id, "created_at": now})
+    failed = [r for r in results if r.error]
+    with engine.begin() as conn:
+        if cache_rows:
+            D.upsert(conn, D.cache, cache_rows, ["uid", "settings_id"])
+        D.upsert(conn, D.masks, mask_rows, M.MASK_KEYS)
+        D.upsert(conn, D.measurements, meas_rows, ["uid", "model"])
+        for r in failed:
+            D.record_failure(conn, "label", r.uid, r.error or "", "LabelError")
+        runs = D.label_runs
+        conn.execute(update(runs).where(runs.c.id == run_id).values(
+            n_labelled=runs.c.n_labelled + len(meas_rows), n_failed=runs.c.n_failed + len(failed)))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class LabelSummary:
+    run_id: int
+    model: str
+    selected: int
+    labelled: int
+    skipped: int
+    failed: int
+    device: str
+
+
+def _done(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
+    t = D.measurements
+    found: set[str] = set()
+    with engine.connect() as conn:
+        for i in range(0, len(uids), 900):
+            found.update(conn.execute(select(t.c.uid).where(
+                t.c.model == model, t.c.uid.in_(uids[i:i + 900]))).scalars())
+    return found
+
+
+def _image_facts(engine: Engine, uids: Sequence[str], settings: Settings) -> tuple[dict, dict]:
+    """Cache rows and pixel spacing for the uids to label."""
+    cached, spacing = {}, {}
+    with engine.connect() as conn:
+        for i in range(0, len(uids), 900):
+            chunk = list(uids[i:i + 900])
+            for row in conn.execute(select(D.cache).where(D.cache.c.settings_id == settings.id,
+                                                          D.cache.c.uid.in_(chunk))):
+                cached[row.uid] = dict(row._mapping)
+            for uid, sx, sy in conn.execute(select(D.images.c.uid, D.images.c.spacing_x,
+                                                   D.images.c.spacing_y).where(D.images.c.uid.in_(chunk))):
+                spacing[uid] = (sx, sy)
+    return cached, spacing
+
+
+def auto_batch_size(lm: LoadedModel) -> int:
+    """CPU: 16 (batching buys little there). CUDA: the largest power of two, up to 256,
+    whose forward pass fits in half of the free memory."""
+    if lm.device.type != "cuda":
+        return 16
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    size = lm.cfg.size
+    batch = 256
+    while batch > 1:
+        try:
+            torch.cuda.reset_peak_memory_stats(lm.device)
+            with torch.inference_mode(), torch.autocast("cuda"):
+                lm.model(torch.zeros(batch, 1, size, size, device=lm.device))
+            if torch.cuda.max_memory_allocated(lm.device) < free * 0.5:
+                return batch
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+        batch //= 2
+    return 1
+
+
+def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = "default",
+          device: str = "auto", batch_size: int | None = None, selection: str = "",
+          cache_dir: str | None = None, workers: int | None = None,
+          progress: bool = True) -> LabelSummary:
+    """Label ``(uid, source path)`` items not yet labelled by ``model``."""
+    lm = resolve_model(engine, model, device)
+    if lm.device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    settings = Settings(lm.cfg.size, lm.cfg.mode)
+    uids = [u for u, _ in items]
+    done = _done(engine, lm.name, uids)
+    todo = sorted((u, p) for u, p in items if u not in done)
+    bs = batch_size or auto_batch_size(lm)
+    with engine.begin() as conn:
+        run_id = conn.execute(D.label_runs.insert().values(
+            model=lm.name, model_sha256=lm.sha256, selection=selection, device=str(lm.device),
+            host=socket.gethostname(), started_at=D.utcnow(), n_selected=len(items),
+            n_labelled=0, n_skipped=len(done), n_failed=0, status="running")).inserted_primary_key[0]
+    status = "failed"
+    try:
+        cached, spacing = _image_facts(engine, [u for u, _ in todo], settings)
+        root = cache_root(cache_dir)
+        bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
+        with ThreadPoolExecutor(2) as threads, ProcessPoolExecutor(workers or 2) as procs:
+            batches = _prefetch(todo, bs, cached, spacing, settings, root, threads, procs)
+            for items_, errors in batches:
+                results = label_batch(lm, items_, threads) if items_ else []
+                write_batch(engine, results + errors, lm.name, run_id, settings.id)
+                bar.update(len(items_) + len(errors))
+        bar.close()
+        status = "done"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        with engine.begin() as conn:
+            conn.execute(update(D.label_runs).where(D.label_runs.c.id == run_id).values(
+                ended_at=D.utcnow(), status=status))
+    with engine.connect() as conn:
+        row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == run_id)).one()
+    return LabelSummary(run_id, lm.name, len(items), row.n_labelled, len(done), row.n_failed,
+                        str(lm.device))
+
+
+def _load_one(uid: str, path: str | None, cached: dict, spacing: dict, settings: Settings,
+              root: Path, procs: ProcessPoolExecutor) -> Future:
+    """A future of Item (cached entry) or Result with error (decoding failed)."""
+    row = cached.get(uid)
+    sp = spacing.get(uid, (None, None))
+    if row is not None:
+        fut: Future = Future()
+        try:
+            fut.set_result(Item(uid, read_entry(row["path"], row["checksum"]), geometry_of(row), sp))
+        except Exception as e:  # corrupted entry: re-collect below
+            log.warning("%s: %s", uid, e)
+            row = None
+        else:
+            return fut
+    out = str(entry_path(root, settings, uid))
+    return procs.submit(_collect_item, uid, path or "", out, settings.size, settings.mode, sp)
+
+
+def _collect_item(uid: str, path: str, out: str, size: int, mode: str, sp) -> Item | Result:
+    row = collect_one(uid, path, out, size, mode)
+    if "error" in row:
+        return Result(uid, error=f"{row['error']}: {row['message']}")
+    image = read_entry(out, row["checksum"])
+    return Item(uid, image, geometry_of(row), sp, row)
+
+
+def _prefetch(todo, bs, cached, spacing, settings, root, threads, procs
+              ) -> Iterator[tuple[list[Item], list[Result]]]:
+    """Batches whose images load (and decode) while the previous batch runs the model."""
+    def gather(chunk):
+        futs = [_load_one(u, p, cached, spacing, settings, root, procs) for u, p in chunk]
+        out = [f.result() for f in futs]
+        return [x for x in out if isinstance(x, Item)], [x for x in out if isinstance(x, Result)]
+
+    chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    ahead: list[Future] = [threads.submit(gather, c) for c in chunks[:2]]
+    for i in range(len(chunks)):
+        current = ahead.pop(0)
+        if i + 2 < len(chunks):
+            ahead.append(threads.submit(gather, chunks[i + 2]))
+        yield current.result()
+
+
+def model_card_facts(lm: LoadedModel) -> str:
+    return json.dumps({"name": lm.name, "sha256": lm.sha256, "preset": lm.cfg.preset})

@@ -1,0 +1,253 @@
+"""Masks: lossless encoding in the database, and importers of annotated sets.
+
+A mask is ``(H, W) bool`` in the *original* image geometry, stored as a 1-bit PNG
+(``encoding='png'``). Manual masks have ``kind='manual'`` and ``model=''``; predicted ones
+``kind='predicted'``, the model name and the label run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.engine import Connection, Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+
+log = logging.getLogger(__name__)
+
+STRUCTURES = ("heart", "left_lung", "right_lung")
+GENERALBLOCKCHAIN_CLASSES = {
+    "Cardiomediastinum": "heart",
+    "Left Lung": "left_lung",  # the patient's left: image right on a PA film
+    "Right Lung": "right_lung",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+
+
+class MaskImportError(CxrlabelError):
+    pass
+
+
+def encode(mask: np.ndarray) -> bytes:
+    """``(H, W)`` bool/0-1 array -> 1-bit PNG bytes."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    ok, buf = cv2.imencode(".png", (mask > 0).astype(np.uint8), [cv2.IMWRITE_PNG_BILEVEL, 1])
+    if not ok:  # pragma: no cover - OpenCV only fails on empty input
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode(data: bytes) -> np.ndarray:
+    """PNG bytes from :func:`encode` -> ``(H, W) bool``."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError("stored mask is not a readable PNG")
+    return arr > 0
+
+
+def mask_row(uid: str, structure: str, mask: np.ndarray, kind: str = "manual",
+             model: str = "", run_id: int | None = None) -> dict:
+    return {
+        "uid": uid, "structure": structure, "kind": kind, "model": model, "run_id": run_id,
+        "encoding": "png", "height": int(mask.shape[0]), "width": int(mask.shape[1]),
+        "area": int(np.count_nonzero(mask)), "data": encode(mask), "created_at": D.utcnow(),
+    }
+
+
+MASK_KEYS = ("uid", "structure", "kind", "model")
+
+
+def load_masks(conn: Connection, uids: Sequence[str], kind: str = "manual",
+               model: str = "") -> dict[str, dict[str, np.ndarray]]:
+    """``{uid: {structure: (H, W) bool}}`` for the given images."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    t = D.masks
+    for start in range(0, len(uids), 500):
+        chunk = list(uids[start:start + 500])
+        rows = conn.execute(select(t.c.uid, t.c.structure, t.c.data).where(
+            t.c.uid.in_(chunk), t.c.kind == kind, t.c.model == model))
+        for uid, structure, data in rows:
+            out.setdefault(uid, {})[structure] = decode(data)
+    return out
+
+
+# ---------------------------------------------------------------- importers
+
+
+@dataclass
+class ImportSummary:
+    images: int = 0
+    masks: int = 0
+    skipped: int = 0
+
+
+def _foreground(path: Path) -> np.ndarray:
+    """Any non-black RGB pixel of an RGBA/RGB/grey mask file; anti-aliased: above half."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise MaskImportError(f"{path}: mask file missing or unreadable")
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2)
+    if arr.dtype != np.uint8:
+        arr = (arr.astype(np.float32) / np.iinfo(arr.dtype).max * 255).astype(np.uint8)
+    return arr
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    from pipeline.imaging import is_dicom
+    if is_dicom(path):
+        import pydicom
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _generalblockchain_rows(root: Path) -> Iterator[tuple[str, str, dict]]:
+    path = root / "structure.csv"
+    if not path.exists():
+        raise MaskImportError(f"{path} not found: DIR must be the GeneralBlockchain dataset folder "
+                              "(structure.csv, images/, masks/)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"Template Name", "Image", "Mask", "Resolution", "Top", "Left", "Filename"}
+        if not need <= set(reader.fieldnames or []):
+            raise MaskImportError(f"{path}: not a GeneralBlockchain structure.csv "
+                                  f"(needs columns {sorted(need)})")
+        for row in reader:
+            structure = GENERALBLOCKCHAIN_CLASSES.get(row["Template Name"])
+            if structure and row["Mask"]:
+                yield Path(row["Filename"]).stem, structure, row
+
+
+def _generalblockchain_metadata(root: Path) -> dict[str, dict]:
+    path = root / "metadata.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return {r["filename"]: r for r in csv.DictReader(f) if r.get("filename")}
+
+
+def _paste(row: dict, root: Path) -> np.ndarray:
+    w, h = (int(v) for v in row["Resolution"].lower().split("x"))
+    crop = _foreground(root / row["Mask"]) > 0
+    top, left = int(float(row["Top"])), int(float(row["Left"]))
+    canvas = np.zeros((h, w), bool)
+    ch, cw = min(crop.shape[0], h - top), min(crop.shape[1], w - left)
+    canvas[top:top + ch, left:left + cw] = crop[:ch, :cw]
+    return canvas
+
+
+def import_generalblockchain(engine: Engine, root: Path) -> ImportSummary:
+    """Catalogue the GeneralBlockchain images and store their heart/lung masks as manual."""
+    root = Path(root)
+    by_uid: dict[str, list[tuple[str, dict]]] = {}
+    for uid, structure, row in _generalblockchain_rows(root):
+        by_uid.setdefault(uid, []).append((structure, row))
+    meta = _generalblockchain_metadata(root)
+    summary = ImportSummary()
+    for uid in tqdm(sorted(by_uid), desc="masks generalblockchain", unit="img"):
+        entries = by_uid[uid]
+        first = entries[0][1]
+        # images/ holds the original file names; the hashed `Image` names only key the masks
+        image_path = (root / "images" / first["Filename"]).resolve()
+        if not image_path.exists():
+            image_path = (root / first["Image"]).resolve()
+        m = meta.get(first["Filename"], {})
+        image = {
+            "uid": uid, "source": "generalblockchain", "path": str(image_path),
+            "patient_id": m.get("patientid") or None, "age": _int_or_none(m.get("age")),
+            "sex": (m.get("sex") or None), "view": m.get("view") or None,
+            "text": m.get("finding") or None, "license": m.get("license") or None,
+        }
+        rows = []
+        for structure, row in entries:
+            mask = _paste(row, root)
+            image["height"], image["width"] = mask.shape
+            rows.append(mask_row(uid, structure, mask))
+        _store(engine, [image], rows)
+        summary.images += 1
+        summary.masks += len(rows)
+    return summary
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _store(engine: Engine, images: list[dict], rows: list[dict],
+           update: Sequence[str] | None = None) -> None:
+    """Images and their masks in one transaction. ``update``: the image columns an existing
+    catalogue row takes from this import (the rest, e.g. a clinic's report text, is kept)."""
+    now = D.utcnow()
+    with engine.begin() as conn:
+        D.upsert(conn, D.images, [{**i, "loaded_at": now} for i in images], ["uid"], update)
+        D.upsert(conn, D.masks, rows, MASK_KEYS)
+
+
+def import_png_dirs(engine: Engine, root: Path, images: str = "images",
+                    masks: dict[str, str] | None = None, source: str = "annotated") -> ImportSummary:
+    """One folder of images and one folder per structure of same-named masks.
+
+    ``masks`` maps structure -> folder relative to ``root``; default
+    ``{s: f"masks/{s}" for s in STRUCTURES}``. A mask is foreground above half its range.
+    """
+    root = Path(root)
+    masks = masks or {s: f"masks/{s}" for s in STRUCTURES}
+    unknown = set(masks) - set(STRUCTURES)
+    if unknown:
+        raise MaskImportError(f"unknown structure(s) {sorted(unknown)}: use {', '.join(STRUCTURES)}")
+    image_dir = root / images
+    if not image_dir.is_dir():
+        raise MaskImportError(f"{image_dir}: image folder not found (set it with --images)")
+    for structure, sub in masks.items():
+        if not (root / sub).is_dir():
+            raise MaskImportError(f"{root / sub}: mask folder for {structure} not found "
+                                  f"(set it with --mask {structure}=FOLDER)")
+    files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MaskImportError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    summary = ImportSummary()
+    for path in tqdm(files, desc=f"masks {root.name}", unit="img"):
+        uid = path.stem
+        h, w = _image_size(path)
+        rows = []
+        for structure, sub in masks.items():
+            found = _same_stem(root / sub, uid)
+            if found is None:
+                continue
+            mask = _foreground(found) > 127
+            if mask.shape != (h, w):
+                log.warning("%s: mask %s is %s, image is %s; skipped", uid, found, mask.shape, (h, w))
+                summary.skipped += 1
+                continue
+            rows.append(mask_row(uid, structure, mask))
+        image = {"uid": uid, "source": source, "path": str(path.resolve()), "height": h, "width": w}
+        _store(engine, [image], rows, update=("path", "height", "width"))
+        summary.images += 1
+        summary.masks += len(rows)
+    return summary
+
+
+def _same_stem(folder: Path, stem: str) -> Path | None:
+    for suffix in (".png", ".PNG", ".bmp", ".tif", ".gif", ".jpg"):
+        p = folder / f"{stem}{suffix}"
+        if p.exists():
+            return p
+    return None
+

@@ -1,0 +1,111 @@
+"""Post-processing of predicted masks, measurements (CTR and friends) and a quality score.
+
+All functions are pure: arrays in, arrays and numbers out.
+
+* :func:`clean` keeps the largest connected component and fills its holes.
+* :func:`measure` works on masks in original geometry: widths are horizontal extents in
+  original pixels (mm where pixel spacing is known). The cardiothoracic ratio is the
+  maximal horizontal width of the heart over the thoracic width, the outer extent of both
+  lungs, as on a PA film.
+* :func:`quality` in ``[0, 1]``: the model's agreement with its own cleaned mask (soft Dice
+  of the probabilities against the final mask, per structure), times the share of
+  foreground kept by :func:`clean`, times an anatomical plausibility factor. Low values
+  flag masks to review first.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+STRUCTURES = ("heart", "left_lung", "right_lung")
+
+
+def clean(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Largest 8-connected component with holes filled, and the share of foreground kept."""
+    m = mask.astype(np.uint8)
+    total = int(m.sum())
+    if total == 0:
+        return mask.astype(bool), 1.0
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n > 2:
+        biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        m = (labels == biggest).astype(np.uint8)
+    kept = float(m.sum()) / total
+    # fill holes: background not reachable from the border is foreground
+    inv = (1 - m).astype(np.uint8)
+    n_bg, bg = cv2.connectedComponents(inv, connectivity=4)
+    if n_bg > 2:
+        border = set(np.unique(np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]])).tolist())
+        holes = ~np.isin(bg, list(border)) & (inv > 0)
+        m[holes] = 1
+    return m.astype(bool), kept
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` inclusive, or None for an empty mask."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(xs) == 0:
+        return None
+    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
+
+
+def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | None] = (None, None),
+            ) -> dict[str, float | int | None]:
+    """Heart area/width, thoracic width, CTR and boxes from ``{structure: (H, W) bool}``.
+
+    ``spacing`` is ``(x, y)`` mm per pixel (None when unknown).
+    """
+    sx, sy = spacing
+    out: dict[str, float | int | None] = {}
+    heart = masks.get("heart")
+    hb = bbox(heart) if heart is not None else None
+    out["heart_area_px"] = int(heart.sum()) if heart is not None else None
+    out["heart_area_mm2"] = (out["heart_area_px"] * sx * sy
+                             if out["heart_area_px"] is not None and sx and sy else None)
+    out["heart_width_px"] = hb[2] - hb[0] + 1 if hb else None
+    lungs = [masks[s] for s in ("left_lung", "right_lung") if s in masks]
+    lb = bbox(np.logical_or.reduce(lungs)) if lungs else None
+    out["thoracic_width_px"] = lb[2] - lb[0] + 1 if lb else None
+    out["heart_width_mm"] = out["heart_width_px"] * sx if hb and sx else None
+    out["thoracic_width_mm"] = out["thoracic_width_px"] * sx if lb and sx else None
+    out["ctr"] = (out["heart_width_px"] / out["thoracic_width_px"]
+                  if hb and lb and out["thoracic_width_px"] else None)
+    for key, box in (("heart", hb), ("lungs", lb)):
+        for name, v in zip(("x0", "y0", "x1", "y1"), box or (None,) * 4, strict=True):
+            out[f"{key}_{name}"] = v
+    return out
+
+
+def soft_agreement(prob: np.ndarray, mask: np.ndarray) -> float:
+    """Soft Dice between a probability map and a binary mask of the same shape."""
+    p = prob.astype(np.float32)
+    m = mask.astype(np.float32)
+    denom = float(p.sum() + m.sum())
+    return 1.0 if denom == 0 else float(2 * (p * m).sum() / denom)
+
+
+def plausibility(masks: dict[str, np.ndarray], ctr: float | None) -> float:
+    """1.0 for anatomically plausible masks; lower for missing structures, lungs on the
+    wrong side (a flipped image), or a CTR outside 0.25-0.85."""
+    score = 1.0
+    for s in STRUCTURES:
+        if s not in masks or not masks[s].any():
+            score *= 0.3
+    left, right = masks.get("left_lung"), masks.get("right_lung")
+    if left is not None and right is not None and left.any() and right.any():
+        # the patient's left lung lies on the image's right on a PA/AP film
+        if np.flatnonzero(left.any(0)).mean() < np.flatnonzero(right.any(0)).mean():
+            score *= 0.3
+    if ctr is None or not 0.25 <= ctr <= 0.85:
+        score *= 0.5
+    return score
+
+
+def quality(probs: np.ndarray, cleaned: dict[str, np.ndarray], kept: dict[str, float],
+            ctr: float | None, structures: tuple[str, ...] = STRUCTURES) -> float:
+    """Quality score in [0, 1] from cache-resolution probabilities ``(C, S, S)`` and masks."""
+    agreements = [soft_agreement(probs[i], cleaned[s]) for i, s in enumerate(structures)]
+    return float(np.mean(agreements) * np.mean([kept[s] for s in structures])
+                 * plausibility(cleaned, ctr))

@@ -1,0 +1,148 @@
+"""Pictures of labelling results: a contact sheet of overlays and CTR histograms per group.
+
+Overlays are drawn on the cached image (cache geometry): heart contour in red, lung
+contours in green/blue, the heart width (yellow) and thoracic width (cyan) lines whose
+ratio is the CTR, and the CTR and quality printed under each tile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+from pipeline.collect import geometry_of, read_entry
+from pipeline.imaging import Geometry
+from pipeline.masks import load_masks
+
+log = logging.getLogger(__name__)
+
+COLOURS = {"heart": (60, 60, 255), "left_lung": (80, 220, 80), "right_lung": (255, 160, 60)}
+
+
+class ReportError(CxrlabelError):
+    pass
+
+
+@dataclass
+class ReportFiles:
+    contact_sheet: Path
+    histogram: Path
+    images: int
+
+
+def _to_cache_x(geom: Geometry, x: float) -> int:
+    return int(round((x + 0.5 + geom.offset_x) * geom.scale_x - 0.5))
+
+
+def _to_cache_y(geom: Geometry, y: float) -> int:
+    return int(round((y + 0.5 + geom.offset_y) * geom.scale_y - 0.5))
+
+
+def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
+    """``(S, S, 3) uint8`` BGR tile: contours, width lines, CTR and quality."""
+    tile = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    for s, m in masks.items():
+        small = geom.to_cache(m.astype(np.float32)) > 0.5
+        contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(tile, contours, -1, COLOURS.get(s, (255, 255, 255)), 1)
+    heart = masks.get("heart")
+    if heart is not None and heart.any() and meas.get("heart_x0") is not None:
+        rows = np.flatnonzero(heart.any(axis=1))
+        y = int(rows[int(len(rows) * 0.7)])  # lower heart: where the transverse diameter lies
+        yc = _to_cache_y(geom, y)
+        cv2.line(tile, (_to_cache_x(geom, meas["heart_x0"]), yc),
+                 (_to_cache_x(geom, meas["heart_x1"]), yc), (0, 230, 255), 1)
+        if meas.get("lungs_x0") is not None:
+            cv2.line(tile, (_to_cache_x(geom, meas["lungs_x0"]), yc + 3),
+                     (_to_cache_x(geom, meas["lungs_x1"]), yc + 3), (255, 255, 0), 1)
+    ctr = meas.get("ctr")
+    q = meas.get("quality")
+    label = f"CTR {ctr:.2f}" if ctr is not None else "CTR -"
+    label += f"  q {q:.2f}" if q is not None else ""
+    cv2.putText(tile, label, (4, tile.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def _selection(engine: Engine, model: str, group: str | None, sample: str | None) -> list[dict]:
+    r = D.measurements
+    q = select(r, D.groups.c.group_name).join(D.groups, D.groups.c.uid == r.c.uid, isouter=True)
+    q = q.where(r.c.model == model)
+    if group:
+        q = q.where(D.groups.c.group_name == group)
+    if sample:
+        q = q.join(D.samples, D.samples.c.uid == r.c.uid).where(D.samples.c.name == sample)
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(q.order_by(r.c.uid))]
+
+
+def report(engine: Engine, out_dir: Path, model: str = "default", group: str | None = None,
+           sample: str | None = None, tiles: int = 24, columns: int = 6) -> ReportFiles:
+    """Contact sheet of the ``tiles`` lowest-quality images and a CTR histogram per group."""
+    rows = _selection(engine, model, group, sample)
+    if not rows:
+        raise ReportError(f"no images labelled by model {model!r} in this selection: run "
+                          "`cxrlabel label` first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = group or sample or "all"
+    chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:tiles]
+    uids = [r["uid"] for r in chosen]
+    with engine.connect() as conn:
+        cache = {row.uid: row for row in conn.execute(select(D.cache).where(D.cache.c.uid.in_(uids)))}
+        masks = load_masks(conn, uids, kind="predicted", model=model)
+    images = []
+    for r in chosen:
+        c = cache.get(r["uid"])
+        if c is None:
+            continue
+        geom = geometry_of(c)
+        tile = overlay(read_entry(c.path), geom, masks.get(r["uid"], {}), r)
+        images.append(cv2.resize(tile, (256, 256), interpolation=cv2.INTER_AREA))
+    sheet = _grid(images, columns)
+    sheet_path = out_dir / f"contact_sheet_{name}.png"
+    cv2.imwrite(str(sheet_path), sheet)
+    hist_path = out_dir / f"ctr_histogram_{name}.png"
+    _histogram(_selection(engine, model, None, sample) if not group else rows, hist_path, model)
+    return ReportFiles(sheet_path, hist_path, len(images))
+
+
+def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+    if not tiles:
+        return np.zeros((256, 256, 3), np.uint8)
+    rows = (len(tiles) + columns - 1) // columns
+    cols = min(columns, len(tiles))
+    sheet = np.zeros((rows * 256, cols * 256, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        sheet[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = t
+    return sheet
+
+
+def _histogram(rows: list[dict], path: Path, model: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_group: dict[str, list[float]] = {}
+    for r in rows:
+        if r["ctr"] is not None:
+            by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(0.2, 0.9, 36)
+    for g, values in sorted(by_group.items()):
+        ax.hist(values, bins=bins, alpha=0.55, label=f"{g} (n={len(values)})", density=True)
+    ax.axvline(0.5, color="k", lw=0.8, ls="--")
+    ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group ({model})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

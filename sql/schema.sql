@@ -1,0 +1,174 @@
+-- cxrlabel schema, version 1. Generated from pipeline/db.py by
+-- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
+
+CREATE TABLE failures (
+	id INTEGER NOT NULL, 
+	stage VARCHAR(20) NOT NULL, 
+	uid VARCHAR(200), 
+	error_class VARCHAR(60) NOT NULL, 
+	message TEXT NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_failures_stage_uid ON failures (stage, uid);
+
+CREATE TABLE images (
+	uid VARCHAR(200) NOT NULL, 
+	source VARCHAR(40) NOT NULL, 
+	patient_id VARCHAR(100), 
+	age INTEGER, 
+	sex VARCHAR(1), 
+	"view" VARCHAR(20), 
+	study_date VARCHAR(10), 
+	text TEXT, 
+	labels TEXT, 
+	reference TEXT, 
+	path TEXT, 
+	width INTEGER, 
+	height INTEGER, 
+	spacing_x FLOAT, 
+	spacing_y FLOAT, 
+	modality VARCHAR(10), 
+	body_part VARCHAR(40), 
+	photometric VARCHAR(20), 
+	study_uid VARCHAR(100), 
+	sop_uid VARCHAR(100), 
+	study_description TEXT, 
+	license VARCHAR(40), 
+	loaded_at DATETIME NOT NULL, 
+	PRIMARY KEY (uid)
+);
+
+CREATE TABLE label_runs (
+	id INTEGER NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	model_sha256 VARCHAR(64), 
+	selection TEXT NOT NULL, 
+	device VARCHAR(20), 
+	host VARCHAR(100), 
+	started_at DATETIME NOT NULL, 
+	ended_at DATETIME, 
+	n_selected INTEGER, 
+	n_labelled INTEGER, 
+	n_skipped INTEGER, 
+	n_failed INTEGER, 
+	status VARCHAR(20) NOT NULL, 
+	PRIMARY KEY (id)
+);
+
+CREATE TABLE load_errors (
+	id INTEGER NOT NULL, 
+	source_file TEXT NOT NULL, 
+	line INTEGER, 
+	uid VARCHAR(200), 
+	reason TEXT NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (id)
+);
+
+CREATE TABLE models (
+	name VARCHAR(100) NOT NULL, 
+	preset VARCHAR(60) NOT NULL, 
+	config TEXT NOT NULL, 
+	data_hash VARCHAR(64) NOT NULL, 
+	path TEXT NOT NULL, 
+	sha256 VARCHAR(64) NOT NULL, 
+	dice_heart FLOAT, 
+	dice_left_lung FLOAT, 
+	dice_right_lung FLOAT, 
+	metrics TEXT, 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (name)
+);
+
+CREATE TABLE schema_version (
+	version INTEGER NOT NULL, 
+	applied_at DATETIME NOT NULL, 
+	PRIMARY KEY (version)
+);
+
+CREATE TABLE cache (
+	uid VARCHAR(200) NOT NULL, 
+	settings_id VARCHAR(16) NOT NULL, 
+	path TEXT NOT NULL, 
+	orig_height INTEGER NOT NULL, 
+	orig_width INTEGER NOT NULL, 
+	size INTEGER NOT NULL, 
+	mode VARCHAR(10) NOT NULL, 
+	offset_x FLOAT NOT NULL, 
+	offset_y FLOAT NOT NULL, 
+	scale_x FLOAT NOT NULL, 
+	scale_y FLOAT NOT NULL, 
+	checksum VARCHAR(64) NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (uid, settings_id), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE
+);
+
+CREATE TABLE groups (
+	uid VARCHAR(200) NOT NULL, 
+	group_name VARCHAR(40) NOT NULL, 
+	rule TEXT, 
+	assigned_at DATETIME NOT NULL, 
+	PRIMARY KEY (uid), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_groups_group_name ON groups (group_name);
+
+CREATE TABLE masks (
+	id INTEGER NOT NULL, 
+	uid VARCHAR(200) NOT NULL, 
+	structure VARCHAR(20) NOT NULL, 
+	kind VARCHAR(10) NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	run_id INTEGER, 
+	encoding VARCHAR(10) NOT NULL, 
+	height INTEGER NOT NULL, 
+	width INTEGER NOT NULL, 
+	area INTEGER NOT NULL, 
+	data BLOB NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (id), 
+	CONSTRAINT uq_masks_identity UNIQUE (uid, structure, kind, model), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE, 
+	FOREIGN KEY(run_id) REFERENCES label_runs (id)
+);
+
+CREATE TABLE measurements (
+	uid VARCHAR(200) NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	run_id INTEGER, 
+	heart_area_px INTEGER, 
+	heart_area_mm2 FLOAT, 
+	heart_width_px INTEGER, 
+	thoracic_width_px INTEGER, 
+	heart_width_mm FLOAT, 
+	thoracic_width_mm FLOAT, 
+	ctr FLOAT, 
+	heart_x0 INTEGER, 
+	heart_y0 INTEGER, 
+	heart_x1 INTEGER, 
+	heart_y1 INTEGER, 
+	lungs_x0 INTEGER, 
+	lungs_y0 INTEGER, 
+	lungs_x1 INTEGER, 
+	lungs_y1 INTEGER, 
+	quality FLOAT, 
+	labelled_at DATETIME NOT NULL, 
+	PRIMARY KEY (uid, model), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE, 
+	FOREIGN KEY(run_id) REFERENCES label_runs (id)
+);
+
+CREATE INDEX ix_measurements_model_quality ON measurements (model, quality);
+
+CREATE TABLE samples (
+	name VARCHAR(100) NOT NULL, 
+	uid VARCHAR(200) NOT NULL, 
+	group_name VARCHAR(40), 
+	created_at DATETIME NOT NULL, 
+	PRIMARY KEY (name, uid), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE
+);
