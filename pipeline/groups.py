@@ -37,6 +37,7 @@ class GroupRule:
     labels: list[str]
     match: list[re.Pattern]
     unless: list[re.Pattern] = field(default_factory=list)
+    negatable: bool = True  # false where the phrases carry their own negation ("no acute ...")
 
 
 @dataclass
@@ -81,7 +82,8 @@ def load_rules(path: str | Path | None = None) -> Rules:
             raise GroupsError(f"{path}: group #{i + 1} needs `name` and `match`")
         groups.append(GroupRule(g["name"], list(g.get("labels", [])),
                                 _compile(g["match"], f"{path} {g['name']}.match"),
-                                _compile(g.get("unless", []), f"{path} {g['name']}.unless")))
+                                _compile(g.get("unless", []), f"{path} {g['name']}.unless"),
+                                bool(g.get("negatable", True))))
 
     def alternation(key: str) -> re.Pattern:
         pats = raw.get(key, []) or [r"(?!x)x"]
@@ -99,13 +101,14 @@ def _cue_before(sentence: str, start: int, end: int, cue: re.Pattern, window: in
     return bool(cue.search(" ".join(before) + " " + sentence[start:end]))
 
 
-def _find(sentences: list[str], patterns: list[re.Pattern], rules: Rules) -> tuple[str, str | None]:
+def _find(sentences: list[str], patterns: list[re.Pattern], rules: Rules,
+          negatable: bool = True) -> tuple[str, str | None]:
     """``('yes'|'uncertain'|'no', matched text)`` over sentences, negated matches ignored."""
     uncertain = None
     for s in sentences:
         for p in patterns:
             for m in p.finditer(s):
-                if _cue_before(s, m.start(), m.end(), rules.negation, rules.window):
+                if negatable and _cue_before(s, m.start(), m.end(), rules.negation, rules.window):
                     continue
                 if _cue_before(s, m.start(), m.end(), rules.uncertain, rules.window):
                     uncertain = uncertain or m.group(0)
@@ -129,7 +132,7 @@ def classify(text: str | None, labels: str | None, rules: Rules) -> tuple[str | 
         return None, "no text"
     sentences = [s.strip() for s in rules.split.split(text.lower()) if s.strip()]
     for g in rules.groups:
-        verdict, hit = _find(sentences, g.match, rules)
+        verdict, hit = _find(sentences, g.match, rules, g.negatable)
         if verdict == "uncertain":
             return None, f"uncertain {g.name}: {hit!r}"
         if verdict == "no":

@@ -172,11 +172,12 @@ def import_generalblockchain(engine: Engine, root: Path) -> ImportSummary:
             "sex": (m.get("sex") or None), "view": m.get("view") or None,
             "text": m.get("finding") or None, "license": m.get("license") or None,
         }
-        rows = []
-        for structure, row in entries:
+        union: dict[str, np.ndarray] = {}
+        for structure, row in entries:  # a structure drawn in several pieces: their union
             mask = _paste(row, root)
+            union[structure] = mask | union[structure] if structure in union else mask
             image["height"], image["width"] = mask.shape
-            rows.append(mask_row(uid, structure, mask))
+        rows = [mask_row(uid, s, m) for s, m in sorted(union.items())]
         _store(engine, [image], rows)
         summary.images += 1
         summary.masks += len(rows)

@@ -9,7 +9,6 @@ channel's loss and Dice. Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume po
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -291,8 +290,11 @@ def _seed_all(seed: int) -> None:
 
 def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
           device: str = "auto", resume: bool = True, progress: bool = True,
-          dataset: Dataset | None = None) -> TrainResult:
-    """Train one model (one fold when ``cfg.folds > 1``); resumes from ``run_dir/last.pt``."""
+          dataset: Dataset | None = None, until_epoch: int | None = None) -> TrainResult:
+    """Train one model (one fold when ``cfg.folds > 1``); resumes from ``run_dir/last.pt``.
+
+    ``until_epoch`` stops early after that epoch (a time-boxed job); a later call resumes.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -322,11 +324,13 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         state = ck["state"]
         rng.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
-        aug.set_random_state(state=ck["rng"]["aug"]) if aug is not None else None
+        aug = ck["rng"]["aug"]  # the pipeline itself: MONAI keeps nested random states
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
     bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"train {cfg.preset}", unit="epoch",
                disable=not progress, initial=state["epoch"], total=cfg.epochs)
     for epoch in bar:
+        if until_epoch is not None and epoch >= until_epoch:
+            break
         t0 = time.perf_counter()
         model.train()
         order = tr[:]
@@ -357,7 +361,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
                     "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
-                            "aug": _aug_state(aug)}}, last)
+                            "aug": aug}}, last)
     best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
     plot_curve(state["history"], run_dir / "learning_curve.png", cfg)
     return TrainResult(run_dir, state["best_epoch"],
@@ -373,10 +377,6 @@ def summarise_folds(results: list[TrainResult]) -> dict[str, dict[str, float]]:
         out[s] = {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1
                   else 0.0, "folds": [float(x) for x in v]}
     return out
-
-
-def _aug_state(aug):
-    return None if aug is None else copy.deepcopy(aug.R)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, cfg: TrainConfig, info: dict,

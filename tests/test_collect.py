@@ -1,0 +1,66 @@
+import os
+
+import numpy as np
+from sqlalchemy import select, text
+
+from pipeline import catalogue as C
+from pipeline import db as D
+from pipeline.collect import Settings, collect, entry_path, load_cached, read_entry
+from tests.conftest import DICOM, NIH_PNG
+
+
+def _items(engine, tmp_path):
+    C.load_dicom(engine, DICOM, workers=1, progress=False)
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with engine.begin() as c:
+        for uid, path in [("nih1", NIH_PNG / "00000001_000.png"), ("missing", tmp_path / "no.png"),
+                          ("corrupt", bad)]:
+            c.execute(D.images.insert().values(uid=uid, source="csv", path=str(path),
+                                               loaded_at=D.utcnow()))
+        return [tuple(r) for r in c.execute(text("SELECT uid, path FROM images ORDER BY uid"))]
+
+
+def test_collect_caches_records_failures_and_resumes(engine, tmp_path):
+    items = _items(engine, tmp_path)
+    cache = tmp_path / "cache"
+    s = collect(engine, items, Settings(64), cache, workers=2, progress=False)
+    assert (s.selected, s.cached, s.failed, s.skipped) == (9, 7, 2, 0)
+    with engine.connect() as c:
+        fails = dict(c.execute(text("SELECT uid, error_class FROM failures")).all())
+        got = load_cached(c, Settings(64), ["RG1_UNCR", "nih1"])
+    assert fails == {"missing": "DecodeError", "corrupt": "DecodeError"}
+    img, geom = got["RG1_UNCR"]
+    assert img.shape == (64, 64) and (geom.orig_height, geom.orig_width) == (1955, 1841)
+    # a re-run skips what is cached and retries only the failures
+    again = collect(engine, items, Settings(64), cache, workers=1, progress=False)
+    assert (again.cached, again.skipped, again.failed) == (0, 7, 2)
+    # other settings live in their own namespace
+    other = collect(engine, items[:2], Settings(32, "stretch"), cache, workers=1, progress=False)
+    assert other.cached == 2 and Settings(32, "stretch").id != Settings(64).id
+    assert len(list((cache / Settings(64).id).rglob("*.png"))) == 7
+
+
+def test_interrupted_write_is_never_trusted(engine, tmp_path):
+    items = _items(engine, tmp_path)[:1]
+    cache = tmp_path / "cache"
+    s = Settings(64)
+    # a crash between writing the temporary file and renaming it leaves only the .tmp file
+    target = entry_path(cache, s, items[0][0])
+    target.parent.mkdir(parents=True)
+    (target.parent / (target.name + ".tmp123")).write_bytes(b"half")
+    assert collect(engine, items, s, cache, workers=1, progress=False).cached == 1
+    with engine.connect() as c:
+        row = c.execute(select(D.cache)).mappings().one()
+    assert read_entry(row["path"], row["checksum"]).shape == (64, 64)
+    # a damaged entry is detected by its checksum
+    with open(row["path"], "r+b") as f:
+        f.seek(60)
+        f.write(b"\0\0\0\0")
+    try:
+        read_entry(row["path"], row["checksum"])
+    except Exception as e:
+        assert "checksum" in str(e) and "re-run collect" in str(e)
+    else:
+        raise AssertionError("a damaged cache entry must not be trusted")
+    assert os.path.exists(row["path"]) and np.isfinite(1.0)

@@ -1,0 +1,126 @@
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.imaging import DecodeError, Geometry, decode, model_input, preprocess
+from tests.conftest import DICOM, GB, NIH_PNG
+
+
+def test_j2k_lossless_is_pixel_identical_to_uncompressed():
+    a, _, _ = decode(DICOM / "RG1_UNCR.dcm")
+    b, _, _ = decode(DICOM / "RG1_J2KR.dcm")
+    assert a.shape == (1955, 1841) and np.array_equal(a, b)
+
+
+def test_j2k_lossy_decodes_close_to_original():
+    a, _, _ = decode(DICOM / "RG1_UNCR.dcm")
+    b, _, _ = decode(DICOM / "RG1_J2KI.dcm")
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.01
+
+
+def test_monochrome1_copy_is_the_inverse_of_its_original():
+    a, _, fa = decode(DICOM / "cr_chest_pa_jpeg_baseline.dcm")
+    b, _, fb = decode(DICOM / "cr_chest_pa_jpeg_baseline_monochrome1.dcm")
+    assert (fa["photometric"], fb["photometric"]) == ("MONOCHROME2", "MONOCHROME1")
+    assert np.allclose(a, 1.0 - b, atol=1e-6)
+
+
+def test_monochrome1_comes_out_with_dark_lungs():
+    img, _, _ = decode(DICOM / "RG1_UNCR.dcm")
+    h, w = img.shape
+    lungs = np.concatenate([img[h // 3:h // 2, w // 6:w // 3].ravel(),
+                            img[h // 3:h // 2, 2 * w // 3:5 * w // 6].ravel()])
+    mediastinum = img[h // 3:h // 2, int(w * 0.45):int(w * 0.55)]
+    assert lungs.mean() < mediastinum.mean() - 0.1
+
+
+def _save(tmp_path, arr, mode, fmt="PNG", **kw):
+    path = tmp_path / f"x_{mode}.{fmt.lower()}"
+    Image.fromarray(arr).convert(mode).save(path, fmt, **kw) if mode != "I;16" else \
+        Image.fromarray(arr.astype(np.uint16) * 257).save(path, fmt)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16"])
+def test_raster_modes_give_one_grey_image(tmp_path, mode):
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    arr, orig, _ = decode(_save(tmp_path, ramp, mode))
+    assert arr.shape == (48, 64) == orig and arr.dtype == np.float32
+    assert 0 <= arr.min() < 0.05 and arr.max() > 0.95
+    assert np.all(np.diff(arr[10]) >= -0.02)  # left dark, right bright, as drawn
+
+
+def test_16_bit_png_keeps_precision(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 1000).astype(np.uint16), (4, 1))
+    path = tmp_path / "r16.png"
+    Image.fromarray(ramp).save(path)
+    arr, _, _ = decode(path)
+    assert len(np.unique(arr)) > 900  # 8-bit would collapse to 256 levels
+
+
+def test_large_jpeg_reduced_decode_keeps_geometry():
+    path = next(p for p in sorted((GB / "images").glob("*.jp*g")) if Image.open(p).size[0] > 2000)
+    full_w, full_h = Image.open(path).size
+    img, geom = preprocess(path, 256)
+    assert (geom.orig_height, geom.orig_width) == (full_h, full_w)
+    # the same image decoded at full size and resampled agrees with the reduced decode
+    arr = np.asarray(Image.open(path).convert("L"), np.float32) / 255
+    ref = np.clip(np.rint(geom.to_cache(arr) * 255), 0, 255)
+    assert np.abs(ref - img.astype(np.float32)).mean() < 3.0
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(DecodeError, match="file not found"):
+        decode(tmp_path / "missing.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DecodeError, match="bad.png"):
+        decode(bad)
+    trunc = tmp_path / "trunc.dcm"
+    trunc.write_bytes((DICOM / "RG1_UNCR.dcm").read_bytes()[:5000])
+    with pytest.raises(DecodeError, match="trunc.dcm"):
+        decode(trunc)
+
+
+def test_nih_png_and_model_input():
+    img, geom = preprocess(NIH_PNG / "00000001_000.png", 128)
+    assert img.shape == (128, 128) and img.dtype == np.uint8 and geom.mode == "pad"
+    x = model_input(img)
+    assert x.shape == (1, 128, 128) and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(20, 400), w=st.integers(20, 400), size=st.sampled_from([32, 64, 100]),
+       mode=st.sampled_from(["pad", "stretch"]), x0=st.floats(0.1, 0.5), y0=st.floats(0.1, 0.5))
+def test_geometry_round_trip(h, w, size, mode, x0, y0):
+    """A box mapped to the cache and back lands where it was (within a cache pixel)."""
+    geom = Geometry.fit(h, w, size, mode)
+    mask = np.zeros((h, w), np.float32)
+    r0, c0 = int(y0 * h), int(x0 * w)
+    r1, c1 = r0 + h // 3, c0 + w // 3
+    mask[r0:r1, c0:c1] = 1
+    back = geom.to_original(geom.to_cache(mask)) > 0.5
+    tol_y, tol_x = 1.5 / geom.scale_y + 1, 1.5 / geom.scale_x + 1
+    rows, cols = np.flatnonzero(back.any(1)), np.flatnonzero(back.any(0))
+    assert abs(rows[0] - r0) <= tol_y and abs(rows[-1] - (r1 - 1)) <= tol_y
+    assert abs(cols[0] - c0) <= tol_x and abs(cols[-1] - (c1 - 1)) <= tol_x
+
+
+def test_geometry_keeps_aspect_in_pad_mode():
+    g = Geometry.fit(1000, 500, 100, "pad")
+    assert g.scale_x == g.scale_y == 0.1 and g.offset_x == 250 and g.offset_y == 0
+    with pytest.raises(ValueError, match="unknown geometry mode"):
+        Geometry.fit(10, 10, 10, "crop")
+
+
+def test_jpeg_bytes_of_every_kind_decode(tmp_path):
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).convert("RGB").save(buf, "JPEG")
+    (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+    arr, _, _ = decode(tmp_path / "a.jpg")
+    assert arr.shape == (48, 64)

@@ -1,0 +1,118 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from pipeline import db as D
+from pipeline.networks import NETWORKS, create_network
+from pipeline.train import (
+    TrainConfig,
+    TrainError,
+    build_model,
+    load_checkpoint,
+    presets,
+    seg_loss,
+    split,
+    train,
+)
+
+SMALL = {"unet": {"channels": (4, 8, 16)}, "segresnet": {"init_filters": 8},
+         "segresnetvae": {"init_filters": 8, "input_image_size": (64, 64)},
+         "dynunet": {"filters": (4, 8, 16, 32)}, "vnet": {}, "regunet": {"num_channel_initial": 4,
+                                                                         "depth": 3},
+         "simple_aspp": {"base": 4, "aspp_channels": 8}}
+
+
+def test_every_paper_network_is_registered():
+    assert set(NETWORKS) == set(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_network_builds_and_runs(name):
+    net = create_network(name, out_channels=3, **SMALL[name])
+    out = net(torch.randn(2, 1, 64, 64))
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (2, 3, 64, 64)
+
+
+def test_unknown_network_suggests_names():
+    with pytest.raises(ValueError, match="Did you mean 'unet'"):
+        create_network("unett")
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig.from_preset("unet9")
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_presets_parse(name):
+    cfg = TrainConfig.from_preset(name)
+    assert cfg.network in NETWORKS and cfg.size >= 32
+    if cfg.roi:
+        assert cfg.roi <= cfg.size
+
+
+def test_paper_presets_match_the_paper():
+    p = presets()
+    assert p["unet5"]["args"]["channels"] == [64, 128, 256, 512, 1024]
+    assert p["unet7"]["args"]["channels"] == [16, 64, 128, 256, 512, 1024, 2048]
+    assert p["unet7_res"]["args"]["num_res_units"] > 0 and p["unet7_res"]["size"] == 512
+    assert {p[f"unet7_res_roi{r}"]["roi"] for r in (96, 384, 448)} == {96, 384, 448}
+
+
+def test_model_takes_any_size():
+    cfg = TrainConfig.from_preset("tiny")
+    net = build_model(cfg)
+    assert net(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
+
+
+def test_folds_partition_the_data():
+    cfg = TrainConfig.from_preset("tiny", folds=5)
+    vals = [split(100, TrainConfig(**{**cfg.as_dict(), "fold": k}))[1] for k in range(5)]
+    assert sorted(sum(vals, [])) == list(range(100)) and all(len(v) == 20 for v in vals)
+
+
+def test_loss_ignores_unannotated_channels():
+    logits = torch.zeros(1, 3, 8, 8)
+    target = torch.ones(1, 3, 8, 8)
+    all_valid = seg_loss(logits, target, torch.tensor([[True, True, True]]))
+    target[0, 2] = 0  # an unannotated structure: its (wrong) target must not count
+    partial = seg_loss(logits, target, torch.tensor([[True, True, False]]))
+    assert torch.isclose(all_valid, partial)
+
+
+def test_training_is_deterministic_registered_and_resumable(annotated_engine, tmp_path):
+    cfg = TrainConfig.from_preset("tiny", epochs=3, threads=2)
+    cache = str(tmp_path / "cache")
+    a = train(annotated_engine, cfg, tmp_path / "a", cache, progress=False)
+    b = train(annotated_engine, cfg, tmp_path / "b", cache, progress=False)
+    assert a.dice == b.dice and a.history[-1]["loss"] == b.history[-1]["loss"]
+    assert all(0 < v < 1 for v in a.dice.values())
+    assert (tmp_path / "a" / "learning_curve.png").stat().st_size > 1000
+    # interrupted after one epoch, then resumed: the same model as the uninterrupted run
+    train(annotated_engine, cfg, tmp_path / "c", cache, progress=False, until_epoch=1)
+    c = train(annotated_engine, cfg, tmp_path / "c", cache, progress=False)
+    assert c.history == a.history
+    # a different configuration refuses to resume from that folder
+    with pytest.raises(TrainError, match="another configuration"):
+        train(annotated_engine, TrainConfig.from_preset("tiny", epochs=4), tmp_path / "c", cache,
+              progress=False)
+
+
+def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
+    from pipeline.train import register_model
+    model, cfg, info = load_checkpoint(tiny_model)
+    assert cfg.preset == "tiny" and set(info["dice"]) == {"heart", "left_lung", "right_lung"}
+    register_model(annotated_engine, "t", tiny_model, cfg, info["dice"], info["data_hash"])
+    with annotated_engine.connect() as c:
+        row = c.execute(select(D.models)).mappings().one()
+    assert row["preset"] == "tiny" and json.loads(row["config"])["size"] == 64
+    assert len(row["sha256"]) == 64 and row["dice_heart"] == pytest.approx(info["dice"]["heart"])
+    assert np.isfinite(row["dice_left_lung"])
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(TrainError, match="not a cxrlabel checkpoint"):
+        load_checkpoint(bad)
