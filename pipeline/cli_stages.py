@@ -147,7 +147,7 @@ def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, folds, val_frac, 
 
 @click.group()
 def models() -> None:
-    """Registered models."""
+    """Registered models: trained checkpoints with their validation Dice."""
 
 
 @models.command("list")

@@ -12,7 +12,6 @@ measured, so after a crash (even ``kill -9``) every image ends labelled exactly 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -250,10 +249,11 @@ def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = 
         bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
         with ThreadPoolExecutor(2) as threads, ProcessPoolExecutor(workers or 2) as procs:
             batches = _prefetch(todo, bs, cached, spacing, settings, root, threads, procs)
-            for items_, errors in batches:
+            for n, (items_, errors) in enumerate(batches, start=1):
                 results = label_batch(lm, items_, threads) if items_ else []
                 write_batch(engine, results + errors, lm.name, run_id, settings.id)
                 bar.update(len(items_) + len(errors))
+                log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
         bar.close()
         status = "done"
     except KeyboardInterrupt:
@@ -311,6 +311,3 @@ def _prefetch(todo, bs, cached, spacing, settings, root, threads, procs
             ahead.append(threads.submit(gather, chunks[i + 2]))
         yield current.result()
 
-
-def model_card_facts(lm: LoadedModel) -> str:
-    return json.dumps({"name": lm.name, "sha256": lm.sha256, "preset": lm.cfg.preset})

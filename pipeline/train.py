@@ -72,7 +72,10 @@ class TrainConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
         table = presets()
-        p = table[look_up(name, table, "preset")]
+        try:
+            p = table[look_up(name, table, "preset")]
+        except ValueError as e:
+            raise TrainError(f"{e} (presets live in {PRESETS_FILE})") from e
         values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(preset=name, network=p["network"], args=dict(p.get("args", {})), **values)

@@ -40,7 +40,7 @@ def test_network_builds_and_runs(name):
 def test_unknown_network_suggests_names():
     with pytest.raises(ValueError, match="Did you mean 'unet'"):
         create_network("unett")
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(TrainError, match="unknown preset"):
         TrainConfig.from_preset("unet9")
 
 

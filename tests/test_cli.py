@@ -1,0 +1,73 @@
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import DICOM, NIH_CSV
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from all_commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path, cmd", list(all_commands(cli)), ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")
+def test_every_command_has_help(path, cmd):
+    assert cmd.help and len(cmd.help.strip()) > 20
+    if not isinstance(cmd, click.Group):
+        assert "Example:" in cmd.help, f"{' '.join(path)} needs an Example: block"
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0
+
+
+def run(url, *args):
+    return CliRunner().invoke(cli, ["--db", url, *args], catch_exceptions=False)
+
+
+def test_catalogue_groups_and_query(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    r = run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1")
+    assert r.exit_code == 0 and "6 rows loaded" in r.output
+    r = run(url, "query", "SELECT uid, view FROM catalogue ORDER BY uid LIMIT 2", "--json")
+    rows = json.loads(r.output)
+    assert rows[0] == {"uid": "RG1_J2KI", "view": "PA"}
+    r = run(url, "query", "SELECT COUNT(*) AS n FROM images", "--csv")
+    assert r.output.splitlines() == ["n", "6"]
+    r = run(url, "groups", "assign")
+    assert "none" in r.output
+
+
+def test_query_is_read_only(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1")
+    for sql in ("DELETE FROM images", "DROP TABLE images", "UPDATE images SET text='x'"):
+        r = CliRunner().invoke(cli, ["--db", url, "query", sql])
+        assert r.exit_code == 1 and "read-only" in r.output
+    r = run(url, "query", "SELECT COUNT(*) AS n FROM images", "--json")
+    assert json.loads(r.output) == [{"n": 6}]
+    r = CliRunner().invoke(cli, ["--db", url, "query", "SELECT nope FROM images"])
+    assert r.exit_code == 1 and "SQL error" in r.output
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    r = CliRunner().invoke(cli, ["--db", url, "catalogue", "load", "nih", str(DICOM / "RG1_UNCR.dcm")])
+    assert r.exit_code == 1 and "Error:" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "catalogue", "load", "csv", str(NIH_CSV)])
+    assert r.exit_code == 1 and "--map uid=COLUMN is required" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "label", "--group", "cardiomegaly"])
+    assert r.exit_code == 1 and "groups list" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "train", "--model", "unet9"])
+    assert r.exit_code == 1 and "Did you mean" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "evaluate"])
+    assert r.exit_code == 1 and "masks import" in r.output
+
+
+def test_groups_list_json(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    r = run(url, "groups", "list", "--json")
+    assert json.loads(r.output) == []

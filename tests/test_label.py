@@ -1,0 +1,149 @@
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+
+from pipeline import db as D
+from pipeline.label import LabelError, label, resolve_model
+from pipeline.measure import bbox, clean, measure, plausibility, quality
+from tests.conftest import REPO
+
+
+def _items(engine, n=None):
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT uid, path FROM images ORDER BY uid")).all()
+    return [tuple(r) for r in rows[:n]]
+
+
+def test_clean_keeps_largest_component_and_fills_holes():
+    m = np.zeros((40, 40), bool)
+    m[5:30, 5:30] = True
+    m[10:15, 10:15] = False  # a hole
+    m[35:38, 35:38] = True  # a speck
+    out, kept = clean(m)
+    assert out[12, 12] and not out[36, 36] and kept == pytest.approx(1 - 9 / m.sum())
+
+
+def test_measure_ctr_and_mm():
+    h = np.zeros((100, 200), bool)
+    h[40:80, 80:140] = True  # heart 60 px wide
+    right = np.zeros_like(h)
+    right[10:90, 20:90] = True
+    left = np.zeros_like(h)
+    left[10:90, 110:180] = True  # thorax 20..179: 160 px
+    m = measure({"heart": h, "left_lung": left, "right_lung": right}, (0.5, 0.5))
+    assert (m["heart_width_px"], m["thoracic_width_px"]) == (60, 160)
+    assert m["ctr"] == pytest.approx(60 / 160) and m["heart_area_mm2"] == pytest.approx(2400 * 0.25)
+    assert m["heart_width_mm"] == 30 and bbox(h) == (80, 40, 139, 79)
+    assert measure({"heart": h}, (None, None))["ctr"] is None
+
+
+def test_quality_flags_implausible_masks():
+    h = np.zeros((64, 64), bool)
+    h[30:50, 25:40] = True
+    right = np.zeros_like(h)
+    right[5:60, 5:28] = True
+    left = np.zeros_like(h)
+    left[5:60, 36:60] = True
+    masks = {"heart": h, "left_lung": left, "right_lung": right}
+    probs = np.stack([m.astype(np.float32) for m in masks.values()])
+    good = quality(probs, masks, {s: 1.0 for s in masks}, 0.4)
+    flipped = dict(masks, left_lung=right, right_lung=left)
+    assert good == pytest.approx(1.0)
+    assert plausibility(flipped, 0.4) < 0.5
+    assert quality(probs * 0.6, masks, {s: 1.0 for s in masks}, 0.4) < good
+
+
+def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_model, tmp_path):
+    items = _items(annotated_engine, 10)
+    s = label(annotated_engine, items, str(tiny_model), "cpu", 4, "test", str(tmp_path / "c"),
+              workers=1, progress=False)
+    assert (s.selected, s.labelled, s.skipped, s.failed) == (10, 10, 0, 0)
+    with annotated_engine.connect() as c:
+        n_masks = c.execute(text("SELECT COUNT(*) FROM masks WHERE kind='predicted'")).scalar()
+        res = c.execute(text("SELECT * FROM label_results ORDER BY uid")).mappings().all()
+        run = c.execute(select(D.label_runs)).mappings().one()
+        img = c.execute(select(D.images).where(D.images.c.uid == items[0][0])).mappings().one()
+        from pipeline.masks import load_masks
+        pred = load_masks(c, [items[0][0]], "predicted", s.model)
+    assert n_masks == 30 and len(res) == 10 and run["status"] == "done" and run["n_labelled"] == 10
+    assert all(0 <= r["quality"] <= 1 for r in res)
+    assert pred[items[0][0]]["heart"].shape == (img["height"], img["width"])  # original geometry
+    again = label(annotated_engine, _items(annotated_engine, 12), str(tiny_model), "cpu", 4, "test",
+                  str(tmp_path / "c"), workers=1, progress=False)
+    assert (again.labelled, again.skipped) == (2, 10)
+    with annotated_engine.connect() as c:
+        assert c.execute(select(func.count()).select_from(D.measurements)).scalar() == 12
+
+
+def test_label_records_undecodable_images(annotated_engine, tiny_model, tmp_path):
+    with annotated_engine.begin() as c:
+        c.execute(D.images.insert().values(uid="broken", source="csv", path=str(tmp_path / "x.png"),
+                                           loaded_at=D.utcnow()))
+    s = label(annotated_engine, [("broken", str(tmp_path / "x.png"))] + _items(annotated_engine, 2),
+              str(tiny_model), "cpu", 4, "t", str(tmp_path / "c"), workers=1, progress=False)
+    assert (s.labelled, s.failed) == (2, 1)
+    with annotated_engine.connect() as c:
+        assert c.execute(text("SELECT stage, uid FROM failures")).one() == ("label", "broken")
+
+
+def test_unknown_model_names_next_step(annotated_engine):
+    with pytest.raises(LabelError, match="models list"):
+        resolve_model(annotated_engine, "no-such-model")
+
+
+def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_model, tmp_path):
+    import shutil
+    db = tmp_path / "catalogue.db"
+    shutil.copy(annotated_db, db)
+    url = f"sqlite:///{db}"
+    env = {**os.environ, "CXRLABEL_DB": url, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "-v", "label", "--all", "--model", str(tiny_model),
+           "--batch-size", "2", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until two batches are committed, then kill -9
+        if "batch 2 written" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    engine = D.connect(url)
+    with engine.connect() as c:
+        partial = c.execute(select(func.count()).select_from(D.measurements)).scalar()
+        total = c.execute(select(func.count()).select_from(D.images)).scalar()
+    assert 4 <= partial < total
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with engine.connect() as c:
+        n_meas = c.execute(select(func.count()).select_from(D.measurements)).scalar()
+        per_image = c.execute(text("SELECT uid, structure, COUNT(*) FROM masks WHERE kind='predicted' "
+                                   "GROUP BY uid, structure HAVING COUNT(*) > 1")).all()
+        n_masks = c.execute(text("SELECT COUNT(*) FROM masks WHERE kind='predicted'")).scalar()
+        runs = c.execute(text("SELECT status FROM label_runs ORDER BY id")).scalars().all()
+    assert n_meas == total and n_masks == 3 * total and per_image == []
+    assert runs == ["running", "done"]  # the killed run stays visibly unfinished
+    engine.dispose()
+
+
+def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
+    from pipeline.evaluate import evaluate
+    from pipeline.groups import sample
+    from pipeline.report import report
+    s = label(annotated_engine, _items(annotated_engine, 6), str(tiny_model), "cpu", 3, "t",
+              str(tmp_path / "c"), workers=1, progress=False)
+    ev = evaluate(annotated_engine, s.model)
+    assert ev.images == 6 and 0 < ev.dice["heart"]["mean"] < 1 and ev.ctr_error["n"] == 6
+    assert {"uid", "heart", "ctr_true", "ctr_pred"} <= set(ev.per_image[0])
+    with annotated_engine.begin() as c:
+        c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly", "rule": "t",
+                                       "assigned_at": D.utcnow()} for u, _ in _items(annotated_engine, 6)])
+    sample(annotated_engine, "s", 3)
+    files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
+    assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000
+    assert files.histogram.exists()
+    files = report(annotated_engine, tmp_path / "rep", s.model, sample="s", tiles=2)
+    assert files.images == 2
