@@ -167,8 +167,9 @@ def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
            summary: LoadSummary) -> None:
     now = D.utcnow()
     rows = []
+    get = dict.get
     for record in batch.values():
-        row = {k: record.get(k) for k in IMAGE_FIELDS}
+        row = {k: get(record, k) for k in IMAGE_FIELDS}
         row["loaded_at"] = now
         rows.append(row)
     with engine.begin() as conn:
@@ -305,7 +306,7 @@ def load_nih(engine: Engine, source: Path, image_root: Path | None = None,
         name = r["Image Index"].strip()
         labels = r["Finding Labels"].strip()
         return {
-            "uid": Path(name).stem, "source": "nih", "patient_id": r["Patient ID"].strip() or None,
+            "uid": os.path.splitext(name)[0], "source": "nih", "patient_id": r["Patient ID"].strip() or None,
             "age": parse_age(r["Patient Age"]), "sex": parse_sex(r["Patient Gender"]),
             "view": r["View Position"].strip() or None, "labels": labels,
             "text": labels.replace("|", ", "), "path": resolve(name) if name else None,

@@ -11,6 +11,7 @@ from sqlalchemy import bindparam, select, text
 from pipeline import db as D
 from pipeline.cli_common import CONTEXT, _select, emit, engine_of, handle_errors, selection_options
 
+
 @click.group(context_settings=CONTEXT)
 @click.option("--db", "url", envvar="CXRLABEL_DB", metavar="URL",
               help="SQLAlchemy URL [env CXRLABEL_DB; default sqlite:///data/catalogue.db].")
@@ -150,7 +151,7 @@ def catalogue_errors(ctx, limit, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
-def catalogue_list(ctx, group, sample, all_images, limit, as_json) -> None:
+def catalogue_list(ctx, group, sample, all_images, limit, source, as_json) -> None:
     """Rows of the `catalogue` view for a selection.
 
     \b
@@ -158,7 +159,7 @@ def catalogue_list(ctx, group, sample, all_images, limit, as_json) -> None:
         cxrlabel catalogue list --group cardiomegaly --limit 5 --json
     """
     engine = engine_of(ctx)
-    uids = [u for u, _ in _select(engine, group, sample, all_images, limit or 20)]
+    uids = [u for u, _ in _select(engine, group, sample, all_images, limit or 20, source)]
     q = text("SELECT uid, patient_id, age, sex, view, study_date, group_name, source, text "
              "FROM catalogue WHERE uid IN :uids ORDER BY uid").bindparams(
         bindparam("uids", expanding=True))

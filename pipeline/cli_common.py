@@ -64,13 +64,14 @@ def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
 
 def selection_options(fn):
     fn = click.option("--limit", type=click.IntRange(min=1), help="At most N images (by uid).")(fn)
+    fn = click.option("--source", "source", help="Only images of this dataset (images.source).")(fn)
     fn = click.option("--all", "all_images", is_flag=True, help="Every catalogued image.")(fn)
     fn = click.option("--sample", help="A named sample (see `groups sample`).")(fn)
     fn = click.option("--group", help="A group, e.g. cardiomegaly or healthy.")(fn)
     return fn
 
 
-def _select(engine, group, sample, all_images, limit):
+def _select(engine, group, sample, all_images, limit, source=None):
     from pipeline.groups import select_images
     with engine.connect() as conn:
-        return select_images(conn, group, sample, all_images, limit)
+        return select_images(conn, group, sample, all_images, limit, source)

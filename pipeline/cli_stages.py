@@ -30,7 +30,7 @@ def register_stage_commands(cli: click.Group) -> None:
               help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
 @click.pass_context
 @handle_errors
-def collect_cmd(ctx, group, sample, all_images, limit, size, mode, workers, cache_dir) -> None:
+def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
     \b
@@ -39,7 +39,7 @@ def collect_cmd(ctx, group, sample, all_images, limit, size, mode, workers, cach
     """
     from pipeline.collect import Settings, collect
     engine = engine_of(ctx)
-    items = _select(engine, group, sample, all_images, limit)
+    items = _select(engine, group, sample, all_images, limit, source)
     s = collect(engine, items, Settings(size, mode), cache_dir, workers)
     click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
                f"cached, {s.failed} failed (see the failures table)")
@@ -179,7 +179,7 @@ def models_list(ctx, as_json) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
-def label_cmd(ctx, group, sample, all_images, limit, model, batch_size, device, workers,
+def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
               cache_dir) -> None:
     """Stage 4: masks, measurements and quality for a selection; resumable.
 
@@ -193,8 +193,9 @@ def label_cmd(ctx, group, sample, all_images, limit, model, batch_size, device, 
         raise click.BadParameter(f"{batch_size!r}: use auto or a positive number",
                                  param_hint="--batch-size")
     engine = engine_of(ctx)
-    items = _select(engine, group, sample, all_images, limit)
+    items = _select(engine, group, sample, all_images, limit, source)
     what = f"group={group}" if group else f"sample={sample}" if sample else "all"
+    what += f" source={source}" if source else ""
     s = label(engine, items, model, device, None if batch_size == "auto" else int(batch_size),
               what + (f" limit={limit}" if limit else ""), cache_dir, workers)
     click.echo(f"label run {s.run_id} ({s.model} on {s.device}): {s.labelled} labelled, "

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     select,
@@ -351,12 +352,34 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
     else:  # pragma: no cover - other engines: delete then insert, same effect
         _delete_insert(conn, table, rows, keys)
         return
-    stmt = insert(table)
-    names = update if update is not None else [c for c in rows[0] if c not in keys]
+    columns = list(rows[0])
+    stmt = insert(table).values({c: bindparam(c) for c in columns})
+    names = update if update is not None else [c for c in columns if c not in keys]
     updates = {c: stmt.excluded[c] for c in names}
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates) if updates \
         else stmt.on_conflict_do_nothing(index_elements=list(keys))
-    conn.execute(stmt, list(rows))
+    _executemany(conn, stmt, table, columns, rows)
+
+
+def _executemany(conn: Connection, stmt: Any, table: Table, columns: list[str],
+                 rows: Sequence[dict[str, Any]]) -> None:
+    """Execute ``stmt`` for many rows at the driver level.
+
+    The statement is compiled once for the connection's dialect and each column's bind
+    processor applied, which is what SQLAlchemy does per row but several times faster for
+    bulk loads (catalogues of millions of rows).
+    """
+    compiled = stmt.compile(dialect=conn.dialect)
+    procs = {c: table.c[c].type.bind_processor(conn.dialect) for c in columns}
+    order = compiled.positiontup
+    if order is not None:
+        getters = [(c, procs.get(c)) for c in order]
+        params: list = [tuple(p(r[c]) if p else r[c] for c, p in getters) for r in rows]
+    else:
+        active = {c: p for c, p in procs.items() if p}
+        params = [{**r, **{c: p(r[c]) for c, p in active.items()}} if active else dict(r)
+                  for r in rows]
+    conn.exec_driver_sql(str(compiled), params)
 
 
 def _delete_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:

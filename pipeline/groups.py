@@ -231,22 +231,27 @@ def counts(engine: Engine) -> dict[str, list[tuple[str, int]]]:
 
 
 def select_images(conn: Connection, group: str | None = None, sample_name: str | None = None,
-                  all_images: bool = False, limit: int | None = None) -> list[tuple[str, str | None]]:
-    """``(uid, path)`` sorted by uid for one selection: a group, a sample, or everything."""
-    chosen = sum(x is not None and x is not False for x in (group, sample_name, all_images or None))
-    if chosen != 1:
-        raise GroupsError("choose exactly one of --group, --sample or --all")
+                  all_images: bool = False, limit: int | None = None,
+                  source: str | None = None) -> list[tuple[str, str | None]]:
+    """``(uid, path)`` sorted by uid for one selection: a group, a sample, or everything;
+    ``source`` narrows any of them to one dataset (``images.source``)."""
+    chosen = sum(bool(x) for x in (group, sample_name, all_images))
+    if chosen != 1 and not (chosen == 0 and source):
+        raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
     i = D.images
     q = select(i.c.uid, i.c.path)
     if group:
         q = q.join(D.groups, D.groups.c.uid == i.c.uid).where(D.groups.c.group_name == group)
     elif sample_name:
         q = q.join(D.samples, D.samples.c.uid == i.c.uid).where(D.samples.c.name == sample_name)
+    if source:
+        q = q.where(i.c.source == source)
     q = q.order_by(i.c.uid)
     if limit:
         q = q.limit(limit)
     rows = [(u, p) for u, p in conn.execute(q).all()]
     if not rows:
         what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
+        what += f" (source {source!r})" if source else ""
         raise GroupsError(f"{what} has no images: see `cxrlabel groups list`")
     return rows

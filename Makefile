@@ -1,0 +1,81 @@
+# cxrlabel: the pipeline's stages as make targets. Paths and settings are overridable:
+#   make catalogue DATA=/mnt/public DB=postgresql+psycopg://me@host/cxr
+# Every target installs what it needs into .venv first (CPU torch pinned; see README).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ../shared/data
+DB     ?= sqlite:///data/catalogue.db
+CACHE  ?= data/cache
+GROUP  ?= cardiomegaly
+MODEL  ?= default
+PRESET ?= cxr_small
+EPOCHS ?=
+DEMO_N ?= 200
+OUT    ?= data
+NIH_CSV := $(DATA)/catalogues/nih/Data_Entry_2017_v2020.csv.gz
+CX     := $(BIN)/cxrlabel --db $(DB)
+export CXRLABEL_CACHE := $(CACHE)
+
+.PHONY: install test lint catalogue masks train train-cv label demo bench clean-data
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline tests bench
+
+catalogue: install
+	$(CX) catalogue load nih $(NIH_CSV) --image-root $(DATA)/nih-samples
+	$(CX) groups assign
+	$(CX) groups list
+
+masks: install
+	$(CX) masks import generalblockchain $(DATA)/generalblockchain
+
+# The shipped default: all 100 annotated images, the preset chosen by cross-validation.
+train: masks
+	$(CX) train --model $(PRESET) --val-frac 0 --name $(PRESET)_all $(if $(EPOCHS),--epochs $(EPOCHS))
+
+# 5-fold cross-validation of a preset (what the model card reports).
+train-cv: masks
+	$(CX) train --model $(PRESET) --folds 5 --name $(PRESET)_cv $(if $(EPOCHS),--epochs $(EPOCHS))
+
+label: install
+	$(CX) label --group $(GROUP) --model $(MODEL)
+
+# End to end on the shared data: catalogue, annotated masks, a simulated clinic archive of
+# DEMO_N DICOM files with (synthetic) reports, collect, label, evaluate, report.
+demo: catalogue masks
+	$(BIN)/python bench/clinic.py $(DEMO_N) --out $(OUT)/demo_clinic --data $(DATA)
+	$(CX) catalogue load dicom $(OUT)/demo_clinic --text-csv $(OUT)/demo_clinic/reports.csv \
+	    --text-key sop_uid --text-key-column SOPInstanceUID --text-column Report
+	$(CX) groups assign
+	$(CX) collect --source dicom --size 256
+	$(CX) label --source dicom --model $(MODEL)
+	$(CX) label --source generalblockchain --model $(MODEL)
+	@echo "Dice on the annotated set (the default model trained on these images: an upper bound):"
+	$(CX) evaluate --truth manual --model $(MODEL)
+	$(CX) report --group cardiomegaly --model $(MODEL) --out $(OUT)/reports
+	$(CX) report --group healthy --model $(MODEL) --out $(OUT)/reports
+	$(CX) query sql/queries/ctr_by_group.sql
+	@echo "catalogue: $(DB)   cache: $(CACHE)   reports: $(OUT)/reports/   clinic: $(OUT)/demo_clinic/"
+
+bench: install
+	$(BIN)/python bench/groups_openi.py
+	$(BIN)/python bench/catalogue.py
+	$(BIN)/python bench/collect.py
+	$(BIN)/python bench/label.py
+
+clean-data:
+	rm -rf data/catalogue.db data/catalogue.db-wal data/catalogue.db-shm $(CACHE) data/reports data/demo_clinic

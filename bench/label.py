@@ -1,0 +1,159 @@
+"""Labelling throughput and memory.
+
+1. Warm cache: end-to-end images/s of `label` (cached image -> rows in the database) as a
+   ratio to model-only forward throughput on the same batches, same run (goal >= 0.9).
+2. Cold cache, from the clinic archive's source files: `label` (collecting on the fly)
+   against the typical script, which for each image reads the file, preprocesses it, runs
+   MONAI's SimpleInferer, post-processes and inserts its row with its own commit (goal >= 3x).
+3. Peak RSS of labelling N1 versus N2 images (catalogue rows pointing at the archive's files
+   round-robin), each in a fresh process: flat means streamed.
+
+Usage: python bench/label.py [--n 200] [--rss 1000 10000] [--model default] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from clinic import build  # noqa: E402
+
+from pipeline import catalogue as C  # noqa: E402
+from pipeline import db as D  # noqa: E402
+from pipeline.collect import Settings, collect, load_cached  # noqa: E402
+from pipeline.imaging import model_input, preprocess  # noqa: E402
+from pipeline.label import Item, label, pick_device, postprocess, resolve_model  # noqa: E402
+
+
+def catalogue(tmp: Path, archive: Path, name: str):
+    engine = D.connect(f"sqlite:///{tmp / name}")
+    C.load_dicom(engine, archive, progress=False)
+    with engine.connect() as c:
+        items = [tuple(r) for r in c.execute(D.images.select().with_only_columns(
+            D.images.c.uid, D.images.c.path).order_by(D.images.c.uid))]
+    return engine, items
+
+
+def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
+    engine, items = catalogue(tmp, archive, "warm.db")
+    lm = resolve_model(engine, model, device)
+    settings = Settings(lm.cfg.size, lm.cfg.mode)
+    collect(engine, items, settings, tmp / "cache", progress=False)
+    with engine.connect() as c:
+        cached = load_cached(c, settings, [u for u, _ in items])
+    xs = [torch.from_numpy(np.stack([model_input(cached[u][0]) for u, _ in items[i:i + batch]]))
+          for i in range(0, len(items), batch)]
+    with torch.inference_mode():
+        lm.model(xs[0].to(lm.device))
+        t = time.perf_counter()
+        for x in xs:
+            x = x.to(lm.device)
+            if lm.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            torch.sigmoid(lm.model(x)).cpu()
+        model_only = len(items) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    s = label(engine, items, model, device, batch, "bench", str(tmp / "cache"), progress=False)
+    e2e = s.labelled / (time.perf_counter() - t)
+    print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {model_only:.1f} img/s, "
+          f"end to end {e2e:.1f} img/s, ratio {e2e / model_only:.2f} (goal >= 0.9)")
+
+
+def typical_script(engine, items, lm) -> float:
+    """Per image: read, preprocess, SimpleInferer, post-process, insert + commit."""
+    from monai.inferers import SimpleInferer
+    inferer = SimpleInferer()
+    spacing = {}
+    t = time.perf_counter()
+    for uid, path in items:
+        img, geom = preprocess(path, lm.cfg.size, lm.cfg.mode)
+        x = torch.from_numpy(model_input(img)[None]).to(lm.device)
+        with torch.inference_mode():
+            probs = torch.sigmoid(inferer(x, lm.model))[0].cpu().numpy()
+        r = postprocess(Item(uid, img, geom, spacing.get(uid, (None, None))), probs, lm.cfg.structures)
+        with engine.begin() as c:
+            c.execute(D.measurements.insert().values(uid=uid, model="typical", labelled_at=D.utcnow(),
+                                                     **{k: v for k, v in r.measurements.items()}))
+    return len(items) / (time.perf_counter() - t)
+
+
+def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
+    engine, items = catalogue(tmp, archive, "cold_typical.db")
+    lm = resolve_model(engine, model, device)
+    base = typical_script(engine, items, lm)
+    engine2, items2 = catalogue(tmp, archive, "cold_ours.db")
+    t = time.perf_counter()
+    s = label(engine2, items2, model, device, batch, "bench", str(tmp / "cold_cache"), progress=False)
+    ours = s.labelled / (time.perf_counter() - t)
+    print(f"cold cache, {s.labelled} DICOM files, {lm.device}: typical script {base:.1f} img/s, "
+          f"cxrlabel label {ours:.1f} img/s, ratio {ours / base:.2f} (goal >= 3)")
+
+
+def rss_child(db: str, n: int, model: str, device: str, cache: str) -> None:
+    engine = D.connect(db)
+    with engine.connect() as c:
+        items = [tuple(r) for r in c.execute(D.images.select().with_only_columns(
+            D.images.c.uid, D.images.c.path).order_by(D.images.c.uid).limit(n))]
+    label(engine, items, model, device, None, "rss", cache, progress=False)
+    print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def rss(tmp: Path, archive: Path, sizes: list[int], model: str, device: str) -> None:
+    engine, items = catalogue(tmp, archive, "rss_src.db")
+    results = []
+    for n in sizes:
+        db = f"sqlite:///{tmp / f'rss_{n}.db'}"
+        e = D.connect(db)
+        with e.begin() as c:
+            c.execute(D.images.insert(), [{"uid": f"r{i:07d}", "source": "bench",
+                                           "path": items[i % len(items)][1], "loaded_at": D.utcnow()}
+                                          for i in range(n)])
+        out = subprocess.run([sys.executable, __file__, "--rss-child", db, str(n), "--model", model,
+                              "--device", device, "--cache", str(tmp / f"rss_cache_{n}")],
+                             capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for r in results:
+        print(f"peak RSS labelling {r['n']:,} images: {r['rss_mb']:.0f} MB")
+    print(f"ratio {results[-1]['rss_mb'] / results[0]['rss_mb']:.2f} (flat = 1.0)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="clinic archive size")
+    ap.add_argument("--rss", type=int, nargs=2, metavar=("N1", "N2"))
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--rss-child", nargs=2, metavar=("DB", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child[0], int(args.rss_child[1]), args.model, args.device, args.cache)
+        return 0
+    print(f"device: {pick_device(args.device)}; torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        archive = tmp / "clinic"
+        build(args.n, archive, args.data)
+        warm(tmp, archive, args.model, args.device, args.batch)
+        cold(tmp, archive, args.model, args.device, args.batch)
+        if args.rss:
+            rss(tmp, archive, args.rss, args.model, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
