@@ -166,10 +166,12 @@ def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: i
 def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
            summary: LoadSummary) -> None:
     now = D.utcnow()
-    rows = []
+    # only the fields this source provides: a reload never blanks columns another source set
+    fields = sorted({k for record in batch.values() for k in record if k in IMAGE_FIELDS})
     get = dict.get
+    rows = []
     for record in batch.values():
-        row = {k: get(record, k) for k in IMAGE_FIELDS}
+        row = {k: get(record, k) for k in fields}
         row["loaded_at"] = now
         rows.append(row)
     with engine.begin() as conn:

@@ -373,8 +373,10 @@ def _executemany(conn: Connection, stmt: Any, table: Table, columns: list[str],
     procs = {c: table.c[c].type.bind_processor(conn.dialect) for c in columns}
     order = compiled.positiontup
     if order is not None:
-        getters = [(c, procs.get(c)) for c in order]
-        params: list = [tuple(p(r[c]) if p else r[c] for c, p in getters) for r in rows]
+        converted = {c: p for c, p in procs.items() if p}
+        if converted:
+            rows = [{**r, **{c: p(r[c]) for c, p in converted.items()}} for r in rows]
+        params: list = [tuple(map(r.__getitem__, order)) for r in rows]
     else:
         active = {c: p for c, p in procs.items() if p}
         params = [{**r, **{c: p(r[c]) for c, p in active.items()}} if active else dict(r)
