@@ -46,6 +46,8 @@ masks: install
 # The shipped default: all 100 annotated images, the preset chosen by cross-validation.
 train: masks
 	$(CX) train --model $(PRESET) --val-frac 0 --name $(PRESET)_all $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(CX) models export runs/$(PRESET)_all/best.pt runs/$(PRESET)_all/model.pt
+	@echo "to ship it: cp runs/$(PRESET)_all/model.pt models/default/model.pt (and update the model card)"
 
 # 5-fold cross-validation of a preset (what the model card reports).
 train-cv: masks

@@ -169,6 +169,23 @@ def models_list(ctx, as_json) -> None:
     emit(rows, as_json)
 
 
+@models.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16, half the size).")
+@handle_errors
+def models_export(checkpoint, destination, fp32) -> None:
+    """Write a checkpoint for shipping, e.g. as the default model.
+
+    \b
+    Example:
+        cxrlabel models export runs/cxr_small_all/best.pt models/default/model.pt
+    """
+    from pipeline.train import export_checkpoint
+    sha = export_checkpoint(checkpoint, destination, half=not fp32)
+    click.echo(f"{destination}: {destination.stat().st_size / 1e6:.1f} MB, sha256 {sha}")
+
+
 @click.command("label")
 @selection_options
 @click.option("--model", default="default", show_default=True,

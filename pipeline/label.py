@@ -125,6 +125,8 @@ def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor
                 ) -> list[Result]:
     """Forward pass over one batch and post-processing of each image."""
     x = torch.from_numpy(np.stack([model_input(it.image) for it in items]))
+    if lm.device.type == "cuda":
+        x = x.pin_memory()  # lets the copy overlap with the previous batch's kernels
     x = x.to(lm.device, non_blocking=True)
     if lm.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -352,7 +352,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
             sched.step()
             losses.append(loss.item())
         dice = validate(model, ds, va, cfg) if va else {}
-        mean = float(np.nanmean(list(dice.values()))) if dice else -float(np.mean(losses))
+        # without held-out images the final epoch is the model (the schedule has annealed)
+        mean = float(np.nanmean(list(dice.values()))) if dice else float(epoch)
         state["seconds"] += time.perf_counter() - t0
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **dice})
         state["epoch"] = epoch + 1
@@ -409,6 +410,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[tor
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in ck["state_dict"].items()})
     return model.to(device).eval(), cfg, ck.get("info", {})
+
+
+def export_checkpoint(src: Path, dst: Path, half: bool = True) -> str:
+    """Copy a checkpoint for shipping (fp16 weights by default); returns the new sha256."""
+    model, cfg, info = load_checkpoint(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(dst, model, cfg, info, half=half)
 
 
 def plot_curve(history: list[dict], path: Path, cfg: TrainConfig) -> None:
