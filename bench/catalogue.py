@@ -52,37 +52,46 @@ def nih_ratio(data: Path, tmp: Path) -> None:
           f"(reload {reload:.2f} s); ratio {base / ours:.2f} (goal >= 0.5)")
 
 
-def big_csv(tmp: Path, rows: int) -> None:
-    path = tmp / "big.csv"
+def write_csv(path: Path, rows: int) -> None:
+    texts = ["Cardiomegaly.", "No acute cardiopulmonary abnormality.", "Норма.", "Small effusion."]
     with open(path, "w") as f:
         f.write("id,patient,age,sex,report\n")
-        texts = ["Cardiomegaly.", "No acute cardiopulmonary abnormality.", "Норма.", "Small effusion."]
         for i in range(rows):
             f.write(f"img{i:08d},p{i // 3},{20 + i % 70},{'MF'[i % 2]},{texts[i % 4]}\n")
+
+
+def load_child(path: str, db: str) -> None:
+    """Runs in a fresh process: load one CSV, print seconds and peak RSS."""
     mapping = C.parse_mapping(["uid=id", "patient_id=patient", "age=age", "sex=sex", "text=report"])
-    engine = D.connect(f"sqlite:///{tmp / 'big.db'}")
-    quarter = tmp / "quarter.csv"
-    with open(path) as f, open(quarter, "w") as g:
-        for i, line in enumerate(f):
-            if i > rows // 4:
-                break
-            g.write(line)
+    engine = D.connect(db)
     t = time.perf_counter()
-    C.load_csv(engine, quarter, mapping, progress=False)
-    rss_quarter = peak_rss_mb()
-    C.load_csv(engine, path, mapping, progress=False)
-    took = time.perf_counter() - t
-    rss_all = peak_rss_mb()
-    print(f"generated CSV: {rows // 4 + rows} rows in {took:.1f} s ({(rows // 4 + rows) / took:,.0f} rows/s); "
-          f"peak RSS after {rows // 4:,} rows {rss_quarter:.0f} MB, after {rows:,} rows {rss_all:.0f} MB "
-          f"(ratio {rss_all / rss_quarter:.2f}, flat = 1.0)")
+    s = C.load_csv(engine, Path(path), mapping, progress=False)
+    print(s.loaded, time.perf_counter() - t, peak_rss_mb())
+
+
+def big_csv(tmp: Path, rows: int) -> None:
+    out = []
+    for n in (rows // 4, rows):
+        path = tmp / f"gen_{n}.csv"
+        write_csv(path, n)
+        res = subprocess.run([sys.executable, __file__, "--child", str(path), f"sqlite:///{tmp / f'gen_{n}.db'}"],
+                             capture_output=True, text=True, check=True)
+        loaded, took, rss = res.stdout.split()
+        out.append((int(loaded), float(took), float(rss)))
+        print(f"generated CSV, {int(loaded):,} rows: {float(took):.1f} s "
+              f"({int(loaded) / float(took):,.0f} rows/s), peak RSS {float(rss):.0f} MB")
+    print(f"peak RSS ratio {out[1][2] / out[0][2]:.2f} for 4x the rows (flat = 1.0)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        load_child(*args.child)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         nih_ratio(args.data, Path(tmp))
         big_csv(Path(tmp), args.rows)

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from sqlalchemy import select, update
@@ -113,9 +114,15 @@ class Result:
 def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
     """``(C, S, S)`` probabilities of one image -> masks in original geometry + measurements."""
     cleaned, kept, original = {}, {}, {}
+    ring = np.ones((3, 3), np.uint8)
     for i, s in enumerate(structures):
         cleaned[s], kept[s] = clean(probs[i] > 0.5)
-        original[s] = item.geom.to_original(cleaned[s].astype(np.float32)) > 0.5
+        # map the probabilities (not the binary mask) back, so the boundary keeps its
+        # sub-pixel position; limited to the kept component and with its holes filled
+        near = cv2.dilate(cleaned[s].astype(np.uint8), ring) > 0
+        soft = np.where(near, probs[i], 0.0).astype(np.float32)
+        soft[cleaned[s] & (soft <= 0.5)] = 0.75
+        original[s] = item.geom.to_original(soft) > 0.5
     values = measure(original, item.spacing)
     values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
     return Result(item.uid, original, values, item.cache_row)

@@ -92,3 +92,12 @@ def test_selection_errors(engine):
             G.select_images(c, group="x", all_images=True)
         with pytest.raises(G.GroupsError, match="has no images"):
             G.select_images(c, group="cardiomegaly")
+
+
+def test_source_narrows_a_selection(engine, tmp_path):
+    C.load_nih(engine, nih_slice(tmp_path, 50), progress=False)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO images (uid, source, loaded_at) VALUES ('zz', 'dicom', '2026-01-01')"))
+    with engine.connect() as c:
+        assert G.select_images(c, source="dicom") == [("zz", None)]
+        assert len(G.select_images(c, all_images=True, source="nih", limit=7)) == 7

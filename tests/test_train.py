@@ -116,3 +116,14 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": 1}, bad)
     with pytest.raises(TrainError, match="not a cxrlabel checkpoint"):
         load_checkpoint(bad)
+
+
+def test_export_halves_the_checkpoint(tiny_model, tmp_path):
+    from pipeline.train import export_checkpoint
+    export_checkpoint(tiny_model, tmp_path / "m.pt")
+    model, cfg, _ = load_checkpoint(tmp_path / "m.pt")
+    ref, _, _ = load_checkpoint(tiny_model)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=0.05)
+    assert (tmp_path / "m.pt").stat().st_size < tiny_model.stat().st_size
