@@ -197,17 +197,13 @@ def _done(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
 
 
 def _image_facts(engine: Engine, uids: Sequence[str], settings: Settings) -> tuple[dict, dict]:
-    """Cache rows and pixel spacing for the uids to label."""
-    cached, spacing = {}, {}
+    """Cache rows and pixel spacing of one batch's uids."""
     with engine.connect() as conn:
-        for i in range(0, len(uids), 900):
-            chunk = list(uids[i:i + 900])
-            for row in conn.execute(select(D.cache).where(D.cache.c.settings_id == settings.id,
-                                                          D.cache.c.uid.in_(chunk))):
-                cached[row.uid] = dict(row._mapping)
-            for uid, sx, sy in conn.execute(select(D.images.c.uid, D.images.c.spacing_x,
-                                                   D.images.c.spacing_y).where(D.images.c.uid.in_(chunk))):
-                spacing[uid] = (sx, sy)
+        cached = {row.uid: dict(row._mapping) for row in conn.execute(select(D.cache).where(
+            D.cache.c.settings_id == settings.id, D.cache.c.uid.in_(list(uids))))}
+        spacing = {uid: (sx, sy) for uid, sx, sy in conn.execute(select(
+            D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y).where(
+            D.images.c.uid.in_(list(uids))))}
     return cached, spacing
 
 
@@ -253,11 +249,10 @@ def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = 
             n_labelled=0, n_skipped=len(done), n_failed=0, status="running")).inserted_primary_key[0]
     status = "failed"
     try:
-        cached, spacing = _image_facts(engine, [u for u, _ in todo], settings)
         root = cache_root(cache_dir)
         bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
         with ThreadPoolExecutor(2) as threads, ProcessPoolExecutor(workers or 2) as procs:
-            batches = _prefetch(todo, bs, cached, spacing, settings, root, threads, procs)
+            batches = _prefetch(engine, todo, bs, settings, root, threads, procs)
             for n, (items_, errors) in enumerate(batches, start=1):
                 results = label_batch(lm, items_, threads) if items_ else []
                 write_batch(engine, results + errors, lm.name, run_id, settings.id)
@@ -304,10 +299,14 @@ def _collect_item(uid: str, path: str, out: str, size: int, mode: str, sp) -> It
     return Item(uid, image, geometry_of(row), sp, row)
 
 
-def _prefetch(todo, bs, cached, spacing, settings, root, threads, procs
+def _prefetch(engine, todo, bs, settings, root, threads, procs
               ) -> Iterator[tuple[list[Item], list[Result]]]:
-    """Batches whose images load (and decode) while the previous batch runs the model."""
+    """Batches whose images load (and decode) while the previous batch runs the model.
+
+    Each batch looks up its own cache rows, so memory does not grow with the selection.
+    """
     def gather(chunk):
+        cached, spacing = _image_facts(engine, [u for u, _ in chunk], settings)
         futs = [_load_one(u, p, cached, spacing, settings, root, procs) for u, p in chunk]
         out = [f.result() for f in futs]
         return [x for x in out if isinstance(x, Item)], [x for x in out if isinstance(x, Result)]
