@@ -16,6 +16,7 @@ Geometry: ``cache = (original + offset) * scale`` per axis in continuous pixel c
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from pathlib import Path
 
@@ -79,13 +80,31 @@ class Geometry:
         """Original ``(H, W)`` array -> ``(S, S)`` float32 (area-averaged when shrinking)."""
         return _warp(arr, self.matrix(), (self.size, self.size))
 
-    def to_original(self, arr: np.ndarray) -> np.ndarray:
-        """Cache ``(S, S)`` array (e.g. probabilities) -> ``(H, W)`` float32, bilinear."""
+    def to_original(self, arr: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Cache ``(S, S)`` array (e.g. probabilities) -> ``(H, W)`` float32, bilinear.
+
+        With ``box`` (cache ``x0, y0, x1, y1``, inclusive), only the original pixels under that
+        box are computed and the rest is 0: for sparse masks this is several times faster.
+        """
         if arr.shape != (self.size, self.size):
             raise ValueError(f"expected a {self.size}x{self.size} array, got {arr.shape}")
-        out = cv2.warpAffine(arr.astype(np.float32), self.matrix(inverse=True),
-                             (self.orig_width, self.orig_height), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REPLICATE)
+        inv = self.matrix(inverse=True)
+        if box is None:
+            return cv2.warpAffine(arr.astype(np.float32), inv, (self.orig_width, self.orig_height),
+                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out = np.zeros((self.orig_height, self.orig_width), np.float32)
+        # cache pixel edges x0 - 0.5 .. x1 + 1.5 (one pixel of margin) in original pixels
+        ox0 = max(0, int(np.floor((box[0] - 1) / self.scale_x - self.offset_x)))
+        oy0 = max(0, int(np.floor((box[1] - 1) / self.scale_y - self.offset_y)))
+        ox1 = min(self.orig_width, int(np.ceil((box[2] + 2) / self.scale_x - self.offset_x)))
+        oy1 = min(self.orig_height, int(np.ceil((box[3] + 2) / self.scale_y - self.offset_y)))
+        if ox1 <= ox0 or oy1 <= oy0:
+            return out
+        shifted = inv.copy()  # OpenCV takes the forward map: cache -> original, here -> ROI
+        shifted[0, 2] -= ox0
+        shifted[1, 2] -= oy0
+        out[oy0:oy1, ox0:ox1] = cv2.warpAffine(arr.astype(np.float32), shifted, (ox1 - ox0, oy1 - oy0),
+                                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return out
 
     def as_row(self) -> dict[str, float | int | str]:
@@ -138,8 +157,27 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def decode_dicom(path: Path) -> tuple[np.ndarray, dict]:
-    """DICOM -> ``(H, W) float32 [0, 1]``, display convention, and header facts."""
+def _reduced_jpeg_frame(ds, target: int) -> np.ndarray | None:
+    """JPEG-baseline DICOM frame decoded at reduced size (DCT scaling), or None."""
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if (ds.file_meta.get("TransferSyntaxUID") != JPEGBaseline8Bit or int(ds.get("NumberOfFrames", 1) or 1) > 1
+            or int(ds.get("SamplesPerPixel", 1)) != 1 or min(int(ds.Rows), int(ds.Columns)) <= 2 * target):
+        return None
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    img = Image.open(io.BytesIO(frame))
+    img.draft("L", (target, target))
+    return np.asarray(img.convert("L"))
+
+
+def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dict]:
+    """DICOM -> ``(h, w) float32 [0, 1]``, display convention, and header facts.
+
+    With ``target``, a JPEG-baseline frame larger than it decodes at reduced size; the
+    original size is in ``facts["shape"]``.
+    """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -153,7 +191,8 @@ def decode_dicom(path: Path) -> tuple[np.ndarray, dict]:
     if "PixelData" not in ds:
         raise NotAnXray(f"{path}: no pixel data")
     try:
-        pixels = ds.pixel_array
+        reduced = _reduced_jpeg_frame(ds, target) if target else None
+        pixels = reduced if reduced is not None else ds.pixel_array
     except Exception as e:
         raise DecodeError(f"{path}: pixel data cannot be decoded "
                           f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
@@ -163,7 +202,7 @@ def decode_dicom(path: Path) -> tuple[np.ndarray, dict]:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim == 3:
             pixels = _grey_from_rgb(pixels)
-        return _to_unit(pixels), {"photometric": photometric}
+        return _to_unit(pixels), {"photometric": photometric, "shape": pixels.shape[:2]}
     arr = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
@@ -176,7 +215,7 @@ def decode_dicom(path: Path) -> tuple[np.ndarray, dict]:
         unit = _to_unit(arr)
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
-    return unit, {"photometric": photometric}
+    return unit, {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns))}
 
 
 def _window_output_range(ds, arr: np.ndarray) -> tuple[float, float]:
@@ -249,8 +288,8 @@ def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tup
     if not path.exists():
         raise DecodeError(f"{path}: file not found")
     if is_dicom(path):
-        arr, facts = decode_dicom(path)
-        return arr, arr.shape, facts  # type: ignore[return-value]
+        arr, facts = decode_dicom(path, target)
+        return arr, facts["shape"], facts
     arr, orig = decode_raster(path, target)
     return arr, orig, {}
 

@@ -32,7 +32,7 @@ from pipeline import db as D
 from pipeline import masks as M
 from pipeline.collect import Settings, cache_root, collect_one, entry_path, geometry_of, read_entry
 from pipeline.imaging import Geometry, model_input
-from pipeline.measure import clean, measure, quality
+from pipeline.measure import bbox, clean, measure, quality
 from pipeline.train import TrainConfig, load_checkpoint, predict
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         near = cv2.dilate(cleaned[s].astype(np.uint8), ring) > 0
         soft = np.where(near, probs[i], 0.0).astype(np.float32)
         soft[cleaned[s] & (soft <= 0.5)] = 0.75
-        original[s] = item.geom.to_original(soft) > 0.5
+        original[s] = item.geom.to_original(soft, bbox(near) or (0, 0, -1, -1)) > 0.5
     values = measure(original, item.spacing)
     values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
     return Result(item.uid, original, values, item.cache_row)

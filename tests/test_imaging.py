@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -99,6 +99,7 @@ def test_nih_png_and_model_input():
 def test_geometry_round_trip(h, w, size, mode, x0, y0):
     """A box mapped to the cache and back lands where it was (within a cache pixel)."""
     geom = Geometry.fit(h, w, size, mode)
+    assume(min(h // 3 * geom.scale_y, w // 3 * geom.scale_x) >= 2)  # visible in the cache
     mask = np.zeros((h, w), np.float32)
     r0, c0 = int(y0 * h), int(x0 * w)
     r1, c1 = r0 + h // 3, c0 + w // 3
@@ -124,3 +125,25 @@ def test_jpeg_bytes_of_every_kind_decode(tmp_path):
     (tmp_path / "a.jpg").write_bytes(buf.getvalue())
     arr, _, _ = decode(tmp_path / "a.jpg")
     assert arr.shape == (48, 64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(30, 500), w=st.integers(30, 500), mode=st.sampled_from(["pad", "stretch"]),
+       x0=st.integers(0, 40), y0=st.integers(0, 40), bw=st.integers(1, 20), bh=st.integers(1, 20))
+def test_to_original_inside_a_box_equals_the_full_map(h, w, mode, x0, y0, bw, bh):
+    geom = Geometry.fit(h, w, 64, mode)
+    arr = np.zeros((64, 64), np.float32)
+    arr[y0:y0 + bh, x0:x0 + bw] = 1.0
+    box = (x0, y0, min(63, x0 + bw - 1), min(63, y0 + bh - 1))
+    assert np.array_equal(geom.to_original(arr, box) > 0.5, geom.to_original(arr) > 0.5)
+
+
+def test_jpeg_baseline_dicom_reduced_decode_matches_full_decode():
+    path = DICOM / "cr_chest_pa_jpeg_baseline.dcm"
+    fast, geom = preprocess(path, 128)  # 1024 px frame decoded at 1/4 scale
+    full, (h, w), _ = decode(path)
+    assert (geom.orig_height, geom.orig_width) == (h, w) == (1024, 1024)
+    ref = np.clip(np.rint(geom.to_cache(full) * 255), 0, 255)
+    assert np.abs(ref - fast.astype(np.float32)).mean() < 3.0
+    mono1, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline_monochrome1.dcm", 128)
+    assert np.abs(255 - mono1.astype(np.int16) - fast).max() <= 1  # inversion survives the fast path
