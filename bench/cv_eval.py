@@ -22,7 +22,7 @@ from pipeline import db as D
 from pipeline.collect import Settings, collect, load_cached
 from pipeline.imaging import model_input
 from pipeline.label import Item, postprocess
-from pipeline.masks import load_masks
+from pipeline.masks import decode, load_masks
 from pipeline.train import annotated_uids, hard_dice, load_checkpoint, predict, split
 
 
@@ -46,7 +46,7 @@ def evaluate_fold(engine, ckpt: Path, cache: str | None) -> dict[str, list[float
         r = postprocess(Item(uid, img, geom), probs, cfg.structures)
         for s in cfg.structures:
             if s in truth.get(uid, {}):
-                scores[s].append(hard_dice(r.masks[s], truth[uid][s]))
+                scores[s].append(hard_dice(decode(r.masks[s].data), truth[uid][s]))
     return scores
 
 

@@ -105,7 +105,7 @@ class Item:
 @dataclass
 class Result:
     uid: str
-    masks: dict[str, np.ndarray] = field(default_factory=dict)  # original geometry
+    masks: dict[str, M.EncodedMask] = field(default_factory=dict)  # original geometry
     measurements: dict = field(default_factory=dict)
     cache_row: dict | None = None
     error: str | None = None
@@ -125,7 +125,9 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         original[s] = item.geom.to_original(soft, bbox(near) or (0, 0, -1, -1)) > 0.5
     values = measure(original, item.spacing)
     values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
-    return Result(item.uid, original, values, item.cache_row)
+    # encoded here, in the worker thread, so the writer only talks to the database
+    encoded = {s: M.EncodedMask.of(m) for s, m in original.items()}
+    return Result(item.uid, encoded, values, item.cache_row)
 
 
 def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor | None = None,

@@ -41,7 +41,8 @@ def encode(mask: np.ndarray) -> bytes:
     """``(H, W)`` bool/0-1 array -> 1-bit PNG bytes."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    ok, buf = cv2.imencode(".png", (mask > 0).astype(np.uint8), [cv2.IMWRITE_PNG_BILEVEL, 1])
+    m = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask > 0).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", m, [cv2.IMWRITE_PNG_BILEVEL, 1])
     if not ok:  # pragma: no cover - OpenCV only fails on empty input
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
@@ -55,12 +56,27 @@ def decode(data: bytes) -> np.ndarray:
     return arr > 0
 
 
-def mask_row(uid: str, structure: str, mask: np.ndarray, kind: str = "manual",
+@dataclass(frozen=True)
+class EncodedMask:
+    """A mask ready for the ``masks`` table: PNG bytes, shape and foreground area."""
+
+    data: bytes
+    height: int
+    width: int
+    area: int
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> EncodedMask:
+        return cls(encode(mask), int(mask.shape[0]), int(mask.shape[1]), int(np.count_nonzero(mask)))
+
+
+def mask_row(uid: str, structure: str, mask: np.ndarray | EncodedMask, kind: str = "manual",
              model: str = "", run_id: int | None = None) -> dict:
+    enc = mask if isinstance(mask, EncodedMask) else EncodedMask.of(mask)
     return {
         "uid": uid, "structure": structure, "kind": kind, "model": model, "run_id": run_id,
-        "encoding": "png", "height": int(mask.shape[0]), "width": int(mask.shape[1]),
-        "area": int(np.count_nonzero(mask)), "data": encode(mask), "created_at": D.utcnow(),
+        "encoding": "png", "height": enc.height, "width": enc.width, "area": enc.area,
+        "data": enc.data, "created_at": D.utcnow(),
     }
 
 
