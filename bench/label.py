@@ -85,7 +85,7 @@ def typical_script(engine, items, lm) -> float:
         r = postprocess(Item(uid, img, geom, spacing.get(uid, (None, None))), probs, lm.cfg.structures)
         with engine.begin() as c:
             c.execute(D.measurements.insert().values(uid=uid, model="typical", labelled_at=D.utcnow(),
-                                                     **{k: v for k, v in r.measurements.items()}))
+                                                     **r.measurements))
     return len(items) / (time.perf_counter() - t)
 
 

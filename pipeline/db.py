@@ -370,17 +370,11 @@ def _executemany(conn: Connection, stmt: Any, table: Table, columns: list[str],
     bulk loads (catalogues of millions of rows).
     """
     compiled = stmt.compile(dialect=conn.dialect)
-    procs = {c: table.c[c].type.bind_processor(conn.dialect) for c in columns}
-    order = compiled.positiontup
-    if order is not None:
-        converted = {c: p for c, p in procs.items() if p}
-        if converted:
-            rows = [{**r, **{c: p(r[c]) for c, p in converted.items()}} for r in rows]
-        params: list = [tuple(map(r.__getitem__, order)) for r in rows]
-    else:
-        active = {c: p for c, p in procs.items() if p}
-        params = [{**r, **{c: p(r[c]) for c, p in active.items()}} if active else dict(r)
-                  for r in rows]
+    procs = {c: p for c in columns if (p := table.c[c].type.bind_processor(conn.dialect))}
+    if procs:
+        rows = [{**r, **{c: p(r[c]) for c, p in procs.items()}} for r in rows]
+    order = compiled.positiontup  # qmark/format dialects; named ones (psycopg) take the dicts
+    params: list = [tuple(map(r.__getitem__, order)) for r in rows] if order is not None else list(rows)
     conn.exec_driver_sql(str(compiled), params)
 
 

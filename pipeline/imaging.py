@@ -164,7 +164,8 @@ def _reduced_jpeg_frame(ds, target: int) -> np.ndarray | None:
     from pydicom.uid import JPEGBaseline8Bit
 
     if (ds.file_meta.get("TransferSyntaxUID") != JPEGBaseline8Bit or int(ds.get("NumberOfFrames", 1) or 1) > 1
-            or int(ds.get("SamplesPerPixel", 1)) != 1 or min(int(ds.Rows), int(ds.Columns)) <= 2 * target):
+            or str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2")
+            or min(int(ds.Rows), int(ds.Columns)) <= 2 * target):
         return None
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     img = Image.open(io.BytesIO(frame))
@@ -202,7 +203,7 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim == 3:
             pixels = _grey_from_rgb(pixels)
-        return _to_unit(pixels), {"photometric": photometric, "shape": pixels.shape[:2]}
+        return _to_unit(pixels), {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns))}
     arr = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
