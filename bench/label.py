@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-child", nargs=2, metavar=("DB", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)  # what `cxrlabel label` does by default
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]), args.model, args.device, args.cache)
         return 0

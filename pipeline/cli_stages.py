@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -193,11 +194,12 @@ def models_export(checkpoint, destination, fp32) -> None:
 @click.option("--batch-size", default="auto", show_default=True, help="auto or N.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [all cores].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
 def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
-              cache_dir) -> None:
+              threads, cache_dir) -> None:
     """Stage 4: masks, measurements and quality for a selection; resumable.
 
     \b
@@ -205,7 +207,10 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
         cxrlabel label --group cardiomegaly
         cxrlabel label --sample test70k --device cuda --batch-size auto
     """
+    import torch
+
     from pipeline.label import label
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
         raise click.BadParameter(f"{batch_size!r}: use auto or a positive number",
                                  param_hint="--batch-size")

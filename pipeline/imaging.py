@@ -76,6 +76,11 @@ class Geometry:
         ])
         return cv2.invertAffineTransform(m) if inverse else m
 
+    def point_to_cache(self, x: float, y: float) -> tuple[int, int]:
+        """Pixel centre ``(x, y)`` of the original -> nearest cache pixel (for drawing)."""
+        (cx, cy) = self.matrix() @ np.array([x, y, 1.0])
+        return int(round(cx)), int(round(cy))
+
     def to_cache(self, arr: np.ndarray) -> np.ndarray:
         """Original ``(H, W)`` array -> ``(S, S)`` float32 (area-averaged when shrinking)."""
         return _warp(arr, self.matrix(), (self.size, self.size))
@@ -86,26 +91,38 @@ class Geometry:
         With ``box`` (cache ``x0, y0, x1, y1``, inclusive), only the original pixels under that
         box are computed and the rest is 0: for sparse masks this is several times faster.
         """
-        if arr.shape != (self.size, self.size):
-            raise ValueError(f"expected a {self.size}x{self.size} array, got {arr.shape}")
-        inv = self.matrix(inverse=True)
         if box is None:
-            return cv2.warpAffine(arr.astype(np.float32), inv, (self.orig_width, self.orig_height),
+            self._check_cache_shape(arr)
+            return cv2.warpAffine(arr.astype(np.float32), self.matrix(inverse=True),
+                                  (self.orig_width, self.orig_height),
                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         out = np.zeros((self.orig_height, self.orig_width), np.float32)
+        region, crop = self.to_original_crop(arr, box)
+        out[region] = crop
+        return out
+
+    def to_original_crop(self, arr: np.ndarray, box: tuple[int, int, int, int],
+                         ) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The part of :meth:`to_original` under a cache ``box``: ``(rows, cols)`` slices of the
+        original image and the float32 values there (zero-sized when the box is empty)."""
+        self._check_cache_shape(arr)
         # cache pixel edges x0 - 0.5 .. x1 + 1.5 (one pixel of margin) in original pixels
         ox0 = max(0, int(np.floor((box[0] - 1) / self.scale_x - self.offset_x)))
         oy0 = max(0, int(np.floor((box[1] - 1) / self.scale_y - self.offset_y)))
-        ox1 = min(self.orig_width, int(np.ceil((box[2] + 2) / self.scale_x - self.offset_x)))
-        oy1 = min(self.orig_height, int(np.ceil((box[3] + 2) / self.scale_y - self.offset_y)))
-        if ox1 <= ox0 or oy1 <= oy0:
-            return out
-        shifted = inv.copy()  # OpenCV takes the forward map: cache -> original, here -> ROI
+        ox1 = max(ox0, min(self.orig_width, int(np.ceil((box[2] + 2) / self.scale_x - self.offset_x))))
+        oy1 = max(oy0, min(self.orig_height, int(np.ceil((box[3] + 2) / self.scale_y - self.offset_y))))
+        region = (slice(oy0, oy1), slice(ox0, ox1))
+        if ox1 == ox0 or oy1 == oy0:
+            return region, np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
+        shifted = self.matrix(inverse=True)  # OpenCV takes the forward map: cache -> original ROI
         shifted[0, 2] -= ox0
         shifted[1, 2] -= oy0
-        out[oy0:oy1, ox0:ox1] = cv2.warpAffine(arr.astype(np.float32), shifted, (ox1 - ox0, oy1 - oy0),
-                                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        return out
+        return region, cv2.warpAffine(arr.astype(np.float32), shifted, (ox1 - ox0, oy1 - oy0),
+                                      flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    def _check_cache_shape(self, arr: np.ndarray) -> None:
+        if arr.shape != (self.size, self.size):
+            raise ValueError(f"expected a {self.size}x{self.size} array, got {arr.shape}")
 
     def as_row(self) -> dict[str, float | int | str]:
         return dataclasses.asdict(self)

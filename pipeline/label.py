@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import socket
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -122,7 +121,9 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         near = cv2.dilate(cleaned[s].astype(np.uint8), ring) > 0
         soft = np.where(near, probs[i], 0.0).astype(np.float32)
         soft[cleaned[s] & (soft <= 0.5)] = 0.75
-        original[s] = item.geom.to_original(soft, bbox(near) or (0, 0, -1, -1)) > 0.5
+        original[s] = np.zeros((item.geom.orig_height, item.geom.orig_width), bool)
+        region, crop = item.geom.to_original_crop(soft, bbox(near) or (0, 0, -1, -1))
+        original[s][region] = crop > 0.5
     values = measure(original, item.spacing)
     values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
     # encoded here, in the worker thread, so the writer only talks to the database
@@ -235,10 +236,12 @@ def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = 
           device: str = "auto", batch_size: int | None = None, selection: str = "",
           cache_dir: str | None = None, workers: int | None = None,
           progress: bool = True) -> LabelSummary:
-    """Label ``(uid, source path)`` items not yet labelled by ``model``."""
+    """Label ``(uid, source path)`` items not yet labelled by ``model``.
+
+    Torch's CPU thread count is the caller's to set (the CLI's ``--threads``, or a Ray
+    worker's setup): this function changes no process-wide state.
+    """
     lm = resolve_model(engine, model, device)
-    if lm.device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     settings = Settings(lm.cfg.size, lm.cfg.mode)
     uids = [u for u, _ in items]
     done = _done(engine, lm.name, uids)

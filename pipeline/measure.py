@@ -61,12 +61,14 @@ def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | N
     out: dict[str, float | int | None] = {}
     heart = masks.get("heart")
     hb = bbox(heart) if heart is not None else None
-    out["heart_area_px"] = int(heart.sum()) if heart is not None else None
+    out["heart_area_px"] = int(np.count_nonzero(heart)) if heart is not None else None
     out["heart_area_mm2"] = (out["heart_area_px"] * sx * sy
                              if out["heart_area_px"] is not None and sx and sy else None)
     out["heart_width_px"] = hb[2] - hb[0] + 1 if hb else None
-    lungs = [masks[s] for s in ("left_lung", "right_lung") if s in masks]
-    lb = bbox(np.logical_or.reduce(lungs)) if lungs else None
+    # the box of the union of the lungs is the union of their boxes
+    boxes = [b for s in ("left_lung", "right_lung") if s in masks and (b := bbox(masks[s]))]
+    lb = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+          max(b[3] for b in boxes)) if boxes else None
     out["thoracic_width_px"] = lb[2] - lb[0] + 1 if lb else None
     out["heart_width_mm"] = out["heart_width_px"] * sx if hb and sx else None
     out["thoracic_width_mm"] = out["thoracic_width_px"] * sx if lb and sx else None

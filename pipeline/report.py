@@ -38,14 +38,6 @@ class ReportFiles:
     images: int
 
 
-def _to_cache_x(geom: Geometry, x: float) -> int:
-    return int(round((x + 0.5 + geom.offset_x) * geom.scale_x - 0.5))
-
-
-def _to_cache_y(geom: Geometry, y: float) -> int:
-    return int(round((y + 0.5 + geom.offset_y) * geom.scale_y - 0.5))
-
-
 def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
     """``(S, S, 3) uint8`` BGR tile: contours, width lines, CTR and quality."""
     tile = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -58,12 +50,11 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     if heart is not None and heart.any() and meas.get("heart_x0") is not None:
         rows = np.flatnonzero(heart.any(axis=1))
         y = int(rows[int(len(rows) * 0.7)])  # lower heart: where the transverse diameter lies
-        yc = _to_cache_y(geom, y)
-        cv2.line(tile, (_to_cache_x(geom, meas["heart_x0"]), yc),
-                 (_to_cache_x(geom, meas["heart_x1"]), yc), (0, 230, 255), 1)
+        cv2.line(tile, geom.point_to_cache(meas["heart_x0"], y), geom.point_to_cache(meas["heart_x1"], y),
+                 (0, 230, 255), 1)
         if meas.get("lungs_x0") is not None:
-            cv2.line(tile, (_to_cache_x(geom, meas["lungs_x0"]), yc + 3),
-                     (_to_cache_x(geom, meas["lungs_x1"]), yc + 3), (255, 255, 0), 1)
+            (x0, yc), (x1, _) = geom.point_to_cache(meas["lungs_x0"], y), geom.point_to_cache(meas["lungs_x1"], y)
+            cv2.line(tile, (x0, yc + 3), (x1, yc + 3), (255, 255, 0), 1)
     ctr = meas.get("ctr")
     q = meas.get("quality")
     label = f"CTR {ctr:.2f}" if ctr is not None else "CTR -"

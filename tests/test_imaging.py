@@ -111,9 +111,26 @@ def test_geometry_round_trip(h, w, size, mode, x0, y0):
     assert abs(cols[0] - c0) <= tol_x and abs(cols[-1] - (c1 - 1)) <= tol_x
 
 
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(64, 900), w=st.integers(64, 900), mode=st.sampled_from(["pad", "stretch"]),
+       fx=st.floats(0.1, 0.9), fy=st.floats(0.1, 0.9))
+def test_point_to_cache_lands_where_the_block_around_it_does(h, w, mode, fx, fy):
+    """The cache pixel a point maps to is the brightest one of a block centred on it."""
+    geom = Geometry.fit(h, w, 32, mode)
+    rh, rw = int(np.ceil(1 / geom.scale_y)), int(np.ceil(1 / geom.scale_x))  # one cache pixel
+    y, x = int(fy * (h - 1)), int(fx * (w - 1))
+    mask = np.zeros((h, w), np.float32)
+    mask[max(0, y - rh):y + rh + 1, max(0, x - rw):x + rw + 1] = 1
+    small = geom.to_cache(mask)
+    cx, cy = geom.point_to_cache(x, y)
+    assert 0 <= cx < 32 and 0 <= cy < 32
+    assert small[cy, cx] >= small.max() - 0.35
+
+
 def test_geometry_keeps_aspect_in_pad_mode():
     g = Geometry.fit(1000, 500, 100, "pad")
     assert g.scale_x == g.scale_y == 0.1 and g.offset_x == 250 and g.offset_y == 0
+    assert g.point_to_cache(250, 500) == (50, 50) and g.point_to_cache(0, 0) == (25, 0)
     with pytest.raises(ValueError, match="unknown geometry mode"):
         Geometry.fit(10, 10, 10, "crop")
 

@@ -1,9 +1,12 @@
+import io
+
 import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from PIL import Image
 from sqlalchemy import func, select, text
 
 from pipeline import db as D
@@ -14,7 +17,11 @@ from tests.conftest import GB, NIH_PNG
 @settings(max_examples=80, deadline=None)
 @given(arrays(np.bool_, st.tuples(st.integers(1, 90), st.integers(1, 90))))
 def test_encode_decode_round_trip(mask):
-    assert np.array_equal(M.decode(M.encode(mask)), mask)
+    data = M.encode(mask)
+    assert np.array_equal(M.decode(data), mask)
+    # a standard 1-bit PNG: a second, independent reader agrees
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "1" and np.array_equal(np.array(im), mask)
 
 
 def test_encoding_is_compact():
