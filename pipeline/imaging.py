@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import struct
 from pathlib import Path
 
 import cv2
@@ -142,14 +143,17 @@ def _warp(arr: np.ndarray, m: np.ndarray, out_wh: tuple[int, int]) -> np.ndarray
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
-def _from_smaller_source(m: np.ndarray, fx: float, fy: float) -> np.ndarray:
+def _from_smaller_source(m: np.ndarray, fx: float, fy: float, block: bool = True) -> np.ndarray:
     """Re-base a centre-to-centre matrix onto a source shrunk by ``fx``, ``fy``.
 
-    A shrunk pixel centre ``c`` lies at ``(c + 0.5) * f - 0.5`` in the full-size source.
+    A shrunk pixel centre ``c`` lies at ``(c + 0.5) * f - 0.5`` in the full-size source when
+    each shrunk pixel summarises a block (area resize, JPEG DCT scaling), and at ``c * f``
+    when it sits on every f-th source pixel (JPEG 2000's low-pass resolution levels).
     """
     out = m.copy()
-    out[0, 2] += m[0, 0] * (0.5 * fx - 0.5)
-    out[1, 2] += m[1, 1] * (0.5 * fy - 0.5)
+    if block:
+        out[0, 2] += m[0, 0] * (0.5 * fx - 0.5)
+        out[1, 2] += m[1, 1] * (0.5 * fy - 0.5)
     out[0, 0] *= fx
     out[1, 1] *= fy
     return out
@@ -174,27 +178,73 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def _reduced_jpeg_frame(ds, target: int) -> np.ndarray | None:
-    """JPEG-baseline DICOM frame decoded at reduced size (DCT scaling), or None."""
+def _reduced_frame(ds, target: int) -> tuple[np.ndarray, str] | None:
+    """A single grey frame larger than ``2 * target`` decoded at reduced size, and how
+    (``"dct"`` or ``"wavelet"``, see :func:`_from_smaller_source`), or None.
+
+    JPEG baseline: DCT scaling. JPEG 2000 (lossless or lossy): the codestream's wavelet
+    resolution levels (the low-pass image, so no aliasing), via Pillow's OpenJPEG. Other
+    syntaxes, and frames these decoders cannot take, return None (decoded at full size).
+    The result holds stored values, ready for the modality and VOI LUTs.
+    """
     from PIL import Image
     from pydicom.encaps import generate_frames
-    from pydicom.uid import JPEGBaseline8Bit
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 
-    if (ds.file_meta.get("TransferSyntaxUID") != JPEGBaseline8Bit or int(ds.get("NumberOfFrames", 1) or 1) > 1
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if (syntax not in (JPEGBaseline8Bit, JPEG2000, JPEG2000Lossless) or int(ds.get("NumberOfFrames", 1) or 1) > 1
             or str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2")
             or min(int(ds.Rows), int(ds.Columns)) <= 2 * target):
         return None
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    if syntax == JPEGBaseline8Bit:
+        img = Image.open(io.BytesIO(frame))
+        img.draft("L", (target, target))
+        return np.asarray(img.convert("L")), "dct"
+    arr = _reduced_j2k(frame, target)
+    return None if arr is None else (arr, "wavelet")
+
+
+def _reduced_j2k(frame: bytes, target: int) -> np.ndarray | None:
+    """A JPEG 2000 codestream decoded ``r`` resolution levels down, the smaller side staying
+    at least ``target``; None for what this path does not take (signed or multi-component
+    data, image offsets)."""
+    siz = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (also inside a JP2 wrapper)
+    cod = frame.find(b"\xff\x52", siz)
+    if siz < 0 or cod < 0:
+        return None
+    width, height, x_off, y_off = struct.unpack(">IIII", frame[siz + 8:siz + 24])
+    (components,) = struct.unpack(">H", frame[siz + 40:siz + 42])
+    ssiz = frame[siz + 42]
+    levels = frame[cod + 9]  # SPcod: number of decomposition levels
+    if components != 1 or ssiz & 0x80 or x_off or y_off:
+        return None
+    precision = (ssiz & 0x7F) + 1
+    r = 0
+    while r < levels and -(-min(width, height) // 2 ** (r + 1)) >= target:
+        r += 1
+    # Pillow sizes the reduced image as (n + p/2) // p; OpenJPEG as ceil(n / p): where they
+    # differ Pillow reports a broken stream, so take the largest r on which they agree
+    while r > 1 and any((n + 2 ** (r - 1)) // 2 ** r != -(-n // 2 ** r) for n in (width, height)):
+        r -= 1
+    if r == 0:
+        return None
+    from PIL import Image
     img = Image.open(io.BytesIO(frame))
-    img.draft("L", (target, target))
-    return np.asarray(img.convert("L"))
+    img.reduce = r
+    arr = np.asarray(img)
+    if img.mode == "I;16":  # Pillow scales stored values up to 16 bits
+        return arr >> (16 - precision) if precision < 16 else arr
+    if img.mode == "L":
+        return arr >> (8 - precision) if precision < 8 else arr
+    return None
 
 
 def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dict]:
     """DICOM -> ``(h, w) float32 [0, 1]``, display convention, and header facts.
 
-    With ``target``, a JPEG-baseline frame larger than it decodes at reduced size; the
-    original size is in ``facts["shape"]``.
+    With ``target``, a JPEG-baseline or JPEG 2000 frame larger than it decodes at reduced
+    size; the original size is in ``facts["shape"]``, how it was reduced in ``facts["reduced"]``.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -209,18 +259,20 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     if "PixelData" not in ds:
         raise NotAnXray(f"{path}: no pixel data")
     try:
-        reduced = _reduced_jpeg_frame(ds, target) if target else None
-        pixels = reduced if reduced is not None else ds.pixel_array
+        reduced = _reduced_frame(ds, target) if target else None
+        pixels = reduced[0] if reduced is not None else ds.pixel_array
     except Exception as e:
         raise DecodeError(f"{path}: pixel data cannot be decoded "
                           f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    facts = {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns)),
+             "reduced": reduced[1] if reduced is not None else None}
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim == 3:
             pixels = _grey_from_rgb(pixels)
-        return _to_unit(pixels), {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns))}
+        return _to_unit(pixels), facts
     arr = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
@@ -233,7 +285,7 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
         unit = _to_unit(arr)
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
-    return unit, {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns))}
+    return unit, facts
 
 
 def _window_output_range(ds, arr: np.ndarray) -> tuple[float, float]:
@@ -314,10 +366,13 @@ def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tup
 
 def preprocess(path: str | Path, size: int = 512, mode: str = "pad") -> tuple[np.ndarray, Geometry]:
     """Decode and fit into the cache: ``(size, size) uint8`` (convention above) and geometry."""
-    arr, (h, w), _ = decode(path, target=size)
+    arr, (h, w), facts = decode(path, target=size)
     geom = Geometry.fit(h, w, size, mode)
     if arr.shape != (h, w):  # reduced-size decode: map decoded pixels onto original ones
-        m = _from_smaller_source(geom.matrix(), w / arr.shape[1], h / arr.shape[0])
+        # both reduced decoders (JPEG DCT scaling, JPEG 2000 levels) shrink by a power of two,
+        # pixel i covering original pixels [i * f, (i + 1) * f); the last one may be partial
+        f = 2.0 ** round(math.log2(max(h / arr.shape[0], w / arr.shape[1])))
+        m = _from_smaller_source(geom.matrix(), f, f, block=facts.get("reduced") != "wavelet")
         out = _warp(arr, m, (size, size))
     else:
         out = geom.to_cache(arr)

@@ -111,20 +111,17 @@ def test_geometry_round_trip(h, w, size, mode, x0, y0):
     assert abs(cols[0] - c0) <= tol_x and abs(cols[-1] - (c1 - 1)) <= tol_x
 
 
-@settings(max_examples=40, deadline=None)
-@given(h=st.integers(64, 900), w=st.integers(64, 900), mode=st.sampled_from(["pad", "stretch"]),
-       fx=st.floats(0.1, 0.9), fy=st.floats(0.1, 0.9))
-def test_point_to_cache_lands_where_the_block_around_it_does(h, w, mode, fx, fy):
-    """The cache pixel a point maps to is the brightest one of a block centred on it."""
-    geom = Geometry.fit(h, w, 32, mode)
-    rh, rw = int(np.ceil(1 / geom.scale_y)), int(np.ceil(1 / geom.scale_x))  # one cache pixel
-    y, x = int(fy * (h - 1)), int(fx * (w - 1))
-    mask = np.zeros((h, w), np.float32)
-    mask[max(0, y - rh):y + rh + 1, max(0, x - rw):x + rw + 1] = 1
-    small = geom.to_cache(mask)
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(20, 4000), w=st.integers(20, 4000), size=st.sampled_from([32, 256, 512]),
+       mode=st.sampled_from(["pad", "stretch"]), fx=st.floats(0, 1), fy=st.floats(0, 1))
+def test_point_to_cache_follows_the_documented_convention(h, w, size, mode, fx, fy):
+    """cache = (original + 0.5 + offset) * scale - 0.5 for pixel centres, on each axis."""
+    geom = Geometry.fit(h, w, size, mode)
+    x, y = fx * (w - 1), fy * (h - 1)
     cx, cy = geom.point_to_cache(x, y)
-    assert 0 <= cx < 32 and 0 <= cy < 32
-    assert small[cy, cx] >= small.max() - 0.35
+    assert abs(cx - ((x + 0.5 + geom.offset_x) * geom.scale_x - 0.5)) <= 0.5 + 1e-9
+    assert abs(cy - ((y + 0.5 + geom.offset_y) * geom.scale_y - 0.5)) <= 0.5 + 1e-9
+    assert 0 <= cx < size and 0 <= cy < size
 
 
 def test_geometry_keeps_aspect_in_pad_mode():
@@ -164,3 +161,35 @@ def test_jpeg_baseline_dicom_reduced_decode_matches_full_decode():
     assert np.abs(ref - fast.astype(np.float32)).mean() < 3.0
     mono1, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline_monochrome1.dcm", 128)
     assert np.abs(255 - mono1.astype(np.int16) - fast).max() <= 1  # inversion survives the fast path
+
+
+def test_j2k_dicom_decodes_at_reduced_size_like_the_full_decode():
+    fast, geom = preprocess(DICOM / "RG1_J2KR.dcm", 256)
+    arr, shape, facts = decode(DICOM / "RG1_J2KR.dcm", target=256)
+    assert shape == (1955, 1841) and arr.shape == (978, 921) and facts["reduced"] == "wavelet"
+    full, _, _ = decode(DICOM / "RG1_UNCR.dcm")
+    ref = np.clip(np.rint(geom.to_cache(full) * 255), 0, 255)
+    assert np.abs(ref - fast.astype(np.float32)).mean() < 1.5
+
+
+def test_j2k_resolution_levels_sit_on_every_fth_pixel():
+    """JPEG 2000's low-pass sample c lies at original pixel c * f (not at a block's centre):
+    an edge keeps its place when the reduced image is mapped back."""
+    import cv2
+
+    from pipeline.imaging import _from_smaller_source, _reduced_j2k
+    img = np.zeros((1024, 1024), np.uint16)
+    img[:, 300:] = 4000
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG2000", no_jp2=True, irreversible=False)
+    small = _reduced_j2k(buf.getvalue(), 128)
+    assert small is not None and small.shape == (128, 128)  # 3 levels down
+    assert abs(float(small[64, 100]) - 4000) < 50 and abs(float(small[64, 5])) < 50
+
+    def edge_after_mapping_back(block: bool) -> int:
+        m = _from_smaller_source(np.eye(2, 3), 8, 8, block)  # reduced -> original pixel grid
+        back = cv2.warpAffine(small.astype(np.float32), m, (1024, 1024), flags=cv2.INTER_LINEAR)
+        return int(np.argmax(back[512] > 2000))  # first column past half height
+
+    assert abs(edge_after_mapping_back(block=False) - 300) <= 1
+    assert abs(edge_after_mapping_back(block=True) - 300) >= 3  # a block's centre would misplace it
