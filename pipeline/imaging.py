@@ -243,8 +243,9 @@ def _reduced_j2k(frame: bytes, target: int) -> np.ndarray | None:
 def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dict]:
     """DICOM -> ``(h, w) float32 [0, 1]``, display convention, and header facts.
 
-    With ``target``, a JPEG-baseline or JPEG 2000 frame larger than it decodes at reduced
-    size; the original size is in ``facts["shape"]``, how it was reduced in ``facts["reduced"]``.
+    With ``target``, a grey frame larger than twice it comes back smaller: JPEG baseline and
+    JPEG 2000 decode at reduced size, other frames are block-averaged before the LUTs. The
+    original size is in ``facts["shape"]``, how it was reduced in ``facts["reduced"]``.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -273,6 +274,12 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
         if pixels.ndim == 3:
             pixels = _grey_from_rgb(pixels)
         return _to_unit(pixels), facts
+    if target and reduced is None and min(pixels.shape) > 2 * target:
+        # a frame decoded whole: shrink the stored values before the LUTs, which then run
+        # on a fraction of the pixels (they dominate the time of uncompressed and RLE files)
+        small = _block_mean(pixels, target)
+        if small is not None:
+            pixels, facts["reduced"] = small, "block"
     arr = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
@@ -286,6 +293,23 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
     return unit, facts
+
+
+def _block_mean(arr: np.ndarray, target: int) -> np.ndarray | None:
+    """Mean over f x f blocks, f the largest power of two keeping the smaller side at least
+    ``target``; edges padded by replication, so pixel i covers ``[i * f, (i + 1) * f)``.
+
+    The dtype is kept (means rounded), so LUT sequences can still index the values; None for
+    dtypes OpenCV does not average (the frame is then used whole).
+    """
+    if arr.dtype not in (np.uint8, np.uint16, np.int16):
+        return None
+    f = 1
+    while -(-min(arr.shape) // (2 * f)) >= target:
+        f *= 2
+    h, w = arr.shape
+    padded = cv2.copyMakeBorder(arr, 0, -h % f, 0, -w % f, cv2.BORDER_REPLICATE)
+    return cv2.resize(padded, (padded.shape[1] // f, padded.shape[0] // f), interpolation=cv2.INTER_AREA)
 
 
 def _window_output_range(ds, arr: np.ndarray) -> tuple[float, float]:

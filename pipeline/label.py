@@ -31,7 +31,7 @@ from pipeline import db as D
 from pipeline import masks as M
 from pipeline.collect import Settings, cache_root, collect_one, entry_path, geometry_of, read_entry
 from pipeline.imaging import Geometry, model_input
-from pipeline.measure import bbox, clean, measure, quality
+from pipeline.measure import bbox, clean, measure_boxes, quality
 from pipeline.train import TrainConfig, load_checkpoint, predict
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,15 @@ class Result:
 
 
 def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
-    """``(C, S, S)`` probabilities of one image -> masks in original geometry + measurements."""
-    cleaned, kept, original = {}, {}, {}
+    """``(C, S, S)`` probabilities of one image -> masks in original geometry + measurements.
+
+    Each structure is mapped back only inside its box: the full-size masks (up to 3000 x
+    3000 pixels each) are never built, only encoded from the crops.
+    """
+    cleaned, kept, boxes, encoded = {}, {}, {}, {}
     ring = np.ones((3, 3), np.uint8)
+    shape = (item.geom.orig_height, item.geom.orig_width)
+    heart_area = None
     for i, s in enumerate(structures):
         cleaned[s], kept[s] = clean(probs[i] > 0.5)
         # map the probabilities (not the binary mask) back, so the boundary keeps its
@@ -121,19 +127,21 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         near = cv2.dilate(cleaned[s].astype(np.uint8), ring) > 0
         soft = np.where(near, probs[i], 0.0).astype(np.float32)
         soft[cleaned[s] & (soft <= 0.5)] = 0.75
-        original[s] = np.zeros((item.geom.orig_height, item.geom.orig_width), bool)
-        region, crop = item.geom.to_original_crop(soft, bbox(near) or (0, 0, -1, -1))
-        original[s][region] = crop > 0.5
-    values = measure(original, item.spacing)
+        (rows, cols), crop = item.geom.to_original_crop(soft, bbox(near) or (0, 0, -1, -1))
+        crop = crop > 0.5
+        box = bbox(crop)
+        boxes[s] = box and (box[0] + cols.start, box[1] + rows.start, box[2] + cols.start, box[3] + rows.start)
+        # encoded here, in the worker thread, so the writer only talks to the database
+        encoded[s] = M.EncodedMask.of(crop, (rows.start, cols.start), shape)
+        if s == "heart":
+            heart_area = encoded[s].area
+    values = measure_boxes(boxes, heart_area, item.spacing)
     values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
-    # encoded here, in the worker thread, so the writer only talks to the database
-    encoded = {s: M.EncodedMask.of(m) for s, m in original.items()}
     return Result(item.uid, encoded, values, item.cache_row)
 
 
-def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor | None = None,
-                ) -> list[Result]:
-    """Forward pass over one batch and post-processing of each image."""
+def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
+    """``(B, C, S, S)`` probabilities of one batch (CPU numpy)."""
     x = torch.from_numpy(np.stack([model_input(it.image) for it in items]))
     if lm.device.type == "cuda":
         x = x.pin_memory()  # lets the copy overlap with the previous batch's kernels
@@ -141,7 +149,13 @@ def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor
     if lm.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", enabled=lm.device.type == "cuda"):
-        probs = predict(lm.model, x, lm.cfg.roi).float().cpu().numpy()
+        return predict(lm.model, x, lm.cfg.roi).float().cpu().numpy()
+
+
+def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor | None = None,
+                ) -> list[Result]:
+    """Forward pass over one batch and post-processing of each image."""
+    probs = forward(lm, items)
     structures = lm.cfg.structures
     if pool is None:
         return [postprocess(it, probs[i], structures) for i, it in enumerate(items)]
@@ -256,13 +270,33 @@ def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = 
     try:
         root = cache_root(cache_dir)
         bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
-        with ThreadPoolExecutor(2) as threads, ProcessPoolExecutor(workers or 2) as procs:
-            batches = _prefetch(engine, todo, bs, settings, root, threads, procs)
+        structures = lm.cfg.structures
+
+        def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
+            results = [f.result() for f in futures]
+            write_batch(engine, results + errors, lm.name, run_id, settings.id)
+            bar.update(len(results) + len(errors))
+            log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
+
+        with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(2) as post, \
+                ProcessPoolExecutor(workers or 2) as procs:
+            # On a GPU, batch n's post-processing runs on the CPU while batch n + 1 is in the
+            # model. On a CPU the model already takes every core: overlapping only makes the
+            # two compete (measured: 0.50 vs 0.58 of model-only throughput on 2 cores).
+            overlap = lm.device.type == "cuda"
+            pending: tuple[int, list[Future], list[Result]] | None = None
+            batches = _prefetch(engine, todo, bs, settings, root, loaders, procs)
             for n, (items_, errors) in enumerate(batches, start=1):
-                results = label_batch(lm, items_, threads) if items_ else []
-                write_batch(engine, results + errors, lm.name, run_id, settings.id)
-                bar.update(len(items_) + len(errors))
-                log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
+                probs = forward(lm, items_) if items_ else None
+                futures = [post.submit(postprocess, it, probs[i], structures) for i, it in enumerate(items_)]
+                if pending:
+                    finish(*pending)
+                pending = (n, futures, errors)
+                if not overlap:
+                    finish(*pending)
+                    pending = None
+            if pending:
+                finish(*pending)
         bar.close()
         status = "done"
     except KeyboardInterrupt:

@@ -39,18 +39,27 @@ class MaskImportError(CxrlabelError):
     pass
 
 
-def encode(mask: np.ndarray) -> bytes:
+def encode(mask: np.ndarray, origin: tuple[int, int] = (0, 0), shape: tuple[int, int] | None = None) -> bytes:
     """``(H, W)`` bool/0-1 array -> 1-bit greyscale PNG bytes (any PNG reader decodes them).
 
-    Written directly (rows bit-packed, filter 0, zlib): OpenCV's bilevel PNG writer is
-    several times slower on the large, mostly empty masks of original-geometry X-rays.
+    With ``shape``, ``mask`` is a crop whose top-left pixel lies at ``origin`` (row, column)
+    of an otherwise empty ``shape`` image: a predicted structure's box, encoded without
+    building the full-size array. Written directly (rows bit-packed, filter 0, zlib):
+    OpenCV's bilevel PNG writer is several times slower on large, mostly empty masks.
     """
-    if mask.ndim != 2 or 0 in mask.shape:
-        raise ValueError(f"mask must be a non-empty 2-D array, got shape {mask.shape}")
-    h, w = mask.shape
-    rows = np.packbits(mask if mask.dtype == np.bool_ else mask > 0, axis=1)
-    raw = np.zeros((h, rows.shape[1] + 1), np.uint8)  # column 0: each row's filter type (none)
-    raw[:, 1:] = rows
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    h, w = shape if shape is not None else mask.shape
+    y0, x0 = origin
+    if h < 1 or w < 1 or y0 < 0 or x0 < 0 or y0 + mask.shape[0] > h or x0 + mask.shape[1] > w:
+        raise ValueError(f"a {mask.shape} mask at {origin} does not fit a non-empty {(h, w)} image")
+    bits = mask if mask.dtype == np.bool_ else mask > 0
+    lead = x0 % 8  # pack from the byte boundary left of the crop
+    if lead:
+        bits = np.pad(bits, ((0, 0), (lead, 0)))
+    rows = np.packbits(bits, axis=1)
+    raw = np.zeros((h, (w + 7) // 8 + 1), np.uint8)  # column 0: each row's filter type (none)
+    raw[y0:y0 + rows.shape[0], 1 + x0 // 8:1 + x0 // 8 + rows.shape[1]] = rows
     return b"".join([_PNG_SIGNATURE,
                      _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)),
                      _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)),
@@ -82,8 +91,11 @@ class EncodedMask:
     area: int
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> EncodedMask:
-        return cls(encode(mask), int(mask.shape[0]), int(mask.shape[1]), int(np.count_nonzero(mask)))
+    def of(cls, mask: np.ndarray, origin: tuple[int, int] = (0, 0),
+           shape: tuple[int, int] | None = None) -> EncodedMask:
+        """From a full mask, or from a crop at ``origin`` of a ``shape`` image (see :func:`encode`)."""
+        h, w = shape if shape is not None else mask.shape
+        return cls(encode(mask, origin, shape), int(h), int(w), int(np.count_nonzero(mask)))
 
 
 def mask_row(uid: str, structure: str, mask: np.ndarray | EncodedMask, kind: str = "manual",

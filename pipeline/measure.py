@@ -57,18 +57,24 @@ def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | N
 
     ``spacing`` is ``(x, y)`` mm per pixel (None when unknown).
     """
+    heart = masks.get("heart")
+    return measure_boxes({s: bbox(m) for s, m in masks.items()},
+                         int(np.count_nonzero(heart)) if heart is not None else None, spacing)
+
+
+def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area: int | None,
+                  spacing: tuple[float | None, float | None] = (None, None)) -> dict[str, float | int | None]:
+    """:func:`measure` from each structure's box (None: empty or absent) and the heart's area."""
     sx, sy = spacing
     out: dict[str, float | int | None] = {}
-    heart = masks.get("heart")
-    hb = bbox(heart) if heart is not None else None
-    out["heart_area_px"] = int(np.count_nonzero(heart)) if heart is not None else None
-    out["heart_area_mm2"] = (out["heart_area_px"] * sx * sy
-                             if out["heart_area_px"] is not None and sx and sy else None)
+    hb = boxes.get("heart")
+    out["heart_area_px"] = heart_area
+    out["heart_area_mm2"] = heart_area * sx * sy if heart_area is not None and sx and sy else None
     out["heart_width_px"] = hb[2] - hb[0] + 1 if hb else None
     # the box of the union of the lungs is the union of their boxes
-    boxes = [b for s in ("left_lung", "right_lung") if s in masks and (b := bbox(masks[s]))]
-    lb = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
-          max(b[3] for b in boxes)) if boxes else None
+    lungs = [b for s in ("left_lung", "right_lung") if (b := boxes.get(s))]
+    lb = (min(b[0] for b in lungs), min(b[1] for b in lungs), max(b[2] for b in lungs),
+          max(b[3] for b in lungs)) if lungs else None
     out["thoracic_width_px"] = lb[2] - lb[0] + 1 if lb else None
     out["heart_width_mm"] = out["heart_width_px"] * sx if hb and sx else None
     out["thoracic_width_mm"] = out["thoracic_width_px"] * sx if lb and sx else None

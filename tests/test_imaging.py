@@ -163,10 +163,14 @@ def test_jpeg_baseline_dicom_reduced_decode_matches_full_decode():
     assert np.abs(255 - mono1.astype(np.int16) - fast).max() <= 1  # inversion survives the fast path
 
 
-def test_j2k_dicom_decodes_at_reduced_size_like_the_full_decode():
-    fast, geom = preprocess(DICOM / "RG1_J2KR.dcm", 256)
-    arr, shape, facts = decode(DICOM / "RG1_J2KR.dcm", target=256)
-    assert shape == (1955, 1841) and arr.shape == (978, 921) and facts["reduced"] == "wavelet"
+@pytest.mark.parametrize(("name", "how", "shape"), [("RG1_J2KR.dcm", "wavelet", (978, 921)),
+                                                     ("RG1_UNCR.dcm", "block", (489, 461))])
+def test_large_dicom_frames_reduce_before_the_luts_like_the_full_decode(name, how, shape):
+    """JPEG 2000 decodes levels down; an uncompressed frame is block-averaged before the
+    modality/VOI LUTs. Either way the cache matches the whole-frame path closely."""
+    fast, geom = preprocess(DICOM / name, 256)
+    arr, orig, facts = decode(DICOM / name, target=256)
+    assert orig == (1955, 1841) and arr.shape == shape and facts["reduced"] == how
     full, _, _ = decode(DICOM / "RG1_UNCR.dcm")
     ref = np.clip(np.rint(geom.to_cache(full) * 255), 0, 255)
     assert np.abs(ref - fast.astype(np.float32)).mean() < 1.5

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from sqlalchemy import func, select, text
@@ -40,6 +41,35 @@ def test_measure_ctr_and_mm():
     assert m["ctr"] == pytest.approx(60 / 160) and m["heart_area_mm2"] == pytest.approx(2400 * 0.25)
     assert m["heart_width_mm"] == 30 and bbox(h) == (80, 40, 139, 79)
     assert measure({"heart": h}, (None, None))["ctr"] is None
+
+
+@pytest.mark.parametrize(("h", "w", "mode"), [(1955, 1841, "pad"), (700, 1300, "pad"), (901, 655, "stretch")])
+def test_postprocess_crops_equal_the_full_size_path(h, w, mode):
+    """Masks encoded from crops and measured from boxes are the masks and numbers of the
+    full-size arrays."""
+    from pipeline.imaging import Geometry
+    from pipeline.label import Item, postprocess
+    from pipeline.masks import decode
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    probs = np.stack([1 / (1 + np.exp(((xx - cx) ** 2 + (yy - 34) ** 2) / 40 - r))
+                      for cx, r in ((32, 6), (48, 7), (16, 7))]).astype(np.float32)
+    probs[1, 2:4, 2:4] = 0.9  # a speck that clean() drops
+    probs += rng.uniform(0, 0.05, probs.shape).astype(np.float32)
+    geom = Geometry.fit(h, w, 64, mode)
+    r = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom, (0.2, 0.2)), probs,
+                    ("heart", "left_lung", "right_lung"))
+    full = {}
+    for i, s in enumerate(("heart", "left_lung", "right_lung")):
+        cleaned, _ = clean(probs[i] > 0.5)
+        near = cv2.dilate(cleaned.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        soft = np.where(near, probs[i], 0.0).astype(np.float32)
+        soft[cleaned & (soft <= 0.5)] = 0.75
+        full[s] = geom.to_original(soft, bbox(near)) > 0.5  # the full-size array, zero off the box
+        assert np.array_equal(decode(r.masks[s].data), full[s]), s
+    expected = measure(full, (0.2, 0.2))
+    assert {k: r.measurements[k] for k in expected} == expected
 
 
 def test_quality_flags_implausible_masks():

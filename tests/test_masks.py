@@ -24,6 +24,23 @@ def test_encode_decode_round_trip(mask):
         assert im.mode == "1" and np.array_equal(np.array(im), mask)
 
 
+@settings(max_examples=80, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 40), st.integers(1, 40))),
+       st.integers(0, 30), st.integers(0, 30), st.integers(0, 20), st.integers(0, 20))
+def test_a_crop_encodes_as_the_full_mask_it_sits_in(crop, y0, x0, below, right):
+    shape = (y0 + crop.shape[0] + below, x0 + crop.shape[1] + right)
+    full = np.zeros(shape, bool)
+    full[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+    assert M.encode(crop, (y0, x0), shape) == M.encode(full)
+    enc = M.EncodedMask.of(crop, (y0, x0), shape)
+    assert (enc.height, enc.width, enc.area) == (*shape, int(full.sum()))
+
+
+def test_a_crop_outside_its_image_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        M.encode(np.ones((5, 5), bool), (8, 0), (10, 10))
+
+
 def test_encoding_is_compact():
     mask = np.zeros((2000, 1800), bool)
     cv2.circle(mask.view(np.uint8), (900, 1000), 500, 1, -1)
