@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import struct
 from pathlib import Path
@@ -25,6 +26,8 @@ import cv2
 import numpy as np
 
 from pipeline import CxrlabelError
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
 XRAY_MODALITIES = {"CR", "DX", "DR", "RG", "XA", "RF", "MG", "OT", "SC", ""}
@@ -223,21 +226,44 @@ def _reduced_j2k(frame: bytes, target: int) -> np.ndarray | None:
     r = 0
     while r < levels and -(-min(width, height) // 2 ** (r + 1)) >= target:
         r += 1
-    # Pillow sizes the reduced image as (n + p/2) // p; OpenJPEG as ceil(n / p): where they
-    # differ Pillow reports a broken stream, so take the largest r on which they agree
-    while r > 1 and any((n + 2 ** (r - 1)) // 2 ** r != -(-n // 2 ** r) for n in (width, height)):
-        r -= 1
     if r == 0:
         return None
-    from PIL import Image
-    img = Image.open(io.BytesIO(frame))
-    img.reduce = r
+    try:
+        img = _j2k_at_level(frame, r, width, height)
+    except Exception as e:  # a Pillow whose internals moved: the public path below
+        log.debug("exact-size JPEG 2000 reduce failed (%s); using Pillow's reduce", e)
+        # Pillow sizes the reduced image as (n + p/2) // p, OpenJPEG as ceil(n / p): where
+        # they differ Pillow reports a broken stream, so take the largest r where they agree
+        while r > 1 and any((n + 2 ** (r - 1)) // 2 ** r != -(-n // 2 ** r) for n in (width, height)):
+            r -= 1
+        from PIL import Image
+        img = Image.open(io.BytesIO(frame))
+        img.reduce = r
+        img.load()
     arr = np.asarray(img)
     if img.mode == "I;16":  # Pillow scales stored values up to 16 bits
         return arr >> (16 - precision) if precision < 16 else arr
     if img.mode == "L":
         return arr >> (8 - precision) if precision < 8 else arr
     return None
+
+
+def _j2k_at_level(frame: bytes, r: int, width: int, height: int):
+    """Pillow image of a codestream decoded ``r`` levels down at OpenJPEG's own size,
+    ``ceil(n / 2**r)`` (Pillow's ``reduce`` rounds differently and then fails on some sizes).
+    Sets the tile Pillow would set, with the right extent; checked by the caller's tests."""
+    from PIL import Image, ImageFile
+    img = Image.open(io.BytesIO(frame))
+    p = 2 ** r
+    size = (-(-width // p), -(-height // p))
+    tile = img.tile[0]
+    codec, _reduce, layers, fd, length = tile.args
+    img._size = size
+    img.tile = [ImageFile._Tile(tile.codec_name, (0, 0, *size), tile.offset, (codec, r, layers, fd, length))]
+    img.load()
+    if img.size != size:
+        raise ValueError(f"decoded {img.size}, expected {size}")
+    return img
 
 
 def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dict]:
