@@ -193,7 +193,7 @@ def models_export(checkpoint, destination, fp32) -> None:
               help="'default' (shipped), a registered name, or a checkpoint path.")
 @click.option("--batch-size", default="auto", show_default=True, help="auto or N.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images [default: cores].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [all cores].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
