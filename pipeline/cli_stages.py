@@ -86,7 +86,7 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source) -> None:
 
 
 @click.command("train")
-@click.option("--model", "preset", default="cxr_small", show_default=True,
+@click.option("--model", "preset", default="cxr_deep", show_default=True,
               help="Preset from models/presets.toml.")
 @click.option("--size", type=click.IntRange(32, 4096), help="Image side [preset].")
 @click.option("--mode", type=click.Choice(["pad", "stretch"]), help="Geometry mode [preset].")
@@ -113,7 +113,7 @@ def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, folds, val_frac, 
 
     \b
     Example:
-        cxrlabel train --model cxr_small --epochs 100 --folds 5
+        cxrlabel train --model cxr_deep --epochs 100 --folds 5
         cxrlabel train --model unet7_res --size 512 --val-frac 0.2 --device cuda
     """
     from pipeline import train as T
@@ -134,8 +134,10 @@ def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, folds, val_frac, 
         T.register_model(engine, fold_name, fold_dir / "best.pt", fold_cfg, r.dice, data.hash,
                          {"best_epoch": r.best_epoch, "history": r.history, "seconds": r.seconds})
         results.append(r)
-        click.echo(f"{fold_name}: best epoch {r.best_epoch}, Dice "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in r.dice.items()))
+        scored = {k: v for k, v in r.dice.items() if v == v}  # NaN: no held-out images
+        click.echo(f"{fold_name}: " + (f"best epoch {r.best_epoch}, Dice " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scored.items()) if scored else
+            f"no held-out images (--val-frac 0): the model is the last epoch, {r.best_epoch}"))
     summary = T.summarise_folds(results)
     (run_dir / "summary.json").write_text(json.dumps(
         {"preset": preset, "config": cfg.as_dict(), "dice": summary,
@@ -180,7 +182,7 @@ def models_export(checkpoint, destination, fp32) -> None:
 
     \b
     Example:
-        cxrlabel models export runs/cxr_small_all/best.pt models/default/model.pt
+        cxrlabel models export runs/cxr_deep_all/best.pt models/default/model.pt
     """
     from pipeline.train import export_checkpoint
     sha = export_checkpoint(checkpoint, destination, half=not fp32)

@@ -378,8 +378,10 @@ def summarise_folds(results: list[TrainResult]) -> dict[str, dict[str, float]]:
     out = {}
     for s in results[0].dice:
         v = np.array([r.dice[s] for r in results], dtype=float)
-        out[s] = {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1
-                  else 0.0, "folds": [float(x) for x in v]}
+        scored = v[~np.isnan(v)]  # NaN: a run without held-out images
+        out[s] = {"mean": float(scored.mean()) if len(scored) else float("nan"),
+                  "sd": float(scored.std(ddof=1)) if len(scored) > 1 else 0.0,
+                  "folds": [float(x) for x in v]}
     return out
 
 
@@ -430,11 +432,13 @@ def plot_curve(history: list[dict], path: Path, cfg: TrainConfig) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(epochs, [h["loss"] for h in history])
     a.set(title="training loss", xlabel="epoch")
-    for s in cfg.structures:
-        if s in history[0]:
-            b.plot(epochs, [h[s] for h in history], label=s)
-    b.set(title="validation Dice", xlabel="epoch", ylim=(0, 1))
-    b.legend(loc="lower right")
+    scored = [s for s in cfg.structures if s in history[0] and history[0][s] == history[0][s]]
+    for s in scored:
+        b.plot(epochs, [h[s] for h in history], label=s)
+    b.set(title="validation Dice" if scored else "validation Dice: no held-out images",
+          xlabel="epoch", ylim=(0, 1))
+    if scored:
+        b.legend(loc="lower right")
     fig.suptitle(f"{cfg.preset} ({cfg.network}, {cfg.size}px)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
