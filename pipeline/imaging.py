@@ -285,8 +285,13 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
         raise NotAnXray(f"{path}: modality {modality} is not a projection radiograph")
     if "PixelData" not in ds:
         raise NotAnXray(f"{path}: no pixel data")
+    reduced = None
+    if target:
+        try:
+            reduced = _reduced_frame(ds, target)
+        except Exception as e:  # the full decode below may still manage: it decides
+            log.debug("%s: reduced-size decode failed (%s); decoding the whole frame", path, e)
     try:
-        reduced = _reduced_frame(ds, target) if target else None
         pixels = reduced[0] if reduced is not None else ds.pixel_array
     except Exception as e:
         raise DecodeError(f"{path}: pixel data cannot be decoded "

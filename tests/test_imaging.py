@@ -191,6 +191,19 @@ def test_j2k_reduce_falls_back_to_pillows_public_reduce(monkeypatch):
     assert arr.shape == (978, 921) and facts["reduced"] == "wavelet"
 
 
+def test_a_failing_reduced_decode_falls_back_to_the_whole_frame(monkeypatch):
+    from pipeline import imaging
+
+    def broken(*_args):
+        raise OSError("broken data stream")
+
+    monkeypatch.setattr(imaging, "_reduced_j2k", broken)
+    arr, _, facts = decode(DICOM / "RG1_J2KR.dcm", target=256)
+    full, _, _ = decode(DICOM / "RG1_J2KR.dcm")
+    assert facts["reduced"] == "block" and arr.shape == (489, 461)  # whole frame, then blocks
+    assert full.shape == (1955, 1841)
+
+
 def test_j2k_resolution_levels_sit_on_every_fth_pixel():
     """JPEG 2000's low-pass sample c lies at original pixel c * f (not at a block's centre):
     an edge keeps its place when the reduced image is mapped back."""
