@@ -10,3 +10,27 @@ __version__ = "0.1.0"
 
 class CxrlabelError(Exception):
     """Base class of the errors the CLI turns into a one-line message with a next step."""
+
+
+def process_pool(workers: int | None = None):
+    """A ``ProcessPoolExecutor`` whose workers exit when this process dies.
+
+    Python's pool workers otherwise wait forever on their task queue after the parent is
+    killed (``kill -9``, OOM killer), holding memory and the parent's open files.
+    """
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

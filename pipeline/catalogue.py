@@ -18,14 +18,13 @@ import re
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 
 log = logging.getLogger(__name__)
@@ -445,7 +444,7 @@ def load_dicom(engine: Engine, root: Path, workers: int | None = None, uid_from:
     def items() -> Iterator[Item]:
         seen: dict[str, str] = {}
         workers_ = workers or min(8, os.cpu_count() or 1)
-        with ProcessPoolExecutor(workers_) as pool:
+        with process_pool(workers_) as pool:
             for item in pool.map(_dicom_header, files, chunksize=32):
                 if isinstance(item, Problem):
                     yield item

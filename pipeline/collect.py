@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 from tqdm import tqdm
 
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline.imaging import DecodeError, Geometry, preprocess
 
@@ -133,7 +132,7 @@ def _run(jobs: list[tuple], workers: int | None) -> Iterator[dict]:
     if workers <= 1 or len(jobs) < 4:
         yield from map(_job, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers) as pool:
         yield from pool.map(_job, jobs, chunksize=4)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline import masks as M
 from pipeline.collect import Settings, cache_root, collect_one, entry_path, geometry_of, read_entry
@@ -281,7 +281,7 @@ def label(engine: Engine, items: Sequence[tuple[str, str | None]], model: str = 
 
         cores = os.cpu_count() or 2  # a GPU box needs many CPU hands to keep the GPU fed
         with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(cores) as post, \
-                ProcessPoolExecutor(workers or cores) as procs:
+                process_pool(workers or cores) as procs:
             # On a GPU, batch n's post-processing runs on the CPU while batch n + 1 is in the
             # model. On a CPU the model already takes every core: overlapping only makes the
             # two compete (measured: 0.50 vs 0.58 of model-only throughput on 2 cores).

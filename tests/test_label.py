@@ -126,6 +126,27 @@ def test_unknown_model_names_next_step(annotated_engine):
         resolve_model(annotated_engine, "no-such-model")
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Block until ``pid`` exits (a pidfd becomes readable), at most ``seconds``."""
+    import select
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
+
+
 def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_model, tmp_path):
     import shutil
     db = tmp_path / "catalogue.db"
@@ -137,10 +158,14 @@ def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_mod
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until two batches are committed, then kill -9
         if "batch 2 written" in line:
+            workers = _children(proc.pid)  # its decoder processes
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert workers, "the run had no decoder process to check"
+    for pid in workers:  # they notice the parent is gone and exit (not wait on their queue forever)
+        assert _exits_within(pid, 30), f"worker {pid} outlived its killed parent"
     engine = D.connect(url)
     with engine.connect() as c:
         partial = c.execute(select(func.count()).select_from(D.measurements)).scalar()
