@@ -5,8 +5,9 @@ pass -> post-processing and measurements per image -> one transaction that write
 measurements and the run's counts. A re-run skips images the same model already
 measured, so after a crash (even ``kill -9``) every image ends labelled exactly once.
 
-:func:`label_batch` is a pure function of (model, batch) and :func:`write_batch` of
-(engine, results): no global state, so a distributed engine's workers can run them.
+:func:`forward` is a pure function of (model, batch), :func:`postprocess` of (image,
+probabilities) and :func:`write_batch` of (engine, results): no global state, so a
+distributed engine's workers can run them.
 """
 
 from __future__ import annotations
@@ -151,16 +152,6 @@ def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", enabled=lm.device.type == "cuda"):
         return predict(lm.model, x, lm.cfg.roi).float().cpu().numpy()
-
-
-def label_batch(lm: LoadedModel, items: Sequence[Item], pool: ThreadPoolExecutor | None = None,
-                ) -> list[Result]:
-    """Forward pass over one batch and post-processing of each image."""
-    probs = forward(lm, items)
-    structures = lm.cfg.structures
-    if pool is None:
-        return [postprocess(it, probs[i], structures) for i, it in enumerate(items)]
-    return list(pool.map(lambda i: postprocess(items[i], probs[i], structures), range(len(items))))
 
 
 def write_batch(engine: Engine, results: Sequence[Result], model: str, run_id: int,
