@@ -223,9 +223,7 @@ def _reduced_j2k(frame: bytes, target: int) -> np.ndarray | None:
     if components != 1 or ssiz & 0x80 or x_off or y_off:
         return None
     precision = (ssiz & 0x7F) + 1
-    r = 0
-    while r < levels and -(-min(width, height) // 2 ** (r + 1)) >= target:
-        r += 1
+    r = min(levels, _halvings(min(width, height), target))
     if r == 0:
         return None
     try:
@@ -326,6 +324,14 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     return unit, facts
 
 
+def _halvings(side: int, target: int) -> int:
+    """How many times ``side`` can be halved (rounding up) and stay at least ``target``."""
+    r = 0
+    while -(-side // 2 ** (r + 1)) >= target:
+        r += 1
+    return r
+
+
 def _block_mean(arr: np.ndarray, target: int) -> np.ndarray | None:
     """Mean over f x f blocks, f the largest power of two keeping the smaller side at least
     ``target``; edges padded by replication, so pixel i covers ``[i * f, (i + 1) * f)``.
@@ -335,9 +341,7 @@ def _block_mean(arr: np.ndarray, target: int) -> np.ndarray | None:
     """
     if arr.dtype not in (np.uint8, np.uint16, np.int16):
         return None
-    f = 1
-    while -(-min(arr.shape) // (2 * f)) >= target:
-        f *= 2
+    f = 2 ** _halvings(min(arr.shape), target)
     h, w = arr.shape
     padded = cv2.copyMakeBorder(arr, 0, -h % f, 0, -w % f, cv2.BORDER_REPLICATE)
     return cv2.resize(padded, (padded.shape[1] // f, padded.shape[0] // f), interpolation=cv2.INTER_AREA)
@@ -424,8 +428,8 @@ def preprocess(path: str | Path, size: int = 512, mode: str = "pad") -> tuple[np
     arr, (h, w), facts = decode(path, target=size)
     geom = Geometry.fit(h, w, size, mode)
     if arr.shape != (h, w):  # reduced-size decode: map decoded pixels onto original ones
-        # both reduced decoders (JPEG DCT scaling, JPEG 2000 levels) shrink by a power of two,
-        # pixel i covering original pixels [i * f, (i + 1) * f); the last one may be partial
+        # every reduction (JPEG DCT scaling, JPEG 2000 levels, block means) shrinks by a power
+        # of two; where pixel i sits within its f original pixels depends on which one it was
         f = 2.0 ** round(math.log2(max(h / arr.shape[0], w / arr.shape[1])))
         m = _from_smaller_source(geom.matrix(), f, f, block=facts.get("reduced") != "wavelet")
         out = _warp(arr, m, (size, size))
