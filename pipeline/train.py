@@ -3,12 +3,14 @@
 Data: every image with manual masks (``masks.kind='manual'``), cached at the preset's size
 (collected on the fly), masks mapped into cache geometry. Output channels are independent
 sigmoids for ``STRUCTURES``; an image missing a structure's mask is left out of that
-channel's loss and Dice. Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point) and
+channel's loss and Dice. With ``ema`` > 0 the model that is validated and saved is an
+exponential moving average of the trained weights. Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point) and
 ``RUN_DIR/best.pt`` (best mean validation Dice), registered in the ``models`` table.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "models" / "presets.toml"
 TRAIN_DEFAULTS: dict[str, Any] = {"size": 256, "mode": "pad", "roi": None, "epochs": 60,
-                                  "batch": 8, "lr": 3e-3, "loss": "dicece"}
+                                  "batch": 8, "lr": 3e-3, "loss": "dicece", "ema": 0.0}
 
 
 class TrainError(CxrlabelError):
@@ -61,6 +63,7 @@ class TrainConfig:
     batch: int = 8
     lr: float = 3e-3
     loss: str = "dicece"
+    ema: float = 0.0  # weight-average decay per optimiser step; 0 = off
     seed: int = 0
     val_frac: float = 0.2
     folds: int = 1  # >1: K-fold cross-validation
@@ -285,6 +288,30 @@ class TrainResult:
     seconds: float
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights, updated after each optimiser step.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` steps, so the first
+    epochs' random weights fade quickly. Integer buffers are copied, not averaged.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise TrainError(f"ema decay {decay} must lie between 0 and 1 (e.g. 0.99), or be 0 for off")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for mean, now in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if mean.is_floating_point():
+                mean.lerp_(now, 1 - d)
+            else:
+                mean.copy_(now)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -312,6 +339,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
                                                 steps_per_epoch=steps_per_epoch, pct_start=0.1)
     aug = augmentation(cfg) if cfg.augment else None
+    avg = WeightAverage(model, cfg.ema) if cfg.ema else None
+    scored = avg.module if avg else model  # what is validated and saved
     rng = random.Random(cfg.seed + 1)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 0, "history": [], "best": -1.0, "best_epoch": 0, "seconds": 0.0}
@@ -324,6 +353,9 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if avg:
+            avg.module.load_state_dict(ck["ema"]["model"])
+            avg.steps = ck["ema"]["steps"]
         state = ck["state"]
         rng.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -350,8 +382,10 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
             loss.backward()
             opt.step()
             sched.step()
+            if avg:
+                avg.update(model)
             losses.append(loss.item())
-        dice = validate(model, ds, va, cfg) if va else {}
+        dice = validate(scored, ds, va, cfg) if va else {}
         # without held-out images the final epoch is the model (the schedule has annealed)
         mean = float(np.nanmean(list(dice.values()))) if dice else float(epoch)
         state["seconds"] += time.perf_counter() - t0
@@ -359,11 +393,12 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         state["epoch"] = epoch + 1
         if mean > state["best"]:
             state["best"], state["best_epoch"] = mean, epoch + 1
-            save_checkpoint(run_dir / "best.pt", model, cfg, {"dice": dice, "epoch": epoch + 1,
+            save_checkpoint(run_dir / "best.pt", scored, cfg, {"dice": dice, "epoch": epoch + 1,
                                                              "data_hash": ds.hash})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in dice.items()})
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
+                    "ema": avg and {"model": avg.module.state_dict(), "steps": avg.steps},
                     "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
                             "aug": aug}}, last)
     best = state["history"][state["best_epoch"] - 1] if state["history"] else {}

@@ -10,6 +10,7 @@ from pipeline.networks import NETWORKS, create_network
 from pipeline.train import (
     TrainConfig,
     TrainError,
+    WeightAverage,
     build_model,
     load_checkpoint,
     presets,
@@ -97,6 +98,41 @@ def test_training_is_deterministic_registered_and_resumable(annotated_engine, tm
     with pytest.raises(TrainError, match="another configuration"):
         train(annotated_engine, TrainConfig.from_preset("tiny", epochs=4), tmp_path / "c", cache,
               progress=False)
+
+
+def test_weight_average_follows_the_weights_with_warm_up():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    avg = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg.update(model)  # warm-up decay min(0.9, 2/11): the average moves most of the way
+    assert torch.allclose(avg.module.weight, torch.full((1, 2), 9 / 11))
+    for _ in range(200):
+        avg.update(model)
+    assert torch.allclose(avg.module.weight, model.weight, atol=1e-6)
+    assert not any(p.requires_grad for p in avg.module.parameters())
+    with pytest.raises(TrainError, match="between 0 and 1"):
+        WeightAverage(model, 1.5)
+
+
+def test_weight_averaged_training_saves_the_average_and_resumes(annotated_engine, tmp_path):
+    # no held-out images: the final epoch's model is saved, here the average
+    cfg = TrainConfig.from_preset("tiny", epochs=2, ema=0.9, threads=2, val_frac=0)
+    cache = str(tmp_path / "cache")
+    train(annotated_engine, cfg, tmp_path / "a", cache, progress=False)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert last["ema"]["steps"] > 0
+    assert any(not torch.equal(v, last["model"][k]) for k, v in last["ema"]["model"].items())
+    best_a = load_checkpoint(tmp_path / "a" / "best.pt")[0].state_dict()
+    for k, v in best_a.items():
+        assert torch.allclose(v, last["ema"]["model"][k])
+    # interrupted and resumed: the average carries on where it stopped
+    train(annotated_engine, cfg, tmp_path / "b", cache, progress=False, until_epoch=1)
+    train(annotated_engine, cfg, tmp_path / "b", cache, progress=False)
+    best_b = load_checkpoint(tmp_path / "b" / "best.pt")[0].state_dict()
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
 def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
