@@ -305,7 +305,8 @@ class WeightAverage:
     def update(self, model: torch.nn.Module) -> None:
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for mean, now in zip(self.module.state_dict().values(), model.state_dict().values()):
+        for mean, now in zip(self.module.state_dict().values(), model.state_dict().values(),
+                             strict=True):
             if mean.is_floating_point():
                 mean.lerp_(now, 1 - d)
             else:
