@@ -42,7 +42,7 @@ def evaluate_fold(engine, ckpt: Path, cache: str | None) -> dict[str, list[float
     scores: dict[str, list[float]] = {s: [] for s in cfg.structures}
     for uid in val_uids:
         img, geom = cached[uid]
-        probs = predict(model, torch.from_numpy(model_input(img)[None]), cfg.roi)[0].numpy()
+        probs = predict(model, torch.from_numpy(model_input(img, cfg.norm)[None]), cfg.roi)[0].numpy()
         r = postprocess(Item(uid, img, geom), probs, cfg.structures)
         for s in cfg.structures:
             if s in truth.get(uid, {}):

@@ -57,7 +57,7 @@ def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
     collect(engine, items, settings, tmp / "cache", progress=False)
     with engine.connect() as c:
         cached = load_cached(c, settings, [u for u, _ in items])
-    xs = [torch.from_numpy(np.stack([model_input(cached[u][0]) for u, _ in items[i:i + batch]]))
+    xs = [torch.from_numpy(np.stack([model_input(cached[u][0], lm.cfg.norm) for u, _ in items[i:i + batch]]))
           for i in range(0, len(items), batch)]
     with torch.inference_mode():
         lm.model(xs[0].to(lm.device))
@@ -88,7 +88,7 @@ def typical_script(engine, items, lm, reduced_decode: bool = False) -> float:
             arr, (h, w), _ = decode(path)
             geom = Geometry.fit(h, w, lm.cfg.size, lm.cfg.mode)
             img = to_uint8(geom.to_cache(arr))
-        x = torch.from_numpy(model_input(img)[None]).to(lm.device)
+        x = torch.from_numpy(model_input(img, lm.cfg.norm)[None]).to(lm.device)
         with torch.inference_mode():
             probs = torch.sigmoid(inferer(x, lm.model))[0].cpu().numpy()
         r = postprocess(Item(uid, img, geom, spacing.get(uid, (None, None))), probs, lm.cfg.structures)

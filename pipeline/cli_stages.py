@@ -97,6 +97,8 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source) -> None:
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True),
               help="Validate and keep a moving average of the weights, decay per step, "
                    "e.g. 0.99; 0 = off [preset].")
+@click.option("--norm", type=click.Choice(["zscore", "clahe"]),
+              help="Model input: z-score, or CLAHE then z-score [preset].")
 @click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
 @click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Held-out share without --folds; 0 trains on everything.")
@@ -110,7 +112,7 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
-def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, ema, folds, val_frac, seed, device,
+def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, ema, norm, folds, val_frac, seed, device,
               threads, name, run_dir, no_resume, cache_dir) -> None:
     """Stage 3: train a network on the manual masks; registers the best checkpoint.
 
@@ -122,7 +124,7 @@ def train_cmd(ctx, preset, size, mode, roi, epochs, batch, lr, ema, folds, val_f
     from pipeline import train as T
     engine = engine_of(ctx)
     cfg = T.TrainConfig.from_preset(preset, size=size, mode=mode, roi=roi, epochs=epochs,
-                                    batch=batch, lr=lr, ema=ema, seed=seed, val_frac=val_frac,
+                                    batch=batch, lr=lr, ema=ema, norm=norm, seed=seed, val_frac=val_frac,
                                     folds=folds or 1, threads=threads)
     name = name or preset
     run_dir = run_dir or Path("runs") / name

@@ -7,7 +7,8 @@ Intensity convention (one for every input, checked at the boundary):
   LUT or window, then MONOCHROME1 inversion, in that order (PS3.4 grayscale pipeline).
 * The cache holds ``(S, S) uint8`` = ``round(255 * x)`` of that image after geometry.
 * Model input is the cached image as ``(1, S, S) float32`` z-scored per image
-  (:func:`model_input`), which removes exposure and window differences between sites.
+  (:func:`model_input`), which removes exposure and window differences between sites;
+  optionally after local contrast equalisation (CLAHE), the model's ``norm`` setting.
 
 Geometry: ``cache = (original + offset) * scale`` per axis in continuous pixel coordinates
 (pixel ``i`` covers ``[i, i+1)``). :class:`Geometry` maps arrays both ways.
@@ -442,8 +443,21 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def model_input(cached: np.ndarray) -> np.ndarray:
-    """Cached ``(S, S) uint8`` -> ``(1, S, S) float32``, z-scored over the image."""
+NORMS = ("zscore", "clahe")
+
+
+def model_input(cached: np.ndarray, norm: str = "zscore") -> np.ndarray:
+    """Cached ``(S, S) uint8`` -> ``(1, S, S) float32``, z-scored over the image.
+
+    ``norm="clahe"`` first equalises contrast in an 8 x 8 grid of tiles (clip limit 2), which
+    brings out the lung behind the heart and the diaphragm under soft tissue, whatever the
+    exposure. Float input (augmented training images on the 0-255 scale) is rounded first.
+    """
+    if norm == "clahe":
+        u8 = cached if cached.dtype == np.uint8 else np.clip(np.rint(cached), 0, 255).astype(np.uint8)
+        cached = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u8)
+    elif norm != "zscore":
+        raise ValueError(f"unknown input normalisation {norm!r}: use one of {', '.join(NORMS)}")
     x = cached.astype(np.float32)
     std = float(x.std())
     return ((x - float(x.mean())) / (std if std > 1e-6 else 1.0))[None]

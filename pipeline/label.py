@@ -144,7 +144,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
 
 def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
     """``(B, C, S, S)`` probabilities of one batch (CPU numpy)."""
-    x = torch.from_numpy(np.stack([model_input(it.image) for it in items]))
+    x = torch.from_numpy(np.stack([model_input(it.image, lm.cfg.norm) for it in items]))
     if lm.device.type == "cuda":
         x = x.pin_memory()  # lets the copy overlap with the previous batch's kernels
     x = x.to(lm.device, non_blocking=True)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline.collect import Settings, collect, load_cached
-from pipeline.imaging import model_input
+from pipeline.imaging import NORMS, model_input
 from pipeline.masks import STRUCTURES, load_masks
 from pipeline.networks import create_network, look_up
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "models" / "presets.toml"
 TRAIN_DEFAULTS: dict[str, Any] = {"size": 256, "mode": "pad", "roi": None, "epochs": 60,
-                                  "batch": 8, "lr": 3e-3, "loss": "dicece", "ema": 0.0}
+                                  "batch": 8, "lr": 3e-3, "loss": "dicece", "ema": 0.0,
+                                  "norm": "zscore"}
 
 
 class TrainError(CxrlabelError):
@@ -64,6 +65,7 @@ class TrainConfig:
     lr: float = 3e-3
     loss: str = "dicece"
     ema: float = 0.0  # weight-average decay per optimiser step; 0 = off
+    norm: str = "zscore"  # model input: see imaging.model_input
     seed: int = 0
     val_frac: float = 0.2
     folds: int = 1  # >1: K-fold cross-validation
@@ -81,6 +83,8 @@ class TrainConfig:
             raise TrainError(f"{e} (presets live in {PRESETS_FILE})") from e
         values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["norm"] not in NORMS:
+            raise TrainError(f"preset {name}: unknown norm {values['norm']!r}: use one of {', '.join(NORMS)}")
         return cls(preset=name, network=p["network"], args=dict(p.get("args", {})), **values)
 
     def settings(self) -> Settings:
@@ -207,7 +211,7 @@ def augmentation(cfg: TrainConfig):
     return compose
 
 
-def _batch(ds: Dataset, idx: list[int], aug) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(ds: Dataset, idx: list[int], aug, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for i in idx:
         img = ds.images[i][None].astype(np.float32) / 255.0
@@ -215,7 +219,7 @@ def _batch(ds: Dataset, idx: list[int], aug) -> tuple[torch.Tensor, torch.Tensor
         if aug is not None:
             out = aug({"image": img, "mask": mask})
             img, mask = np.asarray(out["image"]), np.asarray(out["mask"])
-        xs.append(model_input(np.clip(img[0] * 255.0, 0, 255)))
+        xs.append(model_input(np.clip(img[0] * 255.0, 0, 255), norm))
         ys.append(mask)
     return (torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).float(),
             torch.from_numpy(ds.valid[idx]))
@@ -267,7 +271,7 @@ def validate(model: torch.nn.Module, ds: Dataset, idx: list[int], cfg: TrainConf
     scores: dict[str, list[float]] = {s: [] for s in cfg.structures}
     for start in range(0, len(idx), 16):
         chunk = idx[start:start + 16]
-        x, y, valid = _batch(ds, chunk, None)
+        x, y, valid = _batch(ds, chunk, None, cfg.norm)
         prob = predict(model, x, cfg.roi).numpy()
         for k in range(len(chunk)):
             for j, s in enumerate(cfg.structures):
@@ -373,7 +377,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         rng.shuffle(order)
         losses = []
         for b in range(steps_per_epoch):
-            x, y, valid = _batch(ds, order[b * cfg.batch:(b + 1) * cfg.batch], aug)
+            x, y, valid = _batch(ds, order[b * cfg.batch:(b + 1) * cfg.batch], aug, cfg.norm)
             x, y, valid = x.to(dev), y.to(dev), valid.to(dev)
             out = model(x)
             loss = seg_loss(_logits(out), y, valid, cfg.loss)

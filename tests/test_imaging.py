@@ -91,6 +91,13 @@ def test_nih_png_and_model_input():
     assert img.shape == (128, 128) and img.dtype == np.uint8 and geom.mode == "pad"
     x = model_input(img)
     assert x.shape == (1, 128, 128) and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    # CLAHE: still z-scored, a different image, and the same for the float (augmented) path
+    c = model_input(img, "clahe")
+    assert c.shape == x.shape and abs(float(c.mean())) < 1e-4 and abs(float(c.std()) - 1) < 1e-3
+    assert np.abs(c - x).mean() > 0.05
+    np.testing.assert_array_equal(c, model_input(img.astype(np.float32), "clahe"))
+    with pytest.raises(ValueError, match="zscore, clahe"):
+        model_input(img, "minmax")
 
 
 @settings(max_examples=60, deadline=None)

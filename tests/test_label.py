@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import func, select, text
 
 from pipeline import db as D
-from pipeline.label import LabelError, label, resolve_model
+from pipeline.imaging import preprocess
+from pipeline.label import Item, LabelError, forward, label, resolve_model
 from pipeline.measure import bbox, clean, measure, plausibility, quality
 from tests.conftest import REPO
 
@@ -108,6 +109,24 @@ def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_mode
     assert (again.labelled, again.skipped) == (2, 10)
     with annotated_engine.connect() as c:
         assert c.execute(select(func.count()).select_from(D.measurements)).scalar() == 12
+
+
+def test_forward_feeds_the_model_its_own_input_normalisation(annotated_engine, tiny_model):
+    import dataclasses
+
+    import torch
+
+    from pipeline.imaging import model_input
+    from pipeline.train import predict
+    lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
+    img, geom = preprocess(_items(annotated_engine, 1)[0][1], lm.cfg.size, lm.cfg.mode)
+    items = [Item("a", img, geom)]
+    zscored = forward(lm, items)
+    lm.cfg = dataclasses.replace(lm.cfg, norm="clahe")
+    equalised = forward(lm, items)
+    expect = predict(lm.model, torch.from_numpy(model_input(img, "clahe")[None])).numpy()
+    np.testing.assert_allclose(equalised, expect, atol=1e-5)
+    assert np.abs(equalised - zscored).max() > 1e-3
 
 
 def test_label_records_undecodable_images(annotated_engine, tiny_model, tmp_path):

@@ -67,6 +67,11 @@ def test_model_takes_any_size():
     assert net(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
 
 
+def test_unknown_norm_is_refused_with_the_choices():
+    with pytest.raises(TrainError, match="unknown norm 'minmax': use one of zscore, clahe"):
+        TrainConfig.from_preset("tiny", norm="minmax")
+
+
 def test_folds_partition_the_data():
     cfg = TrainConfig.from_preset("tiny", folds=5)
     vals = [split(100, TrainConfig(**{**cfg.as_dict(), "fold": k}))[1] for k in range(5)]
