@@ -4,8 +4,9 @@ Data: every image with manual masks (``masks.kind='manual'``), cached at the pre
 (collected on the fly), masks mapped into cache geometry. Output channels are independent
 sigmoids for ``STRUCTURES``; an image missing a structure's mask is left out of that
 channel's loss and Dice. With ``ema`` > 0 the model that is validated and saved is an
-exponential moving average of the trained weights. Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point) and
-``RUN_DIR/best.pt`` (best mean validation Dice), registered in the ``models`` table.
+exponential moving average of the trained weights. Checkpoints: ``RUN_DIR/last.pt`` every
+epoch (resume point) and ``RUN_DIR/best.pt`` (best mean validation Dice), registered in the
+``models`` table.
 """
 
 from __future__ import annotations
