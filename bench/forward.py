@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         for ref, lm in zip(args.models, loaded, strict=True):
             for batch in (16, 1):
                 v = images_per_second(lm.model, lm.cfg.size, batch, args.seconds)
-                base.setdefault(batch, v) if r == 0 else None
+                base.setdefault(batch, v)  # the first model's first round
                 print(f"round {r + 1}: {ref} ({lm.cfg.size} px, norm {lm.cfg.norm}) batch {batch}: "
                       f"{v:.1f} img/s, ratio {v / base[batch]:.2f} to {args.models[0]}", flush=True)
     img = np.random.default_rng(0).integers(0, 256, (loaded[0].cfg.size,) * 2, dtype=np.uint8)
