@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import column, select, table
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -29,7 +30,6 @@ from pipeline import db as D
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nih", "dicom", "openi", "csv")
 IMAGE_FIELDS = tuple(c.name for c in D.images.columns if c.name != "loaded_at")
 NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
                "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
@@ -410,7 +410,7 @@ def _dicom_header(args: tuple[str, str]) -> Item:
 
 def dicom_files(root: Path) -> list[tuple[str, str]]:
     """``(path, uid)`` of every DICOM file under ``root``; uid = relative path sans suffix."""
-    from pipeline.imaging import is_dicom
+    from pipeline.imaging import DICOM_SUFFIXES, is_dicom
     if not Path(root).is_dir():
         raise CatalogueError(f"{root}: not a folder; `catalogue load dicom` takes a folder tree")
     found = []
@@ -418,8 +418,8 @@ def dicom_files(root: Path) -> list[tuple[str, str]]:
         for name in files:
             p = Path(dirpath) / name
             if is_dicom(p):
-                rel = p.relative_to(root).with_suffix("").as_posix() if p.suffix.lower() in (
-                    ".dcm", ".dicom", ".dic") else p.relative_to(root).as_posix()
+                rel = p.relative_to(root).with_suffix("").as_posix() if p.suffix.lower() in DICOM_SUFFIXES \
+                    else p.relative_to(root).as_posix()
                 found.append((str(p.resolve()), rel))
     if not found:
         raise CatalogueError(f"{root}: no DICOM files found (files need the DICM preamble)")
@@ -520,4 +520,58 @@ def _openi_report(root: ET.Element, name: str, resolve: Callable[[str], str]) ->
                "reference": mesh or None, "path": resolve(f"{image_id}.png"), "modality": "CR"}
 
 
-LOADERS = {"nih": load_nih, "dicom": load_dicom, "openi": load_openi, "csv": load_csv}
+# ---------------------------------------------------------------- by format, and listings
+
+
+@dataclass
+class LoadOptions:
+    """Every loader's options (the ``catalogue load`` command's); each loader reads its own."""
+
+    image_root: Path | None = None
+    mapping: tuple[str, ...] = ()  # csv: FIELD=COLUMN pairs
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    source_name: str = "csv"
+    workers: int | None = None
+    uid_from: str = "path"
+    text_csv: Path | None = None
+    text_key: str = "sop_uid"
+    text_key_column: str | None = None
+    text_column: str = "text"
+
+
+LOADERS: dict[str, Callable[[Engine, Path, LoadOptions], LoadSummary]] = {
+    "nih": lambda engine, source, o: load_nih(engine, source, o.image_root),
+    "openi": lambda engine, source, o: load_openi(engine, source, o.image_root),
+    "dicom": lambda engine, source, o: load_dicom(engine, source, o.workers, o.uid_from, o.text_csv,
+                                                  o.text_key, o.text_column, o.text_key_column),
+    "csv": lambda engine, source, o: load_csv(engine, source, parse_mapping(o.mapping), o.image_root,
+                                              o.encoding, o.delimiter, o.source_name),
+}
+
+
+def load(engine: Engine, fmt: str, source: Path, options: LoadOptions | None = None) -> LoadSummary:
+    """Load ``source`` as ``fmt`` (one of :data:`LOADERS`)."""
+    if fmt not in LOADERS:  # (MONAI's look_up_option would import torch for one dict look-up)
+        raise CatalogueError(f"unknown catalogue format {fmt!r}: use one of {', '.join(LOADERS)}")
+    return LOADERS[fmt](engine, Path(source), options or LoadOptions())
+
+
+def list_errors(engine: Engine, limit: int = 50) -> list[dict]:
+    """Malformed rows recorded by loads (``load_errors``), newest first."""
+    t = D.load_errors
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(
+            select(t.c.source_file, t.c.line, t.c.uid, t.c.reason).order_by(t.c.id.desc()).limit(limit))]
+
+
+CATALOGUE_VIEW = table("catalogue", *(column(c) for c in (
+    "uid", "patient_id", "age", "sex", "view", "study_date", "group_name", "source", "text")))
+
+
+def list_rows(engine: Engine, uids: list[str]) -> list[dict]:
+    """Rows of the ``catalogue`` view for ``uids``, by uid."""
+    v = CATALOGUE_VIEW
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in D.rows_in(conn, select(*v.c), v.c.uid, uids)]
+    return sorted(rows, key=lambda r: r["uid"])

@@ -1,18 +1,27 @@
-"""Stage 2: decode catalogued images into the preprocessed cache, in a process pool.
+"""Stage 2: the preprocessed image cache, and its only owner.
 
 A cache entry is ``(size, size) uint8`` PNG (see :mod:`pipeline.imaging` for the intensity
 convention) under ``CACHE_ROOT/<settings id>/``, with its geometry and checksum in the
 ``cache`` table. Entries are written to a temporary name and renamed, and recorded only
 after the rename, so an interrupted run never leaves a half-written entry that is trusted.
+
+* :func:`collect` fills the cache for a selection (the ``collect`` command).
+* :func:`fetch` gives one batch's entries, images and geometry, or each image's failure,
+  collecting missing or damaged entries on the fly: what labelling and training read.
+* :func:`read_cached` reads entries that exist (reports).
+
+Nothing else writes ``cache`` rows or entry files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +59,22 @@ class Settings:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def cache_root(root: str | Path | None = None) -> Path:
-    return Path(root or os.environ.get("CXRLABEL_CACHE") or DEFAULT_CACHE)
+@dataclass
+class Entry:
+    """One image as the model sees it: ``(S, S) uint8`` and its map to the original."""
+
+    uid: str
+    image: np.ndarray
+    geom: Geometry
 
 
-def entry_path(root: Path, settings: Settings, uid: str) -> Path:
-    h = hashlib.sha1(uid.encode()).hexdigest()
-    return root / settings.id / h[:2] / f"{h}.png"
+@dataclass
+class Failure:
+    """An image that could not be cached, and why (``error_class``: e.g. DecodeError)."""
+
+    uid: str
+    error_class: str
+    message: str
 
 
 @dataclass
@@ -67,8 +85,21 @@ class CollectSummary:
     failed: int = 0
 
 
-def collect_one(uid: str, source: str, out: str, size: int, mode: str) -> dict:
-    """Decode ``source`` and write its cache entry to ``out``; the cache row, or the error.
+def cache_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("CXRLABEL_CACHE") or DEFAULT_CACHE)
+
+
+def entry_path(root: Path, settings: Settings, uid: str) -> Path:
+    h = hashlib.sha1(uid.encode()).hexdigest()
+    return root / settings.id / h[:2] / f"{h}.png"
+
+
+# ---------------------------------------------------------------- one image (any process)
+
+
+def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_image: bool = False) -> dict:
+    """Decode ``source`` and write its cache entry to ``out``: the cache row (with the
+    ``image`` itself when ``keep_image``), or ``{"uid", "error", "message"}``.
 
     Pure function of its arguments: runs in a worker process (or a distributed worker).
     """
@@ -85,29 +116,57 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str) -> dict:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, out)
-        row = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest()}
-        row.update(geom.as_row())
+        row = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest(), **geom.as_row()}
+        if keep_image:
+            row["image"] = img
         return row
     except Exception as e:  # a bad file is recorded, never stops the run
         return {"uid": uid, "error": type(e).__name__, "message": str(e)}
 
 
-def _job(args: tuple[str, str, str, int, str]) -> dict:
+def _job(args: tuple) -> dict:
     return collect_one(*args)
 
 
-def cached_uids(conn: Connection, settings: Settings, uids: Sequence[str] | None = None) -> set[str]:
-    t = D.cache
-    q = select(t.c.uid).where(t.c.settings_id == settings.id)
-    if uids is None:
-        return set(conn.execute(q).scalars())
-    found: set[str] = set()
-    for i in range(0, len(uids), 900):
-        found.update(conn.execute(q.where(t.c.uid.in_(uids[i:i + 900]))).scalars())
-    return found
+def decoder_pool(workers: int | None, jobs: int) -> contextlib.AbstractContextManager[Executor | None]:
+    """A process pool of ``workers`` (default ``min(4, cores)``) for ``jobs`` decodes, or
+    none where it would not pay (one worker, or fewer than 4 jobs)."""
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers <= 1 or jobs < 4:
+        return contextlib.nullcontext()
+    return process_pool(workers)
 
 
-def collect(engine: Engine, items: Sequence[tuple[str, str]], settings: Settings = Settings(),
+def _decode_many(items: Sequence[tuple[str, str | None]], settings: Settings, root: Path,
+                 pool: Executor | None, keep_images: bool) -> Iterator[dict]:
+    jobs = [(u, p or "", str(entry_path(root, settings, u)), settings.size, settings.mode, keep_images)
+            for u, p in items]
+    if pool is None:
+        yield from map(_job, jobs)
+    else:
+        yield from pool.map(_job, jobs, chunksize=4)
+
+
+def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_stage: str | None) -> None:
+    """Cache rows of new entries (and failures under ``failure_stage``): one transaction."""
+    now = D.utcnow()
+    keys = [c.name for c in D.cache.columns if c.name not in ("settings_id", "created_at")]
+    rows = [{**{k: r[k] for k in keys}, "settings_id": settings.id, "created_at": now}
+            for r in results if "error" not in r]
+    failed = [r for r in results if "error" in r] if failure_stage else []
+    if not rows and not failed:
+        return
+    with engine.begin() as conn:
+        D.upsert(conn, D.cache, rows, ["uid", "settings_id"])
+        for r in failed:
+            log.warning("%s %s: %s", failure_stage, r["uid"], r["message"])
+            D.record_failure(conn, failure_stage, r["uid"], r["message"], r["error"])
+
+
+# ---------------------------------------------------------------- a selection, a batch
+
+
+def collect(engine: Engine, items: Sequence[tuple[str, str | None]], settings: Settings = Settings(),
             root: str | Path | None = None, workers: int | None = None,
             batch_size: int = 256, progress: bool = True) -> CollectSummary:
     """Cache every ``(uid, source path)`` not cached yet under ``settings``; resumable."""
@@ -117,52 +176,75 @@ def collect(engine: Engine, items: Sequence[tuple[str, str]], settings: Settings
         done = cached_uids(conn, settings, [u for u, _ in items])
     todo = sorted((u, p) for u, p in items if u not in done)
     summary.skipped = len(items) - len(todo)
-    jobs = [(u, p or "", str(entry_path(root, settings, u)), settings.size, settings.mode)
-            for u, p in todo]
-    bar = tqdm(total=len(jobs), desc="collect", unit="img", disable=not progress)
-    for results in _batched(_run(jobs, workers), batch_size):
-        _write(engine, settings, results, summary)
-        bar.update(len(results))
+    bar = tqdm(total=len(todo), desc="collect", unit="img", disable=not progress)
+    with decoder_pool(workers, len(todo)) as pool:
+        batch: list[dict] = []
+        for result in _decode_many(todo, settings, root, pool, keep_images=False):
+            batch.append(result)
+            if len(batch) >= batch_size:
+                _count(summary, batch)
+                _store(engine, settings, batch, "collect")
+                bar.update(len(batch))
+                batch = []
+        _count(summary, batch)
+        _store(engine, settings, batch, "collect")
+        bar.update(len(batch))
     bar.close()
     return summary
 
 
-def _run(jobs: list[tuple], workers: int | None) -> Iterator[dict]:
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    if workers <= 1 or len(jobs) < 4:
-        yield from map(_job, jobs)
-        return
-    with process_pool(workers) as pool:
-        yield from pool.map(_job, jobs, chunksize=4)
+def _count(summary: CollectSummary, results: list[dict]) -> None:
+    failed = sum("error" in r for r in results)
+    summary.cached += len(results) - failed
+    summary.failed += failed
 
 
-def _batched(it: Iterator[dict], n: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def fetch(engine: Engine, items: Sequence[tuple[str, str | None]], settings: Settings,
+          root: str | Path | None = None, pool: Executor | None = None,
+          failure_stage: str | None = None) -> list[Entry | Failure]:
+    """Entries of ``(uid, source path)`` items, in order: read from the cache (checksum
+    verified) or, where missing or damaged, decoded now (in ``pool`` when given) and cached.
+
+    Failures are returned; with ``failure_stage`` they are also recorded in ``failures``.
+    """
+    root = cache_root(root)
+    with engine.connect() as conn:
+        found = read_cached(conn, [u for u, _ in items], settings)
+    missing = [(u, p) for u, p in items if u not in found]
+    new = list(_decode_many(missing, settings, root, pool, keep_images=True)) if missing else []
+    _store(engine, settings, new, failure_stage)
+    got: dict[str, Entry | Failure] = dict(found)
+    for r in new:
+        got[r["uid"]] = (Failure(r["uid"], r["error"], r["message"]) if "error" in r
+                         else Entry(r["uid"], r["image"], geometry_of(r)))
+    return [got[u] for u, _ in items]
 
 
-def _write(engine: Engine, settings: Settings, results: list[dict], summary: CollectSummary) -> None:
-    now = D.utcnow()
-    rows = [{**r, "settings_id": settings.id, "created_at": now} for r in results if "error" not in r]
-    with engine.begin() as conn:
-        D.upsert(conn, D.cache, [_cache_row(r) for r in rows], ["uid", "settings_id"])
-        for r in results:
-            if "error" in r:
-                log.warning("collect %s: %s", r["uid"], r["message"])
-                D.record_failure(conn, "collect", r["uid"], r["message"], r["error"])
-    summary.cached += len(rows)
-    summary.failed += len(results) - len(rows)
+# ---------------------------------------------------------------- reading
 
 
-def _cache_row(r: dict) -> dict:
-    keys = [c.name for c in D.cache.columns]
-    return {k: r[k] for k in keys}
+def cached_uids(conn: Connection, settings: Settings, uids: Sequence[str] | None = None) -> set[str]:
+    t = D.cache
+    q = select(t.c.uid).where(t.c.settings_id == settings.id)
+    if uids is None:
+        return set(conn.execute(q).scalars())
+    return {row.uid for row in D.rows_in(conn, q, t.c.uid, uids)}
+
+
+def read_cached(conn: Connection, uids: Sequence[str], settings: Settings | None = None) -> dict[str, Entry]:
+    """``{uid: Entry}`` of the cached ``uids`` (under ``settings``, or any) whose files
+    match their checksums; a damaged entry is left out (and logged), to be collected again."""
+    t = D.cache
+    q = select(t) if settings is None else select(t).where(t.c.settings_id == settings.id)
+    out: dict[str, Entry] = {}
+    for row in D.rows_in(conn, q, t.c.uid, uids):
+        if row.uid in out:
+            continue
+        try:
+            out[row.uid] = Entry(row.uid, read_entry(row.path, row.checksum), geometry_of(row))
+        except (OSError, CacheError) as e:
+            log.warning("%s: %s", row.uid, e)
+    return out
 
 
 def geometry_of(row) -> Geometry:
@@ -181,15 +263,3 @@ def read_entry(path: str, checksum: str | None = None) -> np.ndarray:
     if img is None:
         raise CacheError(f"cache entry {path} is not readable: re-run collect")
     return img
-
-
-def load_cached(conn: Connection, settings: Settings, uids: Sequence[str]) -> dict[str, tuple]:
-    """``{uid: (image (S,S) uint8, Geometry)}`` for cached uids (verified by checksum)."""
-    t = D.cache
-    out = {}
-    for i in range(0, len(uids), 900):
-        rows = conn.execute(select(t).where(t.c.settings_id == settings.id,
-                                            t.c.uid.in_(uids[i:i + 900])))
-        for row in rows:
-            out[row.uid] = (read_entry(row.path, row.checksum), geometry_of(row))
-    return out

@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -34,17 +34,22 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.sql import ColumnElement, Select
 
 from pipeline import CxrlabelError
+from pipeline.resources import resource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SQL_DIR = Path(os.environ.get("CXRLABEL_SQL_DIR", Path(__file__).resolve().parent.parent / "sql"))
 SCHEMA_VERSION = 1
+# Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
+# statement; 900 leaves room for the query's other parameters.
+IN_CHUNK = 900
 
+T = TypeVar("T")
 metadata = MetaData()
 
 
@@ -269,9 +274,7 @@ def current_version(conn: Connection) -> int:
 
 def view_statements() -> list[str]:
     """The CREATE VIEW statements of ``sql/views.sql``, one per item."""
-    path = SQL_DIR / "views.sql"
-    if not path.exists():
-        raise DatabaseError(f"{path} is missing: set CXRLABEL_SQL_DIR to the project's sql/ folder")
+    path = resource("sql", "views.sql")
     body = "\n".join(
         line for line in path.read_text().splitlines() if not line.strip().startswith("--")
     )
@@ -349,9 +352,8 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
         from sqlalchemy.dialects.sqlite import insert
     elif conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
-    else:  # pragma: no cover - other engines: delete then insert, same effect
-        _delete_insert(conn, table, rows, keys)
-        return
+    else:
+        raise DatabaseError(f"database {conn.dialect.name!r} is not supported: use SQLite or PostgreSQL")
     columns = list(rows[0])
     stmt = insert(table).values({c: bindparam(c) for c in columns})
     names = update if update is not None else [c for c in columns if c not in keys]
@@ -378,11 +380,17 @@ def _executemany(conn: Connection, stmt: Any, table: Table, columns: list[str],
     conn.exec_driver_sql(str(compiled), params)
 
 
-def _delete_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
-    for row in rows:
-        cond = [table.c[k] == row[k] for k in keys]
-        conn.execute(table.delete().where(*cond))
-    conn.execute(table.insert(), list(rows))
+def chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+    """``values`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def rows_in(conn: Connection, query: Select, column: ColumnElement, values: Sequence[Any]) -> Iterator[Row]:
+    """Rows of ``query`` where ``column`` is one of ``values``, in ``IN`` lists of
+    :data:`IN_CHUNK`: the one way every module looks rows up by a list of keys."""
+    for part in chunks(list(values)):
+        yield from conn.execute(query.where(column.in_(part)))
 
 
 def record_failure(conn: Connection, stage: str, uid: str | None, error: BaseException | str,

@@ -17,7 +17,9 @@ from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline.masks import STRUCTURES, load_masks
 from pipeline.measure import measure
-from pipeline.train import hard_dice
+from pipeline.metrics import dice
+
+DECODED_AT_ONCE = 50  # images whose masks (up to 3000 x 3000 each, both kinds) are decoded together
 
 
 class EvaluateError(CxrlabelError):
@@ -59,21 +61,19 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
             raise EvaluateError(f"no image has both manual masks and masks from model {model!r}: "
                                 "import annotated masks (`cxrlabel masks import`) and label those "
                                 f"images (`cxrlabel label --all --model {model}`)")
-        spacing = dict(((u, (sx, sy)) for u, sx, sy in conn.execute(
-            select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y)
-            .where(D.images.c.uid.in_(uids)))))
+        spacing = {u: (sx, sy) for u, sx, sy in D.rows_in(
+            conn, select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y), D.images.c.uid, uids)}
         ev = Evaluation(model, len(uids))
         scores: dict[str, list[float]] = {s: [] for s in STRUCTURES}
         errors: list[float] = []
-        for i in range(0, len(uids), 50):
-            chunk = uids[i:i + 50]
+        for chunk in D.chunks(uids, DECODED_AT_ONCE):
             t = load_masks(conn, chunk)
             p = load_masks(conn, chunk, kind="predicted", model=model)
             for uid in chunk:
                 row: dict = {"uid": uid}
                 for s in STRUCTURES:
                     if s in t[uid] and s in p[uid]:
-                        row[s] = hard_dice(p[uid][s], t[uid][s])
+                        row[s] = dice(p[uid][s], t[uid][s])
                         scores[s].append(row[s])
                 true_ctr = measure(t[uid], spacing.get(uid, (None, None)))["ctr"]
                 pred_ctr = measure(p[uid], spacing.get(uid, (None, None)))["ctr"]

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Connection, Engine
@@ -21,10 +22,10 @@ from tqdm import tqdm
 
 from pipeline import CxrlabelError
 from pipeline import db as D
+from pipeline.resources import resource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RULES = Path(__file__).resolve().parent / "rules" / "default.toml"
 
 
 class GroupsError(CxrlabelError):
@@ -66,7 +67,7 @@ def _compile(patterns: list[str], where: str) -> list[re.Pattern]:
 
 def load_rules(path: str | Path | None = None) -> Rules:
     """Parse and compile a rules file (default: the shipped English/Russian rules)."""
-    path = Path(path) if path else DEFAULT_RULES
+    path = Path(path) if path else resource("rules", "default.toml")
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -171,8 +172,8 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
                 counts[name or "none"] = counts.get(name or "none", 0) + 1
                 if name:
                     out.append({"uid": uid, "group_name": name, "rule": why[:500], "assigned_at": now})
-            uids = [r.uid for r in rows]
-            conn.execute(delete(D.groups).where(D.groups.c.uid.in_(uids)))
+            for part in D.chunks([r.uid for r in rows]):
+                conn.execute(delete(D.groups).where(D.groups.c.uid.in_(part)))
             if out:
                 conn.execute(D.groups.insert(), out)
             last = rows[-1].uid
@@ -210,9 +211,9 @@ def sample(engine: Engine, name: str, per_group: int, seed: int = 0,
             chosen = uids if len(uids) <= per_group else random.Random(f"{seed}:{g}").sample(uids, per_group)
             if len(uids) < per_group:
                 short[g] = len(uids)
-            for i in range(0, len(chosen), 5000):
+            for part in D.chunks(chosen, 5000):
                 conn.execute(D.samples.insert(), [{"name": name, "uid": u, "group_name": g,
-                                                   "created_at": now} for u in chosen[i:i + 5000]])
+                                                   "created_at": now} for u in part])
             taken[g] = len(chosen)
     return SampleSummary(name, taken, short)
 
@@ -230,16 +231,42 @@ def counts(engine: Engine) -> dict[str, list[tuple[str, int]]]:
             "samples": [(f"{a}/{b}", int(c)) for a, b, c in s], "total": total}
 
 
+class Selected(NamedTuple):
+    """What a batch needs of one selected image."""
+
+    uid: str
+    path: str | None
+    spacing: tuple[float | None, float | None]  # mm per pixel (x, y) where known
+    view: str | None
+
+
+@dataclass
+class Selection:
+    items: list[Selected]
+    description: str  # e.g. "group=cardiomegaly source=nih limit=100", stored in label_runs
+
+    def pairs(self) -> list[tuple[str, str | None]]:
+        """``(uid, source path)`` of every item: what the cache needs."""
+        return [(it.uid, it.path) for it in self.items]
+
+
+def describe(group: str | None = None, sample_name: str | None = None, source: str | None = None,
+             limit: int | None = None) -> str:
+    what = f"group={group}" if group else f"sample={sample_name}" if sample_name else "all"
+    what += f" source={source}" if source else ""
+    return what + (f" limit={limit}" if limit else "")
+
+
 def select_images(conn: Connection, group: str | None = None, sample_name: str | None = None,
                   all_images: bool = False, limit: int | None = None,
-                  source: str | None = None) -> list[tuple[str, str | None]]:
-    """``(uid, path)`` sorted by uid for one selection: a group, a sample, or everything;
+                  source: str | None = None) -> Selection:
+    """The images of one selection, sorted by uid: a group, a sample, or everything;
     ``source`` narrows any of them to one dataset (``images.source``)."""
     chosen = sum(bool(x) for x in (group, sample_name, all_images))
     if chosen != 1 and not (chosen == 0 and source):
         raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
     i = D.images
-    q = select(i.c.uid, i.c.path)
+    q = select(i.c.uid, i.c.path, i.c.spacing_x, i.c.spacing_y, i.c.view)
     if group:
         q = q.join(D.groups, D.groups.c.uid == i.c.uid).where(D.groups.c.group_name == group)
     elif sample_name:
@@ -249,9 +276,9 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
     q = q.order_by(i.c.uid)
     if limit:
         q = q.limit(limit)
-    rows = [(u, p) for u, p in conn.execute(q).all()]
-    if not rows:
+    items = [Selected(uid, path, (sx, sy), view) for uid, path, sx, sy, view in conn.execute(q)]
+    if not items:
         what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
         what += f" (source {source!r})" if source else ""
         raise GroupsError(f"{what} has no images: see `cxrlabel groups list`")
-    return rows
+    return Selection(items, describe(group, sample_name, source, limit))

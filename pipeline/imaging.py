@@ -30,8 +30,8 @@ from pipeline import CxrlabelError
 
 log = logging.getLogger(__name__)
 
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
-XRAY_MODALITIES = {"CR", "DX", "DR", "RG", "XA", "RF", "MG", "OT", "SC", ""}
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # stripped from a file's name to make its uid
+MODES = ("pad", "stretch")  # cache geometry: keep the aspect ratio and pad, or rescale each axis
 # Non-chest projection modalities we still refuse: an MR or CT slice is not an X-ray.
 NOT_XRAY_MODALITIES = {"CT", "MR", "PT", "NM", "US", "SR", "SEG", "RTSTRUCT", "ECG", "PR"}
 

@@ -116,12 +116,9 @@ def load_masks(conn: Connection, uids: Sequence[str], kind: str = "manual",
     """``{uid: {structure: (H, W) bool}}`` for the given images."""
     out: dict[str, dict[str, np.ndarray]] = {}
     t = D.masks
-    for start in range(0, len(uids), 500):
-        chunk = list(uids[start:start + 500])
-        rows = conn.execute(select(t.c.uid, t.c.structure, t.c.data).where(
-            t.c.uid.in_(chunk), t.c.kind == kind, t.c.model == model))
-        for uid, structure, data in rows:
-            out.setdefault(uid, {})[structure] = decode(data)
+    q = select(t.c.uid, t.c.structure, t.c.data).where(t.c.kind == kind, t.c.model == model)
+    for uid, structure, data in D.rows_in(conn, q, t.c.uid, uids):
+        out.setdefault(uid, {})[structure] = decode(data)
     return out
 
 
@@ -243,6 +240,17 @@ def _store(engine: Engine, images: list[dict], rows: list[dict],
     with engine.begin() as conn:
         D.upsert(conn, D.images, [{**i, "loaded_at": now} for i in images], ["uid"], update)
         D.upsert(conn, D.masks, rows, MASK_KEYS)
+
+
+def parse_mask_dirs(pairs: Sequence[str]) -> dict[str, str] | None:
+    """``["heart=mask/heart", ...]`` -> ``{"heart": "mask/heart"}``; None for no pairs."""
+    mapping = {}
+    for pair in pairs:
+        structure, sep, folder = pair.partition("=")
+        if not sep or not folder:
+            raise MaskImportError(f"--mask {pair!r}: expected STRUCTURE=FOLDER, e.g. --mask heart=masks/heart")
+        mapping[structure] = folder
+    return mapping or None
 
 
 def import_png_dirs(engine: Engine, root: Path, images: str = "images",

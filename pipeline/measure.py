@@ -18,7 +18,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-STRUCTURES = ("heart", "left_lung", "right_lung")
+from pipeline.masks import STRUCTURES
+from pipeline.metrics import dice
 
 
 def clean(mask: np.ndarray) -> tuple[np.ndarray, float]:
@@ -86,14 +87,6 @@ def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area
     return out
 
 
-def soft_agreement(prob: np.ndarray, mask: np.ndarray) -> float:
-    """Soft Dice between a probability map and a binary mask of the same shape."""
-    p = prob.astype(np.float32)
-    m = mask.astype(np.float32)
-    denom = float(p.sum() + m.sum())
-    return 1.0 if denom == 0 else float(2 * (p * m).sum() / denom)
-
-
 def plausibility(masks: dict[str, np.ndarray], ctr: float | None) -> float:
     """1.0 for anatomically plausible masks; lower for missing structures, lungs on the
     wrong side (a flipped image), or a CTR outside 0.25-0.85."""
@@ -114,6 +107,6 @@ def plausibility(masks: dict[str, np.ndarray], ctr: float | None) -> float:
 def quality(probs: np.ndarray, cleaned: dict[str, np.ndarray], kept: dict[str, float],
             ctr: float | None, structures: tuple[str, ...] = STRUCTURES) -> float:
     """Quality score in [0, 1] from cache-resolution probabilities ``(C, S, S)`` and masks."""
-    agreements = [soft_agreement(probs[i], cleaned[s]) for i, s in enumerate(structures)]
+    agreements = [dice(probs[i], cleaned[s]) for i, s in enumerate(structures)]
     return float(np.mean(agreements) * np.mean([kept[s] for s in structures])
                  * plausibility(cleaned, ctr))

@@ -7,11 +7,11 @@ Presets (network + arguments + training defaults) live in ``models/presets.toml`
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from monai.utils import look_up_option
 from torch import nn
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {}
@@ -26,18 +26,12 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
     return wrap
 
 
-def look_up(name: str, options: list[str] | dict, what: str = "network") -> str:
-    """``name`` if valid, else ValueError naming the closest valid option(s)."""
-    if name in options:
-        return name
-    close = difflib.get_close_matches(name, list(options), n=3)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown {what} {name!r}.{hint} Valid: {', '.join(sorted(options))}")
-
-
 def create_network(name: str, out_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a registered network (input ``(B, 1, H, W)``, output ``(B, out_channels, H, W)`` logits)."""
-    return NETWORKS[look_up(name, NETWORKS)](out_channels=out_channels, **kwargs)
+    """Build a registered network (input ``(B, 1, H, W)``, output ``(B, out_channels, H, W)`` logits).
+
+    An unknown name raises MONAI's ``look_up_option`` error, which suggests the closest names.
+    """
+    return look_up_option(name, NETWORKS)(out_channels=out_channels, **kwargs)
 
 
 @register("unet")

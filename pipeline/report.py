@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
 from pipeline import db as D
-from pipeline.collect import geometry_of, read_entry
+from pipeline.collect import read_cached
 from pipeline.imaging import Geometry
 from pipeline.masks import load_masks
 
@@ -89,15 +89,14 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | N
     chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:tiles]
     uids = [r["uid"] for r in chosen]
     with engine.connect() as conn:
-        cache = {row.uid: row for row in conn.execute(select(D.cache).where(D.cache.c.uid.in_(uids)))}
+        cached = read_cached(conn, uids)
         masks = load_masks(conn, uids, kind="predicted", model=model)
     images = []
     for r in chosen:
-        c = cache.get(r["uid"])
-        if c is None:
+        e = cached.get(r["uid"])
+        if e is None:
             continue
-        geom = geometry_of(c)
-        tile = overlay(read_entry(c.path), geom, masks.get(r["uid"], {}), r)
+        tile = overlay(e.image, e.geom, masks.get(r["uid"], {}), r)
         images.append(cv2.resize(tile, (256, 256), interpolation=cv2.INTER_AREA))
     sheet = _grid(images, columns)
     sheet_path = out_dir / f"contact_sheet_{name}.png"

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import CxrlabelError
+from pipeline.resources import ready_queries
 
 
 class QueryError(CxrlabelError):
     pass
+
+
+def statement(sql: str) -> str:
+    """The SQL of a ``query`` argument: a ready query's name (``ctr_by_group``), a ``.sql``
+    file, or the statement itself."""
+    ready = ready_queries()
+    if sql in ready:
+        return ready[sql].read_text()
+    if sql.endswith(".sql"):
+        path = Path(sql)
+        if not path.is_file():
+            raise QueryError(f"{sql}: no such file; ready queries: {', '.join(ready)}")
+        return path.read_text()
+    return sql
 
 
 def read_only_query(engine: Engine, sql: str, max_rows: int = 100_000) -> list[dict]:

@@ -64,8 +64,8 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert r.exit_code == 1 and "--map uid=COLUMN is required" in r.output
     r = CliRunner().invoke(cli, ["--db", url, "label", "--group", "cardiomegaly"])
     assert r.exit_code == 1 and "groups list" in r.output
-    r = CliRunner().invoke(cli, ["--db", url, "train", "--model", "unet9"])
-    assert r.exit_code == 1 and "Did you mean" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "train", "--model", "cxr_dep"])
+    assert r.exit_code == 1 and "did you mean 'cxr_deep'" in r.output and "\n" not in r.output.strip()
     r = CliRunner().invoke(cli, ["--db", url, "evaluate"])
     assert r.exit_code == 1 and "masks import" in r.output
 

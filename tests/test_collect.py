@@ -5,7 +5,7 @@ from sqlalchemy import select, text
 
 from pipeline import catalogue as C
 from pipeline import db as D
-from pipeline.collect import Settings, collect, entry_path, load_cached, read_entry
+from pipeline.collect import Entry, Failure, Settings, collect, entry_path, fetch, read_cached, read_entry
 from tests.conftest import DICOM, NIH_PNG
 
 
@@ -28,10 +28,10 @@ def test_collect_caches_records_failures_and_resumes(engine, tmp_path):
     assert (s.selected, s.cached, s.failed, s.skipped) == (9, 7, 2, 0)
     with engine.connect() as c:
         fails = dict(c.execute(text("SELECT uid, error_class FROM failures")).all())
-        got = load_cached(c, Settings(64), ["RG1_UNCR", "nih1"])
+        got = read_cached(c, ["RG1_UNCR", "nih1"], Settings(64))
     assert fails == {"missing": "DecodeError", "corrupt": "DecodeError"}
-    img, geom = got["RG1_UNCR"]
-    assert img.shape == (64, 64) and (geom.orig_height, geom.orig_width) == (1955, 1841)
+    e = got["RG1_UNCR"]
+    assert e.image.shape == (64, 64) and (e.geom.orig_height, e.geom.orig_width) == (1955, 1841)
     # a re-run skips what is cached and retries only the failures
     again = collect(engine, items, Settings(64), cache, workers=1, progress=False)
     assert (again.cached, again.skipped, again.failed) == (0, 7, 2)
@@ -64,3 +64,31 @@ def test_interrupted_write_is_never_trusted(engine, tmp_path):
     else:
         raise AssertionError("a damaged cache entry must not be trusted")
     assert os.path.exists(row["path"]) and np.isfinite(1.0)
+
+
+def test_fetch_collects_on_the_fly_and_is_the_cache_s_only_writer(engine, tmp_path):
+    items = _items(engine, tmp_path)
+    cache, s = tmp_path / "cache", Settings(64)
+    collect(engine, items[:2], s, cache, workers=1, progress=False)
+    got = fetch(engine, items, s, cache)
+    assert [x.uid for x in got] == [u for u, _ in items]  # in the order asked
+    fails = {x.uid: x.error_class for x in got if isinstance(x, Failure)}
+    assert fails == {"missing": "DecodeError", "corrupt": "DecodeError"}
+    entries = [x for x in got if isinstance(x, Entry)]
+    assert len(entries) == 7 and all(x.image.shape == (64, 64) for x in entries)
+    with engine.connect() as c:
+        rows = c.execute(select(D.cache.c.uid)).scalars().all()
+        recorded = c.execute(text("SELECT COUNT(*) FROM failures")).scalar()
+    assert sorted(rows) == sorted(x.uid for x in entries)  # new entries recorded, once each
+    assert recorded == 0  # failures are the caller's to record (label records them in its batch)
+    # what was collected on the fly is what the cache now serves
+    again = {x.uid: x for x in fetch(engine, items, s, cache, failure_stage="collect")}
+    for x in entries:
+        assert np.array_equal(again[x.uid].image, x.image) and again[x.uid].geom == x.geom
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM failures WHERE stage='collect'")).scalar() == 2
+    # a damaged entry is collected again, not trusted
+    path = entry_path(cache, s, entries[0].uid)
+    path.write_bytes(b"damaged")
+    (fresh,) = fetch(engine, [(entries[0].uid, dict(items)[entries[0].uid])], s, cache)
+    assert isinstance(fresh, Entry) and np.array_equal(fresh.image, entries[0].image)

@@ -99,5 +99,9 @@ def test_source_narrows_a_selection(engine, tmp_path):
     with engine.begin() as c:
         c.execute(text("INSERT INTO images (uid, source, loaded_at) VALUES ('zz', 'dicom', '2026-01-01')"))
     with engine.connect() as c:
-        assert G.select_images(c, source="dicom") == [("zz", None)]
-        assert len(G.select_images(c, all_images=True, source="nih", limit=7)) == 7
+        only = G.select_images(c, source="dicom")
+        assert only.pairs() == [("zz", None)] and only.description == "all source=dicom"
+        some = G.select_images(c, all_images=True, source="nih", limit=7)
+        assert len(some.items) == 7 and some.description == "all source=nih limit=7"
+        # what a batch needs comes with the selection: pixel spacing and view
+        assert some.items[0].spacing == pytest.approx((0.143, 0.143)) and some.items[0].view in ("PA", "AP")

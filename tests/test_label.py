@@ -9,16 +9,17 @@ import pytest
 from sqlalchemy import func, select, text
 
 from pipeline import db as D
+from pipeline.groups import Selection, select_images
 from pipeline.imaging import preprocess
-from pipeline.label import Item, LabelError, forward, label, resolve_model
+from pipeline.label import Item, forward, label
 from pipeline.measure import bbox, clean, measure, plausibility, quality
+from pipeline.model import ModelError, resolve_model
 from tests.conftest import REPO
 
 
-def _items(engine, n=None):
+def _items(engine, n=None) -> Selection:
     with engine.connect() as c:
-        rows = c.execute(text("SELECT uid, path FROM images ORDER BY uid")).all()
-    return [tuple(r) for r in rows[:n]]
+        return select_images(c, all_images=True, limit=n)
 
 
 def test_clean_keeps_largest_component_and_fills_holes():
@@ -91,20 +92,21 @@ def test_quality_flags_implausible_masks():
 
 def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_model, tmp_path):
     items = _items(annotated_engine, 10)
-    s = label(annotated_engine, items, str(tiny_model), "cpu", 4, "test", str(tmp_path / "c"),
+    s = label(annotated_engine, items, str(tiny_model), "cpu", 4, str(tmp_path / "c"),
               workers=1, progress=False)
     assert (s.selected, s.labelled, s.skipped, s.failed) == (10, 10, 0, 0)
     with annotated_engine.connect() as c:
         n_masks = c.execute(text("SELECT COUNT(*) FROM masks WHERE kind='predicted'")).scalar()
         res = c.execute(text("SELECT * FROM label_results ORDER BY uid")).mappings().all()
         run = c.execute(select(D.label_runs)).mappings().one()
-        img = c.execute(select(D.images).where(D.images.c.uid == items[0][0])).mappings().one()
+        img = c.execute(select(D.images).where(D.images.c.uid == items.items[0].uid)).mappings().one()
         from pipeline.masks import load_masks
-        pred = load_masks(c, [items[0][0]], "predicted", s.model)
+        pred = load_masks(c, [items.items[0].uid], "predicted", s.model)
     assert n_masks == 30 and len(res) == 10 and run["status"] == "done" and run["n_labelled"] == 10
+    assert run["selection"] == "all limit=10"  # the selection describes itself
     assert all(0 <= r["quality"] <= 1 for r in res)
-    assert pred[items[0][0]]["heart"].shape == (img["height"], img["width"])  # original geometry
-    again = label(annotated_engine, _items(annotated_engine, 12), str(tiny_model), "cpu", 4, "test",
+    assert pred[items.items[0].uid]["heart"].shape == (img["height"], img["width"])  # original geometry
+    again = label(annotated_engine, _items(annotated_engine, 12), str(tiny_model), "cpu", 4,
                   str(tmp_path / "c"), workers=1, progress=False)
     assert (again.labelled, again.skipped) == (2, 10)
     with annotated_engine.connect() as c:
@@ -117,14 +119,14 @@ def test_forward_feeds_the_model_its_own_input_normalisation(annotated_engine, t
     import torch
 
     from pipeline.imaging import model_input
-    from pipeline.train import predict
+    from pipeline.model import predict
     lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
-    img, geom = preprocess(_items(annotated_engine, 1)[0][1], lm.cfg.size, lm.cfg.mode)
+    img, geom = preprocess(_items(annotated_engine, 1).items[0].path, lm.spec.size, lm.spec.mode)
     items = [Item("a", img, geom)]
     zscored = forward(lm, items)
-    lm.cfg = dataclasses.replace(lm.cfg, norm="clahe")
+    lm.spec = dataclasses.replace(lm.spec, norm="clahe")
     equalised = forward(lm, items)
-    expect = predict(lm.model, torch.from_numpy(model_input(img, "clahe")[None])).numpy()
+    expect = predict(lm.module, torch.from_numpy(model_input(img, "clahe")[None])).numpy()
     np.testing.assert_allclose(equalised, expect, atol=1e-5)
     assert np.abs(equalised - zscored).max() > 1e-3
 
@@ -133,15 +135,17 @@ def test_label_records_undecodable_images(annotated_engine, tiny_model, tmp_path
     with annotated_engine.begin() as c:
         c.execute(D.images.insert().values(uid="broken", source="csv", path=str(tmp_path / "x.png"),
                                            loaded_at=D.utcnow()))
-    s = label(annotated_engine, [("broken", str(tmp_path / "x.png"))] + _items(annotated_engine, 2),
-              str(tiny_model), "cpu", 4, "t", str(tmp_path / "c"), workers=1, progress=False)
+    chosen = _items(annotated_engine, 2)
+    chosen.items.insert(0, chosen.items[0]._replace(uid="broken", path=str(tmp_path / "x.png")))
+    s = label(annotated_engine, chosen, str(tiny_model), "cpu", 4, str(tmp_path / "c"), workers=1,
+              progress=False)
     assert (s.labelled, s.failed) == (2, 1)
     with annotated_engine.connect() as c:
         assert c.execute(text("SELECT stage, uid FROM failures")).one() == ("label", "broken")
 
 
 def test_unknown_model_names_next_step(annotated_engine):
-    with pytest.raises(LabelError, match="models list"):
+    with pytest.raises(ModelError, match="models list"):
         resolve_model(annotated_engine, "no-such-model")
 
 
@@ -207,14 +211,14 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     from pipeline.evaluate import evaluate
     from pipeline.groups import sample
     from pipeline.report import report
-    s = label(annotated_engine, _items(annotated_engine, 6), str(tiny_model), "cpu", 3, "t",
+    s = label(annotated_engine, _items(annotated_engine, 6), str(tiny_model), "cpu", 3,
               str(tmp_path / "c"), workers=1, progress=False)
     ev = evaluate(annotated_engine, s.model)
     assert ev.images == 6 and 0 < ev.dice["heart"]["mean"] < 1 and ev.ctr_error["n"] == 6
     assert {"uid", "heart", "ctr_true", "ctr_pred"} <= set(ev.per_image[0])
     with annotated_engine.begin() as c:
         c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly", "rule": "t",
-                                       "assigned_at": D.utcnow()} for u, _ in _items(annotated_engine, 6)])
+                                       "assigned_at": D.utcnow()} for u, _ in _items(annotated_engine, 6).pairs()])
     sample(annotated_engine, "s", 3)
     files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
     assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000

@@ -6,18 +6,12 @@ import torch
 from sqlalchemy import select
 
 from pipeline import db as D
+from pipeline.model import ModelError, build_network, load_model, read_checkpoint
 from pipeline.networks import NETWORKS, create_network
-from pipeline.train import (
-    TrainConfig,
-    TrainError,
-    WeightAverage,
-    build_model,
-    load_checkpoint,
-    presets,
-    seg_loss,
-    split,
-    train,
-)
+from pipeline.train import TrainConfig, TrainError, cross_validate, presets, train
+from pipeline.train.average import WeightAverage
+from pipeline.train.folds import make_splits, splits_for, update_splits
+from pipeline.train.losses import seg_loss
 
 SMALL = {"unet": {"channels": (4, 8, 16)}, "segresnet": {"init_filters": 8},
          "segresnetvae": {"init_filters": 8, "input_image_size": (64, 64)},
@@ -39,10 +33,10 @@ def test_network_builds_and_runs(name):
 
 
 def test_unknown_network_suggests_names():
-    with pytest.raises(ValueError, match="Did you mean 'unet'"):
+    with pytest.raises(ValueError, match="did you mean 'unet'"):
         create_network("unett")
-    with pytest.raises(TrainError, match="unknown preset"):
-        TrainConfig.from_preset("unet9")
+    with pytest.raises(TrainError, match="unknown preset.*did you mean 'cxr_deep'"):
+        TrainConfig.from_preset("cxr_dep")
 
 
 @pytest.mark.parametrize("name", sorted(presets()))
@@ -63,19 +57,43 @@ def test_paper_presets_match_the_paper():
 
 def test_model_takes_any_size():
     cfg = TrainConfig.from_preset("tiny")
-    net = build_model(cfg)
+    net = build_network(cfg.spec())
     assert net(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
 
 
 def test_unknown_norm_is_refused_with_the_choices():
-    with pytest.raises(TrainError, match="unknown norm 'minmax': use one of zscore, clahe"):
+    with pytest.raises(TrainError, match="preset tiny: .*'minmax'.*clahe"):
         TrainConfig.from_preset("tiny", norm="minmax")
 
 
-def test_folds_partition_the_data():
+def test_folds_partition_the_data_as_before():
+    uids = [f"u{i:03d}" for i in range(100)]
+    splits = make_splits(uids, TrainConfig.from_preset("tiny", folds=5))
+    assert sorted(sum(splits.val, [])) == uids and all(len(v) == 20 for v in splits.val)
+    # the same folds as the index split used before splits were stored (seed 0)
+    import random
+    order = list(range(100))
+    random.Random(0).shuffle(order)
+    assert splits.val[2] == sorted(uids[i] for i in order[2::5])
+
+
+def test_a_new_annotated_image_never_moves_existing_folds(tmp_path):
     cfg = TrainConfig.from_preset("tiny", folds=5)
-    vals = [split(100, TrainConfig(**{**cfg.as_dict(), "fold": k}))[1] for k in range(5)]
-    assert sorted(sum(vals, [])) == list(range(100)) and all(len(v) == 20 for v in vals)
+    uids = [f"u{i:03d}" for i in range(100)]
+    first = splits_for(tmp_path, uids, cfg)
+    assert (tmp_path / "splits.json").exists()
+    grown = splits_for(tmp_path, uids + ["new1", "new2"], cfg)
+    for before, after in zip(first.val, grown.val, strict=True):
+        assert set(before) <= set(after)  # every old image stays in its fold
+    assert sorted(sum(grown.val, [])) == sorted(uids + ["new1", "new2"])
+    # the rule depends on the uid alone: the same fold whatever else joined
+    alone, joined, _ = update_splits(first, uids + ["new2"])
+    assert joined == ["new2"] and [("new2" in f) for f in alone.val] == [("new2" in f) for f in grown.val]
+    # a removed image leaves its fold and nothing else moves
+    shrunk, _, left = update_splits(grown, [u for u in grown.uids if u != "u007"])
+    assert left == ["u007"] and sum(map(len, shrunk.val)) == 101
+    with pytest.raises(TrainError, match="another way"):
+        splits_for(tmp_path, uids, TrainConfig.from_preset("tiny", folds=4))
 
 
 def test_loss_ignores_unannotated_channels():
@@ -127,44 +145,105 @@ def test_weight_averaged_training_saves_the_average_and_resumes(annotated_engine
     cfg = TrainConfig.from_preset("tiny", epochs=2, ema=0.9, threads=2, val_frac=0)
     cache = str(tmp_path / "cache")
     train(annotated_engine, cfg, tmp_path / "a", cache, progress=False)
-    last = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)  # resume points are data too
     assert last["ema"]["steps"] > 0
     assert any(not torch.equal(v, last["model"][k]) for k, v in last["ema"]["model"].items())
-    best_a = load_checkpoint(tmp_path / "a" / "best.pt")[0].state_dict()
+    best_a = load_model(tmp_path / "a" / "best.pt")[0].state_dict()
     for k, v in best_a.items():
         assert torch.allclose(v, last["ema"]["model"][k])
     # interrupted and resumed: the average carries on where it stopped
     train(annotated_engine, cfg, tmp_path / "b", cache, progress=False, until_epoch=1)
     train(annotated_engine, cfg, tmp_path / "b", cache, progress=False)
-    best_b = load_checkpoint(tmp_path / "b" / "best.pt")[0].state_dict()
+    best_b = load_model(tmp_path / "b" / "best.pt")[0].state_dict()
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
 def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
-    from pipeline.train import register_model
-    model, cfg, info = load_checkpoint(tiny_model)
-    assert cfg.preset == "tiny" and set(info["dice"]) == {"heart", "left_lung", "right_lung"}
-    register_model(annotated_engine, "t", tiny_model, cfg, info["dice"], info["data_hash"])
+    from pipeline.model import register_model
+    ck = read_checkpoint(tiny_model)
+    assert ck.format == "cxrlabel-2" and ck.spec.size == 64 and ck.spec.norm == "zscore"
+    assert ck.training["preset"] == "tiny" and set(ck.info["dice"]) == {"heart", "left_lung", "right_lung"}
+    assert "lr" not in ck.spec.as_dict()  # inference needs no training settings
+    register_model(annotated_engine, "t", tiny_model, ck.training["preset"], ck.training, ck.info["dice"],
+                   ck.info["data_hash"])
     with annotated_engine.connect() as c:
         row = c.execute(select(D.models)).mappings().one()
     assert row["preset"] == "tiny" and json.loads(row["config"])["size"] == 64
-    assert len(row["sha256"]) == 64 and row["dice_heart"] == pytest.approx(info["dice"]["heart"])
+    assert len(row["sha256"]) == 64 and row["dice_heart"] == pytest.approx(ck.info["dice"]["heart"])
     assert np.isfinite(row["dice_left_lung"])
+
+
+def _old_format(ck, path):
+    """A checkpoint as the code before the model module wrote it (format cxrlabel-1)."""
+    config = {k: v for k, v in ck.training.items() if k != "norm"}  # before norm was a setting
+    torch.save({"format": "cxrlabel-1", "config": config, "state_dict": ck.state_dict, "info": ck.info}, path)
+
+
+def test_previous_format_loads_and_upgrades_bit_for_bit(tiny_model, tmp_path):
+    from pipeline.model import FORMAT, upgrade_checkpoint
+    ck = read_checkpoint(tiny_model)
+    _old_format(ck, tmp_path / "old.pt")
+    old = read_checkpoint(tmp_path / "old.pt")
+    assert old.format == "cxrlabel-1" and old.spec == ck.spec  # norm defaults to zscore
+    was, sha = upgrade_checkpoint(tmp_path / "old.pt")
+    new = read_checkpoint(tmp_path / "old.pt")
+    assert (was, new.format, new.spec) == ("cxrlabel-1", FORMAT, ck.spec) and len(sha) == 64
+    assert all(torch.equal(new.state_dict[k], v) for k, v in ck.state_dict.items())
+
+
+def test_shipped_model_is_current_and_matches_its_card():
+    from pipeline.model import FORMAT, default_model_path, file_sha256
+    path = default_model_path()
+    ck = read_checkpoint(path)
+    assert ck.format == FORMAT and ck.spec.norm == "clahe" and ck.spec.size == 256
+    card = (path.parent / "MODEL_CARD.md").read_text()
+    assert file_sha256(path) in card
+
+
+def test_a_checkpoint_that_carries_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"format": "cxrlabel-2", "spec": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="not a readable cxrlabel checkpoint"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     torch.save({"weights": 1}, bad)
-    with pytest.raises(TrainError, match="not a cxrlabel checkpoint"):
-        load_checkpoint(bad)
+    with pytest.raises(ModelError, match="not a cxrlabel checkpoint"):
+        read_checkpoint(bad)
 
 
 def test_export_halves_the_checkpoint(tiny_model, tmp_path):
-    from pipeline.train import export_checkpoint
+    from pipeline.model import export_checkpoint
     export_checkpoint(tiny_model, tmp_path / "m.pt")
-    model, cfg, _ = load_checkpoint(tmp_path / "m.pt")
-    ref, _, _ = load_checkpoint(tiny_model)
+    model, _ = load_model(tmp_path / "m.pt")
+    ref, _ = load_model(tiny_model)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=0.05)
     assert (tmp_path / "m.pt").stat().st_size < tiny_model.stat().st_size
+
+
+def test_cross_validation_stores_its_folds_and_registers_each(annotated_engine, tmp_path):
+    import dataclasses
+    cfg = TrainConfig.from_preset("tiny", epochs=1, folds=2, threads=2)
+    cv = cross_validate(annotated_engine, cfg, tmp_path / "cv", str(tmp_path / "cache"), progress=False,
+                        register_as="t")
+    splits = json.loads((tmp_path / "cv" / "splits.json").read_text())
+    assert cv.names == ["t_fold0", "t_fold1"] and [r.held_out for r in cv.results] == splits["val"]
+    assert not set(splits["val"][0]) & set(splits["val"][1]) and len(sum(splits["val"], [])) == 100
+    assert set(cv.summary) == {"heart", "left_lung", "right_lung"}
+    with annotated_engine.connect() as c:
+        assert sorted(c.execute(select(D.models.c.name)).scalars()) == ["t_fold0", "t_fold1"]
+    assert (tmp_path / "cv" / "fold1" / "best.pt").exists() and (tmp_path / "cv" / "summary.json").exists()
+    # one fold's run resumes on the stored split (nothing left to train: same result)
+    again = train(annotated_engine, dataclasses.replace(cfg, fold=1), tmp_path / "cv" / "fold1",
+                  str(tmp_path / "cache"), progress=False, held_out=splits["val"][1])
+    assert again.history == cv.results[1].history

@@ -1,4 +1,4 @@
-"""Helpers shared by the CLI modules: errors, the engine, output, selection options."""
+"""What every command module shares: errors, the engine, output, selection options."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CxrlabelError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(" ".join(str(e).split())) from e
     return wrapper
 
 
@@ -62,7 +62,13 @@ def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
 def selection_options(fn):
+    """--group / --sample / --all / --source / --limit: turned into a
+    :class:`pipeline.groups.Selection` by :func:`select`."""
     fn = click.option("--limit", type=click.IntRange(min=1), help="At most N images (by uid).")(fn)
     fn = click.option("--source", "source", help="Only images of this dataset (images.source).")(fn)
     fn = click.option("--all", "all_images", is_flag=True, help="Every catalogued image.")(fn)
@@ -71,7 +77,8 @@ def selection_options(fn):
     return fn
 
 
-def _select(engine, group, sample, all_images, limit, source=None):
+def select(engine, group, sample, all_images, limit, source=None):
+    """The :class:`pipeline.groups.Selection` of the selection options."""
     from pipeline.groups import select_images
     with engine.connect() as conn:
         return select_images(conn, group, sample, all_images, limit, source)

@@ -1,0 +1,71 @@
+"""``cxrlabel collect`` and ``cxrlabel masks``: stage 2, the image cache and manual masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import engine_of, handle_errors, select, selection_options
+
+
+@click.command("collect")
+@selection_options
+@click.option("--size", default=512, show_default=True, type=click.IntRange(32, 4096),
+              help="Side of the square cached image.")
+@click.option("--mode", type=click.Choice(["pad", "stretch"]), default="pad", show_default=True,
+              help="pad: keep aspect, pad to square; stretch: rescale to 1:1 (the paper's way).")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes [default: min(4, cores)].")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+              help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
+@click.pass_context
+@handle_errors
+def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir) -> None:
+    """Stage 2: decode and preprocess images into the cache; skips what is cached.
+
+    \b
+    Example:
+        cxrlabel collect --group cardiomegaly --size 256 --workers 4
+    """
+    from pipeline.collect import Settings, collect
+    engine = engine_of(ctx)
+    chosen = select(engine, group, sample, all_images, limit, source)
+    s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers)
+    click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
+               f"cached, {s.failed} failed (see the failures table)")
+
+
+@click.group()
+def masks() -> None:
+    """Stage 2: import hand-drawn (manual) masks."""
+
+
+@masks.command("import")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["generalblockchain", "png-dirs"]))
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--images", default="images", show_default=True, help="png-dirs: image folder.")
+@click.option("--mask", "mask_dirs", multiple=True, metavar="STRUCTURE=FOLDER",
+              help="png-dirs: mask folder of a structure (heart, left_lung, right_lung).")
+@click.option("--source", default="annotated", show_default=True, help="png-dirs: images.source.")
+@click.pass_context
+@handle_errors
+def masks_import(ctx, fmt, directory, images, mask_dirs, source) -> None:
+    """Catalogue an annotated set's images and store its masks as manual masks.
+
+    \b
+    Example:
+        cxrlabel masks import generalblockchain ../shared/data/generalblockchain
+        cxrlabel masks import png-dirs ./my_set --images png --mask heart=mask/heart \\
+            --mask left_lung=mask/left_lung --mask right_lung=mask/right_lung
+    """
+    from pipeline import masks as M
+    engine = engine_of(ctx)
+    if fmt == "generalblockchain":
+        s = M.import_generalblockchain(engine, directory)
+    else:
+        s = M.import_png_dirs(engine, directory, images, M.parse_mask_dirs(mask_dirs), source)
+    click.echo(f"{directory}: {s.images} images, {s.masks} masks stored"
+               + (f", {s.skipped} masks skipped (size mismatch)" if s.skipped else ""))
+
+
+COMMANDS = [collect_cmd, masks]

@@ -1,0 +1,76 @@
+"""``cxrlabel groups``: stage 1, groups of interest and named samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline import groups as G
+from pipeline.cli.common import emit, engine_of, handle_errors, json_option
+
+
+@click.group()
+def groups() -> None:
+    """Stage 1: groups of interest from report text, and named samples."""
+
+
+@groups.command("assign")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A rules file (TOML) in the form of pipeline/rules/default.toml.")
+@click.pass_context
+@handle_errors
+def groups_assign(ctx, rules) -> None:
+    """(Re)assign every image to cardiomegaly, healthy, or no group.
+
+    \b
+    Example:
+        cxrlabel groups assign --rules my_clinic_rules.toml
+    """
+    counts = G.assign(engine_of(ctx), G.load_rules(rules))
+    for name, n in sorted(counts.items()):
+        click.echo(f"{name:>14}  {n}")
+
+
+@groups.command("sample")
+@click.option("--name", required=True, help="Sample name, e.g. test70k.")
+@click.option("--per-group", required=True, type=click.IntRange(min=1), help="Images per group.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--group", "only", multiple=True, help="Groups to draw from [default: all].")
+@click.pass_context
+@handle_errors
+def groups_sample(ctx, name, per_group, seed, only) -> None:
+    """Store a balanced, reproducible sample (replacing one of the same name).
+
+    \b
+    Example:
+        cxrlabel groups sample --name test70k --per-group 35000 --seed 0
+    """
+    s = G.sample(engine_of(ctx), name, per_group, seed, only or None)
+    for g, n in s.per_group.items():
+        note = f"  (only {s.short[g]} images: taken whole)" if g in s.short else ""
+        click.echo(f"{name}/{g}: {n}{note}")
+
+
+@groups.command("list")
+@json_option
+@click.pass_context
+@handle_errors
+def groups_list(ctx, as_json) -> None:
+    """Counts per group and per sample.
+
+    \b
+    Example:
+        cxrlabel groups list --json
+    """
+    c = G.counts(engine_of(ctx))
+    rows = [{"kind": "group", "name": n, "images": k} for n, k in c["groups"]]
+    rows += [{"kind": "sample", "name": n, "images": k} for n, k in c["samples"]]
+    if as_json:
+        emit(rows, True)
+        return
+    click.echo(f"catalogued images: {c['total']}")
+    emit(rows, False)
+
+
+COMMANDS = [groups]

@@ -1,0 +1,47 @@
+"""``cxrlabel label``: stage 4, masks, measurements and quality for a selection."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from pipeline.cli.common import engine_of, handle_errors, select, selection_options
+
+
+@click.command("label")
+@selection_options
+@click.option("--model", default="default", show_default=True,
+              help="'default' (shipped), a registered name, or a checkpoint path.")
+@click.option("--batch-size", default="auto", show_default=True, help="auto or N.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images [default: cores].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [all cores].")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
+@click.pass_context
+@handle_errors
+def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
+              threads, cache_dir) -> None:
+    """Stage 4: masks, measurements and quality for a selection; resumable.
+
+    \b
+    Example:
+        cxrlabel label --group cardiomegaly
+        cxrlabel label --sample test70k --device cuda --batch-size auto
+    """
+    import torch
+
+    from pipeline.label import label
+    if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
+        raise click.BadParameter(f"{batch_size!r}: use auto or a positive number",
+                                 param_hint="--batch-size")
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    engine = engine_of(ctx)
+    chosen = select(engine, group, sample, all_images, limit, source)
+    s = label(engine, chosen, model, device, None if batch_size == "auto" else int(batch_size),
+              cache_dir, workers)
+    click.echo(f"label run {s.run_id} ({s.model} on {s.device}): {s.labelled} labelled, "
+               f"{s.skipped} already labelled, {s.failed} failed of {s.selected} selected")
+
+
+COMMANDS = [label_cmd]

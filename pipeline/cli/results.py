@@ -1,0 +1,84 @@
+"""``cxrlabel query``, ``evaluate`` and ``report``: reading the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import emit, engine_of, handle_errors
+
+
+@click.command()
+@click.argument("sql")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def query(ctx, sql, as_csv, as_json) -> None:
+    """Run read-only SQL (a statement, a .sql file, or a ready query's name) and print the rows.
+
+    Ready queries ship with cxrlabel (sql/queries): ctr_by_group, healthy_ctr_over_0_5,
+    review_lowest_quality.
+
+    \b
+    Example:
+        cxrlabel query "SELECT group_name, COUNT(*) FROM catalogue GROUP BY 1"
+        cxrlabel query ctr_by_group --csv
+        cxrlabel query my_queries/outliers.sql --json
+    """
+    from pipeline.results import read_only_query, statement
+    emit(read_only_query(engine_of(ctx), statement(sql)), as_json, as_csv)
+
+
+@click.command("evaluate")
+@click.option("--truth", default="manual", show_default=True, help="Truth masks: manual.")
+@click.option("--model", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image rows).")
+@click.pass_context
+@handle_errors
+def evaluate_cmd(ctx, truth, model, as_json) -> None:
+    """Dice per structure and CTR error of a model's masks against manual masks.
+
+    \b
+    Example:
+        cxrlabel evaluate --truth manual --model default --json
+    """
+    from pipeline.evaluate import evaluate
+    ev = evaluate(engine_of(ctx), model, truth)
+    if as_json:
+        click.echo(json.dumps(ev.as_dict(), indent=2))
+        return
+    click.echo(f"{ev.model}: {ev.images} images with manual and predicted masks")
+    for s, st in ev.dice.items():
+        click.echo(f"  Dice {s:<11} {st['mean']:.4f} ± {st['sd']:.4f} (n={st['n']})")
+    e = ev.ctr_error
+    click.echo(f"  CTR error     mean {e['mean']:+.4f}, MAE {e['mae']:.4f} (n={e['n']})")
+
+
+@click.command("report")
+@click.option("--group")
+@click.option("--sample")
+@click.option("--model", default="default", show_default=True)
+@click.option("--out", "out_dir", default="data/reports", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tiles", default=24, show_default=True, type=click.IntRange(1, 400))
+@click.pass_context
+@handle_errors
+def report_cmd(ctx, group, sample, model, out_dir, tiles) -> None:
+    """Contact sheet of overlays (lowest quality first) and CTR histograms per group.
+
+    \b
+    Example:
+        cxrlabel report --group cardiomegaly --out reports/
+    """
+    from pipeline.report import report
+    if bool(group) == bool(sample):
+        raise click.UsageError("choose exactly one of --group or --sample")
+    files = report(engine_of(ctx), out_dir, model, group, sample, tiles)
+    click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
+    click.echo(f"CTR histogram: {files.histogram}")
+
+
+COMMANDS = [query, evaluate_cmd, report_cmd]

@@ -1,0 +1,124 @@
+"""``cxrlabel train`` and ``cxrlabel models``: stage 3, training and the model registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import emit, engine_of, handle_errors, json_option
+
+
+@click.command("train")
+@click.option("--model", "preset", default="cxr_deep", show_default=True,
+              help="Preset from models/presets.toml.")
+@click.option("--size", type=click.IntRange(32, 4096), help="Image side [preset].")
+@click.option("--mode", type=click.Choice(["pad", "stretch"]), help="Geometry mode [preset].")
+@click.option("--roi", type=click.IntRange(16, 4096), help="Training crop side [preset].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs [preset].")
+@click.option("--batch", type=click.IntRange(min=1), help="Batch size [preset].")
+@click.option("--lr", type=float, help="Peak learning rate [preset].")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True),
+              help="Validate and keep a moving average of the weights, decay per step, "
+                   "e.g. 0.99; 0 = off [preset].")
+@click.option("--norm", type=click.Choice(["zscore", "clahe"]),
+              help="Model input: z-score, or CLAHE then z-score [preset].")
+@click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
+@click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              help="Held-out share without --folds; 0 trains on everything.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+@click.option("--name", help="Registered model name [preset].")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints, splits and curves [runs/NAME].")
+@click.option("--no-resume", is_flag=True, help="Start over even if RUN_DIR/last.pt exists.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
+@click.pass_context
+@handle_errors
+def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, **overrides) -> None:
+    """Stage 3: train a network on the manual masks; registers the best checkpoint.
+
+    Held-out images are stored as uid lists in RUN_DIR/splits.json and reused on resume;
+    images annotated later join a fold by their uid, never moving the others.
+
+    \b
+    Example:
+        cxrlabel train --model cxr_deep --epochs 100 --folds 5
+        cxrlabel train --model unet7_res --size 512 --val-frac 0.2 --device cuda
+    """
+    from pipeline.train import TrainConfig, cross_validate
+    cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
+    name = name or preset
+    run_dir = run_dir or Path("runs") / name
+    cv = cross_validate(engine_of(ctx), cfg, run_dir, cache_dir, device, not no_resume,
+                        register_as=name)
+    for fold_name, r in zip(cv.names, cv.results, strict=True):
+        scored = {k: v for k, v in r.dice.items() if v == v}  # NaN: no held-out images
+        click.echo(f"{fold_name}: " + (f"best epoch {r.best_epoch}, Dice " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scored.items()) if scored else
+            f"no held-out images (--val-frac 0): the model is the last epoch, {r.best_epoch}"))
+    if cfg.folds > 1:
+        click.echo("cross-validation: " + ", ".join(
+            f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in cv.summary.items()))
+    click.echo(f"checkpoints and learning curves in {run_dir}")
+
+
+@click.group()
+def models() -> None:
+    """Registered models: trained checkpoints with their validation Dice."""
+
+
+@models.command("list")
+@json_option
+@click.pass_context
+@handle_errors
+def models_list(ctx, as_json) -> None:
+    """Models in the registry with their validation Dice.
+
+    \b
+    Example:
+        cxrlabel models list --json
+    """
+    from pipeline.model import list_models
+    emit(list_models(engine_of(ctx)), as_json)
+
+
+@models.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16, half the size).")
+@handle_errors
+def models_export(checkpoint, destination, fp32) -> None:
+    """Write a checkpoint for shipping, e.g. as the default model.
+
+    \b
+    Example:
+        cxrlabel models export runs/cxr_deep_all/best.pt models/default/model.pt
+    """
+    from pipeline.model import export_checkpoint
+    sha = export_checkpoint(checkpoint, destination, half=not fp32)
+    click.echo(f"{destination}: {destination.stat().st_size / 1e6:.1f} MB, sha256 {sha}")
+
+
+@models.command("upgrade")
+@click.argument("checkpoints", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@handle_errors
+def models_upgrade(checkpoints) -> None:
+    """Rewrite checkpoints of earlier cxrlabel versions in the current format, in place.
+
+    Weights are kept bit for bit; the file's sha256 changes (a registered model's row keeps
+    its old hash until it is registered again).
+
+    \b
+    Example:
+        cxrlabel models upgrade runs/cxr_deep_cv/fold*/best.pt
+    """
+    from pipeline.model import FORMAT, upgrade_checkpoint
+    for path in checkpoints:
+        was, sha = upgrade_checkpoint(path)
+        click.echo(f"{path}: {was} -> {FORMAT}, sha256 {sha}")
+
+
+COMMANDS = [train_cmd, models]

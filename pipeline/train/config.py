@@ -1,0 +1,78 @@
+"""Training configuration: presets (``models/presets.toml``) and command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from monai.utils import look_up_option
+
+from pipeline import CxrlabelError
+from pipeline.masks import STRUCTURES
+from pipeline.model import ModelError, ModelSpec
+from pipeline.resources import resource
+
+TRAIN_DEFAULTS: dict[str, Any] = {"size": 256, "mode": "pad", "roi": None, "epochs": 60,
+                                  "batch": 8, "lr": 3e-3, "loss": "dicece", "ema": 0.0,
+                                  "norm": "zscore"}
+
+
+class TrainError(CxrlabelError):
+    pass
+
+
+def presets() -> dict[str, dict]:
+    """Every preset of ``models/presets.toml`` by name."""
+    with open(resource("models", "presets.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: the model to build (:meth:`spec`) and how to train it."""
+
+    preset: str
+    network: str
+    args: dict
+    size: int = 256
+    mode: str = "pad"
+    roi: int | None = None
+    epochs: int = 60
+    batch: int = 8
+    lr: float = 3e-3
+    loss: str = "dicece"
+    ema: float = 0.0  # weight-average decay per optimiser step; 0 = off
+    norm: str = "zscore"  # model input: see imaging.model_input
+    seed: int = 0
+    val_frac: float = 0.2
+    folds: int = 1  # >1: K-fold cross-validation
+    fold: int = 0
+    augment: bool = True
+    threads: int | None = None
+    structures: tuple[str, ...] = STRUCTURES
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A preset with the ``overrides`` that are not None (command-line options)."""
+        table = presets()
+        try:
+            p = look_up_option(name, table)
+        except ValueError as e:
+            raise TrainError(f"unknown preset: {e}") from None
+        values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(preset=name, network=p["network"], args=dict(p.get("args", {})), **values)
+        try:
+            cfg.spec()
+        except ModelError as e:
+            raise TrainError(f"preset {name}: {e}") from None
+        return cfg
+
+    def spec(self) -> ModelSpec:
+        """What inference needs of this run: stored in its checkpoints."""
+        return ModelSpec.from_dict(self.as_dict())
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

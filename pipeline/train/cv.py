@@ -1,0 +1,75 @@
+"""Cross-validation: every fold of a preset on stored splits, one call for the CLI and benches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from pipeline.model import register_model
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import Dataset, load_dataset
+from pipeline.train.folds import splits_for
+from pipeline.train.loop import TrainResult, train
+
+
+@dataclass
+class CrossValidation:
+    run_dir: Path
+    names: list[str]  # registered model name per fold ('' when not registered)
+    results: list[TrainResult]
+    summary: dict[str, dict[str, float]]
+    seconds: float
+
+
+def fold_dir(run_dir: Path, cfg: TrainConfig, fold: int) -> Path:
+    return run_dir / f"fold{fold}" if cfg.folds > 1 else run_dir
+
+
+def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
+                   device: str = "auto", resume: bool = True, progress: bool = True,
+                   register_as: str | None = None, dataset: Dataset | None = None) -> CrossValidation:
+    """Train every fold of ``cfg`` (one run without ``folds``) on the splits stored in
+    ``run_dir/splits.json``; folds go to ``run_dir/foldK``. With ``register_as`` each fold's
+    best checkpoint is registered (``NAME_foldK``, or ``NAME`` for a single run). Writes
+    ``run_dir/summary.json``."""
+    started = time.time()
+    data = dataset or load_dataset(engine, cfg, cache_dir)
+    splits = splits_for(run_dir, data.uids, cfg)
+    results, names = [], []
+    for fold in range(cfg.folds):
+        fold_cfg = dataclasses.replace(cfg, fold=fold)
+        where = fold_dir(run_dir, cfg, fold)
+        r = train(engine, fold_cfg, where, cache_dir, device, resume, progress, dataset=data,
+                  held_out=splits.val[fold])
+        name = ""
+        if register_as:
+            name = f"{register_as}_fold{fold}" if cfg.folds > 1 else register_as
+            register_model(engine, name, where / "best.pt", cfg.preset, fold_cfg.as_dict(), r.dice,
+                           data.hash, {"best_epoch": r.best_epoch, "history": r.history,
+                                       "seconds": r.seconds})
+        results.append(r)
+        names.append(name)
+    summary = summarise_folds(results)
+    seconds = time.time() - started
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"preset": cfg.preset, "config": cfg.as_dict(), "dice": summary, "seconds": seconds,
+         "data_hash": data.hash}, indent=2))
+    return CrossValidation(run_dir, names, results, summary, seconds)
+
+
+def summarise_folds(results: list[TrainResult]) -> dict[str, dict[str, float]]:
+    """Mean and sample sd of the best-epoch Dice per structure over folds."""
+    out = {}
+    for s in results[0].dice:
+        v = np.array([r.dice[s] for r in results], dtype=float)
+        scored = v[~np.isnan(v)]  # NaN: a run without held-out images
+        out[s] = {"mean": float(scored.mean()) if len(scored) else float("nan"),
+                  "sd": float(scored.std(ddof=1)) if len(scored) > 1 else 0.0,
+                  "folds": [float(x) for x in v]}
+    return out

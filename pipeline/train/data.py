@@ -1,0 +1,151 @@
+"""Training data: the annotated images at the model's cache size, their masks, augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from pipeline import db as D
+from pipeline.collect import Entry, Settings, decoder_pool, fetch
+from pipeline.imaging import model_input
+from pipeline.masks import load_masks
+from pipeline.train.config import TrainConfig, TrainError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    uids: list[str]
+    images: np.ndarray  # (N, S, S) uint8, cache convention
+    masks: np.ndarray  # (N, C, S, S) float32 in [0, 1], cache geometry
+    valid: np.ndarray  # (N, C) bool: structure annotated
+    hash: str = ""
+
+    def indices(self, uids: list[str]) -> list[int]:
+        """Positions of ``uids`` that are in the dataset (others are left out)."""
+        where = {u: i for i, u in enumerate(self.uids)}
+        return sorted(where[u] for u in uids if u in where)
+
+
+def annotated_uids(engine: Engine) -> list[str]:
+    """Every image with at least one manual mask, sorted."""
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(D.masks.c.uid).where(D.masks.c.kind == "manual")
+                                   .distinct()).scalars())
+
+
+def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None) -> Dataset:
+    """The annotated images, cached at ``cfg``'s size (collected where missing), with their
+    manual masks mapped into cache geometry. Images that cannot be decoded are left out
+    (and recorded in ``failures``)."""
+    uids = annotated_uids(engine)
+    if not uids:
+        raise TrainError("no manual masks in the database: run `cxrlabel masks import "
+                         "generalblockchain ../shared/data/generalblockchain` first")
+    with engine.connect() as conn:
+        paths = {row.uid: row.path for row in D.rows_in(
+            conn, select(D.images.c.uid, D.images.c.path), D.images.c.uid, uids)}
+        truth = load_masks(conn, uids)
+    with decoder_pool(None, len(uids)) as pool:
+        got = fetch(engine, [(u, paths.get(u)) for u in uids], Settings(cfg.size, cfg.mode),
+                    cache_dir, pool, failure_stage="collect")
+    entries = [e for e in got if isinstance(e, Entry)]
+    if len(entries) < len(got):
+        log.warning("%d annotated images could not be decoded: see the failures table",
+                    len(got) - len(entries))
+    n, c, s = len(entries), len(cfg.structures), cfg.size
+    images = np.zeros((n, s, s), np.uint8)
+    masks = np.zeros((n, c, s, s), np.float32)
+    valid = np.zeros((n, c), bool)
+    digest = hashlib.sha256()
+    for i, e in enumerate(entries):
+        images[i] = e.image
+        for j, structure in enumerate(cfg.structures):
+            m = truth.get(e.uid, {}).get(structure)
+            if m is not None:
+                masks[i, j] = e.geom.to_cache(m.astype(np.float32))
+                valid[i, j] = True
+                digest.update(f"{e.uid}/{structure}/{int(m.sum())}".encode())
+        digest.update(e.image.tobytes())
+    return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest())
+
+
+def augmentation(cfg: TrainConfig):
+    """Chest-X-ray-safe augmentation (MONAI): small affine, contrast, gamma, blur, noise,
+    resolution and exposure; never a left-right flip (the heart's side matters)."""
+    from monai import transforms as T
+    keys = ["image", "mask"]
+    steps = [
+        T.RandAffined(keys, prob=0.8, rotate_range=0.17, scale_range=0.15, shear_range=0.05,
+                      translate_range=(0.06 * cfg.size,) * 2, mode=("bilinear", "bilinear"),
+                      padding_mode="zeros"),
+        T.RandSimulateLowResolutiond(["image"], prob=0.25, zoom_range=(0.4, 0.9),
+                                     downsample_mode="area", upsample_mode="bilinear"),
+        T.RandAdjustContrastd(["image"], prob=0.5, gamma=(0.6, 1.6)),
+        T.RandScaleIntensityd(["image"], factors=0.25, prob=0.5),
+        T.RandShiftIntensityd(["image"], offsets=0.1, prob=0.5),
+        T.RandGaussianSmoothd(["image"], prob=0.2, sigma_x=(0.3, 1.5), sigma_y=(0.3, 1.5)),
+        T.RandGaussianNoised(["image"], prob=0.3, std=0.03),
+    ]
+    if cfg.roi and cfg.roi < cfg.size:
+        steps.append(T.RandSpatialCropd(keys, roi_size=(cfg.roi, cfg.roi), random_size=False))
+    compose = T.Compose(steps)
+    compose.set_random_state(seed=cfg.seed)
+    return compose
+
+
+def make_batch(ds: Dataset, idx: list[int], aug, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x (B,1,S,S) float32 normalised, y (B,C,S,S) float32, valid (B,C) bool)``, augmented
+    when ``aug`` is given."""
+    xs, ys = [], []
+    for i in idx:
+        img = ds.images[i][None].astype(np.float32) / 255.0
+        mask = ds.masks[i]
+        if aug is not None:
+            out = aug({"image": img, "mask": mask})
+            img, mask = np.asarray(out["image"]), np.asarray(out["mask"])
+        xs.append(model_input(np.clip(img[0] * 255.0, 0, 255), norm))
+        ys.append(mask)
+    return (torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).float(),
+            torch.from_numpy(ds.valid[idx]))
+
+
+def random_states(aug) -> list[list]:
+    """The numpy random states inside a MONAI transform pipeline, in a fixed order, as
+    plain lists: what a resumed run restores (a pickled pipeline would be code in a file)."""
+    out = []
+    for r in _generators(aug, set()):
+        name, keys, pos, has_gauss, cached = r.get_state()
+        out.append([name, keys.tolist(), int(pos), int(has_gauss), float(cached)])
+    return out
+
+
+def set_random_states(aug, states: list[list]) -> None:
+    gens = list(_generators(aug, set()))
+    if len(gens) != len(states):
+        raise TrainError(f"the augmentation has {len(gens)} random generators, the checkpoint "
+                         f"{len(states)}: resume with the cxrlabel version that started the run")
+    for r, (name, keys, pos, has_gauss, cached) in zip(gens, states, strict=True):
+        r.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+
+
+def _generators(obj, seen: set[int]):
+    """Every ``np.random.RandomState`` held by ``obj`` and the MONAI objects inside it."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    r = getattr(obj, "R", None)
+    if isinstance(r, np.random.RandomState) and id(r) not in seen:
+        seen.add(id(r))
+        yield r
+    for child in vars(obj).values() if hasattr(obj, "__dict__") else ():
+        for c in child if isinstance(child, list | tuple) else (child,):
+            if type(c).__module__.startswith("monai."):
+                yield from _generators(c, seen)

@@ -1,0 +1,185 @@
+"""The training loop: one model (one fold), resumable epoch by epoch.
+
+Output channels are independent sigmoids for the structures; an image missing a
+structure's mask is left out of that channel's loss and Dice. With ``ema`` > 0 the model
+that is validated and saved is an exponential moving average of the trained weights.
+Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point: weights, optimiser, schedule,
+random states; plain data like every checkpoint) and ``RUN_DIR/best.pt`` (best mean
+validation Dice, in the inference format of :mod:`pipeline.model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline.metrics import dice
+from pipeline.model import build_network, logits_of, pick_device, predict, save_checkpoint
+from pipeline.train.average import WeightAverage
+from pipeline.train.config import TrainConfig, TrainError
+from pipeline.train.data import (
+    Dataset,
+    augmentation,
+    load_dataset,
+    make_batch,
+    random_states,
+    set_random_states,
+)
+from pipeline.train.folds import splits_for
+from pipeline.train.losses import seg_loss
+from pipeline.train.plots import plot_curve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    dice: dict[str, float]
+    history: list[dict]
+    seconds: float
+    held_out: list[str]
+
+
+def validate(model: torch.nn.Module, ds: Dataset, idx: list[int], cfg: TrainConfig,
+             device: torch.device) -> dict[str, float]:
+    """Mean Dice per structure at cache resolution over annotated validation images."""
+    scores: dict[str, list[float]] = {s: [] for s in cfg.structures}
+    for start in range(0, len(idx), 16):
+        chunk = idx[start:start + 16]
+        x, y, valid = make_batch(ds, chunk, None, cfg.norm)
+        prob = predict(model, x.to(device), cfg.roi).cpu().numpy()
+        for k in range(len(chunk)):
+            for j, s in enumerate(cfg.structures):
+                if valid[k, j]:
+                    scores[s].append(dice(prob[k, j] > 0.5, y[k, j].numpy() > 0.5))
+    return {s: float(np.mean(v)) if v else float("nan") for s, v in scores.items()}
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
+          device: str = "auto", resume: bool = True, progress: bool = True,
+          dataset: Dataset | None = None, until_epoch: int | None = None,
+          held_out: list[str] | None = None) -> TrainResult:
+    """Train one model and resume from ``run_dir/last.pt`` when it exists.
+
+    ``held_out``: the validation uids (default: fold ``cfg.fold`` of ``run_dir/splits.json``,
+    made on first use). ``until_epoch`` stops early after that epoch (a time-boxed job); a
+    later call resumes.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = pick_device(device)
+    torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
+    ds = dataset or load_dataset(engine, cfg, cache_dir)
+    if held_out is None:
+        held_out = splits_for(run_dir, ds.uids, cfg).val[cfg.fold]
+    va = ds.indices(held_out)
+    tr = sorted(set(range(len(ds.uids))) - set(va))
+    _seed_all(cfg.seed)
+    model = build_network(cfg.spec()).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(tr) // cfg.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                steps_per_epoch=steps_per_epoch, pct_start=0.1)
+    aug = augmentation(cfg) if cfg.augment else None
+    avg = WeightAverage(model, cfg.ema) if cfg.ema else None
+    scored = avg.module if avg else model  # what is validated and saved
+    rng = random.Random(cfg.seed + 1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": 0, "history": [], "best": -1.0, "best_epoch": 0, "seconds": 0.0}
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        ck = _read_last(last, cfg)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if avg:
+            avg.load_state_dict(ck["ema"])
+        state = ck["state"]
+        rng.setstate(_as_tuple(ck["rng"]["python"]))
+        torch.set_rng_state(ck["rng"]["torch"])
+        if aug is not None:
+            set_random_states(aug, ck["rng"]["aug"])
+        log.info("resuming %s at epoch %d", run_dir, state["epoch"])
+    bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"train {cfg.preset}", unit="epoch",
+               disable=not progress, initial=state["epoch"], total=cfg.epochs)
+    for epoch in bar:
+        if until_epoch is not None and epoch >= until_epoch:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        order = tr[:]
+        rng.shuffle(order)
+        losses = []
+        for b in range(steps_per_epoch):
+            x, y, valid = make_batch(ds, order[b * cfg.batch:(b + 1) * cfg.batch], aug, cfg.norm)
+            x, y, valid = x.to(dev), y.to(dev), valid.to(dev)
+            out = model(x)
+            loss = seg_loss(logits_of(out), y, valid, cfg.loss)
+            if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
+                loss = loss + 0.1 * out[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if avg:
+                avg.update(model)
+            losses.append(loss.item())
+        scores = validate(scored, ds, va, cfg, dev) if va else {}
+        # without held-out images the final epoch is the model (the schedule has annealed)
+        mean = float(np.nanmean(list(scores.values()))) if scores else float(epoch)
+        state["seconds"] += time.perf_counter() - t0
+        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **scores})
+        state["epoch"] = epoch + 1
+        if mean > state["best"]:
+            state["best"], state["best_epoch"] = mean, epoch + 1
+            save_checkpoint(run_dir / "best.pt", scored, cfg.spec(),
+                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash},
+                            training=cfg.as_dict())
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
+        tmp = last.with_name("last.pt.tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
+                    "held_out": sorted(held_out), "ema": avg.state_dict() if avg else None,
+                    "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
+                            "aug": random_states(aug) if aug is not None else []}}, tmp)
+        tmp.replace(last)
+    best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
+    plot_curve(state["history"], run_dir / "learning_curve.png",
+               f"{cfg.preset} ({cfg.network}, {cfg.size}px)", cfg.structures)
+    return TrainResult(run_dir, state["best_epoch"],
+                       {s: best.get(s, float("nan")) for s in cfg.structures},
+                       state["history"], state["seconds"], sorted(held_out))
+
+
+def _read_last(path: Path, cfg: TrainConfig) -> dict:
+    """The resume point, read as data; refused when made with another configuration."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{path} is not a resumable checkpoint of this cxrlabel ({type(e).__name__}): "
+                         "use --no-resume to start over") from e
+    if ck.get("config") != cfg.as_dict():
+        raise TrainError(f"{path} was trained with another configuration: use a new run "
+                         "folder or --no-resume to start over")
+    return ck
+
+
+def _as_tuple(x):
+    """``random.setstate`` wants the nested tuples that a checkpoint may return as lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
