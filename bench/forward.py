@@ -21,7 +21,7 @@ import torch
 
 from pipeline import db as D
 from pipeline.imaging import NORMS, model_input
-from pipeline.label import resolve_model
+from pipeline.model import resolve_model
 
 
 def images_per_second(model: torch.nn.Module, size: int, batch: int, seconds: float) -> float:
@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for ref, lm in zip(args.models, loaded, strict=True):
             for batch in (16, 1):
-                v = images_per_second(lm.model, lm.cfg.size, batch, args.seconds)
+                v = images_per_second(lm.module, lm.spec.size, batch, args.seconds)
                 base.setdefault(batch, v)  # the first model's first round
-                print(f"round {r + 1}: {ref} ({lm.cfg.size} px, norm {lm.cfg.norm}) batch {batch}: "
+                print(f"round {r + 1}: {ref} ({lm.spec.size} px, norm {lm.spec.norm}) batch {batch}: "
                       f"{v:.1f} img/s, ratio {v / base[batch]:.2f} to {args.models[0]}", flush=True)
-    img = np.random.default_rng(0).integers(0, 256, (loaded[0].cfg.size,) * 2, dtype=np.uint8)
+    img = np.random.default_rng(0).integers(0, 256, (loaded[0].spec.size,) * 2, dtype=np.uint8)
     for norm in NORMS:
         t = time.perf_counter()
         for _ in range(500):

@@ -36,40 +36,41 @@ from clinic import build  # noqa: E402
 
 from pipeline import catalogue as C  # noqa: E402
 from pipeline import db as D  # noqa: E402
-from pipeline.collect import Settings, collect, load_cached  # noqa: E402
+from pipeline.collect import Settings, collect, read_cached  # noqa: E402
+from pipeline.groups import select_images  # noqa: E402
 from pipeline.imaging import Geometry, decode, model_input, preprocess, to_uint8  # noqa: E402
-from pipeline.label import Item, label, pick_device, postprocess, resolve_model  # noqa: E402
+from pipeline.label import Item, label, postprocess  # noqa: E402
+from pipeline.model import pick_device, resolve_model  # noqa: E402
 
 
 def catalogue(tmp: Path, archive: Path, name: str):
     engine = D.connect(f"sqlite:///{tmp / name}")
     C.load_dicom(engine, archive, progress=False)
     with engine.connect() as c:
-        items = [tuple(r) for r in c.execute(D.images.select().with_only_columns(
-            D.images.c.uid, D.images.c.path).order_by(D.images.c.uid))]
-    return engine, items
+        return engine, select_images(c, all_images=True)
 
 
 def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
-    engine, items = catalogue(tmp, archive, "warm.db")
+    engine, chosen = catalogue(tmp, archive, "warm.db")
+    items = chosen.pairs()
     lm = resolve_model(engine, model, device)
-    settings = Settings(lm.cfg.size, lm.cfg.mode)
+    settings = Settings(lm.spec.size, lm.spec.mode)
     collect(engine, items, settings, tmp / "cache", progress=False)
     with engine.connect() as c:
-        cached = load_cached(c, settings, [u for u, _ in items])
-    xs = [torch.from_numpy(np.stack([model_input(cached[u][0], lm.cfg.norm) for u, _ in items[i:i + batch]]))
+        cached = read_cached(c, [u for u, _ in items], settings)
+    xs = [torch.from_numpy(np.stack([model_input(cached[u].image, lm.spec.norm) for u, _ in items[i:i + batch]]))
           for i in range(0, len(items), batch)]
     with torch.inference_mode():
-        lm.model(xs[0].to(lm.device))
+        lm.module(xs[0].to(lm.device))
         t = time.perf_counter()
         for x in xs:
             x = x.to(lm.device)
             if lm.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            torch.sigmoid(lm.model(x)).cpu()
+            torch.sigmoid(lm.module(x)).cpu()
         model_only = len(items) / (time.perf_counter() - t)
     t = time.perf_counter()
-    s = label(engine, items, model, device, batch, "bench", str(tmp / "cache"), progress=False)
+    s = label(engine, chosen, model, device, batch, str(tmp / "cache"), progress=False)
     e2e = s.labelled / (time.perf_counter() - t)
     print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {model_only:.1f} img/s, "
           f"end to end {e2e:.1f} img/s, ratio {e2e / model_only:.2f} (goal >= 0.9)")
@@ -81,21 +82,21 @@ def typical_script(engine, items, lm, reduced_decode: bool = False) -> float:
     inferer = SimpleInferer()
     spacing = {}
     t = time.perf_counter()
-    for uid, path in items:
+    for uid, path in items.pairs():
         if reduced_decode:
-            img, geom = preprocess(path, lm.cfg.size, lm.cfg.mode)
+            img, geom = preprocess(path, lm.spec.size, lm.spec.mode)
         else:  # the whole frame, then the same intensity pipeline and resize
             arr, (h, w), _ = decode(path)
-            geom = Geometry.fit(h, w, lm.cfg.size, lm.cfg.mode)
+            geom = Geometry.fit(h, w, lm.spec.size, lm.spec.mode)
             img = to_uint8(geom.to_cache(arr))
-        x = torch.from_numpy(model_input(img, lm.cfg.norm)[None]).to(lm.device)
+        x = torch.from_numpy(model_input(img, lm.spec.norm)[None]).to(lm.device)
         with torch.inference_mode():
-            probs = torch.sigmoid(inferer(x, lm.model))[0].cpu().numpy()
-        r = postprocess(Item(uid, img, geom, spacing.get(uid, (None, None))), probs, lm.cfg.structures)
+            probs = torch.sigmoid(inferer(x, lm.module))[0].cpu().numpy()
+        r = postprocess(Item(uid, img, geom, spacing.get(uid, (None, None))), probs, lm.spec.structures)
         with engine.begin() as c:
             c.execute(D.measurements.insert().values(uid=uid, model="typical", labelled_at=D.utcnow(),
                                                      **r.measurements))
-    return len(items) / (time.perf_counter() - t)
+    return len(items.items) / (time.perf_counter() - t)
 
 
 def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
@@ -106,7 +107,7 @@ def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
     base_reduced = typical_script(engine1, items1, lm, reduced_decode=True)
     engine2, items2 = catalogue(tmp, archive, "cold_ours.db")
     t = time.perf_counter()
-    s = label(engine2, items2, model, device, batch, "bench", str(tmp / "cold_cache"), progress=False)
+    s = label(engine2, items2, model, device, batch, str(tmp / "cold_cache"), progress=False)
     ours = s.labelled / (time.perf_counter() - t)
     print(f"cold cache, {s.labelled} DICOM files, {lm.device}: typical script {base:.1f} img/s, "
           f"cxrlabel label {ours:.1f} img/s, ratio {ours / base:.2f} (goal >= 3)")
@@ -117,9 +118,8 @@ def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
 def rss_child(db: str, n: int, model: str, device: str, cache: str) -> None:
     engine = D.connect(db)
     with engine.connect() as c:
-        items = [tuple(r) for r in c.execute(D.images.select().with_only_columns(
-            D.images.c.uid, D.images.c.path).order_by(D.images.c.uid).limit(n))]
-    label(engine, items, model, device, None, "rss", cache, progress=False)
+        chosen = select_images(c, all_images=True, limit=n)
+    label(engine, chosen, model, device, None, cache, progress=False)
     print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -131,7 +131,7 @@ def rss(tmp: Path, archive: Path, sizes: list[int], model: str, device: str) -> 
         e = D.connect(db)
         with e.begin() as c:
             c.execute(D.images.insert(), [{"uid": f"r{i:07d}", "source": "bench",
-                                           "path": items[i % len(items)][1], "loaded_at": D.utcnow()}
+                                           "path": items.items[i % len(items.items)].path, "loaded_at": D.utcnow()}
                                           for i in range(n)])
         out = subprocess.run([sys.executable, __file__, "--rss-child", db, str(n), "--model", model,
                               "--device", device, "--cache", str(tmp / f"rss_cache_{n}")],

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import db as D
 from pipeline.imaging import Geometry
 from pipeline.masks import load_masks
-from pipeline.train import hard_dice
+from pipeline.metrics import dice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             geom = Geometry.fit(*dims[uid], size, "pad")
             for s, m in masks.items():
                 back = geom.to_original(geom.to_cache(m.astype(np.float32))) > 0.5
-                scores.setdefault(s, []).append(hard_dice(back, m))
+                scores.setdefault(s, []).append(dice(back, m))
         print(f"size {size}: Dice ceiling " + ", ".join(
             f"{s} {np.mean(v):.4f} (min {np.min(v):.4f})" for s, v in sorted(scores.items())))
     return 0

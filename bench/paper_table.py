@@ -12,13 +12,13 @@ The database needs the manual masks (`cxrlabel masks import generalblockchain ..
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 from pipeline import db as D
-from pipeline.train import TrainConfig, load_dataset, summarise_folds, train
+from pipeline.train import TrainConfig, cross_validate
 
 ROWS = ["unet5", "unet5_res", "unet7", "unet7_res", "unet7_res_roi96", "unet7_res_roi384",
         "unet7_res_roi448", "simple_aspp", "segresnet", "segresnetvae", "dynunet", "vnet", "regunet"]
@@ -40,14 +40,10 @@ def run_row(engine, preset: str, args, out: Path) -> dict:
             net_args = TrainConfig.from_preset(SMALL_CROP_FALLBACK).args
             note = (f" (on {SMALL_CROP_FALLBACK}'s 5 levels: a {roi} px crop cannot pass the "
                     f"{levels}-level network's {levels - 1} halvings)")
-        cfg = TrainConfig(**{**cfg.as_dict(), "roi": roi, "args": net_args})
-    data = load_dataset(engine, cfg, args.cache, progress=False)
-    t = time.time()
-    results = [train(engine, TrainConfig(**{**cfg.as_dict(), "fold": k}), out / preset / f"fold{k}",
-                     args.cache, args.device, dataset=data, progress=False) for k in range(args.folds)]
-    summary = summarise_folds(results)
-    return {"preset": preset, "network": cfg.network + note, "roi": cfg.roi, "seconds": time.time() - t,
-            "dice": summary}
+        cfg = dataclasses.replace(cfg, roi=roi, args=net_args)
+    cv = cross_validate(engine, cfg, out / preset, args.cache, args.device, progress=False)
+    return {"preset": preset, "network": cfg.network + note, "roi": cfg.roi, "seconds": cv.seconds,
+            "dice": cv.summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {preset} | {r['network']} | {crop} | {cell['heart']} | {cell['left_lung']} | "
                      f"{cell['right_lung']} | {r['seconds'] / 60:.1f} |")
         print(lines[-1], flush=True)
-        (args.runs / preset / "summary.json").write_text(json.dumps(r, indent=2, default=float))
+        (args.runs / preset / "paper_row.json").write_text(json.dumps(r, indent=2, default=float))
     header = (f"Size {args.size}px, {args.epochs} epochs, batch {args.batch}, seed 0, "
               f"{args.folds}-fold CV on the 100 GeneralBlockchain images.\n\n")
     args.out.write_text(header + "\n".join(lines) + "\n")

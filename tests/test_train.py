@@ -68,7 +68,7 @@ def test_unknown_norm_is_refused_with_the_choices():
 
 def test_folds_partition_the_data_as_before():
     uids = [f"u{i:03d}" for i in range(100)]
-    splits = make_splits(uids, TrainConfig.from_preset("tiny", folds=5))
+    splits = make_splits(uids, folds=5, seed=0)
     assert sorted(sum(splits.val, [])) == uids and all(len(v) == 20 for v in splits.val)
     # the same folds as the index split used before splits were stored (seed 0)
     import random

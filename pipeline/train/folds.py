@@ -41,18 +41,18 @@ class Splits:
             cfg.folds > 1 or self.val_frac == cfg.val_frac)
 
 
-def make_splits(uids: list[str], cfg: TrainConfig) -> Splits:
-    """The first split of ``uids`` for ``cfg`` (folds, val_frac, seed)."""
+def make_splits(uids: list[str], folds: int = 1, val_frac: float = 0.2, seed: int = 0) -> Splits:
+    """The first split of ``uids``: ``folds`` folds, or one held-out share ``val_frac``."""
     uids = sorted(uids)
     order = list(range(len(uids)))
-    random.Random(cfg.seed).shuffle(order)
-    if cfg.folds > 1:
-        val = [sorted(uids[i] for i in order[k::cfg.folds]) for k in range(cfg.folds)]
-    elif cfg.val_frac > 0:
-        val = [sorted(uids[i] for i in order[: max(1, round(len(uids) * cfg.val_frac))])]
+    random.Random(seed).shuffle(order)
+    if folds > 1:
+        val = [sorted(uids[i] for i in order[k::folds]) for k in range(folds)]
+    elif val_frac > 0:
+        val = [sorted(uids[i] for i in order[: max(1, round(len(uids) * val_frac))])]
     else:
         val = [[]]
-    return Splits(cfg.folds, cfg.val_frac, cfg.seed, uids, val)
+    return Splits(folds, val_frac, seed, uids, val)
 
 
 def update_splits(splits: Splits, uids: list[str]) -> tuple[Splits, list[str], list[str]]:
@@ -75,7 +75,7 @@ def splits_for(run_dir: Path, uids: list[str], cfg: TrainConfig) -> Splits:
     first use). A folder split another way (folds, seed, val_frac) is refused."""
     path = Path(run_dir) / SPLITS_FILE
     if not path.exists():
-        splits = make_splits(uids, cfg)
+        splits = make_splits(uids, cfg.folds, cfg.val_frac, cfg.seed)
     else:
         try:
             splits = Splits(**json.loads(path.read_text()))
@@ -90,8 +90,12 @@ def splits_for(run_dir: Path, uids: list[str], cfg: TrainConfig) -> Splits:
                         len(left))
         if not joined and not left:
             return splits
+    write_splits(path, splits)
+    return splits
+
+
+def write_splits(path: Path, splits: Splits) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(splits), indent=1))
     tmp.replace(path)
-    return splits
