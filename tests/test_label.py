@@ -225,3 +225,10 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     assert files.histogram.exists()
     files = report(annotated_engine, tmp_path / "rep", s.model, sample="s", tiles=2)
     assert files.images == 2
+
+
+def test_labelling_never_imports_training_code():
+    code = ("import sys, pipeline.label, pipeline.evaluate, pipeline.report, pipeline.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.train')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,6 +21,7 @@ import torch
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
+from pipeline.db import chunks
 from pipeline.metrics import dice
 from pipeline.model import build_network, logits_of, pick_device, predict, save_checkpoint
 from pipeline.train.average import WeightAverage
@@ -54,8 +55,7 @@ def validate(model: torch.nn.Module, ds: Dataset, idx: list[int], cfg: TrainConf
              device: torch.device) -> dict[str, float]:
     """Mean Dice per structure at cache resolution over annotated validation images."""
     scores: dict[str, list[float]] = {s: [] for s in cfg.structures}
-    for start in range(0, len(idx), 16):
-        chunk = idx[start:start + 16]
+    for chunk in chunks(idx, 16):
         x, y, valid = make_batch(ds, chunk, None, cfg.norm)
         prob = predict(model, x.to(device), cfg.roi).cpu().numpy()
         for k in range(len(chunk)):
