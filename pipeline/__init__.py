@@ -13,14 +13,22 @@ class CxrlabelError(Exception):
 
 
 def process_pool(workers: int | None = None):
-    """A ``ProcessPoolExecutor`` whose workers exit when this process dies.
+    """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
+    work is cancelled when its ``with`` block ends in an error.
 
     Python's pool workers otherwise wait forever on their task queue after the parent is
-    killed (``kill -9``, OOM killer), holding memory and the parent's open files.
+    killed (``kill -9``, OOM killer), holding memory and the parent's open files; and a
+    pool left by an exception would first run every job still queued (a whole archive).
     """
     import os
     from concurrent.futures import ProcessPoolExecutor
-    return ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+    class Pool(ProcessPoolExecutor):
+        def __exit__(self, exc_type, exc, tb):
+            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+            return False
+
+    return Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
 def _exit_with_parent(parent: int) -> None:

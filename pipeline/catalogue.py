@@ -175,10 +175,12 @@ def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
         rows.append(row)
     with engine.begin() as conn:
         D.upsert(conn, D.images, rows, ["uid"])
-        if problems:
-            conn.execute(D.load_errors.insert(), [
-                {"source_file": summary.source_file, "line": p.line, "uid": p.uid,
-                 "reason": p.reason, "created_at": now} for p in problems])
+        # one row per problem and source line: a reload renews it rather than repeating it
+        logged = {(p.line or 0, p.uid or ""): p.reason for p in problems}
+        D.upsert(conn, D.load_errors, [
+            {"source_file": summary.source_file, "line": line, "uid": uid, "reason": reason,
+             "created_at": now, "last_seen_at": now} for (line, uid), reason in logged.items()],
+            ["source_file", "line", "uid"], update=["reason", "last_seen_at"])
     summary.loaded += len(rows)
     for p in problems:
         summary.add_problem(p.reason)
@@ -561,8 +563,9 @@ def list_errors(engine: Engine, limit: int = 50) -> list[dict]:
     """Malformed rows recorded by loads (``load_errors``), newest first."""
     t = D.load_errors
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(
-            select(t.c.source_file, t.c.line, t.c.uid, t.c.reason).order_by(t.c.id.desc()).limit(limit))]
+        rows = conn.execute(select(t.c.source_file, t.c.line, t.c.uid, t.c.reason, t.c.last_seen_at)
+                            .order_by(t.c.id.desc()).limit(limit))
+        return [{**r._mapping, "line": r.line or None, "uid": r.uid or None} for r in rows]
 
 
 CATALOGUE_VIEW = table("catalogue", *(column(c) for c in (

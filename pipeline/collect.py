@@ -16,6 +16,7 @@ Nothing else writes ``cache`` rows or entry files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,9 @@ from pipeline.imaging import DecodeError, Geometry, preprocess
 
 log = logging.getLogger(__name__)
 
+# errors of the cache folder itself (full, read-only, forbidden): every entry would fail the
+# same way, so the run stops at the first one instead of recording one failure per image
+CACHE_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 PREPROCESS_VERSION = 1  # bump when decoding or resampling changes what lands in the cache
 DEFAULT_CACHE = Path("data/cache")
 
@@ -99,7 +103,8 @@ def entry_path(root: Path, settings: Settings, uid: str) -> Path:
 
 def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_image: bool = False) -> dict:
     """Decode ``source`` and write its cache entry to ``out``: the cache row (with the
-    ``image`` itself when ``keep_image``), or ``{"uid", "error", "message"}``.
+    ``image`` itself when ``keep_image``), or ``{"uid", "error", "message"}`` (plus
+    ``"fatal": True`` when the cache folder itself cannot be written).
 
     Pure function of its arguments: runs in a worker process (or a distributed worker).
     """
@@ -110,18 +115,26 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
         ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:  # pragma: no cover
             raise DecodeError(f"{uid}: PNG encoding failed")
-        data = buf.tobytes()
+    except Exception as e:  # a bad file is recorded, never stops the run
+        return {"uid": uid, "error": type(e).__name__, "message": str(e)}
+    data = buf.tobytes()
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{out}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, out)
-        row = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest(), **geom.as_row()}
-        if keep_image:
-            row["image"] = img
-        return row
-    except Exception as e:  # a bad file is recorded, never stops the run
-        return {"uid": uid, "error": type(e).__name__, "message": str(e)}
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fatal = e.errno in CACHE_FOLDER_ERRORS
+        return {"uid": uid, "error": "CacheWriteError", "fatal": fatal,
+                "message": f"cannot write the cache entry {out}: {e.strerror or e}"}
+    row = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+           **geom.as_row()}
+    if keep_image:
+        row["image"] = img
+    return row
 
 
 def _job(args: tuple) -> dict:
@@ -148,19 +161,25 @@ def _decode_many(items: Sequence[tuple[str, str | None]], settings: Settings, ro
 
 
 def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_stage: str | None) -> None:
-    """Cache rows of new entries (and failures under ``failure_stage``): one transaction."""
+    """Cache rows of new entries (and failures under ``failure_stage``): one transaction.
+    Raises :class:`CacheError` after storing them when the cache folder cannot be written."""
     now = D.utcnow()
+    fatal = next((r for r in results if r.get("fatal")), None)
+    results = [r for r in results if not r.get("fatal")]
     keys = [c.name for c in D.cache.columns if c.name not in ("settings_id", "created_at")]
     rows = [{**{k: r[k] for k in keys}, "settings_id": settings.id, "created_at": now}
             for r in results if "error" not in r]
     failed = [r for r in results if "error" in r] if failure_stage else []
-    if not rows and not failed:
-        return
-    with engine.begin() as conn:
-        D.upsert(conn, D.cache, rows, ["uid", "settings_id"])
-        for r in failed:
-            log.warning("%s %s: %s", failure_stage, r["uid"], r["message"])
-            D.record_failure(conn, failure_stage, r["uid"], r["message"], r["error"])
+    if rows or failed:
+        with engine.begin() as conn:
+            D.upsert(conn, D.cache, rows, ["uid", "settings_id"])
+            D.clear_failures(conn, "collect", [r["uid"] for r in rows])
+            for r in failed:
+                log.warning("%s %s: %s", failure_stage, r["uid"], r["message"])
+                D.record_failure(conn, failure_stage, r["uid"], r["message"], r["error"])
+    if fatal:
+        raise CacheError(f"{fatal['message']}: free space or fix the permissions of that folder, "
+                         "or choose another with --cache / CXRLABEL_CACHE; the run stopped there")
 
 
 # ---------------------------------------------------------------- a selection, a batch

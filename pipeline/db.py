@@ -9,8 +9,10 @@ guarded by the dialect name.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,10 +33,13 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    make_url,
     select,
     text,
 )
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -44,7 +49,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -62,6 +67,7 @@ schema_version = Table(
     metadata,
     Column("version", Integer, primary_key=True),
     Column("applied_at", DateTime, nullable=False),
+    Column("views_sha256", String(64)),  # sql/views.sql as last applied
 )
 
 images = Table(
@@ -97,10 +103,12 @@ load_errors = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("source_file", Text, nullable=False),
-    Column("line", Integer),
-    Column("uid", String(200)),
+    Column("line", Integer),  # 0: the problem has no line (a DICOM file, a whole source)
+    Column("uid", String(200)),  # '': no uid
     Column("reason", Text, nullable=False),
-    Column("created_at", DateTime, nullable=False),
+    Column("created_at", DateTime, nullable=False),  # first seen
+    Column("last_seen_at", DateTime),
+    Index("uq_load_errors_item", "source_file", "line", "uid", unique=True),
 )
 
 groups = Table(
@@ -138,6 +146,7 @@ cache = Table(
     Column("scale_x", Float, nullable=False),
     Column("scale_y", Float, nullable=False),
     Column("checksum", String(64), nullable=False),
+    Column("bytes", Integer),  # the entry file's size: a cheap check that it is whole
     Column("created_at", DateTime, nullable=False),
 )
 
@@ -149,8 +158,9 @@ failures = Table(
     Column("uid", String(200)),
     Column("error_class", String(60), nullable=False),
     Column("message", Text, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Index("ix_failures_stage_uid", "stage", "uid"),
+    Column("created_at", DateTime, nullable=False),  # first seen
+    Column("last_seen_at", DateTime),
+    Index("ix_failures_stage_uid", "stage", "uid", unique=True),  # one row per problem
 )
 
 models = Table(
@@ -178,6 +188,7 @@ label_runs = Table(
     Column("selection", Text, nullable=False),
     Column("device", String(20)),
     Column("host", String(100)),
+    Column("pid", Integer),  # with host: whether a 'running' run's process is still alive
     Column("started_at", DateTime, nullable=False),
     Column("ended_at", DateTime),
     Column("n_selected", Integer),
@@ -218,6 +229,7 @@ measurements = Table(
     Column("heart_width_mm", Float),
     Column("thoracic_width_mm", Float),
     Column("ctr", Float),
+    Column("ctr_missing", String(40)),  # why ctr is NULL: the structures not found, e.g. 'left_lung'
     Column("heart_x0", Integer),
     Column("heart_y0", Integer),
     Column("heart_x1", Integer),
@@ -231,9 +243,31 @@ measurements = Table(
     Index("ix_measurements_model_quality", "model", "quality"),
 )
 
-# Upgrades from older schema versions: version -> statements run before recording it.
-# New tables need no entry (create_all adds them); changed columns do.
-MIGRATIONS: dict[int, list[str]] = {}
+# Upgrades from older schema versions: version -> statements (portable SQL) that bring a
+# database of the version before to this one. New tables need no entry (create_all adds
+# them); new columns and indexes on existing tables do. A new database skips them.
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE schema_version ADD COLUMN views_sha256 VARCHAR(64)",
+        "ALTER TABLE label_runs ADD COLUMN pid INTEGER",
+        "ALTER TABLE cache ADD COLUMN bytes INTEGER",
+        "ALTER TABLE measurements ADD COLUMN ctr_missing VARCHAR(40)",
+        # one row per problem: repeats of earlier runs merged into the first
+        "ALTER TABLE failures ADD COLUMN last_seen_at TIMESTAMP",
+        "UPDATE failures SET last_seen_at = (SELECT MAX(f.created_at) FROM failures f "
+        "WHERE f.stage = failures.stage AND f.uid = failures.uid)",
+        "DELETE FROM failures WHERE id NOT IN (SELECT MIN(id) FROM failures GROUP BY stage, uid)",
+        "DROP INDEX ix_failures_stage_uid",
+        "CREATE UNIQUE INDEX ix_failures_stage_uid ON failures (stage, uid)",
+        "ALTER TABLE load_errors ADD COLUMN last_seen_at TIMESTAMP",
+        "UPDATE load_errors SET line = 0 WHERE line IS NULL",
+        "UPDATE load_errors SET uid = '' WHERE uid IS NULL",
+        "UPDATE load_errors SET last_seen_at = created_at",
+        "DELETE FROM load_errors WHERE id NOT IN "
+        "(SELECT MIN(id) FROM load_errors GROUP BY source_file, line, uid)",
+        "CREATE UNIQUE INDEX uq_load_errors_item ON load_errors (source_file, line, uid)",
+    ],
+}
 
 
 class DatabaseError(CxrlabelError):
@@ -245,31 +279,71 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get("CXRLABEL_DB") or DEFAULT_URL
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling would begin late and never BEGIN IMMEDIATE: the
+    # "begin" listener below emits BEGIN itself (SQLAlchemy's documented recipe)
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")  # a write when the file is in another mode
+    except sqlite3.OperationalError as e:  # a read-only database keeps its mode
+        log.debug("journal_mode left as it is: %s", e)
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write_lock") else "BEGIN")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (``sqlite:///x.db``, ``sqlite:///~/x.db``, or a
+    ``file:`` URI with ``uri=true``); None for other databases and in-memory ones."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    name = u.database
+    if u.query.get("uri") == "true" and name.startswith("file:"):
+        name = name.removeprefix("file:").split("?")[0]
+        if not name or name == ":memory:" or u.query.get("mode") == "memory":
+            return None
+    return Path(name).expanduser()
+
+
 def make_engine(url: str | None = None) -> Engine:
-    """Engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout, and its folder."""
+    """Engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout, explicit
+    transactions, ``~`` expanded and its folder created (unless opened read-only)."""
     url = resolve_url(url)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        u = make_url(url)
+        if u.database and u.database.startswith("~"):
+            url = u.set(database=str(path)).render_as_string(hide_password=False)
+        if u.query.get("mode") != "ro" and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def current_version(conn: Connection) -> int:
+def stored_state(conn: Connection) -> tuple[int, str | None]:
+    """``(schema version, sha256 of the views applied)`` of a database; ``(0, None)`` when new."""
     if not conn.dialect.has_table(conn, "schema_version"):
-        return 0
-    v = conn.execute(select(schema_version.c.version).order_by(schema_version.c.version.desc()))
-    return v.scalar() or 0
+        return 0, None
+    cols = {c["name"] for c in sa_inspect(conn).get_columns("schema_version")}
+    q = select(schema_version.c.version, *([schema_version.c.views_sha256] if "views_sha256" in cols else []))
+    row = conn.execute(q.order_by(schema_version.c.version.desc()).limit(1)).first()
+    if row is None:
+        return 0, None
+    return row[0], (row[1] if len(row) > 1 else None)
+
+
+def current_version(conn: Connection) -> int:
+    return stored_state(conn)[0]
 
 
 def view_statements() -> list[str]:
@@ -291,30 +365,65 @@ def _view_names(statements: Iterable[str]) -> list[str]:
     return names
 
 
-def init_db(engine: Engine) -> int:
-    """Create or upgrade the schema and (re)create the views; returns the schema version.
+def views_sha256() -> str:
+    return hashlib.sha256(resource("sql", "views.sql").read_bytes()).hexdigest()
 
-    Safe on an existing database: tables are only added, data is kept, and migrations for
-    versions between the stored one and ``SCHEMA_VERSION`` run in one transaction.
+
+def init_db(engine: Engine) -> int:
+    """Create or upgrade the schema and views when the database is older than this code
+    (or new); returns the schema version.
+
+    A database that is up to date is only read, so any number of commands can start at once
+    and read-only databases can be queried. Otherwise the upgrade runs in one transaction
+    under a lock (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock) and checks again
+    inside it: a concurrent start-up finds the work done. Tables are only added and data kept.
     """
-    with engine.begin() as conn:
-        found = current_version(conn)
-        if found > SCHEMA_VERSION:
+    views = views_sha256()
+    with engine.connect() as conn:
+        found, applied = stored_state(conn)
+    _check_not_newer(found)
+    if (found, applied) == (SCHEMA_VERSION, views):
+        return SCHEMA_VERSION
+    try:
+        with engine.connect().execution_options(write_lock=True) as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK})
+            found, applied = stored_state(conn)
+            _check_not_newer(found)
+            if (found, applied) != (SCHEMA_VERSION, views):
+                _upgrade(conn, found, views)
+    except OperationalError as e:
+        if "readonly" in str(e).lower() or "read-only" in str(e).lower():
             raise DatabaseError(
-                f"database schema version {found} is newer than this cxrlabel's "
-                f"({SCHEMA_VERSION}): upgrade cxrlabel"
-            )
-        statements = view_statements()
-        for name in _view_names(statements):
-            conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
-        metadata.create_all(conn)
-        for version in range(found + 1, SCHEMA_VERSION + 1):
+                f"the database is read-only and needs {'its schema created' if not found else 'an upgrade'} "
+                f"(version {found} -> {SCHEMA_VERSION}): run `cxrlabel db init` once on a writable copy") from e
+        raise
+    return SCHEMA_VERSION
+
+
+_INIT_LOCK = 0x637872  # the advisory lock key of schema upgrades ("cxr")
+
+
+def _check_not_newer(found: int) -> None:
+    if found > SCHEMA_VERSION:
+        raise DatabaseError(f"database schema version {found} is newer than this cxrlabel's "
+                            f"({SCHEMA_VERSION}): upgrade cxrlabel")
+
+
+def _upgrade(conn: Connection, found: int, views: str) -> None:
+    statements = view_statements()
+    for name in _view_names(statements):
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+    metadata.create_all(conn)
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        if found:  # a new database is created at the current version
             for stmt in MIGRATIONS.get(version, []):
                 conn.execute(text(stmt))
-            conn.execute(schema_version.insert().values(version=version, applied_at=utcnow()))
-        for stmt in statements:
-            conn.execute(text(stmt))
-    return SCHEMA_VERSION
+        conn.execute(schema_version.insert().values(version=version, applied_at=utcnow()))
+    for stmt in statements:
+        conn.execute(text(stmt))
+    conn.execute(schema_version.update().where(schema_version.c.version == SCHEMA_VERSION)
+                 .values(views_sha256=views))
 
 
 def connect(url: str | None = None) -> Engine:
@@ -395,9 +504,17 @@ def rows_in(conn: Connection, query: Select, column: ColumnElement, values: Sequ
 
 def record_failure(conn: Connection, stage: str, uid: str | None, error: BaseException | str,
                    error_class: str | None = None) -> None:
-    """One row in ``failures``: the place every stage reports an image it could not process."""
-    conn.execute(failures.insert().values(
-        stage=stage, uid=uid,
-        error_class=error_class or (type(error).__name__ if isinstance(error, BaseException) else "Error"),
-        message=str(error)[:2000], created_at=utcnow(),
-    ))
+    """The row in ``failures`` for an image a stage could not process: one per stage and uid,
+    its message and ``last_seen_at`` renewed when the problem repeats."""
+    now = utcnow()
+    upsert(conn, failures, [{
+        "stage": stage, "uid": uid,
+        "error_class": error_class or (type(error).__name__ if isinstance(error, BaseException) else "Error"),
+        "message": str(error)[:2000], "created_at": now, "last_seen_at": now,
+    }], ["stage", "uid"], update=["error_class", "message", "last_seen_at"])
+
+
+def clear_failures(conn: Connection, stage: str, uids: Sequence[str]) -> None:
+    """Forget the failures of ``uids`` at ``stage``: they have now been processed."""
+    for part in chunks(list(uids)):
+        conn.execute(failures.delete().where(failures.c.stage == stage, failures.c.uid.in_(part)))

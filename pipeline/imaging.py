@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # stripped from a file's name to make its uid
 MODES = ("pad", "stretch")  # cache geometry: keep the aspect ratio and pad, or rescale each axis
+# What a chest radiograph can be: smaller, more elongated or larger images are refused
+# before their pixels are decoded (a 164 KB PNG can claim 13000 x 13000 pixels: 1.6 GB).
+MIN_SIDE = 64
+MAX_ASPECT = 4.0  # longer side / shorter side; chest films are 0.7-1.4
+MAX_PIXELS = 50_000_000  # the decompression budget per image (the largest detectors: ~4300 x 4300)
+MIN_SPREAD = 0.02  # 1st to 99th percentile of intensity in [0, 1]: below it the image is blank
 # Non-chest projection modalities we still refuse: an MR or CT slice is not an X-ray.
 NOT_XRAY_MODALITIES = {"CT", "MR", "PT", "NM", "US", "SR", "SEG", "RTSTRUCT", "ECG", "PR"}
 
@@ -172,6 +178,26 @@ def _to_unit(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
 
 
+def check_dimensions(path: Path | str, height: int, width: int, frames: int = 1) -> None:
+    """Refuse, from the header alone, what cannot be a chest radiograph or would exceed
+    the decompression budget (:data:`MIN_SIDE`, :data:`MAX_ASPECT`, :data:`MAX_PIXELS`)."""
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise NotAnXray(f"{path}: {width} x {height} pixels, smaller than {MIN_SIDE} on a side")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise NotAnXray(f"{path}: {width} x {height} pixels, more elongated than {MAX_ASPECT:g}:1")
+    if height * width * max(frames, 1) > MAX_PIXELS:
+        raise DecodeError(f"{path}: claims {width} x {height} pixels{f' x {frames} frames' if frames > 1 else ''}, "
+                          f"more than the decoding budget of {MAX_PIXELS / 1e6:.0f} megapixels")
+
+
+def check_content(path: Path | str, unit: np.ndarray) -> None:
+    """Refuse a blank image: (nearly) one intensity everywhere, in ``[0, 1]`` units."""
+    sample = unit[:: max(1, unit.shape[0] // 256), :: max(1, unit.shape[1] // 256)]
+    lo, hi = np.percentile(sample, (1, 99))
+    if not hi - lo >= MIN_SPREAD:  # also catches NaN
+        raise NotAnXray(f"{path}: blank image (nearly constant pixel values)")
+
+
 def is_dicom(path: Path) -> bool:
     """True when ``path`` has the DICOM preamble (``DICM`` at byte 128)."""
     try:
@@ -284,6 +310,11 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
         raise NotAnXray(f"{path}: modality {modality} is not a projection radiograph")
     if "PixelData" not in ds:
         raise NotAnXray(f"{path}: no pixel data")
+    try:
+        rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DecodeError(f"{path}: no usable Rows/Columns in the header ({e})") from e
+    check_dimensions(path, rows, cols, frames)
     reduced = None
     if target:
         try:
@@ -376,11 +407,14 @@ def decode_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tu
     try:
         img = Image.open(path)
         orig_w, orig_h = img.size
+        check_dimensions(path, orig_h, orig_w, getattr(img, "n_frames", 1))
         if target and img.format == "JPEG" and min(orig_w, orig_h) > 2 * target:
             img.draft("L", (target, target))
         img.load()
     except FileNotFoundError as e:
         raise DecodeError(f"{path}: file not found") from e
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"{path}: claims more pixels than the decoding budget ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DecodeError(f"{path}: not a readable image ({e})") from e
     mode = img.mode
@@ -393,6 +427,8 @@ def decode_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tu
         arr = np.asarray(img, dtype=np.float32) / 255.0
     else:
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+                raise NotAnXray(f"{path}: fully transparent image")
             img = _flatten_alpha(img)
         grey = img.convert("L")
         arr = np.asarray(grey, dtype=np.float32) / 255.0
@@ -419,8 +455,10 @@ def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tup
         raise DecodeError(f"{path}: file not found")
     if is_dicom(path):
         arr, facts = decode_dicom(path, target)
+        check_content(path, arr)
         return arr, facts["shape"], facts
     arr, orig = decode_raster(path, target)
+    check_content(path, arr)
     return arr, orig, {}
 
 

@@ -112,6 +112,7 @@ def write_batch(engine: Engine, results: Sequence[Result], model: str, run_id: i
     with engine.begin() as conn:
         D.upsert(conn, D.masks, mask_rows, M.MASK_KEYS)
         D.upsert(conn, D.measurements, meas_rows, ["uid", "model"])
+        D.clear_failures(conn, "label", [r["uid"] for r in meas_rows])
         for r in failed:
             D.record_failure(conn, "label", r.uid, r.error or "", "LabelError")
         runs = D.label_runs

@@ -1,4 +1,4 @@
--- cxrlabel schema, version 1. Generated from pipeline/db.py by
+-- cxrlabel schema, version 2. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -8,10 +8,11 @@ CREATE TABLE failures (
 	error_class VARCHAR(60) NOT NULL, 
 	message TEXT NOT NULL, 
 	created_at DATETIME NOT NULL, 
+	last_seen_at DATETIME, 
 	PRIMARY KEY (id)
 );
 
-CREATE INDEX ix_failures_stage_uid ON failures (stage, uid);
+CREATE UNIQUE INDEX ix_failures_stage_uid ON failures (stage, uid);
 
 CREATE TABLE images (
 	uid VARCHAR(200) NOT NULL, 
@@ -47,6 +48,7 @@ CREATE TABLE label_runs (
 	selection TEXT NOT NULL, 
 	device VARCHAR(20), 
 	host VARCHAR(100), 
+	pid INTEGER, 
 	started_at DATETIME NOT NULL, 
 	ended_at DATETIME, 
 	n_selected INTEGER, 
@@ -64,8 +66,11 @@ CREATE TABLE load_errors (
 	uid VARCHAR(200), 
 	reason TEXT NOT NULL, 
 	created_at DATETIME NOT NULL, 
+	last_seen_at DATETIME, 
 	PRIMARY KEY (id)
 );
+
+CREATE UNIQUE INDEX uq_load_errors_item ON load_errors (source_file, line, uid);
 
 CREATE TABLE models (
 	name VARCHAR(100) NOT NULL, 
@@ -85,6 +90,7 @@ CREATE TABLE models (
 CREATE TABLE schema_version (
 	version INTEGER NOT NULL, 
 	applied_at DATETIME NOT NULL, 
+	views_sha256 VARCHAR(64), 
 	PRIMARY KEY (version)
 );
 
@@ -101,6 +107,7 @@ CREATE TABLE cache (
 	scale_x FLOAT NOT NULL, 
 	scale_y FLOAT NOT NULL, 
 	checksum VARCHAR(64) NOT NULL, 
+	bytes INTEGER, 
 	created_at DATETIME NOT NULL, 
 	PRIMARY KEY (uid, settings_id), 
 	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE
@@ -147,6 +154,7 @@ CREATE TABLE measurements (
 	heart_width_mm FLOAT, 
 	thoracic_width_mm FLOAT, 
 	ctr FLOAT, 
+	ctr_missing VARCHAR(40), 
 	heart_x0 INTEGER, 
 	heart_y0 INTEGER, 
 	heart_x1 INTEGER, 

@@ -1,3 +1,4 @@
+import pytest
 from sqlalchemy import inspect, text
 
 from pipeline import db as D
@@ -61,3 +62,91 @@ def test_url_from_environment(monkeypatch):
     assert D.resolve_url("sqlite:///y.db") == "sqlite:///y.db"
     monkeypatch.delenv("CXRLABEL_DB")
     assert D.resolve_url() == D.DEFAULT_URL
+
+
+def test_version_1_database_upgrades_and_merges_repeated_logs(tmp_path):
+    import sqlite3
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path)
+    con.executescript((REPO / "tests" / "fixtures" / "schema_v1.sql").read_text())
+    con.executescript("""
+        INSERT INTO schema_version VALUES (1, '2026-11-01 00:00:00');
+        INSERT INTO failures (stage, uid, error_class, message, created_at) VALUES
+            ('collect', 'a', 'DecodeError', 'bad', '2026-11-01 00:00:00'),
+            ('collect', 'a', 'DecodeError', 'bad', '2026-11-02 00:00:00'),
+            ('label', 'a', 'LabelError', 'x', '2026-11-02 00:00:00');
+        INSERT INTO load_errors (source_file, line, uid, reason, created_at) VALUES
+            ('f.csv', 3, NULL, 'r', '2026-11-01 00:00:00'), ('f.csv', 3, NULL, 'r', '2026-11-02 00:00:00'),
+            ('d', NULL, 'u', 'r', '2026-11-01 00:00:00');
+    """)
+    con.commit()
+    con.close()
+    eng = D.connect(f"sqlite:///{path}")
+    with eng.connect() as c:
+        assert D.stored_state(c) == (D.SCHEMA_VERSION, D.views_sha256())
+        fails = c.execute(text("SELECT stage, uid, created_at, last_seen_at FROM failures ORDER BY stage")).all()
+        errors = c.execute(text("SELECT source_file, line, uid FROM load_errors ORDER BY id")).all()
+        cols = {col["name"] for col in inspect(c).get_columns("measurements")}
+    assert [(f[0], f[1]) for f in fails] == [("collect", "a"), ("label", "a")]
+    assert str(fails[0][2]).startswith("2026-11-01") and str(fails[0][3]).startswith("2026-11-02")
+    assert errors == [("f.csv", 3, ""), ("d", 0, "u")] and "ctr_missing" in cols
+    with eng.begin() as c:  # the merged log keeps one row per problem from now on
+        D.record_failure(c, "collect", "a", "bad again", "DecodeError")
+        assert c.execute(text("SELECT COUNT(*), MAX(message) FROM failures WHERE stage='collect'")).one() \
+            == (1, "bad again")
+    eng.dispose()
+
+
+def test_start_up_writes_nothing_and_read_only_databases_answer(tmp_path):
+    import os
+    path = tmp_path / "c.db"
+    D.connect(f"sqlite:///{path}").dispose()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    ro = D.connect(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with ro.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM catalogue")).scalar() == 0
+    ro.dispose()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    # a read-only database that would need an upgrade says so, in one line
+    with D.connect(f"sqlite:///{path}").begin() as c:
+        c.execute(text("UPDATE schema_version SET views_sha256 = 'old'"))
+    os.chmod(path, 0o444)
+    try:
+        with pytest.raises(D.DatabaseError, match="read-only and needs an upgrade"):
+            D.connect(f"sqlite:///file:{path}?mode=ro&uri=true")
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_many_commands_may_start_at_once_on_a_new_database(db_url):
+    import threading
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            eng = D.connect(db_url)
+            with eng.connect() as c:
+                c.execute(text("SELECT COUNT(*) FROM catalogue")).scalar()
+            eng.dispose()
+        except BaseException as e:  # noqa: BLE001 - collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    eng = D.connect(db_url)
+    with eng.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM schema_version")).scalar() == D.SCHEMA_VERSION
+    eng.dispose()
+
+
+def test_home_folder_in_a_sqlite_url_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    eng = D.connect("sqlite:///~/sub/x.db")
+    eng.dispose()
+    assert (tmp_path / "sub" / "x.db").exists() and not (tmp_path / "~").exists()
