@@ -8,6 +8,7 @@ that is not the declared format fails in ``check_*`` before anything is written.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import gzip
@@ -17,6 +18,7 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,23 +144,25 @@ def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: i
     batch: dict[str, Record] = {}
     problems: list[Problem] = []
     lines: dict[str, int | None] = {}
-    for item in items:
-        if isinstance(item, Problem):
-            problems.append(item)
-        else:
-            uid = item["uid"]
-            if uid in batch:
-                problems.append(Problem(item.get("_line"), uid, f"duplicate uid: also at line "
-                                        f"{lines[uid]}; this later row wins"))
-            batch[uid] = item
-            lines[uid] = item.get("_line")
-        if len(batch) + len(problems) >= batch_size:
-            _flush(engine, batch, problems, summary)
-            bar.update(len(batch) + len(problems))
-            batch, problems, lines = {}, [], {}
-    bar.update(len(batch) + len(problems))
-    _flush(engine, batch, problems, summary)
-    bar.close()
+    try:
+        for item in items:
+            if isinstance(item, Problem):
+                problems.append(item)
+            else:
+                uid = item["uid"]
+                if uid in batch:
+                    problems.append(Problem(item.get("_line"), uid, f"duplicate uid: also at line "
+                                            f"{lines[uid]}; this later row wins"))
+                batch[uid] = item
+                lines[uid] = item.get("_line")
+            if len(batch) + len(problems) >= batch_size:
+                _flush(engine, batch, problems, summary)
+                bar.update(len(batch) + len(problems))
+                batch, problems, lines = {}, [], {}
+    finally:  # a source that breaks half-way (a truncated file) keeps what was read before
+        bar.update(len(batch) + len(problems))
+        _flush(engine, batch, problems, summary)
+        bar.close()
     return summary
 
 
@@ -210,6 +214,17 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
 
     Wrong column counts and undecodable bytes become problems; quoted newlines are fine.
     """
+    path = Path(path)
+    if path.is_dir():
+        raise CatalogueError(f"{path} is a folder: this format takes one CSV file (a folder of DICOM "
+                             "files loads with `catalogue load dicom`)")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CatalogueError(f"--encoding {encoding!r}: unknown text encoding; e.g. utf-8, cp1251, latin-1") from None
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
+    if len(delimiter) != 1:
+        raise CatalogueError(f"--delimiter {delimiter!r}: one character, e.g. ',' ';' or '\\t' for a tab")
     f = _open_bytes(path)
     bad: set[int] = set()
     lines = _decoded_lines(f, encoding, bad)
@@ -221,9 +236,9 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
     except StopIteration:
         f.close()
         raise CatalogueError(f"{path}: empty file") from None
-    except csv.Error as e:
+    except (csv.Error, EOFError, OSError, zlib.error) as e:
         f.close()
-        raise CatalogueError(f"{path}: not a CSV file ({e})") from e
+        raise CatalogueError(f"{path}: not a readable CSV file ({e or type(e).__name__})") from e
 
     def rows() -> Iterator[tuple[int, dict[str, str] | Problem]]:
         start = reader.line_num + 1
@@ -233,6 +248,11 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
                     values = next(reader)
                 except StopIteration:
                     return
+                except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+                    raise CatalogueError(
+                        f"{path} is truncated or damaged after line {start - 1} ({e or type(e).__name__}): "
+                        "the rows before it are loaded; restore the file and load it again "
+                        "(loaded rows are updated, not duplicated)") from e
                 except csv.Error as e:
                     yield start, Problem(start, None, f"malformed CSV: {e}")
                     start = reader.line_num + 1
@@ -270,18 +290,35 @@ def _rows_to_items(rows: Iterator[tuple[int, dict[str, str] | Problem]],
         if not record.get("uid"):
             yield Problem(line, None, "missing uid")
             continue
+        if bad_uid := _uid_problem(record["uid"]):
+            yield Problem(line, None, bad_uid)
+            continue
         record["_line"] = line
         yield record
+
+
+def _uid_problem(uid: str) -> str | None:
+    """Why ``uid`` cannot identify an image (control characters, too long), or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in uid):
+        return f"uid {uid!r} contains control characters (a NUL byte, a newline...)"
+    if len(uid) > 200:
+        return f"uid of {len(uid)} characters: at most 200"
+    return None
 
 
 def _first_value(row: dict[str, str]) -> str | None:
     return next(iter(row.values()), None) or None
 
 
-def _file_index(root: Path | None) -> Callable[[str], str]:
-    """Resolve a file name under ``root`` (any depth), e.g. NIH's ``images_001/images/``."""
+def _file_index(root: Path | None, relative_to: Path | None = None) -> Callable[[str], str]:
+    """Resolve a file name under ``root`` (any depth), e.g. NIH's ``images_001/images/``.
+
+    Without ``root``, a relative path is taken from ``relative_to`` (a CSV's own folder),
+    never from wherever the command happens to run.
+    """
     if root is None:
-        return lambda name: name
+        base = Path(relative_to).resolve() if relative_to else None
+        return lambda name: str(base / name) if base and not os.path.isabs(name) else name
     root = Path(root)
     if not root.is_dir():
         raise CatalogueError(f"--image-root {root} is not a folder")
@@ -354,7 +391,11 @@ def load_csv(engine: Engine, source: Path, mapping: dict[str, str], image_root: 
     if missing:
         raise CatalogueError(f"{source}: columns {missing} not in the header {header[:12]}; "
                              "check --map, --delimiter and --encoding")
-    resolve = _file_index(image_root)
+    twice = sorted({c for c in mapping.values() if header.count(c) > 1})
+    if twice:
+        raise CatalogueError(f"{source}: the header names column(s) {twice} more than once: rename them "
+                             "so that each --map column is unambiguous")
+    resolve = _file_index(image_root, relative_to=Path(source).parent)
     parsers: dict[str, Callable[[str], object]] = {
         "age": parse_age, "sex": parse_sex, "study_date": parse_date,
         "width": lambda v: parse_int(v, "width"), "height": lambda v: parse_int(v, "height"),

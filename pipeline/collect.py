@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from tqdm import tqdm
 
 from pipeline import CxrlabelError, process_pool
@@ -87,6 +87,7 @@ class CollectSummary:
     cached: int = 0
     skipped: int = 0
     failed: int = 0
+    rebuilt: int = 0  # entries found broken (missing, truncated, or not matching the checksum)
 
 
 def cache_root(root: str | Path | None = None) -> Path:
@@ -187,12 +188,18 @@ def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_
 
 def collect(engine: Engine, items: Sequence[tuple[str, str | None]], settings: Settings = Settings(),
             root: str | Path | None = None, workers: int | None = None,
-            batch_size: int = 256, progress: bool = True) -> CollectSummary:
-    """Cache every ``(uid, source path)`` not cached yet under ``settings``; resumable."""
+            batch_size: int = 256, progress: bool = True, verify: bool = False) -> CollectSummary:
+    """Cache every ``(uid, source path)`` not cached yet under ``settings``; resumable.
+
+    An entry counts as cached when its file exists with the size recorded (and, with
+    ``verify``, its checksum); a broken one is collected again (``summary.rebuilt``).
+    """
     root = cache_root(root)
     summary = CollectSummary(selected=len(items))
     with engine.connect() as conn:
-        done = cached_uids(conn, settings, [u for u, _ in items])
+        recorded = cached_rows(conn, settings, [u for u, _ in items])
+    done = {u for u, row in recorded.items() if _intact(row, verify)}
+    summary.rebuilt = len(recorded) - len(done)
     todo = sorted((u, p) for u, p in items if u not in done)
     summary.skipped = len(items) - len(todo)
     bar = tqdm(total=len(todo), desc="collect", unit="img", disable=not progress)
@@ -242,12 +249,28 @@ def fetch(engine: Engine, items: Sequence[tuple[str, str | None]], settings: Set
 # ---------------------------------------------------------------- reading
 
 
-def cached_uids(conn: Connection, settings: Settings, uids: Sequence[str] | None = None) -> set[str]:
+def cached_rows(conn: Connection, settings: Settings, uids: Sequence[str]) -> dict[str, Row]:
+    """The ``cache`` rows of ``uids`` under ``settings`` (path, size, checksum)."""
     t = D.cache
-    q = select(t.c.uid).where(t.c.settings_id == settings.id)
-    if uids is None:
-        return set(conn.execute(q).scalars())
-    return {row.uid for row in D.rows_in(conn, q, t.c.uid, uids)}
+    q = select(t.c.uid, t.c.path, t.c.bytes, t.c.checksum).where(t.c.settings_id == settings.id)
+    return {row.uid: row for row in D.rows_in(conn, q, t.c.uid, uids)}
+
+
+def _intact(row: Row, verify: bool) -> bool:
+    """Whether an entry's file is whole: it exists with the recorded size (a cheap stat);
+    with ``verify`` its content also matches the checksum."""
+    try:
+        size = os.stat(row.path).st_size
+    except OSError:
+        return False
+    if row.bytes is not None and size != row.bytes:
+        return False
+    if verify:
+        try:
+            read_entry(row.path, row.checksum)
+        except (OSError, CacheError):
+            return False
+    return True
 
 
 def read_cached(conn: Connection, uids: Sequence[str], settings: Settings | None = None) -> dict[str, Entry]:

@@ -31,7 +31,7 @@ class Evaluation:
     model: str
     images: int
     dice: dict[str, dict[str, float]] = field(default_factory=dict)  # structure -> mean/sd/n
-    ctr_error: dict[str, float] = field(default_factory=dict)  # mean, mae, sd, n
+    ctr_error: dict = field(default_factory=dict)  # mean, mae, sd, n, left_out, left_out_reasons
     per_image: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -66,6 +66,7 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
         ev = Evaluation(model, len(uids))
         scores: dict[str, list[float]] = {s: [] for s in STRUCTURES}
         errors: list[float] = []
+        left_out: dict[str, int] = {}
         for chunk in D.chunks(uids, DECODED_AT_ONCE):
             t = load_masks(conn, chunk)
             p = load_masks(conn, chunk, kind="predicted", model=model)
@@ -75,15 +76,20 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                     if s in t[uid] and s in p[uid]:
                         row[s] = dice(p[uid][s], t[uid][s])
                         scores[s].append(row[s])
-                true_ctr = measure(t[uid], spacing.get(uid, (None, None)))["ctr"]
-                pred_ctr = measure(p[uid], spacing.get(uid, (None, None)))["ctr"]
-                if true_ctr is not None and pred_ctr is not None:
-                    row["ctr_true"], row["ctr_pred"] = true_ctr, pred_ctr
-                    errors.append(pred_ctr - true_ctr)
+                true = measure(t[uid], spacing.get(uid, (None, None)))
+                pred = measure(p[uid], spacing.get(uid, (None, None)))
+                if true["ctr"] is not None and pred["ctr"] is not None:
+                    row["ctr_true"], row["ctr_pred"] = true["ctr"], pred["ctr"]
+                    errors.append(pred["ctr"] - true["ctr"])
+                else:  # a CTR needs the heart and both lungs, in the truth and the prediction
+                    row["ctr_missing"] = "; ".join(f"{kind} lacks {m['ctr_missing']}" for kind, m in
+                                                   (("truth", true), ("prediction", pred)) if m["ctr_missing"])
+                    left_out[row["ctr_missing"]] = left_out.get(row["ctr_missing"], 0) + 1
                 ev.per_image.append(row)
     ev.dice = {s: _stats(v) for s, v in scores.items()}
     err = np.asarray(errors)
     ev.ctr_error = {"mean": float(err.mean()) if err.size else math.nan,
                     "mae": float(np.abs(err).mean()) if err.size else math.nan,
-                    "sd": float(err.std(ddof=1)) if err.size > 1 else math.nan, "n": int(err.size)}
+                    "sd": float(err.std(ddof=1)) if err.size > 1 else math.nan, "n": int(err.size),
+                    "left_out": sum(left_out.values()), "left_out_reasons": left_out}
     return ev

@@ -75,12 +75,9 @@ def load_rules(path: str | Path | None = None) -> Rules:
         raise GroupsError(f"rules file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise GroupsError(f"rules file {path} is not valid TOML: {e}") from e
-    if not raw.get("group"):
-        raise GroupsError(f"rules file {path} defines no [[group]] tables")
+    _validate(raw, path)
     groups = []
-    for i, g in enumerate(raw["group"]):
-        if "name" not in g or "match" not in g:
-            raise GroupsError(f"{path}: group #{i + 1} needs `name` and `match`")
+    for g in raw["group"]:
         groups.append(GroupRule(g["name"], list(g.get("labels", [])),
                                 _compile(g["match"], f"{path} {g['name']}.match"),
                                 _compile(g.get("unless", []), f"{path} {g['name']}.unless"),
@@ -91,9 +88,43 @@ def load_rules(path: str | Path | None = None) -> Rules:
         _compile(pats, f"{path} {key}")
         return re.compile("|".join(f"(?:{p})" for p in pats), re.IGNORECASE)
 
-    return Rules(groups, alternation("negation"), alternation("uncertain"),
-                 re.compile(raw.get("sentence_split", r"[.;!?\n]+")), int(raw.get("window", 6)),
+    split = _compile([raw.get("sentence_split", r"[.;!?\n]+")], f"{path} sentence_split")[0]
+    return Rules(groups, alternation("negation"), alternation("uncertain"), split, int(raw.get("window", 6)),
                  str(path))
+
+
+_TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int}
+_GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool}
+_LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless"}
+
+
+def _validate(raw: dict, path: Path) -> None:
+    """Types and known keys of a rules file, with the group and key named in the error."""
+    def check(table: dict, schema: dict, where: str) -> None:
+        for key, value in table.items():
+            if key not in schema:
+                raise GroupsError(f"{path}: {where}unknown key {key!r}; known: {', '.join(schema)}")
+            want = schema[key]
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise GroupsError(f"{path}: {where}{key} must be a {_KIND[want]}, not {value!r}")
+            if key in _LISTS_OF_STRINGS and not all(isinstance(v, str) for v in value):
+                raise GroupsError(f"{path}: {where}{key} must be a list of strings (patterns)")
+
+    check(raw, _TOP_KEYS, "")
+    if not raw.get("group"):
+        raise GroupsError(f"rules file {path} defines no [[group]] tables")
+    if raw.get("window", 1) < 1:
+        raise GroupsError(f"{path}: window must be a positive number of words, not {raw['window']!r}")
+    for i, g in enumerate(raw["group"]):
+        if not isinstance(g, dict):
+            raise GroupsError(f"{path}: group #{i + 1} must be a [[group]] table")
+        where = f"group {g.get('name', f'#{i + 1}')!r}: "
+        check(g, _GROUP_KEYS, where)
+        if "name" not in g or "match" not in g:
+            raise GroupsError(f"{path}: {where}needs `name` and `match`")
+
+
+_KIND = {list: "list", str: "string", int: "whole number", bool: "true or false"}
 
 
 def _cue_before(sentence: str, start: int, end: int, cue: re.Pattern, window: int) -> bool:

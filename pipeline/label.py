@@ -92,6 +92,15 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
     return Result(item.uid, encoded, values)
 
 
+def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
+    """:func:`postprocess`, with any error of this one image returned as its failure."""
+    try:
+        return postprocess(item, probs, structures)
+    except Exception as e:  # one image's odd geometry or mask never stops the batch
+        log.warning("%s: post-processing failed: %s", item.uid, e)
+        return Result(item.uid, error=f"post-processing: {type(e).__name__}: {e}")
+
+
 def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
     """``(B, C, S, S)`` probabilities of one batch (CPU numpy)."""
     return infer(lm, [it.image for it in items])
@@ -154,10 +163,11 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
     done = _done(engine, lm.name, [it.uid for it in items])
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
     bs = batch_size or auto_batch_size(lm)
+    mark_abandoned_runs(engine)
     with engine.begin() as conn:
         run_id = conn.execute(D.label_runs.insert().values(
             model=lm.name, model_sha256=lm.sha256, selection=selection.description,
-            device=str(lm.device), host=socket.gethostname(), started_at=D.utcnow(),
+            device=str(lm.device), host=socket.gethostname(), pid=os.getpid(), started_at=D.utcnow(),
             n_selected=len(items), n_labelled=0, n_skipped=len(done), n_failed=0,
             status="running")).inserted_primary_key[0]
     status = "failed"
@@ -182,7 +192,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
             batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs)
             for n, (items_, errors) in enumerate(batches, start=1):
                 probs = forward(lm, items_) if items_ else None
-                futures = [post.submit(postprocess, it, probs[i], structures) for i, it in enumerate(items_)]
+                futures = [post.submit(postprocess_or_fail, it, probs[i], structures) for i, it in enumerate(items_)]
                 if pending:
                     finish(*pending)
                 pending = (n, futures, errors)
@@ -204,6 +214,31 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == run_id)).one()
     return LabelSummary(run_id, lm.name, len(items), row.n_labelled, len(done), row.n_failed,
                         str(lm.device))
+
+
+def mark_abandoned_runs(engine: Engine) -> list[int]:
+    """Mark ``running`` runs of this host whose process is gone as ``interrupted``."""
+    runs = D.label_runs
+    with engine.begin() as conn:
+        rows = conn.execute(select(runs.c.id, runs.c.pid).where(
+            runs.c.status == "running", runs.c.host == socket.gethostname(), runs.c.pid.is_not(None))).all()
+        gone = [r.id for r in rows if not _alive(r.pid)]
+        for part in D.chunks(gone):
+            conn.execute(update(runs).where(runs.c.id.in_(part), runs.c.status == "running")
+                         .values(status="interrupted"))
+    for run_id in gone:
+        log.warning("label run %d was left running by a process that is gone: marked interrupted", run_id)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, cache_dir: str | None,

@@ -56,7 +56,8 @@ def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | N
             ) -> dict[str, float | int | None]:
     """Heart area/width, thoracic width, CTR and boxes from ``{structure: (H, W) bool}``.
 
-    ``spacing`` is ``(x, y)`` mm per pixel (None when unknown).
+    ``spacing`` is ``(x, y)`` mm per pixel (None when unknown). ``ctr`` is None unless the
+    heart and both lungs are present; ``ctr_missing`` then names the absent ones.
     """
     heart = masks.get("heart")
     return measure_boxes({s: bbox(m) for s, m in masks.items()},
@@ -79,8 +80,10 @@ def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area
     out["thoracic_width_px"] = lb[2] - lb[0] + 1 if lb else None
     out["heart_width_mm"] = out["heart_width_px"] * sx if hb and sx else None
     out["thoracic_width_mm"] = out["thoracic_width_px"] * sx if lb and sx else None
-    out["ctr"] = (out["heart_width_px"] / out["thoracic_width_px"]
-                  if hb and lb and out["thoracic_width_px"] else None)
+    # a CTR needs the heart and both lungs: one lung's extent is not the thorax
+    missing = [s for s in ("heart", "left_lung", "right_lung") if not boxes.get(s)]
+    out["ctr"] = out["heart_width_px"] / out["thoracic_width_px"] if not missing else None
+    out["ctr_missing"] = ",".join(missing) or None
     for key, box in (("heart", hb), ("lungs", lb)):
         for name, v in zip(("x0", "y0", "x1", "y1"), box or (None,) * 4, strict=True):
             out[f"{key}_{name}"] = v

@@ -203,11 +203,20 @@ def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> st
     return write_checkpoint(dst, ck)
 
 
-def upgrade_checkpoint(src: str | Path, dst: str | Path | None = None) -> tuple[str, str]:
+def upgrade_checkpoint(src: str | Path, dst: str | Path | None = None,
+                       engine: Engine | None = None) -> tuple[str, str]:
     """Rewrite a checkpoint in the current format, weights untouched (in place without
-    ``dst``); returns ``(format it had, new sha256)``."""
+    ``dst``); returns ``(format it had, new sha256)``. With ``engine``, registered models
+    that named this very file (same path and hash) are re-hashed."""
+    before = file_sha256(src)
     ck = read_checkpoint(src)
-    return ck.format, write_checkpoint(dst or src, ck)
+    sha = write_checkpoint(dst or src, ck)
+    if engine is not None and dst is None:
+        m = D.models
+        with engine.begin() as conn:
+            conn.execute(m.update().where(m.c.path == str(Path(src).resolve()), m.c.sha256 == before)
+                         .values(sha256=sha))
+    return ck.format, sha
 
 
 def file_sha256(path: str | Path) -> str:
@@ -297,33 +306,40 @@ def default_model_path() -> Path:
 
 def resolve_model(engine: Engine | None, ref: str = "default", device: str = "auto") -> LoadedModel:
     """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
+    registered = None  # the sha256 a registered model's file must still have
     if ref == "default":
         path, name = default_model_path(), "default"
     elif Path(ref).suffix == ".pt" or Path(ref).exists():
         path = Path(ref)
         name = path.parent.name if path.stem in ("best", "model") else path.stem
     else:
-        path, name = registered_path(engine, ref), ref
+        (path, registered), name = registered_path(engine, ref), ref
     if not path.exists():
         raise ModelError(f"checkpoint {path} not found" + (
             " (the shipped default lives in models/default/; reinstall or run `make train`)"
             if ref == "default" else ""))
+    sha = file_sha256(path)
+    if registered is not None and sha != registered:
+        raise ModelError(f"model {ref!r}: {path} has sha256 {sha}, but was registered with {registered}: "
+                         "the file changed after it was registered; train it again, or name the file "
+                         "by its path if you trust it")
     dev = pick_device(device)
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, file_sha256(path), module, ck.spec, dev)
+    return LoadedModel(name, path, sha, module, ck.spec, dev)
 
 
-def registered_path(engine: Engine | None, name: str) -> Path:
+def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:
+    """The checkpoint file of a registered model and the sha256 it was registered with."""
     row = None
     if engine is not None:
         with engine.connect() as conn:
-            row = conn.execute(select(D.models.c.path).where(D.models.c.name == name)).first()
+            row = conn.execute(select(D.models.c.path, D.models.c.sha256).where(D.models.c.name == name)).first()
     if row is None:
         raise ModelError(f"model {name!r} is neither 'default', a registered model nor a "
                          "checkpoint file: see `cxrlabel models list`")
-    return Path(row.path)
+    return Path(row.path), row.sha256
 
 
 def register_model(engine: Engine, name: str, checkpoint: str | Path, preset: str, config: dict,

@@ -8,6 +8,7 @@ ratio is the CTR, and the CTR and quality printed under each tile.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | N
                           "`cxrlabel label` first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = group or sample or "all"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", group or sample or "all")  # a file name, whatever the label
     chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:tiles]
     uids = [r["uid"] for r in chosen]
     with engine.connect() as conn:

@@ -203,7 +203,7 @@ def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_mod
         n_masks = c.execute(text("SELECT COUNT(*) FROM masks WHERE kind='predicted'")).scalar()
         runs = c.execute(text("SELECT status FROM label_runs ORDER BY id")).scalars().all()
     assert n_meas == total and n_masks == 3 * total and per_image == []
-    assert runs == ["running", "done"]  # the killed run stays visibly unfinished
+    assert runs == ["interrupted", "done"]  # the next run found the killed one's process gone
     engine.dispose()
 
 

@@ -14,7 +14,23 @@ from pipeline.cli import catalogue, collect, database, groups, label, results, t
 from pipeline.cli.common import CONTEXT
 
 
-@click.group(context_settings=CONTEXT)
+class Cli(click.Group):
+    """The root group: an unexpected error is one line too, unless -v asks for the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if (ctx.obj or {}).get("verbose"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise click.ClickException(f"unexpected {type(e).__name__}: {first} (run again with -v for the "
+                                       "traceback, and report it)") from e
+
+
+@click.group(cls=Cli, context_settings=CONTEXT)
 @click.option("--db", "url", envvar="CXRLABEL_DB", metavar="URL",
               help="SQLAlchemy URL [env CXRLABEL_DB; default sqlite:///data/catalogue.db].")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
@@ -30,7 +46,7 @@ def cli(ctx: click.Context, url: str | None, verbose: int) -> None:
     """
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
-    ctx.ensure_object(dict)["url"] = url
+    ctx.ensure_object(dict).update(url=url, verbose=verbose)
 
 
 for _module in (database, catalogue, groups, collect, train, label, results):

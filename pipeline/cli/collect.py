@@ -18,9 +18,11 @@ from pipeline.cli.common import engine_of, handle_errors, select, selection_opti
 @click.option("--workers", type=click.IntRange(min=1), help="Decoder processes [default: min(4, cores)].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
+@click.option("--verify", is_flag=True,
+              help="Check every cached entry's checksum, not only that its file is whole.")
 @click.pass_context
 @handle_errors
-def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir) -> None:
+def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir, verify) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
     \b
@@ -30,9 +32,10 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
     from pipeline.collect import Settings, collect
     engine = engine_of(ctx)
     chosen = select(engine, group, sample, all_images, limit, source)
-    s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers)
+    s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers, verify=verify)
     click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
-               f"cached, {s.failed} failed (see the failures table)")
+               f"cached, {s.failed} failed (see the failures table)"
+               + (f"; {s.rebuilt} broken entries found and collected again" if s.rebuilt else ""))
 
 
 @click.group()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import json
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -60,6 +62,29 @@ def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
     click.echo("  ".join("-" * w for w in widths))
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def emit_stream(columns: list[str], rows: Iterator[dict], as_json: bool, as_csv: bool,
+                table_rows: int = 200) -> None:
+    """Every row as JSON or CSV, streamed; a table shows the first ``table_rows`` and says
+    how many more there are."""
+    if as_json:
+        click.echo("[", nl=False)
+        for n, row in enumerate(rows):
+            click.echo(("," if n else "") + "\n  " + json.dumps(row, default=str, ensure_ascii=False), nl=False)
+        click.echo("\n]")
+        return
+    if as_csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        for row in rows:
+            w.writerow(row.values())
+        return
+    shown = list(itertools.islice(rows, table_rows))
+    emit(shown, False)
+    more = sum(1 for _ in rows)
+    if more:
+        click.echo(f"... {more} more rows not shown: use --csv or --json for all of them")
 
 
 def json_option(fn):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit, engine_of, handle_errors
+from pipeline.cli.common import emit_stream, engine_of, handle_errors
 
 
 @click.command()
@@ -19,6 +19,8 @@ from pipeline.cli.common import emit, engine_of, handle_errors
 def query(ctx, sql, as_csv, as_json) -> None:
     """Run read-only SQL (a statement, a .sql file, or a ready query's name) and print the rows.
 
+    --csv and --json print every row (streamed); the table shows the first 200.
+
     Ready queries ship with cxrlabel (sql/queries): ctr_by_group, healthy_ctr_over_0_5,
     review_lowest_quality.
 
@@ -29,7 +31,8 @@ def query(ctx, sql, as_csv, as_json) -> None:
         cxrlabel query my_queries/outliers.sql --json
     """
     from pipeline.results import read_only_query, statement
-    emit(read_only_query(engine_of(ctx), statement(sql)), as_json, as_csv)
+    result = read_only_query(engine_of(ctx), statement(sql))
+    emit_stream(result.columns, result.rows, as_json, as_csv)
 
 
 @click.command("evaluate")
@@ -55,6 +58,8 @@ def evaluate_cmd(ctx, truth, model, as_json) -> None:
         click.echo(f"  Dice {s:<11} {st['mean']:.4f} ± {st['sd']:.4f} (n={st['n']})")
     e = ev.ctr_error
     click.echo(f"  CTR error     mean {e['mean']:+.4f}, MAE {e['mae']:.4f} (n={e['n']})")
+    for reason, n in e["left_out_reasons"].items():
+        click.echo(f"  left out of the CTR error: {n} image{'s' if n > 1 else ''} whose {reason}")
 
 
 @click.command("report")

@@ -104,12 +104,13 @@ def models_export(checkpoint, destination, fp32) -> None:
 @models.command("upgrade")
 @click.argument("checkpoints", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
 @handle_errors
-def models_upgrade(checkpoints) -> None:
+def models_upgrade(ctx, checkpoints) -> None:
     """Rewrite checkpoints of earlier cxrlabel versions in the current format, in place.
 
-    Weights are kept bit for bit; the file's sha256 changes (a registered model's row keeps
-    its old hash until it is registered again).
+    Weights are kept bit for bit; the file's sha256 changes, and registered models that
+    named the file (with its old hash) are updated to the new one.
 
     \b
     Example:
@@ -117,7 +118,7 @@ def models_upgrade(checkpoints) -> None:
     """
     from pipeline.model import FORMAT, upgrade_checkpoint
     for path in checkpoints:
-        was, sha = upgrade_checkpoint(path)
+        was, sha = upgrade_checkpoint(path, engine=engine_of(ctx))
         click.echo(f"{path}: {was} -> {FORMAT}, sha256 {sha}")
 
 
