@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import struct
+import warnings
 from pathlib import Path
 
 import cv2
@@ -405,7 +406,9 @@ def decode_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tu
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # a header over PIL's own limit: refused below, unread
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
         orig_w, orig_h = img.size
         check_dimensions(path, orig_h, orig_w, getattr(img, "n_frames", 1))
         if target and img.format == "JPEG" and min(orig_w, orig_h) > 2 * target:

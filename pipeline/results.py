@@ -138,6 +138,6 @@ def _close(raw, dbapi, dialect: str, cur) -> None:
 def _query_error(e: Exception) -> QueryError:
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     low = msg.lower()
-    if "not authorized" in low or "read-only" in low or "read only" in low or "readonly" in low:
+    if any(w in low for w in ("not authorized", "authorization denied", "read-only", "read only", "readonly")):
         return QueryError(f"query refused: the query command is read-only ({msg})")
     return QueryError(f"SQL error: {msg}")

@@ -1,0 +1,362 @@
+"""Nothing stops an archive run: hostile files, crafted checkpoints, faults and odd values.
+
+The hostile corpus is generated here at test time from the shared data (nothing committed).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import gzip
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sqlalchemy import text
+
+from pipeline import catalogue as C
+from pipeline import db as D
+from pipeline.cli import cli
+from pipeline.imaging import DecodeError, decode
+from tests.conftest import DICOM, NIH_CSV
+
+
+def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
+    Image.fromarray(arr, mode).save(path)
+    return path
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def hostile_corpus(folder: Path) -> dict[str, tuple[Path, str]]:
+    """``{uid: (file, words its recorded failure must contain)}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = (DICOM / "RG1_UNCR.dcm").read_bytes()
+    ramp = np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (300, 1))
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def add(uid: str, path: Path, reason: str) -> None:
+        cases[uid] = (path, reason)
+
+    (folder / "truncated.dcm").write_bytes(real[: len(real) // 2])
+    add("truncated_dicom", folder / "truncated.dcm", "cannot be decoded")
+    (folder / "header_only.dcm").write_bytes(real[:132] + real[132:400])
+    add("header_only_dicom", folder / "header_only.dcm", "no pixel data")
+    (folder / "empty.png").write_bytes(b"")
+    add("empty_file", folder / "empty.png", "not a readable image")
+    (folder / "text.png").write_text("uid,text\n1,hello\n")
+    add("text_as_png", folder / "text.png", "not a readable image")
+    add("one_pixel", _png(folder / "one.png", np.full((1, 1), 128, np.uint8)), "smaller than 64")
+    add("sliver", _png(folder / "sliver.png", np.tile(ramp[:1, :], (5, 4))[:, :1000]), "smaller than 64")
+    add("elongated", _png(folder / "long.png", np.tile(ramp[:100, :], (1, 5))), "more elongated")
+    add("blank", _png(folder / "blank.png", np.full((300, 300), 77, np.uint8)), "blank image")
+    rgba = np.zeros((300, 300, 4), np.uint8)
+    rgba[..., :3] = 200
+    add("transparent", _png(folder / "transparent.png", rgba, "RGBA"), "fully transparent")
+    add("huge_claim", _png_claiming(folder / "huge.png", 13000, 13000), "decoding budget")
+    add("missing_file", folder / "not_there.png", "file not found")
+    return cases
+
+
+def test_hostile_corpus_is_recorded_and_good_files_are_all_labelled(annotated_engine, tiny_model, tmp_path):
+    from pipeline.collect import Settings, collect
+    from pipeline.groups import select_images
+    from pipeline.label import label
+    cases = hostile_corpus(tmp_path / "hostile")
+    good = ["RG1_UNCR", "RG1_J2KR", "cr_chest_pa_jpeg_baseline"]
+    flipped = bytearray((DICOM / "RG1_UNCI.dcm").read_bytes())
+    for i in range(len(flipped) - 4000, len(flipped), 97):  # flipped bits in the pixel data
+        flipped[i] ^= 0x5A
+    (tmp_path / "flipped.dcm").write_bytes(bytes(flipped))
+    with annotated_engine.begin() as c:
+        c.execute(D.images.insert(), [{"uid": u, "source": "hostile", "path": str(p), "loaded_at": D.utcnow()}
+                                      for u, (p, _) in cases.items()]
+                  + [{"uid": u, "source": "hostile", "path": str(DICOM / f"{u}.dcm"), "loaded_at": D.utcnow()}
+                     for u in good]
+                  + [{"uid": "flipped_bits", "source": "hostile", "path": str(tmp_path / "flipped.dcm"),
+                      "loaded_at": D.utcnow()}])
+    with annotated_engine.connect() as c:
+        chosen = select_images(c, source="hostile")
+    s = collect(annotated_engine, chosen.pairs(), Settings(64), tmp_path / "cache", workers=2, progress=False)
+    assert s.failed == len(cases)
+    run = label(annotated_engine, chosen, str(tiny_model), "cpu", 4, str(tmp_path / "cache"), workers=1,
+                progress=False)
+    with annotated_engine.connect() as c:
+        failures = {(st, u): m for st, u, m in c.execute(text("SELECT stage, uid, message FROM failures"))}
+        labelled = set(c.execute(text("SELECT uid FROM measurements")).scalars())
+        n_rows = c.execute(text("SELECT COUNT(*) FROM failures")).scalar()
+    for uid, (_, reason) in cases.items():
+        assert reason in failures[("collect", uid)], (uid, failures[("collect", uid)])
+        assert reason in failures[("label", uid)], (uid, failures[("label", uid)])
+    assert set(good) <= labelled  # every good file around them is labelled
+    assert "flipped_bits" in labelled or ("label", "flipped_bits") in failures  # survived, either way
+    assert run.labelled + run.failed == run.selected
+    # a re-run retries the failures without repeating their rows
+    collect(annotated_engine, chosen.pairs(), Settings(64), tmp_path / "cache", workers=1, progress=False)
+    with annotated_engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM failures")).scalar() == n_rows
+
+
+def test_crafted_checkpoints_never_run_their_payload(annotated_engine, tiny_model, tmp_path):
+    import os
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cxrlabel-2", "spec": Payload(), "state_dict": {}}, evil)
+    url = str(annotated_engine.url)
+    r = CliRunner().invoke(cli, ["--db", url, "label", "--all", "--limit", "1", "--model", str(evil)])
+    assert r.exit_code == 1 and "not a readable cxrlabel checkpoint" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    # a crafted resume point in a run folder is refused the same way
+    from pipeline.train import TrainConfig, TrainError, train
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": Payload()}, run / "last.pt")
+    with pytest.raises(TrainError, match="not a resumable checkpoint"):
+        train(annotated_engine, TrainConfig.from_preset("tiny", epochs=1, threads=2), run,
+              str(tmp_path / "cache"), progress=False)
+    assert not marker.exists()
+
+
+def test_a_registered_model_whose_file_changed_is_refused(annotated_engine, tiny_model, tmp_path):
+    import shutil
+
+    from pipeline.model import ModelError, read_checkpoint, register_model, resolve_model
+    copy = tmp_path / "m.pt"
+    shutil.copy(tiny_model, copy)
+    ck = read_checkpoint(copy)
+    register_model(annotated_engine, "m", copy, "tiny", ck.training, ck.info["dice"], ck.info["data_hash"])
+    assert resolve_model(annotated_engine, "m", "cpu").name == "m"
+    with open(copy, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(ModelError, match="registered with [0-9a-f]{64}"):
+        resolve_model(annotated_engine, "m", "cpu")
+
+
+def test_a_full_cache_folder_stops_the_run_at_once_and_leaves_no_temporary_files(engine, tmp_path, monkeypatch):
+    import pipeline.collect as K
+    C.load_dicom(engine, DICOM, workers=1, progress=False)
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(K, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k)), raising=False)
+    r = CliRunner().invoke(cli, ["--db", str(engine.url.render_as_string(hide_password=False)), "collect", "--all",
+                                 "--size", "64", "--workers", "1", "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 1 and "No space left on device" in r.output and str(tmp_path / "cache") in r.output
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM failures")).scalar() == 0  # not one per image
+
+
+def test_query_is_read_only_without_side_effects_and_returns_every_row(engine, tmp_path):
+    url = engine.url.render_as_string(hide_password=False)
+    with engine.begin() as c:
+        c.execute(D.images.insert(), [{"uid": f"u{i:04d}", "source": "csv", "text": f"t{i}", "loaded_at": D.utcnow()}
+                                      for i in range(450)])
+
+    def q(*args):
+        return CliRunner().invoke(cli, ["--db", url, "query", *args])
+
+    r = q("SELECT uid FROM images ORDER BY uid", "--csv")
+    assert r.exit_code == 0 and len(r.output.splitlines()) == 451
+    assert len(json.loads(q("SELECT uid FROM images", "--json").output)) == 450
+    r = q("SELECT uid FROM images ORDER BY uid")
+    assert "250 more rows not shown" in r.output
+    assert json.loads(q("SELECT ';' AS s", "--json").output) == [{"s": ";"}]
+    r = q("SELECT COUNT(*) AS n FROM images WHERE text LIKE '%:x%' OR uid LIKE '%%'", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [{"n": 450}]
+    if engine.dialect.name == "sqlite":
+        db = Path(engine.url.database)
+        before = db.read_bytes()
+        for sql in (f"ATTACH '{tmp_path / 'a.db'}' AS a", f"VACUUM INTO '{tmp_path / 'v.db'}'",
+                    "PRAGMA journal_mode=DELETE", "DELETE FROM images"):
+            r = q(sql)
+            assert r.exit_code == 1 and "read-only" in r.output, (sql, r.output)
+        assert not (tmp_path / "a.db").exists() and not (tmp_path / "v.db").exists()
+        assert db.read_bytes() == before
+        with engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert q("PRAGMA table_info(images)").exit_code == 0
+    else:
+        for sql in ("DELETE FROM images", f"COPY images TO '{tmp_path / 'x.csv'}'"):
+            r = q(sql)
+            assert r.exit_code == 1 and "read-only" in r.output, (sql, r.output)
+        assert q("EXPLAIN SELECT * FROM images").exit_code == 0
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('[[group]]\nname = "healthy"\nmatch = "норма"\n', "group 'healthy': match must be a list"),
+    ('window = "six"\n[[group]]\nname = "x"\nmatch = ["a"]\n', "window must be a whole number"),
+    ('[[group]]\nname = "x"\nmatch = ["a"]\nmatches = ["b"]\n', "group 'x': unknown key 'matches'"),
+    ('[[group]]\nname = "x"\nmatch = ["a("]\n', "bad pattern"),
+])
+def test_rules_files_are_validated(tmp_path, body, words):
+    from pipeline.groups import GroupsError, load_rules
+    path = tmp_path / "rules.toml"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(GroupsError, match=words.replace("(", r"\(")):
+        load_rules(path)
+
+
+def test_reloading_a_file_never_repeats_its_problems(engine, tmp_path):
+    path = tmp_path / "clinic.csv"
+    path.write_text("id,text\n1,a\n2\n3,c\n,d\n", encoding="utf-8")
+    for _ in range(4):
+        C.load_csv(engine, path, {"uid": "id", "text": "text"}, progress=False)
+    errors = C.list_errors(engine)
+    assert len(errors) == 2 and {e["line"] for e in errors} == {3, 5}
+
+
+def test_a_truncated_gzip_keeps_the_rows_before_it_and_says_so(engine, tmp_path):
+    with gzip.open(NIH_CSV, "rb") as f:
+        head = b"".join(next(f) for _ in range(6001))
+    whole = gzip.compress(head)
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    r = CliRunner().invoke(cli, ["--db", str(engine.url.render_as_string(hide_password=False)), "catalogue", "load",
+                                 "nih", str(path)])
+    assert r.exit_code == 1 and "truncated or damaged after line" in r.output
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM images")).scalar() >= 4000
+
+
+def test_relative_paths_in_a_clinic_csv_resolve_from_its_folder(engine, tmp_path, monkeypatch):
+    (tmp_path / "export" / "img").mkdir(parents=True)
+    (tmp_path / "export" / "list.csv").write_text("id,file\na,img/a.png\nb,/abs/b.png\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    C.load_csv(engine, Path("export/list.csv"), {"uid": "id", "path": "file"}, progress=False)
+    with engine.connect() as c:
+        paths = dict(c.execute(text("SELECT uid, path FROM images")).all())
+    assert paths == {"a": str(tmp_path / "export" / "img" / "a.png"), "b": "/abs/b.png"}
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["catalogue", "load", "csv", "{csv}", "--map", "uid=id", "--encoding", "nosuch"], "unknown text encoding"),
+    (["catalogue", "load", "csv", "{csv}", "--map", "uid=id", "--delimiter", ";;"], "one character"),
+    (["catalogue", "load", "csv", "{csv}", "--map", "uid=id", "--delimiter", ""], "one character"),
+    (["catalogue", "load", "nih", "{folder}"], "is a folder"),
+    (["catalogue", "load", "csv", "{folder}", "--map", "uid=id"], "is a folder"),
+    (["catalogue", "load", "csv", "{dupes}", "--map", "uid=id"], "more than once"),
+    (["label", "--all", "--device", "cuda:0"], "no CUDA GPU visible"),
+    (["label", "--all", "--model", "{textfile}"], "not a readable cxrlabel checkpoint"),
+    (["label", "--all", "--model", "nosuchmodel"], "models list"),
+    (["train", "--model", "tiny", "--device", "bogus"], "use auto, cpu or cuda"),
+    (["groups", "assign", "--rules", "{badrules}"], "window must be"),
+    (["query", "missing.sql"], "no such file"),
+])
+def test_every_bad_value_gets_one_line_naming_it(annotated_db, tmp_path, args, words):
+    import shutil
+    db = tmp_path / "c.db"
+    shutil.copy(annotated_db, db)
+    (tmp_path / "f.csv").write_text("id,text\n1,a\n", encoding="utf-8")
+    (tmp_path / "d.csv").write_text("id,id\n1,2\n", encoding="utf-8")
+    (tmp_path / "t.txt.pt").write_text("not a checkpoint")
+    (tmp_path / "r.toml").write_text('window = "six"\n[[group]]\nname = "x"\nmatch = ["a"]\n')
+    (tmp_path / "folder").mkdir()
+    fill = {"{csv}": str(tmp_path / "f.csv"), "{folder}": str(tmp_path / "folder"), "{dupes}": str(tmp_path / "d.csv"),
+            "{textfile}": str(tmp_path / "t.txt.pt"), "{badrules}": str(tmp_path / "r.toml")}
+    if "cuda" in " ".join(args) and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{db}", *[fill.get(a, a) for a in args]])
+    assert r.exit_code != 0 and words in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+
+
+def test_control_characters_in_a_uid_are_refused(engine, tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"id,text\nok,a\nbad\x00uid,b\n")
+    s = C.load_csv(engine, path, {"uid": "id", "text": "text"}, progress=False)
+    assert s.loaded == 1 and "control characters" in C.list_errors(engine)[0]["reason"]
+
+
+def test_ctr_needs_the_heart_and_both_lungs():
+    from pipeline.measure import measure
+    h = np.zeros((100, 200), bool)
+    h[40:80, 80:140] = True
+    lung = np.zeros_like(h)
+    lung[10:90, 110:180] = True
+    m = measure({"heart": h, "left_lung": lung, "right_lung": np.zeros_like(h)})
+    assert m["ctr"] is None and m["ctr_missing"] == "right_lung"
+    both = measure({"heart": h, "left_lung": lung, "right_lung": np.roll(lung, -90, axis=1)})
+    assert both["ctr"] is not None and both["ctr_missing"] is None
+
+
+# ---------------------------------------------------------------- properties
+
+
+_cell = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=30)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True), _cell), max_size=15,
+                     unique_by=lambda r: r[0]))
+def test_csv_loader_stores_exactly_what_the_file_holds(sqlite_engine, tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("csv") / "x.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "report"])
+        w.writerows(rows)
+    with sqlite_engine.begin() as c:
+        c.execute(text("DELETE FROM images"))
+    s = C.load_csv(sqlite_engine, path, {"uid": "id", "text": "report"}, progress=False)
+    with sqlite_engine.connect() as c:
+        stored = dict(c.execute(text("SELECT uid, text FROM images")).all())
+    assert s.loaded == len(rows)
+    assert stored == {u: (t.strip() or None) for u, t in rows}
+
+
+_SEED_PNG = io.BytesIO()
+Image.fromarray(np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))).save(_SEED_PNG, "PNG")
+_SEEDS = [_SEED_PNG.getvalue(), (DICOM / "RG1_UNCR.dcm").read_bytes()[:6000]]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.sampled_from(_SEEDS), cuts=st.lists(st.tuples(st.integers(0, 5999), st.integers(0, 255)),
+                                                    max_size=8), length=st.integers(0, 6000))
+def test_decoder_either_decodes_or_says_why(tmp_path_factory, seed, cuts, length):
+    data = bytearray(seed[:length] if length < len(seed) else seed)
+    for pos, value in cuts:
+        if pos < len(data):
+            data[pos] = value
+    path = tmp_path_factory.mktemp("dec") / "x.img"
+    path.write_bytes(bytes(data))
+    try:
+        arr, (h, w), _ = decode(path, target=64)
+    except DecodeError:
+        return
+    assert arr.ndim == 2 and arr.dtype == np.float32 and h >= 64 and w >= 64
+    assert float(arr.min()) >= 0.0 and float(arr.max()) <= 1.0
