@@ -92,3 +92,23 @@ def test_fetch_collects_on_the_fly_and_is_the_cache_s_only_writer(engine, tmp_pa
     path.write_bytes(b"damaged")
     (fresh,) = fetch(engine, [(entries[0].uid, dict(items)[entries[0].uid])], s, cache)
     assert isinstance(fresh, Entry) and np.array_equal(fresh.image, entries[0].image)
+
+
+def test_collect_rebuilds_entries_whose_files_were_truncated_or_deleted(engine, tmp_path):
+    items = _items(engine, tmp_path)
+    cache, s = tmp_path / "cache", Settings(64)
+    collect(engine, items, s, cache, workers=1, progress=False)
+    with engine.connect() as c:
+        rows = c.execute(select(D.cache.c.uid, D.cache.c.path).order_by(D.cache.c.uid)).all()
+    os.remove(rows[0].path)
+    with open(rows[1].path, "r+b") as f:
+        f.truncate(40)
+    with open(rows[2].path, "r+b") as f:  # same size, other bytes: only --verify sees it
+        f.seek(50)
+        f.write(b"\xff\xff")
+    again = collect(engine, items, s, cache, workers=1, progress=False)
+    assert (again.rebuilt, again.cached) == (2, 2)
+    verified = collect(engine, items, s, cache, workers=1, progress=False, verify=True)
+    assert (verified.rebuilt, verified.cached) == (1, 1)
+    with engine.connect() as c:
+        assert len(read_cached(c, [r.uid for r in rows], s)) == len(rows)
