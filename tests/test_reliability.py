@@ -360,3 +360,41 @@ def test_decoder_either_decodes_or_says_why(tmp_path_factory, seed, cuts, length
         return
     assert arr.ndim == 2 and arr.dtype == np.float32 and h >= 64 and w >= 64
     assert float(arr.min()) >= 0.0 and float(arr.max()) <= 1.0
+
+
+def test_a_read_only_database_serves_every_reading_command(annotated_db, tiny_model, tmp_path):
+    import shutil
+    db = tmp_path / "c.db"
+    shutil.copy(annotated_db, db)
+    rw = f"sqlite:///{db}"
+    r = CliRunner().invoke(cli, ["--db", rw, "label", "--all", "--limit", "4", "--model", str(tiny_model),
+                                 "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    ro = f"sqlite:///file:{db}?mode=ro&uri=true"
+    for args in (["query", "SELECT COUNT(*) AS n FROM label_results"], ["groups", "list"], ["models", "list"],
+                 ["catalogue", "errors"], ["evaluate", "--model", "run"]):
+        r = CliRunner().invoke(cli, ["--db", ro, *args])
+        assert r.exit_code == 0, (args, r.output)
+    r = CliRunner().invoke(cli, ["--db", ro, "groups", "assign"])
+    assert r.exit_code == 1 and "read-only and this command writes" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"format": "cxrlabel-2", "state_dict": {}}, "lacks 'spec'"),
+    ({"format": "cxrlabel-2", "spec": {"network": "nonet"}, "state_dict": {}}, "nonet"),
+])
+def test_damaged_checkpoints_get_one_line(tmp_path, body, words):
+    from pipeline.model import ModelError, load_model
+    torch.save(body, tmp_path / "m.pt")
+    with pytest.raises(ModelError, match=words):
+        load_model(tmp_path / "m.pt")
+
+
+def test_a_checkpoint_missing_a_weight_gets_one_line(tiny_model, tmp_path):
+    from pipeline.model import ModelError, load_model, read_checkpoint, write_checkpoint
+    ck = read_checkpoint(tiny_model)
+    ck.state_dict.pop(next(iter(ck.state_dict)))
+    write_checkpoint(tmp_path / "m.pt", ck)
+    with pytest.raises(ModelError, match="weights do not fit"):
+        load_model(tmp_path / "m.pt")

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 
 import click
+from sqlalchemy.exc import OperationalError
 
 from pipeline import CxrlabelError
 from pipeline import db as D
@@ -25,6 +26,11 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except CxrlabelError as e:
             raise click.ClickException(" ".join(str(e).split())) from e
+        except OperationalError as e:
+            if "readonly" not in str(e).lower() and "read-only" not in str(e).lower():
+                raise
+            raise click.ClickException("the database is read-only and this command writes to it: "
+                                       "run it on a writable database (without mode=ro)") from e
     return wrapper
 
 
