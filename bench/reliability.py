@@ -12,7 +12,6 @@ Usage: python bench/reliability.py [--data ../shared/data]
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import os
 import socket
@@ -35,7 +34,7 @@ from pipeline.groups import select_images  # noqa: E402
 from pipeline.label import label  # noqa: E402
 from pipeline.model import ModelError, resolve_model  # noqa: E402
 from pipeline.results import QueryError, read_only_query  # noqa: E402
-from tests.test_reliability import hostile_corpus  # noqa: E402
+from tests.test_reliability import full_disk_open, hostile_corpus  # noqa: E402
 
 
 def snapshot(engine) -> dict[str, str]:
@@ -168,24 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # faults: a full cache folder, a killed run, a read-only database
         import pipeline.collect as K
-        real_open = open
-
-        class Full:
-            def __init__(self, f):
-                self.f = f
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-            def write(self, data):
-                raise OSError(errno.ENOSPC, "No space left on device")
-
         before = snapshot(engine)
         n = 0
-        K.open = lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k))
+        K.open = full_disk_open
         try:
             collect(engine, everything.pairs(), Settings(128), tmp / "cache_full", workers=1, progress=False)
         except CxrlabelError as e:

@@ -45,6 +45,27 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
+class _FullDisk:
+    """A file opened for writing on a full disk: the write fails with ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def full_disk_open(path, mode="r", *args, **kwargs):
+    """``open`` as on a full disk (patched into a module for a test)."""
+    return _FullDisk(open(path, mode, *args, **kwargs))
+
+
 def hostile_corpus(folder: Path) -> dict[str, tuple[Path, str]]:
     """``{uid: (file, words its recorded failure must contain)}``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,22 +178,7 @@ def test_a_registered_model_whose_file_changed_is_refused(annotated_engine, tiny
 def test_a_full_cache_folder_stops_the_run_at_once_and_leaves_no_temporary_files(engine, tmp_path, monkeypatch):
     import pipeline.collect as K
     C.load_dicom(engine, DICOM, workers=1, progress=False)
-    real_open = open
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(K, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k)), raising=False)
+    monkeypatch.setattr(K, "open", full_disk_open, raising=False)
     r = CliRunner().invoke(cli, ["--db", str(engine.url.render_as_string(hide_password=False)), "collect", "--all",
                                  "--size", "64", "--workers", "1", "--cache", str(tmp_path / "cache")])
     assert r.exit_code == 1 and "No space left on device" in r.output and str(tmp_path / "cache") in r.output
