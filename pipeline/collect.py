@@ -143,9 +143,9 @@ def _job(args: tuple) -> dict:
 
 
 def decoder_pool(workers: int | None, jobs: int) -> contextlib.AbstractContextManager[Executor | None]:
-    """A process pool of ``workers`` (default ``min(4, cores)``) for ``jobs`` decodes, or
-    none where it would not pay (one worker, or fewer than 4 jobs)."""
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    """A process pool of ``workers`` (default: every core) for ``jobs`` decodes, or none
+    where it would not pay (one worker, or fewer than 4 jobs)."""
+    workers = workers if workers is not None else os.cpu_count() or 1
     if workers <= 1 or jobs < 4:
         return contextlib.nullcontext()
     return process_pool(workers)

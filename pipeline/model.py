@@ -261,8 +261,9 @@ class LoadedModel:
     device: torch.device
 
 
-def infer(lm: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Cached ``(S, S) uint8`` images -> ``(B, C, S, S)`` float32 probabilities (CPU numpy).
+def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False) -> np.ndarray:
+    """Cached ``(S, S) uint8`` images -> ``(B, C, S, S)`` probabilities (CPU numpy): float32,
+    or with ``quantise`` uint8 ``round(255 p)``, computed on the device before the copy.
 
     Each image gets the model's own input normalisation; CUDA runs in mixed precision.
     """
@@ -273,7 +274,10 @@ def infer(lm: LoadedModel, images: Sequence[np.ndarray]) -> np.ndarray:
     if lm.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", enabled=lm.device.type == "cuda"):
-        return predict(lm.module, x, lm.spec.roi).float().cpu().numpy()
+        probs = predict(lm.module, x, lm.spec.roi)
+    if quantise:
+        return (probs.float() * 255).round_().to(torch.uint8).cpu().numpy()
+    return probs.float().cpu().numpy()
 
 
 def auto_batch_size(lm: LoadedModel) -> int:

@@ -15,7 +15,7 @@ from pipeline.cli.common import engine_of, handle_errors, select, selection_opti
               help="Side of the square cached image.")
 @click.option("--mode", type=click.Choice(["pad", "stretch"]), default="pad", show_default=True,
               help="pad: keep aspect, pad to square; stretch: rescale to 1:1 (the paper's way).")
-@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes [default: min(4, cores)].")
+@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes [default: every core].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
 @click.option("--verify", is_flag=True,

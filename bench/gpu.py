@@ -1,0 +1,243 @@
+"""The GPU table: where a GPU labelling box spends its time, in one run of a few minutes.
+
+Builds a clinic archive of N DICOM files (bench/clinic.py) and a catalogue of ROWS images
+pointing at them round-robin, then measures, on the device given (CUDA by default):
+
+* model only: the shipped model over cached images, batch size from `auto_batch_size`,
+  mixed precision, copies in and out included;
+* `collect` on every core (the decode floor) and on 4 workers;
+* `label`, warm cache and cold from DICOM (a fresh database and cache);
+* post-processing: one thread (ms per image), a thread pool and a process pool of every core;
+* CPU-vs-device agreement of the labelling output (Dice per structure, CTR);
+* training: one optimiser step of `cxr_deep` at 256 px and `unet7_res` at 512 px (batch 8),
+  the MONAI augmentation of a batch of 8 on one CPU core, and a 2-epoch `train()` run on the
+  device with masks written from the shipped model's output (the whole loop, validation
+  included).
+
+Needs only the project's own dependencies and a data folder with the shared layout (a small
+subset will do: a few GeneralBlockchain images, nih-samples, the two CR DICOMs).
+
+Usage: python bench/gpu.py [--n 240] [--rows 2400] [--data ../shared/data] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+from clinic import build  # noqa: E402
+
+from pipeline import catalogue as C  # noqa: E402
+from pipeline import db as D  # noqa: E402
+from pipeline import masks as M  # noqa: E402
+from pipeline import process_pool  # noqa: E402
+from pipeline.collect import Settings, collect, read_cached  # noqa: E402
+from pipeline.groups import select_images  # noqa: E402
+from pipeline.label import Item, label, postprocess  # noqa: E402
+from pipeline.masks import decode as decode_mask  # noqa: E402
+from pipeline.metrics import dice  # noqa: E402
+from pipeline.model import auto_batch_size, build_network, infer, resolve_model  # noqa: E402
+
+CORES = os.cpu_count() or 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def catalogue(db: Path, archive: Path, rows: int):
+    """A catalogue of ``rows`` images over the archive's files, round-robin."""
+    engine = D.connect(f"sqlite:///{db}")
+    C.load_dicom(engine, archive, workers=CORES, progress=False)
+    with engine.connect() as c:
+        files = select_images(c, all_images=True).items
+    extra = [{"uid": f"r{i:07d}", "source": "bench", "path": files[i % len(files)].path,
+              "loaded_at": D.utcnow()} for i in range(max(0, rows - len(files)))]
+    for part in D.chunks(extra, 5000):
+        with engine.begin() as c:
+            c.execute(D.images.insert(), list(part))
+    with engine.connect() as c:
+        return engine, select_images(c, all_images=True)
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=240)
+    ap.add_argument("--rows", type=int, default=2400)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(CORES)
+    lines: list[str] = []
+
+    def row(what: str, value: str) -> None:
+        lines.append(f"| {what} | {value} |")
+        print(lines[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        t = time.perf_counter()
+        build(args.n, tmp / "clinic", args.data)
+        engine, chosen = catalogue(tmp / "warm.db", tmp / "clinic", args.rows)
+        shutil.copy(tmp / "warm.db", tmp / "four.db")  # the same catalogue, nothing cached yet
+        lm = resolve_model(engine, "default", args.device)
+        dev = lm.device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+        print(f"# {name}, {CORES} cores, torch {torch.__version__}; {args.n} files, {len(chosen.items)} rows; "
+              f"setup {time.perf_counter() - t:.0f} s", flush=True)
+        lines += ["| what | result |", "|---|---|"]
+        bs = auto_batch_size(lm)
+        settings = Settings(lm.spec.size, lm.spec.mode)
+        pairs = chosen.pairs()
+
+        # collect: every core (the decode floor), then 4 workers on a quarter
+        t = time.perf_counter()
+        collect(engine, pairs, settings, tmp / "cache", workers=CORES, progress=False)
+        floor = rate(len(pairs), time.perf_counter() - t)
+        row(f"`collect`, {CORES} workers (decode + cache write): the decode floor", f"{floor:.1f} img/s")
+        quarter = pairs[: max(8, len(pairs) // 4)]
+        four = D.connect(f"sqlite:///{tmp / 'four.db'}")
+        t = time.perf_counter()
+        collect(four, quarter, settings, tmp / "cache4", workers=4, progress=False)
+        row("`collect`, 4 workers", f"{rate(len(quarter), time.perf_counter() - t):.1f} img/s")
+
+        # model only, on cached images
+        with engine.connect() as c:
+            entries = read_cached(c, [u for u, _ in pairs], settings)
+        images = [entries[u].image for u, _ in pairs if u in entries]
+        infer(lm, images[:bs], quantise=True)
+        sync(dev)
+        t = time.perf_counter()
+        for i in range(0, len(images), bs):
+            infer(lm, images[i:i + bs], quantise=True)
+        sync(dev)
+        model_only = rate(len(images), time.perf_counter() - t)
+        row(f"model only (batch {bs}, mixed precision on CUDA, copies in and out)", f"{model_only:.1f} img/s")
+
+        # label, warm and cold
+        t = time.perf_counter()
+        s = label(engine, chosen, "default", args.device, bs, str(tmp / "cache"), CORES, progress=False)
+        warm = rate(s.labelled, time.perf_counter() - t)
+        row("`label`, warm cache", f"**{warm:.1f} img/s** ({warm / model_only:.2f} of model only)")
+        cold_db = tmp / "cold.db"
+        engine.dispose()
+        shutil.copy(tmp / "warm.db", cold_db)
+        cold_engine = D.connect(f"sqlite:///{cold_db}")
+        with cold_engine.begin() as c:
+            for table in ("masks", "measurements", "cache", "failures", "label_runs"):
+                c.exec_driver_sql(f"DELETE FROM {table}")
+        t = time.perf_counter()
+        s = label(cold_engine, chosen, "default", args.device, bs, str(tmp / "cache_cold"), CORES, progress=False)
+        cold = rate(s.labelled, time.perf_counter() - t)
+        row("`label`, cold from DICOM", f"**{cold:.1f} img/s** ({cold / floor:.2f} of the decode floor); "
+            f"70,000 images in {70_000 / cold / 60:.1f} min")
+
+        # post-processing alone
+        uids = [u for u, _ in pairs if u in entries][: min(len(entries), 4 * CORES * 8)]
+        items = [Item(u, np.zeros((0, 0), np.uint8), entries[u].geom) for u in uids]
+        probs = [infer(lm, [entries[u].image for u in uids[i:i + bs]], quantise=True)
+                 for i in range(0, len(uids), bs)]
+        probs = [p for batch in probs for p in batch]
+        st = lm.spec.structures
+        t = time.process_time()
+        for it, p in zip(items[:32], probs[:32], strict=False):
+            postprocess(it, p, st)
+        one = (time.process_time() - t) / min(32, len(items)) * 1e3
+        row("post-processing, one thread", f"{one:.1f} CPU ms per image")
+        with ThreadPoolExecutor(CORES) as pool:
+            t = time.perf_counter()
+            list(pool.map(postprocess, items, probs, [st] * len(items)))
+            row(f"post-processing, {CORES} threads", f"{rate(len(items), time.perf_counter() - t):.1f} img/s")
+        with process_pool(CORES) as pool:
+            list(pool.map(postprocess, items[:CORES], probs[:CORES], [st] * CORES))  # start the workers
+            t = time.perf_counter()
+            list(pool.map(postprocess, items, probs, [st] * len(items), chunksize=4))
+            row(f"post-processing, {CORES} processes", f"{rate(len(items), time.perf_counter() - t):.1f} img/s")
+
+        # agreement: CPU against the device, through the whole labelling output
+        if dev.type == "cuda":
+            cpu = resolve_model(None, "default", "cpu")
+            agree: dict[str, list[float]] = {s: [] for s in st}
+            ctr_diff = []
+            for u in uids[:48]:
+                a = postprocess(Item(u, entries[u].image, entries[u].geom), infer(lm, [entries[u].image])[0], st)
+                b = postprocess(Item(u, entries[u].image, entries[u].geom), infer(cpu, [entries[u].image])[0], st)
+                for s in st:
+                    agree[s].append(dice(decode_mask(a.masks[s].data), decode_mask(b.masks[s].data)))
+                if a.measurements["ctr"] is not None and b.measurements["ctr"] is not None:
+                    ctr_diff.append(abs(a.measurements["ctr"] - b.measurements["ctr"]))
+            row("CPU vs CUDA labelling output, 48 images", ", ".join(
+                f"{s} Dice min {min(v):.4f}" for s, v in agree.items()) + f"; CTR max diff {max(ctr_diff):.4f}")
+
+        # training: step times, augmentation, and the whole loop on the device
+        from pipeline.train import TrainConfig, train
+        from pipeline.train.data import augmentation
+        from pipeline.train.losses import seg_loss
+        for preset, size in (("cxr_deep", 256), ("unet7_res", 512)):
+            cfg = TrainConfig.from_preset(preset, size=size)
+            net = build_network(cfg.spec()).to(dev)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+            x = torch.randn(8, 1, size, size, device=dev)
+            y = (torch.rand(8, 3, size, size, device=dev) > 0.5).float()
+            valid = torch.ones(8, 3, dtype=torch.bool, device=dev)
+            for step in range(13):
+                if step == 3:
+                    sync(dev)
+                    t = time.perf_counter()
+                loss = seg_loss(net(x), y, valid)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync(dev)
+            ms = (time.perf_counter() - t) / 10 * 1e3
+            aug = augmentation(cfg)
+            img = np.random.default_rng(0).random((1, size, size), dtype=np.float32)
+            mask = np.zeros((3, size, size), np.float32)
+            torch.set_num_threads(1)
+            t = time.perf_counter()
+            for _ in range(8):
+                aug({"image": img, "mask": mask})
+            aug_ms = (time.perf_counter() - t) * 1e3
+            torch.set_num_threads(CORES)
+            row(f"training step, {preset} at {size} px, batch 8, fp32", f"{ms:.1f} ms on the device; "
+                f"augmenting the batch on one CPU core {aug_ms:.0f} ms")
+        masks_engine = D.connect(f"sqlite:///{cold_db}")
+        with masks_engine.connect() as c:
+            labelled = c.exec_driver_sql("SELECT uid, structure, data FROM masks WHERE kind = 'predicted' "
+                                         "AND uid IN (SELECT uid FROM images WHERE source = 'dicom') "
+                                         "ORDER BY uid LIMIT 96").all()
+        with masks_engine.begin() as c:
+            D.upsert(c, D.masks, [M.mask_row(u, s, decode_mask(d), "manual") for u, s, d in labelled],
+                     M.MASK_KEYS)
+        cfg = TrainConfig.from_preset("tiny", epochs=2, size=lm.spec.size)
+        t = time.perf_counter()
+        r = train(masks_engine, cfg, tmp / "run", str(tmp / "cache_cold"), args.device, progress=False)
+        row(f"`train()` on {dev.type}: tiny preset, {lm.spec.size} px, 2 epochs, {len(labelled) // 3} images "
+            "(masks from the shipped model)", f"{time.perf_counter() - t:.1f} s; validation Dice heart "
+            f"{r.dice['heart']:.3f}")
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
