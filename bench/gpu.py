@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         build(args.n, tmp / "clinic", args.data)
         engine, chosen = catalogue(tmp / "warm.db", tmp / "clinic", args.rows)
+        engine.dispose()  # closes the connections: SQLite folds its WAL into the file we copy
         shutil.copy(tmp / "warm.db", tmp / "four.db")  # the same catalogue, nothing cached yet
         lm = resolve_model(engine, "default", args.device)
         dev = lm.device
