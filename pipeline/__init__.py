@@ -14,8 +14,7 @@ class CxrlabelError(Exception):
 
 def process_pool(workers: int | None = None):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
-    work is cancelled when its ``with`` block ends in an error. OpenCV runs one thread per
-    process from then on (in this process too).
+    work is cancelled when its ``with`` block ends in an error.
 
     Python's pool workers otherwise wait forever on their task queue after the parent is
     killed (``kill -9``, OOM killer), holding memory and the parent's open files; and a
@@ -29,11 +28,6 @@ def process_pool(workers: int | None = None):
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
-    # The pool is the parallelism: OpenCV's own thread pool in every worker would
-    # oversubscribe the cores. Set here, before the workers fork: a forked child that
-    # changes it hangs on the pool it inherited.
-    import cv2
-    cv2.setNumThreads(1)
     return Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
