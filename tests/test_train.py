@@ -247,3 +247,24 @@ def test_cross_validation_stores_its_folds_and_registers_each(annotated_engine, 
     again = train(annotated_engine, dataclasses.replace(cfg, fold=1), tmp_path / "cv" / "fold1",
                   str(tmp_path / "cache"), progress=False, held_out=splits["val"][1])
     assert again.history == cv.results[1].history
+
+
+def test_validation_hands_the_model_its_own_device(monkeypatch):
+    """On CUDA, validation once passed CPU tensors to the GPU model: here the model lives on
+    torch's `meta` device, and every tensor that reaches it must be there too."""
+    import pipeline.train.loop as L
+    from pipeline.train.data import Dataset
+    seen = []
+
+    def fake_predict(model, x, roi=None):
+        seen.append((x.device.type, next(model.parameters()).device.type))
+        return torch.zeros(x.shape[0], 3, *x.shape[-2:])
+
+    monkeypatch.setattr(L, "predict", fake_predict)
+    cfg = TrainConfig.from_preset("tiny")
+    model = build_network(cfg.spec()).to("meta")
+    n, s = 3, cfg.size
+    ds = Dataset([f"u{i}" for i in range(n)], np.random.default_rng(0).integers(0, 255, (n, s, s), dtype=np.uint8),
+                 np.zeros((n, 3, s, s), np.float32), np.ones((n, 3), bool))
+    L.validate(model, ds, [0, 1, 2], cfg, torch.device("meta"))
+    assert seen and all(pair == ("meta", "meta") for pair in seen)
