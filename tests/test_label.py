@@ -220,12 +220,12 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     with annotated_engine.begin() as c:
         c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly", "rule": "t",
                                        "assigned_at": D.utcnow()} for u, _ in _items(annotated_engine, 6).pairs()])
-    sample(annotated_engine, "s", 3)
+    sample(annotated_engine, "2024/q1", 3)  # a name that is no file name
     files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
     assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000
     assert files.histogram.exists()
-    files = report(annotated_engine, tmp_path / "rep", s.model, sample="s", tiles=2)
-    assert files.images == 2
+    files = report(annotated_engine, tmp_path / "rep", s.model, sample="2024/q1", tiles=2)
+    assert files.images == 2 and files.contact_sheet.parent == tmp_path / "rep"
 
 
 def test_labelling_never_imports_training_code():

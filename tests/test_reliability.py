@@ -10,6 +10,7 @@ import errno
 import gzip
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -106,13 +107,19 @@ def test_hostile_corpus_is_recorded_and_good_files_are_all_labelled(annotated_en
     for i in range(len(flipped) - 4000, len(flipped), 97):  # flipped bits in the pixel data
         flipped[i] ^= 0x5A
     (tmp_path / "flipped.dcm").write_bytes(bytes(flipped))
-    with annotated_engine.begin() as c:
-        c.execute(D.images.insert(), [{"uid": u, "source": "hostile", "path": str(p), "loaded_at": D.utcnow()}
-                                      for u, (p, _) in cases.items()]
-                  + [{"uid": u, "source": "hostile", "path": str(DICOM / f"{u}.dcm"), "loaded_at": D.utcnow()}
-                     for u in good]
-                  + [{"uid": "flipped_bits", "source": "hostile", "path": str(tmp_path / "flipped.dcm"),
-                      "loaded_at": D.utcnow()}])
+    # through the catalogue: a clinic CSV listing them all (paths relative to the CSV), and the
+    # hostile DICOMs' headers read by the DICOM loader
+    listing = tmp_path / "hostile.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "file"])
+        w.writerows([(u, os.path.relpath(p, tmp_path)) for u, (p, _) in cases.items()]
+                    + [(u, str(DICOM / f"{u}.dcm")) for u in good] + [("flipped_bits", "flipped.dcm")])
+    loaded = C.load_csv(annotated_engine, listing, {"uid": "id", "path": "file"}, source_name="hostile",
+                        progress=False)
+    assert loaded.loaded == len(cases) + len(good) + 1
+    headers = C.load_dicom(annotated_engine, tmp_path / "hostile", workers=1, progress=False)
+    assert headers.loaded + headers.errors == 2  # the truncated and header-only files: read or refused
     with annotated_engine.connect() as c:
         chosen = select_images(c, source="hostile")
     s = collect(annotated_engine, chosen.pairs(), Settings(64), tmp_path / "cache", workers=2, progress=False)
