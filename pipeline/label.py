@@ -153,7 +153,7 @@ class LabelSummary:
     device: str
 
 
-def _done(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
+def labelled_uids(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
     t = D.measurements
     with engine.connect() as conn:
         return {row.uid for row in D.rows_in(conn, select(t.c.uid).where(t.c.model == model), t.c.uid, uids)}
@@ -170,7 +170,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
     lm = resolve_model(engine, model, device)
     settings = Settings(lm.spec.size, lm.spec.mode)
     items = selection.items
-    done = _done(engine, lm.name, [it.uid for it in items])
+    done = labelled_uids(engine, lm.name, [it.uid for it in items])
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
     bs = batch_size or auto_batch_size(lm)
     mark_abandoned_runs(engine)

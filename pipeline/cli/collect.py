@@ -20,9 +20,12 @@ from pipeline.cli.common import engine_of, handle_errors, select, selection_opti
               help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
 @click.option("--verify", is_flag=True,
               help="Check every cached entry's checksum, not only that its file is whole.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|local",
+              help="Decode on a Ray cluster (its address, or 'local'); needs cxrlabel[ray].")
 @click.pass_context
 @handle_errors
-def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir, verify) -> None:
+def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir, verify,
+                ray_address) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
     \b
@@ -32,7 +35,11 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
     from pipeline.collect import Settings, collect
     engine = engine_of(ctx)
     chosen = select(engine, group, sample, all_images, limit, source)
-    s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers, verify=verify)
+    if ray_address:
+        from pipeline.distributed import collect_on_ray
+        s = collect_on_ray(engine, chosen.pairs(), Settings(size, mode), cache_dir, ray_address)
+    else:
+        s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers, verify=verify)
     click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
                f"cached, {s.failed} failed (see the failures table)"
                + (f"; {s.rebuilt} broken entries found and collected again" if s.rebuilt else ""))

@@ -18,16 +18,21 @@ from pipeline.cli.common import engine_of, handle_errors, select, selection_opti
 @click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images [default: cores].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [all cores].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
+@click.option("--ray", "ray_address", metavar="ADDRESS|local",
+              help="Run on a Ray cluster (its address, or 'local' for one started here); needs cxrlabel[ray].")
+@click.option("--actors", type=click.IntRange(min=1),
+              help="--ray: model actors [one per GPU; on CPUs one per core].")
 @click.pass_context
 @handle_errors
 def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
-              threads, cache_dir) -> None:
+              threads, cache_dir, ray_address, actors) -> None:
     """Stage 4: masks, measurements and quality for a selection; resumable.
 
     \b
     Example:
         cxrlabel label --group cardiomegaly
         cxrlabel label --sample test70k --device cuda --batch-size auto
+        cxrlabel --db postgresql+psycopg://me@db/cxr label --sample test70k --ray 10.0.0.5:6379
     """
     import torch
 
@@ -38,8 +43,12 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     engine = engine_of(ctx)
     chosen = select(engine, group, sample, all_images, limit, source)
-    s = label(engine, chosen, model, device, None if batch_size == "auto" else int(batch_size),
-              cache_dir, workers)
+    size = None if batch_size == "auto" else int(batch_size)
+    if ray_address:
+        from pipeline.distributed import label_on_ray
+        s = label_on_ray(engine, chosen, model, ray_address, device, size or 64, cache_dir, actors)
+    else:
+        s = label(engine, chosen, model, device, size, cache_dir, workers)
     click.echo(f"label run {s.run_id} ({s.model} on {s.device}): {s.labelled} labelled, "
                f"{s.skipped} already labelled, {s.failed} failed of {s.selected} selected")
 
