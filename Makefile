@@ -73,11 +73,14 @@ demo: catalogue masks
 	$(CX) query sql/queries/ctr_by_group.sql
 	@echo "catalogue: $(DB)   cache: $(CACHE)   reports: $(OUT)/reports/   clinic: $(OUT)/demo_clinic/"
 
+# bench/gpu.py needs CUDA and bench/db_write.py a --db URL: run them by hand (see bench/RESULTS.md)
 bench: install
 	$(BIN)/python bench/groups_openi.py
 	$(BIN)/python bench/catalogue.py
 	$(BIN)/python bench/collect.py
 	$(BIN)/python bench/label.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/reliability.py
 
 clean-data:
 	rm -rf data/catalogue.db data/catalogue.db-wal data/catalogue.db-shm $(CACHE) data/reports data/demo_clinic
