@@ -28,11 +28,6 @@ def process_pool(workers: int | None = None):
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
-    # shared memory that workers attach is tracked by the parent's resource tracker, which the
-    # workers inherit when it runs before they fork (else each starts its own, and "cleans up"
-    # the parent's blocks when it exits)
-    from multiprocessing import resource_tracker
-    resource_tracker.ensure_running()
     return Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 

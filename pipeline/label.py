@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 
 import cv2
 import numpy as np
@@ -111,31 +110,6 @@ def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str]
         return Result(item.uid, error=f"post-processing: {type(e).__name__}: {e}")
 
 
-class SharedProbabilities:
-    """A batch's probabilities in shared memory, so that post-processing workers read them
-    there rather than each receiving a pickled copy through the pool's single feeder thread."""
-
-    def __init__(self, probs: np.ndarray) -> None:
-        self._shm = shared_memory.SharedMemory(create=True, size=max(1, probs.nbytes))
-        np.ndarray(probs.shape, probs.dtype, buffer=self._shm.buf)[...] = probs
-        self.ref = (self._shm.name, probs.shape, probs.dtype.str)
-
-    def release(self) -> None:
-        self._shm.close()
-        self._shm.unlink()
-
-
-def postprocess_shared(item: Item, ref: tuple[str, tuple, str], index: int, structures: Sequence[str]) -> Result:
-    """:func:`postprocess_or_fail` of image ``index`` of a :class:`SharedProbabilities` batch."""
-    name, shape, dtype = ref
-    shm = shared_memory.SharedMemory(name=name)  # the pool's workers share their parent's tracker
-    try:
-        probs = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)[index].copy()
-    finally:
-        shm.close()
-    return postprocess_or_fail(item, probs, structures)
-
-
 def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
     """``(B, C, S, S)`` probabilities of one batch as uint8 (``round(255 p)``, CPU numpy):
     a quarter of float32's bytes to copy off the GPU and to hand to post-processing."""
@@ -211,12 +185,8 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
         structures = lm.spec.structures
 
-        def finish(n: int, futures: list[Future], errors: list[Result], shared: SharedProbabilities | None) -> None:
-            try:
-                results = [f.result() for f in futures]
-            finally:
-                if shared is not None:
-                    shared.release()
+        def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
+            results = [f.result() for f in futures]
             write_batch(engine, results + errors, lm.name, run_id)
             bar.update(len(results) + len(errors))
             log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
@@ -232,11 +202,11 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
             written: deque[Future] = deque()
             for n, (items_, errors) in enumerate(_prefetch(engine, todo, bs, settings, cache_dir, loaders, procs),
                                                  start=1):
-                shared = SharedProbabilities(forward(lm, items_)) if items_ else None
-                # the workers read the probabilities from shared memory, and need no pixels
-                futures = [procs.submit(postprocess_shared, dataclasses.replace(it, image=_NO_PIXELS), shared.ref, i,
+                probs = forward(lm, items_) if items_ else None
+                # the worker needs no pixels, only the geometry
+                futures = [procs.submit(postprocess_or_fail, dataclasses.replace(it, image=_NO_PIXELS), probs[i],
                                         structures) for i, it in enumerate(items_)]
-                written.append(writer.submit(finish, n, futures, errors, shared))
+                written.append(writer.submit(finish, n, futures, errors))
                 while len(written) > depth:
                     written.popleft().result()  # a failed write stops the run here
             while written:
