@@ -1,8 +1,9 @@
 """Labelling and collecting beyond one machine, on Ray (an optional extra: ``pip install 'cxrlabel[ray]'``).
 
-The same per-batch functions as the local loop run inside Ray: each :class:`Labeller` actor
-holds one model (one per GPU, or a chosen number on CPUs), reads its batch through the cache
-(:func:`pipeline.label.load_batch`, decoding what is missing), runs :func:`pipeline.label.forward`
+The same per-batch functions as the local loop run inside Ray. Uncached images are first
+decoded into the cache by CPU tasks across the cluster (:func:`collect_on_ray`); then each
+model actor (one per GPU, or a chosen number on CPUs) reads its batch through the cache
+(:func:`pipeline.label.load_batch`, collecting anything still missing), runs :func:`pipeline.label.forward`
 and :func:`pipeline.label.postprocess_or_fail`, and writes the batch itself in one transaction
 (:func:`pipeline.label.write_batch`) to the shared database: PostgreSQL on a cluster; SQLite
 only on one machine (``local``).
@@ -131,6 +132,11 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
     started = _connect(address, None)
     try:
+        # decoding first, as CPU tasks over the whole cluster: the model actors then read a
+        # warm cache (and still collect any entry that went missing since)
+        from pipeline.collect import Settings
+        collect_on_ray(engine, [(it.uid, it.path) for it in todo], Settings(lm.spec.size, lm.spec.mode), cache_dir,
+                       address, batch_size, progress)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus > 0 and device in ("auto", "cuda")
         n = actors or (gpus if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_actor))
