@@ -268,3 +268,12 @@ def test_validation_hands_the_model_its_own_device(monkeypatch):
                  np.zeros((n, 3, s, s), np.float32), np.ones((n, 3), bool))
     L.validate(model, ds, [0, 1, 2], cfg, torch.device("meta"))
     assert seen and all(pair == ("meta", "meta") for pair in seen)
+
+
+def test_folds_trained_in_parallel_processes_equal_folds_trained_in_turn(annotated_engine, tmp_path):
+    cfg = TrainConfig.from_preset("tiny", epochs=1, folds=2, threads=1)
+    cache = str(tmp_path / "cache")
+    one_by_one = cross_validate(annotated_engine, cfg, tmp_path / "a", cache, "cpu", progress=False)
+    at_once = cross_validate(annotated_engine, cfg, tmp_path / "b", cache, "cpu", progress=False, parallel=2)
+    assert [r.history for r in at_once.results] == [r.history for r in one_by_one.results]
+    assert [r.held_out for r in at_once.results] == [r.held_out for r in one_by_one.results]

@@ -33,10 +33,12 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoints, splits and curves [runs/NAME].")
 @click.option("--no-resume", is_flag=True, help="Start over even if RUN_DIR/last.pt exists.")
+@click.option("--parallel-folds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many folds at once, in separate processes (e.g. on one GPU).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
-def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, **overrides) -> None:
+def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, parallel_folds, **overrides) -> None:
     """Stage 3: train a network on the manual masks; registers the best checkpoint.
 
     Held-out images are stored as uid lists in RUN_DIR/splits.json and reused on resume;
@@ -45,14 +47,14 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, *
     \b
     Example:
         cxrlabel train --model cxr_deep --epochs 100 --folds 5
-        cxrlabel train --model unet7_res --size 512 --val-frac 0.2 --device cuda
+        cxrlabel train --model unet7_res --size 512 --folds 5 --parallel-folds 5 --device cuda
     """
     from pipeline.train import TrainConfig, cross_validate
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
     name = name or preset
     run_dir = run_dir or Path("runs") / name
     cv = cross_validate(engine_of(ctx), cfg, run_dir, cache_dir, device, not no_resume,
-                        register_as=name)
+                        register_as=name, parallel=parallel_folds)
     for fold_name, r in zip(cv.names, cv.results, strict=True):
         scored = {k: v for k, v in r.dice.items() if v == v}  # NaN: no held-out images
         click.echo(f"{fold_name}: " + (f"best epoch {r.best_epoch}, Dice " + ", ".join(
