@@ -393,12 +393,18 @@ def init_db(engine: Engine) -> int:
             if (found, applied) != (SCHEMA_VERSION, views):
                 _upgrade(conn, found, views)
     except OperationalError as e:
-        if "readonly" in str(e).lower() or "read-only" in str(e).lower():
+        if is_read_only_error(e):
             raise DatabaseError(
                 f"the database is read-only and needs {'its schema created' if not found else 'an upgrade'} "
                 f"(version {found} -> {SCHEMA_VERSION}): run `cxrlabel db init` once on a writable copy") from e
         raise
     return SCHEMA_VERSION
+
+
+def is_read_only_error(e: BaseException) -> bool:
+    """Whether a database error says the database cannot be written (SQLite, PostgreSQL)."""
+    text_ = str(e).lower()
+    return "readonly" in text_ or "read-only" in text_ or "read only" in text_
 
 
 _INIT_LOCK = 0x637872  # the advisory lock key of schema upgrades ("cxr")

@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
+from pipeline import db as D
 from pipeline.resources import ready_queries
 
 FETCH = 1000  # rows per round trip
@@ -138,6 +139,6 @@ def _close(raw, dbapi, dialect: str, cur) -> None:
 def _query_error(e: Exception) -> QueryError:
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     low = msg.lower()
-    if any(w in low for w in ("not authorized", "authorization denied", "read-only", "read only", "readonly")):
+    if "not authorized" in low or "authorization denied" in low or D.is_read_only_error(e):
         return QueryError(f"query refused: the query command is read-only ({msg})")
     return QueryError(f"SQL error: {msg}")

@@ -27,7 +27,7 @@ def handle_errors(fn):
         except CxrlabelError as e:
             raise click.ClickException(" ".join(str(e).split())) from e
         except OperationalError as e:
-            if "readonly" not in str(e).lower() and "read-only" not in str(e).lower():
+            if not D.is_read_only_error(e):
                 raise
             raise click.ClickException("the database is read-only and this command writes to it: "
                                        "run it on a writable database (without mode=ro)") from e
