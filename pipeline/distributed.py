@@ -213,28 +213,24 @@ def _close_run(engine: Engine, run_id: int, status: str, failed: int) -> None:
 
 def collect_on_ray(engine: Engine, items: Sequence[tuple[str, str | None]], settings, root: str | Path | None = None,
                    address: str = "local", batch_size: int = 64, progress: bool = True):
-    """:func:`pipeline.collect.collect` with each batch decoded and stored by a Ray task."""
-    from pipeline.collect import CollectSummary, cache_root, cached_rows
+    """:func:`pipeline.collect.collect` run by Ray tasks, one batch of ``items`` each: the same
+    skipping of whole entries, rebuilding of broken ones and recording of failures."""
+    from pipeline.collect import CollectSummary, cache_root
     ray = _ray()
     url = _url(engine)
     root = str(cache_root(root).resolve())
     summary = CollectSummary(selected=len(items))
-    with engine.connect() as conn:
-        recorded = cached_rows(conn, settings, [u for u, _ in items])
-    todo = sorted((u, p) for u, p in items if u not in recorded)
-    summary.skipped = len(items) - len(todo)
     started = _connect(address, None)
     try:
         task = ray.remote(max_retries=RESTARTS)(_collect_batch)
-        refs = [task.remote(url, todo[i:i + batch_size], settings.size, settings.mode, root)
-                for i in range(0, len(todo), batch_size)]
-        bar = tqdm(total=len(todo), desc="collect (ray)", unit="img", disable=not progress)
+        refs = [task.remote(url, list(chunk), settings, root) for chunk in D.chunks(list(items), batch_size)]
+        bar = tqdm(total=len(items), desc="collect (ray)", unit="img", disable=not progress)
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
-            cached, failed = ray.get(ready[0])
-            summary.cached += cached
-            summary.failed += failed
-            bar.update(cached + failed)
+            part = ray.get(ready[0])
+            for field in ("cached", "skipped", "failed", "rebuilt"):
+                setattr(summary, field, getattr(summary, field) + getattr(part, field))
+            bar.update(part.selected)
         bar.close()
     finally:
         if started:
@@ -242,12 +238,10 @@ def collect_on_ray(engine: Engine, items: Sequence[tuple[str, str | None]], sett
     return summary
 
 
-def _collect_batch(url: str, chunk: list[tuple[str, str | None]], size: int, mode: str, root: str) -> tuple[int, int]:
-    from pipeline.collect import Settings, _decode_many, _store
-    settings = Settings(size, mode)
+def _collect_batch(url: str, chunk: list[tuple[str, str | None]], settings, root: str):
+    from pipeline.collect import collect
     engine = D.connect(url)
-    results = list(_decode_many(chunk, settings, Path(root), None, keep_images=False))
-    _store(engine, settings, results, "collect")
-    engine.dispose()
-    failed = sum("error" in r for r in results)
-    return len(results) - failed, failed
+    try:
+        return collect(engine, chunk, settings, root, workers=1, progress=False)
+    finally:
+        engine.dispose()
