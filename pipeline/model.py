@@ -275,9 +275,11 @@ def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", enabled=lm.device.type == "cuda"):
         probs = predict(lm.module, x, lm.spec.roi)
+    # row-major (B, C, S, S) whatever layout the model ran in (channels-last on a CPU):
+    # post-processing reads each channel's plane, several times slower when strided
     if quantise:
-        return (probs.float() * 255).round_().to(torch.uint8).cpu().numpy()
-    return probs.float().cpu().numpy()
+        return (probs.float() * 255).round_().to(torch.uint8).contiguous().cpu().numpy()
+    return probs.float().contiguous().cpu().numpy()
 
 
 def auto_batch_size(lm: LoadedModel) -> int:
