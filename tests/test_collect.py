@@ -1,7 +1,10 @@
+import hashlib
 import os
+from pathlib import Path
 
+import cv2
 import numpy as np
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from pipeline import catalogue as C
 from pipeline import db as D
@@ -38,7 +41,26 @@ def test_collect_caches_records_failures_and_resumes(engine, tmp_path):
     # other settings live in their own namespace
     other = collect(engine, items[:2], Settings(32, "stretch"), cache, workers=1, progress=False)
     assert other.cached == 2 and Settings(32, "stretch").id != Settings(64).id
-    assert len(list((cache / Settings(64).id).rglob("*.png"))) == 7
+    assert len(list((cache / Settings(64).id).rglob("*.npy"))) == 7
+    assert np.array_equal(np.load(entry_path(cache, Settings(64), "RG1_UNCR")), e.image)
+
+
+def test_png_entries_of_earlier_versions_are_still_read(engine, tmp_path):
+    """A cache collected before entries were .npy files keeps working, checksums included."""
+    items = _items(engine, tmp_path)[:2]
+    cache = tmp_path / "cache"
+    collect(engine, items, Settings(64), cache, workers=1, progress=False)
+    with engine.begin() as c:
+        for row in c.execute(select(D.cache)).mappings().all():
+            img = np.load(row["path"])
+            png = Path(row["path"]).with_suffix(".png")
+            png.write_bytes(cv2.imencode(".png", img)[1].tobytes())
+            c.execute(update(D.cache).where(D.cache.c.uid == row["uid"]).values(
+                path=str(png), checksum=hashlib.sha256(png.read_bytes()).hexdigest(), bytes=png.stat().st_size))
+            Path(row["path"]).unlink()
+    got = fetch(engine, items, Settings(64), cache)
+    assert all(isinstance(g, Entry) and g.image.shape == (64, 64) for g in got)
+    assert collect(engine, items, Settings(64), cache, workers=1, progress=False).skipped == 2
 
 
 def test_interrupted_write_is_never_trusted(engine, tmp_path):
