@@ -22,7 +22,7 @@ from sqlalchemy import select
 from pipeline import db as D
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.label import Item, postprocess
-from pipeline.masks import decode, load_masks
+from pipeline.masks import load_masks
 from pipeline.metrics import dice
 from pipeline.model import infer, read_checkpoint, resolve_model
 from pipeline.train.data import annotated_uids
@@ -43,7 +43,7 @@ def evaluate_fold(engine, ckpt: Path, held_out: list[str], cache: str | None) ->
         r = postprocess(Item(e.uid, e.image, e.geom), probs, lm.spec.structures)
         for s in lm.spec.structures:
             if s in truth.get(e.uid, {}):
-                scores[s].append(dice(decode(r.masks[s].data), truth[e.uid][s]))
+                scores[s].append(dice(r.masks[s].decode(), truth[e.uid][s]))
     return scores
 
 

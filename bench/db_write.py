@@ -1,7 +1,7 @@
 """The shared database's write rate: labelled batches per second from several writers at once.
 
 Every labelling worker (a local process, a Ray actor) writes its own batches, each in one
-transaction (`label.write_batch`: 3 masks as 1-bit PNGs in original geometry, 1 measurements
+transaction (`label.write_batch`: 3 masks as run-length text in original geometry, 1 measurements
 row, the run's counts). This bench writes realistic batches (masks of ellipses at 2,000-3,000
 px, encoded as labelling encodes them) from K processes at once and prints images, rows and
 mask megabytes per second for each K, with the ratio to one writer: the limit that a
@@ -39,7 +39,7 @@ def masks_of(rng: np.random.Generator) -> dict[str, EncodedMask]:
         m = np.zeros((h, w), np.uint8)
         centre = (int(w * (0.5 + 0.25 * (i - 1))), int(h * 0.5))
         cv2.ellipse(m, centre, (w // 7, h // 4), 0, 0, 360, 1, -1)
-        out[s] = EncodedMask.of(m > 0)
+        out[s] = EncodedMask.of(m > 0, "rle")  # as labelling stores them
     return out
 
 

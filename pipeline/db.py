@@ -207,7 +207,7 @@ masks = Table(
     Column("kind", String(10), nullable=False),  # manual | predicted
     Column("model", String(100), nullable=False, default=""),  # '' for manual masks
     Column("run_id", Integer, ForeignKey("label_runs.id")),
-    Column("encoding", String(10), nullable=False),  # png: 1-bit PNG, original geometry
+    Column("encoding", String(10), nullable=False),  # png: 1-bit PNG; rle: CheXmask run-length text
     Column("height", Integer, nullable=False),
     Column("width", Integer, nullable=False),
     Column("area", Integer, nullable=False),

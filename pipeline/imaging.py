@@ -97,40 +97,75 @@ class Geometry:
         """Original ``(H, W)`` array -> ``(S, S)`` float32 (area-averaged when shrinking)."""
         return _warp(arr, self.matrix(), (self.size, self.size))
 
-    def to_original(self, arr: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """Cache ``(S, S)`` array (e.g. probabilities) -> ``(H, W)`` float32, bilinear.
-
-        With ``box`` (cache ``x0, y0, x1, y1``, inclusive), only the original pixels under that
-        box are computed and the rest is 0: for sparse masks this is several times faster.
-        """
-        if box is None:
-            self._check_cache_shape(arr)
-            return cv2.warpAffine(arr.astype(np.float32), self.matrix(inverse=True),
-                                  (self.orig_width, self.orig_height),
-                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out = np.zeros((self.orig_height, self.orig_width), np.float32)
-        region, crop = self.to_original_crop(arr, box)
-        out[region] = crop
-        return out
-
-    def to_original_crop(self, arr: np.ndarray, box: tuple[int, int, int, int],
-                         ) -> tuple[tuple[slice, slice], np.ndarray]:
-        """The part of :meth:`to_original` under a cache ``box``: ``(rows, cols)`` slices of the
-        original image and the float32 values there (zero-sized when the box is empty)."""
+    def to_original(self, arr: np.ndarray) -> np.ndarray:
+        """Cache ``(S, S)`` array (e.g. probabilities) -> ``(H, W)`` float32, bilinear (edge
+        values replicated beyond the cache's edge). Labelling maps masks back without it:
+        :meth:`runs_above` gives the same pixels, thresholded, without the full-size array."""
         self._check_cache_shape(arr)
-        # cache pixel edges x0 - 0.5 .. x1 + 1.5 (one pixel of margin) in original pixels
-        ox0 = max(0, int(np.floor((box[0] - 1) / self.scale_x - self.offset_x)))
-        oy0 = max(0, int(np.floor((box[1] - 1) / self.scale_y - self.offset_y)))
-        ox1 = max(ox0, min(self.orig_width, int(np.ceil((box[2] + 2) / self.scale_x - self.offset_x))))
-        oy1 = max(oy0, min(self.orig_height, int(np.ceil((box[3] + 2) / self.scale_y - self.offset_y))))
-        region = (slice(oy0, oy1), slice(ox0, ox1))
-        if ox1 == ox0 or oy1 == oy0:
-            return region, np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
-        shifted = self.matrix(inverse=True)  # OpenCV takes the forward map: cache -> original ROI
-        shifted[0, 2] -= ox0
-        shifted[1, 2] -= oy0
-        return region, cv2.warpAffine(arr.astype(np.float32), shifted, (ox1 - ox0, oy1 - oy0),
-                                      flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.warpAffine(arr.astype(np.float32), self.matrix(inverse=True),
+                              (self.orig_width, self.orig_height),
+                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    def runs_above(self, arr: np.ndarray, level: float = 0.5) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Where :meth:`to_original` of each ``(S, S)`` cache array in ``arr`` (``(C, S, S)``)
+        exceeds ``level``, as runs of original pixels: per array, ``(rows, first, last)``
+        int64 arrays (columns inclusive, sorted by row and column), found without building
+        any original-size array.
+
+        Bilinear interpolation is linear along an original row between two cache columns, so
+        each crossing of ``level`` is solved exactly, and only in the cache cells whose
+        corners straddle it: the work grows with the outlines, not the areas.
+        """
+        self._check_cache_shape(arr[0])
+        n, size = len(arr), self.size
+        field = np.zeros((n, size + 2, size + 2))  # a ring below level around each array
+        field[:, 1:-1, 1:-1] = arr
+        above = field > level
+        corner = above[:, :-1, :-1]
+        straddle = (corner != above[:, :-1, 1:]) | (corner != above[:, 1:, :-1]) | (corner != above[:, 1:, 1:])
+        # the cell row above each original row's centre, and how far down the cell it lies;
+        # beyond the edge rows, the edge row's values (OpenCV's BORDER_REPLICATE)
+        v = np.clip((np.arange(self.orig_height) + 0.5 + self.offset_y) * self.scale_y - 0.5, 0, size - 1)
+        k, t = np.floor(v).astype(np.int64) + 1, v - np.floor(v)
+        index = np.flatnonzero(straddle)  # in (array, row, column) order
+        layer, rest = np.divmod(index, (size + 1) ** 2)
+        cell_rows, cell_cols = np.divmod(rest, size + 1)
+        flat = field.reshape(n, -1)
+        at = layer, cell_rows * (size + 2) + cell_cols
+        below = layer, at[1] + size + 2
+        top_l, top_r = flat[at], flat[at[0], at[1] + 1]
+        drop_l, drop_r = flat[below] - top_l, flat[below[0], below[1] + 1] - top_r
+        # each cell, once for every original row across it, in (array, row, column) order:
+        # the cells of one cell row of one array are consecutive in `index`
+        key = layer * (size + 1) + cell_rows
+        group_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else key
+        group_size = np.diff(np.r_[group_start, len(key)])
+        lo = np.searchsorted(k, cell_rows[group_start], "left")
+        pairs = (np.searchsorted(k, cell_rows[group_start], "right") - lo) * group_size
+        group = np.repeat(np.arange(len(group_start)), pairs)
+        nth = np.arange(len(group)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+        row = lo[group] + nth // group_size[group]
+        cell = group_start[group] + nth % group_size[group]
+        left = top_l[cell] + t[row] * drop_l[cell]
+        right = top_r[cell] + t[row] * drop_r[cell]
+        rising = right > level
+        crossing = np.flatnonzero((left > level) != rising)  # in, out, in... along each row
+        row, cell, rising = row[crossing], cell[crossing], rising[crossing]
+        left, right = left[crossing], right[crossing]
+        col = cell_cols[cell]
+        u = col - 1 + (level - left) / (right - left)  # cache column of the crossing
+        x = (u + 0.5) / self.scale_x - 0.5 - self.offset_x  # ... and original column
+        # beyond the edge columns, the edge column's values: out to the original's border
+        x[(col == 0) & rising] = -1.0
+        x[(col == size) & ~rising] = self.orig_width
+        if not (rising[0::2].all() and not rising[1::2].any()):
+            raise ValueError("unpaired level crossings: the array is not finite")
+        first = np.maximum(np.floor(x[0::2]).astype(np.int64) + 1, 0)  # pixel centres strictly inside
+        last = np.minimum(np.ceil(x[1::2]).astype(np.int64) - 1, self.orig_width - 1)
+        keep = first <= last
+        row, first, last, which = row[0::2][keep], first[keep], last[keep], layer[cell[0::2]][keep]
+        bounds = np.searchsorted(which, np.arange(n + 1))
+        return [(row[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _check_cache_shape(self, arr: np.ndarray) -> None:
         if arr.shape != (self.size, self.size):

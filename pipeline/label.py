@@ -35,7 +35,7 @@ from pipeline import masks as M
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry
-from pipeline.measure import bbox, clean, measure_boxes, quality
+from pipeline.measure import clean, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -72,32 +72,44 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
     """``(C, S, S)`` probabilities of one image (float, or uint8 = round(255 p)) -> masks in
     original geometry + measurements.
 
-    Each structure is mapped back only inside its box: the full-size masks (up to 3000 x
-    3000 pixels each) are never built, only encoded from the crops.
+    Each structure is cleaned inside its box at the model's resolution, and its probabilities
+    (not the binary mask, so the outline keeps its sub-pixel position) are mapped back to
+    original geometry as runs (:meth:`Geometry.runs_above`): the full-size masks (up to 3000
+    x 3000 pixels each) are never built, and the runs are the stored run-length encoding.
     """
-    if probs.dtype == np.uint8:  # quantised on the device (see forward)
-        probs = probs.astype(np.float32) * np.float32(1 / 255)
-    cleaned, kept, boxes, encoded = {}, {}, {}, {}
+    quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
+    cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
     ring = np.ones((3, 3), np.uint8)
-    shape = (item.geom.orig_height, item.geom.orig_width)
-    heart_area = None
+    agreement, kept, columns = {}, {}, {}
+    soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
+    fg = probs > cut
+    fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
+    sums = probs.reshape(len(probs), -1).sum(axis=1) * float(unit)
     for i, s in enumerate(structures):
-        cleaned[s], kept[s] = clean(probs[i] > 0.5)
-        # map the probabilities (not the binary mask) back, so the boundary keeps its
-        # sub-pixel position; limited to the kept component and with its holes filled
-        near = cv2.dilate(cleaned[s].astype(np.uint8), ring) > 0
-        soft = np.where(near, probs[i], 0.0).astype(np.float32)
-        soft[cleaned[s] & (soft <= 0.5)] = 0.75
-        (rows, cols), crop = item.geom.to_original_crop(soft, bbox(near) or (0, 0, -1, -1))
-        crop = crop > 0.5
-        box = bbox(crop)
-        boxes[s] = box and (box[0] + cols.start, box[1] + rows.start, box[2] + cols.start, box[3] + rows.start)
-        # encoded here, in the worker thread, so the writer only talks to the database
-        encoded[s] = M.EncodedMask.of(crop, (rows.start, cols.start), shape)
-        if s == "heart":
-            heart_area = encoded[s].area
-    values = measure_boxes(boxes, heart_area, item.spacing)
-    values["quality"] = quality(probs, cleaned, kept, values["ctr"], tuple(structures))
+        ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
+        kept[s], agreement[s], columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
+        if len(xs) == 0:
+            continue
+        # clean inside the box, with two pixels of margin: room for the dilation below
+        window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
+        p = probs[i][window].astype(np.float32) * unit
+        cleaned, kept[s] = clean(p > 0.5)
+        # the probabilities near the kept component, its holes filled
+        near = cv2.dilate(cleaned.astype(np.uint8), ring) > 0
+        part = np.where(near, p, np.float32(0))
+        part[cleaned & (part <= 0.5)] = 0.75
+        soft[i][window] = part
+        # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
+        agreement[s] = 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned)))
+        used = np.flatnonzero(cleaned.any(axis=0))
+        columns[s] = float(used.mean()) + window[1].start if len(used) else None
+    shape = (item.geom.orig_height, item.geom.orig_width)
+    encoded, boxes = {}, {}
+    for s, (rows, first, last) in zip(structures, item.geom.runs_above(soft), strict=True):
+        encoded[s] = M.EncodedMask.from_runs(rows, first, last, shape)
+        boxes[s] = (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
+    values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
+    values["quality"] = quality(agreement, kept, columns, values["ctr"])
     return Result(item.uid, encoded, values)
 
 

@@ -1,8 +1,12 @@
 """Masks: lossless encoding in the database, and importers of annotated sets.
 
-A mask is ``(H, W) bool`` in the *original* image geometry, stored as a 1-bit PNG
-(``encoding='png'``). Manual masks have ``kind='manual'`` and ``model=''``; predicted ones
-``kind='predicted'``, the model name and the label run.
+A mask is ``(H, W) bool`` in the *original* image geometry. Imported (manual) masks are
+stored as 1-bit PNGs (``encoding='png'``); predicted ones as CheXmask's run-length text
+(``encoding='rle'``: "start length ..." pairs, 1-based starts into the row-major flattened
+image, the ``height`` and ``width`` columns giving its shape), which labelling computes
+straight from the model's output without building the full-size array. Manual masks have
+``kind='manual'`` and ``model=''``; predicted ones ``kind='predicted'``, the model name and
+the label run.
 """
 
 from __future__ import annotations
@@ -39,27 +43,18 @@ class MaskImportError(CxrlabelError):
     pass
 
 
-def encode(mask: np.ndarray, origin: tuple[int, int] = (0, 0), shape: tuple[int, int] | None = None) -> bytes:
+def encode(mask: np.ndarray) -> bytes:
     """``(H, W)`` bool/0-1 array -> 1-bit greyscale PNG bytes (any PNG reader decodes them).
 
-    With ``shape``, ``mask`` is a crop whose top-left pixel lies at ``origin`` (row, column)
-    of an otherwise empty ``shape`` image: a predicted structure's box, encoded without
-    building the full-size array. Written directly (rows bit-packed, filter 0, zlib):
-    OpenCV's bilevel PNG writer is several times slower on large, mostly empty masks.
+    Written directly (rows bit-packed, filter 0, zlib): OpenCV's bilevel PNG writer is
+    several times slower on large, mostly empty masks.
     """
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    h, w = shape if shape is not None else mask.shape
-    y0, x0 = origin
-    if h < 1 or w < 1 or y0 < 0 or x0 < 0 or y0 + mask.shape[0] > h or x0 + mask.shape[1] > w:
-        raise ValueError(f"a {mask.shape} mask at {origin} does not fit a non-empty {(h, w)} image")
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"mask must be 2-D and non-empty, got shape {mask.shape}")
+    h, w = mask.shape
     bits = mask if mask.dtype == np.bool_ else mask > 0
-    lead = x0 % 8  # pack from the byte boundary left of the crop
-    if lead:
-        bits = np.pad(bits, ((0, 0), (lead, 0)))
-    rows = np.packbits(bits, axis=1)
     raw = np.zeros((h, (w + 7) // 8 + 1), np.uint8)  # column 0: each row's filter type (none)
-    raw[y0:y0 + rows.shape[0], 1 + x0 // 8:1 + x0 // 8 + rows.shape[1]] = rows
+    raw[:, 1:] = np.packbits(bits, axis=1)
     return b"".join([_PNG_SIGNATURE,
                      _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)),
                      _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), ZLIB_LEVEL)),
@@ -67,17 +62,80 @@ def encode(mask: np.ndarray, origin: tuple[int, int] = (0, 0), shape: tuple[int,
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# zlib level of mask PNGs: level 1 compresses a 3000 x 3000 mask several times faster than
-# the default 6, for files a little larger (bench/postprocess.py)
-ZLIB_LEVEL = 1
+ZLIB_LEVEL = 1  # several times faster than the default 6 on large masks, files a little larger
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def decode(data: bytes) -> np.ndarray:
-    """PNG bytes from :func:`encode` -> ``(H, W) bool``."""
+def rle(rows: np.ndarray, first: np.ndarray, last: np.ndarray, width: int) -> bytes:
+    """Runs of foreground pixels (row, first column, last column; sorted, not overlapping) ->
+    CheXmask's run-length text: ``"start length start length ..."``, ASCII, with 1-based
+    starts into the row-major flattened image. Runs that continue onto the next row merge."""
+    starts = np.asarray(rows, np.int64) * width + np.asarray(first, np.int64)
+    ends = np.asarray(rows, np.int64) * width + np.asarray(last, np.int64) + 1
+    if len(starts) > 1:
+        carried = starts[1:] == ends[:-1]  # run i + 1 carries on run i
+        if carried.any():
+            starts, ends = starts[np.r_[True, ~carried]], ends[np.r_[~carried, True]]
+    pairs = np.empty(2 * len(starts), np.int64)
+    pairs[0::2], pairs[1::2] = starts + 1, ends - starts
+    return _ascii_numbers(pairs)
+
+
+def _ascii_numbers(values: np.ndarray) -> bytes:
+    """Non-negative integers as space-separated ASCII decimals, like ``" ".join(map(str, v))``,
+    for the whole array at once (a Python loop over 10,000 numbers takes a millisecond)."""
+    if len(values) == 0:
+        return b""
+    digits = np.searchsorted(_POWERS, values.astype(np.uint64), "right").clip(1)
+    width = int(digits.max())
+    columns, rest = [], values.copy()
+    for _ in range(width):  # least significant first; scalar divisors are fast in numpy
+        columns.append(ord("0") + (rest % 10).astype(np.uint8))
+        rest //= 10
+    spaces = np.cumsum(digits + 1) - 1 + width  # where each number's separator goes
+    out = np.empty(int(spaces[-1]), np.uint8)  # led by `width` bytes of scratch
+    # every number writes `width` digits right-aligned, most significant first: the leading
+    # zeros of a short number land on its predecessor, whose own digits come later
+    for k in range(width - 1, -1, -1):
+        out[spaces - 1 - k] = columns[k]
+    out[spaces[:-1]] = ord(" ")
+    return out[width:].tobytes()
+
+
+_POWERS = 10 ** np.arange(20, dtype=np.uint64)
+
+
+def rle_of(mask: np.ndarray) -> bytes:
+    """``(H, W)`` bool array -> :func:`rle` text."""
+    flat = np.concatenate([[False], mask.ravel() > 0, [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts and ends, 0-based, alternating
+    starts, ends = edges[0::2], edges[1::2]
+    pairs = np.empty(2 * len(starts), np.int64)
+    pairs[0::2], pairs[1::2] = starts + 1, ends - starts
+    return _ascii_numbers(pairs)
+
+
+def decode(data: bytes, encoding: str = "png", shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Stored mask bytes -> ``(H, W) bool``: a PNG, or :func:`rle` text of a ``shape`` image."""
+    if encoding == "rle":
+        if shape is None:
+            raise ValueError("an rle mask needs its image's (height, width)")
+        try:
+            numbers = np.array(bytes(data).split(), np.int64)
+        except ValueError:
+            raise ValueError("stored rle mask is not run-length text") from None
+        size = shape[0] * shape[1]
+        starts, lengths = numbers[0::2] - 1, numbers[1::2]
+        if len(numbers) % 2 or (len(numbers) and (starts.min() < 0 or lengths.min() < 1
+                                                  or (starts + lengths).max() > size)):
+            raise ValueError(f"stored rle mask does not fit a {shape[0]}x{shape[1]} image")
+        edges = np.bincount(starts, minlength=size + 1) - np.bincount(starts + lengths, minlength=size + 1)
+        return (np.cumsum(edges[:-1]) > 0).reshape(shape)
+    if encoding != "png":
+        raise ValueError(f"unknown mask encoding {encoding!r}: png or rle")
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ValueError("stored mask is not a readable PNG")
@@ -86,19 +144,31 @@ def decode(data: bytes) -> np.ndarray:
 
 @dataclass(frozen=True)
 class EncodedMask:
-    """A mask ready for the ``masks`` table: PNG bytes, shape and foreground area."""
+    """A mask ready for the ``masks`` table: its bytes, their encoding, shape, foreground area."""
 
     data: bytes
     height: int
     width: int
     area: int
+    encoding: str = "png"
 
     @classmethod
-    def of(cls, mask: np.ndarray, origin: tuple[int, int] = (0, 0),
-           shape: tuple[int, int] | None = None) -> EncodedMask:
-        """From a full mask, or from a crop at ``origin`` of a ``shape`` image (see :func:`encode`)."""
-        h, w = shape if shape is not None else mask.shape
-        return cls(encode(mask, origin, shape), int(h), int(w), int(np.count_nonzero(mask)))
+    def of(cls, mask: np.ndarray, encoding: str = "png") -> EncodedMask:
+        """A full ``(H, W)`` mask, as a PNG or as run-length text."""
+        data = encode(mask) if encoding == "png" else rle_of(mask) if encoding == "rle" else None
+        if data is None:
+            raise ValueError(f"unknown mask encoding {encoding!r}: png or rle")
+        return cls(data, *mask.shape, int(np.count_nonzero(mask)), encoding)
+
+    @classmethod
+    def from_runs(cls, rows: np.ndarray, first: np.ndarray, last: np.ndarray,
+                  shape: tuple[int, int]) -> EncodedMask:
+        """Runs of a ``shape`` mask (see :func:`rle`) as run-length text, never built in full."""
+        area = int(np.sum(np.asarray(last) - np.asarray(first) + 1))
+        return cls(rle(rows, first, last, shape[1]), int(shape[0]), int(shape[1]), area, "rle")
+
+    def decode(self) -> np.ndarray:
+        return decode(self.data, self.encoding, (self.height, self.width))
 
 
 def mask_row(uid: str, structure: str, mask: np.ndarray | EncodedMask, kind: str = "manual",
@@ -106,7 +176,7 @@ def mask_row(uid: str, structure: str, mask: np.ndarray | EncodedMask, kind: str
     enc = mask if isinstance(mask, EncodedMask) else EncodedMask.of(mask)
     return {
         "uid": uid, "structure": structure, "kind": kind, "model": model, "run_id": run_id,
-        "encoding": "png", "height": enc.height, "width": enc.width, "area": enc.area,
+        "encoding": enc.encoding, "height": enc.height, "width": enc.width, "area": enc.area,
         "data": enc.data, "created_at": D.utcnow(),
     }
 
@@ -119,9 +189,10 @@ def load_masks(conn: Connection, uids: Sequence[str], kind: str = "manual",
     """``{uid: {structure: (H, W) bool}}`` for the given images."""
     out: dict[str, dict[str, np.ndarray]] = {}
     t = D.masks
-    q = select(t.c.uid, t.c.structure, t.c.data).where(t.c.kind == kind, t.c.model == model)
-    for uid, structure, data in D.rows_in(conn, q, t.c.uid, uids):
-        out.setdefault(uid, {})[structure] = decode(data)
+    q = select(t.c.uid, t.c.structure, t.c.data, t.c.encoding, t.c.height, t.c.width).where(
+        t.c.kind == kind, t.c.model == model)
+    for uid, structure, data, encoding, height, width in D.rows_in(conn, q, t.c.uid, uids):
+        out.setdefault(uid, {})[structure] = decode(data, encoding, (height, width))
     return out
 
 

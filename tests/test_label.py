@@ -6,13 +6,15 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 
 from pipeline import db as D
 from pipeline.groups import Selection, select_images
 from pipeline.imaging import preprocess
 from pipeline.label import Item, forward, label
-from pipeline.measure import bbox, clean, measure, plausibility, quality
+from pipeline.measure import bbox, clean, mean_columns, measure, plausibility, quality
 from pipeline.model import ModelError, resolve_model
 from tests.conftest import REPO
 
@@ -46,9 +48,10 @@ def test_measure_ctr_and_mm():
 
 
 @pytest.mark.parametrize(("h", "w", "mode"), [(1955, 1841, "pad"), (700, 1300, "pad"), (901, 655, "stretch")])
-def test_postprocess_crops_equal_the_full_size_path(h, w, mode):
-    """Masks encoded from crops and measured from boxes are the masks and numbers of the
-    full-size arrays."""
+def test_postprocess_runs_equal_the_full_size_path(h, w, mode):
+    """Masks mapped back as runs, and measured from them, are the masks and numbers of mapping
+    the full arrays back with OpenCV, to OpenCV's 1/32-pixel sampling grid (a pixel whose
+    value lies within a hair of 0.5 may fall either way)."""
     from pipeline.imaging import Geometry
     from pipeline.label import Item, postprocess
     from pipeline.masks import decode
@@ -58,20 +61,49 @@ def test_postprocess_crops_equal_the_full_size_path(h, w, mode):
     probs = np.stack([1 / (1 + np.exp(((xx - cx) ** 2 + (yy - 34) ** 2) / 40 - r))
                       for cx, r in ((32, 6), (48, 7), (16, 7))]).astype(np.float32)
     probs[1, 2:4, 2:4] = 0.9  # a speck that clean() drops
+    probs[2, 33:36, 15:18] = 0.1  # a hole that clean() fills
     probs += rng.uniform(0, 0.05, probs.shape).astype(np.float32)
     geom = Geometry.fit(h, w, 64, mode)
-    r = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom, (0.2, 0.2)), probs,
-                    ("heart", "left_lung", "right_lung"))
+    structures = ("heart", "left_lung", "right_lung")
+    r = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom, (0.2, 0.2)), probs, structures)
     full = {}
-    for i, s in enumerate(("heart", "left_lung", "right_lung")):
+    for i, s in enumerate(structures):
         cleaned, _ = clean(probs[i] > 0.5)
         near = cv2.dilate(cleaned.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         soft = np.where(near, probs[i], 0.0).astype(np.float32)
         soft[cleaned & (soft <= 0.5)] = 0.75
-        full[s] = geom.to_original(soft, bbox(near)) > 0.5  # the full-size array, zero off the box
-        assert np.array_equal(decode(r.masks[s].data), full[s]), s
-    expected = measure(full, (0.2, 0.2))
-    assert {k: r.measurements[k] for k in expected} == expected
+        full[s] = geom.to_original(soft) > 0.5
+        got = decode(r.masks[s].data, "rle", (h, w))
+        assert r.masks[s].encoding == "rle" and r.masks[s].area == int(got.sum())
+        assert np.count_nonzero(got != full[s]) <= 2, s
+    hole = geom.matrix(inverse=True) @ [16, 34, 1]  # the filled hole's centre in the original
+    assert r.masks["right_lung"].decode()[int(round(hole[1])), int(round(hole[0]))]
+    assert cv2.connectedComponents(r.masks["left_lung"].decode().astype(np.uint8))[0] == 2  # no speck
+    assert r.measurements == {**r.measurements, **measure({s: r.masks[s].decode() for s in structures}, (0.2, 0.2))}
+    assert abs(r.measurements["ctr"] - measure(full, (0.2, 0.2))["ctr"]) < 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(20, 1200), w=st.integers(20, 1200), mode=st.sampled_from(["pad", "stretch"]),
+       cx=st.floats(-8, 72), cy=st.floats(-8, 72), r=st.floats(-2, 9), seed=st.integers(0, 99))
+def test_runs_above_match_opencvs_bilinear_map(h, w, mode, cx, cy, r, seed):
+    """Runs solved from the cache array are OpenCV's warpAffine (bilinear, edge replicated)
+    thresholded, blobs over the cache's edges included, to OpenCV's 1/32-pixel grid."""
+    from pipeline.imaging import Geometry
+
+    geom = Geometry.fit(h, w, 64, mode)
+    yy, xx = np.mgrid[:64, :64]
+    arr = (1 / (1 + np.exp(((xx - cx) ** 2 + (yy - cy) ** 2) / 30 - r))).astype(np.float32)
+    arr += np.random.default_rng(seed).uniform(0, 0.2, arr.shape).astype(np.float32)
+    (rows, first, last), empty, everything = geom.runs_above(
+        np.stack([arr, np.zeros_like(arr), np.full_like(arr, 0.9)]))
+    got = np.zeros((h, w), bool)
+    for y, a, b in zip(rows, first, last, strict=True):
+        got[y, a:b + 1] = True
+    assert np.count_nonzero(got != (geom.to_original(arr) > 0.5)) <= 3
+    assert all(len(v) == 0 for v in empty)
+    assert np.array_equal(everything[0], np.arange(h)) and (everything[1] == 0).all()
+    assert (everything[2] == w - 1).all()
 
 
 def test_quality_flags_implausible_masks():
@@ -82,12 +114,13 @@ def test_quality_flags_implausible_masks():
     left = np.zeros_like(h)
     left[5:60, 36:60] = True
     masks = {"heart": h, "left_lung": left, "right_lung": right}
-    probs = np.stack([m.astype(np.float32) for m in masks.values()])
-    good = quality(probs, masks, {s: 1.0 for s in masks}, 0.4)
+    ones = {s: 1.0 for s in masks}
+    good = quality(ones, ones, mean_columns(masks), 0.4)
     flipped = dict(masks, left_lung=right, right_lung=left)
     assert good == pytest.approx(1.0)
-    assert plausibility(flipped, 0.4) < 0.5
-    assert quality(probs * 0.6, masks, {s: 1.0 for s in masks}, 0.4) < good
+    assert plausibility(mean_columns(flipped), 0.4) < 0.5
+    assert plausibility(mean_columns(dict(masks, heart=np.zeros_like(h))), None) < 0.2
+    assert quality({s: 0.6 for s in masks}, ones, mean_columns(masks), 0.4) < good
 
 
 def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_model, tmp_path):
