@@ -117,6 +117,15 @@ def test_training_is_deterministic_registered_and_resumable(annotated_engine, tm
     train(annotated_engine, cfg, tmp_path / "c", cache, progress=False, until_epoch=1)
     c = train(annotated_engine, cfg, tmp_path / "c", cache, progress=False)
     assert c.history == a.history
+    # batches augmented in two worker processes: the same batches, so the same run
+    d = train(annotated_engine, cfg, tmp_path / "d", cache, progress=False, workers=2)
+    assert d.history == a.history
+    # a resume point whose augmentation drew its randomness another way is refused
+    last = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    del last["augmentation"]
+    torch.save(last, tmp_path / "c" / "last.pt")
+    with pytest.raises(TrainError, match="drew augmentation another way"):
+        train(annotated_engine, cfg, tmp_path / "c", cache, progress=False)
     # a different configuration refuses to resume from that folder
     with pytest.raises(TrainError, match="another configuration"):
         train(annotated_engine, TrainConfig.from_preset("tiny", epochs=4), tmp_path / "c", cache,

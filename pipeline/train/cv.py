@@ -38,7 +38,7 @@ def fold_dir(run_dir: Path, cfg: TrainConfig, fold: int) -> Path:
 def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
                    device: str = "auto", resume: bool = True, progress: bool = True,
                    register_as: str | None = None, dataset: Dataset | None = None,
-                   parallel: int = 1) -> CrossValidation:
+                   parallel: int = 1, workers: int | None = None) -> CrossValidation:
     """Train every fold of ``cfg`` (one run without ``folds``) on the splits stored in
     ``run_dir/splits.json``; folds go to ``run_dir/foldK``. With ``register_as`` each fold's
     best checkpoint is registered (``NAME_foldK``, or ``NAME`` for a single run). Writes
@@ -47,6 +47,7 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     ``parallel`` > 1 trains that many folds at once in separate processes (on one GPU they
     share it: small networks leave most of it idle); each gets its share of the CPU threads
     unless ``cfg.threads`` says otherwise. The result is the same as one after the other.
+    ``workers``: each fold's augmenting processes (see :func:`pipeline.train.loop.train`).
     """
     started = time.time()
     data = dataset or load_dataset(engine, cfg, cache_dir)
@@ -57,11 +58,11 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // parallel)
         with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
             trained = list(pool.map(_train_fold, *zip(*[
-                (url, c, where, cache_dir, device, resume, held, threads) for c, where, held in folds],
+                (url, c, where, cache_dir, device, resume, held, threads, workers) for c, where, held in folds],
                 strict=True)))
     else:
-        trained = [train(engine, c, where, cache_dir, device, resume, progress, dataset=data, held_out=held)
-                   for c, where, held in folds]
+        trained = [train(engine, c, where, cache_dir, device, resume, progress, dataset=data, held_out=held,
+                         workers=workers) for c, where, held in folds]
     results, names = [], []
     for (fold_cfg, where, _), r in zip(folds, trained, strict=True):
         fold = fold_cfg.fold
@@ -82,13 +83,14 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
 
 
 def _train_fold(url: str, cfg: TrainConfig, where: Path, cache_dir: str | None, device: str, resume: bool,
-                held_out: list[str], threads: int) -> TrainResult:
+                held_out: list[str], threads: int, workers: int | None) -> TrainResult:
     """One fold in its own process (see :func:`cross_validate`'s ``parallel``)."""
     import torch
     torch.set_num_threads(threads)  # cfg.threads, when set, overrides it inside train()
     engine = D.connect(url)
     try:
-        return train(engine, cfg, where, cache_dir, device, resume, progress=False, held_out=held_out)
+        return train(engine, cfg, where, cache_dir, device, resume, progress=False, held_out=held_out,
+                     workers=workers)
     finally:
         engine.dispose()
 

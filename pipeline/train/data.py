@@ -96,19 +96,21 @@ def augmentation(cfg: TrainConfig):
     ]
     if cfg.roi and cfg.roi < cfg.size:
         steps.append(T.RandSpatialCropd(keys, roi_size=(cfg.roi, cfg.roi), random_size=False))
-    compose = T.Compose(steps)
-    compose.set_random_state(seed=cfg.seed)
-    return compose
+    return T.Compose(steps)
 
 
-def make_batch(ds: Dataset, idx: list[int], aug, norm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(ds: Dataset, idx: list[int], aug, norm: str, seeds: list[int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x (B,1,S,S) float32 normalised, y (B,C,S,S) float32, valid (B,C) bool)``, augmented
-    when ``aug`` is given."""
+    when ``aug`` is given: each image with its own seed from ``seeds``, so a batch is the
+    same whichever process makes it."""
     xs, ys = [], []
-    for i in idx:
+    for k, i in enumerate(idx):
         img = ds.images[i][None].astype(np.float32) / 255.0
         mask = ds.masks[i]
         if aug is not None:
+            if seeds is not None:
+                aug.set_random_state(seed=seeds[k])
             out = aug({"image": img, "mask": mask})
             img, mask = np.asarray(out["image"]), np.asarray(out["mask"])
         xs.append(model_input(np.clip(img[0] * 255.0, 0, 255), norm))
@@ -117,35 +119,29 @@ def make_batch(ds: Dataset, idx: list[int], aug, norm: str) -> tuple[torch.Tenso
             torch.from_numpy(ds.valid[idx]))
 
 
-def random_states(aug) -> list[list]:
-    """The numpy random states inside a MONAI transform pipeline, in a fixed order, as
-    plain lists: what a resumed run restores (a pickled pipeline would be code in a file)."""
-    out = []
-    for r in _generators(aug, set()):
-        name, keys, pos, has_gauss, cached = r.get_state()
-        out.append([name, keys.tolist(), int(pos), int(has_gauss), float(cached)])
-    return out
+def sample_seeds(seed: int, epoch: int, start: int, n: int) -> list[int]:
+    """The augmentation seeds of the ``n`` images at positions ``start``... of ``epoch``: a pure
+    function of where an image falls in training, so resuming or spreading batches over
+    worker processes changes nothing."""
+    return [int(np.random.SeedSequence([seed, epoch, start + k]).generate_state(1)[0]) for k in range(n)]
 
 
-def set_random_states(aug, states: list[list]) -> None:
-    gens = list(_generators(aug, set()))
-    if len(gens) != len(states):
-        raise TrainError(f"the augmentation has {len(gens)} random generators, the checkpoint "
-                         f"{len(states)}: resume with the cxrlabel version that started the run")
-    for r, (name, keys, pos, has_gauss, cached) in zip(gens, states, strict=True):
-        r.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+class EpochBatches(torch.utils.data.Dataset):
+    """One epoch's augmented batches, for a :class:`torch.utils.data.DataLoader` whose workers
+    make them while the model trains on the previous ones (``batch_size=None``: each item
+    is a whole batch). Each worker builds its own augmentation."""
 
+    def __init__(self, ds: Dataset, cfg: TrainConfig, epoch: int, order: list[int], steps: int):
+        self.ds, self.cfg, self.epoch, self.order, self.steps = ds, cfg, epoch, order, steps
+        self._aug = None
 
-def _generators(obj, seen: set[int]):
-    """Every ``np.random.RandomState`` held by ``obj`` and the MONAI objects inside it."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    r = getattr(obj, "R", None)
-    if isinstance(r, np.random.RandomState) and id(r) not in seen:
-        seen.add(id(r))
-        yield r
-    for child in vars(obj).values() if hasattr(obj, "__dict__") else ():
-        for c in child if isinstance(child, list | tuple) else (child,):
-            if type(c).__module__.startswith("monai."):
-                yield from _generators(c, seen)
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, b: int):
+        cfg = self.cfg
+        if self._aug is None and cfg.augment:
+            self._aug = augmentation(cfg)
+        idx = self.order[b * cfg.batch:(b + 1) * cfg.batch]
+        return make_batch(self.ds, idx, self._aug, cfg.norm,
+                          sample_seeds(cfg.seed, self.epoch, b * cfg.batch, len(idx)))

@@ -3,6 +3,9 @@
 Output channels are independent sigmoids for the structures; an image missing a
 structure's mask is left out of that channel's loss and Dice. With ``ema`` > 0 the model
 that is validated and saved is an exponential moving average of the trained weights.
+Augmentation runs in DataLoader worker processes (on a GPU) while the model trains, each
+image with a seed of its own place in training (:func:`pipeline.train.data.sample_seeds`),
+so the run is the same with any number of workers and on resume.
 Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point: weights, optimiser, schedule,
 random states; plain data like every checkpoint) and ``RUN_DIR/best.pt`` (best mean
 validation Dice, in the inference format of :mod:`pipeline.model`).
@@ -26,19 +29,14 @@ from pipeline.metrics import dice
 from pipeline.model import build_network, logits_of, pick_device, predict, save_checkpoint
 from pipeline.train.average import WeightAverage
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.data import (
-    Dataset,
-    augmentation,
-    load_dataset,
-    make_batch,
-    random_states,
-    set_random_states,
-)
+from pipeline.train.data import Dataset, EpochBatches, load_dataset, make_batch
 from pipeline.train.folds import splits_for
 from pipeline.train.losses import seg_loss
 from pipeline.train.plots import plot_curve
 
 log = logging.getLogger(__name__)
+
+AUGMENTATION_SEEDS = "per-image-v1"  # how augmentation draws its randomness (see sample_seeds)
 
 
 @dataclass
@@ -74,16 +72,20 @@ def _seed_all(seed: int) -> None:
 def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
           device: str = "auto", resume: bool = True, progress: bool = True,
           dataset: Dataset | None = None, until_epoch: int | None = None,
-          held_out: list[str] | None = None) -> TrainResult:
+          held_out: list[str] | None = None, workers: int | None = None) -> TrainResult:
     """Train one model and resume from ``run_dir/last.pt`` when it exists.
 
     ``held_out``: the validation uids (default: fold ``cfg.fold`` of ``run_dir/splits.json``,
     made on first use). ``until_epoch`` stops early after that epoch (a time-boxed job); a
-    later call resumes.
+    later call resumes. ``workers``: processes that augment batches ahead of the model
+    (default: none on a CPU, whose cores the model uses; on a GPU one per torch thread but
+    one, up to 8). The result does not depend on it.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(device)
+    if workers is None:
+        workers = 0 if dev.type == "cpu" else max(1, min(8, torch.get_num_threads() - 1))
     torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
     ds = dataset or load_dataset(engine, cfg, cache_dir)
     if held_out is None:
@@ -96,7 +98,6 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     steps_per_epoch = max(1, len(tr) // cfg.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
                                                 steps_per_epoch=steps_per_epoch, pct_start=0.1)
-    aug = augmentation(cfg) if cfg.augment else None
     avg = WeightAverage(model, cfg.ema) if cfg.ema else None
     scored = avg.module if avg else model  # what is validated and saved
     rng = random.Random(cfg.seed + 1)
@@ -113,8 +114,6 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         state = ck["state"]
         rng.setstate(_as_tuple(ck["rng"]["python"]))
         torch.set_rng_state(ck["rng"]["torch"])
-        if aug is not None:
-            set_random_states(aug, ck["rng"]["aug"])
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
     bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"train {cfg.preset}", unit="epoch",
                disable=not progress, initial=state["epoch"], total=cfg.epochs)
@@ -126,9 +125,11 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         order = tr[:]
         rng.shuffle(order)
         losses = []
-        for b in range(steps_per_epoch):
-            x, y, valid = make_batch(ds, order[b * cfg.batch:(b + 1) * cfg.batch], aug, cfg.norm)
-            x, y, valid = x.to(dev), y.to(dev), valid.to(dev)
+        batches = torch.utils.data.DataLoader(
+            EpochBatches(ds, cfg, epoch, order, steps_per_epoch), batch_size=None, num_workers=workers,
+            pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+        for x, y, valid in batches:
+            x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
             out = model(x)
             loss = seg_loss(logits_of(out), y, valid, cfg.loss)
             if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
@@ -156,8 +157,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
                     "held_out": sorted(held_out), "ema": avg.state_dict() if avg else None,
-                    "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
-                            "aug": random_states(aug) if aug is not None else []}}, tmp)
+                    "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()},
+                    "augmentation": AUGMENTATION_SEEDS}, tmp)
         tmp.replace(last)
     best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
     plot_curve(state["history"], run_dir / "learning_curve.png",
@@ -177,6 +178,9 @@ def _read_last(path: Path, cfg: TrainConfig) -> dict:
     if ck.get("config") != cfg.as_dict():
         raise TrainError(f"{path} was trained with another configuration: use a new run "
                          "folder or --no-resume to start over")
+    if ck.get("augmentation") != AUGMENTATION_SEEDS:
+        raise TrainError(f"{path} was made by a cxrlabel that drew augmentation another way: resume "
+                         "it with that version, or use --no-resume to start over")
     return ck
 
 
