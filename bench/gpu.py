@@ -9,10 +9,11 @@ pointing at them round-robin, then measures, on the device given (CUDA by defaul
 * `label`, warm cache and cold from DICOM (a fresh database and cache);
 * post-processing: one thread (ms per image), a thread pool and a process pool of every core;
 * CPU-vs-device agreement of the labelling output (Dice per structure, CTR);
-* training: one optimiser step of `cxr_deep` at 256 px and `unet7_res` at 512 px (batch 8),
-  the MONAI augmentation of a batch of 8 on one CPU core, and a 2-epoch `train()` run on the
-  device with masks written from the shipped model's output (the whole loop, validation
-  included).
+* training: one optimiser step of `cxr_deep` at 256 px and `unet7_res` at 512 px (batch 8)
+  in fp32 and under bf16 autocast, the MONAI augmentation of a batch of 8 on one CPU core,
+  and a 2-epoch `train()` of `cxr_deep` on the device with masks written from the shipped
+  model's output (the whole loop, validation included), augmenting in the loop and then in
+  DataLoader workers.
 
 Needs only the project's own dependencies and a data folder with the shared layout (a small
 subset will do: a few GeneralBlockchain images, nih-samples, the two CR DICOMs).
@@ -47,7 +48,6 @@ from pipeline import process_pool  # noqa: E402
 from pipeline.collect import Settings, collect, read_cached  # noqa: E402
 from pipeline.groups import select_images  # noqa: E402
 from pipeline.label import Item, label, postprocess  # noqa: E402
-from pipeline.masks import decode as decode_mask  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import auto_batch_size, build_network, infer, resolve_model  # noqa: E402
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 a = postprocess(Item(u, entries[u].image, entries[u].geom), infer(lm, [entries[u].image])[0], st)
                 b = postprocess(Item(u, entries[u].image, entries[u].geom), infer(cpu, [entries[u].image])[0], st)
                 for s in st:
-                    agree[s].append(dice(decode_mask(a.masks[s].data), decode_mask(b.masks[s].data)))
+                    agree[s].append(dice(a.masks[s].decode(), b.masks[s].decode()))
                 if a.measurements["ctr"] is not None and b.measurements["ctr"] is not None:
                     ctr_diff.append(abs(a.measurements["ctr"] - b.measurements["ctr"]))
             row("CPU vs CUDA labelling output, 48 images", ", ".join(
@@ -200,16 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(8, 1, size, size, device=dev)
             y = (torch.rand(8, 3, size, size, device=dev) > 0.5).float()
             valid = torch.ones(8, 3, dtype=torch.bool, device=dev)
-            for step in range(13):
-                if step == 3:
-                    sync(dev)
-                    t = time.perf_counter()
-                loss = seg_loss(net(x), y, valid)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sync(dev)
-            ms = (time.perf_counter() - t) / 10 * 1e3
+            step_ms = {}
+            for amp in (False, True):  # fp32, then bf16 autocast: does mixed precision pay here?
+                for step in range(13):
+                    if step == 3:
+                        sync(dev)
+                        t = time.perf_counter()
+                    with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+                        loss = seg_loss(net(x), y, valid)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sync(dev)
+                step_ms[amp] = (time.perf_counter() - t) / 10 * 1e3
             aug = augmentation(cfg)
             img = np.random.default_rng(0).random((1, size, size), dtype=np.float32)
             mask = np.zeros((3, size, size), np.float32)
@@ -219,22 +222,26 @@ def main(argv: list[str] | None = None) -> int:
                 aug({"image": img, "mask": mask})
             aug_ms = (time.perf_counter() - t) * 1e3
             torch.set_num_threads(CORES)
-            row(f"training step, {preset} at {size} px, batch 8, fp32", f"{ms:.1f} ms on the device; "
-                f"augmenting the batch on one CPU core {aug_ms:.0f} ms")
+            row(f"training step, {preset} at {size} px, batch 8", f"fp32 {step_ms[False]:.1f} ms, bf16 autocast "
+                f"{step_ms[True]:.1f} ms on the device; augmenting the batch on one CPU core {aug_ms:.0f} ms")
         masks_engine = D.connect(f"sqlite:///{cold_db}")
         with masks_engine.connect() as c:
-            labelled = c.exec_driver_sql("SELECT uid, structure, data FROM masks WHERE kind = 'predicted' "
-                                         "AND uid IN (SELECT uid FROM images WHERE source = 'dicom') "
-                                         "ORDER BY uid LIMIT 96").all()
+            labelled = c.exec_driver_sql(
+                "SELECT uid, structure, data, encoding, height, width FROM masks WHERE kind = 'predicted' "
+                "AND uid IN (SELECT uid FROM images WHERE source = 'dicom') ORDER BY uid LIMIT 96").all()
         with masks_engine.begin() as c:
-            D.upsert(c, D.masks, [M.mask_row(u, s, decode_mask(d), "manual") for u, s, d in labelled],
+            D.upsert(c, D.masks, [M.mask_row(u, s, M.decode(d, e, (h, w)), "manual") for u, s, d, e, h, w in labelled],
                      M.MASK_KEYS)
-        cfg = TrainConfig.from_preset("tiny", epochs=2, size=lm.spec.size)
-        t = time.perf_counter()
-        r = train(masks_engine, cfg, tmp / "run", str(tmp / "cache_cold"), args.device, progress=False)
-        row(f"`train()` on {dev.type}: tiny preset, {lm.spec.size} px, 2 epochs, {len(labelled) // 3} images "
-            "(masks from the shipped model)", f"{time.perf_counter() - t:.1f} s; validation Dice heart "
-            f"{r.dice['heart']:.3f}")
+        cfg = TrainConfig.from_preset("cxr_deep", epochs=2, size=lm.spec.size)
+        took = {}
+        for workers in (0, None):  # augmenting in the loop, then in DataLoader workers (the default)
+            t = time.perf_counter()
+            r = train(masks_engine, cfg, tmp / f"run{workers}", str(tmp / "cache_cold"), args.device,
+                      progress=False, workers=workers)
+            took[workers] = time.perf_counter() - t
+        row(f"`train()` on {dev.type}: cxr_deep, {lm.spec.size} px, 2 epochs, {len(labelled) // 3} images "
+            "(masks from the shipped model)", f"augmenting in the loop {took[0]:.1f} s, in loader workers "
+            f"{took[None]:.1f} s ({took[0] / took[None]:.1f}x); validation Dice heart {r.dice['heart']:.3f}")
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
     return 0
