@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         after = per_image_ms(lambda it: results.append(postprocess(it, probs[it.uid], structures)), items)
         before = per_image_ms(lambda it: full_size(it, probs[it.uid], structures), items)
+        large = [it for it in items if min(it.geom.orig_height, it.geom.orig_width) >= 2000]
+        large_ms = per_image_ms(lambda it: postprocess(it, probs[it.uid], structures), large) if large else None
         with engine.begin() as c:
             run_id = c.execute(D.label_runs.insert().values(
                 model="bench", selection="bench", started_at=D.utcnow(), n_labelled=0, n_failed=0,
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| **outside the model, baseline** | **{common + before:.2f}** |")
     ratio = (common + after) / (common + before)
     print(f"| **outside the model, labelling** | **{common + after:.2f}** (ratio {ratio:.2f}) |")
+    if large_ms is not None:
+        print(f"| post-processing of the {len(large)} images of 2,000 px a side or more | {large_ms:.2f} |")
     return 0
 
 

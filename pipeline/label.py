@@ -104,10 +104,10 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         used = np.flatnonzero(cleaned.any(axis=0))
         columns[s] = float(used.mean()) + window[1].start if len(used) else None
     shape = (item.geom.orig_height, item.geom.orig_width)
-    encoded, boxes = {}, {}
-    for s, (rows, first, last) in zip(structures, item.geom.runs_above(soft), strict=True):
-        encoded[s] = M.EncodedMask.from_runs(rows, first, last, shape)
-        boxes[s] = (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
+    runs = item.geom.runs_above(soft)
+    encoded = dict(zip(structures, M.EncodedMask.many_from_runs(runs, shape), strict=True))
+    boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
+             for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     values["quality"] = quality(agreement, kept, columns, values["ctr"])
     return Result(item.uid, encoded, values)

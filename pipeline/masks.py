@@ -73,22 +73,31 @@ def rle(rows: np.ndarray, first: np.ndarray, last: np.ndarray, width: int) -> by
     """Runs of foreground pixels (row, first column, last column; sorted, not overlapping) ->
     CheXmask's run-length text: ``"start length start length ..."``, ASCII, with 1-based
     starts into the row-major flattened image. Runs that continue onto the next row merge."""
-    starts = np.asarray(rows, np.int64) * width + np.asarray(first, np.int64)
-    ends = np.asarray(rows, np.int64) * width + np.asarray(last, np.int64) + 1
-    if len(starts) > 1:
-        carried = starts[1:] == ends[:-1]  # run i + 1 carries on run i
-        if carried.any():
-            starts, ends = starts[np.r_[True, ~carried]], ends[np.r_[~carried, True]]
-    pairs = np.empty(2 * len(starts), np.int64)
-    pairs[0::2], pairs[1::2] = starts + 1, ends - starts
-    return _ascii_numbers(pairs)
+    return rles([(rows, first, last)], width)[0]
 
 
-def _ascii_numbers(values: np.ndarray) -> bytes:
+def rles(masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int) -> list[bytes]:
+    """:func:`rle` of several masks of one image, printed together (a third of the time)."""
+    numbers = []
+    for rows, first, last in masks:
+        starts = np.asarray(rows, np.int64) * width + np.asarray(first, np.int64)
+        ends = np.asarray(rows, np.int64) * width + np.asarray(last, np.int64) + 1
+        if len(starts) > 1:
+            carried = starts[1:] == ends[:-1]  # run i + 1 carries on run i
+            if carried.any():
+                starts, ends = starts[np.r_[True, ~carried]], ends[np.r_[~carried, True]]
+        pairs = np.empty(2 * len(starts), np.int64)
+        pairs[0::2], pairs[1::2] = starts + 1, ends - starts
+        numbers.append(pairs)
+    return _ascii_numbers(np.concatenate(numbers), np.cumsum([len(n) for n in numbers]))
+
+
+def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | None = None) -> bytes | list[bytes]:
     """Non-negative integers as space-separated ASCII decimals, like ``" ".join(map(str, v))``,
-    for the whole array at once (a Python loop over 10,000 numbers takes a millisecond)."""
+    for the whole array at once (a Python loop over 10,000 numbers takes a millisecond).
+    With ``groups`` (cumulative counts), one text per group of consecutive numbers."""
     if len(values) == 0:
-        return b""
+        return b"" if groups is None else [b""] * len(groups)
     digits = np.searchsorted(_POWERS, values.astype(np.uint64), "right").clip(1)
     width = int(digits.max())
     columns, rest = [], values.copy()
@@ -102,7 +111,11 @@ def _ascii_numbers(values: np.ndarray) -> bytes:
     for k in range(width - 1, -1, -1):
         out[spaces - 1 - k] = columns[k]
     out[spaces[:-1]] = ord(" ")
-    return out[width:].tobytes()
+    text = out.tobytes()
+    if groups is None:
+        return text[width:]
+    bounds = [width, *(int(spaces[g - 1]) + 1 if g else width for g in groups)]
+    return [text[i:max(i, j - 1)] for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 _POWERS = 10 ** np.arange(20, dtype=np.uint64)
@@ -164,8 +177,15 @@ class EncodedMask:
     def from_runs(cls, rows: np.ndarray, first: np.ndarray, last: np.ndarray,
                   shape: tuple[int, int]) -> EncodedMask:
         """Runs of a ``shape`` mask (see :func:`rle`) as run-length text, never built in full."""
-        area = int(np.sum(np.asarray(last) - np.asarray(first) + 1))
-        return cls(rle(rows, first, last, shape[1]), int(shape[0]), int(shape[1]), area, "rle")
+        return cls.many_from_runs([(rows, first, last)], shape)[0]
+
+    @classmethod
+    def many_from_runs(cls, masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                       shape: tuple[int, int]) -> list[EncodedMask]:
+        """:meth:`from_runs` of several masks of one ``shape`` image at once."""
+        texts = rles(masks, shape[1])
+        return [cls(text, int(shape[0]), int(shape[1]), int(np.sum(np.asarray(last) - np.asarray(first) + 1)), "rle")
+                for text, (_, first, last) in zip(texts, masks, strict=True)]
 
     def decode(self) -> np.ndarray:
         return decode(self.data, self.encoding, (self.height, self.width))

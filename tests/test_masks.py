@@ -51,9 +51,13 @@ def test_run_length_text_round_trips_and_reads_as_chexmask(mask):
     assert np.array_equal(enc.decode(), mask)
 
 
-@given(st.lists(st.integers(0, 10 ** 15), max_size=50))
-def test_numbers_print_as_python_prints_them(values):
+@given(st.lists(st.lists(st.integers(0, 10 ** 15), max_size=20), min_size=1, max_size=4))
+def test_numbers_print_as_python_prints_them(groups):
+    values = [v for g in groups for v in g]
     assert M._ascii_numbers(np.array(values, np.int64)) == " ".join(map(str, values)).encode()
+    # several texts printed at once: each as printed alone
+    ends = np.cumsum([len(g) for g in groups])
+    assert M._ascii_numbers(np.array(values, np.int64), ends) == [" ".join(map(str, g)).encode() for g in groups]
 
 
 @pytest.mark.parametrize("data", [b"1 2 3", b"0 4", b"5 0", b"90 20", b"1 x"])
