@@ -4,7 +4,7 @@ The same per-batch functions as the local loop run inside Ray. Uncached images a
 decoded into the cache by CPU tasks across the cluster (:func:`collect_on_ray`); then each
 model actor (one per GPU, or a chosen number on CPUs) reads its batch through the cache
 (:func:`pipeline.label.load_batch`, collecting anything still missing), runs :func:`pipeline.label.forward`
-and :func:`pipeline.label.postprocess_or_fail`, and writes the batch itself in one transaction
+and :func:`pipeline.label.postprocess_all`, and writes the batch itself in one transaction
 (:func:`pipeline.label.write_batch`) to the shared database: PostgreSQL on a cluster; SQLite
 only on one machine (``local``).
 
@@ -104,10 +104,9 @@ class _LabellerImpl:
         return self.lm.sha256
 
     def label(self, chunk: Sequence[Selected]) -> BatchDone:
-        from pipeline.label import forward, load_batch, postprocess_or_fail, write_batch
+        from pipeline.label import forward, load_batch, postprocess_all, write_batch
         items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None)
-        probs = forward(self.lm, items) if items else []
-        results = [postprocess_or_fail(it, p, self.lm.spec.structures) for it, p in zip(items, probs, strict=True)]
+        results = postprocess_all(items, forward(self.lm, items), self.lm.spec.structures) if items else []
         write_batch(self.engine, results + errors, self.lm.name, self.run_id)
         return BatchDone(sum(r.error is None for r in results), len(errors) + sum(r.error is not None for r in results),
                          os.getpid(), socket.gethostname())

@@ -36,7 +36,7 @@ from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry
 from pipeline.measure import clean, measure_boxes, quality
-from pipeline.model import LoadedModel, auto_batch_size, infer, resolve_model
+from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,17 @@ def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str]
         return Result(item.uid, error=f"post-processing: {type(e).__name__}: {e}")
 
 
-def forward(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
+def postprocess_all(items: Sequence[Item], probs: np.ndarray, structures: Sequence[str]) -> list[Result]:
+    """:func:`postprocess_or_fail` of several images: one task for a worker process (a task
+    per image would cost the pool more than the work, ~2 ms)."""
+    return [postprocess_or_fail(it, p, structures) for it, p in zip(items, probs, strict=True)]
+
+
+def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = None) -> np.ndarray:
     """``(B, C, S, S)`` probabilities of one batch as uint8 (``round(255 p)``, CPU numpy):
-    a quarter of float32's bytes to copy off the GPU and to hand to post-processing."""
-    return infer(lm, [it.image for it in items], quantise=True)
+    a quarter of float32's bytes to copy off the GPU and to hand to post-processing.
+    ``inputs``: the batch's :func:`pipeline.model.model_inputs`, when made beforehand."""
+    return infer(lm, [it.image for it in items], quantise=True, inputs=inputs)
 
 
 def write_batch(engine: Engine, results: Sequence[Result], model: str, run_id: int) -> None:
@@ -198,7 +205,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         structures = lm.spec.structures
 
         def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
-            results = [f.result() for f in futures]
+            results = [r for f in futures for r in f.result()]
             write_batch(engine, results + errors, lm.name, run_id)
             bar.update(len(results) + len(errors))
             log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
@@ -212,12 +219,14 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
                 process_pool(workers or cores) as procs:
             written: deque[Future] = deque()
-            for n, (items_, errors) in enumerate(_prefetch(engine, todo, bs, settings, cache_dir, loaders, procs),
-                                                 start=1):
-                probs = forward(lm, items_) if items_ else None
-                # the worker needs no pixels, only the geometry
-                futures = [procs.submit(postprocess_or_fail, dataclasses.replace(it, image=_NO_PIXELS), probs[i],
-                                        structures) for i, it in enumerate(items_)]
+            batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec.norm)
+            for n, (items_, errors, inputs) in enumerate(batches, start=1):
+                probs = forward(lm, items_, inputs) if items_ else None
+                # a task per worker, each a slice of the batch; workers need no pixels, only geometry
+                share = max(1, -(-len(items_) // (workers or cores)))
+                futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
+                                                          for it in items_[i:i + share]],
+                                        probs[i:i + share], structures) for i in range(0, len(items_), share)]
                 written.append(writer.submit(finish, n, futures, errors))
                 while len(written) > depth:
                     written.popleft().result()  # a failed write stops the run here
@@ -276,14 +285,18 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
     return items, errors
 
 
-def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs
-              ) -> Iterator[tuple[list[Item], list[Result]]]:
-    """Batches whose images load (and decode) while the previous batch runs the model."""
+def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs, norm
+              ) -> Iterator[tuple[list[Item], list[Result], np.ndarray | None]]:
+    """Batches whose images load (decoding what is missing) and are normalised for the model
+    while the previous batch runs in it: the model's loop only runs the model."""
+    def load(chunk):
+        items, errors = load_batch(engine, chunk, settings, cache_dir, procs)
+        return items, errors, model_inputs([it.image for it in items], norm) if items else None
+
     chunks = list(D.chunks(todo, bs))
-    ahead: list[Future] = [threads.submit(load_batch, engine, c, settings, cache_dir, procs)
-                           for c in chunks[:2]]
+    ahead: list[Future] = [threads.submit(load, c) for c in chunks[:2]]
     for i in range(len(chunks)):
         current = ahead.pop(0)
         if i + 2 < len(chunks):
-            ahead.append(threads.submit(load_batch, engine, chunks[i + 2], settings, cache_dir, procs))
+            ahead.append(threads.submit(load, chunks[i + 2]))
         yield current.result()

@@ -261,13 +261,21 @@ class LoadedModel:
     device: torch.device
 
 
-def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False) -> np.ndarray:
+def model_inputs(images: Sequence[np.ndarray], norm: str) -> np.ndarray:
+    """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input (the model's
+    own normalisation, ``spec.norm``): CPU work a labelling loop does off the model's path."""
+    return np.stack([model_input(img, norm) for img in images])
+
+
+def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False,
+          inputs: np.ndarray | None = None) -> np.ndarray:
     """Cached ``(S, S) uint8`` images -> ``(B, C, S, S)`` probabilities (CPU numpy): float32,
     or with ``quantise`` uint8 ``round(255 p)``, computed on the device before the copy.
 
-    Each image gets the model's own input normalisation; CUDA runs in mixed precision.
+    Each image gets the model's own input normalisation (or pass ``inputs``, from
+    :func:`model_inputs`, made elsewhere); CUDA runs in mixed precision.
     """
-    x = torch.from_numpy(np.stack([model_input(img, lm.spec.norm) for img in images]))
+    x = torch.from_numpy(inputs if inputs is not None else model_inputs(images, lm.spec.norm))
     if lm.device.type == "cuda":
         x = x.pin_memory()  # lets the copy overlap with the previous batch's kernels
     x = x.to(lm.device, non_blocking=True)
