@@ -8,6 +8,7 @@ mask megabytes per second for each K, with the ratio to one writer: the limit th
 cluster's labelling shares.
 
 Usage: python bench/db_write.py --db postgresql+psycopg://user@host/db [--writers 1 2 4] [--batches 20]
+       [--encoding rle|png]
 """
 
 from __future__ import annotations
@@ -32,21 +33,21 @@ from pipeline.masks import STRUCTURES, EncodedMask  # noqa: E402
 BATCH = 64
 
 
-def masks_of(rng: np.random.Generator) -> dict[str, EncodedMask]:
+def masks_of(rng: np.random.Generator, encoding: str = "rle") -> dict[str, EncodedMask]:
     h, w = int(rng.integers(2000, 3000)), int(rng.integers(2000, 3000))
     out = {}
     for i, s in enumerate(STRUCTURES):
         m = np.zeros((h, w), np.uint8)
         centre = (int(w * (0.5 + 0.25 * (i - 1))), int(h * 0.5))
         cv2.ellipse(m, centre, (w // 7, h // 4), 0, 0, 360, 1, -1)
-        out[s] = EncodedMask.of(m > 0, "rle")  # as labelling stores them
+        out[s] = EncodedMask.of(m > 0, encoding)
     return out
 
 
-def writer(url: str, k: int, batches: int, run_id: int, ready, start) -> None:
+def writer(url: str, k: int, batches: int, run_id: int, encoding: str, ready, start) -> None:
     engine = D.connect(url)
     rng = np.random.default_rng(k)
-    templates = [masks_of(rng) for _ in range(8)]
+    templates = [masks_of(rng, encoding) for _ in range(8)]
     ready.release()
     start.wait()
     for b in range(batches):
@@ -61,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", required=True)
     ap.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--encoding", choices=["rle", "png"], default="rle",
+                    help="rle: as labelling stores predicted masks; png: as imports store manual ones")
     args = ap.parse_args(argv)
     engine = D.connect(args.db)
-    mask_bytes = sum(m.data.__len__() for m in masks_of(np.random.default_rng(0)).values())
+    mask_bytes = sum(m.data.__len__() for m in masks_of(np.random.default_rng(0), args.encoding).values())
     base = None
-    print(f"batches of {BATCH} images, ~{mask_bytes / 1e3:.0f} kB of masks per image, {engine.dialect.name}")
+    print(f"batches of {BATCH} images, ~{mask_bytes / 1e3:.0f} kB of {args.encoding} masks per image, "
+          f"{engine.dialect.name}")
     print("| writers | images/s | rows/s | mask MB/s | ratio to one writer |")
     print("|---|---|---|---|---|")
     for k in args.writers:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 model="bench", selection="bench", started_at=D.utcnow(), n_labelled=0, n_failed=0,
                 status="running")).inserted_primary_key[0]
         ready, start = mp.Semaphore(0), mp.Event()
-        procs = [mp.Process(target=writer, args=(args.db, j, args.batches, run_id, ready, start)) for j in range(k)]
+        procs = [mp.Process(target=writer, args=(args.db, j, args.batches, run_id, args.encoding, ready, start))
+                 for j in range(k)]
         for p in procs:
             p.start()
         for _ in procs:  # every writer has built its masks and connected
