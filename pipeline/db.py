@@ -49,7 +49,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -238,7 +238,10 @@ measurements = Table(
     Column("lungs_y0", Integer),
     Column("lungs_x1", Integer),
     Column("lungs_y1", Integer),
-    Column("quality", Float),
+    Column("quality", Float),  # estimated mean Dice (pipeline/quality.py); heuristic without a fit
+    Column("quality_heart", Float),  # estimated Dice per structure, when the model has a fitted score
+    Column("quality_left_lung", Float),
+    Column("quality_right_lung", Float),
     Column("labelled_at", DateTime, nullable=False),
     Index("ix_measurements_model_quality", "model", "quality"),
 )
@@ -269,6 +272,11 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # predicted masks are run-length text: on PostgreSQL stored lz4-compressed (_tune_postgres)
     3: [],
+    4: [
+        "ALTER TABLE measurements ADD COLUMN quality_heart FLOAT",
+        "ALTER TABLE measurements ADD COLUMN quality_left_lung FLOAT",
+        "ALTER TABLE measurements ADD COLUMN quality_right_lung FLOAT",
+    ],
 }
 
 

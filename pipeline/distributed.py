@@ -106,7 +106,8 @@ class _LabellerImpl:
     def label(self, chunk: Sequence[Selected]) -> BatchDone:
         from pipeline.label import forward, load_batch, postprocess_all, write_batch
         items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None)
-        results = postprocess_all(items, forward(self.lm, items), self.lm.spec.structures) if items else []
+        results = (postprocess_all(items, forward(self.lm, items), self.lm.spec.structures, self.lm.quality)
+                   if items else [])
         write_batch(self.engine, results + errors, self.lm.name, self.run_id)
         return BatchDone(sum(r.error is None for r in results), len(errors) + sum(r.error is not None for r in results),
                          os.getpid(), socket.gethostname())

@@ -32,11 +32,14 @@ from tqdm import tqdm
 from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline import masks as M
+from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry
+from pipeline.masks import STRUCTURES
 from pipeline.measure import clean, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
+from pipeline.quality import QualityModel
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,15 @@ class Result:
     masks: dict[str, M.EncodedMask] = field(default_factory=dict)  # original geometry
     measurements: dict = field(default_factory=dict)
     error: str | None = None
+    features: dict[str, dict[str, float]] = field(default_factory=dict)  # the quality score's inputs
 
 
-def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
+def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
+                scorer: QualityModel | None = None) -> Result:
     """``(C, S, S)`` probabilities of one image (float, or uint8 = round(255 p)) -> masks in
-    original geometry + measurements.
+    original geometry + measurements, with the quality score: estimated Dice per structure
+    and their mean from ``scorer`` (see :mod:`pipeline.quality`), or without one the
+    heuristic :func:`pipeline.measure.quality`.
 
     Each structure is cleaned inside its box at the model's resolution, and its probabilities
     (not the binary mask, so the outline keeps its sub-pixel position) are mapped back to
@@ -80,7 +87,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
     quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
     cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
     ring = np.ones((3, 3), np.uint8)
-    agreement, kept, columns = {}, {}, {}
+    agreement, kept, columns, features = {}, {}, {}, {}
+    size = probs.shape[-1]
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
@@ -89,6 +97,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
         kept[s], agreement[s], columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
         if len(xs) == 0:
+            features[s] = Q.structure_features(np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), 0.0,
+                                               agreement[s], size)
             continue
         # clean inside the box, with two pixels of margin: room for the dilation below
         window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
@@ -103,29 +113,38 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Res
         agreement[s] = 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned)))
         used = np.flatnonzero(cleaned.any(axis=0))
         columns[s] = float(used.mean()) + window[1].start if len(used) else None
+        features[s] = Q.structure_features(p, cleaned, kept[s], agreement[s], size)
     shape = (item.geom.orig_height, item.geom.orig_width)
     runs = item.geom.runs_above(soft)
     encoded = dict(zip(structures, M.EncodedMask.many_from_runs(runs, shape), strict=True))
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
-    values["quality"] = quality(agreement, kept, columns, values["ctr"])
-    return Result(item.uid, encoded, values)
+    whole = Q.image_features(values["ctr"], columns)
+    features = {s: {**f, **whole} for s, f in features.items()}
+    estimates = scorer.estimate(features) if scorer is not None else {}
+    for s in STRUCTURES:
+        values[f"quality_{s}"] = estimates.get(s)
+    values["quality"] = (float(np.mean(list(estimates.values()))) if estimates
+                         else quality(agreement, kept, columns, values["ctr"]))
+    return Result(item.uid, encoded, values, features=features)
 
 
-def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str]) -> Result:
+def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str],
+                        scorer: QualityModel | None = None) -> Result:
     """:func:`postprocess`, with any error of this one image returned as its failure."""
     try:
-        return postprocess(item, probs, structures)
+        return postprocess(item, probs, structures, scorer)
     except Exception as e:  # one image's odd geometry or mask never stops the batch
         log.warning("%s: post-processing failed: %s", item.uid, e)
         return Result(item.uid, error=f"post-processing: {type(e).__name__}: {e}")
 
 
-def postprocess_all(items: Sequence[Item], probs: np.ndarray, structures: Sequence[str]) -> list[Result]:
+def postprocess_all(items: Sequence[Item], probs: np.ndarray, structures: Sequence[str],
+                    scorer: QualityModel | None = None) -> list[Result]:
     """:func:`postprocess_or_fail` of several images: one task for a worker process (a task
     per image would cost the pool more than the work, ~2 ms)."""
-    return [postprocess_or_fail(it, p, structures) for it, p in zip(items, probs, strict=True)]
+    return [postprocess_or_fail(it, p, structures, scorer) for it, p in zip(items, probs, strict=True)]
 
 
 def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = None) -> np.ndarray:
@@ -226,7 +245,8 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
                 share = max(1, -(-len(items_) // (workers or cores)))
                 futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
                                                           for it in items_[i:i + share]],
-                                        probs[i:i + share], structures) for i in range(0, len(items_), share)]
+                                        probs[i:i + share], structures, lm.quality)
+                           for i in range(0, len(items_), share)]
                 written.append(writer.submit(finish, n, futures, errors))
                 while len(written) > depth:
                     written.popleft().result()  # a failed write stops the run here

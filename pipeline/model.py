@@ -259,6 +259,7 @@ class LoadedModel:
     module: torch.nn.Module
     spec: ModelSpec
     device: torch.device
+    quality: Any = None  # pipeline.quality.QualityModel (estimated Dice), when one was fitted
 
 
 def model_inputs(images: Sequence[np.ndarray], norm: str) -> np.ndarray:
@@ -341,7 +342,20 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, sha, module, ck.spec, dev)
+    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path))
+
+
+def _quality_model(checkpoint: Path):
+    """The checkpoint's fitted quality score (``<checkpoint>.quality.json``), or None."""
+    from pipeline.quality import QualityModel, sidecar
+    where = sidecar(checkpoint)
+    if not where.exists():
+        return None
+    try:
+        return QualityModel.load(where)
+    except (ValueError, KeyError, OSError) as e:
+        log.warning("%s; labelling uses the heuristic quality score", e)
+        return None
 
 
 def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:

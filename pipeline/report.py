@@ -1,8 +1,12 @@
-"""Pictures of labelling results: a contact sheet of overlays and CTR histograms per group.
+"""Pictures of labelling results: a contact sheet of overlays, CTR histograms per group, and
+the quality score's calibration.
 
 Overlays are drawn on the cached image (cache geometry): heart contour in red, lung
 contours in green/blue, the heart width (yellow) and thoracic width (cyan) lines whose
-ratio is the CTR, and the CTR and quality printed under each tile.
+ratio is the CTR, and under each tile the CTR (marked AP on AP films, where the heart is
+magnified) and the quality score, an estimated Dice, with the structure it doubts most.
+The sheet shows the lowest-quality images first: the ones to review. The CTR histogram
+leaves AP and lateral films out (the 0.5 rule is for PA films) and says how many.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
@@ -37,6 +41,7 @@ class ReportFiles:
     contact_sheet: Path
     histogram: Path
     images: int
+    calibration: Path | None = None  # the model's quality score: estimated vs true Dice, held out
 
 
 def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
@@ -59,7 +64,12 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     ctr = meas.get("ctr")
     q = meas.get("quality")
     label = f"CTR {ctr:.2f}" if ctr is not None else "CTR -"
+    label += " AP" if meas.get("view") == "AP" else ""
     label += f"  q {q:.2f}" if q is not None else ""
+    doubts = {s: meas.get(f"quality_{s}") for s in COLOURS if meas.get(f"quality_{s}") is not None}
+    if doubts:
+        worst = min(doubts, key=doubts.get)
+        label += f" ({worst.replace('_lung', '')} {doubts[worst]:.2f})"
     cv2.putText(tile, label, (4, tile.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
                 (255, 255, 255), 1, cv2.LINE_AA)
     return tile
@@ -67,7 +77,9 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
 
 def _selection(engine: Engine, model: str, group: str | None, sample: str | None) -> list[dict]:
     r = D.measurements
-    q = select(r, D.groups.c.group_name).join(D.groups, D.groups.c.uid == r.c.uid, isouter=True)
+    view = func.upper(D.images.c.view).label("view")
+    q = (select(r, D.groups.c.group_name, view).join(D.images, D.images.c.uid == r.c.uid)
+         .join(D.groups, D.groups.c.uid == r.c.uid, isouter=True))
     q = q.where(r.c.model == model)
     if group:
         q = q.where(D.groups.c.group_name == group)
@@ -104,7 +116,39 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | N
     cv2.imwrite(str(sheet_path), sheet)
     hist_path = out_dir / f"ctr_histogram_{name}.png"
     _histogram(_selection(engine, model, None, sample) if not group else rows, hist_path, model)
-    return ReportFiles(sheet_path, hist_path, len(images))
+    return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir))
+
+
+def _calibration(engine: Engine, model: str, out_dir: Path) -> Path | None:
+    """The model's quality score: estimated against true mean Dice on held-out folds under
+    equipment-like shifts (the table ``bench/quality.py`` stores with the score)."""
+    from pipeline.model import ModelError, resolve_model
+    try:
+        scorer = resolve_model(engine, model, "cpu").quality
+    except ModelError as e:
+        log.warning("no calibration picture: %s", e)
+        return None
+    table = (scorer.info.get("calibration") if scorer is not None else None) or []
+    if not table:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    est, true, n = (np.array(c, float) for c in zip(*table, strict=True))
+    held = scorer.info.get("held_out", {})
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    lo = float(min(est.min(), true.min(), 0.8)) - 0.02
+    ax.plot([lo, 1], [lo, 1], color="k", lw=0.8, ls="--", label="perfect calibration")
+    ax.scatter(est, true, s=12 + 60 * n / n.max(), label="images binned by estimate")
+    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="estimated Dice (quality)", ylabel="true mean Dice",
+           title=f"quality score of {model}: held out\nSpearman {held.get('spearman', float('nan')):.2f}, "
+                 f"MAE {held.get('mae', float('nan')):.3f}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"quality_calibration_{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
@@ -124,15 +168,21 @@ def _histogram(rows: list[dict], path: Path, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     by_group: dict[str, list[float]] = {}
+    left_out = 0
     for r in rows:
-        if r["ctr"] is not None:
-            by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
+        if r["ctr"] is None:
+            continue
+        if r.get("view") in ("AP", "LL", "RL", "LAT", "LATERAL"):
+            left_out += 1
+            continue
+        by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     bins = np.linspace(0.2, 0.9, 36)
     for g, values in sorted(by_group.items()):
         ax.hist(values, bins=bins, alpha=0.55, label=f"{g} (n={len(values)})", density=True)
     ax.axvline(0.5, color="k", lw=0.8, ls="--")
-    ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group ({model})")
+    ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group ({model})" + (
+        f", {left_out} AP/lateral films left out" if left_out else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,4 +1,4 @@
--- cxrlabel schema, version 3. Generated from pipeline/db.py by
+-- cxrlabel schema, version 4. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -164,6 +164,9 @@ CREATE TABLE measurements (
 	lungs_x1 INTEGER, 
 	lungs_y1 INTEGER, 
 	quality FLOAT, 
+	quality_heart FLOAT, 
+	quality_left_lung FLOAT, 
+	quality_right_lung FLOAT, 
 	labelled_at DATETIME NOT NULL, 
 	PRIMARY KEY (uid, model), 
 	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE, 

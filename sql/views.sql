@@ -9,12 +9,21 @@ SELECT i.uid, i.patient_id, i.age, i.sex, i.view, i.study_date, i.text,
 FROM images i
 LEFT JOIN groups g ON g.uid = i.uid;
 
--- One row per labelled image and model: the measurements users analyse.
+-- One row per labelled image and model: the measurements users analyse. `quality` is the
+-- estimated mean Dice of the image's masks (quality_<structure>: per structure, where the model
+-- has a fitted score). `view` as catalogued (PA, AP, LL...; 'unknown' when not recorded);
+-- `ctr_note` says when the usual CTR > 0.5 rule does not read as on a PA film.
 CREATE VIEW label_results AS
 SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.heart_area_px, m.heart_area_mm2, m.heart_width_px, m.thoracic_width_px,
-       m.heart_width_mm, m.thoracic_width_mm, m.quality, m.labelled_at,
-       i.patient_id, i.age, i.sex, i.view, i.source
+       m.heart_width_mm, m.thoracic_width_mm, m.quality,
+       m.quality_heart, m.quality_left_lung, m.quality_right_lung, m.labelled_at,
+       i.patient_id, i.age, i.sex, COALESCE(UPPER(i.view), 'unknown') AS view,
+       CASE WHEN UPPER(i.view) = 'AP' THEN 'AP film: the heart is magnified, CTR reads high (0.5 rule is for PA)'
+            WHEN UPPER(i.view) IN ('LL', 'RL', 'LAT', 'LATERAL') THEN 'lateral film: no frontal CTR'
+            WHEN i.view IS NULL OR UPPER(i.view) NOT IN ('PA', 'AP') THEN 'view unknown'
+       END AS ctr_note,
+       i.source
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid;

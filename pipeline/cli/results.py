@@ -72,7 +72,8 @@ def evaluate_cmd(ctx, truth, model, as_json) -> None:
 @click.pass_context
 @handle_errors
 def report_cmd(ctx, group, sample, model, out_dir, tiles) -> None:
-    """Contact sheet of overlays (lowest quality first) and CTR histograms per group.
+    """Contact sheet of overlays (lowest quality first), CTR histograms per group and the
+    quality score's calibration.
 
     \b
     Example:
@@ -84,6 +85,8 @@ def report_cmd(ctx, group, sample, model, out_dir, tiles) -> None:
     files = report(engine_of(ctx), out_dir, model, group, sample, tiles)
     click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
     click.echo(f"CTR histogram: {files.histogram}")
+    if files.calibration:
+        click.echo(f"quality score calibration (estimated vs true Dice, held out): {files.calibration}")
 
 
 COMMANDS = [query, evaluate_cmd, report_cmd]

@@ -1,0 +1,120 @@
+"""The quality score: an estimate of each mask's Dice, from what the model's output shows.
+
+For every structure, :func:`structure_features` reads the model-resolution probabilities and
+the cleaned mask: how far the probabilities agree with the mask, how wide the band of
+uncertain pixels is, how sharp its outline, how much a clean-up threw away, how convex and
+how large it is; :func:`image_features` adds the anatomy (CTR, lungs on the wrong side, a
+missing structure). A :class:`QualityModel`, fitted by ``bench/quality.py`` on held-out
+cross-validation folds put through equipment-like shifts (:mod:`pipeline.shifts`), maps them
+to an estimated Dice per structure (ridge regression on ``log(1.01 - Dice)``); the image's
+``quality`` is their mean. A model without one (no ``<checkpoint>.quality.json`` beside it)
+gets the older heuristic score (:func:`pipeline.measure.quality`) and no per-structure
+estimates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "pieces")
+IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing")
+FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
+_RING = np.ones((3, 3), np.uint8)
+
+
+def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreement: float, size: int,
+                       ) -> dict[str, float]:
+    """Features of one structure from its probabilities ``p`` (float, a window of the model's
+    output) and the cleaned mask in that window; ``size``: the model's side."""
+    area = int(np.count_nonzero(cleaned))
+    if area == 0:
+        return {"agreement": np.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
+                "solidity": 0.0, "area": np.log(1 / size ** 2), "pieces": 0.0}
+    m = cleaned.astype(np.uint8)
+    ring = (cv2.dilate(m, _RING) - cv2.erode(m, _RING)) > 0
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.contourArea(cv2.convexHull(np.concatenate(contours)))
+    pieces = cv2.connectedComponents((p > 0.5).astype(np.uint8), connectivity=8)[0] - 1
+    return {
+        "agreement": float(np.log(1.01 - agreement)),  # soft Dice of p against the mask
+        # pixels the model is unsure of, per pixel of mask: a wide band is a doubtful outline
+        "uncertain": float(np.log(1e-3 + np.count_nonzero((p > 0.1) & (p < 0.9)) / area)),
+        "edge_margin": float(np.mean(np.abs(2 * p[ring] - 1))),  # 1: a crisp outline
+        "kept": float(np.log(max(kept, 1e-3))),
+        "solidity": float(min(1.0, area / max(hull, 1.0))),
+        "area": float(np.log(area / size ** 2)),
+        "pieces": float(np.log1p(max(0, pieces - 1))),  # extra blobs the clean-up removed
+    }
+
+
+def image_features(ctr: float | None, columns: dict[str, float | None]) -> dict[str, float]:
+    """Anatomy of the whole image: CTR away from the usual range, lungs on the wrong side,
+    structures missing."""
+    left, right = columns.get("left_lung"), columns.get("right_lung")
+    return {
+        "ctr_off": float(abs(ctr - 0.47)) if ctr is not None else 0.5,
+        "lungs_swapped": float(left is not None and right is not None and left < right),
+        "missing": float(sum(v is None for v in columns.values())),
+    }
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """Per structure: a ridge regression from standardised :data:`FEATURES` to ``log(1.01 -
+    Dice)``. ``info``: how and on what it was fitted, and how well it did there."""
+
+    features: tuple[str, ...]
+    mean: dict[str, list[float]]
+    scale: dict[str, list[float]]
+    coef: dict[str, list[float]]
+    intercept: dict[str, float]
+    info: dict
+
+    def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
+        """``{structure: {feature: value}}`` -> estimated Dice per structure in ``[0, 1]``."""
+        out = {}
+        for s, f in features.items():
+            if s not in self.coef:
+                continue
+            x = (np.array([f[k] for k in self.features]) - self.mean[s]) / self.scale[s]
+            out[s] = float(np.clip(1.01 - np.exp(self.intercept[s] + x @ np.array(self.coef[s])), 0.0, 1.0))
+        return out
+
+    @classmethod
+    def fit(cls, rows: list[dict[str, float]], dice: list[float], structures: list[str],
+            alpha: float = 1.0, info: dict | None = None) -> QualityModel:
+        """Fit on ``rows`` (each: the :data:`FEATURES` of one structure of one image, plus
+        ``"structure"``) and their true Dice."""
+        mean, scale, coef, intercept = {}, {}, {}, {}
+        for s in structures:
+            pick = [i for i, r in enumerate(rows) if r["structure"] == s]
+            x = np.array([[rows[i][k] for k in FEATURES] for i in pick], np.float64)
+            y = np.log(1.01 - np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1))
+            mu, sd = x.mean(axis=0), x.std(axis=0)
+            sd[sd == 0] = 1.0
+            z = (x - mu) / sd
+            b = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+            mean[s], scale[s], coef[s], intercept[s] = mu.tolist(), sd.tolist(), b.tolist(), float(y.mean())
+        return cls(FEATURES, mean, scale, coef, intercept, info or {})
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"format": "cxrlabel-quality-1", "features": list(self.features),
+                                          "mean": self.mean, "scale": self.scale, "coef": self.coef,
+                                          "intercept": self.intercept, "info": self.info}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> QualityModel:
+        d = json.loads(Path(path).read_text())
+        if d.get("format") != "cxrlabel-quality-1" or tuple(d["features"]) != FEATURES:
+            raise ValueError(f"{path}: not a quality model of this cxrlabel (refit it with bench/quality.py)")
+        return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d.get("info", {}))
+
+
+def sidecar(checkpoint: Path) -> Path:
+    """Where a checkpoint's quality model lives: ``model.pt`` -> ``model.quality.json``."""
+    return Path(checkpoint).with_suffix(".quality.json")

@@ -1,0 +1,111 @@
+import shutil
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from pipeline.groups import select_images
+from pipeline.imaging import Geometry
+from pipeline.label import Item, label, postprocess
+from pipeline.model import register_model
+from pipeline.quality import FEATURES, QualityModel, sidecar
+from pipeline.report import report
+from pipeline.shifts import SHIFTS, apply
+
+STRUCTURES = ("heart", "left_lung", "right_lung")
+
+
+def _blobs(scale: float = 1.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    probs = np.stack([1 / (1 + np.exp((((xx - cx) ** 2 + (yy - 34) ** 2) / 40 - r) * scale))
+                      for cx, r in ((32, 6), (48, 7), (16, 7))])
+    return np.clip(probs + rng.normal(0, noise, probs.shape), 0, 1).astype(np.float32)
+
+
+def _synthetic_rows(n: int = 300, seed: int = 0):
+    """Masks whose true Dice falls as their features worsen, plus noise."""
+    rng = np.random.default_rng(seed)
+    rows, dice = [], []
+    for _ in range(n):
+        badness = rng.uniform(0, 1)
+        for s in STRUCTURES:
+            f = {k: rng.normal(0, 0.2) for k in FEATURES}
+            f["uncertain"] += 3 * badness
+            f["edge_margin"] -= badness
+            rows.append({"structure": s, **f})
+            dice.append(float(np.clip(0.98 - 0.3 * badness + rng.normal(0, 0.01), 0, 1)))
+    return rows, dice
+
+
+def test_the_fitted_score_ranks_and_estimates_dice(tmp_path):
+    rows, dice = _synthetic_rows()
+    model = QualityModel.fit(rows[:600], dice[:600], list(STRUCTURES), info={"calibration": [[0.9, 0.9, 3]]})
+    est = [model.estimate({r["structure"]: r})[r["structure"]] for r in rows[600:]]
+    true = np.array(dice[600:])
+    assert np.corrcoef(np.argsort(np.argsort(est)), np.argsort(np.argsort(true)))[0, 1] > 0.9
+    assert np.mean(np.abs(np.array(est) - true)) < 0.05 and all(0 <= e <= 1 for e in est)  # spread: 0.3
+    model.save(tmp_path / "m.quality.json")
+    again = QualityModel.load(tmp_path / "m.quality.json")
+    assert again.estimate({"heart": rows[0]}) == model.estimate({"heart": rows[0]})
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a quality model"):
+        QualityModel.load(tmp_path / "bad.json")
+
+
+def test_postprocess_scores_with_a_fitted_model_and_falls_back_without():
+    geom = Geometry.fit(700, 640, 64)
+    item = Item("u", np.zeros((64, 64), np.uint8), geom)
+    crisp, blurry = postprocess(item, _blobs(), STRUCTURES), postprocess(item, _blobs(0.15, 0.1), STRUCTURES)
+    assert set(crisp.features) == set(STRUCTURES) and set(crisp.features["heart"]) == set(FEATURES)
+    assert crisp.measurements["quality_heart"] is None  # no fitted score: the heuristic only
+    assert crisp.features["heart"]["uncertain"] < blurry.features["heart"]["uncertain"]
+    rows, dice = _synthetic_rows()
+    scored = postprocess(item, _blobs(), STRUCTURES, QualityModel.fit(rows, dice, list(STRUCTURES)))
+    per = [scored.measurements[f"quality_{s}"] for s in STRUCTURES]
+    assert all(0 <= q <= 1 for q in per) and scored.measurements["quality"] == pytest.approx(np.mean(per))
+
+
+@pytest.mark.parametrize("name", sorted(SHIFTS))
+def test_every_shift_keeps_the_image_a_cache_entry_and_moves_masks_with_geometry(name):
+    img = np.zeros((64, 64), np.uint8)
+    img[20:44, 10:30] = 200
+    masks = np.zeros((3, 64, 64), np.float32)
+    masks[0, 20:44, 10:30] = 1
+    out, moved = apply(name, img, masks, 1.0, np.random.default_rng(0))
+    assert out.shape == img.shape and out.dtype == np.uint8 and moved.shape == masks.shape
+    if name in ("rotation", "crop", "aspect"):
+        # the mask follows the bright block it outlines
+        inside = out[moved[0] > 0.5]
+        assert not np.array_equal(moved, masks) and inside.mean() > 150
+    else:
+        assert np.array_equal(moved, masks)
+    if name == "inverted":
+        assert np.array_equal(out, 255 - img)
+
+
+def test_label_stores_estimates_and_the_report_draws_their_calibration(annotated_engine, tiny_model, tmp_path):
+    model = tmp_path / "m" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy(tiny_model, model)
+    rows, dice = _synthetic_rows()
+    QualityModel.fit(rows, dice, list(STRUCTURES), info={
+        "held_out": {"spearman": 0.8, "mae": 0.02}, "calibration": [[0.8, 0.82, 10], [0.95, 0.94, 30]]}
+    ).save(sidecar(model))
+    register_model(annotated_engine, "m", model, "tiny", {}, {}, "")
+    with annotated_engine.begin() as c:  # an AP film among them
+        c.execute(text("UPDATE images SET view = 'AP' WHERE uid = (SELECT MIN(uid) FROM images)"))
+    with annotated_engine.connect() as c:
+        chosen = select_images(c, all_images=True, limit=6)
+    label(annotated_engine, chosen, "m", "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    with annotated_engine.connect() as c:
+        res = c.execute(text("SELECT * FROM label_results ORDER BY uid")).mappings().all()
+    assert len(res) == 6 and all(r["quality_heart"] is not None for r in res)
+    assert all(r["quality"] == pytest.approx(np.mean([r[f"quality_{s}"] for s in STRUCTURES])) for r in res)
+    assert res[0]["view"] == "AP" and "magnified" in res[0]["ctr_note"]
+    assert all(r["ctr_note"] is None for r in res if r["view"] == "PA")
+    with annotated_engine.begin() as c:
+        c.execute(text("INSERT INTO samples (name, uid, created_at) SELECT 'six', uid, CURRENT_TIMESTAMP "
+                       "FROM measurements"))
+    files = report(annotated_engine, tmp_path / "r", "m", sample="six")
+    assert files.images == 6 and files.calibration is not None and files.calibration.stat().st_size > 5000
