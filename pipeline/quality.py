@@ -2,7 +2,7 @@
 
 For every structure, :func:`structure_features` reads the model-resolution probabilities and
 the cleaned mask: how far the probabilities agree with the mask, how wide the band of
-uncertain pixels is, how sharp its outline, how much a clean-up threw away, how convex and
+uncertain pixels is, how sharp its outline, how much the clean-up threw away, how convex and
 how large it is; :func:`image_features` adds the anatomy (CTR, lungs on the wrong side, a
 missing structure). A :class:`QualityModel`, fitted by ``bench/quality.py`` on held-out
 cross-validation folds put through equipment-like shifts (:mod:`pipeline.shifts`), maps them
@@ -15,13 +15,14 @@ estimates.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "pieces")
+STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area")
 IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing")
 FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
 _RING = np.ones((3, 3), np.uint8)
@@ -30,25 +31,23 @@ _RING = np.ones((3, 3), np.uint8)
 def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreement: float, size: int,
                        ) -> dict[str, float]:
     """Features of one structure from its probabilities ``p`` (float, a window of the model's
-    output) and the cleaned mask in that window; ``size``: the model's side."""
+    output) and the cleaned mask in that window; ``size``: the model's side. About 70 us."""
     area = int(np.count_nonzero(cleaned))
     if area == 0:
-        return {"agreement": np.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
-                "solidity": 0.0, "area": np.log(1 / size ** 2), "pieces": 0.0}
+        return {"agreement": math.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
+                "solidity": 0.0, "area": math.log(1 / size ** 2)}
     m = cleaned.astype(np.uint8)
-    ring = (cv2.dilate(m, _RING) - cv2.erode(m, _RING)) > 0
+    ring = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, _RING) > 0  # the outline, a pixel either side
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = cv2.contourArea(cv2.convexHull(np.concatenate(contours)))
-    pieces = cv2.connectedComponents((p > 0.5).astype(np.uint8), connectivity=8)[0] - 1
     return {
-        "agreement": float(np.log(1.01 - agreement)),  # soft Dice of p against the mask
+        "agreement": math.log(1.01 - agreement),  # soft Dice of p against the mask
         # pixels the model is unsure of, per pixel of mask: a wide band is a doubtful outline
-        "uncertain": float(np.log(1e-3 + np.count_nonzero((p > 0.1) & (p < 0.9)) / area)),
+        "uncertain": math.log(1e-3 + np.count_nonzero((p > 0.1) & (p < 0.9)) / area),
         "edge_margin": float(np.mean(np.abs(2 * p[ring] - 1))),  # 1: a crisp outline
-        "kept": float(np.log(max(kept, 1e-3))),
-        "solidity": float(min(1.0, area / max(hull, 1.0))),
-        "area": float(np.log(area / size ** 2)),
-        "pieces": float(np.log1p(max(0, pieces - 1))),  # extra blobs the clean-up removed
+        "kept": math.log(max(kept, 1e-3)),  # below 0: the clean-up threw blobs away
+        "solidity": min(1.0, area / max(hull, 1.0)),
+        "area": math.log(area / size ** 2),
     }
 
 

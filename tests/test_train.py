@@ -286,3 +286,19 @@ def test_folds_trained_in_parallel_processes_equal_folds_trained_in_turn(annotat
     at_once = cross_validate(annotated_engine, cfg, tmp_path / "b", cache, "cpu", progress=False, parallel=2)
     assert [r.history for r in at_once.results] == [r.history for r in one_by_one.results]
     assert [r.held_out for r in at_once.results] == [r.held_out for r in one_by_one.results]
+
+
+def test_equipment_shifts_join_augmentation_reproducibly():
+    from pipeline.train.data import EQUIPMENT_SHIFTS, augmentation
+    plain, shifted = (augmentation(TrainConfig.from_preset("tiny", shifts=s)) for s in (False, True))
+    assert len(shifted.transforms) == len(plain.transforms) + len(EQUIPMENT_SHIFTS)
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))[None]
+    data = {"image": ramp, "mask": np.zeros((3, 64, 64), np.float32)}
+    firsts = []
+    for seed in range(40):
+        shifted.set_random_state(seed=seed)
+        out = np.asarray(shifted(dict(data))["image"])[0]
+        shifted.set_random_state(seed=seed)
+        assert np.array_equal(out, np.asarray(shifted(dict(data))["image"])[0])
+        firsts.append(out[32, :8].mean() - out[32, -8:].mean())
+    assert any(f > 0 for f in firsts)  # some draws invert the ramp (a MONOCHROME1 read as 2)

@@ -23,6 +23,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "e.g. 0.99; 0 = off [preset].")
 @click.option("--norm", type=click.Choice(["zscore", "clahe"]),
               help="Model input: z-score, or CLAHE then z-score [preset].")
+@click.option("--shifts/--no-shifts", default=None,
+              help="Augment with equipment-like shifts too: an inverted MONOCHROME1, a collimator's "
+                   "rim, JPEG, another window [preset].")
 @click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
 @click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Held-out share without --folds; 0 trains on everything.")

@@ -50,6 +50,7 @@ class TrainConfig:
     folds: int = 1  # >1: K-fold cross-validation
     fold: int = 0
     augment: bool = True
+    shifts: bool = False  # equipment-like shifts in augmentation (see train.data.augmentation)
     threads: int | None = None
     structures: tuple[str, ...] = STRUCTURES
 

@@ -77,9 +77,15 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
     return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest())
 
 
+EQUIPMENT_SHIFTS = {"inverted": 0.1, "collimation": 0.2, "jpeg": 0.2, "contrast": 0.2}  # name: probability
+
+
 def augmentation(cfg: TrainConfig):
     """Chest-X-ray-safe augmentation (MONAI): small affine, contrast, gamma, blur, noise,
-    resolution and exposure; never a left-right flip (the heart's side matters)."""
+    resolution and exposure; never a left-right flip (the heart's side matters). With
+    ``cfg.shifts``, also the equipment-like shifts of :mod:`pipeline.shifts` that those do
+    not cover (:data:`EQUIPMENT_SHIFTS`: an inverted MONOCHROME1, a collimator's rim, JPEG,
+    another window)."""
     from monai import transforms as T
     keys = ["image", "mask"]
     steps = [
@@ -94,9 +100,32 @@ def augmentation(cfg: TrainConfig):
         T.RandGaussianSmoothd(["image"], prob=0.2, sigma_x=(0.3, 1.5), sigma_y=(0.3, 1.5)),
         T.RandGaussianNoised(["image"], prob=0.3, std=0.03),
     ]
+    if cfg.shifts:
+        steps += [_equipment_shift(name, prob) for name, prob in EQUIPMENT_SHIFTS.items()]
     if cfg.roi and cfg.roi < cfg.size:
         steps.append(T.RandSpatialCropd(keys, roi_size=(cfg.roi, cfg.roi), random_size=False))
     return T.Compose(steps)
+
+
+def _equipment_shift(name: str, prob: float):
+    """One :mod:`pipeline.shifts` shift as a MONAI random transform on ``image`` (1, S, S in
+    [0, 1]), at a random strength, drawing from the transform's own random state."""
+    from monai.transforms import RandomizableTransform
+
+    from pipeline.shifts import apply
+
+    class EquipmentShift(RandomizableTransform):
+        def __call__(self, data: dict) -> dict:
+            self.randomize(None)
+            if not self._do_transform:
+                return data
+            strength = self.R.uniform(0.3, 1.0)
+            rng = np.random.default_rng(self.R.randint(2 ** 31))
+            img = np.clip(np.rint(np.asarray(data["image"])[0] * 255), 0, 255).astype(np.uint8)
+            shifted, _ = apply(name, img, np.asarray(data["mask"]), strength, rng)
+            return {**data, "image": shifted[None].astype(np.float32) / 255.0}
+
+    return EquipmentShift(prob=prob)
 
 
 def make_batch(ds: Dataset, idx: list[int], aug, norm: str, seeds: list[int] | None = None,
