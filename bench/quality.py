@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,6 +60,14 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _still_training(fold: Path) -> bool:
+    """A fold whose resume point has not reached its last epoch (its best.pt is provisional)."""
+    if not (fold / "last.pt").exists():
+        return False
+    last = torch.load(fold / "last.pt", map_location="cpu", weights_only=True)
+    return last["state"]["epoch"] < last["config"]["epochs"]
+
+
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int) -> list[dict]:
     """One row per (fold, held-out image, variant, structure): features, true Dice, heuristic."""
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
@@ -72,8 +81,9 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int) -> list[di
     variants = [("none", 0.0)] + [(name, s) for name in SHIFTS for s in (STRENGTHS if name != "inverted" else (1.0,))]
     rows = []
     for k, held in enumerate(splits["val"]):
-        if not (run_dir / f"fold{k}" / "best.pt").exists():
-            print(f"fold {k}: no best.pt (not trained yet): left out", flush=True)
+        fold = run_dir / f"fold{k}"
+        if not (fold / "best.pt").exists() or _still_training(fold):
+            print(f"fold {k}: not trained to the end yet: left out", flush=True)
             continue
         lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
         for i in ds.indices(held):

@@ -6,10 +6,10 @@ uncertain pixels is, how sharp its outline, how much the clean-up threw away, ho
 how large it is; :func:`image_features` adds the anatomy (CTR, lungs on the wrong side, a
 missing structure). A :class:`QualityModel`, fitted by ``bench/quality.py`` on held-out
 cross-validation folds put through equipment-like shifts (:mod:`pipeline.shifts`), maps them
-to an estimated Dice per structure (ridge regression on ``log(1.01 - Dice)``); the image's
-``quality`` is their mean. A model without one (no ``<checkpoint>.quality.json`` beside it)
-gets the older heuristic score (:func:`pipeline.measure.quality`) and no per-structure
-estimates.
+to an estimated Dice per structure (ridge regression on ``log(1.01 - Dice)``, then an
+isotonic map to Dice); the image's ``quality`` is their mean. A model without one (no
+``<checkpoint>.quality.json`` beside it) gets the older heuristic score
+(:func:`pipeline.measure.quality`) and no per-structure estimates.
 """
 
 from __future__ import annotations
@@ -65,53 +65,77 @@ def image_features(ctr: float | None, columns: dict[str, float | None]) -> dict[
 @dataclass(frozen=True)
 class QualityModel:
     """Per structure: a ridge regression from standardised :data:`FEATURES` to ``log(1.01 -
-    Dice)``. ``info``: how and on what it was fitted, and how well it did there."""
+    Dice)`` (how the features rank the masks), then an isotonic map from that to Dice fitted
+    on the same masks (so the score reads as a Dice). ``info``: how and on what it was
+    fitted, and how well it did on masks it had not seen."""
 
     features: tuple[str, ...]
     mean: dict[str, list[float]]
     scale: dict[str, list[float]]
     coef: dict[str, list[float]]
     intercept: dict[str, float]
+    knots: dict[str, list[float]]  # the isotonic map: ridge output (ascending) -> Dice
+    values: dict[str, list[float]]
     info: dict
+
+    def raw(self, s: str, f: dict[str, float]) -> float:
+        x = (np.array([f[k] for k in self.features]) - self.mean[s]) / self.scale[s]
+        return float(self.intercept[s] + x @ np.array(self.coef[s]))
 
     def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
         """``{structure: {feature: value}}`` -> estimated Dice per structure in ``[0, 1]``."""
-        out = {}
-        for s, f in features.items():
-            if s not in self.coef:
-                continue
-            x = (np.array([f[k] for k in self.features]) - self.mean[s]) / self.scale[s]
-            out[s] = float(np.clip(1.01 - np.exp(self.intercept[s] + x @ np.array(self.coef[s])), 0.0, 1.0))
-        return out
+        return {s: float(np.interp(self.raw(s, f), self.knots[s], self.values[s]))
+                for s, f in features.items() if s in self.coef}
 
     @classmethod
     def fit(cls, rows: list[dict[str, float]], dice: list[float], structures: list[str],
             alpha: float = 1.0, info: dict | None = None) -> QualityModel:
         """Fit on ``rows`` (each: the :data:`FEATURES` of one structure of one image, plus
         ``"structure"``) and their true Dice."""
-        mean, scale, coef, intercept = {}, {}, {}, {}
+        mean, scale, coef, intercept, knots, values = {}, {}, {}, {}, {}, {}
         for s in structures:
             pick = [i for i, r in enumerate(rows) if r["structure"] == s]
             x = np.array([[rows[i][k] for k in FEATURES] for i in pick], np.float64)
-            y = np.log(1.01 - np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1))
+            d = np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1)
+            y = np.log(1.01 - d)
             mu, sd = x.mean(axis=0), x.std(axis=0)
             sd[sd == 0] = 1.0
             z = (x - mu) / sd
             b = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
             mean[s], scale[s], coef[s], intercept[s] = mu.tolist(), sd.tolist(), b.tolist(), float(y.mean())
-        return cls(FEATURES, mean, scale, coef, intercept, info or {})
+            # a higher ridge output means a larger expected error: Dice falls along it
+            k, v = _isotonic(-(y.mean() + z @ b), d)
+            knots[s], values[s] = (-k[::-1]).tolist(), v[::-1].tolist()
+        return cls(FEATURES, mean, scale, coef, intercept, knots, values, info or {})
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps({"format": "cxrlabel-quality-1", "features": list(self.features),
-                                          "mean": self.mean, "scale": self.scale, "coef": self.coef,
-                                          "intercept": self.intercept, "info": self.info}, indent=1))
+        Path(path).write_text(json.dumps({"format": FORMAT, "features": list(self.features), "mean": self.mean,
+                                          "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
+                                          "knots": self.knots, "values": self.values, "info": self.info}))
 
     @classmethod
     def load(cls, path: Path) -> QualityModel:
         d = json.loads(Path(path).read_text())
-        if d.get("format") != "cxrlabel-quality-1" or tuple(d["features"]) != FEATURES:
+        if d.get("format") != FORMAT or tuple(d["features"]) != FEATURES:
             raise ValueError(f"{path}: not a quality model of this cxrlabel (refit it with bench/quality.py)")
-        return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d.get("info", {}))
+        return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
+                   d["values"], d.get("info", {}))
+
+
+FORMAT = "cxrlabel-quality-1"
+
+
+def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators), as
+    knots (each pooled block's mean ``x``, ascending) and values for ``np.interp``."""
+    order = np.argsort(x, kind="stable")
+    blocks: list[list[float]] = []  # [sum of y, count, sum of x]
+    for xi, yi in zip(x[order], y[order], strict=True):
+        blocks.append([yi, 1, xi])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            y2, n2, x2 = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + y2, blocks[-1][1] + n2, blocks[-1][2] + x2]
+    return (np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks]))
 
 
 def sidecar(checkpoint: Path) -> Path:

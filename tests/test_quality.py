@@ -109,3 +109,9 @@ def test_label_stores_estimates_and_the_report_draws_their_calibration(annotated
                        "FROM measurements"))
     files = report(annotated_engine, tmp_path / "r", "m", sample="six")
     assert files.images == 6 and files.calibration is not None and files.calibration.stat().st_size > 5000
+
+
+def test_isotonic_map_pools_adjacent_violators():
+    from pipeline.quality import _isotonic
+    knots, values = _isotonic(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4]))
+    assert knots.tolist() == [1, 2.5, 4] and values.tolist() == [1, 2.5, 4]
