@@ -96,6 +96,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int) -> list[di
                     if not ds.valid[i, j]:
                         continue
                     rows.append({"fold": k, "uid": ds.uids[i], "shift": name, "strength": strength,
+                                 "image": f"{k}/{ds.uids[i]}/{name}/{strength}",
                                  "structure": s, "dice": dice(r.masks[s].decode(), truth[j] > 0.5),
                                  "heuristic": r.measurements["quality"], **r.features[s]})
         print(f"fold {k}: {len(held)} held-out images, {len(rows)} masks so far", flush=True)
@@ -128,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alpha", type=float, default=1.0, help="ridge penalty")
     ap.add_argument("--out", type=Path, help="write the score fitted on every fold here")
+    ap.add_argument("--rows", type=Path, help="keep the measured masks' rows in this JSON file and reuse "
+                                               "them when it exists (refit without labelling again)")
     args = ap.parse_args(argv)
     started = time.time()
-    rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed)
+    if args.rows and args.rows.exists():
+        rows = json.loads(args.rows.read_text())
+    else:
+        rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed)
+        if args.rows:
+            args.rows.write_text(json.dumps(rows))
     structures = sorted({r["structure"] for r in rows})
     folds = sorted({r["fold"] for r in rows})
     dice_true = [r["dice"] for r in rows]
@@ -139,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         train_idx = [n for n, r in enumerate(rows) if r["fold"] != k]
         model = QualityModel.fit([rows[n] for n in train_idx], [dice_true[n] for n in train_idx], structures,
                                  args.alpha)
+        images: dict[str, dict[str, int]] = {}
         for n, r in enumerate(rows):
             if r["fold"] == k:
-                estimate[n] = model.estimate({r["structure"]: {f: r[f] for f in FEATURES}})[r["structure"]]
+                images.setdefault(r["image"], {})[r["structure"]] = n
+        for members in images.values():
+            got = model.estimate({s: {f: rows[n][f] for f in FEATURES} for s, n in members.items()})
+            for s, n in members.items():
+                estimate[n] = got[s]
     true, est, heur = per_image(rows, estimate)
     clean_only = np.array([r["shift"] == "none" for r in rows])
     print(f"{len(rows)} masks of {len(true)} image variants ({len(folds)} folds, {len(SHIFTS)} shifts x "

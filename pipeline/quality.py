@@ -25,6 +25,19 @@ import numpy as np
 STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area")
 IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing")
 FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
+CONTEXT = ("agreement", "uncertain", "edge_margin", "solidity")  # compared across the image's structures
+
+
+def design(features: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
+    """The regression's inputs per structure of one image: its :data:`FEATURES`, the squares
+    of its structure features, and the least and most doubtful of :data:`CONTEXT` over the
+    image's structures (a shifted or odd film shows in all of them)."""
+    context = []
+    for k in CONTEXT:
+        values = [f[k] for f in features.values()]
+        context += [min(values), max(values)]
+    return {s: np.array([f[k] for k in FEATURES] + [f[k] ** 2 for k in STRUCTURE_FEATURES] + context)
+            for s, f in features.items()}
 _RING = np.ones((3, 3), np.uint8)
 
 
@@ -64,8 +77,8 @@ def image_features(ctr: float | None, columns: dict[str, float | None]) -> dict[
 
 @dataclass(frozen=True)
 class QualityModel:
-    """Per structure: a ridge regression from standardised :data:`FEATURES` to ``log(1.01 -
-    Dice)`` (how the features rank the masks), then an isotonic map from that to Dice fitted
+    """Per structure: a ridge regression from the standardised :func:`design` of the image's
+    features to ``log(1.01 - Dice)`` (how the features rank the masks), then an isotonic map from that to Dice fitted
     on the same masks (so the score reads as a Dice). ``info``: how and on what it was
     fitted, and how well it did on masks it had not seen."""
 
@@ -78,24 +91,29 @@ class QualityModel:
     values: dict[str, list[float]]
     info: dict
 
-    def raw(self, s: str, f: dict[str, float]) -> float:
-        x = (np.array([f[k] for k in self.features]) - self.mean[s]) / self.scale[s]
-        return float(self.intercept[s] + x @ np.array(self.coef[s]))
-
     def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
-        """``{structure: {feature: value}}`` -> estimated Dice per structure in ``[0, 1]``."""
-        return {s: float(np.interp(self.raw(s, f), self.knots[s], self.values[s]))
-                for s, f in features.items() if s in self.coef}
+        """``{structure: {feature: value}}`` of one image -> estimated Dice per structure in
+        ``[0, 1]``."""
+        out = {}
+        for s, x in design(features).items():
+            if s in self.coef:
+                raw = self.intercept[s] + ((x - self.mean[s]) / self.scale[s]) @ np.array(self.coef[s])
+                out[s] = float(np.interp(raw, self.knots[s], self.values[s]))
+        return out
 
     @classmethod
-    def fit(cls, rows: list[dict[str, float]], dice: list[float], structures: list[str],
+    def fit(cls, rows: list[dict], dice: list[float], structures: list[str],
             alpha: float = 1.0, info: dict | None = None) -> QualityModel:
         """Fit on ``rows`` (each: the :data:`FEATURES` of one structure of one image, plus
-        ``"structure"``) and their true Dice."""
+        ``"structure"`` and ``"image"``, any key the image's rows share) and their true Dice."""
+        images: dict = {}
+        for r in rows:
+            images.setdefault(r["image"], {})[r["structure"]] = r
+        inputs = {key: design(group) for key, group in images.items()}
         mean, scale, coef, intercept, knots, values = {}, {}, {}, {}, {}, {}
         for s in structures:
             pick = [i for i, r in enumerate(rows) if r["structure"] == s]
-            x = np.array([[rows[i][k] for k in FEATURES] for i in pick], np.float64)
+            x = np.array([inputs[rows[i]["image"]][s] for i in pick], np.float64)
             d = np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1)
             y = np.log(1.01 - d)
             mu, sd = x.mean(axis=0), x.std(axis=0)

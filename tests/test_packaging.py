@@ -18,7 +18,8 @@ from tests.conftest import DICOM, REPO
 
 RUNTIME_FILES = ["pipeline/sql/views.sql", "pipeline/sql/schema.sql", "pipeline/sql/queries/ctr_by_group.sql",
                  "pipeline/models/presets.toml", "pipeline/models/default/model.pt",
-                 "pipeline/models/default/MODEL_CARD.md", "pipeline/rules/default.toml",
+                 "pipeline/models/default/MODEL_CARD.md", "pipeline/models/default/model.quality.json",
+                 "pipeline/rules/default.toml",
                  "pipeline/cli/__init__.py", "pipeline/train/loop.py", "pipeline/model.py"]
 
 
@@ -73,6 +74,9 @@ def test_plain_install_labels_with_the_shipped_model(wheel, tmp_path):
     assert "3 labelled" in out and "(default on cpu)" in out
     rows = json.loads(cx("query", "ctr_by_group", "--json"))  # a ready query by name, from the package
     assert sum(r["n"] for r in rows) == 3
+    # the shipped model's fitted quality score travelled too: estimates per structure
+    scored = json.loads(cx("query", "SELECT quality, quality_heart FROM label_results", "--json"))
+    assert len(scored) == 3 and all(0 <= r["quality_heart"] <= 1 for r in scored)
     presets = subprocess.run([str(venv / "bin" / "python"), "-c",
                               "from pipeline.train import presets; print(sorted(presets()))"],
                              cwd=work, env=env, check=True, capture_output=True, text=True).stdout

@@ -27,13 +27,13 @@ def _synthetic_rows(n: int = 300, seed: int = 0):
     """Masks whose true Dice falls as their features worsen, plus noise."""
     rng = np.random.default_rng(seed)
     rows, dice = [], []
-    for _ in range(n):
+    for image in range(n):
         badness = rng.uniform(0, 1)
         for s in STRUCTURES:
             f = {k: rng.normal(0, 0.2) for k in FEATURES}
             f["uncertain"] += 3 * badness
             f["edge_margin"] -= badness
-            rows.append({"structure": s, **f})
+            rows.append({"structure": s, "image": image, **f})
             dice.append(float(np.clip(0.98 - 0.3 * badness + rng.normal(0, 0.01), 0, 1)))
     return rows, dice
 
@@ -41,13 +41,15 @@ def _synthetic_rows(n: int = 300, seed: int = 0):
 def test_the_fitted_score_ranks_and_estimates_dice(tmp_path):
     rows, dice = _synthetic_rows()
     model = QualityModel.fit(rows[:600], dice[:600], list(STRUCTURES), info={"calibration": [[0.9, 0.9, 3]]})
-    est = [model.estimate({r["structure"]: r})[r["structure"]] for r in rows[600:]]
+    est = [model.estimate({s: r for r in rows[n:n + 3] for s in [r["structure"]]})[rows[m]["structure"]]
+           for n in range(600, len(rows), 3) for m in range(n, n + 3)]
     true = np.array(dice[600:])
     assert np.corrcoef(np.argsort(np.argsort(est)), np.argsort(np.argsort(true)))[0, 1] > 0.9
     assert np.mean(np.abs(np.array(est) - true)) < 0.05 and all(0 <= e <= 1 for e in est)  # spread: 0.3
     model.save(tmp_path / "m.quality.json")
     again = QualityModel.load(tmp_path / "m.quality.json")
-    assert again.estimate({"heart": rows[0]}) == model.estimate({"heart": rows[0]})
+    image = {r["structure"]: r for r in rows[:3]}
+    assert again.estimate(image) == model.estimate(image)
     (tmp_path / "bad.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a quality model"):
         QualityModel.load(tmp_path / "bad.json")
