@@ -92,7 +92,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
-    sums = probs.reshape(len(probs), -1).sum(axis=1) * float(unit)
+    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
     for i, s in enumerate(structures):
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
         kept[s], agreement[s], columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
