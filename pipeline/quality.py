@@ -28,15 +28,16 @@ FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
 CONTEXT = ("agreement", "uncertain", "edge_margin", "solidity")  # compared across the image's structures
 
 
-def design(features: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
-    """The regression's inputs per structure of one image: its :data:`FEATURES`, the squares
-    of its structure features, and the least and most doubtful of :data:`CONTEXT` over the
-    image's structures (a shifted or odd film shows in all of them)."""
+def design(features: dict[str, dict[str, float]], names: tuple[str, ...] = FEATURES) -> dict[str, np.ndarray]:
+    """The regression's inputs per structure of one image: its features ``names``, the
+    squares of those that describe the structure itself, and the least and most doubtful of
+    :data:`CONTEXT` over the image's structures (a shifted or odd film shows in all of them)."""
     context = []
     for k in CONTEXT:
         values = [f[k] for f in features.values()]
         context += [min(values), max(values)]
-    return {s: np.array([f[k] for k in FEATURES] + [f[k] ** 2 for k in STRUCTURE_FEATURES] + context)
+    own = [k for k in names if k not in IMAGE_FEATURES]
+    return {s: np.array([f[k] for k in names] + [f[k] ** 2 for k in own] + context)
             for s, f in features.items()}
 _RING = np.ones((3, 3), np.uint8)
 
@@ -95,7 +96,7 @@ class QualityModel:
         """``{structure: {feature: value}}`` of one image -> estimated Dice per structure in
         ``[0, 1]``."""
         out = {}
-        for s, x in design(features).items():
+        for s, x in design(features, self.features).items():
             if s in self.coef:
                 raw = self.intercept[s] + ((x - self.mean[s]) / self.scale[s]) @ np.array(self.coef[s])
                 out[s] = float(np.interp(raw, self.knots[s], self.values[s]))
@@ -103,13 +104,13 @@ class QualityModel:
 
     @classmethod
     def fit(cls, rows: list[dict], dice: list[float], structures: list[str],
-            alpha: float = 1.0, info: dict | None = None) -> QualityModel:
-        """Fit on ``rows`` (each: the :data:`FEATURES` of one structure of one image, plus
+            alpha: float = 1.0, info: dict | None = None, names: tuple[str, ...] = FEATURES) -> QualityModel:
+        """Fit on ``rows`` (each: the features ``names`` of one structure of one image, plus
         ``"structure"`` and ``"image"``, any key the image's rows share) and their true Dice."""
         images: dict = {}
         for r in rows:
             images.setdefault(r["image"], {})[r["structure"]] = r
-        inputs = {key: design(group) for key, group in images.items()}
+        inputs = {key: design(group, names) for key, group in images.items()}
         mean, scale, coef, intercept, knots, values = {}, {}, {}, {}, {}, {}
         for s in structures:
             pick = [i for i, r in enumerate(rows) if r["structure"] == s]
@@ -124,7 +125,7 @@ class QualityModel:
             # a higher ridge output means a larger expected error: Dice falls along it
             k, v = _isotonic(-(y.mean() + z @ b), d)
             knots[s], values[s] = (-k[::-1]).tolist(), v[::-1].tolist()
-        return cls(FEATURES, mean, scale, coef, intercept, knots, values, info or {})
+        return cls(tuple(names), mean, scale, coef, intercept, knots, values, info or {})
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps({"format": FORMAT, "features": list(self.features), "mean": self.mean,
