@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,11 +197,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> str:
-    """A checkpoint for shipping (fp16 weights by default, current format); the new sha256."""
+    """A checkpoint for shipping (fp16 weights by default, current format); the new sha256.
+    Its fitted quality score (``<src>.quality.json``), if any, goes along."""
+    from pipeline.quality import sidecar
     ck = read_checkpoint(src)
     ck.state_dict = {k: (v.half() if half else v.float()) if v.is_floating_point() else v
                      for k, v in ck.state_dict.items()}
-    return write_checkpoint(dst, ck)
+    sha = write_checkpoint(dst, ck)
+    if sidecar(src).exists():
+        shutil.copyfile(sidecar(src), sidecar(dst))
+    return sha
 
 
 def upgrade_checkpoint(src: str | Path, dst: str | Path | None = None,

@@ -230,8 +230,16 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_export_halves_the_checkpoint(tiny_model, tmp_path):
+    import shutil
+
     from pipeline.model import export_checkpoint
-    export_checkpoint(tiny_model, tmp_path / "m.pt")
+    from pipeline.quality import sidecar
+    src = tmp_path / "src" / "best.pt"
+    src.parent.mkdir()
+    shutil.copy(tiny_model, src)
+    sidecar(src).write_text('{"format": "its fitted quality score"}')
+    export_checkpoint(src, tmp_path / "m.pt")
+    assert sidecar(tmp_path / "m.pt").read_text() == sidecar(src).read_text()  # the score goes along
     model, _ = load_model(tmp_path / "m.pt")
     ref, _ = load_model(tiny_model)
     x = torch.randn(1, 1, 64, 64)
