@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -41,7 +40,7 @@ from pipeline.imaging import Geometry  # noqa: E402
 from pipeline.label import Item, postprocess  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
-from pipeline.quality import FEATURES, QualityModel  # noqa: E402
+from pipeline.quality import FEATURES, QualityModel, tta_agreement, tta_copies  # noqa: E402
 from pipeline.shifts import SHIFTS, apply  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import load_dataset  # noqa: E402
@@ -69,32 +68,12 @@ def _still_training(fold: Path) -> bool:
     return last["state"]["epoch"] < last["config"]["epochs"]
 
 
-TTA_SHIFT = (5.0, 3.0)  # px: the shifted copy of test-time augmentation (the other: gamma 0.8)
-
-
-def tta_agreement(lm, images: list[np.ndarray], bases: list, structures: list[str], geom) -> list[dict[str, float]]:
-    """Per image, per structure: the mean Dice between its mask and the masks of two
-    test-time-augmented copies (shifted by a few pixels, and darker), mapped back."""
-    size = images[0].shape[0]
-    move = np.float32([[1, 0, TTA_SHIFT[0]], [0, 1, TTA_SHIFT[1]]])
-    back = np.float32([[1, 0, -TTA_SHIFT[0]], [0, 1, -TTA_SHIFT[1]]])
-    copies = []
-    for img in images:
-        darker = np.clip((img / 255.0) ** 0.8 * 255, 0, 255).astype(np.uint8)
-        copies += [cv2.warpAffine(img, move, (size, size)), darker]
-    probs = infer(lm, copies)
-    out = []
-    for n, base in enumerate(bases):
-        moved, darker = (postprocess(Item("tta", copies[2 * n + m], geom), probs[2 * n + m], structures)
-                         for m in (0, 1))
-        agree = {}
-        for s in structures:
-            ref = base.masks[s].decode()
-            unmoved = cv2.warpAffine(moved.masks[s].decode().astype(np.uint8), back, (size, size),
-                                     flags=cv2.INTER_NEAREST) > 0
-            agree[s] = float(np.log(1.01 - (dice(unmoved, ref) + dice(darker.masks[s].decode(), ref)) / 2))
-        out.append(agree)
-    return out
+def tta_features(lm, images: list[np.ndarray], bases: list, structures: list[str]) -> list[dict[str, float]]:
+    """Per image, per structure: `pipeline.quality.tta_agreement` of its masks with those of
+    its two test-time-augmented copies (as `label --tta` computes it)."""
+    probs = infer(lm, [c for img in images for c in tta_copies(img)])
+    return [tta_agreement({s: b.masks[s].decode() for s in structures}, [probs[2 * n], probs[2 * n + 1]], structures)
+            for n, b in enumerate(bases)]
 
 
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False) -> list[dict]:
@@ -121,7 +100,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
             probs = infer(lm, [img for img, _ in shifted])
             results = [postprocess(Item(ds.uids[i], img, geom), p, structures)
                        for (img, _), p in zip(shifted, probs, strict=True)]
-            agreement = (tta_agreement(lm, [img for img, _ in shifted], results, structures, geom) if tta
+            agreement = (tta_features(lm, [img for img, _ in shifted], results, structures) if tta
                          else [{}] * len(results))
             for (name, strength), (_, truth), r, extra in zip(variants, shifted, results, agreement, strict=True):
                 for j, s in enumerate(structures):
@@ -174,6 +153,22 @@ def held_out_estimates(rows: list[dict], folds: list[int], structures: list[str]
     return estimate
 
 
+def save_score(path: Path, rows, dice_true, structures, args, est, true, names) -> None:
+    """The score fitted on every fold, with its held-out figures and calibration table."""
+    bins = np.quantile(est, np.linspace(0, 1, 11))
+    which = np.clip(np.searchsorted(bins, est, "right") - 1, 0, 9)
+    calibration = [[float(est[which == b].mean()), float(true[which == b].mean()), int(np.sum(which == b))]
+                   for b in range(10) if np.any(which == b)]
+    final = QualityModel.fit(rows, dice_true, structures, args.alpha, names=names, info={
+        "fitted": datetime.date.today().isoformat(), "cv_run": str(args.cv), "masks": len(rows),
+        "images": len(true), "shifts": list(SHIFTS), "strengths": list(STRENGTHS), "features": list(names),
+        "held_out": {"spearman": round(spearman(est, true), 4), "mae": round(float(np.mean(np.abs(est - true))), 4),
+                     "worst_10pct_share_below_0_9": round(worst_share(est, true), 4)},
+        "calibration": calibration})
+    final.save(path)
+    print(f"score fitted on all folds written to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", required=True)
@@ -184,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the score fitted on every fold here")
     ap.add_argument("--tta", action="store_true",
                     help="also measure test-time augmentation's agreement as a signal (3x the labelling)")
+    ap.add_argument("--out-tta", type=Path, help="with --tta: write the score that reads it here "
+                                                  "(a model's <checkpoint>.quality-tta.json, for label --tta)")
     ap.add_argument("--rows", type=Path, help="keep the measured masks' rows in this JSON file and reuse "
                                                "them when it exists (refit without labelling again)")
     args = ap.parse_args(argv)
@@ -230,18 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             d = np.mean([r["dice"] for r in rows if r["shift"] == name and r["strength"] == s])
             print(f"| {name} | {s:g} | {d:.4f} | {d - base:+.4f} |")
     if args.out:
-        bins = np.quantile(est, np.linspace(0, 1, 11))
-        which = np.clip(np.searchsorted(bins, est, "right") - 1, 0, 9)
-        calibration = [[float(est[which == b].mean()), float(true[which == b].mean()), int(np.sum(which == b))]
-                       for b in range(10) if np.any(which == b)]
-        final = QualityModel.fit(rows, dice_true, structures, args.alpha, info={
-            "fitted": datetime.date.today().isoformat(), "cv_run": str(args.cv), "masks": len(rows),
-            "images": len(true), "shifts": list(SHIFTS), "strengths": list(STRENGTHS),
-            "held_out": {"spearman": round(spearman(est, true), 4), "mae": round(float(np.mean(np.abs(est - true))), 4),
-                         "worst_10pct_share_below_0_9": round(worst_share(est, true), 4)},
-            "calibration": calibration})
-        final.save(args.out)
-        print(f"score fitted on all folds written to {args.out}")
+        save_score(args.out, rows, dice_true, structures, args, est, true, FEATURES)
+    if args.out_tta and "tta" in rows[0]:
+        t, e = per_image(rows, with_tta)[:2]
+        save_score(args.out_tta, rows, dice_true, structures, args, e, t, FEATURES + ("tta",))
     return 0
 
 

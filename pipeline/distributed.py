@@ -88,7 +88,7 @@ class _LabellerImpl:
     """One model in one worker process, labelling whole batches and writing them."""
 
     def __init__(self, url: str, model: str, device: str, cache_dir: str | None, run_id: int,
-                 threads: int | None) -> None:
+                 threads: int | None, tta: bool = False) -> None:
         import torch
 
         from pipeline.collect import Settings
@@ -98,16 +98,19 @@ class _LabellerImpl:
         self.engine = D.connect(url)
         self.lm = resolve_model(self.engine, model, device)
         self.settings = Settings(self.lm.spec.size, self.lm.spec.mode)
-        self.cache_dir, self.run_id = cache_dir, run_id
+        self.cache_dir, self.run_id, self.tta = cache_dir, run_id, tta
 
     def sha256(self) -> str:
         return self.lm.sha256
 
     def label(self, chunk: Sequence[Selected]) -> BatchDone:
-        from pipeline.label import forward, load_batch, postprocess_all, write_batch
+        from pipeline.label import forward, forward_tta, load_batch, postprocess_all, tta_scorer, write_batch
         items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None)
-        results = (postprocess_all(items, forward(self.lm, items), self.lm.spec.structures, self.lm.quality)
-                   if items else [])
+        results = []
+        if items:
+            copies = forward_tta(self.lm, items) if self.tta else None
+            results = postprocess_all(items, forward(self.lm, items), self.lm.spec.structures,
+                                      tta_scorer(self.lm) if self.tta else self.lm.quality, copies)
         write_batch(self.engine, results + errors, self.lm.name, self.run_id)
         return BatchDone(sum(r.error is None for r in results), len(errors) + sum(r.error is not None for r in results),
                          os.getpid(), socket.gethostname())
@@ -116,17 +119,19 @@ class _LabellerImpl:
 def label_on_ray(engine: Engine, selection: Selection, model: str = "default", address: str = "local",
                  device: str = "auto", batch_size: int = 64, cache_dir: str | None = None,
                  actors: int | None = None, cpus_per_actor: int = 1, progress: bool = True,
-                 on_batch: Callable[[BatchDone], None] | None = None):
+                 on_batch: Callable[[BatchDone], None] | None = None, tta: bool = False):
     """Label ``selection`` with ``actors`` model actors on the Ray cluster at ``address``.
 
     Returns the same :class:`pipeline.label.LabelSummary` as the local loop. ``on_batch`` is
     called on the driver after each batch is written (a progress hook; tests kill workers there).
     """
-    from pipeline.label import LabelSummary, labelled_uids, mark_abandoned_runs
+    from pipeline.label import LabelSummary, labelled_uids, mark_abandoned_runs, tta_scorer
     from pipeline.model import resolve_model
     ray = _ray()
     url = _url(engine)
     lm = resolve_model(engine, model, "cpu")  # the name, file and hash the workers must match
+    if tta:
+        tta_scorer(lm)  # a model without a tta score fails here, not in every worker
     items = selection.items
     done = labelled_uids(engine, lm.name, [it.uid for it in items])
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
@@ -156,7 +161,7 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
 
         try:
             _run(ray, url, model, "cuda" if use_gpu else "cpu", cache_dir, run_id, lm.sha256, todo, batch_size, n,
-                 cpus_per_actor, use_gpu, progress, count)
+                 cpus_per_actor, use_gpu, progress, count, tta)
             status = "done"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -172,10 +177,10 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
 
 
 def _run(ray, url, model, device, cache_dir, run_id, sha, todo, batch_size, n, cpus, use_gpu, progress,
-         on_batch) -> None:
+         on_batch, tta) -> None:
     remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus, max_restarts=RESTARTS,
                         max_task_retries=RESTARTS)(_LabellerImpl)
-    pool = [remote.remote(url, model, device, cache_dir, run_id, cpus) for _ in range(n)]
+    pool = [remote.remote(url, model, device, cache_dir, run_id, cpus, tta) for _ in range(n)]
     shas = set(ray.get([a.sha256.remote() for a in pool]))
     if shas != {sha}:
         raise RayError(f"the workers load model {model!r} with sha256 {sorted(shas)}, the driver {sha}: "

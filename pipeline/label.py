@@ -73,11 +73,12 @@ class Result:
 
 
 def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
-                scorer: QualityModel | None = None) -> Result:
+                scorer: QualityModel | None = None, tta: list[np.ndarray] | None = None) -> Result:
     """``(C, S, S)`` probabilities of one image (float, or uint8 = round(255 p)) -> masks in
     original geometry + measurements, with the quality score: estimated Dice per structure
     and their mean from ``scorer`` (see :mod:`pipeline.quality`), or without one the
-    heuristic :func:`pipeline.measure.quality`.
+    heuristic :func:`pipeline.measure.quality`. ``tta``: the probabilities of the image's
+    :func:`pipeline.quality.tta_copies`, for a scorer that reads their agreement.
 
     Each structure is cleaned inside its box at the model's resolution, and its probabilities
     (not the binary mask, so the outline keeps its sub-pixel position) are mapped back to
@@ -89,6 +90,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     ring = np.ones((3, 3), np.uint8)
     agreement, kept, columns, features = {}, {}, {}, {}
     size = probs.shape[-1]
+    whole_masks = {s: np.zeros((size, size), bool) for s in structures}  # cleaned, for tta
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
@@ -109,6 +111,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         part = np.where(near, p, np.float32(0))
         part[cleaned & (part <= 0.5)] = 0.75
         soft[i][window] = part
+        whole_masks[s][window] = cleaned
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
         agreement[s] = 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned)))
         used = np.flatnonzero(cleaned.any(axis=0))
@@ -122,6 +125,9 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     whole = Q.image_features(values["ctr"], columns)
     features = {s: {**f, **whole} for s, f in features.items()}
+    if tta is not None:
+        for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
+            features[s]["tta"] = v
     estimates = scorer.estimate(features) if scorer is not None else {}
     for s in STRUCTURES:
         values[f"quality_{s}"] = estimates.get(s)
@@ -131,20 +137,22 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
 
 
 def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str],
-                        scorer: QualityModel | None = None) -> Result:
+                        scorer: QualityModel | None = None, tta: list[np.ndarray] | None = None) -> Result:
     """:func:`postprocess`, with any error of this one image returned as its failure."""
     try:
-        return postprocess(item, probs, structures, scorer)
+        return postprocess(item, probs, structures, scorer, tta)
     except Exception as e:  # one image's odd geometry or mask never stops the batch
         log.warning("%s: post-processing failed: %s", item.uid, e)
         return Result(item.uid, error=f"post-processing: {type(e).__name__}: {e}")
 
 
 def postprocess_all(items: Sequence[Item], probs: np.ndarray, structures: Sequence[str],
-                    scorer: QualityModel | None = None) -> list[Result]:
+                    scorer: QualityModel | None = None, tta: np.ndarray | None = None) -> list[Result]:
     """:func:`postprocess_or_fail` of several images: one task for a worker process (a task
-    per image would cost the pool more than the work, ~2 ms)."""
-    return [postprocess_or_fail(it, p, structures, scorer) for it, p in zip(items, probs, strict=True)]
+    per image would cost the pool more than the work, ~2 ms). ``tta``: ``(B, 2, C, S, S)``
+    probabilities of their test-time-augmented copies (:func:`forward_tta`)."""
+    return [postprocess_or_fail(it, p, structures, scorer, list(tta[n]) if tta is not None else None)
+            for n, (it, p) in enumerate(zip(items, probs, strict=True))]
 
 
 def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = None) -> np.ndarray:
@@ -152,6 +160,23 @@ def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = 
     a quarter of float32's bytes to copy off the GPU and to hand to post-processing.
     ``inputs``: the batch's :func:`pipeline.model.model_inputs`, when made beforehand."""
     return infer(lm, [it.image for it in items], quantise=True, inputs=inputs)
+
+
+def forward_tta(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
+    """``(B, 2, C, S, S)`` uint8 probabilities of each image's two test-time-augmented copies
+    (:func:`pipeline.quality.tta_copies`): twice the model's work again, for the quality score."""
+    copies = [c for it in items for c in Q.tta_copies(it.image)]
+    probs = infer(lm, copies, quantise=True)
+    return probs.reshape(len(items), 2, *probs.shape[1:])
+
+
+def tta_scorer(lm: LoadedModel) -> QualityModel:
+    """The model's quality score that reads test-time augmentation; a clear error without one."""
+    if lm.quality_tta is None:
+        raise LabelError(f"model {lm.name!r} has no quality score for test-time augmentation "
+                         f"({Q.sidecar(lm.path, tta=True)}): fit one with `python bench/quality.py --tta "
+                         "--out-tta ...`, or label without --tta")
+    return lm.quality_tta
 
 
 def write_batch(engine: Engine, results: Sequence[Result], model: str, run_id: int) -> None:
@@ -199,13 +224,16 @@ def labelled_uids(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
 
 def label(engine: Engine, selection: Selection, model: str = "default", device: str = "auto",
           batch_size: int | None = None, cache_dir: str | None = None, workers: int | None = None,
-          progress: bool = True) -> LabelSummary:
-    """Label the images of ``selection`` not yet labelled by ``model``.
+          progress: bool = True, tta: bool = False) -> LabelSummary:
+    """Label the images of ``selection`` not yet labelled by ``model``. With ``tta`` each image
+    is also run as two test-time-augmented copies, for a sharper quality score (three
+    times the model's work; the masks are the image's own).
 
     Torch's CPU thread count is the caller's to set (the CLI's ``--threads``, or a Ray
     worker's setup): this function changes no process-wide state.
     """
     lm = resolve_model(engine, model, device)
+    scorer = tta_scorer(lm) if tta else lm.quality
     settings = Settings(lm.spec.size, lm.spec.mode)
     items = selection.items
     done = labelled_uids(engine, lm.name, [it.uid for it in items])
@@ -241,11 +269,13 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
             batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec.norm)
             for n, (items_, errors, inputs) in enumerate(batches, start=1):
                 probs = forward(lm, items_, inputs) if items_ else None
+                copies = forward_tta(lm, items_) if tta and items_ else None
                 # a task per worker, each a slice of the batch; workers need no pixels, only geometry
                 share = max(1, -(-len(items_) // (workers or cores)))
                 futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
                                                           for it in items_[i:i + share]],
-                                        probs[i:i + share], structures, lm.quality)
+                                        probs[i:i + share], structures, scorer,
+                                        copies[i:i + share] if copies is not None else None)
                            for i in range(0, len(items_), share)]
                 written.append(writer.submit(finish, n, futures, errors))
                 while len(written) > depth:

@@ -198,14 +198,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> str:
     """A checkpoint for shipping (fp16 weights by default, current format); the new sha256.
-    Its fitted quality score (``<src>.quality.json``), if any, goes along."""
+    Its fitted quality scores (``<src>.quality*.json``), if any, go along."""
     from pipeline.quality import sidecar
     ck = read_checkpoint(src)
     ck.state_dict = {k: (v.half() if half else v.float()) if v.is_floating_point() else v
                      for k, v in ck.state_dict.items()}
     sha = write_checkpoint(dst, ck)
-    if sidecar(src).exists():
-        shutil.copyfile(sidecar(src), sidecar(dst))
+    for tta in (False, True):
+        if sidecar(src, tta).exists():
+            shutil.copyfile(sidecar(src, tta), sidecar(dst, tta))
     return sha
 
 
@@ -266,6 +267,7 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     quality: Any = None  # pipeline.quality.QualityModel (estimated Dice), when one was fitted
+    quality_tta: Any = None  # ... the one that also reads test-time augmentation (label --tta)
 
 
 def model_inputs(images: Sequence[np.ndarray], norm: str) -> np.ndarray:
@@ -348,13 +350,14 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path))
+    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path), _quality_model(path, tta=True))
 
 
-def _quality_model(checkpoint: Path):
-    """The checkpoint's fitted quality score (``<checkpoint>.quality.json``), or None."""
+def _quality_model(checkpoint: Path, tta: bool = False):
+    """The checkpoint's fitted quality score (``<checkpoint>.quality.json``, or with ``tta``
+    the one that reads test-time augmentation), or None."""
     from pipeline.quality import QualityModel, sidecar
-    where = sidecar(checkpoint)
+    where = sidecar(checkpoint, tta)
     if not where.exists():
         return None
     try:

@@ -135,7 +135,7 @@ class QualityModel:
     @classmethod
     def load(cls, path: Path) -> QualityModel:
         d = json.loads(Path(path).read_text())
-        if d.get("format") != FORMAT or tuple(d["features"]) != FEATURES:
+        if d.get("format") != FORMAT or tuple(d["features"]) not in (FEATURES, FEATURES + ("tta",)):
             raise ValueError(f"{path}: not a quality model of this cxrlabel (refit it with bench/quality.py)")
         return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
                    d["values"], d.get("info", {}))
@@ -157,6 +157,43 @@ def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks]))
 
 
-def sidecar(checkpoint: Path) -> Path:
-    """Where a checkpoint's quality model lives: ``model.pt`` -> ``model.quality.json``."""
-    return Path(checkpoint).with_suffix(".quality.json")
+def sidecar(checkpoint: Path, tta: bool = False) -> Path:
+    """Where a checkpoint's quality model lives: ``model.pt`` -> ``model.quality.json`` (with
+    ``tta``: ``model.quality-tta.json``, the score that also reads :func:`tta_agreement`)."""
+    return Path(checkpoint).with_suffix(".quality-tta.json" if tta else ".quality.json")
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+TTA_SHIFT = (5.0, 3.0)  # cache pixels (x, y): the shifted copy; the other copy is darker (gamma 0.8)
+
+
+def tta_copies(image: np.ndarray) -> list[np.ndarray]:
+    """Two test-time-augmented copies of a ``(S, S) uint8`` cache image: shifted a few pixels,
+    and darker."""
+    size = image.shape[0]
+    move = np.float32([[1, 0, TTA_SHIFT[0]], [0, 1, TTA_SHIFT[1]]])
+    darker = np.clip((image / 255.0) ** 0.8 * 255, 0, 255).astype(np.uint8)
+    return [cv2.warpAffine(image, move, (size, size)), darker]
+
+
+def tta_agreement(masks: dict[str, np.ndarray], copies: list[np.ndarray], structures: list[str],
+                  ) -> dict[str, float]:
+    """Per structure, ``log(1.01 - mean Dice)`` between its cleaned ``(S, S)`` mask and the
+    cleaned masks of the :func:`tta_copies` (their ``(C, S, S)`` probabilities, float or uint8),
+    the shifted one moved back: a model unsure of an image changes its mind under them."""
+    from pipeline.measure import clean
+    from pipeline.metrics import dice
+    size = next(iter(masks.values())).shape[0]
+    back = np.float32([[1, 0, -TTA_SHIFT[0]], [0, 1, -TTA_SHIFT[1]]])
+    out = {}
+    for i, s in enumerate(structures):
+        scores = []
+        for n, probs in enumerate(copies):
+            cut = 127 if probs.dtype == np.uint8 else 0.5
+            m = clean(probs[i] > cut)[0]
+            if n == 0:
+                m = cv2.warpAffine(m.astype(np.uint8), back, (size, size), flags=cv2.INTER_NEAREST) > 0
+            scores.append(dice(m, masks[s]))
+        out[s] = math.log(1.01 - float(np.mean(scores)))
+    return out

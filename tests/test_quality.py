@@ -117,3 +117,41 @@ def test_isotonic_map_pools_adjacent_violators():
     from pipeline.quality import _isotonic
     knots, values = _isotonic(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4]))
     assert knots.tolist() == [1, 2.5, 4] and values.tolist() == [1, 2.5, 4]
+
+
+def test_tta_agreement_is_high_when_the_copies_agree():
+    import cv2
+
+    from pipeline.quality import TTA_SHIFT, tta_agreement
+    probs = np.zeros((3, 256, 256), np.float32)
+    for i, (y, x) in enumerate(((120, 128), (110, 190), (110, 66))):
+        cv2.circle(probs[i], (x, y), 30, 1.0, -1)
+    masks = {s: probs[i] > 0.5 for i, s in enumerate(STRUCTURES)}
+    move = np.float32([[1, 0, TTA_SHIFT[0]], [0, 1, TTA_SHIFT[1]]])
+    moved = np.stack([cv2.warpAffine(p, move, (256, 256)) for p in probs])
+    agree = tta_agreement(masks, [moved, probs], list(STRUCTURES))
+    assert all(v < np.log(1.01 - 0.99) for v in agree.values())  # the shift is undone
+    elsewhere = np.roll(probs, 20, axis=2)
+    assert all(tta_agreement(masks, [moved, elsewhere], list(STRUCTURES))[s] > agree[s] for s in STRUCTURES)
+
+
+def test_label_tta_needs_its_score_and_fills_the_estimates(annotated_engine, tiny_model, tmp_path):
+    from pipeline.label import LabelError
+    model = tmp_path / "t" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy(tiny_model, model)
+    with annotated_engine.connect() as c:
+        chosen = select_images(c, all_images=True, limit=4)
+    with pytest.raises(LabelError, match="no quality score for test-time augmentation"):
+        label(annotated_engine, chosen, str(model), "cpu", 2, str(tmp_path / "c"), workers=1, progress=False,
+              tta=True)
+    rows, dice = _synthetic_rows()
+    for r in rows:
+        r["tta"] = -r["uncertain"]
+    QualityModel.fit(rows, dice, list(STRUCTURES), names=FEATURES + ("tta",)).save(sidecar(model, tta=True))
+    s = label(annotated_engine, chosen, str(model), "cpu", 2, str(tmp_path / "c"), workers=1, progress=False,
+              tta=True)
+    assert s.labelled == 4
+    with annotated_engine.connect() as c:
+        res = c.execute(text("SELECT quality, quality_heart FROM label_results")).all()
+    assert len(res) == 4 and all(0 <= q <= 1 and qh is not None for q, qh in res)
