@@ -74,3 +74,24 @@ def test_groups_list_json(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
     r = run(url, "groups", "list", "--json")
     assert json.loads(r.output) == []
+
+
+def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path):
+    """NIH rows whose images are not on this machine: the run groups its failures by reason,
+    says what to fix, and `failures` lists them newest first."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    from tests.test_catalogue import nih_slice
+    assert run(url, "catalogue", "load", "nih", str(nih_slice(tmp_path, 8))).exit_code == 0  # no images here
+    r = run(url, "collect", "--all", "--size", "64", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert r.exit_code == 0 and "8 failed" in r.output
+    assert "most of the selection (8 of 8) has no file on disk" in r.output and "--image-root" in r.output
+    assert "8 x DecodeError: file not found   e.g. " in r.output
+    assert "see them all: cxrlabel failures --stage collect" in r.output
+    listed = json.loads(run(url, "failures", "--stage", "collect", "--json").output)
+    assert len(listed) == 8 and all(f["message"].endswith("file not found") for f in listed)
+    table = run(url, "failures", "--limit", "3").output
+    assert len(table.strip().splitlines()) == 2 + 3  # header, rule, three problems
+    assert "no label run 99" in run(url, "failures", "--since", "99").output
+    r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert "0 labelled" in r.output and "8 failed" in r.output and "no file on disk" in r.output
+    assert "see them all: cxrlabel failures --stage label --since 1" in r.output

@@ -32,17 +32,22 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
     Example:
         cxrlabel collect --group cardiomegaly --size 256 --workers 4
     """
+    from pipeline import db as D
     from pipeline.collect import Settings, collect
+    from pipeline.failures import summary
     engine = engine_of(ctx)
     chosen = select(engine, group, sample, all_images, limit, source)
+    started = D.utcnow()
     if ray_address:
         from pipeline.distributed import collect_on_ray
         s = collect_on_ray(engine, chosen.pairs(), Settings(size, mode), cache_dir, ray_address)
     else:
         s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers, verify=verify)
     click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
-               f"cached, {s.failed} failed (see the failures table)"
+               f"cached, {s.failed} failed"
                + (f"; {s.rebuilt} broken entries found and collected again" if s.rebuilt else ""))
+    for line in summary(engine, "collect", started, s.selected - s.skipped):
+        click.echo(line)
 
 
 @click.group()

@@ -43,8 +43,11 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
         raise click.BadParameter(f"{batch_size!r}: use auto or a positive number",
                                  param_hint="--batch-size")
+    from pipeline import db as D
+    from pipeline.failures import summary
     torch.set_num_threads(threads or os.cpu_count() or 1)
     engine = engine_of(ctx)
+    started = D.utcnow()
     chosen = select(engine, group, sample, all_images, limit, source)
     size = None if batch_size == "auto" else int(batch_size)
     if ray_address:
@@ -54,6 +57,8 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
         s = label(engine, chosen, model, device, size, cache_dir, workers, tta=tta)
     click.echo(f"label run {s.run_id} ({s.model} on {s.device}): {s.labelled} labelled, "
                f"{s.skipped} already labelled, {s.failed} failed of {s.selected} selected")
+    for line in summary(engine, "label", started, s.selected - s.skipped, s.run_id):
+        click.echo(line)
 
 
 COMMANDS = [label_cmd]

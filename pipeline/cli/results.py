@@ -1,4 +1,4 @@
-"""``cxrlabel query``, ``evaluate`` and ``report``: reading the results."""
+"""``cxrlabel query``, ``evaluate``, ``report`` and ``failures``: reading the results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit_stream, engine_of, handle_errors
+from pipeline.cli.common import emit, emit_stream, engine_of, handle_errors
 
 
 @click.command()
@@ -89,4 +89,33 @@ def report_cmd(ctx, group, sample, model, out_dir, tiles) -> None:
         click.echo(f"quality score calibration (estimated vs true Dice, held out): {files.calibration}")
 
 
-COMMANDS = [query, evaluate_cmd, report_cmd]
+@click.command("failures")
+@click.option("--stage", type=click.Choice(["collect", "label"]), help="Only this stage's failures.")
+@click.option("--since", "since_run", type=click.IntRange(min=1), metavar="RUN",
+              help="Only failures seen since label run RUN started.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N (newest first).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def failures_cmd(ctx, stage, since_run, limit, as_csv, as_json) -> None:
+    """Images a stage could not process, one line per problem, newest first (catalogue rows
+    that could not be loaded: `catalogue errors`).
+
+    \b
+    Example:
+        cxrlabel failures --stage label --since 3
+        cxrlabel failures --csv > failures.csv
+    """
+    from pipeline.failures import list_failures, run_started
+    engine = engine_of(ctx)
+    since = run_started(engine, since_run) if since_run else None
+    rows = list_failures(engine, stage, since, limit)
+    if as_json or as_csv:
+        emit(rows, as_json, as_csv)
+    else:
+        emit([{"stage": r["stage"], "uid": r["uid"], "error": r["error_class"], "message": r["message"][:100],
+               "last_seen": str(r["last_seen_at"])[:19]} for r in rows], False)
+
+
+COMMANDS = [query, evaluate_cmd, report_cmd, failures_cmd]
