@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import column, select, table
+from sqlalchemy import bindparam, column, select, table, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -310,16 +310,16 @@ def _first_value(row: dict[str, str]) -> str | None:
     return next(iter(row.values()), None) or None
 
 
-def _file_index(root: Path | None, relative_to: Path | None = None) -> Callable[[str], str]:
-    """Resolve a file name under ``root`` (any depth), e.g. NIH's ``images_001/images/``.
-
-    Without ``root``, a relative path is taken from ``relative_to`` (a CSV's own folder),
-    never from wherever the command happens to run.
-    """
+def _file_index(root: Path | None, relative_to: Path) -> Callable[[str], str]:
+    """Resolve a file name to an absolute path: under ``root`` (any depth), e.g. NIH's
+    ``images_001/images/``; without ``root``, a relative name is taken from ``relative_to``
+    (the catalogue file's own folder), never from wherever the command happens to run. An
+    absolute path stays as it is. Stored paths are absolute so that any folder can run the
+    next stages (and ``catalogue reroot`` moves them)."""
     if root is None:
-        base = Path(relative_to).resolve() if relative_to else None
-        return lambda name: str(base / name) if base and not os.path.isabs(name) else name
-    root = Path(root)
+        base = Path(relative_to).resolve()
+        return lambda name: name if os.path.isabs(name) else str(base / name)
+    root = Path(root).resolve()
     if not root.is_dir():
         raise CatalogueError(f"--image-root {root} is not a folder")
     index: dict[str, str] = {}
@@ -340,7 +340,7 @@ def load_nih(engine: Engine, source: Path, image_root: Path | None = None,
     if missing:
         raise CatalogueError(f"{source}: not an NIH Data_Entry CSV (missing columns {missing}); "
                              "for another CSV use `catalogue load csv --map ...`")
-    resolve = _file_index(image_root)
+    resolve = _file_index(image_root, Path(source).parent)
 
     def convert(r: dict[str, str]) -> Record:
         name = r["Image Index"].strip()
@@ -532,7 +532,7 @@ def load_openi(engine: Engine, source: Path, image_root: Path | None = None,
     if not members:
         tar.close()
         raise CatalogueError(f"{source}: no XML reports inside; expected NLMCXR_reports.tgz")
-    resolve = _file_index(image_root)
+    resolve = _file_index(image_root, Path(source).parent)
 
     def items() -> Iterator[Item]:
         with tar:
@@ -598,6 +598,31 @@ def load(engine: Engine, fmt: str, source: Path, options: LoadOptions | None = N
     if fmt not in LOADERS:  # (MONAI's look_up_option would import torch for one dict look-up)
         raise CatalogueError(f"unknown catalogue format {fmt!r}: use one of {', '.join(LOADERS)}")
     return LOADERS[fmt](engine, Path(source), options or LoadOptions())
+
+
+@dataclass
+class RerootSummary:
+    changed: int
+    existing: int  # of the changed rows, how many new paths lead to a file
+
+
+def reroot(engine: Engine, old: str, new: str, progress: bool = True) -> RerootSummary:
+    """Move an archive in the catalogue: every image path under the folder ``old`` now lies
+    under ``new`` instead (whole path components only), in one transaction."""
+    old, new = str(old).rstrip("/") or "/", str(Path(new).resolve())
+    if not old:
+        raise CatalogueError("reroot: OLD_PREFIX is empty: give the folder the paths start with")
+    t = D.images
+    with engine.begin() as conn:
+        rows = conn.execute(select(t.c.uid, t.c.path).where(t.c.path.is_not(None))).all()
+        moved = {uid: new + path[len(old):] for uid, path in rows
+                 if path == old or path.startswith(old.rstrip("/") + "/")}
+        for part in D.chunks(list(moved.items())):
+            conn.execute(update(t).where(t.c.uid == bindparam("u")).values(path=bindparam("p")),
+                         [{"u": uid, "p": path} for uid, path in part])
+    existing = sum(os.path.exists(p) for p in tqdm(moved.values(), desc="check paths", unit="path",
+                                                   disable=not progress or not moved))
+    return RerootSummary(len(moved), existing)
 
 
 def list_errors(engine: Engine, limit: int = 50) -> list[dict]:

@@ -81,8 +81,8 @@ def summary(engine: Engine, stage: str, since: datetime.datetime, selected: int,
     missing = sum(g.count for g in reasons if g.reason.endswith(MISSING))
     if selected and missing > selected / 2:
         lines.append(f"most of the selection ({missing} of {selected}) has no file on disk: the catalogue's "
-                     "paths do not lead to the images here; load the catalogue again with --image-root "
-                     "pointing at the folder that holds them")
+                     "paths do not lead to the images here; if the archive moved, `cxrlabel catalogue reroot "
+                     "OLD_PREFIX NEW_PREFIX`, else load the catalogue again with --image-root")
     for g in reasons:
         lines.append(f"  {g.count} x {g.reason}   e.g. {g.example_uid}: {g.example}")
     see = f"cxrlabel failures --stage {stage}" + (f" --since {run_id}" if run_id is not None else "")

@@ -95,3 +95,24 @@ def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path):
     r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
     assert "0 labelled" in r.output and "8 failed" in r.output and "no file on disk" in r.output
     assert "see them all: cxrlabel failures --stage label --since 1" in r.output
+
+
+def test_paths_are_stored_absolute_and_reroot_moves_an_archive(tmp_path, monkeypatch):
+    import shutil
+    archive = tmp_path / "old" / "dicom"
+    shutil.copytree(DICOM, archive)
+    (tmp_path / "list.csv").write_text("id,file\n" + "".join(f"{p.stem},dicom/{p.name}\n"
+                                                              for p in sorted(archive.glob("*.dcm"))))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    monkeypatch.chdir(tmp_path / "old")  # relative paths resolve against the CSV's folder, not here
+    shutil.move(tmp_path / "list.csv", tmp_path / "old" / "list.csv")
+    assert run(url, "catalogue", "load", "csv", "list.csv", "--map", "uid=id", "--map", "path=file").exit_code == 0
+    paths = [r["path"] for r in json.loads(run(url, "query", "SELECT path FROM images", "--json").output)]
+    assert len(paths) == 6 and all(p.startswith(str(archive)) for p in paths)
+    shutil.move(tmp_path / "old", tmp_path / "new")  # the archive moves
+    monkeypatch.chdir(tmp_path)
+    r = run(url, "catalogue", "reroot", str(tmp_path / "old"), str(tmp_path / "new"))
+    assert "6 image paths moved" in r.output and "6 of them lead to a file" in r.output
+    assert "0 image paths moved" in run(url, "catalogue", "reroot", str(tmp_path / "ne"), "x").output  # whole folders
+    r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert "6 labelled" in r.output

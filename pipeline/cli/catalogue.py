@@ -90,4 +90,23 @@ def catalogue_list(ctx, group, sample, all_images, limit, source, as_json) -> No
     emit(C.list_rows(engine, [it.uid for it in chosen.items]), as_json)
 
 
+@catalogue.command("reroot")
+@click.argument("old_prefix")
+@click.argument("new_prefix", type=click.Path(file_okay=False))
+@click.pass_context
+@handle_errors
+def catalogue_reroot(ctx, old_prefix, new_prefix) -> None:
+    """Move an archive: image paths under OLD_PREFIX now lie under NEW_PREFIX (one transaction);
+    says how many rows changed and how many of the new paths exist.
+
+    \b
+    Example:
+        cxrlabel catalogue reroot /mnt/old_nas/cxr /data/cxr
+    """
+    s = C.reroot(engine_of(ctx), old_prefix, new_prefix)
+    click.echo(f"{s.changed} image paths moved from {old_prefix} to {new_prefix}; {s.existing} of them "
+               "lead to a file" + ("" if s.existing == s.changed else
+                                   f" ({s.changed - s.existing} do not: is NEW_PREFIX the right folder?)"))
+
+
 COMMANDS = [catalogue]
