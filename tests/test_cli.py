@@ -116,3 +116,18 @@ def test_paths_are_stored_absolute_and_reroot_moves_an_archive(tmp_path, monkeyp
     assert "0 image paths moved" in run(url, "catalogue", "reroot", str(tmp_path / "ne"), "x").output  # whole folders
     r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
     assert "6 labelled" in r.output
+
+
+def test_status_says_what_the_database_holds_and_what_to_do_next(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    empty = json.loads(run(url, "status", "--json").output)
+    assert empty["images"] == {} and empty["runs"] == [] and empty["next"].startswith("cxrlabel catalogue load")
+    run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1")
+    assert "cxrlabel groups assign" in run(url, "status").output
+    run(url, "label", "--all", "--limit", "2", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "c"))
+    full = json.loads(run(url, "status", "--json").output)
+    assert full["images"] == {"dicom": 6} and full["labelled"] == {"default": 2}
+    assert full["cache"] == {"256 px pad": 2} and full["masks"] == {"predicted": 6}
+    assert full["runs"][0]["n_labelled"] == 2 and full["runs"][0]["status"] == "done"
+    text = run(url, "status").output
+    assert "catalogue  6 images by source (dicom 6)" in text and "run 1: default on cpu, done, 2 labelled" in text

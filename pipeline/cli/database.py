@@ -38,4 +38,48 @@ def db_schema() -> None:
     click.echo(D.schema_ddl(), nl=False)
 
 
-COMMANDS = [db]
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handle_errors
+def status_cmd(ctx, as_json) -> None:
+    """What the database holds, stage by stage, the last label runs, and the likely next step.
+
+    \b
+    Example:
+        cxrlabel status
+        cxrlabel --db postgresql+psycopg://me@db/cxr status --json
+    """
+    import json
+
+    from pipeline.status import status
+    s = status(engine_of(ctx))
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+        return
+
+    def line(title: str, counts: dict[str, int], unit: str) -> None:
+        total = sum(counts.values())
+        parts = ", ".join(f"{k} {v}" for k, v in counts.items())
+        click.echo(f"{title:<11}{total} {unit}" + (f" ({parts})" if parts else ""))
+
+    click.echo(f"database   {D.resolve_url(ctx.obj.get('url'))} (schema {D.SCHEMA_VERSION})")
+    line("catalogue", s["images"], "images by source")
+    if s["load_errors"]:
+        click.echo(f"{'':<11}{s['load_errors']} malformed catalogue rows (cxrlabel catalogue errors)")
+    line("groups", s["groups"], "images grouped")
+    line("samples", s["samples"], "images in samples")
+    line("cache", s["cache"], "entries by size and geometry")
+    line("labelled", s["labelled"], "images by model")
+    line("masks", s["masks"], "masks by kind")
+    line("failures", s["failures"], "images by stage" + (" (cxrlabel failures)" if s["failures"] else ""))
+    if s["runs"]:
+        click.echo("last label runs:")
+        for r in s["runs"]:
+            click.echo(f"  run {r['id']}: {r['model']} on {r['device']}, {r['status']}, {r['n_labelled']} labelled, "
+                       f"{r['n_skipped']} skipped, {r['n_failed']} failed of {r['n_selected']} ({r['selection']}), "
+                       f"started {str(r['started_at'])[:19]}")
+    click.echo(f"next: {s['next']}")
+
+
+COMMANDS = [db, status_cmd]
