@@ -68,8 +68,7 @@ demo: catalogue masks
 	$(CX) label --source generalblockchain --model $(MODEL)
 	@echo "Dice on the annotated set (the default model trained on these images: an upper bound):"
 	$(CX) evaluate --truth manual --model $(MODEL)
-	$(CX) report --group cardiomegaly --model $(MODEL) --out $(OUT)/reports
-	$(CX) report --group healthy --model $(MODEL) --out $(OUT)/reports
+	$(CX) report --group cardiomegaly --group healthy --model $(MODEL) --out $(OUT)/reports
 	$(CX) query sql/queries/ctr_by_group.sql
 	@echo "catalogue: $(DB)   cache: $(CACHE)   reports: $(OUT)/reports/   clinic: $(OUT)/demo_clinic/"
 

@@ -1,4 +1,4 @@
-"""Overlap metrics shared by training, evaluation, quality scores and benches."""
+"""Metrics shared by training, evaluation, reports, quality scores and benches: Dice, ROC AUC."""
 
 from __future__ import annotations
 
@@ -14,3 +14,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
         a, b = a.astype(np.float32), b.astype(np.float32)
         overlap, total = (a * b).sum(), float(a.sum() + b.sum())
     return 1.0 if total == 0 else float(2 * overlap / total)
+
+
+def auc(positive, negative) -> float:
+    """Area under the ROC curve of scores for ``positive`` against ``negative`` items (the
+    Mann-Whitney statistic, ties counted half). NaN when either side is empty."""
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    both = np.concatenate([pos, neg])
+    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))

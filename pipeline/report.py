@@ -5,14 +5,16 @@ Overlays are drawn on the cached image (cache geometry): heart contour in red, l
 contours in green/blue, the heart width (yellow) and thoracic width (cyan) lines whose
 ratio is the CTR, and under each tile the CTR (marked AP on AP films, where the heart is
 magnified) and the quality score, an estimated Dice, with the structure it doubts most.
-The sheet shows the lowest-quality images first: the ones to review. The CTR histogram
-leaves AP and lateral films out (the 0.5 rule is for PA films) and says how many.
+The sheet shows the lowest-quality images first: the ones to review. The CTR histogram puts
+the groups side by side, PA (and unknown view) and AP films apart (the 0.5 rule is for PA
+films), lateral films left out; with two groups, the ROC of the CTR separating them.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from pipeline import db as D
 from pipeline.collect import read_cached
 from pipeline.imaging import Geometry
 from pipeline.masks import load_masks
+from pipeline.metrics import auc
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ReportFiles:
     histogram: Path
     images: int
     calibration: Path | None = None  # the model's quality score: estimated vs true Dice, held out
+    roc: Path | None = None  # two groups: how well the CTR separates them (AUC), by view
 
 
 def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
@@ -75,30 +79,33 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     return tile
 
 
-def _selection(engine: Engine, model: str, group: str | None, sample: str | None) -> list[dict]:
+def _selection(engine: Engine, model: str, groups: Sequence[str], sample: str | None) -> list[dict]:
     r = D.measurements
     view = func.upper(D.images.c.view).label("view")
     q = (select(r, D.groups.c.group_name, view).join(D.images, D.images.c.uid == r.c.uid)
          .join(D.groups, D.groups.c.uid == r.c.uid, isouter=True))
     q = q.where(r.c.model == model)
-    if group:
-        q = q.where(D.groups.c.group_name == group)
+    if groups:
+        q = q.where(D.groups.c.group_name.in_(list(groups)))
     if sample:
         q = q.join(D.samples, D.samples.c.uid == r.c.uid).where(D.samples.c.name == sample)
     with engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(q.order_by(r.c.uid))]
 
 
-def report(engine: Engine, out_dir: Path, model: str = "default", group: str | None = None,
+def report(engine: Engine, out_dir: Path, model: str = "default", group: str | Sequence[str] | None = None,
            sample: str | None = None, tiles: int = 24, columns: int = 6) -> ReportFiles:
-    """Contact sheet of the ``tiles`` lowest-quality images and a CTR histogram per group."""
-    rows = _selection(engine, model, group, sample)
+    """Contact sheet of the ``tiles`` lowest-quality images of the group(s) or sample, the CTR
+    distributions of the groups side by side (PA and AP apart), and with two groups the ROC
+    of the CTR separating the first from the second."""
+    groups = [group] if isinstance(group, str) else list(group or [])
+    rows = _selection(engine, model, groups, sample)
     if not rows:
         raise ReportError(f"no images labelled by model {model!r} in this selection: run "
                           "`cxrlabel label` first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", group or sample or "all")  # a file name, whatever the label
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(groups) or sample or "all")  # a file name, whatever the label
     chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:tiles]
     uids = [r["uid"] for r in chosen]
     with engine.connect() as conn:
@@ -115,8 +122,53 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | N
     sheet_path = out_dir / f"contact_sheet_{name}.png"
     cv2.imwrite(str(sheet_path), sheet)
     hist_path = out_dir / f"ctr_histogram_{name}.png"
-    _histogram(_selection(engine, model, None, sample) if not group else rows, hist_path, model)
-    return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir))
+    _histogram(_selection(engine, model, [], sample) if not groups else rows, hist_path, model)
+    roc_path = out_dir / f"ctr_roc_{name}.png" if len(groups) >= 2 else None
+    if roc_path and not _roc(rows, groups[0], groups[1], roc_path, model):
+        roc_path = None
+    return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path)
+
+
+LATERAL = ("LL", "RL", "LAT", "LATERAL")
+
+
+def _views(rows: list[dict]) -> dict[str, list[dict]]:
+    """Frontal rows with a CTR, by how to read them: PA (and unknown view), AP."""
+    out: dict[str, list[dict]] = {"PA and unknown view": [], "AP": []}
+    for r in rows:
+        if r["ctr"] is not None and r.get("view") not in LATERAL:
+            out["AP" if r.get("view") == "AP" else "PA and unknown view"].append(r)
+    return {k: v for k, v in out.items() if v}
+
+
+def _roc(rows: list[dict], positive: str, negative: str, path: Path, model: str) -> bool:
+    """ROC of the CTR calling ``positive`` against ``negative``, per view; False when a
+    group has no CTR to compare."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    drawn = False
+    for view, vrows in _views(rows).items():
+        pos = np.array([r["ctr"] for r in vrows if r.get("group_name") == positive])
+        neg = np.array([r["ctr"] for r in vrows if r.get("group_name") == negative])
+        if not len(pos) or not len(neg):
+            continue
+        cuts = np.r_[np.inf, np.sort(np.concatenate([pos, neg]))[::-1]]
+        tpr = [(pos >= c).mean() for c in cuts]
+        fpr = [(neg >= c).mean() for c in cuts]
+        ax.plot(fpr, tpr, label=f"{view}: AUC {auc(pos, neg):.3f} ({len(pos)} vs {len(neg)})")
+        drawn = True
+    if drawn:
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+        ax.set(xlabel=f"{negative} called {positive} (false positive rate)",
+               ylabel=f"{positive} found (true positive rate)",
+               title=f"CTR separating {positive}\nfrom {negative} ({model})")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
 
 
 def _calibration(engine: Engine, model: str, out_dir: Path) -> Path | None:
@@ -164,26 +216,28 @@ def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
 
 
 def _histogram(rows: list[dict], path: Path, model: str) -> None:
+    """CTR distributions of the groups on one figure, with each group's share above 0.5; PA
+    (and unknown view) and AP films in separate panels, lateral films left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    by_group: dict[str, list[float]] = {}
-    left_out = 0
-    for r in rows:
-        if r["ctr"] is None:
-            continue
-        if r.get("view") in ("AP", "LL", "RL", "LAT", "LATERAL"):
-            left_out += 1
-            continue
-        by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    views = _views(rows) or {"PA and unknown view": []}
+    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 3.6), squeeze=False)
     bins = np.linspace(0.2, 0.9, 36)
-    for g, values in sorted(by_group.items()):
-        ax.hist(values, bins=bins, alpha=0.55, label=f"{g} (n={len(values)})", density=True)
-    ax.axvline(0.5, color="k", lw=0.8, ls="--")
-    ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group ({model})" + (
-        f", {left_out} AP/lateral films left out" if left_out else ""))
-    ax.legend()
+    for ax, (view, vrows) in zip(axes[0], views.items(), strict=True):
+        by_group: dict[str, list[float]] = {}
+        for r in vrows:
+            by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
+        for g, values in sorted(by_group.items()):
+            share = float(np.mean(np.array(values) > 0.5))
+            ax.hist(values, bins=bins, alpha=0.55, density=True,
+                    label=f"{g} (n={len(values)}, {share:.0%} above 0.5)")
+        ax.axvline(0.5, color="k", lw=0.8, ls="--")
+        ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group, {view} ({model})")
+        if by_group:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+

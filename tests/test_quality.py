@@ -155,3 +155,31 @@ def test_label_tta_needs_its_score_and_fills_the_estimates(annotated_engine, tin
     with annotated_engine.connect() as c:
         res = c.execute(text("SELECT quality, quality_heart FROM label_results")).all()
     assert len(res) == 4 and all(0 <= q <= 1 and qh is not None for q, qh in res)
+
+
+def test_auc_is_the_mann_whitney_statistic():
+    from pipeline.metrics import auc
+    assert auc([0.6, 0.7], [0.4, 0.5]) == 1.0 and auc([0.4], [0.6]) == 0.0
+    assert auc([0.5, 0.6], [0.5, 0.4]) == pytest.approx(0.875)  # one tie counts half
+    assert np.isnan(auc([], [0.5]))
+
+
+def test_report_compares_two_groups_with_their_roc(annotated_engine, tiny_model, tmp_path):
+    register_model(annotated_engine, "m", tiny_model, "tiny", {}, {}, "")
+    with annotated_engine.begin() as c:
+        uids = [u for (u,) in c.execute(text("SELECT uid FROM images ORDER BY uid LIMIT 8"))]
+        c.execute(text("DELETE FROM groups"))
+        for n, u in enumerate(uids):
+            c.execute(text("INSERT INTO groups (uid, group_name, rule, assigned_at) VALUES "
+                           "(:u, :g, 'test', CURRENT_TIMESTAMP)"), {"u": u, "g": "big" if n % 2 else "small"})
+    with annotated_engine.connect() as c:
+        chosen = select_images(c, all_images=True, limit=8)
+    label(annotated_engine, chosen, "m", "cpu", 4, str(tmp_path / "c"), workers=1, progress=False)
+    with annotated_engine.begin() as c:  # a measured CTR for every image, the big ones larger
+        c.execute(text("UPDATE measurements SET ctr = 0.4 + 0.01 * (SELECT COUNT(*) FROM groups g "
+                       "WHERE g.uid <= measurements.uid)"))
+        c.execute(text("UPDATE measurements SET ctr = ctr + 0.2 WHERE uid IN "
+                       "(SELECT uid FROM groups WHERE group_name = 'big')"))
+    files = report(annotated_engine, tmp_path / "r", "m", ["big", "small"])
+    assert files.roc is not None and files.roc.stat().st_size > 5000 and files.histogram.exists()
+    assert report(annotated_engine, tmp_path / "r1", "m", ["big"]).roc is None

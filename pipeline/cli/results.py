@@ -63,28 +63,32 @@ def evaluate_cmd(ctx, truth, model, as_json) -> None:
 
 
 @click.command("report")
-@click.option("--group")
-@click.option("--sample")
+@click.option("--group", "groups", multiple=True,
+              help="A group; repeat to compare groups side by side (the first against the second: ROC).")
+@click.option("--sample", help="A named sample instead of groups.")
 @click.option("--model", default="default", show_default=True)
 @click.option("--out", "out_dir", default="data/reports", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tiles", default=24, show_default=True, type=click.IntRange(1, 400))
 @click.pass_context
 @handle_errors
-def report_cmd(ctx, group, sample, model, out_dir, tiles) -> None:
-    """Contact sheet of overlays (lowest quality first), CTR histograms per group and the
+def report_cmd(ctx, groups, sample, model, out_dir, tiles) -> None:
+    """Contact sheet of overlays (lowest quality first), the groups' CTR distributions side by
+    side (PA and AP apart), with two groups the ROC of the CTR separating them, and the
     quality score's calibration.
 
     \b
     Example:
-        cxrlabel report --group cardiomegaly --out reports/
+        cxrlabel report --group cardiomegaly --group healthy --out reports/
     """
     from pipeline.report import report
-    if bool(group) == bool(sample):
-        raise click.UsageError("choose exactly one of --group or --sample")
-    files = report(engine_of(ctx), out_dir, model, group, sample, tiles)
+    if bool(groups) == bool(sample):
+        raise click.UsageError("choose --group (one or more) or --sample")
+    files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles)
     click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
     click.echo(f"CTR histogram: {files.histogram}")
+    if files.roc:
+        click.echo(f"CTR ROC, {groups[0]} against {groups[1]}: {files.roc}")
     if files.calibration:
         click.echo(f"quality score calibration (estimated vs true Dice, held out): {files.calibration}")
 
