@@ -119,7 +119,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         features[s] = Q.structure_features(p, cleaned, kept[s], agreement[s], size)
     shape = (item.geom.orig_height, item.geom.orig_width)
     runs = item.geom.runs_above(soft)
-    encoded = dict(zip(structures, M.EncodedMask.many_from_runs(runs, shape), strict=True))
+    encoded = dict(zip(structures, M.EncodedMask.from_runs(runs, shape), strict=True))
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)

@@ -69,15 +69,11 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def rle(rows: np.ndarray, first: np.ndarray, last: np.ndarray, width: int) -> bytes:
-    """Runs of foreground pixels (row, first column, last column; sorted, not overlapping) ->
-    CheXmask's run-length text: ``"start length start length ..."``, ASCII, with 1-based
-    starts into the row-major flattened image. Runs that continue onto the next row merge."""
-    return rles([(rows, first, last)], width)[0]
-
-
 def rles(masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int) -> list[bytes]:
-    """:func:`rle` of several masks of one image, printed together (a third of the time)."""
+    """Each mask's runs of foreground pixels (row, first column, last column; sorted, not
+    overlapping) -> CheXmask's run-length text: ``"start length start length ..."``, ASCII,
+    with 1-based starts into the row-major flattened image; runs that continue onto the next
+    row merge. The masks of one image are printed together (a third of the time)."""
     numbers = []
     for rows, first, last in masks:
         starts = np.asarray(rows, np.int64) * width + np.asarray(first, np.int64)
@@ -122,7 +118,7 @@ _POWERS = 10 ** np.arange(20, dtype=np.uint64)
 
 
 def rle_of(mask: np.ndarray) -> bytes:
-    """``(H, W)`` bool array -> :func:`rle` text."""
+    """``(H, W)`` bool array -> :func:`rles` text."""
     flat = np.concatenate([[False], mask.ravel() > 0, [False]])
     edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts and ends, 0-based, alternating
     starts, ends = edges[0::2], edges[1::2]
@@ -132,7 +128,7 @@ def rle_of(mask: np.ndarray) -> bytes:
 
 
 def decode(data: bytes, encoding: str = "png", shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Stored mask bytes -> ``(H, W) bool``: a PNG, or :func:`rle` text of a ``shape`` image."""
+    """Stored mask bytes -> ``(H, W) bool``: a PNG, or :func:`rles` text of a ``shape`` image."""
     if encoding == "rle":
         if shape is None:
             raise ValueError("an rle mask needs its image's (height, width)")
@@ -174,15 +170,10 @@ class EncodedMask:
         return cls(data, *mask.shape, int(np.count_nonzero(mask)), encoding)
 
     @classmethod
-    def from_runs(cls, rows: np.ndarray, first: np.ndarray, last: np.ndarray,
-                  shape: tuple[int, int]) -> EncodedMask:
-        """Runs of a ``shape`` mask (see :func:`rle`) as run-length text, never built in full."""
-        return cls.many_from_runs([(rows, first, last)], shape)[0]
-
-    @classmethod
-    def many_from_runs(cls, masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                       shape: tuple[int, int]) -> list[EncodedMask]:
-        """:meth:`from_runs` of several masks of one ``shape`` image at once."""
+    def from_runs(cls, masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  shape: tuple[int, int]) -> list[EncodedMask]:
+        """The runs of each of several masks of one ``shape`` image (see :func:`rles`) as
+        run-length text: the masks are never built in full."""
         texts = rles(masks, shape[1])
         return [cls(text, int(shape[0]), int(shape[1]), int(np.sum(np.asarray(last) - np.asarray(first) + 1)), "rle")
                 for text, (_, first, last) in zip(texts, masks, strict=True)]

@@ -46,7 +46,7 @@ def test_run_length_text_round_trips_and_reads_as_chexmask(mask):
         rows += [y] * (len(edges) // 2)
         first += list(edges[0::2])
         last += list(edges[1::2] - 1)
-    enc = M.EncodedMask.from_runs(np.array(rows, int), np.array(first, int), np.array(last, int), mask.shape)
+    (enc,) = M.EncodedMask.from_runs([(np.array(rows, int), np.array(first, int), np.array(last, int))], mask.shape)
     assert enc.data == data and enc.area == int(mask.sum()) and enc.encoding == "rle"
     assert np.array_equal(enc.decode(), mask)
 
