@@ -37,7 +37,7 @@ from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry
 from pipeline.masks import STRUCTURES
-from pipeline.measure import clean, measure_boxes, quality
+from pipeline.measure import clean, mean_column, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
 
@@ -90,7 +90,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     ring = np.ones((3, 3), np.uint8)
     agreement, kept, columns, features = {}, {}, {}, {}
     size = probs.shape[-1]
-    whole_masks = {s: np.zeros((size, size), bool) for s in structures}  # cleaned, for tta
+    whole_masks = {s: np.zeros((size, size), bool) for s in structures} if tta is not None else None
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
@@ -111,11 +111,12 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         part = np.where(near, p, np.float32(0))
         part[cleaned & (part <= 0.5)] = 0.75
         soft[i][window] = part
-        whole_masks[s][window] = cleaned
+        if whole_masks is not None:  # test-time augmentation compares the whole cleaned masks
+            whole_masks[s][window] = cleaned
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
         agreement[s] = 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned)))
-        used = np.flatnonzero(cleaned.any(axis=0))
-        columns[s] = float(used.mean()) + window[1].start if len(used) else None
+        column = mean_column(cleaned)
+        columns[s] = column + window[1].start if column is not None else None
         features[s] = Q.structure_features(p, cleaned, kept[s], agreement[s], size)
     shape = (item.geom.orig_height, item.geom.orig_width)
     runs = item.geom.runs_above(soft)
@@ -125,7 +126,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     whole = Q.image_features(values["ctr"], columns)
     features = {s: {**f, **whole} for s, f in features.items()}
-    if tta is not None:
+    if whole_masks is not None:
         for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
             features[s]["tta"] = v
     estimates = scorer.estimate(features) if scorer is not None else {}

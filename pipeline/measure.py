@@ -102,13 +102,11 @@ def plausibility(columns: dict[str, float | None], ctr: float | None) -> float:
     return score
 
 
-def mean_columns(masks: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Each mask's mean foreground column (the mean of the columns it touches), for :func:`plausibility`."""
-    out: dict[str, float | None] = {}
-    for s, m in masks.items():
-        used = np.flatnonzero(m.any(axis=0))
-        out[s] = float(used.mean()) if len(used) else None
-    return out
+def mean_column(mask: np.ndarray) -> float | None:
+    """A mask's mean foreground column (the mean of the columns it touches), None when it is
+    empty: what :func:`plausibility` compares."""
+    used = np.flatnonzero(mask.any(axis=0))
+    return float(used.mean()) if len(used) else None
 
 
 def quality(agreement: dict[str, float], kept: dict[str, float], columns: dict[str, float | None],

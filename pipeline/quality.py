@@ -39,6 +39,8 @@ def design(features: dict[str, dict[str, float]], names: tuple[str, ...] = FEATU
     own = [k for k in names if k not in IMAGE_FEATURES]
     return {s: np.array([f[k] for k in names] + [f[k] ** 2 for k in own] + context)
             for s, f in features.items()}
+
+
 _RING = np.ones((3, 3), np.uint8)
 
 
@@ -79,9 +81,9 @@ def image_features(ctr: float | None, columns: dict[str, float | None]) -> dict[
 @dataclass(frozen=True)
 class QualityModel:
     """Per structure: a ridge regression from the standardised :func:`design` of the image's
-    features to ``log(1.01 - Dice)`` (how the features rank the masks), then an isotonic map from that to Dice fitted
-    on the same masks (so the score reads as a Dice). ``info``: how and on what it was
-    fitted, and how well it did on masks it had not seen."""
+    features to ``log(1.01 - Dice)`` (how the features rank the masks), then an isotonic map
+    from that to Dice fitted on the same masks (so the score reads as a Dice). ``info``: how
+    and on what it was fitted, and how well it did on masks it had not seen."""
 
     features: tuple[str, ...]
     mean: dict[str, list[float]]

@@ -14,7 +14,7 @@ from pipeline import db as D
 from pipeline.groups import Selection, select_images
 from pipeline.imaging import preprocess
 from pipeline.label import Item, forward, label
-from pipeline.measure import bbox, clean, mean_columns, measure, plausibility, quality
+from pipeline.measure import bbox, clean, mean_column, measure, plausibility, quality
 from pipeline.model import ModelError, resolve_model
 from tests.conftest import REPO
 
@@ -104,6 +104,10 @@ def test_runs_above_match_opencvs_bilinear_map(h, w, mode, cx, cy, r, seed):
     assert all(len(v) == 0 for v in empty)
     assert np.array_equal(everything[0], np.arange(h)) and (everything[1] == 0).all()
     assert (everything[2] == w - 1).all()
+
+
+def mean_columns(masks):
+    return {s: mean_column(m) for s, m in masks.items()}
 
 
 def test_quality_flags_implausible_masks():
