@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     dice_true = [r["dice"] for r in rows]
     estimate = held_out_estimates(rows, folds, structures, args.alpha)
     if "tta" in rows[0]:  # does test-time augmentation add to the one-pass features?
-        with_tta = held_out_estimates(rows, folds, structures, args.alpha, FEATURES + ("tta",))
-        t, e = per_image(rows, with_tta)[:2]
+        tta_true, tta_est = per_image(rows, held_out_estimates(rows, folds, structures, args.alpha,
+                                                               FEATURES + ("tta",)))[:2]
         print(f"with test-time augmentation's agreement added (3x the labelling): Spearman "
-              f"{spearman(e, t):.3f}, MAE {np.mean(np.abs(e - t)):.4f}, worst 10% hold {worst_share(e, t):.2f}")
+              f"{spearman(tta_est, tta_true):.3f}, MAE {np.mean(np.abs(tta_est - tta_true)):.4f}, "
+              f"worst 10% hold {worst_share(tta_est, tta_true):.2f}")
     true, est, heur = per_image(rows, estimate)
     clean_only = np.array([r["shift"] == "none" for r in rows])
     print(f"{len(rows)} masks of {len(true)} image variants ({len(folds)} folds, {len(SHIFTS)} shifts x "
@@ -229,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         save_score(args.out, rows, dice_true, structures, args, est, true, FEATURES)
     if args.out_tta and "tta" in rows[0]:
-        t, e = per_image(rows, with_tta)[:2]
-        save_score(args.out_tta, rows, dice_true, structures, args, e, t, FEATURES + ("tta",))
+        save_score(args.out_tta, rows, dice_true, structures, args, tta_est, tta_true, FEATURES + ("tta",))
     return 0
 
 
