@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import bindparam, column, select, table, update
+from sqlalchemy import bindparam, column, func, or_, select, table, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -609,14 +609,15 @@ class RerootSummary:
 def reroot(engine: Engine, old: str, new: str, progress: bool = True) -> RerootSummary:
     """Move an archive in the catalogue: every image path under the folder ``old`` now lies
     under ``new`` instead (whole path components only), in one transaction."""
-    old, new = str(old).rstrip("/") or "/", str(Path(new).resolve())
-    if not old:
+    if not str(old):
         raise CatalogueError("reroot: OLD_PREFIX is empty: give the folder the paths start with")
+    base, new = str(old).rstrip("/"), str(Path(new).resolve())  # base "" is the root folder
     t = D.images
     with engine.begin() as conn:
-        rows = conn.execute(select(t.c.uid, t.c.path).where(t.c.path.is_not(None))).all()
-        moved = {uid: new + path[len(old):] for uid, path in rows
-                 if path == old or path.startswith(old.rstrip("/") + "/")}
+        # only the rows under it come back (a prefix the database can compare), then exactly
+        under = func.substr(t.c.path, 1, len(base) + 1) == base + "/"
+        rows = conn.execute(select(t.c.uid, t.c.path).where(or_(t.c.path == base, under))).all()
+        moved = {uid: new + path[len(base):] for uid, path in rows}
         for part in D.chunks(list(moved.items())):
             conn.execute(update(t).where(t.c.uid == bindparam("u")).values(path=bindparam("p")),
                          [{"u": uid, "p": path} for uid, path in part])

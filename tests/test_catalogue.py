@@ -155,3 +155,17 @@ def test_csv_mapping_errors(engine, tmp_path):
                                           ("10D", 0), (" 7 ", 7), ("", None)])
 def test_parse_age(value, years):
     assert C.parse_age(value) == years
+
+
+def test_reroot_moves_whole_folders_and_keeps_separators(tmp_path):
+    engine = D.connect(f"sqlite:///{tmp_path / 'c.db'}")
+    with engine.begin() as c:
+        c.execute(D.images.insert(), [{"uid": u, "source": "t", "path": p, "loaded_at": D.utcnow()}
+                                      for u, p in (("a", "/data/x/a.png"), ("b", "/data/xy/b.png"))])
+    assert C.reroot(engine, "/data/x/", "/new", progress=False).changed == 1  # not /data/xy
+    assert C.reroot(engine, "/", "/root2", progress=False).changed == 2  # the root folder itself
+    with engine.connect() as c:
+        assert dict(c.execute(select(D.images.c.uid, D.images.c.path)).all()) == {
+            "a": "/root2/new/a.png", "b": "/root2/data/xy/b.png"}
+    with pytest.raises(C.CatalogueError, match="OLD_PREFIX is empty"):
+        C.reroot(engine, "", "/x")
