@@ -38,12 +38,14 @@ sys.path.insert(0, str(REPO))
 from pipeline import db as D  # noqa: E402
 from pipeline.imaging import Geometry  # noqa: E402
 from pipeline.label import Item, postprocess  # noqa: E402
+from pipeline.measure import measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
 from pipeline.quality import FEATURES, QualityModel, tta_agreement, tta_copies  # noqa: E402
 from pipeline.shifts import SHIFTS, apply  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import load_dataset  # noqa: E402
+from pipeline.train.enlarge import widen_heart  # noqa: E402
 from pipeline.train.folds import SPLITS_FILE  # noqa: E402
 
 STRENGTHS = (0.5, 1.0)
@@ -76,8 +78,41 @@ def tta_features(lm, images: list[np.ndarray], bases: list, structures: list[str
             for n, b in enumerate(bases)]
 
 
-def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False) -> list[dict]:
-    """One row per (fold, held-out image, variant, structure): features, true Dice, heuristic."""
+WIDEN = {0.5: 1.15, 1.0: 1.3}  # strength: heart widening factor of the "widened" variant
+
+
+def variants(widened: bool = False) -> list[tuple[str, float]]:
+    """``(shift, strength)`` of every variant of a held-out image: as it is, each shift at
+    each strength (the inversion only at full strength), and with ``widened`` also its heart
+    widened as `pipeline.train.enlarge` does (a synthetic enlarged heart)."""
+    out = [("none", 0.0)] + [(name, s) for name in SHIFTS for s in (STRENGTHS if name != "inverted" else (1.0,))]
+    return out + ([("widened", s) for s in WIDEN] if widened else [])
+
+
+def make_variant(name: str, strength: float, image: np.ndarray, masks: np.ndarray, structures: list[str],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The image and its true masks put through one variant of :func:`variants`."""
+    if name == "none":
+        return image, masks
+    if name == "widened":
+        return widen_heart(image, masks, structures, WIDEN[strength])
+    return apply(name, image, masks, strength, rng)
+
+
+def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """The true and measured CTR of an image, and the measured heart and thoracic widths as
+    shares of the true ones (None where either side lacks a structure)."""
+    t, p = measure(truth), measure(pred)
+    def ratio(key: str) -> float | None:
+        return p[key] / t[key] if p[key] and t[key] else None
+    return {"ctr_true": t["ctr"], "ctr_pred": p["ctr"], "heart_width_ratio": ratio("heart_width_px"),
+            "thoracic_width_ratio": ratio("thoracic_width_px")}
+
+
+def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
+                 widened: bool = False) -> list[dict]:
+    """One row per (fold, held-out image, variant, structure): features, true Dice, heuristic,
+    and the image's true and measured CTR (:func:`ctr_fields`)."""
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
     first = read_checkpoint(run_dir / "fold0" / "best.pt")
     cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"])})
@@ -86,7 +121,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
     size = cfg.size
     geom = Geometry.fit(size, size, size, "pad")  # masks come back at cache geometry
     rng = np.random.default_rng(seed)
-    variants = [("none", 0.0)] + [(name, s) for name in SHIFTS for s in (STRENGTHS if name != "inverted" else (1.0,))]
+    kinds = variants(widened)
     rows = []
     for k, held in enumerate(splits["val"]):
         fold = run_dir / f"fold{k}"
@@ -95,21 +130,23 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
             continue
         lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
         for i in ds.indices(held):
-            shifted = [apply(name, ds.images[i], ds.masks[i], s, rng) if name != "none"
-                       else (ds.images[i], ds.masks[i]) for name, s in variants]
+            shifted = [make_variant(name, s, ds.images[i], ds.masks[i], structures, rng) for name, s in kinds]
             probs = infer(lm, [img for img, _ in shifted])
             results = [postprocess(Item(ds.uids[i], img, geom), p, structures)
                        for (img, _), p in zip(shifted, probs, strict=True)]
             agreement = (tta_features(lm, [img for img, _ in shifted], results, structures) if tta
                          else [{}] * len(results))
-            for (name, strength), (_, truth), r, extra in zip(variants, shifted, results, agreement, strict=True):
+            for (name, strength), (_, truth), r, extra in zip(kinds, shifted, results, agreement, strict=True):
+                pred = {s: r.masks[s].decode() for s in structures}
+                annotated = {s: truth[j] > 0.5 for j, s in enumerate(structures) if ds.valid[i, j]}
+                ctr = ctr_fields({s: pred[s] for s in annotated}, annotated)
                 for j, s in enumerate(structures):
                     if not ds.valid[i, j]:
                         continue
                     rows.append({"fold": k, "uid": ds.uids[i], "shift": name, "strength": strength,
                                  "image": f"{k}/{ds.uids[i]}/{name}/{strength}",
-                                 "structure": s, "dice": dice(r.masks[s].decode(), truth[j] > 0.5),
-                                 "heuristic": r.measurements["quality"], **r.features[s],
+                                 "structure": s, "dice": dice(pred[s], annotated[s]),
+                                 "heuristic": r.measurements["quality"], **r.features[s], **ctr,
                                  **({"tta": extra[s]} if extra else {})})
         print(f"fold {k}: {len(held)} held-out images, {len(rows)} masks so far", flush=True)
     return rows
@@ -191,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed, args.tta)
         if args.rows:
             args.rows.write_text(json.dumps(rows))
+    rows = [r for r in rows if r["shift"] != "widened"]  # bench/ctr_bands.py's synthetic hearts: not here
     structures = sorted({r["structure"] for r in rows})
     folds = sorted({r["fold"] for r in rows})
     dice_true = [r["dice"] for r in rows]

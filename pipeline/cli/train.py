@@ -26,6 +26,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--shifts/--no-shifts", default=None,
               help="Augment with equipment-like shifts too: an inverted MONOCHROME1, a collimator's "
                    "rim, JPEG, another window [preset].")
+@click.option("--widen-heart", "widen", type=click.FloatRange(0, 1),
+              help="Share of training images whose heart is widened 1.05-1.35x (an enlarged heart, "
+                   "image and masks warped together); 0 = off [preset].")
 @click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
 @click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Held-out share without --folds; 0 trains on everything.")

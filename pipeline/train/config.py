@@ -51,6 +51,7 @@ class TrainConfig:
     fold: int = 0
     augment: bool = True
     shifts: bool = False  # equipment-like shifts in augmentation (see train.data.augmentation)
+    widen: float = 0.0  # probability of widening the heart in augmentation (train.enlarge); 0 = off
     threads: int | None = None
     structures: tuple[str, ...] = STRUCTURES
 

@@ -85,10 +85,12 @@ def augmentation(cfg: TrainConfig):
     resolution and exposure; never a left-right flip (the heart's side matters). With
     ``cfg.shifts``, also the equipment-like shifts of :mod:`pipeline.shifts` that those do
     not cover (:data:`EQUIPMENT_SHIFTS`: an inverted MONOCHROME1, a collimator's rim, JPEG,
-    another window)."""
+    another window). With ``cfg.widen``, that share of the images first gets an enlarged
+    heart (:func:`pipeline.train.enlarge.widen_heart`, by :data:`WIDEN_FACTORS`)."""
     from monai import transforms as T
     keys = ["image", "mask"]
-    steps = [
+    steps = [_heart_widening(cfg.structures, cfg.widen)] if cfg.widen else []
+    steps += [
         T.RandAffined(keys, prob=0.8, rotate_range=0.17, scale_range=0.15, shear_range=0.05,
                       translate_range=(0.06 * cfg.size,) * 2, mode=("bilinear", "bilinear"),
                       padding_mode="zeros"),
@@ -126,6 +128,28 @@ def _equipment_shift(name: str, prob: float):
             return {**data, "image": shifted[None].astype(np.float32) / 255.0}
 
     return EquipmentShift(prob=prob)
+
+
+WIDEN_FACTORS = (1.05, 1.35)  # heart widths drawn uniformly between these
+
+
+def _heart_widening(structures: tuple[str, ...], prob: float):
+    """:func:`pipeline.train.enlarge.widen_heart` as a MONAI random transform on ``image``
+    (1, S, S) and ``mask`` (C, S, S), by a factor drawn from :data:`WIDEN_FACTORS`."""
+    from monai.transforms import RandomizableTransform
+
+    from pipeline.train.enlarge import widen_heart
+
+    class HeartWidening(RandomizableTransform):
+        def __call__(self, data: dict) -> dict:
+            self.randomize(None)
+            if not self._do_transform:
+                return data
+            factor = self.R.uniform(*WIDEN_FACTORS)
+            image, mask = widen_heart(np.asarray(data["image"])[0], np.asarray(data["mask"]), structures, factor)
+            return {**data, "image": image[None], "mask": mask}
+
+    return HeartWidening(prob=prob)
 
 
 def make_batch(ds: Dataset, idx: list[int], aug, norm: str, seeds: list[int] | None = None,
