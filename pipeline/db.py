@@ -49,7 +49,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -83,6 +83,7 @@ images = Table(
     Column("text", Text),  # free-text diagnosis / report: what group rules read
     Column("labels", Text),  # structured labels, '|'-separated (NIH Finding Labels)
     Column("reference", Text),  # yardstick labels the rules never read (OpenI MeSH major)
+    Column("report_ctr", Float),  # a CTR the report text states (КТИ 0,58), set by `groups assign`
     Column("path", Text),  # source image file
     Column("width", Integer),
     Column("height", Integer),
@@ -277,6 +278,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE measurements ADD COLUMN quality_left_lung FLOAT",
         "ALTER TABLE measurements ADD COLUMN quality_right_lung FLOAT",
     ],
+    5: ["ALTER TABLE images ADD COLUMN report_ctr FLOAT"],
 }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 from tqdm import tqdm
 
@@ -32,6 +32,9 @@ class GroupsError(CxrlabelError):
     pass
 
 
+NEVER = r"(?!x)x"  # a pattern that matches nothing: an empty cue list
+
+
 @dataclass
 class GroupRule:
     name: str
@@ -39,6 +42,7 @@ class GroupRule:
     match: list[re.Pattern]
     unless: list[re.Pattern] = field(default_factory=list)
     negatable: bool = True  # false where the phrases carry their own negation ("no acute ...")
+    report_ctr: str | None = None  # "above" / "below": a CTR written in the report above / below 0.5 counts
 
 
 @dataclass
@@ -49,17 +53,30 @@ class Rules:
     split: re.Pattern
     window: int = 6
     source: str = "default"
+    post_negation: re.Pattern = re.compile(NEVER)
+    post_uncertain: re.Pattern = re.compile(NEVER)
+    post_window: int = 3
+    clause_split: re.Pattern = re.compile(NEVER)
+    ctr: re.Pattern | None = None
+    statement_words: re.Pattern = re.compile(NEVER)
+    end_negation: re.Pattern = re.compile(NEVER)
+    end_uncertain: re.Pattern = re.compile(NEVER)
 
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
 
 
+def fold(text: str) -> str:
+    """Text and patterns as the rules compare them: ё read as е (Russian writes either)."""
+    return text.replace("ё", "е").replace("Ё", "Е")
+
+
 def _compile(patterns: list[str], where: str) -> list[re.Pattern]:
     out = []
     for p in patterns:
         try:
-            out.append(re.compile(p, re.IGNORECASE))
+            out.append(re.compile(fold(p), re.IGNORECASE))
         except re.error as e:
             raise GroupsError(f"{where}: bad pattern {p!r}: {e}") from e
     return out
@@ -81,21 +98,31 @@ def load_rules(path: str | Path | None = None) -> Rules:
         groups.append(GroupRule(g["name"], list(g.get("labels", [])),
                                 _compile(g["match"], f"{path} {g['name']}.match"),
                                 _compile(g.get("unless", []), f"{path} {g['name']}.unless"),
-                                bool(g.get("negatable", True))))
+                                bool(g.get("negatable", True)), g.get("report_ctr")))
 
     def alternation(key: str) -> re.Pattern:
-        pats = raw.get(key, []) or [r"(?!x)x"]
+        pats = raw.get(key, []) or [NEVER]
         _compile(pats, f"{path} {key}")
-        return re.compile("|".join(f"(?:{p})" for p in pats), re.IGNORECASE)
+        return re.compile(fold("|".join(f"(?:{p})" for p in pats)), re.IGNORECASE)
 
-    split = _compile([raw.get("sentence_split", r"[.;!?\n]+")], f"{path} sentence_split")[0]
-    return Rules(groups, alternation("negation"), alternation("uncertain"), split, int(raw.get("window", 6)),
-                 str(path))
+    def one(key: str, default: str) -> re.Pattern:
+        return _compile([raw.get(key, default)], f"{path} {key}")[0]
+
+    ctr = one("report_ctr", NEVER) if "report_ctr" in raw else None
+    if ctr is not None and "value" not in ctr.groupindex:
+        raise GroupsError(f"{path}: report_ctr needs a (?P<value>...) group for the number")
+    return Rules(groups, alternation("negation"), alternation("uncertain"), one("sentence_split", r"[.;!?\n]+"),
+                 int(raw.get("window", 6)), str(path), alternation("post_negation"),
+                 alternation("post_uncertain"), int(raw.get("post_window", 3)), one("clause_split", NEVER), ctr,
+                 alternation("statement_words"), alternation("end_negation"), alternation("end_uncertain"))
 
 
-_TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int}
-_GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool}
-_LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless"}
+_TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int,
+             "post_negation": list, "post_uncertain": list, "post_window": int, "clause_split": str,
+             "report_ctr": str, "statement_words": list, "end_negation": list, "end_uncertain": list}
+_GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool, "report_ctr": str}
+_LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless", "post_negation", "post_uncertain",
+                     "statement_words", "end_negation", "end_uncertain"}
 
 
 def _validate(raw: dict, path: Path) -> None:
@@ -113,8 +140,9 @@ def _validate(raw: dict, path: Path) -> None:
     check(raw, _TOP_KEYS, "")
     if not raw.get("group"):
         raise GroupsError(f"rules file {path} defines no [[group]] tables")
-    if raw.get("window", 1) < 1:
-        raise GroupsError(f"{path}: window must be a positive number of words, not {raw['window']!r}")
+    for key in ("window", "post_window"):
+        if raw.get(key, 1) < 1:
+            raise GroupsError(f"{path}: {key} must be a positive number of words, not {raw[key]!r}")
     for i, g in enumerate(raw["group"]):
         if not isinstance(g, dict):
             raise GroupsError(f"{path}: group #{i + 1} must be a [[group]] table")
@@ -122,31 +150,221 @@ def _validate(raw: dict, path: Path) -> None:
         check(g, _GROUP_KEYS, where)
         if "name" not in g or "match" not in g:
             raise GroupsError(f"{path}: {where}needs `name` and `match`")
+        if g.get("report_ctr", "above") not in ("above", "below"):
+            raise GroupsError(f"{path}: {where}report_ctr must be \"above\" or \"below\", not {g['report_ctr']!r}")
 
 
 _KIND = {list: "list", str: "string", int: "whole number", bool: "true or false"}
 
 
-def _cue_before(sentence: str, start: int, end: int, cue: re.Pattern, window: int) -> bool:
-    """A cue in the ``window`` words before ``start``, or inside the match itself."""
-    before = sentence[:start].split()[-window:]
-    return bool(cue.search(" ".join(before) + " " + sentence[start:end]))
+# ---------------------------------------------------------------- reading a report
 
 
-def _find(sentences: list[str], patterns: list[re.Pattern], rules: Rules,
-          negatable: bool = True) -> tuple[str, str | None]:
-    """``('yes'|'uncertain'|'no', matched text)`` over sentences, negated matches ignored."""
-    uncertain = None
-    for s in sentences:
+def clauses(text: str, rules: Rules) -> list[str]:
+    """The report's clauses, lower-cased: sentences (``sentence_split``; each keeps a
+    closing '?', which reads as doubt) cut at contrasting conjunctions (``clause_split``:
+    "but", "но", "однако"...). A finding's negation or doubt never reaches past its clause."""
+    low = fold(text.lower())
+    out, start = [], 0
+    for m in rules.split.finditer(low):
+        out.append(low[start:m.start()] + ("?" if "?" in m.group(0) else ""))
+        start = m.end()
+    out.append(low[start:])
+    return [c.strip() for s in out for c in rules.clause_split.split(s) if c and c.strip(" ,")]
+
+
+class Hit(NamedTuple):
+    """One pattern found in one clause, and what the words around it make of it."""
+
+    verdict: str  # 'yes', 'negated' or 'uncertain'
+    words: str  # the matched words
+    clause: str
+    cue: str | None = None  # the negation or doubt, where one decided
+
+
+def _list_item(before: str, words: str, rules: Rules) -> bool:
+    """A negation before a comma still governs ``words`` when they are an item of the list
+    it opened ("no effusion, pleural thickening or pneumothorax", "без очаговых,
+    инфильтративных изменений"): a single word, or the list's last item after "or"/"или", at
+    most four words after the last comma, none of them one that starts a statement of its
+    own (``statement_words``: "в", "справа", "is"...). A statement ("..., сердце расширено",
+    "..., справа пневмония") is not."""
+    after_comma = before.rsplit(",", 1)[1].split()
+    last_item = len(words.split()) == 1 or (after_comma[:1] and after_comma[0] in _LAST_ITEM)
+    return bool(last_item and len(after_comma) <= 4 and not rules.statement_words.search(" ".join(after_comma)))
+
+
+_LAST_ITEM = {"or", "and", "nor", "или", "и", "либо", "ни"}  # the conjunction before a list's last item
+
+
+def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = True) -> tuple[str, str | None]:
+    """``(verdict, cue)`` of the words ``clause[start:end]`` (a stem's match reaches to its
+    word's end). 'uncertain' when a doubt cue is inside them, in the ``window`` words before
+    (or a parenthetical doubt just before a comma: "вероятно, ..."), in the ``post_window``
+    words after, or closing their comma-stretch (``end_uncertain``: "... не исключается",
+    "...?"); else 'negated' when a negation stands likewise (``negation`` before: across a
+    comma only into a list it opened; ``post_negation`` after; ``end_negation`` closing the
+    stretch: "очаговых теней в лёгких не выявлено"); else 'yes'."""
+    end += len(re.match(r"\w*", clause[end:]).group(0))
+    words, before = clause[start:end], clause[:start]
+    tail = before
+    parenthetical = ""
+    if "," in before:
+        head, tail_part = before.rsplit(",", 1)
+        if not _list_item(before, words, rules):
+            tail = tail_part
+        last = " ".join(head.split()[-3:])
+        if (m := _last(rules.uncertain, last)) is not None:
+            parenthetical = m
+    pre = " ".join(tail.split()[-rules.window:]) + " " + words
+    rest = clause[end:].split(",", 1)[0]
+    post = " ".join(rest.split()[:rules.post_window])
+    checks = (("uncertain", rules.uncertain, rules.post_uncertain, rules.end_uncertain, True),
+              ("negated", rules.negation, rules.post_negation, rules.end_negation, negatable))
+    for verdict, cues, after, closing, check in checks:
+        if not check:
+            continue
+        if verdict == "uncertain" and parenthetical:
+            return verdict, parenthetical
+        for text, pattern in ((pre, cues), (post, after), (rest, closing)):
+            if m := pattern.search(text):
+                return verdict, m.group(0).strip()
+    return "yes", None
+
+
+def _last(pattern: re.Pattern, text: str) -> str | None:
+    """``pattern``'s match that ends ``text`` (bar punctuation), or None."""
+    text = text.rstrip(" ,")
+    for m in pattern.finditer(text):
+        if m.end() >= len(text.rstrip(" ,.;:-")):
+            return m.group(0).strip()
+    return None
+
+
+def find(clause_list: list[str], patterns: list[re.Pattern], rules: Rules, negatable: bool = True,
+         until: tuple[str, ...] = ()) -> list[Hit]:
+    """The matches of ``patterns`` in the clauses, judged (:func:`judge`): all of them, or up
+    to the first whose verdict is in ``until``."""
+    hits = []
+    for c in clause_list:
         for p in patterns:
-            for m in p.finditer(s):
-                if negatable and _cue_before(s, m.start(), m.end(), rules.negation, rules.window):
-                    continue
-                if _cue_before(s, m.start(), m.end(), rules.uncertain, rules.window):
-                    uncertain = uncertain or m.group(0)
-                    continue
-                return "yes", m.group(0)
-    return ("uncertain", uncertain) if uncertain else ("no", None)
+            for m in p.finditer(c):
+                verdict, cue = judge(c, m.start(), m.end(), rules, negatable)
+                hits.append(Hit(verdict, m.group(0), c, cue))
+                if verdict in until:
+                    return hits
+    return hits
+
+
+class ReportCtr(NamedTuple):
+    """A cardiothoracic ratio written in a report ("КТИ 0,58", "CTR = 55 %", "КТИ > 0,5")."""
+
+    value: float  # as a ratio
+    bound: str  # '' for a stated value; '>' or '<' for a bound ("КТИ > 0,5"), not a number to store
+    words: str
+
+
+_ABOVE = (">", "≥", "более", "больше", "over", "above", "greater")
+_BELOW = ("<", "≤", "менее", "меньше", "under", "below", "less")
+
+
+def report_ctr(text: str | None, rules: Rules) -> ReportCtr | None:
+    """The first plausible (0.2-0.9) CTR the report states (``report_ctr`` of the rules), or None."""
+    if not text or rules.ctr is None:
+        return None
+    for m in rules.ctr.finditer(fold(text.lower())):
+        v = float(m.group("value").replace(",", "."))
+        v = v / 100 if v > 1.5 else v
+        if 0.2 <= v <= 0.9:
+            cmp = (m.groupdict().get("cmp") or "").strip()
+            bound = ">" if cmp.startswith(_ABOVE) else "<" if cmp.startswith(_BELOW) else ""
+            return ReportCtr(v, bound, m.group(0).strip())
+    return None
+
+
+def ctr_evidence(ctr: ReportCtr | None) -> str | None:
+    """'above' or 'below' 0.5: what a stated CTR says of the heart's size (None: nothing)."""
+    if ctr is None:
+        return None
+    if ctr.value > 0.5 and ctr.bound != "<" or ctr.value == 0.5 and ctr.bound == ">":
+        return "above"
+    if ctr.value < 0.5 and ctr.bound != ">" or ctr.value == 0.5 and ctr.bound == "<":
+        return "below"
+    return None
+
+
+@dataclass
+class Decision:
+    """An image's group, the reason stored with it, and every step that led there."""
+
+    group: str | None
+    reason: str
+    steps: list[str] = field(default_factory=list)
+    report_ctr: float | None = None
+
+
+def _describe(h: Hit) -> str:
+    said = {"yes": "counts", "negated": f"negated by {h.cue!r}", "uncertain": f"doubted by {h.cue!r}"}[h.verdict]
+    return f"{h.words!r} in {h.clause!r}: {said}"
+
+
+def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = False) -> Decision:
+    """The group of one image, with its reasons (``cxrlabel groups explain`` prints them).
+
+    Structured labels decide first. Otherwise each group in order: its phrases (and a CTR the
+    report states, where the group reads one) are looked for clause by clause; a doubted
+    phrase makes the image ambiguous (no group); a counted one decides unless an ``unless``
+    phrase counts or is doubted somewhere in the report, or the stated CTR contradicts it.
+    ``trace``: judge every phrase for the steps (else each search stops at the first that
+    decides; the group is the same).
+    """
+    stop = () if trace else ("yes",)
+    label_set = {x.strip().lower() for x in (labels or "").split("|") if x.strip()}
+    for g in rules.groups:
+        for lab in g.labels:
+            low = lab.lower()
+            if low in label_set and (low != "no finding" or len(label_set) == 1):
+                return Decision(g.name, f"label: {lab}", [f"structured label {lab!r} -> {g.name}"])
+    if not text or not text.strip():
+        return Decision(None, "no text", ["no report text and no deciding label"])
+    found = clauses(text, rules)
+    ctr = report_ctr(text, rules)
+    evidence = ctr_evidence(ctr)
+    steps = [f"clauses: {found}"]
+    if ctr:
+        steps.append(f"report states CTR {ctr.value:.2f} ({ctr.words!r}): " +
+                     (f"{evidence} 0.5" if evidence else "at 0.5, no evidence either way"))
+    for g in rules.groups:
+        hits = find(found, g.match, rules, g.negatable, until=stop)
+        steps += [f"{g.name}: {_describe(h)}" for h in hits]
+        counted = [h for h in hits if h.verdict == "yes"]
+        doubted = [h for h in hits if h.verdict == "uncertain"]
+        by_ctr = g.report_ctr is not None and evidence == g.report_ctr
+        against_ctr = g.report_ctr is not None and evidence is not None and evidence != g.report_ctr
+        if doubted and not counted and not by_ctr:
+            steps.append(f"{g.name}: only doubted -> no group")
+            return Decision(None, f"uncertain {g.name}: {doubted[0].words!r}", steps, _exact(ctr))
+        if not counted and not by_ctr:
+            continue
+        if against_ctr and g.report_ctr == "above":  # the text says enlarged, the stated CTR does not
+            steps.append(f"{g.name}: contradicted by the stated CTR {ctr.value:.2f} -> no group")
+            return Decision(None, f"conflict {g.name}: {counted[0].words!r} vs CTR {ctr.value:.2f}", steps,
+                            _exact(ctr))
+        judged = find(found, g.unless, rules, until=() if trace else ("yes", "uncertain"))
+        vetoes = [h for h in judged if h.verdict != "negated"]
+        steps += [f"{g.name} unless: {_describe(h)}" for h in judged]
+        if vetoes or (against_ctr and g.report_ctr == "below"):
+            steps.append(f"{g.name}: vetoed -> next group")
+            continue
+        why = f"text: {counted[0].words!r}" if counted else f"report CTR {ctr.value:.2f}"
+        steps.append(f"{g.name}: decided by {why}")
+        return Decision(g.name, why, steps, _exact(ctr))
+    steps.append("no group's phrase counted")
+    return Decision(None, "no rule matched", steps, _exact(ctr))
+
+
+def _exact(ctr: ReportCtr | None) -> float | None:
+    return round(ctr.value, 4) if ctr and not ctr.bound else None
 
 
 def classify(text: str | None, labels: str | None, rules: Rules) -> tuple[str | None, str]:
@@ -154,27 +372,8 @@ def classify(text: str | None, labels: str | None, rules: Rules) -> tuple[str | 
 
     Returns ``(None, reason)`` when no group applies or the text is ambiguous.
     """
-    label_set = {x.strip().lower() for x in (labels or "").split("|") if x.strip()}
-    for g in rules.groups:
-        for lab in g.labels:
-            low = lab.lower()
-            if low in label_set and (low != "no finding" or len(label_set) == 1):
-                return g.name, f"label: {lab}"
-    if not text or not text.strip():
-        return None, "no text"
-    sentences = [s.strip() for s in rules.split.split(text.lower()) if s.strip()]
-    for g in rules.groups:
-        verdict, hit = _find(sentences, g.match, rules, g.negatable)
-        if verdict == "uncertain":
-            return None, f"uncertain {g.name}: {hit!r}"
-        if verdict == "no":
-            continue
-        if g.unless:
-            veto, what = _find(sentences, g.unless, rules)
-            if veto == "yes":
-                continue
-        return g.name, f"text: {hit!r}"
-    return None, "no rule matched"
+    d = decide(text, labels, rules)
+    return d.group, d.reason
 
 
 # ---------------------------------------------------------------- in the database
@@ -182,35 +381,60 @@ def classify(text: str | None, labels: str | None, rules: Rules) -> tuple[str | 
 
 def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
            progress: bool = True) -> dict[str, int]:
-    """(Re)assign every catalogued image; returns counts per group (``None``: no group)."""
+    """(Re)assign every catalogued image; returns counts per group (``None``: no group).
+    Also stores the CTR each report states (``images.report_ctr``; NULL where none)."""
     rules = rules or load_rules()
     counts: dict[str, int] = {}
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(D.images)).scalar() or 0
     bar = tqdm(total=total, desc="groups", unit="img", disable=not progress)
     last = ""
+    set_ctr = (update(D.images).where(D.images.c.uid == bindparam("b_uid"))
+               .values(report_ctr=bindparam("b_ctr")))
     while True:
         with engine.begin() as conn:
-            rows = conn.execute(select(D.images.c.uid, D.images.c.text, D.images.c.labels)
+            rows = conn.execute(select(D.images.c.uid, D.images.c.text, D.images.c.labels, D.images.c.report_ctr)
                                 .where(D.images.c.uid > last).order_by(D.images.c.uid)
                                 .limit(batch_size)).all()
             if not rows:
                 break
             now = D.utcnow()
-            out = []
-            for uid, text, labels in rows:
-                name, why = classify(text, labels, rules)
-                counts[name or "none"] = counts.get(name or "none", 0) + 1
-                if name:
-                    out.append({"uid": uid, "group_name": name, "rule": why[:500], "assigned_at": now})
+            out, ctrs = [], []
+            for uid, text, labels, stored_ctr in rows:
+                d = decide(text, labels, rules)
+                counts[d.group or "none"] = counts.get(d.group or "none", 0) + 1
+                if d.group:
+                    out.append({"uid": uid, "group_name": d.group, "rule": d.reason[:500], "assigned_at": now})
+                if d.report_ctr != stored_ctr:
+                    ctrs.append({"b_uid": uid, "b_ctr": d.report_ctr})
             for part in D.chunks([r.uid for r in rows]):
                 conn.execute(delete(D.groups).where(D.groups.c.uid.in_(part)))
             if out:
                 conn.execute(D.groups.insert(), out)
+            if ctrs:
+                conn.execute(set_ctr, ctrs)
             last = rows[-1].uid
         bar.update(len(rows))
     bar.close()
     return counts
+
+
+def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
+    """Why ``uid`` is in its group: the stored group and rule, and the steps of deciding it
+    again with ``rules`` (which may differ from the rules it was assigned by)."""
+    rules = rules or load_rules()
+    with engine.connect() as conn:
+        row = conn.execute(select(D.images.c.text, D.images.c.labels, D.images.c.report_ctr)
+                           .where(D.images.c.uid == uid)).first()
+        if row is None:
+            raise GroupsError(f"image {uid!r} is not in the catalogue: see `cxrlabel query \"SELECT uid FROM "
+                              f"catalogue LIMIT 5\"` for its uids")
+        stored = conn.execute(select(D.groups.c.group_name, D.groups.c.rule, D.groups.c.assigned_at)
+                              .where(D.groups.c.uid == uid)).first()
+    d = decide(row.text, row.labels, rules, trace=True)
+    return {"uid": uid, "text": row.text, "labels": row.labels, "rules": rules.source,
+            "stored_group": stored.group_name if stored else None, "stored_rule": stored.rule if stored else None,
+            "group": d.group, "reason": d.reason, "report_ctr": d.report_ctr, "steps": d.steps}
 
 
 @dataclass

@@ -1,4 +1,4 @@
--- cxrlabel schema, version 4. Generated from pipeline/db.py by
+-- cxrlabel schema, version 5. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -25,6 +25,7 @@ CREATE TABLE images (
 	text TEXT, 
 	labels TEXT, 
 	reference TEXT, 
+	report_ctr FLOAT, 
 	path TEXT, 
 	width INTEGER, 
 	height INTEGER, 

@@ -5,14 +5,15 @@
 -- One row per catalogued image, with its group (NULL when the rules chose none).
 CREATE VIEW catalogue AS
 SELECT i.uid, i.patient_id, i.age, i.sex, i.view, i.study_date, i.text,
-       g.group_name, i.source, i.labels, i.path, i.width, i.height
+       g.group_name, i.source, i.labels, i.path, i.width, i.height, i.report_ctr
 FROM images i
 LEFT JOIN groups g ON g.uid = i.uid;
 
 -- One row per labelled image and model: the measurements users analyse. `quality` is the
 -- estimated mean Dice of the image's masks (quality_<structure>: per structure, where the model
 -- has a fitted score). `view` as catalogued (PA, AP, LL...; 'unknown' when not recorded);
--- `ctr_note` says when the usual CTR > 0.5 rule does not read as on a PA film.
+-- `ctr_note` says when the usual CTR > 0.5 rule does not read as on a PA film. `report_ctr`:
+-- the CTR the report itself states (КТИ 0,58), where it states one.
 CREATE VIEW label_results AS
 SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.heart_area_px, m.heart_area_mm2, m.heart_width_px, m.thoracic_width_px,
@@ -23,7 +24,7 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
             WHEN UPPER(i.view) IN ('LL', 'RL', 'LAT', 'LATERAL') THEN 'lateral film: no frontal CTR'
             WHEN i.view IS NULL OR UPPER(i.view) NOT IN ('PA', 'AP') THEN 'view unknown'
        END AS ctr_note,
-       i.source
+       i.report_ctr, i.source
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid;

@@ -38,6 +38,9 @@ RULES = load_rules()
     ("Без кардиомегалии. Патологии не выявлено.", "healthy"),
     ("Сердце не увеличено. Правосторонняя пневмония.", None),
     ("Возможна кардиомегалия.", None),
+    # ё and е are the same letter to the rules, in the text and in the patterns
+    ("Лёгкие без изменений. Отёк лёгких.", None), ("Легкие без изменений. Отёк легких.", None),
+    ("Лёгкие прозрачны.", "healthy"), ("Легкие прозрачны.", "healthy"),
 ])
 def test_rules(report, group):
     assert classify(report, None, RULES)[0] == group
@@ -105,3 +108,95 @@ def test_source_narrows_a_selection(engine, tmp_path):
         assert len(some.items) == 7 and some.description == "all source=nih limit=7"
         # what a batch needs comes with the selection: pixel spacing and view
         assert some.items[0].spacing == pytest.approx((0.143, 0.143)) and some.items[0].view in ("PA", "AP")
+
+
+def _corpus() -> list[dict]:
+    import csv
+    from pathlib import Path
+    with open(Path(__file__).parent / "fixtures" / "report_corpus.tsv", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+CORPUS = _corpus()
+
+
+def test_the_corpus_covers_every_construction_in_both_languages():
+    assert len(CORPUS) >= 150
+    kinds = {(r["lang"], r["construction"]) for r in CORPUS}
+    for lang in ("ru", "en"):
+        for construction in ("pre_negation", "post_negation", "uncertain", "normal", "report_ctr", "conflict",
+                             "clause", "other"):
+            assert (lang, construction) in kinds, (lang, construction)
+    assert ("ru", "inflection") in kinds
+
+
+@pytest.mark.parametrize("row", CORPUS, ids=lambda r: f"{r['lang']}-{r['construction']}-{r['text'][:40]}")
+def test_corpus_sentence(row):
+    d = G.decide(row["text"], None, RULES, trace=True)
+    assert G.decide(row["text"], None, RULES).group == d.group  # stopping early changes nothing
+    assert (d.group or "none") == row["expected"], d.steps
+
+
+@pytest.mark.parametrize("report, value, stored", [
+    ("КТИ 0,58.", 0.58, 0.58), ("КТИ = 55 %.", 0.55, 0.55), ("CTR 0.56, lungs clear.", 0.56, 0.56),
+    ("Кардиоторакальный индекс составляет 0.61", 0.61, 0.61), ("КТИ > 0,5", 0.5, None),
+    ("КТИ 5.", None, None),  # not a plausible ratio: no number
+    ("Сердце расширено.", None, None),
+])
+def test_a_ctr_the_report_states_is_read(report, value, stored):
+    found = G.report_ctr(report, RULES)
+    assert (found.value if found else None) == (pytest.approx(value) if value else None)
+    assert G.decide(report, None, RULES).report_ctr == stored
+
+
+def test_a_sentence_boundary_keeps_a_normal_heart_from_cancelling_a_finding():
+    # each sentence and clause is judged on its own: the normal heart does not excuse the pneumonia
+    d = G.decide("Сердце обычных размеров. Справа в нижней доле пневмония.", None, RULES)
+    assert d.group is None and any("пневмон" in s and "counts" in s for s in d.steps)
+    # and a negation inside one clause does not reach across a contrast into the next
+    assert G.decide("Пневмонии нет, но сердце расширено влево.", None, RULES).group == "cardiomegaly"
+
+
+def test_assign_stores_the_report_ctr_and_explain_shows_the_words(engine):
+    reports = {"a": "Легкие без очаговых изменений. КТИ 0,58.", "b": "Кардиомегалии нет. Норма.",
+               "c": "Кардиомегалия под вопросом."}
+    with engine.begin() as c:
+        for uid, report in reports.items():
+            c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'csv', :t, '2026-01-01')"),
+                      {"u": uid, "t": report})
+    assert G.assign(engine, progress=False) == {"cardiomegaly": 1, "healthy": 1, "none": 1}
+    with engine.connect() as c:
+        got = dict(c.execute(text("SELECT uid, report_ctr FROM images ORDER BY uid")).all())
+        assert got == {"a": pytest.approx(0.58), "b": None, "c": None}
+        assert c.execute(text("SELECT report_ctr FROM catalogue WHERE uid = 'a'")).scalar() == pytest.approx(0.58)
+    e = G.explain(engine, "b")
+    assert e["group"] == e["stored_group"] == "healthy"
+    assert any("'кардиомегалии'" in s and "negated by 'нет'" in s for s in e["steps"])
+    assert any("doubted by 'под вопросом'" in s for s in G.explain(engine, "c")["steps"])
+    with pytest.raises(G.GroupsError, match="not in the catalogue"):
+        G.explain(engine, "nope")
+    # a report whose CTR changes (a corrected text) updates the stored number
+    with engine.begin() as c:
+        c.execute(text("UPDATE images SET text = 'КТИ 0,45. Норма.' WHERE uid = 'a'"))
+    G.assign(engine, progress=False)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT report_ctr FROM images WHERE uid = 'a'")).scalar() == pytest.approx(0.45)
+
+
+def test_groups_explain_command(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline import db as D
+    from pipeline.cli import cli
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    eng = D.connect(url)
+    with eng.begin() as c:
+        c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES ('x1', 'csv', :t, '2026-01-01')"),
+                  {"t": "Расширения тени сердца влево не выявлено. Без патологии."})
+    eng.dispose()
+    r = CliRunner().invoke(cli, ["--db", url, "groups", "explain", "x1"])
+    assert r.exit_code == 0, r.output
+    assert "decided    healthy" in r.output and "differs: run `cxrlabel groups assign`" in r.output
+    assert "negated by 'не'" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "groups", "explain", "missing"])
+    assert r.exit_code != 0 and "not in the catalogue" in r.output

@@ -32,6 +32,43 @@ def groups_assign(ctx, rules) -> None:
         click.echo(f"{name:>14}  {n}")
 
 
+@groups.command("explain")
+@click.argument("uid")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Decide with this rules file instead of the shipped one (to try an edit).")
+@json_option
+@click.pass_context
+@handle_errors
+def groups_explain(ctx, uid, rules, as_json) -> None:
+    """Which rule and which words put one image in its group (or in none).
+
+    Decides the image again, step by step: the clauses its report was cut into, every
+    phrase found with the negation or doubt that ruled it out, a CTR the report states,
+    and the vetoes. Also shows the group stored by the last `groups assign`.
+
+    \b
+    Example:
+        cxrlabel groups explain 00000013_005.png
+        cxrlabel groups explain 1.2.840.1234 --rules my_clinic_rules.toml
+    """
+    e = G.explain(engine_of(ctx), uid, G.load_rules(rules))
+    if as_json:
+        emit(e, True)
+        return
+    click.echo(f"image      {e['uid']}")
+    click.echo(f"labels     {e['labels'] or '-'}")
+    click.echo(f"text       {e['text'] or '-'}")
+    click.echo(f"decided    {e['group'] or 'no group'}  ({e['reason']})  with {e['rules']}")
+    stored = e["stored_group"] or "no group"
+    click.echo(f"stored     {stored}" + (f"  ({e['stored_rule']})" if e["stored_rule"] else "") +
+               ("" if e["stored_group"] == e["group"] else "  <- differs: run `cxrlabel groups assign` to update"))
+    if e["report_ctr"] is not None:
+        click.echo(f"report CTR {e['report_ctr']:.2f}")
+    click.echo("steps:")
+    for step in e["steps"]:
+        click.echo(f"  - {step}")
+
+
 @groups.command("sample")
 @click.option("--name", required=True, help="Sample name, e.g. test70k.")
 @click.option("--per-group", required=True, type=click.IntRange(min=1), help="Images per group.")

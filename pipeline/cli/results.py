@@ -22,7 +22,8 @@ def query(ctx, sql, as_csv, as_json) -> None:
     --csv and --json print every row (streamed); the table shows the first 200.
 
     Ready queries ship with cxrlabel (sql/queries): ctr_by_group, healthy_ctr_over_0_5,
-    review_lowest_quality.
+    review_lowest_quality, report_vs_measured_ctr (a CTR the report states against the
+    measured one).
 
     \b
     Example:
