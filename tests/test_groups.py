@@ -200,3 +200,37 @@ def test_groups_explain_command(tmp_path):
     assert "negated by 'не'" in r.output
     r = CliRunner().invoke(cli, ["--db", url, "groups", "explain", "missing"])
     assert r.exit_code != 0 and "not in the catalogue" in r.output
+
+
+def test_report_vs_measured_ctr_query_puts_disagreements_first(engine):
+    from pipeline.results import read_only_query, statement
+    with engine.begin() as c:
+        for uid, report, measured in (("same", "КТИ 0,52.", 0.53), ("far", "КТИ 0,58.", 0.47), ("none", "Норма.", 0.4)):
+            c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'csv', :t, '2026-01-01')"),
+                      {"u": uid, "t": report})
+            c.execute(text("INSERT INTO measurements (uid, model, ctr, quality, labelled_at) "
+                           "VALUES (:u, 'm', :c, 0.9, '2026-01-01')"), {"u": uid, "c": measured})
+    G.assign(engine, progress=False)
+    result = read_only_query(engine, statement("report_vs_measured_ctr"))
+    rows = list(result.rows)
+    assert [r["uid"] for r in rows] == ["far", "same"]  # no stated CTR: not in the audit
+    assert rows[0]["verdict"] == "opposite sides of 0.5" and rows[1]["verdict"] == "agree"
+    assert float(rows[0]["difference"]) == pytest.approx(-0.11)
+
+
+@pytest.mark.parametrize("name", ["ctr_by_group", "healthy_ctr_over_0_5", "review_lowest_quality",
+                                  "report_vs_measured_ctr"])
+def test_every_ready_query_runs_on_both_databases(engine, name):
+    # PostgreSQL has no ROUND(double precision, int): the ready queries round NUMERIC
+    from pipeline.results import read_only_query, ready_queries, statement
+    assert name in ready_queries()
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO images (uid, source, text, view, loaded_at) "
+                       "VALUES ('h', 'csv', 'Норма. КТИ 0,45.', 'PA', '2026-01-01')"))
+        c.execute(text("INSERT INTO measurements (uid, model, ctr, quality, quality_heart, quality_left_lung, "
+                       "quality_right_lung, labelled_at) "
+                       "VALUES ('h', 'm', 0.5234, 0.91, 0.9, 0.92, 0.91, '2026-01-01')"))
+    G.assign(engine, progress=False)
+    rows = list(read_only_query(engine, statement(name)).rows)
+    assert len(rows) == 1
+    assert any(float(v) == pytest.approx(0.523) for v in rows[0].values() if v is not None and not isinstance(v, str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import decimal
 import functools
 import itertools
 import json
@@ -47,10 +48,16 @@ def engine_of(ctx: click.Context):
     return obj["engine"]
 
 
+def json_value(v):
+    """What JSON cannot hold as it is: a NUMERIC (PostgreSQL's ROUND) as a number, the rest
+    (dates) as text."""
+    return float(v) if isinstance(v, decimal.Decimal) else str(v)
+
+
 def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
     """Rows as JSON, CSV or an aligned table."""
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str, ensure_ascii=False))
+        click.echo(json.dumps(rows, indent=2, default=json_value, ensure_ascii=False))
         return
     if not rows:
         click.echo("(no rows)")
@@ -77,7 +84,7 @@ def emit_stream(columns: list[str], rows: Iterator[dict], as_json: bool, as_csv:
     if as_json:
         click.echo("[", nl=False)
         for n, row in enumerate(rows):
-            click.echo(("," if n else "") + "\n  " + json.dumps(row, default=str, ensure_ascii=False), nl=False)
+            click.echo(("," if n else "") + "\n  " + json.dumps(row, default=json_value, ensure_ascii=False), nl=False)
         click.echo("\n]")
         return
     if as_csv:

@@ -2,7 +2,7 @@
 -- for review (a wrong mask, or a report that missed an enlarged heart). AP films are left
 -- out (the heart is magnified there, so 0.5 over-calls); films of unknown view are kept and
 -- say so in ctr_note. Lowest estimated quality first within each view.
-SELECT uid, model, view, ROUND(ctr, 3) AS ctr, ROUND(quality, 3) AS quality, ctr_note, age, sex
+SELECT uid, model, view, ROUND(CAST(ctr AS NUMERIC), 3) AS ctr, ROUND(CAST(quality AS NUMERIC), 3) AS quality, ctr_note, age, sex
 FROM label_results
 WHERE group_name = 'healthy' AND ctr > 0.5 AND view <> 'AP'
 ORDER BY view, ctr DESC;
