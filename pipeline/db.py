@@ -49,7 +49,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -205,7 +205,7 @@ masks = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("uid", String(200), ForeignKey("images.uid", ondelete="CASCADE"), nullable=False),
     Column("structure", String(20), nullable=False),  # heart, left_lung, right_lung
-    Column("kind", String(10), nullable=False),  # manual | predicted
+    Column("kind", String(10), nullable=False),  # manual | predicted | reviewed (a person's correction)
     Column("model", String(100), nullable=False, default=""),  # '' for manual masks
     Column("run_id", Integer, ForeignKey("label_runs.id")),
     Column("encoding", String(10), nullable=False),  # png: 1-bit PNG; rle: CheXmask run-length text
@@ -244,7 +244,29 @@ measurements = Table(
     Column("quality_left_lung", Float),
     Column("quality_right_lung", Float),
     Column("labelled_at", DateTime, nullable=False),
+    # from the masks a person reviewed (their corrections, the model's masks elsewhere)
+    Column("reviewed_ctr", Float),
+    Column("reviewed_heart_width_px", Integer),
+    Column("reviewed_thoracic_width_px", Integer),
     Index("ix_measurements_model_quality", "model", "quality"),
+)
+
+# What people decided about a model's masks (`cxrlabel review`): one row per decision, never
+# updated. `version` counts an image's decisions for that model; a save names the version it
+# saw, so the second of two browsers saving from the same version is refused (unique key).
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(200), ForeignKey("images.uid", ondelete="CASCADE"), nullable=False),
+    Column("model", String(100), nullable=False),  # whose masks were reviewed
+    Column("version", Integer, nullable=False),
+    Column("structure", String(20), nullable=False, default=""),  # '' = the whole image
+    Column("decision", String(10), nullable=False),  # accepted | rejected | corrected
+    Column("reviewer", String(100), nullable=False),
+    Column("at", DateTime, nullable=False),
+    Column("note", Text),
+    UniqueConstraint("uid", "model", "version", "structure", name="uq_reviews_version"),
 )
 
 # Upgrades from older schema versions: version -> statements (portable SQL) that bring a
@@ -279,6 +301,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE measurements ADD COLUMN quality_right_lung FLOAT",
     ],
     5: ["ALTER TABLE images ADD COLUMN report_ctr FLOAT"],
+    6: ["ALTER TABLE measurements ADD COLUMN reviewed_ctr FLOAT",
+        "ALTER TABLE measurements ADD COLUMN reviewed_heart_width_px INTEGER",
+        "ALTER TABLE measurements ADD COLUMN reviewed_thoracic_width_px INTEGER"],
 }
 
 

@@ -1,4 +1,4 @@
--- cxrlabel schema, version 5. Generated from pipeline/db.py by
+-- cxrlabel schema, version 6. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -169,12 +169,30 @@ CREATE TABLE measurements (
 	quality_left_lung FLOAT, 
 	quality_right_lung FLOAT, 
 	labelled_at DATETIME NOT NULL, 
+	reviewed_ctr FLOAT, 
+	reviewed_heart_width_px INTEGER, 
+	reviewed_thoracic_width_px INTEGER, 
 	PRIMARY KEY (uid, model), 
 	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE, 
 	FOREIGN KEY(run_id) REFERENCES label_runs (id)
 );
 
 CREATE INDEX ix_measurements_model_quality ON measurements (model, quality);
+
+CREATE TABLE reviews (
+	id INTEGER NOT NULL, 
+	uid VARCHAR(200) NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	version INTEGER NOT NULL, 
+	structure VARCHAR(20) NOT NULL, 
+	decision VARCHAR(10) NOT NULL, 
+	reviewer VARCHAR(100) NOT NULL, 
+	at DATETIME NOT NULL, 
+	note TEXT, 
+	PRIMARY KEY (id), 
+	CONSTRAINT uq_reviews_version UNIQUE (uid, model, version, structure), 
+	FOREIGN KEY(uid) REFERENCES images (uid) ON DELETE CASCADE
+);
 
 CREATE TABLE samples (
 	name VARCHAR(100) NOT NULL, 

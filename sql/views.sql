@@ -13,7 +13,9 @@ LEFT JOIN groups g ON g.uid = i.uid;
 -- estimated mean Dice of the image's masks (quality_<structure>: per structure, where the model
 -- has a fitted score). `view` as catalogued (PA, AP, LL...; 'unknown' when not recorded);
 -- `ctr_note` says when the usual CTR > 0.5 rule does not read as on a PA film. `report_ctr`:
--- the CTR the report itself states (КТИ 0,58), where it states one.
+-- the CTR the report itself states (КТИ 0,58), where it states one. `review`: the latest
+-- decision a person took on the image's masks (accepted, rejected, corrected; NULL: not
+-- reviewed); `reviewed_ctr`: the CTR from the masks as reviewed (NULL unless accepted or corrected).
 CREATE VIEW label_results AS
 SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.heart_area_px, m.heart_area_mm2, m.heart_width_px, m.thoracic_width_px,
@@ -24,7 +26,10 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
             WHEN UPPER(i.view) IN ('LL', 'RL', 'LAT', 'LATERAL') THEN 'lateral film: no frontal CTR'
             WHEN i.view IS NULL OR UPPER(i.view) NOT IN ('PA', 'AP') THEN 'view unknown'
        END AS ctr_note,
-       i.report_ctr, i.source
+       i.report_ctr, i.source,
+       (SELECT r.decision FROM reviews r WHERE r.uid = m.uid AND r.model = m.model
+        ORDER BY r.version DESC, r.id DESC LIMIT 1) AS review,
+       m.reviewed_ctr
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid;

@@ -1,0 +1,319 @@
+"""People review the model's masks: the worklist, one image's contours, and saved decisions.
+
+What ``cxrlabel review`` (the web app, :mod:`pipeline.webapp`) reads and writes, kept free of
+the web layer so that it is tested and used directly:
+
+* :func:`worklist`: a model's labelled images, worst estimated quality first, with filters
+  (group, sample, view, CTR range, quality range, reviewed or not) and counts;
+* :func:`image_view`: one image's contours (as polygons in original pixels), measurements,
+  quality and review history;
+* :func:`save`: a decision (accepted, rejected) on the whole image or one structure, or a
+  correction (a structure redrawn as polygons). Corrections are stored as masks of kind
+  ``reviewed`` in original geometry, never over the model's own; every decision is a row of
+  ``reviews``; the measurements from the reviewed masks update ``measurements.reviewed_*``.
+
+Concurrency is optimistic: a save names the version it saw (the image's latest decision
+number); a save over a structure that somebody else saved since is refused with who and when
+(:class:`ReviewConflict`), and a race between two saves of the same version is caught by
+the unique key of ``reviews``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+from pipeline.imaging import decode
+from pipeline.masks import MASK_KEYS, STRUCTURES, mask_row
+from pipeline.masks import decode as decode_mask
+from pipeline.measure import measure
+
+DECISIONS = ("accepted", "rejected", "corrected")
+MAX_VERTICES = 5000  # per polygon: far beyond a drawn outline, short of a request that hurts
+DISPLAY_SIDE = 1024  # the longest side of the image the browser shows
+
+
+class ReviewError(CxrlabelError):
+    pass
+
+
+class ReviewConflict(ReviewError):
+    """Somebody saved this image's structure after the version this save started from."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which labelled images a worklist shows (every field optional)."""
+
+    group: str | None = None
+    sample: str | None = None
+    view: str | None = None  # PA, AP, LL...; 'unknown' for none recorded
+    ctr_min: float | None = None
+    ctr_max: float | None = None
+    quality_min: float | None = None
+    quality_max: float | None = None
+    reviewed: bool | None = None  # True: only reviewed; False: only not yet
+
+
+def _latest_decision(model_col, uid_col):
+    """The latest whole-image-or-structure decision on an image's masks by a model (SQL)."""
+    r = D.reviews
+    return (select(r.c.decision).where(r.c.uid == uid_col, r.c.model == model_col)
+            .order_by(r.c.version.desc(), r.c.id.desc()).limit(1).scalar_subquery())
+
+
+def _selection(model: str, f: Filters):
+    m, i, g = D.measurements, D.images, D.groups
+    state = _latest_decision(m.c.model, m.c.uid).label("review")
+    view = func.coalesce(func.upper(i.c.view), "UNKNOWN").label("view")
+    q = (select(m.c.uid, g.c.group_name, view, m.c.ctr, m.c.quality, m.c.quality_heart, m.c.quality_left_lung,
+                m.c.quality_right_lung, m.c.reviewed_ctr, state)
+         .join(i, i.c.uid == m.c.uid).join(g, g.c.uid == m.c.uid, isouter=True).where(m.c.model == model))
+    if f.group:
+        q = q.where(g.c.group_name == f.group)
+    if f.sample:
+        q = q.join(D.samples, and_(D.samples.c.uid == m.c.uid, D.samples.c.name == f.sample))
+    if f.view:
+        q = q.where(view == f.view.upper())
+    for col, lo, hi in ((m.c.ctr, f.ctr_min, f.ctr_max), (m.c.quality, f.quality_min, f.quality_max)):
+        if lo is not None:
+            q = q.where(col >= lo)
+        if hi is not None:
+            q = q.where(col <= hi)
+    if f.reviewed is not None:
+        reviewed = select(D.reviews.c.id).where(D.reviews.c.uid == m.c.uid, D.reviews.c.model == m.c.model).exists()
+        q = q.where(reviewed if f.reviewed else ~reviewed)
+    return q
+
+
+def worklist(engine: Engine, model: str, filters: Filters = Filters(), limit: int = 200,
+             offset: int = 0) -> tuple[list[dict], dict[str, int]]:
+    """``(rows, counts)``: the filtered images, worst quality first (no score last), and how
+    many there are, reviewed, accepted, rejected and corrected."""
+    q = _selection(model, filters)
+    with engine.connect() as conn:
+        inner = q.subquery()
+        counts = {"images": 0, "reviewed": 0, **{d: 0 for d in DECISIONS}}
+        for state, n in conn.execute(select(inner.c.review, func.count()).group_by(inner.c.review)):
+            counts["images"] += n
+            if state:
+                counts["reviewed"] += n
+                counts[state] = counts.get(state, 0) + n
+        order = q.order_by(D.measurements.c.quality.is_(None), D.measurements.c.quality, D.measurements.c.uid)
+        rows = [dict(r._mapping) for r in conn.execute(order.limit(limit).offset(offset))]
+    return rows, counts
+
+
+def neighbours(engine: Engine, model: str, uid: str, filters: Filters = Filters()) -> tuple[str | None, str | None]:
+    """The images before and after ``uid`` in the worklist's order (None at either end)."""
+    m = D.measurements
+    key = (m.c.quality.is_(None), m.c.quality, m.c.uid)
+    with engine.connect() as conn:
+        here = conn.execute(select(m.c.quality).where(m.c.uid == uid, m.c.model == model)).first()
+        if here is None:
+            return None, None
+        q = here.quality
+        if q is None:
+            after = and_(m.c.quality.is_(None), m.c.uid > uid)
+            before = or_(m.c.quality.isnot(None), m.c.uid < uid)
+        else:
+            after = or_(m.c.quality > q, and_(m.c.quality == q, m.c.uid > uid), m.c.quality.is_(None))
+            before = and_(m.c.quality.isnot(None), or_(m.c.quality < q, and_(m.c.quality == q, m.c.uid < uid)))
+        base = _selection(model, filters)
+        nxt = conn.execute(base.where(after).order_by(*key).limit(1)).first()
+        prev = conn.execute(base.where(before).order_by(*(k.desc() for k in key)).limit(1)).first()
+    return (prev.uid if prev else None), (nxt.uid if nxt else None)
+
+
+def polygons_of(mask: np.ndarray, detail: float = 0.003) -> list[list[list[int]]]:
+    """The outlines of a mask's parts, largest first, as vertex lists in pixel coordinates,
+    simplified to within ``detail`` of each outline's length (an editable number of vertices)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = []
+    for c in sorted(contours, key=cv2.contourArea, reverse=True):
+        if cv2.contourArea(c) < 4:
+            continue
+        simple = cv2.approxPolyDP(c, max(1.0, detail * cv2.arcLength(c, True)), True)
+        out.append(simple.reshape(-1, 2).astype(int).tolist())
+    return out
+
+
+def mask_of(polygons: Sequence[Sequence[Sequence[float]]], height: int, width: int) -> np.ndarray:
+    """A ``(height, width)`` bool mask filled from polygons in original pixels, checked first."""
+    if not isinstance(polygons, (list, tuple)) or not polygons:
+        raise ReviewError("a corrected structure needs at least one polygon")
+    parts = []
+    for poly in polygons:
+        try:
+            pts = np.asarray(poly, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ReviewError("a polygon must be a list of [x, y] points") from None
+        if pts.ndim != 2 or pts.shape[1] != 2 or not 3 <= len(pts) <= MAX_VERTICES:
+            raise ReviewError(f"a polygon needs 3 to {MAX_VERTICES} [x, y] points, got shape {pts.shape}")
+        if not np.all(np.isfinite(pts)):
+            raise ReviewError("polygon points must be finite numbers")
+        pts[:, 0] = np.clip(pts[:, 0], 0, width - 1)
+        pts[:, 1] = np.clip(pts[:, 1], 0, height - 1)
+        parts.append(np.rint(pts).astype(np.int32))
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, parts, 1)
+    return mask.astype(bool)
+
+
+def final_masks(conn: Connection, uid: str, model: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """An image's masks as a person last left them: ``reviewed`` where corrected, the model's
+    elsewhere; and which kind each structure came from."""
+    t = D.masks
+    rows = conn.execute(select(t.c.structure, t.c.kind, t.c.data, t.c.encoding, t.c.height, t.c.width)
+                        .where(t.c.uid == uid, t.c.model == model, t.c.kind.in_(["predicted", "reviewed"]))).all()
+    masks, kinds = {}, {}
+    for r in sorted(rows, key=lambda r: r.kind == "reviewed"):  # reviewed after predicted: it wins
+        masks[r.structure] = decode_mask(r.data, r.encoding, (r.height, r.width))
+        kinds[r.structure] = r.kind
+    return masks, kinds
+
+
+def _history(conn: Connection, uid: str, model: str) -> list[dict]:
+    r = D.reviews
+    return [dict(x._mapping) for x in conn.execute(
+        select(r.c.version, r.c.structure, r.c.decision, r.c.reviewer, r.c.at, r.c.note)
+        .where(r.c.uid == uid, r.c.model == model).order_by(r.c.version, r.c.id))]
+
+
+def image_view(engine: Engine, uid: str, model: str) -> dict:
+    """What the review page shows of one image: size, polygons per structure (and whether a
+    person drew them), measurements (the model's and the reviewed ones), quality, version
+    and history. :class:`ReviewError` when the model has not labelled the image."""
+    with engine.connect() as conn:
+        m = conn.execute(select(D.measurements).where(D.measurements.c.uid == uid,
+                                                      D.measurements.c.model == model)).first()
+        if m is None:
+            raise ReviewError(f"image {uid!r} has no labels by model {model!r}: run `cxrlabel label` first")
+        img = conn.execute(select(D.images.c.width, D.images.c.height, D.images.c.spacing_x, D.images.c.view,
+                                  D.images.c.spacing_y).where(D.images.c.uid == uid)).first()
+        masks, kinds = final_masks(conn, uid, model)
+        history = _history(conn, uid, model)
+    height, width = next(iter(masks.values())).shape if masks else (img.height, img.width)
+    meas = dict(m._mapping)
+    return {"uid": uid, "model": model, "width": int(width), "height": int(height), "view": img.view,
+            "polygons": {s: polygons_of(masks[s]) for s in STRUCTURES if s in masks},
+            "drawn_by": {s: ("person" if kinds[s] == "reviewed" else "model") for s in kinds},
+            "measurements": {k: meas[k] for k in ("ctr", "heart_width_px", "thoracic_width_px", "heart_x0",
+                                                  "heart_x1", "lungs_x0", "lungs_x1", "heart_y0", "heart_y1",
+                                                  "quality", "quality_heart", "quality_left_lung",
+                                                  "quality_right_lung", "reviewed_ctr", "reviewed_heart_width_px",
+                                                  "reviewed_thoracic_width_px", "heart_width_mm",
+                                                  "thoracic_width_mm")},
+            "version": max((h["version"] for h in history), default=0),
+            "state": history[-1]["decision"] if history else None, "history": history}
+
+
+def display_png(engine: Engine, uid: str, side: int = DISPLAY_SIDE) -> tuple[bytes, float]:
+    """The image as an 8-bit PNG at most ``side`` pixels long, and its scale (display pixels
+    per original pixel). The file is found by uid in the catalogue, never from a request."""
+    with engine.connect() as conn:
+        path = conn.execute(select(D.images.c.path).where(D.images.c.uid == uid)).scalar()
+    if not path:
+        raise ReviewError(f"image {uid!r} has no file in the catalogue")
+    arr, (h, w), _ = decode(path, target=side)
+    scale = min(1.0, side / max(h, w))
+    out = cv2.resize(arr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, png = cv2.imencode(".png", np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))
+    if not ok:
+        raise ReviewError(f"image {uid!r} could not be encoded for display")
+    buf = io.BytesIO(png.tobytes())
+    return buf.getvalue(), scale
+
+
+def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decision: str,
+         structure: str = "", polygons: dict[str, list] | None = None, note: str | None = None) -> dict:
+    """Store one decision on ``uid``'s masks by ``model``; returns the image's new view.
+
+    ``decision``: 'accepted' or 'rejected' (the whole image with ``structure`` '', or one
+    structure), or 'corrected' with ``polygons`` ``{structure: [polygon, ...]}`` in original
+    pixels. ``seen``: the version the reviewer saw. Refused (:class:`ReviewConflict`) when a
+    structure it touches was saved by somebody after ``seen``."""
+    reviewer = (reviewer or "").strip()[:100]
+    if not reviewer:
+        raise ReviewError("a review needs the reviewer's name: --reviewer NAME, or type it on the page")
+    if decision not in DECISIONS:
+        raise ReviewError(f"unknown decision {decision!r}: one of {', '.join(DECISIONS)}")
+    if structure and structure not in STRUCTURES:
+        raise ReviewError(f"unknown structure {structure!r}: one of {', '.join(STRUCTURES)}")
+    if decision == "corrected":
+        if not polygons or not isinstance(polygons, dict) or any(s not in STRUCTURES for s in polygons):
+            raise ReviewError(f"a correction needs polygons for one or more of {', '.join(STRUCTURES)}")
+        touched = sorted(polygons)
+    else:
+        touched = [structure]
+    if not isinstance(seen, int) or seen < 0:
+        raise ReviewError("seen must be the version the page loaded (a whole number)")
+    now = D.utcnow()
+    try:
+        with engine.begin() as conn:
+            later = conn.execute(select(D.reviews.c.reviewer, D.reviews.c.at, D.reviews.c.structure).where(
+                D.reviews.c.uid == uid, D.reviews.c.model == model, D.reviews.c.version > seen,
+                or_(D.reviews.c.structure.in_(touched), D.reviews.c.structure == "",
+                    *(() if touched != [""] else (D.reviews.c.structure != "",))))
+                .order_by(D.reviews.c.version.desc())).first()
+            if later is not None:
+                raise ReviewConflict(f"{uid}: {later.reviewer} saved {later.structure or 'the whole image'} at "
+                                     f"{later.at:%Y-%m-%d %H:%M:%S} after you opened it: reload to see their work")
+            masks, _ = final_masks(conn, uid, model)
+            if not masks:
+                raise ReviewError(f"image {uid!r} has no masks by model {model!r}: run `cxrlabel label` first")
+            height, width = next(iter(masks.values())).shape
+            if decision == "corrected":
+                rows = []
+                for s in touched:
+                    masks[s] = mask_of(polygons[s], height, width)
+                    rows.append(mask_row(uid, s, masks[s].astype(np.uint8), kind="reviewed", model=model))
+                D.upsert(conn, D.masks, rows, MASK_KEYS)
+            conn.execute(D.reviews.insert(), [{"uid": uid, "model": model, "version": seen + 1, "structure": s,
+                                               "decision": decision, "reviewer": reviewer, "at": now,
+                                               "note": (note or None) and str(note)[:2000]} for s in touched])
+            _update_measurements(conn, uid, model, masks, decision, structure)
+    except IntegrityError:
+        raise ReviewConflict(f"{uid}: somebody saved the same version a moment ago: reload to see their work") \
+            from None
+    return image_view(engine, uid, model)
+
+
+def _update_measurements(conn: Connection, uid: str, model: str, masks: dict[str, np.ndarray], decision: str,
+                         structure: str) -> None:
+    """The reviewed measurements: from the masks as reviewed (accepted or corrected); none
+    once the whole image is rejected."""
+    if decision == "rejected" and not structure:
+        values = {"reviewed_ctr": None, "reviewed_heart_width_px": None, "reviewed_thoracic_width_px": None}
+    else:
+        m = measure(masks)
+        values = {"reviewed_ctr": m["ctr"], "reviewed_heart_width_px": m["heart_width_px"],
+                  "reviewed_thoracic_width_px": m["thoracic_width_px"]}
+        if decision == "rejected":  # one structure rejected: no CTR that leans on it
+            values["reviewed_ctr"] = None
+    conn.execute(D.measurements.update().where(D.measurements.c.uid == uid, D.measurements.c.model == model)
+                 .values(**values))
+
+
+def states(conn: Connection, model: str, uids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{uid: {structure: decision}}``: where people reviewed ``model``'s masks, each
+    structure's latest decision, a whole-image decision counting for every structure (and
+    ``''``: the latest whole-image decision)."""
+    r = D.reviews
+    q = select(r.c.uid, r.c.structure, r.c.version, r.c.id, r.c.decision).where(r.c.model == model)
+    rows = sorted(D.rows_in(conn, q, r.c.uid, list(uids)), key=lambda x: (x.version, x.id))
+    out: dict[str, dict[str, str]] = {}
+    for x in rows:
+        mine = out.setdefault(x.uid, {})
+        for s in (STRUCTURES + ("",) if x.structure == "" else (x.structure,)):
+            mine[s] = x.decision
+    return out

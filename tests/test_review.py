@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+from sqlalchemy import select, text
+
+from pipeline import db as D
+from pipeline import review as R
+from pipeline.masks import STRUCTURES, load_masks, mask_row
+from pipeline.measure import measure
+
+
+def pretend_labelled(engine, n: int = 4, model: str = "m") -> list[str]:
+    """The first ``n`` fully annotated images 'labelled' by ``model``: their manual masks stored
+    as the model's (run-length, as labelling stores them), with measurements and qualities."""
+    with engine.connect() as c:
+        uids = sorted(c.execute(text("SELECT uid FROM masks WHERE kind = 'manual' GROUP BY uid "
+                                     "HAVING COUNT(*) = 3")).scalars())[:n]
+        truth = load_masks(c, uids)
+    from pipeline.masks import EncodedMask
+    with engine.begin() as c:
+        for k, uid in enumerate(uids):
+            rows = [mask_row(uid, s, EncodedMask.of(truth[uid][s], "rle"), kind="predicted", model=model)
+                    for s in STRUCTURES]
+            D.upsert(c, D.masks, rows, ("uid", "structure", "kind", "model"))
+            m = measure(truth[uid])
+            c.execute(D.measurements.insert().values(
+                uid=uid, model=model, labelled_at=D.utcnow(), quality=0.9 + 0.02 * k, quality_heart=0.9,
+                **{key: m[key] for key in ("ctr", "heart_width_px", "thoracic_width_px", "heart_x0", "heart_x1",
+                                           "lungs_x0", "lungs_x1")}))
+    return uids
+
+
+@pytest.fixture
+def labelled(annotated_engine):
+    return annotated_engine, pretend_labelled(annotated_engine)
+
+
+def test_worklist_puts_the_worst_first_and_filters(labelled):
+    engine, uids = labelled
+    rows, counts = R.worklist(engine, "m")
+    assert [r["uid"] for r in rows] == uids  # quality rises with k
+    assert counts == {"images": 4, "reviewed": 0, "accepted": 0, "rejected": 0, "corrected": 0}
+    rows, _ = R.worklist(engine, "m", R.Filters(quality_min=0.915))
+    assert [r["uid"] for r in rows] == uids[1:]
+    assert R.worklist(engine, "m", R.Filters(reviewed=True))[0] == []
+    assert R.neighbours(engine, "m", uids[1]) == (uids[0], uids[2])
+    assert R.neighbours(engine, "m", uids[0]) == (None, uids[1])
+
+
+def test_accept_correct_and_reject_are_stored_apart_from_the_model(labelled):
+    engine, uids = labelled
+    view = R.image_view(engine, uids[0], "m")
+    assert set(view["polygons"]) == set(STRUCTURES) and view["version"] == 0
+    assert all(len(p[0]) >= 3 for p in view["polygons"].values())
+    # accept the first image
+    after = R.save(engine, uids[0], "m", "dr. a", 0, "accepted")
+    assert after["version"] == 1 and after["state"] == "accepted"
+    # correct the second image's heart: widen it by 10% about its centre
+    v = R.image_view(engine, uids[1], "m")
+    heart = np.asarray(v["polygons"]["heart"][0], float)
+    cx = heart[:, 0].mean()
+    wider = np.column_stack([cx + (heart[:, 0] - cx) * 1.1, heart[:, 1]]).tolist()
+    after = R.save(engine, uids[1], "m", "dr. b", v["version"], "corrected", polygons={"heart": [wider]})
+    assert after["drawn_by"]["heart"] == "person" and after["drawn_by"]["left_lung"] == "model"
+    # reject the third
+    R.save(engine, uids[2], "m", "dr. a", 0, "rejected", note="motion blur")
+    with engine.connect() as c:
+        res = {r.uid: r for r in c.execute(text("SELECT uid, review, ctr, reviewed_ctr FROM label_results"))}
+        kinds = sorted(c.execute(text("SELECT kind, COUNT(*) FROM masks WHERE model = 'm' GROUP BY kind")).all())
+        predicted_heart = load_masks(c, [uids[1]], kind="predicted", model="m")[uids[1]]["heart"]
+        reviewed_heart = load_masks(c, [uids[1]], kind="reviewed", model="m")[uids[1]]["heart"]
+    assert res[uids[0]].review == "accepted" and res[uids[0]].reviewed_ctr == pytest.approx(res[uids[0]].ctr)
+    assert res[uids[1]].review == "corrected"
+    assert res[uids[1]].reviewed_ctr == pytest.approx(res[uids[1]].ctr * 1.1, rel=0.03)
+    assert res[uids[2]].review == "rejected" and res[uids[2]].reviewed_ctr is None
+    assert res[uids[3]].review is None
+    assert kinds == [("predicted", 12), ("reviewed", 1)]  # the model's masks are all still there
+    assert reviewed_heart.sum() > predicted_heart.sum() * 1.05
+    _, counts = R.worklist(engine, "m")
+    assert counts == {"images": 4, "reviewed": 3, "accepted": 1, "rejected": 1, "corrected": 1}
+
+
+def test_two_browsers_never_lose_each_others_work(labelled):
+    engine, uids = labelled
+    v = R.image_view(engine, uids[0], "m")
+    lung = v["polygons"]["left_lung"]
+    heart = v["polygons"]["heart"]
+    # two reviewers opened version 0; each corrects a different structure: both kept (merged)
+    R.save(engine, uids[0], "m", "a", 0, "corrected", polygons={"left_lung": lung})
+    R.save(engine, uids[0], "m", "b", 0, "corrected", polygons={"heart": heart})
+    # a third, also from version 0, touches the heart again: refused, naming who saved it
+    with pytest.raises(R.ReviewConflict, match="b saved heart"):
+        R.save(engine, uids[0], "m", "c", 0, "corrected", polygons={"heart": heart})
+    # and a whole-image decision from the stale version is refused too
+    with pytest.raises(R.ReviewConflict):
+        R.save(engine, uids[0], "m", "c", 0, "accepted")
+    with engine.connect() as c:
+        history = c.execute(select(D.reviews.c.reviewer, D.reviews.c.structure).order_by(D.reviews.c.id)).all()
+    assert history == [("a", "left_lung"), ("b", "heart")]
+    # the same race decided by the database: an insert of a version that exists fails
+    fresh = R.image_view(engine, uids[0], "m")
+    R.save(engine, uids[0], "m", "c", fresh["version"], "accepted")
+
+
+@pytest.mark.parametrize("polygons, message", [
+    ({"heart": []}, "at least one polygon"),
+    ({"heart": [[[0, 0], [1, 1]]]}, "3 to"),
+    ({"heart": [[[0, 0], [1, "x"], [2, 2]]]}, "list of"),
+    ({"heart": [[[0, 0], [1, float("nan")], [5, 2]]]}, "finite"),
+    ({"spleen": [[[0, 0], [1, 1], [2, 0]]]}, "polygons for"),
+])
+def test_bad_corrections_are_refused_and_store_nothing(labelled, polygons, message):
+    engine, uids = labelled
+    with pytest.raises(R.ReviewError, match=message):
+        R.save(engine, uids[0], "m", "a", 0, "corrected", polygons=polygons)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM reviews")).scalar() == 0
+        assert c.execute(text("SELECT COUNT(*) FROM masks WHERE kind = 'reviewed'")).scalar() == 0
+
+
+def test_decisions_need_a_reviewer_and_a_known_image(labelled):
+    engine, uids = labelled
+    with pytest.raises(R.ReviewError, match="reviewer"):
+        R.save(engine, uids[0], "m", " ", 0, "accepted")
+    with pytest.raises(R.ReviewError, match="unknown decision"):
+        R.save(engine, uids[0], "m", "a", 0, "deleted")
+    with pytest.raises(R.ReviewError, match="no labels"):
+        R.image_view(engine, "nope", "m")
+
+
+def test_states_follow_the_latest_decision(labelled):
+    engine, uids = labelled
+    R.save(engine, uids[0], "m", "a", 0, "rejected", structure="heart")
+    with engine.connect() as c:
+        assert R.states(c, "m", uids)[uids[0]] == {"heart": "rejected"}
+    R.save(engine, uids[0], "m", "b", 1, "accepted")  # a later whole-image decision covers the heart
+    with engine.connect() as c:
+        got = R.states(c, "m", uids)
+    assert got[uids[0]] == {"heart": "accepted", "left_lung": "accepted", "right_lung": "accepted", "": "accepted"}
+    assert uids[1] not in got
+
+
+def test_display_png_is_the_image_at_display_size(labelled):
+    engine, uids = labelled
+    png, scale = R.display_png(engine, uids[0], side=256)
+    import cv2
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img.dtype == np.uint8 and max(img.shape) == 256 and 0 < scale <= 1
