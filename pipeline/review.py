@@ -46,6 +46,10 @@ class ReviewError(CxrlabelError):
     pass
 
 
+class ImageMissing(ReviewError):
+    """The image's file cannot be read (moved, deleted, unreadable)."""
+
+
 class ReviewConflict(ReviewError):
     """Somebody saved this image's structure after the version this save started from."""
 
@@ -224,7 +228,11 @@ def display_png(engine: Engine, uid: str, side: int = DISPLAY_SIDE) -> tuple[byt
         path = conn.execute(select(D.images.c.path).where(D.images.c.uid == uid)).scalar()
     if not path:
         raise ReviewError(f"image {uid!r} has no file in the catalogue")
-    arr, (h, w), _ = decode(path, target=side)
+    try:
+        arr, (h, w), _ = decode(path, target=side)
+    except CxrlabelError as e:
+        raise ImageMissing(f"image {uid!r} cannot be shown: {e} (if the archive moved: "
+                           "`cxrlabel catalogue reroot OLD_PREFIX NEW_PREFIX`)") from None
     scale = min(1.0, side / max(h, w))
     out = cv2.resize(arr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, png = cv2.imencode(".png", np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))

@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from pipeline.cli import catalogue, collect, database, groups, label, results, train
+from pipeline.cli import catalogue, collect, database, groups, label, results, review, train
 from pipeline.cli.common import CONTEXT
 
 
@@ -49,6 +49,6 @@ def cli(ctx: click.Context, url: str | None, verbose: int) -> None:
     ctx.ensure_object(dict).update(url=url, verbose=verbose)
 
 
-for _module in (database, catalogue, groups, collect, train, label, results):
+for _module in (database, catalogue, groups, collect, train, label, results, review):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

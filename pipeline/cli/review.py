@@ -1,0 +1,51 @@
+"""``cxrlabel review`` and ``cxrlabel export``: people review masks; masks leave the database."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.common import engine_of, handle_errors
+
+
+@click.command("review")
+@click.option("--group", help="Only this group's images.")
+@click.option("--sample", help="Only this sample's images.")
+@click.option("--all", "all_images", is_flag=True, help="Every labelled image (the default).")
+@click.option("--model", default="default", show_default=True, help="Whose masks to review.")
+@click.option("--reviewer", default="", help="Your name, stored with each decision [or type it on the page].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but a loopback address needs --token.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", envvar="CXRLABEL_REVIEW_TOKEN", metavar="SECRET",
+              help="Every request must carry it (?token= once, then a cookie) [env CXRLABEL_REVIEW_TOKEN].")
+@click.pass_context
+@handle_errors
+def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, token) -> None:
+    """Review masks in the browser: a worklist worst quality first, contours to correct.
+
+    Decisions (accepted, rejected, corrected) go to the `reviews` table with your name and
+    the time; corrected masks are stored as masks of kind `reviewed`, never over the model's.
+    `label_results` then shows each image's review state and the CTR from the reviewed masks.
+
+    \b
+    Example:
+        cxrlabel review --group cardiomegaly --reviewer "Dr. Ivanova"
+        cxrlabel review --sample test70k --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    from pipeline import review as R
+    from pipeline import webapp
+    if sum(bool(x) for x in (group, sample, all_images)) > 1:
+        raise R.ReviewError("choose one of --group, --sample or --all")
+    token = webapp.check_binding(host, token)
+    engine = engine_of(ctx)
+    rows, counts = R.worklist(engine, model, R.Filters(group=group, sample=sample), limit=1)
+    if not counts["images"]:
+        raise R.ReviewError(f"no images labelled by model {model!r} in this selection: run `cxrlabel label` first")
+    app = webapp.create_app(engine, model, R.Filters(group=group, sample=sample), reviewer, token)
+    address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    click.echo(f"reviewing {counts['images']} images labelled by {model} ({counts['reviewed']} reviewed so far) "
+               f"on {address}  (Ctrl-C stops)")
+    webapp.serve(app, host, port)
+
+
+COMMANDS = [review_cmd]

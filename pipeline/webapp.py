@@ -1,0 +1,190 @@
+"""``cxrlabel review``: the local web app where people review masks (Flask, no build step).
+
+Pages: the worklist (``/``) and one image (``/image/<uid>``); the page's script talks to a
+small JSON API (``/api/...``). Everything it reads or writes goes through
+:mod:`pipeline.review`; no path and no SQL come from a request: images are found by uid in
+the catalogue, filters are bound parameters.
+
+Safety: bound to 127.0.0.1 unless told otherwise, and then only with a token, which every
+request must carry (``?token=`` once, then a same-site cookie; or the ``X-Review-Token``
+header). Writes take JSON only and check the Origin, so another web page cannot post to the
+app from the reviewer's browser.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from dataclasses import asdict
+from urllib.parse import urlencode
+
+from flask import Flask, Response, abort, jsonify, render_template, request
+from sqlalchemy.engine import Engine
+
+from pipeline import review as R
+from pipeline.resources import resource
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "CXRLABEL_REVIEW_TOKEN"
+COOKIE = "cxrlabel_review_token"
+
+
+class ReviewAppError(R.ReviewError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(host: str, token: str | None) -> str | None:
+    """The token the app will demand: none on a loopback address without one; elsewhere one
+    is required (``--token`` or ``CXRLABEL_REVIEW_TOKEN``)."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(host) and not token:
+        raise ReviewAppError(f"binding to {host} lets other machines in: give --token SECRET (or set {TOKEN_ENV}); "
+                             "every request must then carry it")
+    if token is not None and len(token) < 8:
+        raise ReviewAppError("the review token must be at least 8 characters long")
+    return token
+
+
+def _filters(args) -> R.Filters:
+    """The worklist filters of a request's query string (bad numbers are a 400)."""
+    def number(key: str) -> float | None:
+        v = args.get(key, "").strip()
+        if not v:
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            abort(400, f"{key} must be a number")
+
+    reviewed = {"yes": True, "no": False}.get(args.get("reviewed", ""))
+    return R.Filters(group=args.get("group") or None, sample=args.get("sample") or None,
+                     view=args.get("view") or None, ctr_min=number("ctr_min"), ctr_max=number("ctr_max"),
+                     quality_min=number("quality_min"), quality_max=number("quality_max"), reviewed=reviewed)
+
+
+def _query(f: R.Filters) -> str:
+    """A worklist's filters as a query string, to carry from page to page."""
+    values = {k: v for k, v in asdict(f).items() if v is not None}
+    if "reviewed" in values:
+        values["reviewed"] = "yes" if values["reviewed"] else "no"
+    return urlencode(values)
+
+
+def create_app(engine: Engine, model: str = "default", base: R.Filters | None = None, reviewer: str = "",
+               token: str | None = None) -> Flask:
+    """The review app over ``engine``'s labels by ``model``. ``base``: the selection it was
+    started on (``--group``/``--sample``), which page filters narrow but never widen."""
+    base = base or R.Filters()
+    web = resource("web", "review.html").parent
+    app = Flask("cxrlabel.review", template_folder=str(web), static_folder=str(web / "static"),
+                static_url_path="/static")
+    app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=8 * 1024 * 1024)
+
+    def filters() -> R.Filters:
+        f = _filters(request.args)
+        return R.Filters(**{**asdict(f), "group": base.group or f.group, "sample": base.sample or f.sample})
+
+    @app.before_request
+    def _guard():
+        if token is None:
+            return None
+        given = request.headers.get("X-Review-Token") or request.args.get("token") or request.cookies.get(COOKIE)
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            abort(401, "this review app needs its token: open the address with ?token=...")
+        return None
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        if token is not None and request.args.get("token"):
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
+
+    @app.errorhandler(R.ReviewConflict)
+    def _conflict(e):
+        return jsonify(error=str(e)), 409
+
+    @app.errorhandler(R.ImageMissing)
+    def _missing(e):
+        return jsonify(error=str(e)), 404
+
+    @app.errorhandler(R.ReviewError)
+    def _bad(e):
+        return jsonify(error=str(e)), 400
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status=204)
+
+    @app.get("/")
+    def worklist_page():
+        f = filters()
+        page = max(0, int(request.args.get("page", "0") or 0)) if request.args.get("page", "0").isdigit() else 0
+        rows, counts = R.worklist(engine, model, f, limit=100, offset=100 * page)
+        return render_template("worklist.html", rows=rows, counts=counts, f=f, model=model, query=_query(f),
+                               page=page, base=base)
+
+    @app.get("/image/<path:uid>")
+    def image_page(uid: str):
+        f = filters()
+        view = R.image_view(engine, uid, model)
+        prev, nxt = R.neighbours(engine, model, uid, f)
+        return render_template("review.html", view=view, prev=prev, next=nxt, query=_query(f), model=model,
+                               reviewer=reviewer)
+
+    @app.get("/api/image/<path:uid>")
+    def image_json(uid: str):
+        return jsonify(R.image_view(engine, uid, model))
+
+    @app.get("/api/image/<path:uid>/png")
+    def image_png(uid: str):
+        R.image_view(engine, uid, model)  # only images of this model's worklist are served
+        png, scale = R.display_png(engine, uid)
+        resp = Response(png, mimetype="image/png")
+        resp.headers["X-Display-Scale"] = f"{scale:.8f}"
+        resp.headers["Cache-Control"] = "private, max-age=3600"
+        return resp
+
+    @app.post("/api/image/<path:uid>/review")
+    def review_post(uid: str):
+        origin = request.headers.get("Origin")
+        if origin and origin.rstrip("/") != request.host_url.rstrip("/"):
+            abort(403, "a review can only be saved from the review app's own pages")
+        if not request.is_json:
+            abort(415, "send the review as JSON")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(400, "the review must be a JSON object")
+        seen = body.get("version")
+        if not isinstance(seen, int) or isinstance(seen, bool):
+            abort(400, "version must be the version the page loaded")
+        return jsonify(R.save(engine, uid, model, str(body.get("reviewer") or reviewer), seen,
+                              str(body.get("decision", "")), str(body.get("structure") or ""),
+                              body.get("polygons"), body.get("note")))
+
+    return app
+
+
+def serve(app: Flask, host: str, port: int) -> None:
+    """Serve until interrupted (threaded: several browsers at once)."""
+    from werkzeug.serving import make_server
+    server = make_server(host, port, app, threaded=True)
+    log.info("review app on http://%s:%d", host, port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
