@@ -514,9 +514,10 @@ def describe(group: str | None = None, sample_name: str | None = None, source: s
 
 def select_images(conn: Connection, group: str | None = None, sample_name: str | None = None,
                   all_images: bool = False, limit: int | None = None,
-                  source: str | None = None) -> Selection:
+                  source: str | None = None, labelled_by: str | None = None) -> Selection:
     """The images of one selection, sorted by uid: a group, a sample, or everything;
-    ``source`` narrows any of them to one dataset (``images.source``)."""
+    ``source`` narrows any of them to one dataset (``images.source``), ``labelled_by`` to the
+    images that model labelled."""
     chosen = sum(bool(x) for x in (group, sample_name, all_images))
     if chosen != 1 and not (chosen == 0 and source):
         raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
@@ -528,6 +529,9 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
         q = q.join(D.samples, D.samples.c.uid == i.c.uid).where(D.samples.c.name == sample_name)
     if source:
         q = q.where(i.c.source == source)
+    if labelled_by:
+        m = D.measurements
+        q = q.join(m, (m.c.uid == i.c.uid) & (m.c.model == labelled_by))
     q = q.order_by(i.c.uid)
     if limit:
         q = q.limit(limit)
@@ -535,5 +539,7 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
     if not items:
         what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
         what += f" (source {source!r})" if source else ""
+        if labelled_by:
+            raise GroupsError(f"{what} has no images labelled by model {labelled_by!r}: run `cxrlabel label` first")
         raise GroupsError(f"{what} has no images: see `cxrlabel groups list`")
     return Selection(items, describe(group, sample_name, source, limit))

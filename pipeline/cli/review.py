@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pipeline.cli.common import engine_of, handle_errors
@@ -48,4 +50,41 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
     webapp.serve(app, host, port)
 
 
-COMMANDS = [review_cmd]
+@click.command("export")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["seg", "png", "rle"]))
+@click.option("--group", help="Only this group's images.")
+@click.option("--sample", help="Only this sample's images.")
+@click.option("--all", "all_images", is_flag=True, help="Every image.")
+@click.option("--model", default="default", show_default=True, help="Whose masks.")
+@click.option("--reviewed", is_flag=True,
+              help="The masks as people left them (corrected, or the model's where accepted); "
+                   "images nobody reviewed are left out.")
+@click.option("--include-rejected", is_flag=True, help="Also masks a reviewer rejected.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="A CSV file for rle; a folder for png and seg.")
+@click.pass_context
+@handle_errors
+def export_cmd(ctx, fmt, group, sample, all_images, model, reviewed, include_rejected, out) -> None:
+    """Export masks: DICOM SEG, 1-bit PNGs, or a CheXmask-layout run-length CSV.
+
+    Resumable: what is already in OUT and matches is kept; the rest is written.
+
+    \b
+    Example:
+        cxrlabel export rle --group cardiomegaly --out exports/cardiomegaly.csv
+        cxrlabel export seg --sample test70k --reviewed --out exports/seg/
+        cxrlabel export png --all --model default --out exports/png/
+    """
+    from pipeline.export import export
+    from pipeline.groups import select_images
+    engine = engine_of(ctx)
+    with engine.connect() as conn:
+        selection = select_images(conn, group, sample, all_images or not (group or sample), labelled_by=model)
+    s = export(engine, fmt, out, selection, model, reviewed, include_rejected)
+    click.echo(f"{fmt} export to {s.out}: {s.written} written, {s.kept} already there and unchanged"
+               + (f", {s.rejected} rejected masks left out" if s.rejected else ""))
+    for reason, n in sorted(s.skipped.items()):
+        click.echo(f"  {n} images skipped: {reason}")
+
+
+COMMANDS = [review_cmd, export_cmd]

@@ -1,0 +1,351 @@
+"""``cxrlabel export``: masks out of the database in formats others read.
+
+* ``rle``: one CSV in the layout of CheXmask's published files (``Image ID``, ``Left Lung``,
+  ``Right Lung``, ``Heart`` as run-length text, ``Height``, ``Width``; row-major, 1-based
+  starts, "start length" pairs), plus our ``CTR``, ``Quality``, ``Model`` and ``Masks``
+  columns, so code written for CheXmask reads ours;
+* ``png``: one 1-bit PNG per structure per image in original geometry, and ``index.csv``;
+* ``seg``: one DICOM Segmentation object per DICOM-sourced image (highdicom), a segment per
+  structure, referencing the source image's SOP Instance, study and series, and naming the
+  algorithm (model and sha256) or, for reviewed masks, the reviewer.
+
+Masks are the model's (``--model``), or as people left them (``--reviewed``: corrected where
+corrected, the model's where accepted; images nobody reviewed are left out). A mask whose
+latest review rejected it is never exported unless asked (``include_rejected``).
+
+Every export streams (flat memory for any count) and is resumable: what already exists and
+matches is kept, what differs or is missing is written (a CSV is merged in uid order into a
+new file that replaces the old one only when complete).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+from pipeline.groups import Selection
+from pipeline.masks import STRUCTURES, decode, encode, rle_of
+from pipeline.review import states
+
+FORMATS = ("rle", "png", "seg")
+CHEXMASK_COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart"}
+RLE_HEADER = ["Image ID", "Left Lung", "Right Lung", "Heart", "Height", "Width", "CTR", "Quality", "Model", "Masks"]
+CHUNK = 500
+# patient and study attributes a SEG copies from its source, empty when the source has none
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# SNOMED CT codes of the segmented structures (DICOM CID 7150 category: anatomical structure)
+SNOMED = {"heart": ("80891009", "Heart"), "left_lung": ("44029006", "Left lung"),
+          "right_lung": ("3341006", "Right lung")}
+
+
+class ExportError(CxrlabelError):
+    pass
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    written: int = 0  # files or rows written (new, or changed since the last export)
+    kept: int = 0  # already there and the same
+    rejected: int = 0  # masks left out because a reviewer rejected them
+    skipped: dict[str, int] = field(default_factory=dict)  # reason: images
+
+
+@dataclass
+class Item:
+    """One image's masks to export, as stored (run-length or PNG), with what describes them."""
+
+    uid: str
+    height: int
+    width: int
+    masks: dict[str, tuple[bytes, str]]  # structure: (data, encoding)
+    ctr: float | None
+    quality: float | None
+    model: str
+    sha256: str | None
+    reviewers: dict[str, str]  # structure: who drew or accepted it (reviewed masks only)
+    path: str | None = None
+
+    def mask(self, s: str) -> np.ndarray:
+        data, encoding = self.masks[s]
+        return decode(data, encoding, (self.height, self.width))
+
+    def rle(self, s: str) -> str:
+        data, encoding = self.masks[s]
+        return (data if encoding == "rle" else rle_of(self.mask(s))).decode("ascii")
+
+
+def items(engine: Engine, selection: Selection, model: str, reviewed: bool, include_rejected: bool,
+          summary: ExportSummary) -> Iterator[Item]:
+    """The selection's images with their masks, in uid order, a chunk at a time."""
+    uids = [it.uid for it in selection.items]
+    paths = {it.uid: it.path for it in selection.items}
+    t, m = D.masks, D.measurements
+    for start in range(0, len(uids), CHUNK):
+        part = uids[start:start + CHUNK]
+        with engine.connect() as conn:
+            meas = {r.uid: r for r in D.rows_in(
+                conn, select(m.c.uid, m.c.ctr, m.c.reviewed_ctr, m.c.quality, D.label_runs.c.model_sha256)
+                .join(D.label_runs, D.label_runs.c.id == m.c.run_id, isouter=True).where(m.c.model == model),
+                m.c.uid, part)}
+            rows: dict[str, dict[str, dict]] = {}
+            q = select(t.c.uid, t.c.structure, t.c.kind, t.c.data, t.c.encoding, t.c.height, t.c.width).where(
+                t.c.model == model, t.c.kind.in_(["predicted", "reviewed"] if reviewed else ["predicted"]))
+            for r in D.rows_in(conn, q, t.c.uid, part):
+                rows.setdefault(r.uid, {}).setdefault(r.kind, {})[r.structure] = r
+            decided = states(conn, model, part)
+            who = _reviewers(conn, model, part) if reviewed else {}
+        for uid in part:
+            kinds = rows.get(uid)
+            if not kinds or uid not in meas:
+                _skip(summary, f"not labelled by {model}")
+                continue
+            state = decided.get(uid, {})
+            if reviewed and not any(d in ("accepted", "corrected") for d in state.values()):
+                _skip(summary, "not reviewed")
+                continue
+            chosen = {**kinds.get("predicted", {}), **(kinds.get("reviewed", {}) if reviewed else {})}
+            keep = {s: r for s, r in chosen.items() if include_rejected or state.get(s) != "rejected"}
+            summary.rejected += len(chosen) - len(keep)
+            if not keep:
+                continue
+            first = next(iter(keep.values()))
+            me = meas[uid]
+            yield Item(uid, first.height, first.width, {s: (bytes(r.data), r.encoding) for s, r in keep.items()},
+                       me.reviewed_ctr if reviewed else me.ctr, me.quality, model, me.model_sha256,
+                       {s: who.get((uid, s), "") for s in keep} if reviewed else {}, paths.get(uid))
+
+
+def _reviewers(conn, model: str, uids: list[str]) -> dict[tuple[str, str], str]:
+    """``{(uid, structure): reviewer}`` of each structure's latest decision."""
+    r = D.reviews
+    out: dict[tuple[str, str], str] = {}
+    q = select(r.c.uid, r.c.structure, r.c.reviewer, r.c.version, r.c.id).where(r.c.model == model)
+    for x in sorted(D.rows_in(conn, q, r.c.uid, uids), key=lambda x: (x.version, x.id)):
+        for s in (STRUCTURES if x.structure == "" else (x.structure,)):
+            out[(x.uid, s)] = x.reviewer
+    return out
+
+
+def _skip(summary: ExportSummary, reason: str) -> None:
+    summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
+
+
+def safe_name(uid: str) -> str:
+    """A file name for a uid: its safe characters, plus a short digest where any were changed
+    (two uids never share a name)."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", uid).strip(".") or "_"
+    return clean if clean == uid else f"{clean}-{hashlib.sha256(uid.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------- rle
+
+
+def _rle_row(it: Item) -> list[str]:
+    return [it.uid, *(it.rle(s) if s in it.masks else "" for s in ("left_lung", "right_lung", "heart")),
+            str(it.height), str(it.width), "" if it.ctr is None else f"{it.ctr:.4f}",
+            "" if it.quality is None else f"{it.quality:.4f}", it.model,
+            "reviewed" if it.reviewers else "model"]
+
+
+def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
+    """Merge the new rows into ``out`` in uid order: equal rows kept, others written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    old = _old_rows(out)
+    pending = next(old, None)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(RLE_HEADER)
+        for it in stream:
+            row = _rle_row(it)
+            while pending is not None and pending[0] < it.uid:  # no longer exported
+                pending = next(old, None)
+            if pending is not None and pending == row:
+                summary.kept += 1
+            else:
+                summary.written += 1
+            if pending is not None and pending[0] == it.uid:
+                pending = next(old, None)
+            w.writerow(row)
+    os.replace(tmp, out)
+
+
+def _old_rows(path: Path) -> Iterator[list[str]]:
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        r = csv.reader(f)
+        if next(r, None) != RLE_HEADER:
+            return  # not one of ours: rewritten whole
+        yield from r
+
+
+# ---------------------------------------------------------------- png
+
+
+def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
+    """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "index.csv.partial"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"])
+        for it in stream:
+            folder = out / safe_name(it.uid)
+            folder.mkdir(exist_ok=True)
+            for s in STRUCTURES:
+                if s not in it.masks:
+                    continue
+                mask = it.mask(s)
+                data = encode(mask)
+                path = folder / f"{s}.png"
+                if path.exists() and path.read_bytes() == data:
+                    summary.kept += 1
+                else:
+                    _atomic_write(path, data)
+                    summary.written += 1
+                w.writerow([it.uid, s, f"{folder.name}/{s}.png", it.height, it.width, int(mask.sum()), it.model,
+                            "reviewed" if it.reviewers else "model", "" if it.ctr is None else f"{it.ctr:.4f}",
+                            "" if it.quality is None else f"{it.quality:.4f}"])
+    os.replace(tmp, out / "index.csv")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- seg
+
+
+def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
+    """``out/<uid>.dcm``: a DICOM Segmentation per DICOM-sourced image. Its SOP Instance UID
+    is derived from the source, the model and the masks' content, so an existing file with
+    that UID is the same export and is kept without decoding it."""
+    import pydicom
+    out.mkdir(parents=True, exist_ok=True)
+    for it in stream:
+        try:
+            src = pydicom.dcmread(it.path, stop_before_pixels=True) if it.path else None
+        except (OSError, pydicom.errors.InvalidDicomError):
+            src = None
+        if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
+            _skip(summary, "not from a DICOM file (seg needs the source DICOM)")
+            continue
+        if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
+            _skip(summary, "masks and source DICOM differ in size")
+            continue
+        digest = hashlib.sha256()
+        for s in STRUCTURES:
+            if s in it.masks:
+                digest.update(s.encode() + it.masks[s][0] + it.reviewers.get(s, "").encode())
+        uid = pydicom.uid.generate_uid(entropy_srcs=[str(src.SOPInstanceUID), it.model, str(it.sha256),
+                                                     digest.hexdigest()])
+        path = out / f"{safe_name(it.uid)}.dcm"
+        if path.exists():
+            try:
+                if str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                       .SOPInstanceUID) == uid:
+                    summary.kept += 1
+                    continue
+            except (OSError, pydicom.errors.InvalidDicomError, AttributeError):
+                pass  # unreadable or another export: written again
+        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if k not in src]
+        if missing:
+            _skip(summary, f"source DICOM lacks {', '.join(missing)}")
+            continue
+        for keyword in TYPE2:  # empty where the source leaves them out (the SEG must carry them)
+            if keyword not in src:
+                setattr(src, keyword, "")
+        try:
+            seg = _segmentation(src, it, uid)
+        except (ValueError, TypeError, AttributeError) as e:
+            _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        tmp = path.with_name(path.name + ".partial")
+        seg.save_as(tmp)
+        os.replace(tmp, path)
+        summary.written += 1
+
+
+def _segmentation(src, it: Item, sop_uid: str):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+    # A projection radiograph has pixel spacing but no slice thickness: highdicom would copy
+    # the spacing into a Pixel Measures item that its own reader (and others) then refuse. The
+    # SEG shares the source's pixel grid, which it references, so the spacing stays there.
+    for keyword in ("PixelSpacing", "SliceThickness"):
+        if keyword in src:
+            delattr(src, keyword)
+    present = [s for s in STRUCTURES if s in it.masks]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"cxrlabel {it.model}", version=(it.sha256 or "unknown")[:64],
+        family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for n, s in enumerate(present, 1):
+        code, meaning = SNOMED[s]
+        manual = bool(it.reviewers.get(s))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=n, segment_label=meaning, segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
+                            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
+            algorithm_identification=None if manual else algorithm))
+    pixels = np.stack([it.mask(s) for s in present], axis=-1)[None].astype(np.uint8)
+    reviewers = sorted({r for r in it.reviewers.values() if r})
+    return hd.seg.Segmentation(
+        source_images=[src], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(entropy_srcs=[str(src.get("SeriesInstanceUID", "")), it.model,
+                                                       "cxrlabel-seg"]),
+        series_number=900, sop_instance_uid=sop_uid, instance_number=1, manufacturer="cxrlabel",
+        manufacturer_model_name=it.model[:64], software_versions=_version(), device_serial_number=(it.sha256 or "")[:16]
+        or "unknown", content_label="HEARTLUNGS",
+        content_description=(("reviewed by " + ", ".join(reviewers)) if reviewers else
+                             f"model {it.model} sha256 {(it.sha256 or 'unknown')[:12]}")[:64],
+        content_creator_name=reviewers[0].replace(" ", "^") if reviewers else None)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cxrlabel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, model: str = "default",
+           reviewed: bool = False, include_rejected: bool = False, progress: bool = True) -> ExportSummary:
+    """Export the selection's masks as ``fmt`` (:data:`FORMATS`) to ``out`` (a CSV file for
+    ``rle``, a folder otherwise)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if fmt == "rle" and out.is_dir():
+        raise ExportError(f"{out} is a folder: `export rle` writes one CSV file, e.g. --out {out / 'masks.csv'}")
+    if fmt != "rle" and out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: `export {fmt}` writes a folder")
+    summary = ExportSummary(out)
+    bar = tqdm(items(engine, selection, model, reviewed, include_rejected, summary), total=len(selection.items),
+               desc=f"export {fmt}", unit="img", disable=not progress)
+    {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary)
+    return summary

@@ -1,0 +1,169 @@
+import csv
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from pipeline import catalogue as C
+from pipeline import db as D
+from pipeline import review as R
+from pipeline.export import ExportError, export, safe_name
+from pipeline.groups import select_images
+from pipeline.masks import STRUCTURES, EncodedMask, load_masks, mask_row
+from tests.conftest import DICOM
+from tests.test_review import pretend_labelled
+
+
+def chexmask_decode(rle: str, height: int, width: int) -> np.ndarray:
+    """CheXmask's reading of a run-length string, written from their published description:
+    row-major, 1-based starts, "start length" pairs; an empty string is an empty mask."""
+    mask = np.zeros(height * width, np.uint8)
+    values = [int(v) for v in rle.split()]
+    for start, length in zip(values[::2], values[1::2], strict=True):
+        mask[start - 1:start - 1 + length] = 1
+    return mask.reshape(height, width).astype(bool)
+
+
+def _selection(engine, model="default"):
+    with engine.connect() as c:
+        return select_images(c, all_images=True, labelled_by=model)
+
+
+@pytest.fixture
+def labelled(annotated_engine):
+    return annotated_engine, pretend_labelled(annotated_engine, 4, model="default")
+
+
+def test_rle_export_reads_as_chexmask_and_resumes(labelled, tmp_path):
+    engine, uids = labelled
+    out = tmp_path / "masks.csv"
+    s = export(engine, "rle", out, _selection(engine), progress=False)
+    assert (s.written, s.kept) == (4, 0)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with engine.connect() as c:
+        truth = load_masks(c, uids, kind="predicted", model="default")
+    assert [r["Image ID"] for r in rows] == uids
+    for r in rows:
+        h, w = int(r["Height"]), int(r["Width"])
+        for s_name, column in (("left_lung", "Left Lung"), ("right_lung", "Right Lung"), ("heart", "Heart")):
+            assert np.array_equal(chexmask_decode(r[column], h, w), truth[r["Image ID"]][s_name])
+        assert 0.3 < float(r["CTR"]) < 0.8 and r["Model"] == "default" and r["Masks"] == "model"
+    # again: nothing to write; after a correction (a reviewed export), only that row changes
+    s = export(engine, "rle", out, _selection(engine), progress=False)
+    assert (s.written, s.kept) == (0, 4)
+    view = R.image_view(engine, uids[1], "default")
+    shrunk = [[[x, y + 5] for x, y in view["polygons"]["heart"][0]]]
+    R.save(engine, uids[1], "default", "dr. c", 0, "corrected", polygons={"heart": shrunk})
+    R.save(engine, uids[0], "default", "dr. c", 0, "accepted")
+    reviewed = tmp_path / "reviewed.csv"
+    s = export(engine, "rle", reviewed, _selection(engine), reviewed=True, progress=False)
+    assert s.written == 2 and s.skipped == {"not reviewed": 2}
+    with open(reviewed, newline="") as f:
+        rows = {r["Image ID"]: r for r in csv.DictReader(f)}
+    with engine.connect() as c:
+        person = load_masks(c, [uids[1]], kind="reviewed", model="default")[uids[1]]["heart"]
+    assert np.array_equal(chexmask_decode(rows[uids[1]]["Heart"], *person.shape), person)
+    assert rows[uids[1]]["Masks"] == "reviewed"
+
+
+def test_rejected_masks_stay_out_unless_asked(labelled, tmp_path):
+    engine, uids = labelled
+    R.save(engine, uids[0], "default", "a", 0, "rejected")
+    R.save(engine, uids[1], "default", "a", 0, "rejected", structure="heart")
+    s = export(engine, "rle", tmp_path / "a.csv", _selection(engine), progress=False)
+    assert s.rejected == 4 and s.written == 3  # the whole of uids[0], and uids[1]'s heart
+    with open(tmp_path / "a.csv", newline="") as f:
+        rows = {r["Image ID"]: r for r in csv.DictReader(f)}
+    assert uids[0] not in rows and rows[uids[1]]["Heart"] == "" and rows[uids[1]]["Left Lung"]
+    s = export(engine, "rle", tmp_path / "b.csv", _selection(engine), include_rejected=True, progress=False)
+    assert s.rejected == 0 and s.written == 4
+
+
+def test_png_export_is_one_bit_per_structure_in_original_geometry(labelled, tmp_path):
+    engine, uids = labelled
+    s = export(engine, "png", tmp_path / "png", _selection(engine), progress=False)
+    assert (s.written, s.kept) == (12, 0)
+    with engine.connect() as c:
+        truth = load_masks(c, uids, kind="predicted", model="default")
+    with open(tmp_path / "png" / "index.csv", newline="") as f:
+        index = list(csv.DictReader(f))
+    assert len(index) == 12
+    for row in index:
+        img = cv2.imread(str(tmp_path / "png" / row["file"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(img > 0, truth[row["uid"]][row["structure"]])
+        assert int(row["area"]) == int(truth[row["uid"]][row["structure"]].sum())
+    from PIL import Image
+    assert Image.open(tmp_path / "png" / index[0]["file"]).mode == "1"
+    s = export(engine, "png", tmp_path / "png", _selection(engine), progress=False)
+    assert (s.written, s.kept) == (0, 12)
+    # a file damaged on disk is written again
+    (tmp_path / "png" / index[0]["file"]).write_bytes(b"broken")
+    assert export(engine, "png", tmp_path / "png", _selection(engine), progress=False).written == 1
+
+
+def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
+    import highdicom as hd
+    import pydicom
+    src = tmp_path / "dicom"
+    src.mkdir()
+    for name in ("cr_chest_pa_jpeg_baseline.dcm", "RG1_UNCR.dcm"):
+        shutil.copy(DICOM / name, src / name)
+    C.load_dicom(engine, src, workers=1, progress=False)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO images (uid, source, path, loaded_at) VALUES ('png-one', 'csv', '/x.png', "
+                       "'2026-01-01')"))
+        rows = c.execute(text("SELECT uid, width, height FROM images")).all()
+    rng = np.random.default_rng(0)
+    truth = {}
+    with engine.begin() as c:
+        for uid, w, h in rows:
+            w, h = w or 64, h or 64
+            masks = {}
+            for k, s in enumerate(STRUCTURES):
+                m = np.zeros((h, w), np.uint8)
+                cv2.ellipse(m, (int(w * (0.3 + 0.2 * k)), h // 2), (w // 8, h // 5), float(rng.uniform(0, 90)),
+                            0, 360, 1, -1)
+                masks[s] = m.astype(bool)
+            truth[uid] = masks
+            D.upsert(c, D.masks, [mask_row(uid, s, EncodedMask.of(m, "rle"), kind="predicted", model="default")
+                                  for s, m in masks.items()], ("uid", "structure", "kind", "model"))
+            c.execute(D.measurements.insert().values(uid=uid, model="default", labelled_at=D.utcnow(), ctr=0.5))
+    s = export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False)
+    assert s.written == 2 and s.skipped == {"not from a DICOM file (seg needs the source DICOM)": 1}
+    with engine.connect() as c:
+        dicom_rows = c.execute(text("SELECT uid, sop_uid, study_uid FROM images WHERE sop_uid IS NOT NULL")).all()
+    for uid, sop, study in dicom_rows:
+        seg = hd.seg.segread(tmp_path / "seg" / f"{safe_name(uid)}.dcm")
+        assert seg.StudyInstanceUID == study
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == sop
+        labels = [d.SegmentLabel for d in seg.SegmentSequence]
+        assert labels == ["Heart", "Left lung", "Right lung"]
+        assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == \
+            "cxrlabel default"
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[sop], segment_numbers=[1, 2, 3])
+        for k, structure in enumerate(STRUCTURES):
+            assert np.array_equal(pixels[0, :, :, k].astype(bool), truth[uid][structure])
+        assert pydicom.dcmread(tmp_path / "seg" / f"{safe_name(uid)}.dcm").Modality == "SEG"
+    s = export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False)
+    assert (s.written, s.kept) == (0, 2)
+
+
+def test_export_errors_name_the_next_step(labelled, tmp_path):
+    engine, _ = labelled
+    with pytest.raises(ExportError, match="is a folder"):
+        export(engine, "rle", tmp_path, _selection(engine), progress=False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export(engine, "png", tmp_path / "f", _selection(engine), progress=False)
+    from pipeline.groups import GroupsError
+    with pytest.raises(GroupsError, match="run `cxrlabel label` first"):
+        _selection(engine, "nobody")
+
+
+def test_safe_names_never_collide():
+    assert safe_name("abc.png") == "abc.png"
+    assert safe_name("a/b") != safe_name("a_b") and "/" not in safe_name("a/b")
+    assert safe_name("../../etc") != ".._.._etc" and not safe_name("../../etc").startswith(".")
