@@ -115,7 +115,8 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
     and the image's true and measured CTR (:func:`ctr_fields`)."""
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
     first = read_checkpoint(run_dir / "fold0" / "best.pt")
-    cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"])})
+    cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"]),
+                         "masks": tuple(first.training.get("masks", ("manual",)))})
     ds = load_dataset(engine, cfg, cache)
     structures = list(cfg.structures)
     size = cfg.size

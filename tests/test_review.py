@@ -145,3 +145,31 @@ def test_display_png_is_the_image_at_display_size(labelled):
     import cv2
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     assert img.dtype == np.uint8 and max(img.shape) == 256 and 0 < scale <= 1
+
+
+def test_training_takes_reviewed_and_accepted_masks_but_validates_on_manual_only(annotated_engine, tmp_path):
+    from pipeline.model import read_checkpoint
+    from pipeline.train import TrainConfig, cross_validate
+    from pipeline.train.data import load_dataset
+    engine = annotated_engine
+    uids = pretend_labelled(engine, 3, model="default")
+    with engine.begin() as c:  # these three become images nobody annotated, only reviewed
+        c.execute(D.masks.delete().where(D.masks.c.kind == "manual", D.masks.c.uid.in_(uids)))
+    v = R.image_view(engine, uids[0], "default")
+    R.save(engine, uids[0], "default", "a", 0, "corrected", polygons={"heart": v["polygons"]["heart"]})
+    R.save(engine, uids[1], "default", "a", 0, "accepted")
+    R.save(engine, uids[2], "default", "a", 0, "rejected")
+    cache = str(tmp_path / "cache")
+    only_manual = load_dataset(engine, TrainConfig.from_preset("tiny"), cache)
+    assert only_manual.counts() == {"manual": len(only_manual.uids)} and not set(uids) & set(only_manual.uids)
+    cfg = TrainConfig.from_preset("tiny", masks=("manual", "reviewed", "accepted"), epochs=1, folds=2, threads=1)
+    ds = load_dataset(engine, cfg, cache)
+    assert ds.counts() == {"manual": len(only_manual.uids), "reviewed": 1, "accepted": 1}
+    assert set(ds.manual) == set(only_manual.uids)
+    cv = cross_validate(engine, cfg, tmp_path / "run", cache, "cpu", progress=False, dataset=ds)
+    assert not {uids[0], uids[1]} & {u for r in cv.results for u in r.held_out}  # never validated on
+    assert cv.images == {"manual": len(only_manual.uids), "reviewed": 1, "accepted": 1}
+    info = read_checkpoint(tmp_path / "run" / "fold0" / "best.pt").info
+    assert info["images"]["reviewed"] == 1 and info["images"]["accepted"] == 1
+    with pytest.raises(Exception, match="includes manual"):
+        TrainConfig.from_preset("tiny", masks=("reviewed",))

@@ -29,6 +29,11 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--widen-heart", "widen", type=click.FloatRange(0, 1),
               help="Share of training images whose heart is widened 1.05-1.35x (an enlarged heart, "
                    "image and masks warped together); 0 = off [preset].")
+@click.option("--masks", "masks", metavar="SOURCES",
+              help="Which masks train, comma-separated: manual (always), reviewed (corrected in "
+                   "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "
+                   "uses manual masks only.")
+@click.option("--review-model", help="Whose reviewed masks --masks reviewed/accepted takes [default].")
 @click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
 @click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Held-out share without --folds; 0 trains on everything.")
@@ -60,6 +65,8 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
         cxrlabel train --model unet7_res --size 512 --folds 5 --parallel-folds 5 --device cuda
     """
     from pipeline.train import TrainConfig, cross_validate
+    if overrides.get("masks"):
+        overrides["masks"] = tuple(m.strip() for m in overrides["masks"].split(",") if m.strip())
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
     name = name or preset
     run_dir = run_dir or Path("runs") / name
@@ -73,6 +80,9 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
     if cfg.folds > 1:
         click.echo("cross-validation: " + ", ".join(
             f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in cv.summary.items()))
+    if cfg.masks != ("manual",):
+        click.echo("trained on " + ", ".join(f"{n} images with {k} masks" for k, n in cv.images.items())
+                   + " (validation: manual masks only)")
     click.echo(f"checkpoints and learning curves in {run_dir}")
 
 

@@ -23,6 +23,12 @@ class TrainError(CxrlabelError):
     pass
 
 
+# where training masks come from: a person's annotation; a model's masks a reviewer corrected
+# (the corrections, with the model's other structures as the reviewer left them); a model's
+# masks a reviewer accepted as they were. Validation always uses manual masks only.
+MASK_SOURCES = ("manual", "reviewed", "accepted")
+
+
 def presets() -> dict[str, dict]:
     """Every preset of ``models/presets.toml`` by name."""
     with open(resource("models", "presets.toml"), "rb") as f:
@@ -52,6 +58,8 @@ class TrainConfig:
     augment: bool = True
     shifts: bool = False  # equipment-like shifts in augmentation (see train.data.augmentation)
     widen: float = 0.0  # probability of widening the heart in augmentation (train.enlarge); 0 = off
+    masks: tuple[str, ...] = ("manual",)  # which masks train: manual, reviewed, accepted (see MASK_SOURCES)
+    review_model: str = "default"  # whose reviewed masks `reviewed`/`accepted` take
     threads: int | None = None
     structures: tuple[str, ...] = STRUCTURES
 
@@ -65,6 +73,11 @@ class TrainConfig:
             raise TrainError(f"unknown preset: {e}") from None
         values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["masks"] = tuple(values.get("masks", ("manual",)))
+        unknown = [m for m in values["masks"] if m not in MASK_SOURCES]
+        if unknown or "manual" not in values["masks"]:
+            raise TrainError(f"--masks {','.join(values['masks'])}: a comma-separated list of "
+                             f"{', '.join(MASK_SOURCES)} that includes manual (validation uses it)")
         cfg = cls(preset=name, network=p["network"], args=dict(p.get("args", {})), **values)
         try:
             cfg.spec()

@@ -29,6 +29,7 @@ class CrossValidation:
     results: list[TrainResult]
     summary: dict[str, dict[str, float]]
     seconds: float
+    images: dict[str, int] | None = None  # images per mask source (manual, reviewed, accepted)
 
 
 def fold_dir(run_dir: Path, cfg: TrainConfig, fold: int) -> Path:
@@ -51,7 +52,7 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     """
     started = time.time()
     data = dataset or load_dataset(engine, cfg, cache_dir)
-    splits = splits_for(run_dir, data.uids, cfg)
+    splits = splits_for(run_dir, data.manual, cfg)  # validation: manual masks only
     folds = [(dataclasses.replace(cfg, fold=k), fold_dir(run_dir, cfg, k), splits.val[k]) for k in range(cfg.folds)]
     if parallel > 1 and cfg.folds > 1:
         url = engine.url.render_as_string(hide_password=False)
@@ -71,15 +72,15 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
             name = f"{register_as}_fold{fold}" if cfg.folds > 1 else register_as
             register_model(engine, name, where / "best.pt", cfg.preset, fold_cfg.as_dict(), r.dice,
                            data.hash, {"best_epoch": r.best_epoch, "history": r.history,
-                                       "seconds": r.seconds})
+                                       "seconds": r.seconds, "training_images": data.counts()})
         results.append(r)
         names.append(name)
     summary = summarise_folds(results)
     seconds = time.time() - started
     (run_dir / "summary.json").write_text(json.dumps(
         {"preset": cfg.preset, "config": cfg.as_dict(), "dice": summary, "seconds": seconds,
-         "data_hash": data.hash}, indent=2))
-    return CrossValidation(run_dir, names, results, summary, seconds)
+         "data_hash": data.hash, "images": data.counts()}, indent=2))
+    return CrossValidation(run_dir, names, results, summary, seconds, data.counts())
 
 
 def _train_fold(url: str, cfg: TrainConfig, where: Path, cache_dir: str | None, device: str, resume: bool,

@@ -27,6 +27,19 @@ class Dataset:
     masks: np.ndarray  # (N, C, S, S) float32 in [0, 1], cache geometry
     valid: np.ndarray  # (N, C) bool: structure annotated
     hash: str = ""
+    sources: list[str] | None = None  # per image: manual, reviewed or accepted (None: all manual)
+
+    @property
+    def manual(self) -> list[str]:
+        """The images with manual masks: the only ones validation uses."""
+        return [u for k, u in enumerate(self.uids) if not self.sources or self.sources[k] == "manual"]
+
+    def counts(self) -> dict[str, int]:
+        """Images per mask source."""
+        out: dict[str, int] = {}
+        for src in self.sources or ["manual"] * len(self.uids):
+            out[src] = out.get(src, 0) + 1
+        return out
 
     def indices(self, uids: list[str]) -> list[int]:
         """Positions of ``uids`` that are in the dataset (others are left out)."""
@@ -41,24 +54,54 @@ def annotated_uids(engine: Engine) -> list[str]:
                                    .distinct()).scalars())
 
 
+def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude: set[str],
+                   structures: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """The masks people reviewed, for training: ``({uid: {structure: mask}}, {uid: source})``.
+    ``reviewed``: images whose latest decision is a correction; ``accepted``: images accepted
+    as they were. Structures a reviewer rejected are left out; images in ``exclude`` (those
+    with manual masks) too."""
+    from pipeline.review import final_masks, states
+    wanted = {"reviewed": "corrected", "accepted": "accepted"}
+    with engine.connect() as conn:
+        uids = sorted(set(conn.execute(select(D.reviews.c.uid).where(D.reviews.c.model == model)).scalars()) - exclude)
+        decided = states(conn, model, uids)
+        masks, source = {}, {}
+        for uid in uids:
+            state = decided.get(uid, {})
+            latest = max((d for d in state.values()), key=("rejected", "accepted", "corrected").index, default=None)
+            kind = next((k for k, d in wanted.items() if k in sources and d == latest), None)
+            if kind is None:
+                continue
+            final, _ = final_masks(conn, uid, model)
+            keep = {s: m for s, m in final.items() if s in structures and state.get(s) != "rejected"}
+            if keep:
+                masks[uid], source[uid] = keep, kind
+    return masks, source
+
+
 def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None) -> Dataset:
     """The annotated images, cached at ``cfg``'s size (collected where missing), with their
-    manual masks mapped into cache geometry. Images that cannot be decoded are left out
-    (and recorded in ``failures``)."""
+    manual masks mapped into cache geometry, and with ``cfg.masks`` beyond ``manual`` the
+    images people reviewed (:func:`reviewed_masks`). Images that cannot be decoded are left
+    out (and recorded in ``failures``)."""
     uids = annotated_uids(engine)
     if not uids:
         raise TrainError("no manual masks in the database: run `cxrlabel masks import "
                          "generalblockchain ../shared/data/generalblockchain` first")
+    extra, extra_source = ({}, {}) if cfg.masks == ("manual",) else reviewed_masks(
+        engine, cfg.masks, cfg.review_model, set(uids), cfg.structures)
+    everyone = uids + sorted(extra)
     with engine.connect() as conn:
         paths = {row.uid: row.path for row in D.rows_in(
-            conn, select(D.images.c.uid, D.images.c.path), D.images.c.uid, uids)}
+            conn, select(D.images.c.uid, D.images.c.path), D.images.c.uid, everyone)}
         truth = load_masks(conn, uids)
-    with decoder_pool(None, len(uids)) as pool:
-        got = fetch(engine, [(u, paths.get(u)) for u in uids], Settings(cfg.size, cfg.mode),
+    truth.update(extra)
+    with decoder_pool(None, len(everyone)) as pool:
+        got = fetch(engine, [(u, paths.get(u)) for u in everyone], Settings(cfg.size, cfg.mode),
                     cache_dir, pool, failure_stage="collect")
     entries = [e for e in got if isinstance(e, Entry)]
     if len(entries) < len(got):
-        log.warning("%d annotated images could not be decoded: see the failures table",
+        log.warning("%d training images could not be decoded: see the failures table",
                     len(got) - len(entries))
     n, c, s = len(entries), len(cfg.structures), cfg.size
     images = np.zeros((n, s, s), np.uint8)
@@ -74,7 +117,8 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                 valid[i, j] = True
                 digest.update(f"{e.uid}/{structure}/{int(m.sum())}".encode())
         digest.update(e.image.tobytes())
-    return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest())
+    sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
+    return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources)
 
 
 EQUIPMENT_SHIFTS = {"inverted": 0.1, "collimation": 0.2, "jpeg": 0.2, "contrast": 0.2}  # name: probability

@@ -13,6 +13,7 @@ validation Dice, in the inference format of :mod:`pipeline.model`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -89,9 +90,11 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
     ds = dataset or load_dataset(engine, cfg, cache_dir)
     if held_out is None:
-        held_out = splits_for(run_dir, ds.uids, cfg).val[cfg.fold]
+        held_out = splits_for(run_dir, ds.manual, cfg).val[cfg.fold]
     va = ds.indices(held_out)
     tr = sorted(set(range(len(ds.uids))) - set(va))
+    sources = ds.sources or ["manual"] * len(ds.uids)
+    trained_on = {k: sum(sources[i] == k for i in tr) for k in dict.fromkeys(sources)}  # images per mask source
     _seed_all(cfg.seed)
     model = build_network(cfg.spec()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -150,7 +153,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         if mean > state["best"]:
             state["best"], state["best_epoch"] = mean, epoch + 1
             save_checkpoint(run_dir / "best.pt", scored, cfg.spec(),
-                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash},
+                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash, "images": trained_on},
                             training=cfg.as_dict())
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
         tmp = last.with_name("last.pt.tmp")
@@ -168,6 +171,13 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
                        state["history"], state["seconds"], sorted(held_out))
 
 
+def same_config(stored: dict, cfg: TrainConfig) -> bool:
+    """Whether a stored configuration is ``cfg``; a setting added since it was stored counts
+    as its default (so a run from before it resumes when that setting is left alone)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return all(stored.get(k, defaults.get(k)) == v for k, v in cfg.as_dict().items())
+
+
 def _read_last(path: Path, cfg: TrainConfig) -> dict:
     """The resume point, read as data; refused when made with another configuration."""
     try:
@@ -175,7 +185,7 @@ def _read_last(path: Path, cfg: TrainConfig) -> dict:
     except Exception as e:
         raise TrainError(f"{path} is not a resumable checkpoint of this cxrlabel ({type(e).__name__}): "
                          "use --no-resume to start over") from e
-    if ck.get("config") != cfg.as_dict():
+    if not same_config(ck.get("config") or {}, cfg):
         raise TrainError(f"{path} was trained with another configuration: use a new run "
                          "folder or --no-resume to start over")
     if ck.get("augmentation") != AUGMENTATION_SEEDS:
