@@ -116,7 +116,8 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
     first = read_checkpoint(run_dir / "fold0" / "best.pt")
     cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"]),
-                         "masks": tuple(first.training.get("masks", ("manual",)))})
+                         "masks": tuple(first.training.get("masks", ("manual",))),
+                         "widen_range": tuple(first.training.get("widen_range", (1.05, 1.35)))})
     ds = load_dataset(engine, cfg, cache)
     structures = list(cfg.structures)
     size = cfg.size

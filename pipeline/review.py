@@ -147,7 +147,10 @@ def polygons_of(mask: np.ndarray, detail: float = 0.003) -> list[list[list[int]]
         if cv2.contourArea(c) < 4:
             continue
         simple = cv2.approxPolyDP(c, max(1.0, detail * cv2.arcLength(c, True)), True)
-        out.append(simple.reshape(-1, 2).astype(int).tolist())
+        if len(simple) < 3:  # a sliver: keep its outline as traced, or nothing
+            simple = c if len(c) >= 3 else None
+        if simple is not None:
+            out.append(simple.reshape(-1, 2).astype(int).tolist())
     return out
 
 

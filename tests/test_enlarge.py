@@ -80,3 +80,13 @@ def test_heart_widening_joins_augmentation_reproducibly(annotated):
         aug.set_random_state(seed=3)
         outs.append(np.asarray(aug(dict(data))["mask"]))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_factor_below_one_narrows_the_heart(annotated):
+    images, masks = annotated
+    for img, m in zip(images[:4], masks[:4], strict=True):
+        before, after = _measure(m), _measure(widen_heart(img, m, STRUCTURES, 0.85)[1])
+        assert 0.8 <= after["heart_width_px"] / before["heart_width_px"] <= 0.92
+        assert abs(after["thoracic_width_px"] - before["thoracic_width_px"]) <= 2
+    with pytest.raises(Exception, match="widen-range"):
+        TrainConfig.from_preset("tiny", widen_range=(1.3, 1.1))

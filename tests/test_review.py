@@ -173,3 +173,13 @@ def test_training_takes_reviewed_and_accepted_masks_but_validates_on_manual_only
     assert info["images"]["reviewed"] == 1 and info["images"]["accepted"] == 1
     with pytest.raises(Exception, match="includes manual"):
         TrainConfig.from_preset("tiny", masks=("reviewed",))
+
+
+def test_polygons_of_never_yields_fewer_than_three_vertices():
+    mask = np.zeros((40, 40), bool)
+    mask[5:30, 10:12] = True  # a two-pixel-wide sliver
+    mask[20:21, 20:35] = True  # and a one-pixel line
+    for poly in R.polygons_of(mask):
+        assert len(poly) >= 3
+    filled = R.mask_of(R.polygons_of(mask), 40, 40)
+    assert filled[10:25, 10:12].all()

@@ -27,8 +27,10 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
               help="Augment with equipment-like shifts too: an inverted MONOCHROME1, a collimator's "
                    "rim, JPEG, another window [preset].")
 @click.option("--widen-heart", "widen", type=click.FloatRange(0, 1),
-              help="Share of training images whose heart is widened 1.05-1.35x (an enlarged heart, "
-                   "image and masks warped together); 0 = off [preset].")
+              help="Share of training images whose heart is widened (an enlarged heart, image and masks "
+                   "warped together; by --widen-range); 0 = off [preset].")
+@click.option("--widen-range", "widen_range", metavar="LO,HI",
+              help="Heart width factors for --widen-heart, drawn uniformly; below 1 narrows [1.05,1.35].")
 @click.option("--masks", "masks", metavar="SOURCES",
               help="Which masks train, comma-separated: manual (always), reviewed (corrected in "
                    "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "
@@ -65,6 +67,13 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
         cxrlabel train --model unet7_res --size 512 --folds 5 --parallel-folds 5 --device cuda
     """
     from pipeline.train import TrainConfig, cross_validate
+    if overrides.get("widen_range"):
+        try:
+            overrides["widen_range"] = tuple(float(v) for v in overrides["widen_range"].split(","))
+        except ValueError:
+            raise click.BadParameter("two numbers, e.g. 0.85,1.35", param_hint="--widen-range") from None
+        if len(overrides["widen_range"]) != 2:
+            raise click.BadParameter("two numbers, e.g. 0.85,1.35", param_hint="--widen-range")
     if overrides.get("masks"):
         overrides["masks"] = tuple(m.strip() for m in overrides["masks"].split(",") if m.strip())
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)

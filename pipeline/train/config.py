@@ -58,6 +58,7 @@ class TrainConfig:
     augment: bool = True
     shifts: bool = False  # equipment-like shifts in augmentation (see train.data.augmentation)
     widen: float = 0.0  # probability of widening the heart in augmentation (train.enlarge); 0 = off
+    widen_range: tuple[float, float] = (1.05, 1.35)  # heart width factors drawn uniformly (< 1 narrows)
     masks: tuple[str, ...] = ("manual",)  # which masks train: manual, reviewed, accepted (see MASK_SOURCES)
     review_model: str = "default"  # whose reviewed masks `reviewed`/`accepted` take
     threads: int | None = None
@@ -74,6 +75,10 @@ class TrainConfig:
         values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["masks"] = tuple(values.get("masks", ("manual",)))
+        values["widen_range"] = tuple(values.get("widen_range", (1.05, 1.35)))
+        lo, hi = values["widen_range"]
+        if not 0.5 <= lo <= hi <= 2.0:
+            raise TrainError(f"--widen-range {lo},{hi}: two factors between 0.5 and 2, the smaller first")
         unknown = [m for m in values["masks"] if m not in MASK_SOURCES]
         if unknown or "manual" not in values["masks"]:
             raise TrainError(f"--masks {','.join(values['masks'])}: a comma-separated list of "

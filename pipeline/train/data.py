@@ -130,10 +130,10 @@ def augmentation(cfg: TrainConfig):
     ``cfg.shifts``, also the equipment-like shifts of :mod:`pipeline.shifts` that those do
     not cover (:data:`EQUIPMENT_SHIFTS`: an inverted MONOCHROME1, a collimator's rim, JPEG,
     another window). With ``cfg.widen``, that share of the images first gets an enlarged
-    heart (:func:`pipeline.train.enlarge.widen_heart`, by :data:`WIDEN_FACTORS`)."""
+    heart (:func:`pipeline.train.enlarge.widen_heart`, by a factor from ``cfg.widen_range``)."""
     from monai import transforms as T
     keys = ["image", "mask"]
-    steps = [_heart_widening(cfg.structures, cfg.widen)] if cfg.widen else []
+    steps = [_heart_widening(cfg.structures, cfg.widen, cfg.widen_range)] if cfg.widen else []
     steps += [
         T.RandAffined(keys, prob=0.8, rotate_range=0.17, scale_range=0.15, shear_range=0.05,
                       translate_range=(0.06 * cfg.size,) * 2, mode=("bilinear", "bilinear"),
@@ -174,12 +174,9 @@ def _equipment_shift(name: str, prob: float):
     return EquipmentShift(prob=prob)
 
 
-WIDEN_FACTORS = (1.05, 1.35)  # heart widths drawn uniformly between these
-
-
-def _heart_widening(structures: tuple[str, ...], prob: float):
+def _heart_widening(structures: tuple[str, ...], prob: float, factors: tuple[float, float]):
     """:func:`pipeline.train.enlarge.widen_heart` as a MONAI random transform on ``image``
-    (1, S, S) and ``mask`` (C, S, S), by a factor drawn from :data:`WIDEN_FACTORS`."""
+    (1, S, S) and ``mask`` (C, S, S), by a factor drawn uniformly from ``factors``."""
     from monai.transforms import RandomizableTransform
 
     from pipeline.train.enlarge import widen_heart
@@ -189,7 +186,7 @@ def _heart_widening(structures: tuple[str, ...], prob: float):
             self.randomize(None)
             if not self._do_transform:
                 return data
-            factor = self.R.uniform(*WIDEN_FACTORS)
+            factor = self.R.uniform(*factors)
             image, mask = widen_heart(np.asarray(data["image"])[0], np.asarray(data["mask"]), structures, factor)
             return {**data, "image": image[None], "mask": mask}
 

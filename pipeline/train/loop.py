@@ -99,8 +99,10 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     model = build_network(cfg.spec()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr) // cfg.batch)
+    # warm up over a tenth of training, but at least two steps (one would divide by zero)
+    warmup = max(0.1, 2.0 / (cfg.epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.1)
+                                                steps_per_epoch=steps_per_epoch, pct_start=min(warmup, 0.5))
     avg = WeightAverage(model, cfg.ema) if cfg.ema else None
     scored = avg.module if avg else model  # what is validated and saved
     rng = random.Random(cfg.seed + 1)
