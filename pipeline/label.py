@@ -114,7 +114,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         if whole_masks is not None:  # test-time augmentation compares the whole cleaned masks
             whole_masks[s][window] = cleaned
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
-        agreement[s] = 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned)))
+        # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
+        agreement[s] = min(1.0, 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned))))
         column = mean_column(cleaned)
         columns[s] = column + window[1].start if column is not None else None
         features[s] = Q.structure_features(p, cleaned, kept[s], agreement[s], size)

@@ -183,3 +183,14 @@ def test_report_compares_two_groups_with_their_roc(annotated_engine, tiny_model,
     files = report(annotated_engine, tmp_path / "r", "m", ["big", "small"])
     assert files.roc is not None and files.roc.stat().st_size > 5000 and files.histogram.exists()
     assert report(annotated_engine, tmp_path / "r1", "m", ["big"]).roc is None
+
+
+def test_a_ring_shaped_prediction_with_a_large_filled_hole_scores_without_error():
+    # an inverted film can give a ring: the hole is filled, which once made agreement > 1
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(xx - 32, yy - 32)
+    ring = ((r > 10) & (r < 14)).astype(np.float32) * 0.99
+    probs = np.stack([ring, np.zeros_like(ring), np.zeros_like(ring)])
+    out = postprocess(Item("ring", np.zeros((64, 64), np.uint8), Geometry.fit(64, 64, 64, "pad")), probs, STRUCTURES)
+    assert out.masks["heart"].decode()[32, 32]  # the hole is filled
+    assert 0 <= out.measurements["quality"] <= 1
