@@ -70,7 +70,10 @@ demo: catalogue masks
 	$(CX) evaluate --truth manual --model $(MODEL)
 	$(CX) report --group cardiomegaly --group healthy --model $(MODEL) --out $(OUT)/reports
 	$(CX) query sql/queries/ctr_by_group.sql
+	$(CX) export rle --all --model $(MODEL) --out $(OUT)/exports/masks.csv
+	$(CX) export seg --group cardiomegaly --model $(MODEL) --out $(OUT)/exports/seg
 	@echo "catalogue: $(DB)   cache: $(CACHE)   reports: $(OUT)/reports/   clinic: $(OUT)/demo_clinic/"
+	@echo "exports: $(OUT)/exports/   review the masks: $(CX) review --reviewer NAME (http://127.0.0.1:8765)"
 
 # bench/gpu.py needs CUDA and bench/db_write.py a --db URL: run them by hand (see bench/RESULTS.md)
 bench: install
