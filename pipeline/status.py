@@ -53,6 +53,5 @@ def next_step(s: dict) -> str:
         return f"cxrlabel label --group {group}: masks and CTR for a group (the cache fills on the way)"
     if s["runs"] and s["runs"][0]["n_failed"]:
         return f"cxrlabel failures --since {s['runs'][0]['id']}: why the last run failed on some images"
-    return ("cxrlabel report --group cardiomegaly --group healthy --out reports/, and cxrlabel query "
-            "review_lowest_quality: "
-            "look at the results, the doubtful masks first")
+    return ("cxrlabel report --group cardiomegaly --group healthy --out reports/, and cxrlabel review "
+            "--reviewer NAME: look at the results, the doubtful masks first")
