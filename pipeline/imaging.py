@@ -522,6 +522,33 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
 NORMS = ("zscore", "clahe")
 
 
+INVERTED_BELOW = -0.25  # polarity of a frontal film read the wrong way round (normal films: 0.27 and up)
+
+
+def polarity(cached: np.ndarray) -> float:
+    """How a frontal chest film reads: the mediastinal strip (middle tenth of the columns,
+    30-75% of the height) against the lung fields beside it (18-35% and 65-82% of the
+    columns), in standard deviations of the image. Positive as displayed (bright mediastinum,
+    dark lungs): 0.27 to 1.7 on the 307 films checked (annotated set, demo clinic, NIH and
+    DICOM samples). Negative when the grey scale is inverted, as a MONOCHROME1 image read as
+    MONOCHROME2 (or the reverse) is."""
+    a = cached.astype(np.float32)
+    s = a.shape[0]
+    rows = slice(int(0.3 * s), int(0.75 * s))
+    centre = a[rows, int(0.45 * s):int(0.55 * s)].mean()
+    lungs = (a[rows, int(0.18 * s):int(0.35 * s)].mean() + a[rows, int(0.65 * s):int(0.82 * s)].mean()) / 2
+    return float((centre - lungs) / (a.std() + 1e-6))
+
+
+def upright(cached: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The cached image the right way round: inverted back when :func:`polarity` says its
+    grey scale is reversed (an inverted film gives the model nothing it knows). Geometry is
+    untouched, so masks need no change. Returns ``(image, whether it was inverted)``."""
+    if polarity(cached) < INVERTED_BELOW:
+        return (255 - cached if cached.dtype == np.uint8 else 255.0 - cached), True
+    return cached, False
+
+
 def model_input(cached: np.ndarray, norm: str = "zscore") -> np.ndarray:
     """Cached ``(S, S) uint8`` -> ``(1, S, S) float32``, z-scored over the image.
 

@@ -35,7 +35,7 @@ from pipeline import masks as M
 from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
-from pipeline.imaging import Geometry
+from pipeline.imaging import Geometry, upright
 from pipeline.masks import STRUCTURES
 from pipeline.measure import clean, mean_column, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
@@ -331,7 +331,11 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
     for sel, got in zip(chunk, fetch(engine, [(s.uid, s.path) for s in chunk], settings, cache_dir, pool),
                         strict=True):
         if isinstance(got, Entry):
-            items.append(Item(sel.uid, got.image, got.geom, sel.spacing))
+            image, inverted = upright(got.image)
+            if inverted:
+                log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
+                            "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
+            items.append(Item(sel.uid, image, got.geom, sel.spacing))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors

@@ -16,7 +16,7 @@ from pipeline.imaging import preprocess
 from pipeline.label import Item, forward, label
 from pipeline.measure import bbox, clean, mean_column, measure, plausibility, quality
 from pipeline.model import ModelError, resolve_model
-from tests.conftest import REPO
+from tests.conftest import DICOM, REPO
 
 
 def _items(engine, n=None) -> Selection:
@@ -270,3 +270,18 @@ def test_labelling_never_imports_training_code():
             "print(sorted(m for m in sys.modules if m.startswith('pipeline.train')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_inverted_film_is_labelled_the_right_way_round(tmp_path):
+    """A MONOCHROME1 film whose pixels are already inverted (pydicom-data's relabelled test
+    file) decodes reversed; labelling turns it back, so its masks match the upright film's."""
+    from pipeline.imaging import polarity, preprocess, upright
+    from pipeline.model import infer, resolve_model
+    upright_img, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline.dcm", 256)
+    reversed_img, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline_monochrome1.dcm", 256)
+    assert polarity(upright_img) > 0.27 and polarity(reversed_img) < -0.25
+    fixed, inverted = upright(reversed_img)
+    assert inverted and np.array_equal(fixed, upright_img) and upright(upright_img) == (upright_img, False)
+    lm = resolve_model(None, "default", "cpu")
+    a, b = infer(lm, [upright_img, reversed_img])
+    assert np.array_equal(a, b)
