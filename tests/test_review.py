@@ -183,3 +183,25 @@ def test_polygons_of_never_yields_fewer_than_three_vertices():
         assert len(poly) >= 3
     filled = R.mask_of(R.polygons_of(mask), 40, 40)
     assert filled[10:25, 10:12].all()
+
+
+def test_reviews_work_the_same_on_postgresql(engine):
+    """The `engine` fixture runs this on SQLite and PostgreSQL: saves, the version check, the
+    view's review state."""
+    mask = np.zeros((60, 80), bool)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO images (uid, source, loaded_at) VALUES ('p1', 'csv', '2026-01-01')"))
+        rows = []
+        for k, s in enumerate(STRUCTURES):
+            m = mask.copy()
+            m[10:50, 5 + 25 * k:25 + 25 * k] = True
+            rows.append(mask_row("p1", s, m.astype(np.uint8), kind="predicted", model="m"))
+        D.upsert(c, D.masks, rows, ("uid", "structure", "kind", "model"))
+        c.execute(D.measurements.insert().values(uid="p1", model="m", ctr=0.3, quality=0.9, labelled_at=D.utcnow()))
+    v = R.image_view(engine, "p1", "m")
+    R.save(engine, "p1", "m", "a", 0, "corrected", polygons={"heart": [[[5, 10], [40, 10], [40, 49], [5, 49]]]})
+    with pytest.raises(R.ReviewConflict):
+        R.save(engine, "p1", "m", "b", v["version"], "corrected", polygons={"heart": v["polygons"]["heart"]})
+    with engine.connect() as c:
+        row = c.execute(text("SELECT review, reviewed_ctr FROM label_results WHERE uid = 'p1'")).one()
+    assert row.review == "corrected" and row.reviewed_ctr == pytest.approx(36 / 45)  # heart 5-40, lungs 30-74
