@@ -76,8 +76,9 @@ class Item:
     quality: float | None
     model: str
     sha256: str | None
-    reviewers: dict[str, str]  # structure: who drew or accepted it (reviewed masks only)
+    reviewers: dict[str, str]  # structure: who corrected or accepted it (--reviewed only)
     path: str | None = None
+    drawn: frozenset[str] = frozenset()  # structures a person drew (corrected), not the model
 
     def mask(self, s: str) -> np.ndarray:
         data, encoding = self.masks[s]
@@ -126,7 +127,8 @@ def items(engine: Engine, selection: Selection, model: str, reviewed: bool, incl
             me = meas[uid]
             yield Item(uid, first.height, first.width, {s: (bytes(r.data), r.encoding) for s, r in keep.items()},
                        me.reviewed_ctr if reviewed else me.ctr, me.quality, model, me.model_sha256,
-                       {s: who.get((uid, s), "") for s in keep} if reviewed else {}, paths.get(uid))
+                       {s: who.get((uid, s), "") for s in keep} if reviewed else {}, paths.get(uid),
+                       frozenset(s for s, r in keep.items() if r.kind == "reviewed"))
 
 
 def _reviewers(conn, model: str, uids: list[str]) -> dict[tuple[str, str], str]:
@@ -300,7 +302,7 @@ def _segmentation(src, it: Item, sop_uid: str):
     descriptions = []
     for n, s in enumerate(present, 1):
         code, meaning = SNOMED[s]
-        manual = bool(it.reviewers.get(s))
+        manual = s in it.drawn
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=n, segment_label=meaning, segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),

@@ -149,6 +149,15 @@ def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
         assert pydicom.dcmread(tmp_path / "seg" / f"{safe_name(uid)}.dcm").Modality == "SEG"
     s = export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False)
     assert (s.written, s.kept) == (0, 2)
+    # a reviewer corrects one image's heart: the reviewed export says who drew what
+    uid, sop, _ = dicom_rows[0]
+    view = R.image_view(engine, uid, "default")
+    R.save(engine, uid, "default", "Ivanova Anna", 0, "corrected", polygons={"heart": view["polygons"]["heart"]})
+    s = export(engine, "seg", tmp_path / "reviewed", _selection(engine), reviewed=True, progress=False)
+    assert s.written == 1 and s.skipped["not reviewed"] == 2
+    seg = hd.seg.segread(tmp_path / "reviewed" / f"{safe_name(uid)}.dcm")
+    kinds = [d.SegmentAlgorithmType for d in seg.SegmentSequence]
+    assert kinds == ["MANUAL", "AUTOMATIC", "AUTOMATIC"] and "Ivanova" in str(seg.ContentCreatorName)
 
 
 def test_export_errors_name_the_next_step(labelled, tmp_path):
