@@ -78,18 +78,22 @@ def one_fold(args, k: int) -> dict:
     work = args.work / f"fold{k}"
     work.mkdir(parents=True, exist_ok=True)
     db = work / "catalogue.db"
+    for leftover in (db, work / "catalogue.db-wal", work / "catalogue.db-shm"):
+        leftover.unlink(missing_ok=True)  # a stale write-ahead log would replay an earlier run's edits
     shutil.copy(args.db_file, db)
     url = f"sqlite:///{db}"
     engine = D.connect(url)
     uids = annotated_uids(engine)
     splits = make_splits(uids, 5, 0.2, 0)
     val, pool = splits.val[k], splits.val[(k + 1) % 5]
+    if len(uids) != args.expect:
+        raise SystemExit(f"{db}: {len(uids)} annotated images, expected {args.expect}: a stale copy?")
     with engine.connect() as c:
         truth = load_masks(c, pool)
     with engine.begin() as c:  # the pool becomes unannotated archive images
         c.execute(D.masks.delete().where(D.masks.c.kind == "manual", D.masks.c.uid.in_(pool)))
     cfg = TrainConfig.from_preset("cxr_deep", epochs=args.epochs, threads=args.threads)
-    out: dict = {"fold": k, "val": len(val), "pool": len(pool), "epochs": args.epochs}
+    out: dict = {"fold": k, "annotated": len(uids), "val": len(val), "pool": len(pool), "epochs": args.epochs}
     started = time.time()
     before = trained(engine, cfg, work / "before", val, args.cache)
     shutil.copy(resource("models", "default", "model.quality.json"), sidecar(before))
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flag", type=float, default=0.3, help="share of the pool corrected, worst quality first")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--work", type=Path, default=Path("runs/review_loop"))
+    ap.add_argument("--expect", type=int, default=100, help="annotated images the catalogue holds")
     args = ap.parse_args(argv)
     if not args.db.startswith("sqlite:///"):
         ap.error("--db must be a SQLite catalogue (it is copied for each fold)")
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| fold | model | trained on | heart | left lung | right lung | mean Dice under shifts |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        n_base = 100 - r["val"] - r["pool"]
+        n_base = r["annotated"] - r["val"] - r["pool"]
         for name, what in (("before", f"{n_base} manual"),
                            ("after", f"{n_base} manual + {r['pool']} reviewed"),
                            ("ceiling", f"{n_base + r['pool']} manual")):
