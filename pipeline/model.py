@@ -394,12 +394,21 @@ def register_model(engine: Engine, name: str, checkpoint: str | Path, preset: st
 
 
 def list_models(engine: Engine) -> list[dict]:
-    """Registered models with their validation Dice, by name."""
+    """Registered models with their validation Dice and the images each trained on per mask
+    source (``manual 80, reviewed 6, accepted 14``; ``train --masks``), by name."""
     m = D.models
+    out = []
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(select(
-            m.c.name, m.c.preset, m.c.dice_heart, m.c.dice_left_lung, m.c.dice_right_lung,
-            m.c.sha256, m.c.path, m.c.created_at).order_by(m.c.name))]
+        for r in conn.execute(select(m.c.name, m.c.preset, m.c.dice_heart, m.c.dice_left_lung,
+                                     m.c.dice_right_lung, m.c.metrics, m.c.sha256, m.c.path, m.c.created_at)
+                              .order_by(m.c.name)):
+            row = dict(r._mapping)
+            try:
+                images = json.loads(row.pop("metrics") or "{}").get("training_images") or {}
+            except (ValueError, AttributeError):
+                images = {}
+            out.append({**row, "trained_on": ", ".join(f"{k} {v}" for k, v in images.items())})
+    return out
 
 
 def _finite(v: float | None) -> float | None:

@@ -169,6 +169,12 @@ def test_training_takes_reviewed_and_accepted_masks_but_validates_on_manual_only
     cv = cross_validate(engine, cfg, tmp_path / "run", cache, "cpu", progress=False, dataset=ds)
     assert not {uids[0], uids[1]} & {u for r in cv.results for u in r.held_out}  # never validated on
     assert cv.images == {"manual": len(only_manual.uids), "reviewed": 1, "accepted": 1}
+    from pipeline.model import register_model
+    register_model(engine, "looped", tmp_path / "run" / "fold0" / "best.pt", cfg.preset, cfg.as_dict(), {}, ds.hash,
+                   {"training_images": ds.counts()})
+    from pipeline.model import list_models
+    assert {m["name"]: m["trained_on"] for m in list_models(engine)}["looped"] == \
+        f"manual {len(only_manual.uids)}, reviewed 1, accepted 1"
     info = read_checkpoint(tmp_path / "run" / "fold0" / "best.pt").info
     assert info["images"]["reviewed"] == 1 and info["images"]["accepted"] == 1
     with pytest.raises(Exception, match="includes manual"):
