@@ -37,7 +37,7 @@ from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline.groups import Selection
 from pipeline.masks import STRUCTURES, decode, encode, rle_of
-from pipeline.review import states
+from pipeline.review import latest_reviews
 
 FORMATS = ("rle", "png", "seg")
 CHEXMASK_COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart"}
@@ -107,14 +107,14 @@ def items(engine: Engine, selection: Selection, model: str, reviewed: bool, incl
                 t.c.model == model, t.c.kind.in_(["predicted", "reviewed"] if reviewed else ["predicted"]))
             for r in D.rows_in(conn, q, t.c.uid, part):
                 rows.setdefault(r.uid, {}).setdefault(r.kind, {})[r.structure] = r
-            decided = states(conn, model, part)
-            who = _reviewers(conn, model, part) if reviewed else {}
+            decided = latest_reviews(conn, model, part)
         for uid in part:
             kinds = rows.get(uid)
             if not kinds or uid not in meas:
                 _skip(summary, f"not labelled by {model}")
                 continue
-            state = decided.get(uid, {})
+            latest = decided.get(uid, {})
+            state = {s: x.decision for s, x in latest.items()}
             if reviewed and not any(d in ("accepted", "corrected") for d in state.values()):
                 _skip(summary, "not reviewed")
                 continue
@@ -127,19 +127,8 @@ def items(engine: Engine, selection: Selection, model: str, reviewed: bool, incl
             me = meas[uid]
             yield Item(uid, first.height, first.width, {s: (bytes(r.data), r.encoding) for s, r in keep.items()},
                        me.reviewed_ctr if reviewed else me.ctr, me.quality, model, me.model_sha256,
-                       {s: who.get((uid, s), "") for s in keep} if reviewed else {}, paths.get(uid),
+                       {s: latest[s].reviewer if s in latest else "" for s in keep} if reviewed else {}, paths.get(uid),
                        frozenset(s for s, r in keep.items() if r.kind == "reviewed"))
-
-
-def _reviewers(conn, model: str, uids: list[str]) -> dict[tuple[str, str], str]:
-    """``{(uid, structure): reviewer}`` of each structure's latest decision."""
-    r = D.reviews
-    out: dict[tuple[str, str], str] = {}
-    q = select(r.c.uid, r.c.structure, r.c.reviewer, r.c.version, r.c.id).where(r.c.model == model)
-    for x in sorted(D.rows_in(conn, q, r.c.uid, uids), key=lambda x: (x.version, x.id)):
-        for s in (STRUCTURES if x.structure == "" else (x.structure,)):
-            out[(x.uid, s)] = x.reviewer
-    return out
 
 
 def _skip(summary: ExportSummary, reason: str) -> None:

@@ -424,8 +424,7 @@ def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
     again with ``rules`` (which may differ from the rules it was assigned by)."""
     rules = rules or load_rules()
     with engine.connect() as conn:
-        row = conn.execute(select(D.images.c.text, D.images.c.labels, D.images.c.report_ctr)
-                           .where(D.images.c.uid == uid)).first()
+        row = conn.execute(select(D.images.c.text, D.images.c.labels).where(D.images.c.uid == uid)).first()
         if row is None:
             raise GroupsError(f"image {uid!r} is not in the catalogue: see `cxrlabel query \"SELECT uid FROM "
                               f"catalogue LIMIT 5\"` for its uids")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -99,6 +100,12 @@ def _selection(model: str, f: Filters):
     return q
 
 
+def _order() -> tuple:
+    """The worklist's order: worst estimated quality first, images without a score last."""
+    m = D.measurements
+    return m.c.quality.is_(None), m.c.quality, m.c.uid
+
+
 def worklist(engine: Engine, model: str, filters: Filters = Filters(), limit: int = 200,
              offset: int = 0) -> tuple[list[dict], dict[str, int]]:
     """``(rows, counts)``: the filtered images, worst quality first (no score last), and how
@@ -112,15 +119,14 @@ def worklist(engine: Engine, model: str, filters: Filters = Filters(), limit: in
             if state:
                 counts["reviewed"] += n
                 counts[state] = counts.get(state, 0) + n
-        order = q.order_by(D.measurements.c.quality.is_(None), D.measurements.c.quality, D.measurements.c.uid)
-        rows = [dict(r._mapping) for r in conn.execute(order.limit(limit).offset(offset))]
+        rows = [dict(r._mapping) for r in conn.execute(q.order_by(*_order()).limit(limit).offset(offset))]
     return rows, counts
 
 
 def neighbours(engine: Engine, model: str, uid: str, filters: Filters = Filters()) -> tuple[str | None, str | None]:
     """The images before and after ``uid`` in the worklist's order (None at either end)."""
     m = D.measurements
-    key = (m.c.quality.is_(None), m.c.quality, m.c.uid)
+    key = _order()
     with engine.connect() as conn:
         here = conn.execute(select(m.c.quality).where(m.c.uid == uid, m.c.model == model)).first()
         if here is None:
@@ -315,16 +321,28 @@ def _update_measurements(conn: Connection, uid: str, model: str, masks: dict[str
                  .values(**values))
 
 
-def states(conn: Connection, model: str, uids: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{uid: {structure: decision}}``: where people reviewed ``model``'s masks, each
+class Latest(NamedTuple):
+    """The decision that stands for a structure, and who took it."""
+
+    decision: str
+    reviewer: str
+
+
+def latest_reviews(conn: Connection, model: str, uids: Sequence[str]) -> dict[str, dict[str, Latest]]:
+    """``{uid: {structure: Latest}}``: where people reviewed ``model``'s masks, each
     structure's latest decision, a whole-image decision counting for every structure (and
     ``''``: the latest whole-image decision)."""
     r = D.reviews
-    q = select(r.c.uid, r.c.structure, r.c.version, r.c.id, r.c.decision).where(r.c.model == model)
+    q = select(r.c.uid, r.c.structure, r.c.version, r.c.id, r.c.decision, r.c.reviewer).where(r.c.model == model)
     rows = sorted(D.rows_in(conn, q, r.c.uid, list(uids)), key=lambda x: (x.version, x.id))
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Latest]] = {}
     for x in rows:
         mine = out.setdefault(x.uid, {})
         for s in (STRUCTURES + ("",) if x.structure == "" else (x.structure,)):
-            mine[s] = x.decision
+            mine[s] = Latest(x.decision, x.reviewer)
     return out
+
+
+def states(conn: Connection, model: str, uids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{uid: {structure: decision}}`` of :func:`latest_reviews`."""
+    return {uid: {s: x.decision for s, x in by.items()} for uid, by in latest_reviews(conn, model, uids).items()}

@@ -133,7 +133,8 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     @app.get("/")
     def worklist_page():
         f = filters()
-        page = max(0, int(request.args.get("page", "0") or 0)) if request.args.get("page", "0").isdigit() else 0
+        arg = request.args.get("page", "0")
+        page = int(arg) if arg.isdigit() else 0
         rows, counts = R.worklist(engine, model, f, limit=100, offset=100 * page)
         return render_template("worklist.html", rows=rows, counts=counts, f=f, model=model, query=_query(f),
                                page=page, base=base)

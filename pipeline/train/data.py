@@ -57,9 +57,9 @@ def annotated_uids(engine: Engine) -> list[str]:
 def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude: set[str],
                    structures: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """The masks people reviewed, for training: ``({uid: {structure: mask}}, {uid: source})``.
-    ``reviewed``: images whose latest decision is a correction; ``accepted``: images accepted
-    as they were. Structures a reviewer rejected are left out; images in ``exclude`` (those
-    with manual masks) too."""
+    ``reviewed``: images with a structure a reviewer corrected; ``accepted``: images accepted
+    as drawn, none corrected. Structures a reviewer rejected are left out; images in
+    ``exclude`` (those with manual masks) too."""
     from pipeline.review import final_masks, states
     wanted = {"reviewed": "corrected", "accepted": "accepted"}
     with engine.connect() as conn:
