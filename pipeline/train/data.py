@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,16 +31,18 @@ class Dataset:
     sources: list[str] | None = None  # per image: manual, reviewed or accepted (None: all manual)
 
     @property
+    def source_of(self) -> list[str]:
+        """Each image's mask source, in order."""
+        return self.sources or ["manual"] * len(self.uids)
+
+    @property
     def manual(self) -> list[str]:
         """The images with manual masks: the only ones validation uses."""
-        return [u for k, u in enumerate(self.uids) if not self.sources or self.sources[k] == "manual"]
+        return [u for u, src in zip(self.uids, self.source_of, strict=True) if src == "manual"]
 
     def counts(self) -> dict[str, int]:
         """Images per mask source."""
-        out: dict[str, int] = {}
-        for src in self.sources or ["manual"] * len(self.uids):
-            out[src] = out.get(src, 0) + 1
-        return out
+        return dict(Counter(self.source_of))
 
     def indices(self, uids: list[str]) -> list[int]:
         """Positions of ``uids`` that are in the dataset (others are left out)."""

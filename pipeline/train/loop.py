@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         held_out = splits_for(run_dir, ds.manual, cfg).val[cfg.fold]
     va = ds.indices(held_out)
     tr = sorted(set(range(len(ds.uids))) - set(va))
-    sources = ds.sources or ["manual"] * len(ds.uids)
-    trained_on = {k: sum(sources[i] == k for i in tr) for k in dict.fromkeys(sources)}  # images per mask source
+    trained_on = dict(Counter(ds.source_of[i] for i in tr))  # images per mask source
     _seed_all(cfg.seed)
     model = build_network(cfg.spec()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
