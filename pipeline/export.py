@@ -24,6 +24,7 @@ import csv
 import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ def _rle_row(it: Item) -> list[str]:
 def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
     """Merge the new rows into ``out`` in uid order: equal rows kept, others written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = _partial(out)
     old = _old_rows(out)
     pending = next(old, None)
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -191,7 +192,7 @@ def _old_rows(path: Path) -> Iterator[list[str]]:
 def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
     """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "index.csv.partial"
+    tmp = _partial(out / "index.csv")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"])
@@ -215,8 +216,16 @@ def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
     os.replace(tmp, out / "index.csv")
 
 
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it replaces the old one: a file of its own for each
+    writer, so two exports to one place never write into each other's half-written file."""
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = _partial(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -268,7 +277,7 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
         except (ValueError, TypeError, AttributeError) as e:
             _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
             continue
-        tmp = path.with_name(path.name + ".partial")
+        tmp = _partial(path)
         seg.save_as(tmp)
         os.replace(tmp, path)
         summary.written += 1

@@ -176,3 +176,15 @@ def test_safe_names_never_collide():
     assert safe_name("abc.png") == "abc.png"
     assert safe_name("a/b") != safe_name("a_b") and "/" not in safe_name("a/b")
     assert safe_name("../../etc") != ".._.._etc" and not safe_name("../../etc").startswith(".")
+
+
+def test_two_exports_to_one_file_at_once_leave_it_whole(labelled, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    engine, uids = labelled
+    out = tmp_path / "masks.csv"
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda _: export(engine, "rle", out, _selection(engine), progress=False), range(2)))
+    assert all(s.written + s.kept == 4 for s in done)
+    with open(out, newline="") as f:
+        assert [r["Image ID"] for r in csv.DictReader(f)] == uids
+    assert not list(tmp_path.glob("*.partial"))
