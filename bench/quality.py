@@ -192,6 +192,29 @@ def held_out_estimates(rows: list[dict], folds: list[int], structures: list[str]
     return estimate
 
 
+def recipe(run_dir: Path) -> str:
+    """How the cross-validation run was trained and what it scored, from its summary (the
+    options that differ from the preset's), for the fitted score's ``info``; the folder's
+    name when the run has no summary yet."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return run_dir.name
+    cfg = summary["config"]
+    base = json.loads(json.dumps(TrainConfig.from_preset(cfg["preset"]).as_dict()))  # tuples as lists
+    flags = {"widen": "widen-heart"}
+    options = []
+    for k, v in cfg.items():
+        if k in ("fold", "folds", "epochs", "threads", "seed") or v == base.get(k):
+            continue
+        flag = "--" + flags.get(k, k.replace("_", "-"))
+        options.append(flag if v is True else f"--no-{flag[2:]}" if v is False else
+                       f"{flag} {','.join(map(str, v))}" if isinstance(v, list) else f"{flag} {v}")
+    dice = ", ".join(f"{s.replace('_', ' ')} {d['mean']:.3f}" for s, d in summary["dice"].items())
+    return (f"cxrlabel train --model {cfg['preset']} --epochs {cfg['epochs']} --folds {cfg['folds']}"
+            f"{''.join(' ' + o for o in options)}; CV Dice {dice}")
+
+
 def save_score(path: Path, rows, dice_true, structures, args, est, true, names) -> None:
     """The score fitted on every fold, with its held-out figures and calibration table."""
     bins = np.quantile(est, np.linspace(0, 1, 11))
@@ -199,7 +222,7 @@ def save_score(path: Path, rows, dice_true, structures, args, est, true, names) 
     calibration = [[float(est[which == b].mean()), float(true[which == b].mean()), int(np.sum(which == b))]
                    for b in range(10) if np.any(which == b)]
     final = QualityModel.fit(rows, dice_true, structures, args.alpha, names=names, info={
-        "fitted": datetime.date.today().isoformat(), "cv_run": str(args.cv), "masks": len(rows),
+        "fitted": datetime.date.today().isoformat(), "cv_run": recipe(args.cv), "masks": len(rows),
         "images": len(true), "shifts": list(SHIFTS), "strengths": list(STRENGTHS), "features": list(names),
         "held_out": {"spearman": round(spearman(est, true), 4), "mae": round(float(np.mean(np.abs(est - true))), 4),
                      "worst_10pct_share_below_0_9": round(worst_share(est, true), 4)},

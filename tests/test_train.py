@@ -11,7 +11,7 @@ from pipeline.networks import NETWORKS, create_network
 from pipeline.train import TrainConfig, TrainError, cross_validate, presets, train
 from pipeline.train.average import WeightAverage
 from pipeline.train.folds import make_splits, splits_for, update_splits
-from pipeline.train.losses import seg_loss
+from pipeline.train.losses import seg_loss, width_loss
 
 SMALL = {"unet": {"channels": (4, 8, 16)}, "segresnet": {"init_filters": 8},
          "segresnetvae": {"init_filters": 8, "input_image_size": (64, 64)},
@@ -103,6 +103,32 @@ def test_loss_ignores_unannotated_channels():
     target[0, 2] = 0  # an unannotated structure: its (wrong) target must not count
     partial = seg_loss(logits, target, torch.tensor([[True, True, False]]))
     assert torch.isclose(all_valid, partial)
+
+
+def test_width_loss_weighs_a_border_drawn_short_more_than_dice_does():
+    target = torch.zeros(1, 1, 64, 64)
+    target[0, 0, 10:54, 12:52] = 1  # a 40-column structure
+    valid = torch.tensor([[True]])
+
+    def logits(x0, x1):
+        out = torch.full((1, 1, 64, 64), -6.0)
+        out[0, 0, 10:54, x0:x1] = 6.0
+        return out
+
+    exact, short = logits(12, 52), logits(12, 48)  # the same mask, 4 columns short (10% of the width)
+    dice = [seg_loss(x, target, valid, "dice").item() for x in (exact, short)]
+    width = [width_loss(x, target, valid).item() for x in (exact, short)]
+    assert width[0] < 0.01 and dice[0] < 0.01
+    # the short border costs the width term several times what it costs Dice: four wrong
+    # columns of 64 against 176 wrong pixels of 1,760...
+    assert width[1] > 3 * (dice[1] - dice[0])
+    # ...and its weight adds to seg_loss, where it counts only for annotated channels
+    assert seg_loss(short, target, valid, "dice", width=2.0).item() == pytest.approx(dice[1] + 2 * width[1])
+    assert width_loss(short, target, torch.tensor([[False]])).item() == 0
+    # a stray blob beside the structure: one row of it costs a column each, not a pixel
+    stray = exact.clone()
+    stray[0, 0, 30, 55:60] = 6.0
+    assert width_loss(stray, target, valid).item() > 0.3
 
 
 def test_training_is_deterministic_registered_and_resumable(annotated_engine, tmp_path):

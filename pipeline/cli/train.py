@@ -31,6 +31,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "warped together; by --widen-range); 0 = off [preset].")
 @click.option("--widen-range", "widen_range", metavar="LO,HI",
               help="Heart width factors for --widen-heart, drawn uniformly; below 1 narrows [1.05,1.35].")
+@click.option("--width-loss", "width_loss", type=click.FloatRange(0),
+              help="Weight of a loss on each structure's horizontal extent (which columns it reaches), "
+                   "the widths behind the CTR that Dice barely weighs; 0 = off [preset].")
 @click.option("--masks", "masks", metavar="SOURCES",
               help="Which masks train, comma-separated: manual (always), reviewed (corrected in "
                    "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "

@@ -49,6 +49,7 @@ class TrainConfig:
     batch: int = 8
     lr: float = 3e-3
     loss: str = "dicece"
+    width_loss: float = 0.0  # weight of the column-occupancy term (train.losses.width_loss); 0 = off
     ema: float = 0.0  # weight-average decay per optimiser step; 0 = off
     norm: str = "zscore"  # model input: see imaging.model_input
     seed: int = 0

@@ -136,7 +136,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         for x, y, valid in batches:
             x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
             out = model(x)
-            loss = seg_loss(logits_of(out), y, valid, cfg.loss)
+            loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss)
             if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
                 loss = loss + 0.1 * out[1]
             opt.zero_grad(set_to_none=True)
