@@ -549,6 +549,34 @@ def upright(cached: np.ndarray) -> tuple[np.ndarray, bool]:
     return cached, False
 
 
+NOISY_ABOVE = 8.0  # grey levels: beyond training's noise augmentation (sigma 0.03 of the range, 7.7)
+_LAPLACE_PAIR = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def noise_sigma(cached: np.ndarray) -> float:
+    """The image's pixel noise, in grey levels (Immerkaer's estimate: the mean absolute
+    response to a mask that cancels smooth structure, scaled to a Gaussian's sigma). Chest
+    films in the cache read 0.3-3.3 (385 GeneralBlockchain, NIH and DICOM samples at 256
+    px); low-dose noise of sigma 0.05-0.1 of the range reads 12-25."""
+    a = cached.astype(np.float32)
+    if min(a.shape) < 3:
+        return 0.0
+    response = cv2.filter2D(a, -1, _LAPLACE_PAIR)[1:-1, 1:-1]
+    return float(np.sqrt(np.pi / 2) * np.abs(response).mean() / 6)
+
+
+def denoised(cached: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The image smoothed when it is noisier than anything the model trained on
+    (:data:`NOISY_ABOVE`), by a Gaussian of sigma noise/10 pixels (0.8-3): on the quality
+    bench's strongest noise this keeps 0.937 of 0.944 mean Dice where the raw image keeps
+    0.923, and a clean film is never touched. Returns ``(image, the noise found when it
+    smoothed, else None)``."""
+    sigma = noise_sigma(cached)
+    if sigma < NOISY_ABOVE:
+        return cached, None
+    return cv2.GaussianBlur(cached, (0, 0), min(3.0, max(0.8, sigma / 10))), sigma
+
+
 def model_input(cached: np.ndarray, norm: str = "zscore") -> np.ndarray:
     """Cached ``(S, S) uint8`` -> ``(1, S, S) float32``, z-scored over the image.
 
