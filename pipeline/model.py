@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
 from pipeline import db as D
-from pipeline.imaging import MODES, NORMS, denoised, model_input, upright
+from pipeline.imaging import MODES, NORMS, denoised, model_input, unrimmed, upright
 from pipeline.masks import STRUCTURES
 from pipeline.networks import NETWORKS, create_network
 from pipeline.resources import resource
@@ -272,10 +272,11 @@ class LoadedModel:
 
 def model_inputs(images: Sequence[np.ndarray], norm: str) -> np.ndarray:
     """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input (the model's
-    own normalisation, ``spec.norm``), each the right way round (:func:`imaging.upright`)
-    and smoothed when noisier than training showed the model (:func:`imaging.denoised`):
-    CPU work a labelling loop does off the model's path."""
-    return np.stack([model_input(denoised(upright(img)[0])[0], norm) for img in images])
+    own normalisation, ``spec.norm``), each the right way round (:func:`imaging.upright`),
+    a collimator's rim filled (:func:`imaging.unrimmed`) and smoothed when noisier than
+    training showed the model (:func:`imaging.denoised`): CPU work a labelling loop does
+    off the model's path."""
+    return np.stack([model_input(denoised(unrimmed(upright(img)[0])[0])[0], norm) for img in images])
 
 
 def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False,

@@ -311,3 +311,36 @@ def test_a_noisy_film_is_smoothed_before_the_model():
         for name, masks in (("smoothed", cleaned), ("raw", raw)):
             agree[name].append(np.mean([dice(masks[c], reference[c]) for c in range(len(reference))]))
     assert np.mean(agree["smoothed"]) > np.mean(agree["raw"]) + 0.005
+
+
+def test_a_collimator_rim_is_found_and_filled_before_the_model():
+    """A bright flat band along the edges (an unexposed collimator's rim) is measured
+    exactly, filled with the film mirrored across its inner edge, and the shipped model's
+    masks then stay closer to its masks of the film without the rim; films without one
+    (and black padding) are left alone."""
+    from pipeline.imaging import collimation_rim, model_input, preprocess, unrimmed
+    from pipeline.metrics import dice
+    from pipeline.model import infer, resolve_model
+    lm = resolve_model(None, "default", "cpu")
+    files = sorted((GB / "images").iterdir())[:12] + [DICOM / "cr_chest_pa_jpeg_baseline.dcm"]
+    agree: dict[str, list[float]] = {"filled": [], "raw": []}
+    for n, f in enumerate(files):
+        clean, _ = preprocess(f, 256)
+        assert collimation_rim(clean) == (0, 0, 0, 0) and unrimmed(clean)[0] is clean, f.name
+        depths = (20 + n, 12, 25, 30 - n)  # top, bottom, left, right
+        rimmed = clean.copy()
+        rimmed[:depths[0]], rimmed[256 - depths[1]:] = 235, 235
+        rimmed[:, :depths[2]], rimmed[:, 256 - depths[3]:] = 235, 235
+        assert collimation_rim(rimmed) == depths
+        filled, found = unrimmed(rimmed)
+        assert found == depths and np.array_equal(filled[20 + n:244, 25:226 + n], clean[20 + n:244, 25:226 + n])
+        t, b, left, right = depths  # the top band mirrors the rows below its inner edge
+        assert np.array_equal(filled[:t][::-1, left:256 - right], clean[t:2 * t, left:256 - right])
+        reference, through = infer(lm, [clean, rimmed]) > 0.5  # infer fills the rim itself
+        raw = infer(lm, [], inputs=model_input(rimmed, lm.spec.norm)[None])[0] > 0.5
+        for name, masks in (("filled", through), ("raw", raw)):
+            agree[name].append(np.mean([dice(masks[c], reference[c]) for c in range(len(reference))]))
+    assert np.mean(agree["filled"]) > np.mean(agree["raw"]) + 0.02
+    padded = np.zeros((256, 256), np.uint8)
+    padded[40:216] = clean[40:216]  # a wide film padded to a square: black bands are not a rim
+    assert collimation_rim(padded) == (0, 0, 0, 0)
