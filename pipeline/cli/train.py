@@ -31,6 +31,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "warped together; by --widen-range); 0 = off [preset].")
 @click.option("--widen-range", "widen_range", metavar="LO,HI",
               help="Heart width factors for --widen-heart, drawn uniformly; below 1 narrows [1.05,1.35].")
+@click.option("--widen-ctr", "widen_ctr", metavar="LO,HI",
+              help="Instead of --widen-range: widen (or narrow) each heart to a CTR drawn uniformly from "
+                   "LO-HI, so the widened share sees every heart size alike, e.g. 0.40,0.66.")
 @click.option("--width-loss", "width_loss", type=click.FloatRange(0),
               help="Weight of a loss on each structure's horizontal extent (which columns it reaches), "
                    "the widths behind the CTR that Dice barely weighs; 0 = off [preset].")
@@ -70,13 +73,9 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
         cxrlabel train --model unet7_res --size 512 --folds 5 --parallel-folds 5 --device cuda
     """
     from pipeline.train import TrainConfig, cross_validate
-    if overrides.get("widen_range"):
-        try:
-            overrides["widen_range"] = tuple(float(v) for v in overrides["widen_range"].split(","))
-        except ValueError:
-            raise click.BadParameter("two numbers, e.g. 0.85,1.35", param_hint="--widen-range") from None
-        if len(overrides["widen_range"]) != 2:
-            raise click.BadParameter("two numbers, e.g. 0.85,1.35", param_hint="--widen-range")
+    for key, example in (("widen_range", "0.85,1.35"), ("widen_ctr", "0.40,0.66")):
+        if overrides.get(key):
+            overrides[key] = _pair(overrides[key], f"--{key.replace('_', '-')}", example)
     if overrides.get("masks"):
         overrides["masks"] = tuple(m.strip() for m in overrides["masks"].split(",") if m.strip())
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
@@ -157,3 +156,14 @@ def models_upgrade(ctx, checkpoints) -> None:
 
 
 COMMANDS = [train_cmd, models]
+
+
+def _pair(text: str, option: str, example: str) -> tuple[float, float]:
+    """``LO,HI`` as two floats, or a usage error naming the option."""
+    try:
+        pair = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"two numbers, e.g. {example}", param_hint=option) from None
+    if len(pair) != 2:
+        raise click.BadParameter(f"two numbers, e.g. {example}", param_hint=option)
+    return pair

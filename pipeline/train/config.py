@@ -60,6 +60,7 @@ class TrainConfig:
     shifts: bool = False  # equipment-like shifts in augmentation (see train.data.augmentation)
     widen: float = 0.0  # probability of widening the heart in augmentation (train.enlarge); 0 = off
     widen_range: tuple[float, float] = (1.05, 1.35)  # heart width factors drawn uniformly (< 1 narrows)
+    widen_ctr: tuple[float, float] | None = None  # instead: the CTR to widen (or narrow) to, drawn uniformly
     masks: tuple[str, ...] = ("manual",)  # which masks train: manual, reviewed, accepted (see MASK_SOURCES)
     review_model: str = "default"  # whose reviewed masks `reviewed`/`accepted` take
     threads: int | None = None
@@ -80,6 +81,11 @@ class TrainConfig:
         lo, hi = values["widen_range"]
         if not 0.5 <= lo <= hi <= 2.0:
             raise TrainError(f"--widen-range {lo},{hi}: two factors between 0.5 and 2, the smaller first")
+        if values.get("widen_ctr") is not None:
+            values["widen_ctr"] = tuple(values["widen_ctr"])
+            lo, hi = values["widen_ctr"]
+            if not 0.25 <= lo <= hi <= 0.85:
+                raise TrainError(f"--widen-ctr {lo},{hi}: two CTRs between 0.25 and 0.85, the smaller first")
         unknown = [m for m in values["masks"] if m not in MASK_SOURCES]
         if unknown or "manual" not in values["masks"]:
             raise TrainError(f"--masks {','.join(values['masks'])}: a comma-separated list of "

@@ -136,7 +136,7 @@ def augmentation(cfg: TrainConfig):
     heart (:func:`pipeline.train.enlarge.widen_heart`, by a factor from ``cfg.widen_range``)."""
     from monai import transforms as T
     keys = ["image", "mask"]
-    steps = [_heart_widening(cfg.structures, cfg.widen, cfg.widen_range)] if cfg.widen else []
+    steps = [_heart_widening(cfg.structures, cfg.widen, cfg.widen_range, cfg.widen_ctr)] if cfg.widen else []
     steps += [
         T.RandAffined(keys, prob=0.8, rotate_range=0.17, scale_range=0.15, shear_range=0.05,
                       translate_range=(0.06 * cfg.size,) * 2, mode=("bilinear", "bilinear"),
@@ -177,19 +177,30 @@ def _equipment_shift(name: str, prob: float):
     return EquipmentShift(prob=prob)
 
 
-def _heart_widening(structures: tuple[str, ...], prob: float, factors: tuple[float, float]):
+WIDEN_LIMITS = (0.7, 1.5)  # heart width factors --widen-ctr may ask for
+
+
+def _heart_widening(structures: tuple[str, ...], prob: float, factors: tuple[float, float],
+                    ctrs: tuple[float, float] | None = None):
     """:func:`pipeline.train.enlarge.widen_heart` as a MONAI random transform on ``image``
-    (1, S, S) and ``mask`` (C, S, S), by a factor drawn uniformly from ``factors``."""
+    (1, S, S) and ``mask`` (C, S, S), by a factor drawn uniformly from ``factors``; or, with
+    ``ctrs``, by the factor that takes the masks' CTR to one drawn uniformly from ``ctrs``
+    (within :data:`WIDEN_LIMITS`), so the widened share sees every heart size alike."""
     from monai.transforms import RandomizableTransform
 
-    from pipeline.train.enlarge import widen_heart
+    from pipeline.train.enlarge import mask_ctr, widen_heart
 
     class HeartWidening(RandomizableTransform):
         def __call__(self, data: dict) -> dict:
             self.randomize(None)
             if not self._do_transform:
                 return data
-            factor = self.R.uniform(*factors)
+            factor = self.R.uniform(*(ctrs or factors))
+            if ctrs:
+                now = mask_ctr(np.asarray(data["mask"]), structures)
+                if now is None:
+                    return data
+                factor = float(np.clip(factor / now, *WIDEN_LIMITS))
             image, mask = widen_heart(np.asarray(data["image"])[0], np.asarray(data["mask"]), structures, factor)
             return {**data, "image": image[None], "mask": mask}
 
