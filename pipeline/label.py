@@ -61,6 +61,7 @@ class Item:
     image: np.ndarray  # (S, S) uint8 cache entry
     geom: Geometry
     spacing: tuple[float | None, float | None] = (None, None)
+    rim: float | None = None  # share under a collimator's rim (quality.rim_share); None: read it from image
 
 
 @dataclass
@@ -125,8 +126,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
-    whole = Q.image_features(values["ctr"], columns)
-    features = {s: {**f, **whole} for s, f in features.items()}
+    whole = Q.image_features(values["ctr"], columns, item.rim if item.rim is not None else Q.rim_share(item.image))
+    features = {s: {**f, **whole, "at_edge": Q.edges_reached(boxes.get(s), *shape)} for s, f in features.items()}
     if whole_masks is not None:
         for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
             features[s]["tta"] = v
@@ -335,7 +336,7 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
             if inverted:
                 log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
                             "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
-            items.append(Item(sel.uid, image, got.geom, sel.spacing))
+            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image)))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors

@@ -22,8 +22,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area")
-IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing")
+from pipeline.imaging import collimation_rim
+
+STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "at_edge")
+IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing", "rim")
 FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
 CONTEXT = ("agreement", "uncertain", "edge_margin", "solidity")  # compared across the image's structures
 
@@ -51,7 +53,7 @@ def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreemen
     area = int(np.count_nonzero(cleaned))
     if area == 0:
         return {"agreement": math.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
-                "solidity": 0.0, "area": math.log(1 / size ** 2)}
+                "solidity": 0.0, "area": math.log(1 / size ** 2), "at_edge": 0.0}
     m = cleaned.astype(np.uint8)
     ring = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, _RING) > 0  # the outline, a pixel either side
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -64,18 +66,40 @@ def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreemen
         "kept": math.log(max(kept, 1e-3)),  # below 0: the clean-up threw blobs away
         "solidity": min(1.0, area / max(hull, 1.0)),
         "area": math.log(area / size ** 2),
+        "at_edge": 0.0,  # set by the caller, which knows the film's edges: see edges_reached
     }
 
 
-def image_features(ctr: float | None, columns: dict[str, float | None]) -> dict[str, float]:
+def edges_reached(box: tuple[int, int, int, int] | None, height: int, width: int) -> float:
+    """How many of the film's four edges a structure's box ``(x0, y0, x1, y1)`` reaches
+    (within 0.5% of the side): a lung cut off by a tight field of view, whose outline there
+    is the film's edge rather than the anatomy's."""
+    if box is None:
+        return 0.0
+    x0, y0, x1, y1 = box
+    mx, my = max(1.0, 0.005 * width), max(1.0, 0.005 * height)
+    return float((x0 < mx) + (y0 < my) + (x1 > width - 1 - mx) + (y1 > height - 1 - my))
+
+
+def image_features(ctr: float | None, columns: dict[str, float | None], rim: float = 0.0) -> dict[str, float]:
     """Anatomy of the whole image: CTR away from the usual range, lungs on the wrong side,
-    structures missing."""
+    structures missing; and the share of the film a collimator's rim covered (the model
+    drew the anatomy on behind it: :func:`pipeline.imaging.unrimmed`)."""
     left, right = columns.get("left_lung"), columns.get("right_lung")
     return {
         "ctr_off": float(abs(ctr - 0.47)) if ctr is not None else 0.5,
         "lungs_swapped": float(left is not None and right is not None and left < right),
         "missing": float(sum(v is None for v in columns.values())),
+        "rim": rim,
     }
+
+
+def rim_share(cached: np.ndarray) -> float:
+    """The share of a cached film that a collimator's rim covers
+    (:func:`pipeline.imaging.collimation_rim`)."""
+    top, bottom, left, right = collimation_rim(cached)
+    h, w = cached.shape
+    return 1.0 - max(h - top - bottom, 0) * max(w - left - right, 0) / (h * w)
 
 
 @dataclass(frozen=True)
@@ -137,7 +161,8 @@ class QualityModel:
     @classmethod
     def load(cls, path: Path) -> QualityModel:
         d = json.loads(Path(path).read_text())
-        if d.get("format") != FORMAT or tuple(d["features"]) not in (FEATURES, FEATURES + ("tta",)):
+        # a score fitted before a feature was added reads the features it knows
+        if d.get("format") != FORMAT or not set(d["features"]) <= {*FEATURES, "tta"}:
             raise ValueError(f"{path}: not a quality model of this cxrlabel (refit it with bench/quality.py)")
         return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
                    d["values"], d.get("info", {}))

@@ -194,3 +194,20 @@ def test_a_ring_shaped_prediction_with_a_large_filled_hole_scores_without_error(
     out = postprocess(Item("ring", np.zeros((64, 64), np.uint8), Geometry.fit(64, 64, 64, "pad")), probs, STRUCTURES)
     assert out.masks["heart"].decode()[32, 32]  # the hole is filled
     assert 0 <= out.measurements["quality"] <= 1
+
+
+def test_the_score_knows_a_film_cut_short_and_a_collimator_rim():
+    from pipeline.quality import edges_reached, rim_share
+    assert edges_reached(None, 1000, 800) == 0
+    assert edges_reached((100, 120, 700, 900), 1000, 800) == 0
+    assert edges_reached((2, 0, 799, 900), 1000, 800) == 3  # left (within 0.5%), top and right
+    film = np.full((200, 200), 90, np.uint8)
+    film[::2] = 60  # texture: no flat band anywhere
+    assert rim_share(film) == 0
+    film[:20], film[:, 180:] = 235, 235  # a rim 20 deep on top and on the right
+    assert rim_share(film) == pytest.approx(1 - 180 * 180 / 200 ** 2)
+    geom = Geometry.fit(64, 64, 64)
+    probs = np.zeros((3, 64, 64), np.float32)
+    probs[:, 10:60, 0:30] = 0.9  # every structure runs off the left edge
+    features = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom, rim=0.25), probs, list(STRUCTURES)).features
+    assert all(f["at_edge"] == 1 and f["rim"] == 0.25 for f in features.values())
