@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import db as D  # noqa: E402
 from pipeline.imaging import Geometry  # noqa: E402
-from pipeline.label import Item, postprocess, reframe  # noqa: E402
+from pipeline.label import Item, postprocess  # noqa: E402
 from pipeline.measure import measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
@@ -133,8 +133,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
         lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
         for i in ds.indices(held):
             shifted = [make_variant(name, s, ds.images[i], ds.masks[i], structures, rng) for name, s in kinds]
-            images = [img for img, _ in shifted]
-            probs = reframe(lm, images, [geom] * len(images), infer(lm, images))  # as `label` does
+            probs = infer(lm, [img for img, _ in shifted])
             results = [postprocess(Item(ds.uids[i], img, geom), p, structures)
                        for (img, _), p in zip(shifted, probs, strict=True)]
             agreement = (tta_features(lm, [img for img, _ in shifted], results, structures) if tta

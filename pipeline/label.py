@@ -35,7 +35,7 @@ from pipeline import masks as M
 from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
-from pipeline.imaging import Geometry, collimation_rim, upright
+from pipeline.imaging import Geometry, upright
 from pipeline.masks import STRUCTURES
 from pipeline.measure import clean, mean_column, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
@@ -161,59 +161,8 @@ def postprocess_all(items: Sequence[Item], probs: np.ndarray, structures: Sequen
 def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = None) -> np.ndarray:
     """``(B, C, S, S)`` probabilities of one batch as uint8 (``round(255 p)``, CPU numpy):
     a quarter of float32's bytes to copy off the GPU and to hand to post-processing.
-    ``inputs``: the batch's :func:`pipeline.model.model_inputs`, when made beforehand.
-    Films cut short are labelled again from further out (:func:`reframe`)."""
-    probs = infer(lm, [it.image for it in items], quantise=True, inputs=inputs)
-    return reframe(lm, [it.image for it in items], [it.geom for it in items], probs)
-
-
-REFRAME_CONTACTS = 2  # structures' contacts with the film's edges (summed) that mark a film cut short
-REFRAME_ZOOM = 1.2  # how much further out such a film is labelled again
-
-
-def edge_contacts(probs: np.ndarray, geom: Geometry) -> int:
-    """How many times the structures of one image's ``(C, S, S)`` probabilities (float, or
-    uint8 = round(255 p)) reach an edge of the film's content in the cache (within 0.5% of
-    its side): 0-4 per structure."""
-    cut = 127 if probs.dtype == np.uint8 else 0.5
-    k = probs.shape[-1] / geom.size
-    x0, y0 = geom.offset_x * geom.scale_x * k, geom.offset_y * geom.scale_y * k
-    x1 = (geom.orig_width + geom.offset_x) * geom.scale_x * k - 1
-    y1 = (geom.orig_height + geom.offset_y) * geom.scale_y * k - 1
-    tx, ty = max(1.0, 0.005 * (x1 - x0 + 1)), max(1.0, 0.005 * (y1 - y0 + 1))
-    contacts = 0
-    for channel in probs:
-        fg = channel > cut
-        ys, xs = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-        if len(xs):
-            contacts += int(xs[0] - x0 < tx) + int(ys[0] - y0 < ty) + int(x1 - xs[-1] < tx) + int(y1 - ys[-1] < ty)
-    return contacts
-
-
-def reframe(lm: LoadedModel, images: Sequence[np.ndarray], geoms: Sequence[Geometry], probs: np.ndarray,
-            ) -> np.ndarray:
-    """``probs`` with those of films cut short (a field of view tighter than the chest: the
-    structures reach the film's edges :data:`REFRAME_CONTACTS` times or more, and no
-    collimator's rim explains it) replaced by the model's output for the film shrunk
-    :data:`REFRAME_ZOOM` times about its centre, mapped back. The model trained on chests
-    framed whole and draws a chest seen too close poorly: on the quality bench's 1.4x crops
-    this keeps 0.918 of 0.944 mean Dice instead of 0.886, while about 1% of ordinary films
-    get the second pass, at no cost to their Dice."""
-    pick = [i for i, (image, geom) in enumerate(zip(images, geoms, strict=True))
-            if edge_contacts(probs[i], geom) >= REFRAME_CONTACTS and not any(collimation_rim(image))]
-    if not pick:
-        return probs
-    s = probs.shape[-1]
-    z = 1 / REFRAME_ZOOM
-    shrink = np.array([[z, 0.0, (1 - z) * s / 2], [0.0, z, (1 - z) * s / 2]])
-    again = infer(lm, [cv2.warpAffine(images[i], shrink, (s, s), flags=cv2.INTER_AREA, borderValue=0)
-                       for i in pick], quantise=probs.dtype == np.uint8)
-    back = cv2.invertAffineTransform(shrink)
-    out = probs.copy()
-    for j, i in enumerate(pick):
-        out[i] = np.stack([cv2.warpAffine(c, back, (s, s), flags=cv2.INTER_LINEAR) for c in again[j]])
-    log.debug("labelled %d film(s) cut short again from further out", len(pick))
-    return out
+    ``inputs``: the batch's :func:`pipeline.model.model_inputs`, when made beforehand."""
+    return infer(lm, [it.image for it in items], quantise=True, inputs=inputs)
 
 
 def forward_tta(lm: LoadedModel, items: Sequence[Item]) -> np.ndarray:
