@@ -127,7 +127,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     whole = Q.image_features(values["ctr"], columns, item.rim if item.rim is not None else Q.rim_share(item.image))
-    features = {s: {**f, **whole, "at_edge": Q.edges_reached(boxes.get(s), *shape)} for s, f in features.items()}
+    features = {s: {**f, **whole} for s, f in features.items()}
     if whole_masks is not None:
         for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
             features[s]["tta"] = v

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.imaging import collimation_rim
 
-STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "at_edge")
+STRUCTURE_FEATURES = ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area")
 IMAGE_FEATURES = ("ctr_off", "lungs_swapped", "missing", "rim")
 FEATURES = STRUCTURE_FEATURES + IMAGE_FEATURES
 CONTEXT = ("agreement", "uncertain", "edge_margin", "solidity")  # compared across the image's structures
@@ -53,7 +53,7 @@ def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreemen
     area = int(np.count_nonzero(cleaned))
     if area == 0:
         return {"agreement": math.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
-                "solidity": 0.0, "area": math.log(1 / size ** 2), "at_edge": 0.0}
+                "solidity": 0.0, "area": math.log(1 / size ** 2)}
     m = cleaned.astype(np.uint8)
     ring = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, _RING) > 0  # the outline, a pixel either side
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -66,19 +66,7 @@ def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreemen
         "kept": math.log(max(kept, 1e-3)),  # below 0: the clean-up threw blobs away
         "solidity": min(1.0, area / max(hull, 1.0)),
         "area": math.log(area / size ** 2),
-        "at_edge": 0.0,  # set by the caller, which knows the film's edges: see edges_reached
     }
-
-
-def edges_reached(box: tuple[int, int, int, int] | None, height: int, width: int) -> float:
-    """How many of the film's four edges a structure's box ``(x0, y0, x1, y1)`` reaches
-    (within 0.5% of the side): a lung cut off by a tight field of view, whose outline there
-    is the film's edge rather than the anatomy's."""
-    if box is None:
-        return 0.0
-    x0, y0, x1, y1 = box
-    mx, my = max(1.0, 0.005 * width), max(1.0, 0.005 * height)
-    return float((x0 < mx) + (y0 < my) + (x1 > width - 1 - mx) + (y1 > height - 1 - my))
 
 
 def image_features(ctr: float | None, columns: dict[str, float | None], rim: float = 0.0) -> dict[str, float]:
