@@ -90,3 +90,21 @@ def test_a_factor_below_one_narrows_the_heart(annotated):
         assert abs(after["thoracic_width_px"] - before["thoracic_width_px"]) <= 2
     with pytest.raises(Exception, match="widen-range"):
         TrainConfig.from_preset("tiny", widen_range=(1.3, 1.1))
+
+
+def test_widening_to_a_drawn_ctr_lands_near_it(annotated):
+    """--widen-ctr: each heart is warped towards a CTR drawn from the range, whatever its own
+    (here a range of one value, so every image must land near it from wherever it started)."""
+    from pipeline.train.data import _heart_widening
+    images, masks = annotated
+    step = _heart_widening(STRUCTURES, 1.0, (1.05, 1.35), (0.58, 0.58))
+    step.set_random_state(seed=0)
+    started, landed = [], []
+    for img, m in zip(images, masks, strict=True):
+        out = step({"image": img[None].astype(np.float32) / 255, "mask": m.astype(np.float32)})
+        started.append(_measure(m)["ctr"])
+        landed.append(_measure(np.asarray(out["mask"]))["ctr"])
+    assert min(started) < 0.52  # the images start well apart from the target...
+    assert all(abs(c - 0.58) < 0.03 for c in landed)  # ...and all land near it
+    with pytest.raises(Exception, match="widen-ctr"):
+        TrainConfig.from_preset("tiny", widen_ctr=(0.7, 0.4))

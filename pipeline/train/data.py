@@ -188,20 +188,24 @@ def _heart_widening(structures: tuple[str, ...], prob: float, factors: tuple[flo
     (within :data:`WIDEN_LIMITS`), so the widened share sees every heart size alike."""
     from monai.transforms import RandomizableTransform
 
-    from pipeline.train.enlarge import mask_ctr, widen_heart
+    from pipeline.measure import measure
+    from pipeline.train.enlarge import widen_heart
 
     class HeartWidening(RandomizableTransform):
         def __call__(self, data: dict) -> dict:
             self.randomize(None)
             if not self._do_transform:
                 return data
-            factor = self.R.uniform(*(ctrs or factors))
-            if ctrs:
-                now = mask_ctr(np.asarray(data["mask"]), structures)
+            masks = np.asarray(data["mask"])
+            if ctrs:  # the factor that takes the masks' CTR (as labelling measures it) to the drawn one
+                target = self.R.uniform(*ctrs)
+                now = measure({s: m > 0.5 for s, m in zip(structures, masks, strict=True)})["ctr"]
                 if now is None:
                     return data
-                factor = float(np.clip(factor / now, *WIDEN_LIMITS))
-            image, mask = widen_heart(np.asarray(data["image"])[0], np.asarray(data["mask"]), structures, factor)
+                factor = float(np.clip(target / now, *WIDEN_LIMITS))
+            else:
+                factor = self.R.uniform(*factors)
+            image, mask = widen_heart(np.asarray(data["image"])[0], masks, structures, factor)
             return {**data, "image": image[None], "mask": mask}
 
     return HeartWidening(prob=prob)

@@ -53,20 +53,6 @@ def row_weights(size: int, top: int, bottom: int) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(np.pi * np.minimum(up, down))
 
 
-def mask_ctr(masks: np.ndarray, structures: tuple[str, ...] | list[str]) -> float | None:
-    """The CTR the masks (C, S, S) draw: the heart's widest extent over the lungs' outer
-    extent (as :func:`pipeline.measure.measure` reads it); None without the heart and both
-    lungs."""
-    names = list(structures)
-    if not all(n in names for n in ("heart", "left_lung", "right_lung")):
-        return None
-    cols = {n: np.flatnonzero((masks[names.index(n)] > 0.5).any(axis=0)) for n in ("heart", "left_lung", "right_lung")}
-    if any(len(c) == 0 for c in cols.values()):
-        return None
-    lungs = np.concatenate([cols["left_lung"], cols["right_lung"]])
-    return float((cols["heart"][-1] - cols["heart"][0] + 1) / (lungs.max() - lungs.min() + 1))
-
-
 def widen_heart(image: np.ndarray, masks: np.ndarray, structures: tuple[str, ...] | list[str],
                 factor: float) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (S, S) and ``masks`` (C, S, S, floats in [0, 1]) with the heart ``factor``
