@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             list(pool.map(postprocess, items, probs, [st] * len(items)))
             row(f"post-processing, {CORES} threads", f"{rate(len(items), time.perf_counter() - t):.1f} img/s")
-        with process_pool(CORES) as pool:
+        with process_pool(CORES, preload=("pipeline.label",)) as pool:
             list(pool.map(postprocess, items[:CORES], probs[:CORES], [st] * CORES))  # start the workers
             t = time.perf_counter()
             list(pool.map(postprocess, items, probs, [st] * len(items), chunksize=4))

@@ -12,14 +12,22 @@ class CxrlabelError(Exception):
     """Base class of the errors the CLI turns into a one-line message with a next step."""
 
 
-def process_pool(workers: int | None = None):
+def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
     work is cancelled when its ``with`` block ends in an error.
 
     Python's pool workers otherwise wait forever on their task queue after the parent is
     killed (``kill -9``, OOM killer), holding memory and the parent's open files; and a
     pool left by an exception would first run every job still queued (a whole archive).
+
+    Workers start from a fork server (a fresh single-threaded process that has imported the
+    ``preload`` modules once), never as forks of this process: labelling starts workers
+    while its loader, writer and torch threads run, and a child forked while one of them
+    holds a lock (OpenCV's or torch's thread pool, SQLite's, a logging handler's) can wait on
+    it forever. The server is one per process: the first pool's ``preload`` is imported
+    there; a later pool's workers import what their tasks need on their first task.
     """
+    import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
@@ -28,17 +36,36 @@ def process_pool(workers: int | None = None):
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
-    return Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipeline", *preload])
+    return Pool(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with(owner: int) -> None:
+    """Exit when the process that owns the pool does. Not when the parent does: a worker's
+    parent is the fork server, which itself lives as long as any of its workers."""
     import os
+    import select
     import threading
     import time
 
+    try:
+        handle = os.pidfd_open(owner)  # this very process, whatever pid is reused later
+    except (AttributeError, OSError):  # no pidfd (not Linux), or the owner is already gone
+        handle = None
+
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the owner has exited
+        else:
+            while True:
+                try:
+                    os.kill(owner, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1)
         os._exit(1)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()

@@ -187,11 +187,13 @@ def test_unknown_model_names_next_step(annotated_engine):
         resolve_model(annotated_engine, "no-such-model")
 
 
-def _children(pid: int) -> list[int]:
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: its children, theirs, and so on."""
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
+            for child in map(int, f.read().split()):
+                out += [child, *_descendants(child)]
     return out
 
 
@@ -219,12 +221,13 @@ def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_mod
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until two batches are committed, then kill -9
         if "batch 2 written" in line:
-            workers = _children(proc.pid)  # its decoder processes
+            workers = _descendants(proc.pid)  # its fork server and the decoder processes it started
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert workers, "the run had no decoder process to check"
+    assert len(workers) >= 2, "the run's decoder processes were not found below it"
     for pid in workers:  # they notice the parent is gone and exit (not wait on their queue forever)
         assert _exits_within(pid, 30), f"worker {pid} outlived its killed parent"
     engine = D.connect(url)
