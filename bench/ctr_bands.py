@@ -36,7 +36,7 @@ from quality import collect_rows  # noqa: E402
 
 from pipeline import db as D  # noqa: E402
 from pipeline.metrics import auc  # noqa: E402
-from pipeline.quality import FEATURES, QualityModel  # noqa: E402
+from pipeline.quality import QualityModel  # noqa: E402
 
 BANDS = ((0.0, 0.45), (0.45, 0.50), (0.50, 0.55), (0.55, 0.60), (0.60, 9.0))
 PARTS = {"held-out, as they are": ("none",), "under equipment-like shifts": "shifted",
@@ -93,7 +93,7 @@ def estimated(rows: list[dict], score: QualityModel) -> dict[str, float]:
     """Each image variant's estimated mean Dice by ``score`` (the score of the run's model)."""
     by_image: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_image.setdefault(r["image"], {})[r["structure"]] = {f: r[f] for f in FEATURES}
+        by_image.setdefault(r["image"], {})[r["structure"]] = {f: r[f] for f in score.features}
     return {image: float(np.mean(list(score.estimate(f).values()))) for image, f in by_image.items()}
 
 

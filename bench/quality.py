@@ -6,7 +6,8 @@ and put through every equipment-like shift of `pipeline.shifts` at two strengths
 and gamma curves, noise, blur, resolution loss, JPEG, crops, rotations, aspect, a collimator's
 rim, an inverted MONOCHROME1), through the labelling path (`label.postprocess`, at cache
 geometry). For every mask it records the score's features and the true Dice against the
-annotation (shifted with the image where the shift moves it).
+annotation (shifted with the image where the shift moves it), and its fit to an atlas of the
+fold's training masks (`pipeline.quality.Atlas`: the held-out images are never in it).
 
 The score (`pipeline.quality.QualityModel`) is fitted leaving one fold out at a time and
 judged on that fold: Spearman of the estimated against the true mean Dice per image (goal
@@ -14,7 +15,8 @@ judged on that fold: Spearman of the estimated against the true mean Dice per im
 that fall in the worst 10% by estimate (goal >= 0.5); the older heuristic score is judged the
 same way for comparison. Also printed: mean Dice per shift against no shift (the models'
 robustness). With --out, the score fitted on every fold is written there (a model's
-``<checkpoint>.quality.json``), with its held-out calibration table.
+``<checkpoint>.quality.json``), with its held-out calibration table and the atlas of every
+annotated image (what the model the run's recipe trains on all of them was trained on).
 
 Usage: python bench/quality.py --db sqlite:///data/catalogue.db --cv runs/cv [--cache data/cache]
        [--out models/default/model.quality.json]
@@ -41,7 +43,7 @@ from pipeline.label import Item, postprocess  # noqa: E402
 from pipeline.measure import measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
-from pipeline.quality import FEATURES, QualityModel, tta_agreement, tta_copies  # noqa: E402
+from pipeline.quality import FEATURES, SHAPE, Atlas, QualityModel, tta_agreement, tta_copies  # noqa: E402
 from pipeline.shifts import SHIFTS, apply  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import load_dataset  # noqa: E402
@@ -109,16 +111,29 @@ def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
             "thoracic_width_ratio": ratio("thoracic_width_px")}
 
 
-def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
-                 widened: bool = False) -> list[dict]:
-    """One row per (fold, held-out image, variant, structure): features, true Dice, heuristic,
-    and the image's true and measured CTR (:func:`ctr_fields`)."""
-    splits = json.loads((run_dir / SPLITS_FILE).read_text())
+def run_dataset(engine, run_dir: Path, cache: str | None):
+    """The cross-validation run's training configuration and annotated dataset."""
     first = read_checkpoint(run_dir / "fold0" / "best.pt")
     cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"]),
                          "masks": tuple(first.training.get("masks", ("manual",))),
                          "widen_range": tuple(first.training.get("widen_range", (1.05, 1.35)))})
-    ds = load_dataset(engine, cfg, cache)
+    return cfg, load_dataset(engine, cfg, cache)
+
+
+def atlas_of(ds, structures: list[str], leave_out=()) -> Atlas:
+    """The atlas of the dataset's images whose every structure is drawn, but ``leave_out``."""
+    skip = set(leave_out)
+    return Atlas.build(ds.masks[[i for i in range(len(ds.uids)) if ds.valid[i].all() and i not in skip]],
+                       structures)
+
+
+def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
+                 widened: bool = False) -> list[dict]:
+    """One row per (fold, held-out image, variant, structure): features (the atlas's fit read
+    against the fold's training masks), true Dice, heuristic, and the image's true and
+    measured CTR (:func:`ctr_fields`)."""
+    splits = json.loads((run_dir / SPLITS_FILE).read_text())
+    cfg, ds = run_dataset(engine, run_dir, cache)
     structures = list(cfg.structures)
     size = cfg.size
     geom = Geometry.fit(size, size, size, "pad")  # masks come back at cache geometry
@@ -131,6 +146,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
             print(f"fold {k}: not trained to the end yet: left out", flush=True)
             continue
         lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
+        atlas = atlas_of(ds, structures, leave_out=ds.indices(held))
         for i in ds.indices(held):
             shifted = [make_variant(name, s, ds.images[i], ds.masks[i], structures, rng) for name, s in kinds]
             probs = infer(lm, [img for img, _ in shifted])
@@ -139,7 +155,8 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
             agreement = (tta_features(lm, [img for img, _ in shifted], results, structures) if tta
                          else [{}] * len(results))
             for (name, strength), (_, truth), r, extra in zip(kinds, shifted, results, agreement, strict=True):
-                pred = {s: r.masks[s].decode() for s in structures}
+                pred = {s: r.masks[s].decode() for s in structures}  # cache geometry: the cleaned masks
+                shape = atlas.fit(pred)
                 annotated = {s: truth[j] > 0.5 for j, s in enumerate(structures) if ds.valid[i, j]}
                 ctr = ctr_fields({s: pred[s] for s in annotated}, annotated)
                 for j, s in enumerate(structures):
@@ -148,7 +165,7 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
                     rows.append({"fold": k, "uid": ds.uids[i], "shift": name, "strength": strength,
                                  "image": f"{k}/{ds.uids[i]}/{name}/{strength}",
                                  "structure": s, "dice": dice(pred[s], annotated[s]),
-                                 "heuristic": r.measurements["quality"], **r.features[s], **ctr,
+                                 "heuristic": r.measurements["quality"], **r.features[s], SHAPE: shape[s], **ctr,
                                  **({"tta": extra[s]} if extra else {})})
         print(f"fold {k}: {len(held)} held-out images, {len(rows)} masks so far", flush=True)
     return rows
@@ -215,7 +232,7 @@ def recipe(run_dir: Path) -> str:
             f"{''.join(' ' + o for o in options)}; CV Dice {dice}")
 
 
-def save_score(path: Path, rows, dice_true, structures, args, est, true, names) -> None:
+def save_score(path: Path, rows, dice_true, structures, args, est, true, names, atlas: Atlas) -> None:
     """The score fitted on every fold, with its held-out figures and calibration table."""
     bins = np.quantile(est, np.linspace(0, 1, 11))
     which = np.clip(np.searchsorted(bins, est, "right") - 1, 0, 9)
@@ -226,7 +243,7 @@ def save_score(path: Path, rows, dice_true, structures, args, est, true, names) 
         "images": len(true), "shifts": list(SHIFTS), "strengths": list(STRENGTHS), "features": list(names),
         "held_out": {"spearman": round(spearman(est, true), 4), "mae": round(float(np.mean(np.abs(est - true))), 4),
                      "worst_10pct_share_below_0_9": round(worst_share(est, true), 4)},
-        "calibration": calibration})
+        "calibration": calibration}, atlas=atlas)
     final.save(path)
     print(f"score fitted on all folds written to {path}")
 
@@ -257,10 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     structures = sorted({r["structure"] for r in rows})
     folds = sorted({r["fold"] for r in rows})
     dice_true = [r["dice"] for r in rows]
-    estimate = held_out_estimates(rows, folds, structures, args.alpha)
+    names = FEATURES + ((SHAPE,) if SHAPE in rows[0] else ())  # rows kept before the atlas lack it
+    if SHAPE in rows[0]:  # what the atlas adds
+        w_true, w_est = per_image(rows, held_out_estimates(rows, folds, structures, args.alpha))[:2]
+        print(f"without the atlas's fit: Spearman {spearman(w_est, w_true):.3f}, "
+              f"MAE {np.mean(np.abs(w_est - w_true)):.4f}, worst 10% hold {worst_share(w_est, w_true):.2f}")
+    estimate = held_out_estimates(rows, folds, structures, args.alpha, names)
     if "tta" in rows[0]:  # does test-time augmentation add to the one-pass features?
         tta_true, tta_est = per_image(rows, held_out_estimates(rows, folds, structures, args.alpha,
-                                                               FEATURES + ("tta",)))[:2]
+                                                               names + ("tta",)))[:2]
         print(f"with test-time augmentation's agreement added (3x the labelling): Spearman "
               f"{spearman(tta_est, tta_true):.3f}, MAE {np.mean(np.abs(tta_est - tta_true)):.4f}, "
               f"worst 10% hold {worst_share(tta_est, tta_true):.2f}")
@@ -290,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             d = np.mean([r["dice"] for r in rows if r["shift"] == name and r["strength"] == s])
             print(f"| {name} | {s:g} | {d:.4f} | {d - base:+.4f} |")
+    if args.out or args.out_tta:
+        cfg, ds = run_dataset(D.connect(args.db), args.cv, args.cache)
+        atlas = atlas_of(ds, list(cfg.structures))
     if args.out:
-        save_score(args.out, rows, dice_true, structures, args, est, true, FEATURES)
+        save_score(args.out, rows, dice_true, structures, args, est, true, names, atlas)
     if args.out_tta and "tta" in rows[0]:
-        save_score(args.out_tta, rows, dice_true, structures, args, tta_est, tta_true, FEATURES + ("tta",))
+        save_score(args.out_tta, rows, dice_true, structures, args, tta_est, tta_true, names + ("tta",), atlas)
     return 0
 
 

@@ -28,6 +28,7 @@ Usage: python bench/review_loop.py --db sqlite:///data/catalogue.db --cache data
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -48,7 +49,7 @@ from pipeline.groups import select_images  # noqa: E402
 from pipeline.label import label  # noqa: E402
 from pipeline.masks import load_masks  # noqa: E402
 from pipeline.model import register_model  # noqa: E402
-from pipeline.quality import sidecar  # noqa: E402
+from pipeline.quality import Atlas, QualityModel, sidecar  # noqa: E402
 from pipeline.resources import resource  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 from pipeline.train.data import annotated_uids  # noqa: E402
@@ -62,6 +63,19 @@ def trained(engine, cfg: TrainConfig, where: Path, val: list[str], cache: str) -
     (where / SPLITS_FILE).write_text(json.dumps({"folds": 1, "val_frac": 0, "seed": cfg.seed, "uids": val,
                                                  "val": [val]}))
     return where / "fold0" / "best.pt"
+
+
+def fold_score(engine, held_out: set[str]) -> QualityModel:
+    """The shipped quality score, its atlas rebuilt from the masks this fold trains on (the
+    shipped atlas holds every annotated image: the held-out and pool images among them)."""
+    score = QualityModel.load(resource("models", "default", "model.quality.json"))
+    if score.atlas is None:
+        return score
+    with engine.connect() as c:
+        masks = load_masks(c, [u for u in annotated_uids(engine) if u not in held_out])
+    drawn = [np.stack([m[s] for s in score.atlas.structures]) for m in masks.values()
+             if all(s in m for s in score.atlas.structures)]
+    return dataclasses.replace(score, atlas=Atlas.build(drawn, score.atlas.structures))
 
 
 def judged(url: str, run: Path, cache: str) -> dict:
@@ -96,7 +110,7 @@ def one_fold(args, k: int) -> dict:
     out: dict = {"fold": k, "annotated": len(uids), "val": len(val), "pool": len(pool), "epochs": args.epochs}
     started = time.time()
     before = trained(engine, cfg, work / "before", val, args.cache)
-    shutil.copy(resource("models", "default", "model.quality.json"), sidecar(before))
+    fold_score(engine, set(val)).save(sidecar(before))
     register_model(engine, "before", before, cfg.preset, cfg.as_dict(), {}, "", {})
     with engine.connect() as c:
         chosen = select_images(c, all_images=True)

@@ -91,7 +91,9 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     ring = np.ones((3, 3), np.uint8)
     agreement, kept, columns, features = {}, {}, {}, {}
     size = probs.shape[-1]
-    whole_masks = {s: np.zeros((size, size), bool) for s in structures} if tta is not None else None
+    atlas = scorer.atlas if scorer is not None else None
+    whole_masks = ({s: np.zeros((size, size), bool) for s in structures}
+                   if tta is not None or atlas is not None else None)
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
@@ -112,7 +114,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         part = np.where(near, p, np.float32(0))
         part[cleaned & (part <= 0.5)] = 0.75
         soft[i][window] = part
-        if whole_masks is not None:  # test-time augmentation compares the whole cleaned masks
+        if whole_masks is not None:  # test-time augmentation and the atlas read the whole cleaned masks
             whole_masks[s][window] = cleaned
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
         # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
@@ -128,9 +130,12 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     whole = Q.image_features(values["ctr"], columns, item.rim if item.rim is not None else Q.rim_share(item.image))
     features = {s: {**f, **whole} for s, f in features.items()}
-    if whole_masks is not None:
+    if tta is not None:
         for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
             features[s]["tta"] = v
+    if atlas is not None:
+        for s, v in atlas.fit(whole_masks).items():
+            features[s][Q.SHAPE] = v
     estimates = scorer.estimate(features) if scorer is not None else {}
     for s in STRUCTURES:
         values[f"quality_{s}"] = estimates.get(s)

@@ -353,10 +353,11 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path), _quality_model(path, tta=True))
+    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures),
+                       _quality_model(path, ck.spec.structures, tta=True))
 
 
-def _quality_model(checkpoint: Path, tta: bool = False):
+def _quality_model(checkpoint: Path, structures: Sequence[str], tta: bool = False):
     """The checkpoint's fitted quality score (``<checkpoint>.quality.json``, or with ``tta``
     the one that reads test-time augmentation), or None."""
     from pipeline.quality import QualityModel, sidecar
@@ -364,7 +365,11 @@ def _quality_model(checkpoint: Path, tta: bool = False):
     if not where.exists():
         return None
     try:
-        return QualityModel.load(where)
+        score = QualityModel.load(where)
+        if score.atlas is not None and not set(score.atlas.structures) <= set(structures):
+            raise ValueError(f"{where}: its atlas draws {', '.join(score.atlas.structures)}, the model "
+                             f"{', '.join(structures)}: not this model's score")
+        return score
     except (ValueError, KeyError, OSError) as e:
         log.warning("%s; labelling uses the heuristic quality score", e)
         return None

@@ -208,3 +208,60 @@ def test_the_score_knows_how_much_of_the_film_a_collimator_rim_covers():
     probs[:, 10:60, 0:30] = 0.9
     features = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom, rim=0.25), probs, list(STRUCTURES)).features
     assert all(f["rim"] == 0.25 for f in features.values())
+
+
+def _drawn(engine, n: int) -> list[dict[str, np.ndarray]]:
+    """The manual masks of ``n`` annotated images whose every structure is drawn."""
+    from pipeline.masks import load_masks
+    from pipeline.train.data import annotated_uids
+    with engine.connect() as c:
+        masks = load_masks(c, annotated_uids(engine))
+    return [m for _, m in sorted(masks.items()) if set(STRUCTURES) <= set(m)][:n]
+
+
+def test_the_atlas_tells_drawn_shapes_from_odd_ones(annotated_engine):
+    from pipeline.quality import Atlas
+    drawn = _drawn(annotated_engine, 24)
+    atlas = Atlas.build([np.stack([m[s] for s in STRUCTURES]) for m in drawn[:20]], STRUCTURES)
+    assert atlas.masks.shape == (20, 3, 32, 32)
+    assert atlas.fit(drawn[0]) == {s: 1.0 for s in STRUCTURES}  # itself
+    for unseen in drawn[20:]:  # a person's masks of another film fit better than the same masks gone odd
+        fit = atlas.fit(unseen)
+        swapped = atlas.fit({**unseen, "left_lung": unseen["right_lung"], "right_lung": unseen["left_lung"]})
+        h, w = unseen["heart"].shape
+        square = np.zeros((h, w), bool)
+        square[h // 4:h // 2, w // 4:3 * w // 4] = True  # a block where the heart should be
+        blocky = atlas.fit({**unseen, "heart": square})
+        assert fit["left_lung"] > swapped["left_lung"] and fit["right_lung"] > swapped["right_lung"]
+        assert fit["heart"] > blocky["heart"] and min(fit.values()) > 0.8
+    nothing = atlas.fit({s: np.zeros((50, 40), bool) for s in STRUCTURES})  # no mask at all: the worst fit
+    assert nothing == {s: 0.0 for s in STRUCTURES}
+    again = Atlas.from_json(atlas.to_json())
+    assert again.structures == atlas.structures and np.array_equal(again.masks, atlas.masks)
+
+
+def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotated_engine, tmp_path):
+    from pipeline.model import _quality_model
+    from pipeline.quality import SHAPE, Atlas
+    drawn = _drawn(annotated_engine, 10)
+    atlas = Atlas.build([np.stack([m[s] for s in STRUCTURES]) for m in drawn], STRUCTURES)
+    rows, dice = _synthetic_rows()
+    for r in rows:
+        r[SHAPE] = -r["uncertain"]
+    names = FEATURES + (SHAPE,)
+    with pytest.raises(ValueError, match="saved with the atlas"):  # a score that could not be applied
+        QualityModel.fit(rows, dice, list(STRUCTURES), names=names).save(tmp_path / "no.quality.json")
+    score = QualityModel.fit(rows, dice, list(STRUCTURES), names=names, atlas=atlas)
+    geom = Geometry.fit(700, 640, 64)
+    out = postprocess(Item("u", np.zeros((64, 64), np.uint8), geom), _blobs(), STRUCTURES, score)
+    assert all(0 < f[SHAPE] <= 1 for f in out.features.values())
+    assert all(0 <= out.measurements[f"quality_{s}"] <= 1 for s in STRUCTURES)
+    model = tmp_path / "model.pt"
+    score.save(sidecar(model))
+    again = _quality_model(model, STRUCTURES)
+    assert again.estimate(out.features) == score.estimate(out.features)
+    assert _quality_model(model, ("heart",)) is None  # its atlas draws lungs this model does not
+    written = sidecar(model).read_text().replace('"atlas": {', '"no_atlas": {')
+    sidecar(model).write_text(written)
+    with pytest.raises(ValueError, match="not a quality model"):
+        QualityModel.load(sidecar(model))
