@@ -105,6 +105,18 @@ def test_loss_ignores_unannotated_channels():
     assert torch.isclose(all_valid, partial)
 
 
+def test_the_three_losses_are_dice_bce_and_their_sum():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 16, 16), (torch.rand(2, 3, 16, 16) > 0.5).float()
+    valid = torch.tensor([[True, True, False], [True, False, True]])
+    dice, ce, both = (seg_loss(logits, target, valid, k) for k in ("dice", "ce", "dicece"))
+    assert torch.isclose(both, dice + ce) and 0 < ce.item() and 0 < dice.item() < 1
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))
+    assert torch.isclose(ce, expected[valid].mean())  # BCE over the annotated channels only
+    with pytest.raises(TrainError, match="unknown loss"):
+        seg_loss(logits, target, valid, "focal")
+
+
 def test_width_loss_weighs_a_border_drawn_short_more_than_dice_does():
     target = torch.zeros(1, 1, 64, 64)
     target[0, 0, 10:54, 12:52] = 1  # a 40-column structure

@@ -34,6 +34,8 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--widen-ctr", "widen_ctr", metavar="LO,HI",
               help="Instead of --widen-range: widen (or narrow) each heart to a CTR drawn uniformly from "
                    "LO-HI, so the widened share sees every heart size alike, e.g. 0.40,0.66.")
+@click.option("--loss", type=click.Choice(["dicece", "dice", "ce"]),
+              help="Segmentation loss: soft Dice + BCE, soft Dice, or BCE alone [preset].")
 @click.option("--width-loss", "width_loss", type=click.FloatRange(0),
               help="Weight of a loss on each structure's horizontal extent (which columns it reaches), "
                    "the widths behind the CTR that Dice barely weighs; 0 = off [preset].")

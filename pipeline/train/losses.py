@@ -1,5 +1,5 @@
-"""Training losses (torch): soft Dice and DiceCE over the annotated channels only, and a
-width term on each structure's horizontal extent (what the CTR measures)."""
+"""Training losses (torch): soft Dice, DiceCE and pixel BCE over the annotated channels only,
+and a width term on each structure's horizontal extent (what the CTR measures)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,28 @@ import torch
 
 from pipeline.train.config import TrainError
 
-LOSSES = ("dicece", "dice")
+LOSSES = ("dicece", "dice", "ce")
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
              kind: str = "dicece", width: float = 0.0) -> torch.Tensor:
-    """Soft Dice (+ BCE for ``dicece``) per image and channel, averaged over the channels
-    whose structure is annotated (``valid`` ``(B, C)`` bool); ``logits``, ``target`` ``(B, C, H, W)``.
-    With ``width`` > 0, plus that times :func:`width_loss`."""
+    """Soft Dice (``dice``), soft Dice + BCE (``dicece``) or BCE alone (``ce``) per image and
+    channel, averaged over the channels whose structure is annotated (``valid`` ``(B, C)``
+    bool); ``logits``, ``target`` ``(B, C, H, W)``. With ``width`` > 0, plus that times
+    :func:`width_loss`. BCE alone has no volume bias where the border is uncertain: its
+    probabilities cross 0.5 where the border is as likely in as out, which soft Dice's need
+    not (Bertels et al. 2019)."""
     if kind not in LOSSES:
         raise TrainError(f"unknown loss {kind!r}: use one of {', '.join(LOSSES)}")
-    prob = torch.sigmoid(logits)
     dims = (2, 3)
-    inter = (prob * target).sum(dims)
-    dice = 1 - (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)
     w = valid.float()
-    loss = (dice * w).sum() / w.sum().clamp(min=1)
-    if kind == "dicece":
+    loss = logits.new_zeros(())
+    if kind in ("dice", "dicece"):
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum(dims)
+        dice = 1 - (2 * inter + 1) / (prob.sum(dims) + target.sum(dims) + 1)
+        loss = loss + (dice * w).sum() / w.sum().clamp(min=1)
+    if kind in ("dicece", "ce"):
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
         loss = loss + (bce.mean(dims) * w).sum() / w.sum().clamp(min=1)
     if width:
