@@ -79,7 +79,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     original geometry + measurements, with the quality score: estimated Dice per structure
     and their mean from ``scorer`` (see :mod:`pipeline.quality`), or without one the
     heuristic :func:`pipeline.measure.quality`. ``tta``: the probabilities of the image's
-    :func:`pipeline.quality.tta_copies`, for a scorer that reads their agreement.
+    :func:`pipeline.quality.tta_copies`, for a scorer that reads their agreement; a scorer
+    with an :class:`pipeline.quality.Atlas` also reads the cleaned masks' fit to it.
 
     Each structure is cleaned inside its box at the model's resolution, and its probabilities
     (not the binary mask, so the outline keeps its sub-pixel position) are mapped back to
