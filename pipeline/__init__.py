@@ -36,8 +36,11 @@ def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline", *preload])
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pipeline", *preload])
+    else:  # Windows: no fork server; spawned workers import what they need
+        context = multiprocessing.get_context("spawn")
     return Pool(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
 
 
