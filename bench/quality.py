@@ -128,12 +128,12 @@ def atlas_of(ds, structures: list[str], leave_out=()) -> Atlas:
 
 
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
-                 widened: bool = False) -> list[dict]:
+                 widened: bool = False, dataset=None) -> list[dict]:
     """One row per (fold, held-out image, variant, structure): features (the atlas's fit read
     against the fold's training masks), true Dice, heuristic, and the image's true and
-    measured CTR (:func:`ctr_fields`)."""
+    measured CTR (:func:`ctr_fields`). ``dataset``: :func:`run_dataset`'s, when loaded already."""
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
-    cfg, ds = run_dataset(engine, run_dir, cache)
+    cfg, ds = dataset or run_dataset(engine, run_dir, cache)
     structures = list(cfg.structures)
     size = cfg.size
     geom = Geometry.fit(size, size, size, "pad")  # masks come back at cache geometry
@@ -264,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                                                "them when it exists (refit without labelling again)")
     args = ap.parse_args(argv)
     started = time.time()
-    if args.rows and args.rows.exists():
+    reuse = args.rows and args.rows.exists()
+    # the annotated set, loaded once: for labelling the rows and for the written score's atlas
+    data = run_dataset(D.connect(args.db), args.cv, args.cache) if not reuse or args.out or args.out_tta else None
+    if reuse:
         rows = json.loads(args.rows.read_text())
     else:
-        rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed, args.tta)
+        rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed, args.tta, dataset=data)
         if args.rows:
             args.rows.write_text(json.dumps(rows))
     rows = [r for r in rows if r["shift"] != "widened"]  # bench/ctr_bands.py's synthetic hearts: not here
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             d = np.mean([r["dice"] for r in rows if r["shift"] == name and r["strength"] == s])
             print(f"| {name} | {s:g} | {d:.4f} | {d - base:+.4f} |")
     if args.out or args.out_tta:
-        cfg, ds = run_dataset(D.connect(args.db), args.cv, args.cache)
+        cfg, ds = data
         atlas = atlas_of(ds, list(cfg.structures))
     if args.out:
         save_score(args.out, rows, dice_true, structures, args, est, true, names, atlas)
