@@ -149,11 +149,17 @@ class Atlas:
 
     @classmethod
     def from_json(cls, d: dict) -> Atlas:
-        shape = (d["images"], len(d["structures"]), d["side"], d["side"])
+        """The atlas :meth:`to_json` wrote; an error for a damaged one, never an atlas padded or
+        cut to fit."""
+        shape = (int(d["images"]), len(d["structures"]), int(d["side"]), int(d["side"]))
         if d["side"] != ATLAS_SIDE:
             raise ValueError(f"an atlas of side {d['side']}, not {ATLAS_SIDE}")
-        bits = np.unpackbits(np.frombuffer(base64.b64decode(d["bits"]), np.uint8), count=int(np.prod(shape)))
-        return cls(tuple(d["structures"]), bits.reshape(shape).astype(bool))
+        raw = base64.b64decode(d["bits"], validate=True)
+        count = int(np.prod(shape))
+        if len(raw) != -(-count // 8):
+            raise ValueError(f"an atlas of {len(raw)} bytes where its {shape[0]} images need {-(-count // 8)}")
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count)
+        return cls(tuple(map(str, d["structures"])), bits.reshape(shape).astype(bool))
 
 
 @dataclass(frozen=True)
@@ -222,13 +228,20 @@ class QualityModel:
 
     @classmethod
     def load(cls, path: Path) -> QualityModel:
-        d = json.loads(Path(path).read_text())
-        # a score fitted before a feature was added reads the features it knows
-        if d.get("format") != FORMAT or not set(d["features"]) <= {*FEATURES, "tta", SHAPE} or (
-                SHAPE in d["features"]) != ("atlas" in d):
-            raise ValueError(f"{path}: not a quality model of this cxrlabel (refit it with bench/quality.py)")
-        return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
-                   d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None)
+        """The score :meth:`save` wrote; a ValueError naming the file for anything else (a
+        foreign or damaged file, or an atlas cut short), never a score half read."""
+        text = Path(path).read_text()
+        why = "not a quality model of this cxrlabel"
+        try:
+            d = json.loads(text)
+            # a score fitted before a feature was added reads the features it knows
+            if d.get("format") == FORMAT and set(d["features"]) <= {*FEATURES, "tta", SHAPE} and (
+                    SHAPE in d["features"]) == ("atlas" in d):
+                return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
+                           d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why += f", or a damaged one ({type(e).__name__}: {e})"
+        raise ValueError(f"{path}: {why} (refit it with bench/quality.py)")
 
 
 FORMAT = "cxrlabel-quality-1"

@@ -261,7 +261,16 @@ def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotat
     again = _quality_model(model, STRUCTURES)
     assert again.estimate(out.features) == score.estimate(out.features)
     assert _quality_model(model, ("heart",)) is None  # its atlas draws lungs this model does not
-    written = sidecar(model).read_text().replace('"atlas": {', '"no_atlas": {')
-    sidecar(model).write_text(written)
+    import json
+    good = json.loads(sidecar(model).read_text())
+    damaged = {"bits cut short": {"bits": good["atlas"]["bits"][:40]}, "bits not base64": {"bits": "@@@"},
+               "images not a number": {"images": "x"}, "structures not a list": {"structures": 3}}
+    for what, change in damaged.items():  # refused whole, naming the file: never an atlas padded with zeros
+        sidecar(model).write_text(json.dumps({**good, "atlas": {**good["atlas"], **change}}))
+        with pytest.raises(ValueError, match=f"{sidecar(model).name}: not a quality model.*damaged"):
+            QualityModel.load(sidecar(model))
+        assert _quality_model(model, STRUCTURES) is None, what  # labelling goes on with the heuristic
+    good["no_atlas"] = good.pop("atlas")  # the features read the atlas, the file has none
+    sidecar(model).write_text(json.dumps(good))
     with pytest.raises(ValueError, match="not a quality model"):
         QualityModel.load(sidecar(model))
