@@ -55,7 +55,8 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
               help="Checkpoints, splits and curves [runs/NAME].")
 @click.option("--no-resume", is_flag=True, help="Start over even if RUN_DIR/last.pt exists.")
 @click.option("--parallel-folds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train this many folds at once, in separate processes (e.g. on one GPU).")
+              help="Train this many folds at once, in separate processes: for a CPU of many cores. "
+                   "On one GPU, folds in turn are faster (the processes would take turns on it).")
 @click.option("--loader-workers", type=click.IntRange(min=0),
               help="Processes augmenting batches ahead of the model [none on a CPU; on a GPU the "
                    "fold's CPU threads but one, up to 8]. Results do not depend on it.")
@@ -72,7 +73,7 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
     \b
     Example:
         cxrlabel train --model cxr_deep --epochs 100 --folds 5
-        cxrlabel train --model unet7_res --size 512 --folds 5 --parallel-folds 5 --device cuda
+        cxrlabel train --model unet7_res --size 512 --folds 5 --device cuda
     """
     from pipeline.train import TrainConfig, cross_validate
     for key, example in (("widen_range", "0.85,1.35"), ("widen_ctr", "0.40,0.66")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -15,11 +16,13 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from pipeline import db as D
-from pipeline.model import register_model
+from pipeline.model import pick_device, register_model
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import Dataset, load_dataset
 from pipeline.train.folds import splits_for
 from pipeline.train.loop import TrainResult, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,15 +48,22 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     best checkpoint is registered (``NAME_foldK``, or ``NAME`` for a single run). Writes
     ``run_dir/summary.json``.
 
-    ``parallel`` > 1 trains that many folds at once in separate processes (on one GPU they
-    share it: small networks leave most of it idle); each gets its share of the CPU threads
-    unless ``cfg.threads`` says otherwise. The result is the same as one after the other.
+    ``parallel`` > 1 trains that many folds at once in separate processes, each with its
+    share of the CPU threads unless ``cfg.threads`` says otherwise: for a CPU of many cores.
+    On one GPU the processes take turns (CUDA time-slices between processes), and five folds of
+    ``cxr_deep`` at once took 35 s an epoch each on an H200 against about 1 s for one fold
+    alone (bench/RESULTS.md), so a CUDA device warns and folds in turn are the way there.
+    The result is the same as one after the other.
     ``workers``: each fold's augmenting processes (see :func:`pipeline.train.loop.train`).
     """
     started = time.time()
     data = dataset or load_dataset(engine, cfg, cache_dir)
     splits = splits_for(run_dir, data.manual, cfg)  # validation: manual masks only
     folds = [(dataclasses.replace(cfg, fold=k), fold_dir(run_dir, cfg, k), splits.val[k]) for k in range(cfg.folds)]
+    if parallel > 1 and cfg.folds > 1 and pick_device(device).type == "cuda":
+        log.warning("--parallel-folds %d on one GPU: the folds' processes take turns on it, which was "
+                    "measured many times slower than folds one after another (bench/RESULTS.md); "
+                    "leave --parallel-folds out on a GPU", parallel)
     if parallel > 1 and cfg.folds > 1:
         url = engine.url.render_as_string(hide_password=False)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // parallel)
