@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import db as D  # noqa: E402
 from pipeline.imaging import Geometry  # noqa: E402
-from pipeline.label import Item, postprocess  # noqa: E402
+from pipeline.label import Item, postprocess, reframe  # noqa: E402
 from pipeline.measure import measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
@@ -92,13 +92,28 @@ def variants(widened: bool = False) -> list[tuple[str, float]]:
 
 
 def make_variant(name: str, strength: float, image: np.ndarray, masks: np.ndarray, structures: list[str],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The image and its true masks put through one variant of :func:`variants`."""
+                 rng: np.random.Generator, film: tuple[float, float, float, float] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """The image and its true masks put through one variant of :func:`variants`, and where
+    the film then lies in the image (``film``: where it lay before, as
+    :meth:`pipeline.imaging.Geometry.film_box` gives it; None: the whole image). A shift
+    that moves the anatomy (a crop, a rotation, another aspect) moves the film's edges with
+    it, so labelling judges a film cut short (:func:`pipeline.label.reframe`) as it would
+    judge the real one."""
+    side = image.shape[-1]
+    film = film or (0.0, 0.0, side - 1.0, side - 1.0)
     if name == "none":
-        return image, masks
-    if name == "widened":
-        return widen_heart(image, masks, structures, WIDEN[strength])
-    return apply(name, image, masks, strength, rng)
+        return image, masks, film
+    if name == "widened":  # the thorax's borders stay put, and with them the film's
+        return (*widen_heart(image, masks, structures, WIDEN[strength]), film)
+    where = np.zeros((1, side, side), masks.dtype)
+    x0, y0, x1, y1 = (int(round(v)) for v in film)
+    where[0, y0:y1 + 1, x0:x1 + 1] = 1
+    shifted, moved = apply(name, image, np.concatenate([masks, where]), strength, rng)
+    inside = moved[-1] > 0.5
+    ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    box = (float(xs[0]), float(ys[0]), float(xs[-1]), float(ys[-1])) if len(xs) else film
+    return shifted, moved[:-1], box
 
 
 def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float | None]:
@@ -148,12 +163,14 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
         lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
         atlas = atlas_of(ds, structures, leave_out=ds.indices(held))
         for i in ds.indices(held):
-            shifted = [make_variant(name, s, ds.images[i], ds.masks[i], structures, rng) for name, s in kinds]
-            probs = infer(lm, [img for img, _ in shifted])
+            film = ds.geoms[i].film_box() if ds.geoms else None
+            made = [make_variant(name, s, ds.images[i], ds.masks[i], structures, rng, film) for name, s in kinds]
+            shifted = [(img, truth) for img, truth, _ in made]
+            images = [img for img, _ in shifted]
+            probs = reframe(lm, images, [box for _, _, box in made], infer(lm, images))  # as `label` does
             results = [postprocess(Item(ds.uids[i], img, geom), p, structures)
                        for (img, _), p in zip(shifted, probs, strict=True)]
-            agreement = (tta_features(lm, [img for img, _ in shifted], results, structures) if tta
-                         else [{}] * len(results))
+            agreement = (tta_features(lm, images, results, structures) if tta else [{}] * len(results))
             for (name, strength), (_, truth), r, extra in zip(kinds, shifted, results, agreement, strict=True):
                 pred = {s: r.masks[s].decode() for s in structures}  # cache geometry: the cleaned masks
                 shape = atlas.fit(pred)

@@ -88,6 +88,13 @@ class Geometry:
         ])
         return cv2.invertAffineTransform(m) if inverse else m
 
+    def film_box(self) -> tuple[float, float, float, float]:
+        """Where the film lies in its cache entry, padding left out: ``(x0, y0, x1, y1)``,
+        the first and last cache pixels it covers (continuous, may be fractional)."""
+        return (self.offset_x * self.scale_x, self.offset_y * self.scale_y,
+                (self.orig_width + self.offset_x) * self.scale_x - 1,
+                (self.orig_height + self.offset_y) * self.scale_y - 1)
+
     def point_to_cache(self, x: float, y: float) -> tuple[int, int]:
         """Pixel centre ``(x, y)`` of the original -> nearest cache pixel (for drawing)."""
         (cx, cy) = self.matrix() @ np.array([x, y, 1.0])

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import db as D
 from pipeline.collect import Entry, Settings, decoder_pool, fetch
-from pipeline.imaging import model_input
+from pipeline.imaging import Geometry, model_input
 from pipeline.masks import load_masks
 from pipeline.train.config import TrainConfig, TrainError
 
@@ -29,6 +29,7 @@ class Dataset:
     valid: np.ndarray  # (N, C) bool: structure annotated
     hash: str = ""
     sources: list[str] | None = None  # per image: manual, reviewed or accepted (None: all manual)
+    geoms: list[Geometry] | None = None  # per image: its cache entry's geometry (where the film lies)
 
     @property
     def source_of(self) -> list[str]:
@@ -121,7 +122,8 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                 digest.update(f"{e.uid}/{structure}/{int(m.sum())}".encode())
         digest.update(e.image.tobytes())
     sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
-    return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources)
+    return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources,
+                   [e.geom for e in entries])
 
 
 EQUIPMENT_SHIFTS = {"inverted": 0.1, "collimation": 0.2, "jpeg": 0.2, "contrast": 0.2}  # name: probability
