@@ -129,9 +129,7 @@ def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
 def run_dataset(engine, run_dir: Path, cache: str | None):
     """The cross-validation run's training configuration and annotated dataset."""
     first = read_checkpoint(run_dir / "fold0" / "best.pt")
-    cfg = TrainConfig(**{**first.training, "structures": tuple(first.training["structures"]),
-                         "masks": tuple(first.training.get("masks", ("manual",))),
-                         "widen_range": tuple(first.training.get("widen_range", (1.05, 1.35)))})
+    cfg = TrainConfig.from_dict(first.training)
     return cfg, load_dataset(engine, cfg, cache)
 
 

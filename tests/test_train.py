@@ -220,6 +220,18 @@ def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
     assert np.isfinite(row["dice_left_lung"])
 
 
+def test_a_training_config_read_back_from_storage_is_the_one_written():
+    """A checkpoint's ``training`` settings come back as JSON keeps them (lists, not tuples;
+    older files lack newer settings, newer ones may carry settings this version lacks)."""
+    cfg = TrainConfig.from_preset("tiny", widen=0.5, widen_ctr=(0.4, 0.66), masks=("manual", "reviewed"))
+    stored = json.loads(json.dumps(cfg.as_dict()))
+    assert isinstance(stored["structures"], list)
+    assert TrainConfig.from_dict(stored) == cfg
+    older = {k: v for k, v in stored.items() if k not in ("widen_ctr", "masks", "width_loss")}
+    back = TrainConfig.from_dict({**older, "a_setting_from_a_later_version": 1})
+    assert back.masks == ("manual",) and back.widen_ctr is None and back.structures == cfg.structures
+
+
 def _old_format(ck, path):
     """A checkpoint as the code before the model module wrote it (format cxrlabel-1)."""
     config = {k: v for k, v in ck.training.items() if k != "norm"}  # before norm was a setting

@@ -103,3 +103,11 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The configuration :meth:`as_dict` wrote (a checkpoint's ``training``, read back from
+        JSON-like storage): its lists are tuples again, and settings an older checkpoint lacks
+        take their defaults; keys this version does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
