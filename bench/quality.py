@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from pipeline import db as D  # noqa: E402
 from pipeline.imaging import Geometry  # noqa: E402
 from pipeline.label import Item, postprocess, reframe  # noqa: E402
-from pipeline.measure import measure  # noqa: E402
+from pipeline.measure import bbox, measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
 from pipeline.quality import FEATURES, SHAPE, Atlas, QualityModel, tta_agreement, tta_copies  # noqa: E402
@@ -110,10 +110,8 @@ def make_variant(name: str, strength: float, image: np.ndarray, masks: np.ndarra
     x0, y0, x1, y1 = (int(round(v)) for v in film)
     where[0, y0:y1 + 1, x0:x1 + 1] = 1
     shifted, moved = apply(name, image, np.concatenate([masks, where]), strength, rng)
-    inside = moved[-1] > 0.5
-    ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    box = (float(xs[0]), float(ys[0]), float(xs[-1]), float(ys[-1])) if len(xs) else film
-    return shifted, moved[:-1], box
+    box = bbox(moved[-1] > 0.5)
+    return shifted, moved[:-1], tuple(map(float, box)) if box else film
 
 
 def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float | None]:

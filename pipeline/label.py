@@ -37,7 +37,7 @@ from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry, collimation_rim, upright
 from pipeline.masks import STRUCTURES
-from pipeline.measure import clean, mean_column, measure_boxes, quality
+from pipeline.measure import bbox, clean, mean_column, measure_boxes, quality
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
 
@@ -187,11 +187,9 @@ def edge_contacts(probs: np.ndarray, box: tuple[float, float, float, float]) -> 
     tx, ty = max(1.0, 0.005 * (x1 - x0 + 1)), max(1.0, 0.005 * (y1 - y0 + 1))
     contacts = 0
     for channel in probs:
-        inside = channel > cut
-        ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-        if len(xs):
-            contacts += (int(xs[0] - x0 < tx) + int(ys[0] - y0 < ty) + int(x1 - xs[-1] < tx)
-                         + int(y1 - ys[-1] < ty))
+        if (box_of := bbox(channel > cut)) is not None:
+            left, top, right, bottom = box_of
+            contacts += int(left - x0 < tx) + int(top - y0 < ty) + int(x1 - right < tx) + int(y1 - bottom < ty)
     return contacts
 
 
