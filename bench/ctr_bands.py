@@ -11,7 +11,8 @@ labels its own held-out annotated images three ways (`bench/quality.py`'s rows):
   read it next to the first two.
 
 For each, by band of the true CTR (from the manual masks): images, CTR bias (measured -
-true), CTR MAE, and the median measured / true heart width and thoracic width. Also the
+true: the mean, which the goal counts, and the median, which a few images read far off do
+not move), CTR MAE, and the median measured / true heart width and thoracic width. Also the
 cardiomegaly AUC of the measured CTR against true CTR > 0.5, and mean Dice per structure.
 With --picture, writes the widening augmentation on a few annotated images.
 
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import collect_rows  # noqa: E402
+from quality import collect_rows, spearman  # noqa: E402
 
 from pipeline import db as D  # noqa: E402
 from pipeline.metrics import auc  # noqa: E402
@@ -59,7 +60,8 @@ def images(rows: list[dict], part) -> list[dict]:
 
 
 def band_table(imgs: list[dict]) -> list[dict]:
-    """Per true-CTR band: images, bias, MAE, median heart and thoracic width ratios."""
+    """Per true-CTR band: images, bias (mean and median error), MAE, median heart and
+    thoracic width ratios."""
     scored = [r for r in imgs if r["ctr_true"] is not None and r["ctr_pred"] is not None]
     out = []
     for lo, hi in BANDS:
@@ -68,6 +70,7 @@ def band_table(imgs: list[dict]) -> list[dict]:
             continue
         err = np.array([r["ctr_pred"] - r["ctr_true"] for r in inside])
         out.append({"band": band_name(lo, hi), "n": len(inside), "bias": float(err.mean()),
+                    "median": float(np.median(err)),
                     "mae": float(np.abs(err).mean()),
                     "heart": float(np.median([r["heart_width_ratio"] for r in inside])),
                     "thorax": float(np.median([r["thoracic_width_ratio"] for r in inside]))})
@@ -113,6 +116,24 @@ def doubt_on_large_hearts(rows: list[dict], score: QualityModel) -> None:
     print()
 
 
+FAR_OFF = 0.03  # a CTR error a reviewer should see: more than half the 0.45-0.55 band's width
+
+
+def doubt_on_ctr_errors(rows: list[dict], score: QualityModel) -> None:
+    """Whether the quality score sends the images whose CTR reads far off to review: of
+    the held-out images as they are, those off by more than :data:`FAR_OFF`, and how many
+    of them the worst 10% and 20% by estimated Dice hold."""
+    est = estimated(rows, score)
+    imgs = sorted((r for r in images(rows, ("none",)) if r["ctr_true"] is not None and r["ctr_pred"] is not None),
+                  key=lambda r: est[r["image"]])
+    err = np.array([abs(r["ctr_pred"] - r["ctr_true"]) for r in imgs])
+    far = err > FAR_OFF
+    held = {share: int(far[:max(1, round(share * len(imgs)))].sum()) for share in (0.1, 0.2)}
+    print(f"CTR off by more than {FAR_OFF}: {int(far.sum())} of {len(imgs)} held-out images; the worst 10% by "
+          f"estimated Dice hold {held[0.1]}, the worst 20% {held[0.2]}; Spearman(estimated Dice, |CTR error|) "
+          f"{spearman([est[r['image']] for r in imgs], err):+.3f}\n")
+
+
 def report(name: str, rows: list[dict], score: QualityModel | None = None) -> None:
     print(f"\n### {name}\n")
     for part, which in PARTS.items():
@@ -124,15 +145,16 @@ def report(name: str, rows: list[dict], score: QualityModel | None = None) -> No
         print(f"{part}: {total['n']} images, CTR bias {total['bias']:+.4f}, MAE {total['mae']:.4f}, "
               f"cardiomegaly AUC {total['auc']:.3f}; largest |bias| in a band of >= {MIN_BAND}: "
               f"{worst_band(table):.4f}; Dice {dices}\n")
-        print("| true CTR | images | CTR bias | CTR MAE | heart width measured / true | "
+        print("| true CTR | images | CTR bias | median CTR error | CTR MAE | heart width measured / true | "
               "thoracic width measured / true |")
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for b in table:
-            print(f"| {b['band']} | {b['n']} | {b['bias']:+.4f} | {b['mae']:.4f} | {b['heart']:.3f} | "
-                  f"{b['thorax']:.3f} |")
+            print(f"| {b['band']} | {b['n']} | {b['bias']:+.4f} | {b['median']:+.4f} | {b['mae']:.4f} | "
+                  f"{b['heart']:.3f} | {b['thorax']:.3f} |")
         print()
     if score is not None:
         doubt_on_large_hearts(rows, score)
+        doubt_on_ctr_errors(rows, score)
 
 
 def picture(engine, cache: str | None, path: Path, count: int = 4) -> None:
