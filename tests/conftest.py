@@ -121,6 +121,19 @@ def annotated_db(tmp_path_factory):
     return root / "catalogue.db"
 
 
+@pytest.fixture(scope="session")
+def annotated_128(annotated_db, tmp_path_factory):
+    """The first eight annotated images with heart and both lungs, at 128 px:
+    ``(images (8, 128, 128) uint8, masks (8, 3, 128, 128) float32)``."""
+    from pipeline.train import TrainConfig
+    from pipeline.train.data import load_dataset
+    eng = D.connect(f"sqlite:///{annotated_db}")
+    ds = load_dataset(eng, TrainConfig.from_preset("tiny", size=128), str(tmp_path_factory.mktemp("cache")))
+    eng.dispose()
+    whole = [i for i in range(len(ds.uids)) if ds.valid[i].all()][:8]
+    return ds.images[whole], ds.masks[whole]
+
+
 @pytest.fixture
 def annotated_engine(annotated_db, tmp_path):
     """A private copy of the annotated catalogue."""

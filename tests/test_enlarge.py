@@ -3,21 +3,15 @@ import pytest
 
 from pipeline.measure import measure
 from pipeline.train import TrainConfig
-from pipeline.train.data import augmentation, load_dataset
+from pipeline.train.data import augmentation
 from pipeline.train.enlarge import MAX_REACH, column_map, widen_heart
 
 STRUCTURES = ("heart", "left_lung", "right_lung")
 
 
 @pytest.fixture(scope="module")
-def annotated(annotated_db, tmp_path_factory):
-    """The first eight annotated images with heart and both lungs, at 128 px."""
-    from pipeline import db as D
-    eng = D.connect(f"sqlite:///{annotated_db}")
-    ds = load_dataset(eng, TrainConfig.from_preset("tiny", size=128), str(tmp_path_factory.mktemp("cache")))
-    eng.dispose()
-    whole = [i for i in range(len(ds.uids)) if ds.valid[i].all()][:8]
-    return ds.images[whole], ds.masks[whole]
+def annotated(annotated_128):
+    return annotated_128
 
 
 def _measure(masks):

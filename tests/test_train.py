@@ -367,17 +367,27 @@ def test_folds_trained_in_parallel_processes_equal_folds_trained_in_turn(annotat
     assert [r.held_out for r in at_once.results] == [r.held_out for r in one_by_one.results]
 
 
-def test_equipment_shifts_join_augmentation_reproducibly():
-    from pipeline.train.data import EQUIPMENT_SHIFTS, augmentation
+def test_equipment_shifts_are_trained_on_as_labelling_shows_them(annotated_128):
+    from pipeline.imaging import collimation_rim, to_uint8
+    from pipeline.train.data import EQUIPMENT_SHIFTS, _equipment_shift, augmentation
     plain, shifted = (augmentation(TrainConfig.from_preset("tiny", shifts=s)) for s in (False, True))
     assert len(shifted.transforms) == len(plain.transforms) + len(EQUIPMENT_SHIFTS)
-    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))[None]
-    data = {"image": ramp, "mask": np.zeros((3, 64, 64), np.float32)}
-    firsts = []
-    for seed in range(40):
-        shifted.set_random_state(seed=seed)
-        out = np.asarray(shifted(dict(data))["image"])[0]
-        shifted.set_random_state(seed=seed)
-        assert np.array_equal(out, np.asarray(shifted(dict(data))["image"])[0])
-        firsts.append(out[32, :8].mean() - out[32, -8:].mean())
-    assert any(f > 0 for f in firsts)  # some draws invert the ramp (a MONOCHROME1 read as 2)
+    rim, crop = _equipment_shift("collimation", 1.0), _equipment_shift("crop", 1.0)
+    for seed, (img, m) in enumerate(zip(*annotated_128, strict=True)):
+        film = {"image": img[None].astype(np.float32) / 255.0, "mask": m}
+        rim.set_random_state(seed=seed)
+        out = rim(dict(film))
+        # the rim is filled as labelling fills it; the masks stay those of the whole film
+        assert not any(collimation_rim(to_uint8(np.asarray(out["image"])[0])))
+        assert np.array_equal(out["mask"], m)
+        # a crop zooms the film in, and its masks with it: the heart drawn as an image
+        # comes out where the heart's mask does, larger than before
+        heart = {"image": m[:1], "mask": m}
+        crop.set_random_state(seed=seed)
+        out = crop(dict(heart))
+        crop.set_random_state(seed=seed)
+        again = crop(dict(heart))
+        assert np.array_equal(out["image"], again["image"]) and np.array_equal(out["mask"], again["mask"])
+        drawn, moved = np.asarray(out["image"])[0] > 0.5, out["mask"][0] > 0.5
+        assert (drawn ^ moved).sum() <= 0.02 * moved.sum()
+        assert moved.sum() > 1.2 * (m[0] > 0.5).sum()

@@ -24,8 +24,8 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--norm", type=click.Choice(["zscore", "clahe"]),
               help="Model input: z-score, or CLAHE then z-score [preset].")
 @click.option("--shifts/--no-shifts", default=None,
-              help="Augment with equipment-like shifts too: an inverted MONOCHROME1, a collimator's "
-                   "rim, JPEG, another window [preset].")
+              help="Augment with equipment-like shifts too: a collimator's rim (filled as labelling "
+                   "fills it), JPEG, another window, a field of view cut short [preset].")
 @click.option("--widen-heart", "widen", type=click.FloatRange(0, 1),
               help="Share of training images whose heart is widened (an enlarged heart, image and masks "
                    "warped together; by --widen-range); 0 = off [preset].")

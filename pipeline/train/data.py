@@ -126,16 +126,19 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                    [e.geom for e in entries])
 
 
-EQUIPMENT_SHIFTS = {"inverted": 0.1, "collimation": 0.2, "jpeg": 0.2, "contrast": 0.2}  # name: probability
+# name: probability. An inverted film is left out: labelling turns one back before the model
+# (imaging.upright), so training on it only spends the network's capacity.
+EQUIPMENT_SHIFTS = {"collimation": 0.2, "jpeg": 0.2, "contrast": 0.2, "crop": 0.2}
 
 
 def augmentation(cfg: TrainConfig):
     """Chest-X-ray-safe augmentation (MONAI): small affine, contrast, gamma, blur, noise,
     resolution and exposure; never a left-right flip (the heart's side matters). With
     ``cfg.shifts``, also the equipment-like shifts of :mod:`pipeline.shifts` that those do
-    not cover (:data:`EQUIPMENT_SHIFTS`: an inverted MONOCHROME1, a collimator's rim, JPEG,
-    another window). With ``cfg.widen``, that share of the images first gets an enlarged
-    heart (:func:`pipeline.train.enlarge.widen_heart`, by a factor from ``cfg.widen_range``)."""
+    not cover (:data:`EQUIPMENT_SHIFTS`: a collimator's rim, JPEG, another window, a field of
+    view cut short), each seen as labelling would show it to the model. With ``cfg.widen``,
+    that share of the images first gets an enlarged heart
+    (:func:`pipeline.train.enlarge.widen_heart`, by a factor from ``cfg.widen_range``)."""
     from monai import transforms as T
     keys = ["image", "mask"]
     steps = [_heart_widening(cfg.structures, cfg.widen, cfg.widen_range, cfg.widen_ctr)] if cfg.widen else []
@@ -160,9 +163,13 @@ def augmentation(cfg: TrainConfig):
 
 def _equipment_shift(name: str, prob: float):
     """One :mod:`pipeline.shifts` shift as a MONAI random transform on ``image`` (1, S, S in
-    [0, 1]), at a random strength, drawing from the transform's own random state."""
+    [0, 1]) and ``mask`` (a crop moves the anatomy), at a random strength, drawing from the
+    transform's own random state. A collimator's rim is then filled as labelling fills it
+    (:func:`pipeline.imaging.unrimmed`), so the network learns to draw the anatomy on behind
+    the mirrored band that labelling will show it, against the masks of the whole film."""
     from monai.transforms import RandomizableTransform
 
+    from pipeline.imaging import unrimmed
     from pipeline.shifts import apply
 
     class EquipmentShift(RandomizableTransform):
@@ -173,8 +180,11 @@ def _equipment_shift(name: str, prob: float):
             strength = self.R.uniform(0.3, 1.0)
             rng = np.random.default_rng(self.R.randint(2 ** 31))
             img = np.clip(np.rint(np.asarray(data["image"])[0] * 255), 0, 255).astype(np.uint8)
-            shifted, _ = apply(name, img, np.asarray(data["mask"]), strength, rng)
-            return {**data, "image": shifted[None].astype(np.float32) / 255.0}
+            shifted, masks = apply(name, img, np.asarray(data["mask"]), strength, rng)
+            if name == "collimation":
+                shifted, _ = unrimmed(shifted)
+            return {**data, "image": shifted[None].astype(np.float32) / 255.0,
+                    "mask": np.asarray(masks, np.float32)}
 
     return EquipmentShift(prob=prob)
 
