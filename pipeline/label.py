@@ -62,6 +62,7 @@ class Item:
     geom: Geometry
     spacing: tuple[float | None, float | None] = (None, None)
     rim: float | None = None  # share under a collimator's rim (quality.rim_share); None: read it from image
+    rim_box: tuple[int, int, int, int] | None = None  # its imaging.collimation_rim, when read (load_batch)
 
 
 @dataclass
@@ -389,7 +390,8 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
             if inverted:
                 log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
                             "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
-            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image)))
+            rim = collimation_rim(image)
+            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image, rim), rim))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors
@@ -401,7 +403,8 @@ def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs, norm
     while the previous batch runs in it: the model's loop only runs the model."""
     def load(chunk):
         items, errors = load_batch(engine, chunk, settings, cache_dir, procs)
-        return items, errors, model_inputs([it.image for it in items], norm) if items else None
+        return items, errors, (model_inputs([it.image for it in items], norm, [it.rim_box for it in items])
+                               if items else None)
 
     chunks = list(D.chunks(todo, bs))
     ahead: list[Future] = [threads.submit(load, c) for c in chunks[:2]]

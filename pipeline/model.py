@@ -270,13 +270,19 @@ class LoadedModel:
     quality_tta: Any = None  # ... the one that also reads test-time augmentation (label --tta)
 
 
-def model_inputs(images: Sequence[np.ndarray], norm: str) -> np.ndarray:
+def model_inputs(images: Sequence[np.ndarray], norm: str,
+                 rims: Sequence[tuple[int, int, int, int]] | None = None) -> np.ndarray:
     """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input (the model's
     own normalisation, ``spec.norm``), each the right way round (:func:`imaging.upright`),
     a collimator's rim filled (:func:`imaging.unrimmed`) and smoothed when noisier than
     training showed the model (:func:`imaging.denoised`): CPU work a labelling loop does
-    off the model's path."""
-    return np.stack([model_input(denoised(unrimmed(upright(img)[0])[0])[0], norm) for img in images])
+    off the model's path. ``rims``: each image's :func:`imaging.collimation_rim`, from a
+    caller that has turned the images upright and read their rims already (the labelling
+    loop's :func:`pipeline.label.load_batch`), so neither is done twice."""
+    if rims is None:
+        return np.stack([model_input(denoised(unrimmed(upright(img)[0])[0])[0], norm) for img in images])
+    return np.stack([model_input(denoised(unrimmed(img, rim)[0])[0], norm)
+                     for img, rim in zip(images, rims, strict=True)])
 
 
 def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False,

@@ -88,10 +88,10 @@ def image_features(ctr: float | None, columns: dict[str, float | None], rim: flo
     }
 
 
-def rim_share(cached: np.ndarray) -> float:
+def rim_share(cached: np.ndarray, rim: tuple[int, int, int, int] | None = None) -> float:
     """The share of a cached film that a collimator's rim covers
-    (:func:`pipeline.imaging.collimation_rim`)."""
-    top, bottom, left, right = collimation_rim(cached)
+    (:func:`pipeline.imaging.collimation_rim`, or ``rim`` when read already)."""
+    top, bottom, left, right = collimation_rim(cached) if rim is None else rim
     h, w = cached.shape
     return 1.0 - max(h - top - bottom, 0) * max(w - left - right, 0) / (h * w)
 

@@ -325,9 +325,9 @@ def test_a_collimator_rim_is_found_and_filled_before_the_model():
     exactly, filled with the film mirrored across its inner edge, and the shipped model's
     masks then stay closer to its masks of the film without the rim; films without one
     (and black padding) are left alone."""
-    from pipeline.imaging import collimation_rim, model_input, preprocess, unrimmed
+    from pipeline.imaging import collimation_rim, model_input, preprocess, unrimmed, upright
     from pipeline.metrics import dice
-    from pipeline.model import infer, resolve_model
+    from pipeline.model import infer, model_inputs, resolve_model
     lm = resolve_model(None, "default", "cpu")
     files = sorted((GB / "images").iterdir())[:12] + [DICOM / "cr_chest_pa_jpeg_baseline.dcm"]
     agree: dict[str, list[float]] = {"filled": [], "raw": []}
@@ -341,6 +341,12 @@ def test_a_collimator_rim_is_found_and_filled_before_the_model():
         assert collimation_rim(rimmed) == depths
         filled, found = unrimmed(rimmed)
         assert found == depths and np.array_equal(filled[20 + n:244, 25:226 + n], clean[20 + n:244, 25:226 + n])
+        # the labelling loop turns films upright and reads their rims once (load_batch), and
+        # hands both on: the model gets what it would from the raw films
+        films = [clean, rimmed, 255 - clean]
+        once = [upright(film)[0] for film in films]
+        assert np.array_equal(model_inputs(once, lm.spec.norm, [collimation_rim(film) for film in once]),
+                              model_inputs(films, lm.spec.norm))
         t, b, left, right = depths  # the top band mirrors the rows below its inner edge
         assert np.array_equal(filled[:t][::-1, left:256 - right], clean[t:2 * t, left:256 - right])
         reference, through = infer(lm, [clean, rimmed]) > 0.5  # infer fills the rim itself
