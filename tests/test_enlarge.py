@@ -9,17 +9,12 @@ from pipeline.train.enlarge import MAX_REACH, column_map, widen_heart
 STRUCTURES = ("heart", "left_lung", "right_lung")
 
 
-@pytest.fixture(scope="module")
-def annotated(annotated_128):
-    return annotated_128
-
-
 def _measure(masks):
     return measure({s: masks[j] > 0.5 for j, s in enumerate(STRUCTURES)})
 
 
-def test_widening_grows_the_heart_and_keeps_the_thorax_on_real_images(annotated):
-    images, masks = annotated
+def test_widening_grows_the_heart_and_keeps_the_thorax_on_real_images(annotated_128):
+    images, masks = annotated_128
     for img, m in zip(images, masks, strict=True):
         before = _measure(m)
         out_img, out_m = widen_heart(img, m, STRUCTURES, 1.3)
@@ -39,8 +34,8 @@ def test_widening_grows_the_heart_and_keeps_the_thorax_on_real_images(annotated)
         assert np.array_equal(out_img[:, x1 + 3:], img[:, x1 + 3:])
 
 
-def test_no_heart_or_factor_one_leaves_the_image_alone(annotated):
-    image, masks = annotated[0][0], annotated[1][0]
+def test_no_heart_or_factor_one_leaves_the_image_alone(annotated_128):
+    image, masks = annotated_128[0][0], annotated_128[1][0]
     img, m = widen_heart(image, masks, STRUCTURES, 1.0)
     assert img is image and m is masks
     empty = masks.copy()
@@ -63,8 +58,8 @@ def test_the_column_map_is_monotone_and_stops_short_of_the_thorax(seed):
     assert src[0] == 0 and src[-1] == 255  # the image's edges stay put
 
 
-def test_heart_widening_joins_augmentation_reproducibly(annotated):
-    images, masks = annotated
+def test_heart_widening_joins_augmentation_reproducibly(annotated_128):
+    images, masks = annotated_128
     plain = augmentation(TrainConfig.from_preset("tiny"))
     aug = augmentation(TrainConfig.from_preset("tiny", widen=1.0))
     assert len(aug.transforms) == len(plain.transforms) + 1
@@ -76,8 +71,8 @@ def test_heart_widening_joins_augmentation_reproducibly(annotated):
     assert np.array_equal(outs[0], outs[1])
 
 
-def test_a_factor_below_one_narrows_the_heart(annotated):
-    images, masks = annotated
+def test_a_factor_below_one_narrows_the_heart(annotated_128):
+    images, masks = annotated_128
     for img, m in zip(images[:4], masks[:4], strict=True):
         before, after = _measure(m), _measure(widen_heart(img, m, STRUCTURES, 0.85)[1])
         assert 0.8 <= after["heart_width_px"] / before["heart_width_px"] <= 0.92
@@ -86,11 +81,11 @@ def test_a_factor_below_one_narrows_the_heart(annotated):
         TrainConfig.from_preset("tiny", widen_range=(1.3, 1.1))
 
 
-def test_widening_to_a_drawn_ctr_lands_near_it(annotated):
+def test_widening_to_a_drawn_ctr_lands_near_it(annotated_128):
     """--widen-ctr: each heart is warped towards a CTR drawn from the range, whatever its own
     (here a range of one value, so every image must land near it from wherever it started)."""
     from pipeline.train.data import _heart_widening
-    images, masks = annotated
+    images, masks = annotated_128
     step = _heart_widening(STRUCTURES, 1.0, (1.05, 1.35), (0.58, 0.58))
     step.set_random_state(seed=0)
     started, landed = [], []
