@@ -205,6 +205,23 @@ def test_weight_averaged_training_saves_the_average_and_resumes(annotated_engine
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+def test_a_fold_with_held_out_images_also_keeps_its_last_epoch(annotated_engine, tmp_path):
+    # best.pt is the epoch the held-out images liked best; final.pt is the last epoch, the
+    # model a run on every image ships, which a quality score fitted on folds must read
+    cfg = TrainConfig.from_preset("tiny", epochs=2, ema=0.9, threads=2, val_frac=0.2)
+    cache = str(tmp_path / "cache")
+    train(annotated_engine, cfg, tmp_path / "a", cache, progress=False, until_epoch=1)
+    assert (tmp_path / "a" / "best.pt").exists() and not (tmp_path / "a" / "final.pt").exists()
+    train(annotated_engine, cfg, tmp_path / "a", cache, progress=False)  # resumed to the end
+    final = read_checkpoint(tmp_path / "a" / "final.pt")
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert final.info["epoch"] == 2 and final.training["epochs"] == 2
+    assert all(torch.allclose(v, last["ema"]["model"][k]) for k, v in final.state_dict.items())
+    train(annotated_engine, TrainConfig.from_preset("tiny", epochs=1, threads=2, val_frac=0), tmp_path / "b",
+          cache, progress=False)
+    assert not (tmp_path / "b" / "final.pt").exists()  # there best.pt is the last epoch already
+
+
 def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
     from pipeline.model import register_model
     ck = read_checkpoint(tiny_model)

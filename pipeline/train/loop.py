@@ -8,7 +8,10 @@ image with a seed of its own place in training (:func:`pipeline.train.data.sampl
 so the run is the same with any number of workers and on resume.
 Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point: weights, optimiser, schedule,
 random states; plain data like every checkpoint) and ``RUN_DIR/best.pt`` (best mean
-validation Dice, in the inference format of :mod:`pipeline.model`).
+validation Dice, in the inference format of :mod:`pipeline.model`). A fold with held-out
+images also leaves ``RUN_DIR/final.pt``, its last epoch in that format: the model a run
+without held-out images ships (``--val-frac 0`` keeps the last epoch), so a quality score
+fitted on folds can be fitted on models trained as long as the shipped one.
 """
 
 from __future__ import annotations
@@ -165,6 +168,11 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
                     "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()},
                     "augmentation": AUGMENTATION_SEEDS}, tmp)
         tmp.replace(last)
+    if va and state["epoch"] == cfg.epochs and state["history"]:
+        save_checkpoint(run_dir / "final.pt", scored, cfg.spec(),
+                        {"dice": {s: state["history"][-1].get(s) for s in cfg.structures},
+                         "epoch": state["epoch"], "data_hash": ds.hash, "images": trained_on},
+                        training=cfg.as_dict())
     best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
     plot_curve(state["history"], run_dir / "learning_curve.png",
                f"{cfg.preset} ({cfg.network}, {cfg.size}px)", cfg.structures)
