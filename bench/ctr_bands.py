@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-dir", type=Path, help="keep each run's measured rows here as NAME.json and reuse "
                                                    "them (also readable by bench/quality.py --rows)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", choices=("best", "final"), default="best",
+                    help="each fold's best epoch on its held-out images, or its last (final.pt)")
     ap.add_argument("--picture", type=Path, help="write the widening augmentation's picture here")
     ap.add_argument("--score", type=Path, default=REPO / "models" / "default" / "model.quality.json",
                     help="the quality score to judge on widened hearts [the shipped model's]")
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if cached and cached.exists():
             rows = json.loads(cached.read_text())
         else:
-            rows = collect_rows(engine, Path(run), args.cache, args.seed, widened=True)
+            rows = collect_rows(engine, Path(run), args.cache, args.seed, widened=True,
+                                checkpoint=args.checkpoint)
             if cached:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(rows))

@@ -1,7 +1,10 @@
 """Does the quality score tell a reviewer which masks to look at? Fits and validates it.
 
 Takes a cross-validation run (``cxrlabel train --folds K``: RUN_DIR/foldK/best.pt and
-RUN_DIR/splits.json). Each fold's model labels its own held-out annotated images, as they are
+RUN_DIR/splits.json; with ``--checkpoint final`` each fold's last epoch, RUN_DIR/foldK/final.pt,
+for a score meant for a model trained on every image to its last epoch: the score's features
+read the model's confidence, which grows with training, so it must be fitted on models trained
+as long as the one it will score). Each fold's model labels its own held-out annotated images, as they are
 and put through every equipment-like shift of `pipeline.shifts` at two strengths (contrast
 and gamma curves, noise, blur, resolution loss, JPEG, crops, rotations, aspect, a collimator's
 rim, an inverted MONOCHROME1), through the labelling path (`label.postprocess`, at cache
@@ -19,7 +22,7 @@ robustness). With --out, the score fitted on every fold is written there (a mode
 annotated image (what the model the run's recipe trains on all of them was trained on).
 
 Usage: python bench/quality.py --db sqlite:///data/catalogue.db --cv runs/cv [--cache data/cache]
-       [--out models/default/model.quality.json]
+       [--checkpoint final] [--out models/default/model.quality.json]
 """
 
 from __future__ import annotations
@@ -139,10 +142,11 @@ def atlas_of(ds, structures: list[str], leave_out=()) -> Atlas:
 
 
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
-                 widened: bool = False, dataset=None) -> list[dict]:
+                 widened: bool = False, dataset=None, checkpoint: str = "best") -> list[dict]:
     """One row per (fold, held-out image, variant, structure): features (the atlas's fit read
     against the fold's training masks), true Dice, heuristic, and the image's true and
-    measured CTR (:func:`ctr_fields`). ``dataset``: :func:`run_dataset`'s, when loaded already."""
+    measured CTR (:func:`ctr_fields`). ``dataset``: :func:`run_dataset`'s, when loaded already.
+    ``checkpoint``: each fold's ``best`` epoch on its held-out images, or its ``final`` one."""
     splits = json.loads((run_dir / SPLITS_FILE).read_text())
     cfg, ds = dataset or run_dataset(engine, run_dir, cache)
     structures = list(cfg.structures)
@@ -153,10 +157,10 @@ def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool 
     rows = []
     for k, held in enumerate(splits["val"]):
         fold = run_dir / f"fold{k}"
-        if not (fold / "best.pt").exists() or _still_training(fold):
+        if not (fold / f"{checkpoint}.pt").exists() or _still_training(fold):
             print(f"fold {k}: not trained to the end yet: left out", flush=True)
             continue
-        lm = resolve_model(None, str(run_dir / f"fold{k}" / "best.pt"), "cpu")
+        lm = resolve_model(None, str(fold / f"{checkpoint}.pt"), "cpu")
         atlas = atlas_of(ds, structures, leave_out=ds.indices(held))
         for i in ds.indices(held):
             film = ds.geoms[i].film_box() if ds.geoms else None
@@ -222,6 +226,20 @@ def held_out_estimates(rows: list[dict], folds: list[int], structures: list[str]
     return estimate
 
 
+def fixed_estimates(rows: list[dict], score: QualityModel) -> list[float]:
+    """Each mask's estimate by an already fitted score (``--judge``: a shipped score read on
+    another run's models)."""
+    images: dict[str, dict[str, int]] = {}
+    for n, r in enumerate(rows):
+        images.setdefault(r["image"], {})[r["structure"]] = n
+    estimate = [0.0] * len(rows)
+    for members in images.values():
+        got = score.estimate({s: {f: rows[n][f] for f in score.features} for s, n in members.items()})
+        for s, n in members.items():
+            estimate[n] = got[s]
+    return estimate
+
+
 def recipe(run_dir: Path) -> str:
     """How the cross-validation run was trained and what it scored, from its summary (the
     options that differ from the preset's), for the fitted score's ``info``; the folder's
@@ -245,6 +263,13 @@ def recipe(run_dir: Path) -> str:
             f"{''.join(' ' + o for o in options)}; CV Dice {dice}")
 
 
+def fold_models(run_dir: Path, checkpoint: str) -> dict:
+    """Which of each fold's checkpoints the score was fitted on and how long they trained:
+    what `pipeline.model` checks a model against before trusting the score's calibration."""
+    first = read_checkpoint(run_dir / "fold0" / f"{checkpoint}.pt")
+    return {"checkpoint": checkpoint, "epochs": first.training.get("epochs"), "epoch": first.info.get("epoch")}
+
+
 def save_score(path: Path, rows, dice_true, structures, args, est, true, names, atlas: Atlas) -> None:
     """The score fitted on every fold, with its held-out figures and calibration table."""
     bins = np.quantile(est, np.linspace(0, 1, 11))
@@ -253,6 +278,7 @@ def save_score(path: Path, rows, dice_true, structures, args, est, true, names, 
                    for b in range(10) if np.any(which == b)]
     final = QualityModel.fit(rows, dice_true, structures, args.alpha, names=names, info={
         "fitted": datetime.date.today().isoformat(), "cv_run": recipe(args.cv), "masks": len(rows),
+        "fold_models": fold_models(args.cv, args.checkpoint),
         "images": len(true), "shifts": list(SHIFTS), "strengths": list(STRENGTHS), "features": list(names),
         "held_out": {"spearman": round(spearman(est, true), 4), "mae": round(float(np.mean(np.abs(est - true))), 4),
                      "worst_10pct_share_below_0_9": round(worst_share(est, true), 4)},
@@ -268,11 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--alpha", type=float, default=1.0, help="ridge penalty")
+    ap.add_argument("--checkpoint", choices=("best", "final"), default="best",
+                    help="each fold's best epoch on its held-out images, or its last (final.pt): use "
+                         "final for a score meant for a model trained on every image to the end")
     ap.add_argument("--out", type=Path, help="write the score fitted on every fold here")
     ap.add_argument("--tta", action="store_true",
                     help="also measure test-time augmentation's agreement as a signal (3x the labelling)")
     ap.add_argument("--out-tta", type=Path, help="with --tta: write the score that reads it here "
                                                   "(a model's <checkpoint>.quality-tta.json, for label --tta)")
+    ap.add_argument("--judge", type=Path, action="append", default=[], metavar="SCORE",
+                    help="also judge this fitted score (a <checkpoint>.quality.json) on the run's masks as "
+                         "it is, without refitting (repeatable)")
     ap.add_argument("--rows", type=Path, help="keep the measured masks' rows in this JSON file and reuse "
                                                "them when it exists (refit without labelling again)")
     args = ap.parse_args(argv)
@@ -283,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if reuse:
         rows = json.loads(args.rows.read_text())
     else:
-        rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed, args.tta, dataset=data)
+        rows = collect_rows(D.connect(args.db), args.cv, args.cache, args.seed, args.tta, dataset=data,
+                            checkpoint=args.checkpoint)
         if args.rows:
             args.rows.write_text(json.dumps(rows))
     rows = [r for r in rows if r["shift"] != "widened"]  # bench/ctr_bands.py's synthetic hearts: not here
@@ -312,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{worst_share(est, true):.2f} ({int(np.sum(true < 0.9))} images < 0.9) |")
     print(f"| heuristic (before) | {spearman(heur, true):.3f} | {np.mean(np.abs(heur - true)):.4f} | "
           f"{worst_share(heur, true):.2f} |")
+    for path in args.judge:
+        fixed = fixed_estimates(rows, QualityModel.load(path))
+        j_true, j_est = per_image(rows, fixed)[:2]
+        clean_true, clean_est = per_image([r for r, c in zip(rows, clean_only, strict=True) if c],
+                                          [e for e, c in zip(fixed, clean_only, strict=True) if c])[:2]
+        print(f"| {path} as it is | {spearman(j_est, j_true):.3f} | {np.mean(np.abs(j_est - j_true)):.4f} "
+              f"(bias {np.mean(j_est - j_true):+.4f}; unshifted {np.mean(clean_est - clean_true):+.4f}) | "
+              f"{worst_share(j_est, j_true):.2f} |")
     m_true, m_est = np.array(dice_true), np.array(estimate)
     print(f"per mask: Spearman {spearman(m_est, m_true):.3f}, MAE {np.mean(np.abs(m_est - m_true)):.4f}, worst 10% "
           f"hold {worst_share(m_est, m_true):.2f} of the {int(np.sum(m_true < 0.9))} masks below 0.9")

@@ -359,13 +359,17 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures),
-                       _quality_model(path, ck.spec.structures, tta=True))
+    epochs = ck.training.get("epochs")
+    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures, epochs),
+                       _quality_model(path, ck.spec.structures, epochs, tta=True))
 
 
-def _quality_model(checkpoint: Path, structures: Sequence[str], tta: bool = False):
+def _quality_model(checkpoint: Path, structures: Sequence[str], epochs: int | None = None, tta: bool = False):
     """The checkpoint's fitted quality score (``<checkpoint>.quality.json``, or with ``tta``
-    the one that reads test-time augmentation), or None."""
+    the one that reads test-time augmentation), or None. A score fitted on fold models trained
+    for another number of ``epochs`` than this model is used with a warning: its features read
+    the model's confidence, which grows with training (one fitted on 60-epoch folds read the
+    true Dice 0.04 low on 120-epoch ones, bench/RESULTS.md)."""
     from pipeline.quality import QualityModel, sidecar
     where = sidecar(checkpoint, tta)
     if not where.exists():
@@ -375,6 +379,11 @@ def _quality_model(checkpoint: Path, structures: Sequence[str], tta: bool = Fals
         if score.atlas is not None and not set(score.atlas.structures) <= set(structures):
             raise ValueError(f"{where}: its atlas draws {', '.join(score.atlas.structures)}, the model "
                              f"{', '.join(structures)}: not this model's score")
+        fitted_on = (score.info.get("fold_models") or {}).get("epochs")
+        if epochs and fitted_on and fitted_on != epochs:
+            log.warning("%s was fitted on fold models trained %d epochs, %s trained %d: its estimated Dice "
+                        "may read off; refit it with `python bench/quality.py --checkpoint final` on a "
+                        "cross-validation of this recipe", where, fitted_on, checkpoint, epochs)
         return score
     except (ValueError, KeyError, OSError) as e:
         log.warning("%s; labelling uses the heuristic quality score", e)

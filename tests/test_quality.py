@@ -240,6 +240,22 @@ def test_the_atlas_tells_drawn_shapes_from_odd_ones(annotated_engine):
     assert again.structures == atlas.structures and np.array_equal(again.masks, atlas.masks)
 
 
+def test_a_score_fitted_on_models_trained_another_length_is_used_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from pipeline.model import _quality_model
+    rows, dice = _synthetic_rows()
+    model = tmp_path / "model.pt"
+    QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": {"checkpoint": "best", "epochs": 60}}
+                     ).save(sidecar(model))
+    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+        assert _quality_model(model, STRUCTURES, 60) is not None
+        assert not caplog.records  # the same training length: nothing to say
+        assert _quality_model(model, STRUCTURES, 160) is not None  # still the best score there is
+    assert "fitted on fold models trained 60 epochs" in caplog.text and "trained 160" in caplog.text
+    assert "--checkpoint final" in caplog.text
+
+
 def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotated_engine, tmp_path):
     from pipeline.model import _quality_model
     from pipeline.quality import SHAPE, Atlas
