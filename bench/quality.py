@@ -215,29 +215,28 @@ def held_out_estimates(rows: list[dict], folds: list[int], structures: list[str]
         train_idx = [n for n, r in enumerate(rows) if r["fold"] != k]
         model = QualityModel.fit([rows[n] for n in train_idx], [dice_true[n] for n in train_idx], structures,
                                  alpha, names=names)
-        images: dict[str, dict[str, int]] = {}
-        for n, r in enumerate(rows):
-            if r["fold"] == k:
-                images.setdefault(r["image"], {})[r["structure"]] = n
-        for members in images.values():
-            got = model.estimate({s: {f: rows[n][f] for f in names} for s, n in members.items()})
-            for s, n in members.items():
-                estimate[n] = got[s]
+        _estimate_into(estimate, model, rows, [n for n, r in enumerate(rows) if r["fold"] == k], names)
     return estimate
 
 
 def fixed_estimates(rows: list[dict], score: QualityModel) -> list[float]:
     """Each mask's estimate by an already fitted score (``--judge``: a shipped score read on
     another run's models)."""
-    images: dict[str, dict[str, int]] = {}
-    for n, r in enumerate(rows):
-        images.setdefault(r["image"], {})[r["structure"]] = n
     estimate = [0.0] * len(rows)
+    _estimate_into(estimate, score, rows, range(len(rows)), score.features)
+    return estimate
+
+
+def _estimate_into(estimate: list[float], score: QualityModel, rows: list[dict], which, names) -> None:
+    """``score``'s estimate of the masks ``which`` (indices into ``rows``), each image's
+    structures read together as labelling reads them, written into ``estimate``."""
+    images: dict[str, dict[str, int]] = {}
+    for n in which:
+        images.setdefault(rows[n]["image"], {})[rows[n]["structure"]] = n
     for members in images.values():
-        got = score.estimate({s: {f: rows[n][f] for f in score.features} for s, n in members.items()})
+        got = score.estimate({s: {f: rows[n][f] for f in names} for s, n in members.items()})
         for s, n in members.items():
             estimate[n] = got[s]
-    return estimate
 
 
 def recipe(run_dir: Path) -> str:
