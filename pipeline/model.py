@@ -379,8 +379,9 @@ def _quality_model(checkpoint: Path, structures: Sequence[str], epochs: int | No
         if score.atlas is not None and not set(score.atlas.structures) <= set(structures):
             raise ValueError(f"{where}: its atlas draws {', '.join(score.atlas.structures)}, the model "
                              f"{', '.join(structures)}: not this model's score")
-        fitted_on = (score.info.get("fold_models") or {}).get("epochs")
-        if epochs and fitted_on and fitted_on != epochs:
+        fold_models = score.info.get("fold_models")  # free-form info: a hand-edited file may hold anything
+        fitted_on = fold_models.get("epochs") if isinstance(fold_models, dict) else None
+        if isinstance(epochs, int) and isinstance(fitted_on, int) and fitted_on != epochs:
             log.warning("%s was fitted on fold models trained %d epochs, %s trained %d: its estimated Dice "
                         "may read off; refit it with `python bench/quality.py --checkpoint final` on a "
                         "cross-validation of this recipe", where, fitted_on, checkpoint, epochs)

@@ -254,6 +254,12 @@ def test_a_score_fitted_on_models_trained_another_length_is_used_with_a_warning(
         assert _quality_model(model, STRUCTURES, 160) is not None  # still the best score there is
     assert "fitted on fold models trained 60 epochs" in caplog.text and "trained 160" in caplog.text
     assert "--checkpoint final" in caplog.text
+    caplog.clear()
+    for odd in ("sixty", ["x"], {"epochs": "60"}):  # a hand-edited record: read as no record, never a stop
+        QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": odd}).save(sidecar(model))
+        with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+            assert _quality_model(model, STRUCTURES, 160) is not None
+    assert not caplog.records
 
 
 def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotated_engine, tmp_path):
