@@ -45,7 +45,7 @@ from pipeline.imaging import Geometry  # noqa: E402
 from pipeline.label import Item, postprocess, reframe  # noqa: E402
 from pipeline.measure import bbox, measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
-from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
+from pipeline.model import infer, read_checkpoint, recipe_of, resolve_model  # noqa: E402
 from pipeline.quality import FEATURES, SHAPE, Atlas, QualityModel, tta_agreement, tta_copies  # noqa: E402
 from pipeline.shifts import SHIFTS, apply  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
@@ -263,10 +263,12 @@ def recipe(run_dir: Path) -> str:
 
 
 def fold_models(run_dir: Path, checkpoint: str) -> dict:
-    """Which of each fold's checkpoints the score was fitted on and how long they trained:
-    what `pipeline.model` checks a model against before trusting the score's calibration."""
+    """Which of each fold's checkpoints the score was fitted on and how they were trained
+    (length and augmentation, :data:`pipeline.model.SCORE_RECIPE`): what `pipeline.model`
+    checks a model against before trusting the score's calibration."""
     first = read_checkpoint(run_dir / "fold0" / f"{checkpoint}.pt")
-    return {"checkpoint": checkpoint, "epochs": first.training.get("epochs"), "epoch": first.info.get("epoch")}
+    return {"checkpoint": checkpoint, "epochs": first.training.get("epochs"), "epoch": first.info.get("epoch"),
+            "training": recipe_of(first.training)}
 
 
 def save_score(path: Path, rows, dice_true, structures, args, est, true, names, atlas: Atlas) -> None:

@@ -169,7 +169,8 @@ def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = 
     """``(B, C, S, S)`` probabilities of one batch as uint8 (``round(255 p)``, CPU numpy):
     a quarter of float32's bytes to copy off the GPU and to hand to post-processing.
     ``inputs``: the batch's :func:`pipeline.model.model_inputs`, when made beforehand.
-    Films cut short are labelled again from further out (:func:`reframe`)."""
+    Films cut short are labelled again from further out when the model learned chests
+    framed whole (:func:`reframe`)."""
     images = [it.image for it in items]
     return reframe(lm, images, [it.geom.film_box() for it in items],
                    infer(lm, images, quantise=True, inputs=inputs))
@@ -199,9 +200,13 @@ def reframe(lm: LoadedModel, images: Sequence[np.ndarray], boxes: Sequence[tuple
     """``probs`` with those of films cut short replaced by the model's output for the film
     shrunk :data:`REFRAME_ZOOM` times about its centre, mapped back. A film is cut short when
     its structures reach the film's edges (``boxes``: each film's place in its cache image)
-    :data:`REFRAME_CONTACTS` times or more and no collimator's rim explains it. The model
-    learned chests framed whole and draws a chest seen too close poorly; the threshold is
-    the one that left every one of 100 held-out annotated films alone (bench/RESULTS.md)."""
+    :data:`REFRAME_CONTACTS` times or more and no collimator's rim explains it. Only for a
+    model that learned chests framed whole (``lm.framed_whole``): it draws a chest seen too
+    close poorly. One trained with such films (``train --shifts``, the default since
+    2026-11-27) draws them better itself and is left alone. The threshold is the one that left
+    every one of 100 held-out annotated films alone (bench/RESULTS.md)."""
+    if not lm.framed_whole:
+        return probs
     pick = [i for i, (image, box) in enumerate(zip(images, boxes, strict=True))
             if edge_contacts(probs[i], box) >= REFRAME_CONTACTS and not any(collimation_rim(image))]
     if not pick:

@@ -268,6 +268,10 @@ class LoadedModel:
     device: torch.device
     quality: Any = None  # pipeline.quality.QualityModel (estimated Dice), when one was fitted
     quality_tta: Any = None  # ... the one that also reads test-time augmentation (label --tta)
+    # trained on chests framed whole only: labelling draws a film cut short again from further
+    # out (pipeline.label.reframe). A model trained with `--shifts` saw such films (a field of
+    # view cut short by up to 1.4x) and draws them better itself (bench/RESULTS.md).
+    framed_whole: bool = True
 
 
 def model_inputs(images: Sequence[np.ndarray], norm: str,
@@ -359,17 +363,31 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    epochs = ck.training.get("epochs")
-    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures, epochs),
-                       _quality_model(path, ck.spec.structures, epochs, tta=True))
+    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures, ck.training),
+                       _quality_model(path, ck.spec.structures, ck.training, tta=True),
+                       framed_whole=not ck.training.get("shifts", False))
 
 
-def _quality_model(checkpoint: Path, structures: Sequence[str], epochs: int | None = None, tta: bool = False):
+# What a fitted quality score's calibration depends on, of how its fold models were trained:
+# its features read the model's confidence, which training length and augmentation shape. The
+# value is what a checkpoint that does not record the option was trained with (it predates it).
+SCORE_RECIPE: dict[str, Any] = {"epochs": None, "shifts": False, "widen": 0.0, "widen_ctr": None,
+                                "loss": "dicece", "width_loss": 0.0}
+
+
+def recipe_of(training: dict) -> dict[str, Any]:
+    """The :data:`SCORE_RECIPE` part of a checkpoint's training configuration."""
+    return {k: training.get(k, absent) for k, absent in SCORE_RECIPE.items()}
+
+
+def _quality_model(checkpoint: Path, structures: Sequence[str], training: dict | None = None,
+                   tta: bool = False):
     """The checkpoint's fitted quality score (``<checkpoint>.quality.json``, or with ``tta``
     the one that reads test-time augmentation), or None. A score fitted on fold models trained
-    for another number of ``epochs`` than this model is used with a warning: its features read
-    the model's confidence, which grows with training (one fitted on 60-epoch folds read the
-    true Dice 0.04 low on 120-epoch ones, bench/RESULTS.md)."""
+    otherwise than this model (``training``, its configuration; see :data:`SCORE_RECIPE`) is
+    used with a warning naming the difference: one fitted on 60-epoch folds read the true
+    Dice 0.04 low on 120-epoch ones, and one fitted without ``--shifts`` 0.05 low on folds
+    trained with them (bench/RESULTS.md)."""
     from pipeline.quality import QualityModel, sidecar
     where = sidecar(checkpoint, tta)
     if not where.exists():
@@ -379,16 +397,40 @@ def _quality_model(checkpoint: Path, structures: Sequence[str], epochs: int | No
         if score.atlas is not None and not set(score.atlas.structures) <= set(structures):
             raise ValueError(f"{where}: its atlas draws {', '.join(score.atlas.structures)}, the model "
                              f"{', '.join(structures)}: not this model's score")
-        fold_models = score.info.get("fold_models")  # free-form info: a hand-edited file may hold anything
-        fitted_on = fold_models.get("epochs") if isinstance(fold_models, dict) else None
-        if isinstance(epochs, int) and isinstance(fitted_on, int) and fitted_on != epochs:
-            log.warning("%s was fitted on fold models trained %d epochs, %s trained %d: its estimated Dice "
+        differ = _recipe_differences(score.info.get("fold_models"), training)
+        if differ:
+            log.warning("%s was fitted on fold models trained with %s, %s with %s: its estimated Dice "
                         "may read off; refit it with `python bench/quality.py --checkpoint final` on a "
-                        "cross-validation of this recipe", where, fitted_on, checkpoint, epochs)
+                        "cross-validation of this recipe", where,
+                        ", ".join(f"{k} {a}" for k, a, _ in differ), checkpoint,
+                        ", ".join(f"{k} {b}" for k, _, b in differ))
         return score
     except (ValueError, KeyError, OSError) as e:
         log.warning("%s; labelling uses the heuristic quality score", e)
         return None
+
+
+def _recipe_differences(fold_models: Any, training: dict | None) -> list[tuple[str, Any, Any]]:
+    """(option, the score's fold models', the model's) where the two were trained otherwise.
+    ``fold_models`` is a score's free-form info (a hand-edited file may hold anything there:
+    what is not a readable record is no record); a score that records only its folds' epochs
+    (fitted before the rest was recorded) is compared on those."""
+    if not isinstance(fold_models, dict) or not isinstance(training, dict):
+        return []
+    fitted = fold_models.get("training")
+    if not isinstance(fitted, dict):
+        fitted = {"epochs": fold_models.get("epochs")}
+    ours = recipe_of(training)
+    differ = []
+    for k, theirs in fitted.items():
+        mine = ours.get(k)
+        if k not in SCORE_RECIPE or (k == "epochs" and not (isinstance(theirs, int) and isinstance(mine, int))):
+            continue
+        if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
+            mine, theirs = (list(v) if isinstance(v, (list, tuple)) else v for v in (mine, theirs))
+        if mine != theirs:
+            differ.append((k, theirs, mine))
+    return differ
 
 
 def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:

@@ -240,25 +240,40 @@ def test_the_atlas_tells_drawn_shapes_from_odd_ones(annotated_engine):
     assert again.structures == atlas.structures and np.array_equal(again.masks, atlas.masks)
 
 
-def test_a_score_fitted_on_models_trained_another_length_is_used_with_a_warning(tmp_path, caplog):
+def test_a_score_fitted_on_models_trained_otherwise_is_used_with_a_warning(tmp_path, caplog):
     import logging
 
-    from pipeline.model import _quality_model
+    from pipeline.model import SCORE_RECIPE, _quality_model, recipe_of
+    from pipeline.train.config import TrainConfig
+    # a checkpoint that predates an option was trained without it: what TrainConfig defaults to
+    defaults = TrainConfig.from_preset("tiny").as_dict()
+    assert all(absent == defaults[k] for k, absent in SCORE_RECIPE.items() if k != "epochs")
     rows, dice = _synthetic_rows()
     model = tmp_path / "model.pt"
     QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": {"checkpoint": "best", "epochs": 60}}
-                     ).save(sidecar(model))
+                     ).save(sidecar(model))  # a score fitted before the augmentation was recorded
     with caplog.at_level(logging.WARNING, logger="pipeline.model"):
-        assert _quality_model(model, STRUCTURES, 60) is not None
-        assert not caplog.records  # the same training length: nothing to say
-        assert _quality_model(model, STRUCTURES, 160) is not None  # still the best score there is
-    assert "fitted on fold models trained 60 epochs" in caplog.text and "trained 160" in caplog.text
+        assert _quality_model(model, STRUCTURES, {"epochs": 60, "shifts": True}) is not None
+        assert not caplog.records  # the same training length, and nothing else recorded: nothing to say
+        assert _quality_model(model, STRUCTURES, {"epochs": 160}) is not None  # still the best score there is
+    assert "fitted on fold models trained with epochs 60" in caplog.text and "with epochs 160" in caplog.text
     assert "--checkpoint final" in caplog.text
     caplog.clear()
-    for odd in ("sixty", ["x"], {"epochs": "60"}):  # a hand-edited record: read as no record, never a stop
+    shifted = recipe_of({"epochs": 160, "shifts": True, "widen_ctr": [0.35, 0.72]})
+    QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": {"epochs": 160, "training": shifted}}
+                     ).save(sidecar(model))
+    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+        assert _quality_model(model, STRUCTURES, {"epochs": 160, "shifts": True, "widen_ctr": (0.35, 0.72)}) is not None
+        assert not caplog.records  # a tuple in the checkpoint, a list in the score's JSON: the same
+        assert _quality_model(model, STRUCTURES, {"epochs": 160, "widen": 0.0}) is not None  # predates --shifts
+    assert "with shifts True, widen_ctr [0.35, 0.72]" in caplog.text
+    assert "with shifts False, widen_ctr None" in caplog.text
+    assert "epochs" not in caplog.text
+    caplog.clear()
+    for odd in ("sixty", ["x"], {"epochs": "60"}, {"training": "x"}):  # a hand-edited record: no record, never a stop
         QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": odd}).save(sidecar(model))
         with caplog.at_level(logging.WARNING, logger="pipeline.model"):
-            assert _quality_model(model, STRUCTURES, 160) is not None
+            assert _quality_model(model, STRUCTURES, {"epochs": 160}) is not None
     assert not caplog.records
 
 
