@@ -372,19 +372,24 @@ def test_a_film_s_edges_are_its_own_not_its_square_s():
     assert edge_contacts((probs * 255).astype(np.uint8), box) == 2
 
 
-def test_a_film_cut_short_is_labelled_again_from_further_out():
-    """A chest seen too close (a 1.4x field of view: the lungs run off the film) is labelled
-    again shrunk about its centre; the shipped model's masks then match its masks of the
-    whole film, cut the same way, better than the first pass did (on average: single films
-    go either way). Films framed whole are left alone."""
+def test_a_film_cut_short_is_drawn_by_a_model_that_trained_on_such_films():
+    """A chest seen too close (a 1.4x field of view: the lungs run off the film). The shipped
+    model trained on such films (`--shifts`), so labelling leaves its first pass alone, and
+    its masks match its masks of the whole film, cut the same way, closely. Labelling such a
+    film again from further out (`reframe`, for a model that learned chests framed whole)
+    would draw them worse. Films framed whole are never picked."""
+    import dataclasses
+
     from pipeline.metrics import dice
     from pipeline.model import infer
     lm = resolve_model(None, "default", "cpu")
+    assert not lm.framed_whole
+    whole_only = dataclasses.replace(lm, framed_whole=True)  # as a model trained without --shifts is
     zoom = np.array([[1.4, 0, -0.4 * 128], [0, 1.4, -0.4 * 128]])  # 1.4x about the centre
     files = [*sorted((DATA / "nih-samples").glob("*.png")), DICOM / "RG1_UNCR.dcm",
              *sorted((GB / "images").iterdir())[:40]]
     agree: dict[str, list[float]] = {"again": [], "first": []}
-    left_alone = 0
+    left_alone = picked = 0
     for f in files:
         film, g = preprocess(f, 256)
         if g.offset_x + g.offset_y > 0.03 * max(g.orig_width, g.orig_height):
@@ -392,12 +397,15 @@ def test_a_film_cut_short_is_labelled_again_from_further_out():
         whole = infer(lm, [film], quantise=True)
         if edge_contacts(whole[0], g.film_box()) < REFRAME_CONTACTS:
             left_alone += 1
-            assert reframe(lm, [film], [g.film_box()], whole) is whole
+            assert reframe(whole_only, [film], [g.film_box()], whole) is whole
         close = cv2.warpAffine(film, zoom, (256, 256), flags=cv2.INTER_LINEAR)
         reference = np.stack([cv2.warpAffine(c, zoom, (256, 256), flags=cv2.INTER_LINEAR) for c in whole[0]]) > 127
         first = infer(lm, [close], quantise=True)
-        again = reframe(lm, [close], [(0.0, 0.0, 255.0, 255.0)], first)
+        assert reframe(lm, [close], [(0.0, 0.0, 255.0, 255.0)], first) is first
+        again = reframe(whole_only, [close], [(0.0, 0.0, 255.0, 255.0)], first)
+        picked += again is not first
         for name, probs in (("again", again), ("first", first)):
             agree[name].append(np.mean([dice(probs[0][c] > 127, reference[c]) for c in range(len(reference))]))
-    assert len(agree["first"]) >= 15 and left_alone == len(agree["first"])
-    assert np.mean(agree["again"]) > np.mean(agree["first"]) + 0.01
+    assert len(agree["first"]) >= 15 and left_alone == len(agree["first"]) and picked >= len(agree["first"]) // 2
+    assert np.mean(agree["first"]) > 0.96
+    assert np.mean(agree["again"]) < np.mean(agree["first"]) - 0.01
