@@ -365,7 +365,7 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
         module = module.to(memory_format=torch.channels_last)
     return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures, ck.training),
                        _quality_model(path, ck.spec.structures, ck.training, tta=True),
-                       framed_whole=not ck.training.get("shifts", False))
+                       framed_whole=not recipe_of(ck.training)["shifts"])
 
 
 # What a fitted quality score's calibration depends on, of how its fold models were trained:
@@ -376,8 +376,10 @@ SCORE_RECIPE: dict[str, Any] = {"epochs": None, "shifts": False, "widen": 0.0, "
 
 
 def recipe_of(training: dict) -> dict[str, Any]:
-    """The :data:`SCORE_RECIPE` part of a checkpoint's training configuration."""
-    return {k: training.get(k, absent) for k, absent in SCORE_RECIPE.items()}
+    """The :data:`SCORE_RECIPE` part of a checkpoint's training configuration, as a score's
+    JSON holds it (a checkpoint's tuples as lists), so the two compare as they are."""
+    return {k: list(v) if isinstance(v := training.get(k, absent), tuple) else v
+            for k, absent in SCORE_RECIPE.items()}
 
 
 def _quality_model(checkpoint: Path, structures: Sequence[str], training: dict | None = None,
@@ -421,16 +423,9 @@ def _recipe_differences(fold_models: Any, training: dict | None) -> list[tuple[s
     if not isinstance(fitted, dict):
         fitted = {"epochs": fold_models.get("epochs")}
     ours = recipe_of(training)
-    differ = []
-    for k, theirs in fitted.items():
-        mine = ours.get(k)
-        if k not in SCORE_RECIPE or (k == "epochs" and not (isinstance(theirs, int) and isinstance(mine, int))):
-            continue
-        if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
-            mine, theirs = (list(v) if isinstance(v, (list, tuple)) else v for v in (mine, theirs))
-        if mine != theirs:
-            differ.append((k, theirs, mine))
-    return differ
+    return [(k, theirs, ours[k]) for k, theirs in fitted.items()
+            if k in SCORE_RECIPE and theirs != ours[k]
+            and (k != "epochs" or isinstance(theirs, int) and isinstance(ours[k], int))]
 
 
 def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:
