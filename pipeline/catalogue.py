@@ -446,7 +446,8 @@ def _dicom_header(args: tuple[str, str]) -> Item:
             "spacing_x": sx or None, "spacing_y": sy or None,
             "study_description": str(ds.get("StudyDescription", "")) or None,
         }
-    except (RowError, ValueError, TypeError) as e:
+    except Exception as e:  # also pydicom's own types: it parses each element when first read,
+        # and a damaged one (an unknown value representation, a value cut short) raises there
         return Problem(None, rel, f"{rel}: {e}")
     return record
 

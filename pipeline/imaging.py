@@ -342,12 +342,24 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     original size is in ``facts["shape"]``, how it was reduced in ``facts["reduced"]``.
     """
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path)
     except Exception as e:  # pydicom raises many types for damaged files
         raise DecodeError(f"{path}: not readable as DICOM ({e})") from e
+    try:
+        return _decode_dataset(path, ds, target)
+    except DecodeError:
+        raise
+    except Exception as e:  # pydicom parses each element when it is first read: a damaged one
+        # (an unknown value representation, a value cut short) raises its own types there
+        raise DecodeError(f"{path}: a damaged DICOM element ({e})") from e
+
+
+def _decode_dataset(path: Path, ds, target: int | None) -> tuple[np.ndarray, dict]:
+    """:func:`decode_dicom` on the dataset read from ``path``."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     modality = str(ds.get("Modality", "")).upper()
     if modality in NOT_XRAY_MODALITIES:
         raise NotAnXray(f"{path}: modality {modality} is not a projection radiograph")

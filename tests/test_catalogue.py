@@ -96,6 +96,25 @@ def test_dicom_headers(engine):
     assert (rg["height"], rg["width"]) == (1955, 1841)
 
 
+def test_a_damaged_dicom_element_is_one_problem_not_a_stop(engine, tmp_path):
+    """pydicom parses an element when it is first read: Rows with a value representation it
+    does not know (found by the decoder's fuzz test) is a load error and a decode error naming
+    the file, and the good files beside it load."""
+    from pipeline.imaging import DecodeError, decode
+    data = (DICOM / "RG1_UNCR.dcm").read_bytes()
+    rows = data.find(b"\x28\x00\x10\x00US")
+    assert rows > 0
+    (tmp_path / "damaged.dcm").write_bytes(data[:rows + 4] + b"U\x00" + data[rows + 6:])
+    (tmp_path / "good.dcm").write_bytes(data)
+    s = C.load_dicom(engine, tmp_path, workers=1, progress=False)
+    assert (s.loaded, s.errors) == (1, 1)
+    with engine.connect() as c:
+        (reason,) = c.execute(select(D.load_errors.c.reason)).scalars().all()
+    assert reason.startswith("damaged: ") and "Value Representation" in reason and "\n" not in reason
+    with pytest.raises(DecodeError, match="damaged.dcm: a damaged DICOM element"):
+        decode(tmp_path / "damaged.dcm", target=64)
+
+
 def test_dicom_uid_from_sop_reports_repeated_instances(engine):
     s = C.load_dicom(engine, DICOM, workers=1, uid_from="sop", progress=False)
     assert s.loaded == 4 and s.errors == 2
