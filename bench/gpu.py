@@ -5,8 +5,9 @@ pointing at them round-robin, then measures, on the device given (CUDA by defaul
 
 * model only: the shipped model over cached images, batch size from `auto_batch_size`,
   mixed precision, copies in and out included;
-* `collect` on every core (the decode floor) and on 4 workers;
-* `label`, warm cache and cold from DICOM (a fresh database and cache);
+* a process pool's fixed cost (start and shut down), as `label` pays it once a run;
+* `collect` in process, on every core (the decode floor) and on 4 workers;
+* `label`, warm cache, warm with `--tta`, and cold from DICOM (a fresh database and cache);
 * post-processing: one thread (ms per image), a thread pool and a process pool of every core;
 * CPU-vs-device agreement of the labelling output (Dice per structure, CTR);
 * training: one optimiser step of `cxr_deep` at 256 px and `unet7_res` at 512 px (batch 8)
@@ -74,6 +75,17 @@ def catalogue(db: Path, archive: Path, rows: int):
         return engine, select_images(c, all_images=True)
 
 
+def fresh_copy(db: Path, to: Path, keep_cache: bool):
+    """A copy of the labelled catalogue ``db`` with its labelling output removed (and its
+    cache entries too unless ``keep_cache``), so labelling it again starts afresh."""
+    shutil.copy(db, to)
+    engine = D.connect(f"sqlite:///{to}")
+    with engine.begin() as c:
+        for table in ("masks", "measurements", "failures", "label_runs") + (() if keep_cache else ("cache",)):
+            c.exec_driver_sql(f"DELETE FROM {table}")
+    return engine
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
@@ -99,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         build(args.n, tmp / "clinic", args.data)
         engine, chosen = catalogue(tmp / "warm.db", tmp / "clinic", args.rows)
         engine.dispose()  # closes the connections: SQLite folds its WAL into the file we copy
-        shutil.copy(tmp / "warm.db", tmp / "four.db")  # the same catalogue, nothing cached yet
+        for copy in ("four.db", "one.db"):  # the same catalogue, nothing cached yet
+            shutil.copy(tmp / "warm.db", tmp / copy)
         lm = resolve_model(engine, "default", args.device)
         dev = lm.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -110,7 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(lm.spec.size, lm.spec.mode)
         pairs = chosen.pairs()
 
-        # collect: every core (the decode floor), then 4 workers on a quarter
+        # a process pool's fixed cost (the fork server runs already: `catalogue` started it)
+        t = time.perf_counter()
+        with process_pool(CORES, preload=("pipeline.label",)) as pool:
+            list(pool.map(exec, ["import pipeline.label"] * CORES))
+            started = time.perf_counter() - t
+        row(f"a process pool of {CORES} workers importing `pipeline.label` (as `label`'s do): the fixed cost",
+            f"first results after {started:.1f} s, closed after {time.perf_counter() - t:.1f} s")
+
+        # collect: in process (one core), every core (the decode floor), then 4 workers on a quarter
+        one_core = D.connect(f"sqlite:///{tmp / 'one.db'}")
+        few = pairs[:48]
+        t = time.perf_counter()
+        collect(one_core, few, settings, tmp / "cache1", workers=1, progress=False)
+        row("`collect`, in process (one core)", f"{rate(len(few), time.perf_counter() - t):.1f} img/s")
         t = time.perf_counter()
         collect(engine, pairs, settings, tmp / "cache", workers=CORES, progress=False)
         floor = rate(len(pairs), time.perf_counter() - t)
@@ -139,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         s = label(engine, chosen, "default", args.device, bs, str(tmp / "cache"), CORES, progress=False)
         warm = rate(s.labelled, time.perf_counter() - t)
         row("`label`, warm cache", f"**{warm:.1f} img/s** ({warm / model_only:.2f} of model only)")
-        cold_db = tmp / "cold.db"
         engine.dispose()
-        shutil.copy(tmp / "warm.db", cold_db)
-        cold_engine = D.connect(f"sqlite:///{cold_db}")
-        with cold_engine.begin() as c:
-            for table in ("masks", "measurements", "cache", "failures", "label_runs"):
-                c.exec_driver_sql(f"DELETE FROM {table}")
+        tta_engine = fresh_copy(tmp / "warm.db", tmp / "tta.db", keep_cache=True)
+        t = time.perf_counter()
+        s = label(tta_engine, chosen, "default", args.device, bs, str(tmp / "cache"), CORES, progress=False, tta=True)
+        tta = rate(s.labelled, time.perf_counter() - t)
+        row("`label --tta`, warm cache (two more passes of the model, for the quality score)",
+            f"{tta:.1f} img/s ({tta / warm:.2f} of `label`)")
+        cold_db = tmp / "cold.db"
+        cold_engine = fresh_copy(tmp / "warm.db", cold_db, keep_cache=False)
         t = time.perf_counter()
         s = label(cold_engine, chosen, "default", args.device, bs, str(tmp / "cache_cold"), CORES, progress=False)
         cold = rate(s.labelled, time.perf_counter() - t)
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # post-processing alone
         uids = [u for u, _ in pairs if u in entries][: min(len(entries), 4 * CORES * 8)]
-        items = [Item(u, np.zeros((0, 0), np.uint8), entries[u].geom) for u in uids]
+        items = [Item(u, entries[u].image, entries[u].geom) for u in uids]
         probs = [infer(lm, [entries[u].image for u in uids[i:i + bs]], quantise=True)
                  for i in range(0, len(uids), bs)]
         probs = [p for batch in probs for p in batch]
