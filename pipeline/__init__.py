@@ -12,6 +12,10 @@ class CxrlabelError(Exception):
     """Base class of the errors the CLI turns into a one-line message with a next step."""
 
 
+# the modules whose functions the pipeline's process pools run (imported by their fork server)
+WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label")
+
+
 def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
     work is cancelled when its ``with`` block ends in an error.
@@ -21,11 +25,12 @@ def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
     pool left by an exception would first run every job still queued (a whole archive).
 
     Workers start from a fork server (a fresh single-threaded process that has imported the
-    ``preload`` modules once), never as forks of this process: labelling starts workers
+    modules they run once), never as forks of this process: labelling starts workers
     while its loader, writer and torch threads run, and a child forked while one of them
     holds a lock (OpenCV's or torch's thread pool, SQLite's, a logging handler's) can wait on
-    it forever. The server is one per process: the first pool's ``preload`` is imported
-    there; a later pool's workers import what their tasks need on their first task.
+    it forever. The server is one per process, started by the first pool with
+    :data:`WORKER_MODULES` and that pool's ``preload`` imported, so a later pool's workers
+    (collect's after catalogue's, label's after collect's) do not each import torch again.
     """
     import multiprocessing
     import os
@@ -38,7 +43,7 @@ def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["pipeline", *preload])
+        context.set_forkserver_preload(["pipeline", *WORKER_MODULES, *preload])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
     return Pool(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))

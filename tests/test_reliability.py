@@ -411,3 +411,22 @@ def test_a_checkpoint_missing_a_weight_gets_one_line(tiny_model, tmp_path):
     write_checkpoint(tmp_path / "m.pt", ck)
     with pytest.raises(ModelError, match="weights do not fit"):
         load_model(tmp_path / "m.pt")
+
+
+def test_a_later_process_pool_starts_with_the_pipelines_worker_modules_imported():
+    """The fork server is one per process, started by its first pool (catalogue's, when a
+    DICOM folder is loaded first): a later pool's workers, label's among them, start with
+    torch and the labelling code already imported, instead of each importing them again
+    (a fixed ~2.9 s a pool on 2 cores; see bench/RESULTS.md)."""
+    import subprocess
+    import sys
+    probe = "sorted(m for m in ('pipeline.collect', 'pipeline.label', 'torch') if m in __import__('sys').modules)"
+    code = ("from pipeline import process_pool\n"
+            "with process_pool(1, preload=('pipeline.catalogue',)) as pool:\n"
+            "    pool.submit(int).result()\n"
+            "with process_pool(1) as pool:\n"
+            f"    print(pool.submit(eval, {probe!r}).result())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['pipeline.collect', 'pipeline.label', 'torch']", done.stdout
