@@ -250,22 +250,25 @@ def sample_seeds(seed: int, epoch: int, start: int, n: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, epoch, start + k]).generate_state(1)[0]) for k in range(n)]
 
 
-class EpochBatches(torch.utils.data.Dataset):
-    """One epoch's augmented batches, for a :class:`torch.utils.data.DataLoader` whose workers
-    make them while the model trains on the previous ones (``batch_size=None``: each item
-    is a whole batch). Each worker builds its own augmentation."""
+class RunBatches(torch.utils.data.Dataset):
+    """The augmented batches of epochs ``first``, ``first + 1``... in order (``orders``: each
+    epoch's shuffled training indices; ``steps`` batches an epoch), for one
+    :class:`torch.utils.data.DataLoader` over the whole run (``batch_size=None``: each item is
+    a whole batch). Its workers start once and make the next epoch's batches while the model
+    validates and saves this one's. Each worker builds its own augmentation."""
 
-    def __init__(self, ds: Dataset, cfg: TrainConfig, epoch: int, order: list[int], steps: int):
-        self.ds, self.cfg, self.epoch, self.order, self.steps = ds, cfg, epoch, order, steps
+    def __init__(self, ds: Dataset, cfg: TrainConfig, first: int, orders: list[list[int]], steps: int):
+        self.ds, self.cfg, self.first, self.orders, self.steps = ds, cfg, first, orders, steps
         self._aug = None
 
     def __len__(self) -> int:
-        return self.steps
+        return len(self.orders) * self.steps
 
-    def __getitem__(self, b: int):
+    def __getitem__(self, k: int):
         cfg = self.cfg
         if self._aug is None and cfg.augment:
             self._aug = augmentation(cfg)
-        idx = self.order[b * cfg.batch:(b + 1) * cfg.batch]
+        e, b = divmod(k, self.steps)
+        idx = self.orders[e][b * cfg.batch:(b + 1) * cfg.batch]
         return make_batch(self.ds, idx, self._aug, cfg.norm,
-                          sample_seeds(cfg.seed, self.epoch, b * cfg.batch, len(idx)))
+                          sample_seeds(cfg.seed, self.first + e, b * cfg.batch, len(idx)))

@@ -3,9 +3,10 @@
 Output channels are independent sigmoids for the structures; an image missing a
 structure's mask is left out of that channel's loss and Dice. With ``ema`` > 0 the model
 that is validated and saved is an exponential moving average of the trained weights.
-Augmentation runs in DataLoader worker processes (on a GPU) while the model trains, each
-image with a seed of its own place in training (:func:`pipeline.train.data.sample_seeds`),
-so the run is the same with any number of workers and on resume.
+Augmentation runs in the worker processes of one DataLoader for the run (on a GPU) while
+the model trains, each image with a seed of its own place in training
+(:func:`pipeline.train.data.sample_seeds`), so the run is the same with any number of
+workers and on resume.
 Checkpoints: ``RUN_DIR/last.pt`` every epoch (resume point: weights, optimiser, schedule,
 random states; plain data like every checkpoint) and ``RUN_DIR/best.pt`` (best mean
 validation Dice, in the inference format of :mod:`pipeline.model`). A fold with held-out
@@ -34,7 +35,7 @@ from pipeline.metrics import dice
 from pipeline.model import build_network, logits_of, pick_device, predict, save_checkpoint
 from pipeline.train.average import WeightAverage
 from pipeline.train.config import TrainConfig, TrainError
-from pipeline.train.data import Dataset, EpochBatches, load_dataset, make_batch
+from pipeline.train.data import Dataset, RunBatches, load_dataset, make_batch
 from pipeline.train.folds import splits_for
 from pipeline.train.losses import seg_loss
 from pipeline.train.plots import plot_curve
@@ -123,20 +124,28 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         rng.setstate(_as_tuple(ck["rng"]["python"]))
         torch.set_rng_state(ck["rng"]["torch"])
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
-    bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"train {cfg.preset}", unit="epoch",
-               disable=not progress, initial=state["epoch"], total=cfg.epochs)
-    for epoch in bar:
-        if until_epoch is not None and epoch >= until_epoch:
-            break
-        t0 = time.perf_counter()
-        model.train()
+    first = state["epoch"]
+    stop = cfg.epochs if until_epoch is None else max(first, min(cfg.epochs, until_epoch))
+    # Every epoch's shuffle is drawn now, in turn (the generator draws nothing else), with the
+    # generator's state after each for its resume point: the same orders as drawing each at
+    # its epoch's start, and one loader for the run, whose workers start once and augment the
+    # next epoch while this one validates and saves (a loader an epoch started them anew).
+    orders, rng_after = [], []
+    for _ in range(first, stop):
         order = tr[:]
         rng.shuffle(order)
+        orders.append(order)
+        rng_after.append(rng.getstate())
+    batches = iter(torch.utils.data.DataLoader(
+        RunBatches(ds, cfg, first, orders, steps_per_epoch), batch_size=None, num_workers=workers,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)) if orders else iter(())
+    bar = tqdm(total=cfg.epochs, initial=first, desc=f"train {cfg.preset}", unit="epoch", disable=not progress)
+    for n, epoch in enumerate(range(first, stop)):
+        t0 = time.perf_counter()
+        model.train()
         losses = []
-        batches = torch.utils.data.DataLoader(
-            EpochBatches(ds, cfg, epoch, order, steps_per_epoch), batch_size=None, num_workers=workers,
-            pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
-        for x, y, valid in batches:
+        for _ in range(steps_per_epoch):
+            x, y, valid = next(batches)
             x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
             out = model(x)
             loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss)
@@ -160,14 +169,16 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
             save_checkpoint(run_dir / "best.pt", scored, cfg.spec(),
                             {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash, "images": trained_on},
                             training=cfg.as_dict())
+        bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
         tmp = last.with_name("last.pt.tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
                     "held_out": sorted(held_out), "ema": avg.state_dict() if avg else None,
-                    "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()},
+                    "rng": {"python": rng_after[n], "torch": torch.get_rng_state()},
                     "augmentation": AUGMENTATION_SEEDS}, tmp)
         tmp.replace(last)
+    bar.close()
     if va and state["epoch"] == cfg.epochs and state["history"]:
         save_checkpoint(run_dir / "final.pt", scored, cfg.spec(),
                         {"dice": {s: state["history"][-1].get(s) for s in cfg.structures},
