@@ -170,6 +170,23 @@ def test_training_is_deterministic_registered_and_resumable(annotated_engine, tm
               progress=False)
 
 
+def test_one_loader_serves_every_epoch_and_its_workers_start_once(annotated_engine, tmp_path, monkeypatch):
+    """Loader workers started afresh each epoch kept a GPU waiting for each epoch's first
+    batches: one DataLoader runs over the whole run, and resuming starts one for the rest."""
+    import pipeline.train.loop as L
+    made = []
+
+    class Counted(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(len(args[0]))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(L.torch.utils.data, "DataLoader", Counted)
+    cfg = TrainConfig.from_preset("tiny", epochs=3, threads=1)
+    train(annotated_engine, cfg, tmp_path / "a", str(tmp_path / "cache"), progress=False, workers=1, until_epoch=1)
+    train(annotated_engine, cfg, tmp_path / "a", str(tmp_path / "cache"), progress=False, workers=1)
+    assert len(made) == 2 and made[1] == 2 * made[0] > 0  # epoch 1's batches, then epochs 2-3's
+
+
 def test_weight_average_follows_the_weights_with_warm_up():
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
