@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # a process pool's fixed cost (the fork server runs already: `catalogue` started it)
         t = time.perf_counter()
-        with process_pool(CORES, preload=("pipeline.label",)) as pool:
+        with process_pool(CORES) as pool:
             list(pool.map(exec, ["import pipeline.label"] * CORES))
             started = time.perf_counter() - t
         row(f"a process pool of {CORES} workers importing `pipeline.label` (as `label`'s do): the fixed cost",
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             list(pool.map(postprocess, items, probs, [st] * len(items)))
             row(f"post-processing, {CORES} threads", f"{rate(len(items), time.perf_counter() - t):.1f} img/s")
-        with process_pool(CORES, preload=("pipeline.label",)) as pool:
+        with process_pool(CORES) as pool:
             list(pool.map(postprocess, items[:CORES], probs[:CORES], [st] * CORES))  # start the workers
             t = time.perf_counter()
             list(pool.map(postprocess, items, probs, [st] * len(items), chunksize=4))

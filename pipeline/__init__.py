@@ -16,7 +16,7 @@ class CxrlabelError(Exception):
 WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label")
 
 
-def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
+def process_pool(workers: int | None = None):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
     work is cancelled when its ``with`` block ends in an error.
 
@@ -29,8 +29,8 @@ def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
     while its loader, writer and torch threads run, and a child forked while one of them
     holds a lock (OpenCV's or torch's thread pool, SQLite's, a logging handler's) can wait on
     it forever. The server is one per process, started by the first pool with
-    :data:`WORKER_MODULES` and that pool's ``preload`` imported, so a later pool's workers
-    (collect's after catalogue's, label's after collect's) do not each import torch again.
+    :data:`WORKER_MODULES` imported, so a later pool's workers (collect's after catalogue's,
+    label's after collect's) do not each import torch again.
     """
     import multiprocessing
     import os
@@ -43,7 +43,7 @@ def process_pool(workers: int | None = None, preload: tuple[str, ...] = ()):
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["pipeline", *WORKER_MODULES, *preload])
+        context.set_forkserver_preload(["pipeline", *WORKER_MODULES])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
     return Pool(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))

@@ -488,7 +488,7 @@ def load_dicom(engine: Engine, root: Path, workers: int | None = None, uid_from:
     def items() -> Iterator[Item]:
         seen: dict[str, str] = {}
         workers_ = workers or min(8, os.cpu_count() or 1)
-        with process_pool(workers_, preload=("pipeline.catalogue",)) as pool:
+        with process_pool(workers_) as pool:
             for item in pool.map(_dicom_header, files, chunksize=32):
                 if isinstance(item, Problem):
                     yield item

@@ -151,7 +151,7 @@ def decoder_pool(workers: int | None, jobs: int) -> contextlib.AbstractContextMa
     workers = workers if workers is not None else os.cpu_count() or 1
     if workers <= 1 or jobs < 4:
         return contextlib.nullcontext()
-    return process_pool(workers, preload=("pipeline.collect",))
+    return process_pool(workers)
 
 
 def _decode_many(items: Sequence[tuple[str, str | None]], settings: Settings, root: Path,

@@ -326,7 +326,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         # makes them compete (measured: 0.50 vs 0.58 of model-only throughput on 2 cores).
         depth = WRITES_IN_FLIGHT if lm.device.type == "cuda" else 0
         with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
-                process_pool(workers or cores, preload=("pipeline.label",)) as procs:
+                process_pool(workers or cores) as procs:
             written: deque[Future] = deque()
             batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec.norm)
             for n, (items_, errors, inputs) in enumerate(batches, start=1):

@@ -422,7 +422,7 @@ def test_a_later_process_pool_starts_with_the_pipelines_worker_modules_imported(
     import sys
     probe = "sorted(m for m in ('pipeline.collect', 'pipeline.label', 'torch') if m in __import__('sys').modules)"
     code = ("from pipeline import process_pool\n"
-            "with process_pool(1, preload=('pipeline.catalogue',)) as pool:\n"
+            "with process_pool(1) as pool:\n"
             "    pool.submit(int).result()\n"
             "with process_pool(1) as pool:\n"
             f"    print(pool.submit(eval, {probe!r}).result())\n")
