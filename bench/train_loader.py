@@ -29,13 +29,17 @@ from pipeline.train.loop import validate
 from pipeline.train.losses import seg_loss
 
 
-def run(loaders, steps: int, epochs: int, net, opt, ds, held_out, cfg, dev) -> tuple[float, float]:
-    """Train over the batches ``loaders`` yields (one iterator per epoch, or one for all):
-    ``(seconds waiting for batches, seconds in all)``."""
+def run(loader, orders: list[list[int]], per_epoch: bool, steps: int, net, opt, ds, held_out, cfg,
+        dev) -> tuple[float, float]:
+    """Train over ``orders``' epochs, their batches from ``loader(first, orders)``: a new one
+    each epoch (``per_epoch``), or one for them all. ``(seconds waiting for batches, seconds
+    in all)``."""
     waited, t_all = 0.0, time.perf_counter()
-    batches = None
-    for epoch in range(epochs):
-        batches = loaders(epoch) if batches is None or loaders.per_epoch else batches
+    for epoch in range(len(orders)):
+        if per_epoch:
+            batches = loader(epoch, [orders[epoch]])
+        elif epoch == 0:
+            batches = loader(0, orders)
         net.train()
         for _ in range(steps):
             t = time.perf_counter()
@@ -73,24 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             RunBatches(ds, cfg, first, epochs, steps), batch_size=None, num_workers=args.workers,
             pin_memory=dev.type == "cuda", prefetch_factor=4 if args.workers else None))
 
-    class PerEpoch:
-        per_epoch = True
-
-        def __call__(self, epoch):
-            return loader(epoch, [orders[epoch]])
-
-    class WholeRun:
-        per_epoch = False
-
-        def __call__(self, epoch):
-            return loader(0, orders)
-
     results = {}
-    for name, loaders in (("a loader an epoch (before)", PerEpoch()), ("one loader for the run (now)", WholeRun())):
+    for name, per_epoch in (("a loader an epoch (before)", True), ("one loader for the run (now)", False)):
         torch.manual_seed(0)
         net = build_network(TrainConfig.from_preset(args.net, size=cfg.size).spec()).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        results[name] = run(loaders, steps, args.epochs, net, opt, ds, held_out, cfg, dev)
+        results[name] = run(loader, orders, per_epoch, steps, net, opt, ds, held_out, cfg, dev)
     print(f"{dev}, {args.workers} loader workers, {args.preset} augmentation at {cfg.size} px, batch {cfg.batch}, "
           f"{steps} steps an epoch of {args.net}'s network, {args.epochs} epochs")
     print("| loader | waiting for batches, s an epoch | an epoch in all, s |")
