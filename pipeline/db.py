@@ -316,6 +316,23 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get("CXRLABEL_DB") or DEFAULT_URL
 
 
+def display_url(url: str | None = None) -> str:
+    """The database URL as messages show it: the password masked."""
+    url = resolve_url(url)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: shown as given, minus anything before an @
+        return url.rsplit("@", 1)[-1]
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line (drivers add hints and SQL on further lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+CONNECT_TIMEOUT = 5  # seconds: an unreachable PostgreSQL server is an error, not a wait
+
+
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # pysqlite's own transaction handling would begin late and never BEGIN IMMEDIATE: the
     # "begin" listener below emits BEGIN itself (SQLAlchemy's documented recipe)
@@ -349,20 +366,43 @@ def sqlite_path(url: str) -> Path | None:
     return Path(name).expanduser()
 
 
-def make_engine(url: str | None = None) -> Engine:
+def _sqlite_connect_read_only(dbapi_conn: Any, _record: Any) -> None:
+    # the file stays as it is: no journal-mode switch, and SQLite itself refuses any write
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA query_only=ON")
+    cur.close()
+
+
+def make_engine(url: str | None = None, read_only: bool = False) -> Engine:
     """Engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout, explicit
-    transactions, ``~`` expanded and its folder created (unless opened read-only)."""
+    transactions and ``~`` expanded. The default database's folder (``data/``) is created when
+    missing; a folder given in ``--db`` must exist (a mistyped path creates nothing).
+
+    ``read_only``: SQLite's file is opened as it is (it must exist; its journal mode is
+    kept) with ``query_only`` on, so nothing can change it."""
     url = resolve_url(url)
     path = sqlite_path(url)
     if path is not None:
         u = make_url(url)
         if u.database and u.database.startswith("~"):
             url = u.set(database=str(path)).render_as_string(hide_password=False)
-        if u.query.get("mode") != "ro" and not path.parent.exists():
+        if read_only and not path.is_file():
+            raise DatabaseError(f"no database at {path}: check --db / CXRLABEL_DB (`cxrlabel catalogue load` "
+                                "creates one)")
+        if not read_only and u.query.get("mode") != "ro" and not path.parent.exists():
+            if url != DEFAULT_URL:
+                raise DatabaseError(f"the database folder {path.parent} does not exist: create it "
+                                    f"(mkdir -p {path.parent}) or check --db / CXRLABEL_DB")
             path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    u = make_url(url)
+    connect_args = {}
+    if u.get_backend_name() == "postgresql" and "connect_timeout" not in u.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    engine = create_engine(url, future=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "connect", _sqlite_connect_read_only if read_only else _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
     return engine
 
@@ -489,6 +529,27 @@ def connect(url: str | None = None) -> Engine:
     """Engine with the schema created or upgraded: the entry point of every stage."""
     engine = make_engine(url)
     init_db(engine)
+    return engine
+
+
+def connect_read_only(url: str | None = None) -> Engine:
+    """Engine of a database as it is, for reading only (``query``): never created, upgraded
+    nor otherwise written. An older schema is read as it is; a newer one, or none, refused."""
+    engine = make_engine(url, read_only=True)
+    try:
+        with engine.connect() as conn:
+            found, _ = stored_state(conn)
+    except BaseException:
+        engine.dispose()
+        raise
+    if not found:
+        engine.dispose()
+        raise DatabaseError(f"{display_url(url)} holds no cxrlabel catalogue yet: `cxrlabel catalogue load` "
+                            "creates one (or check --db / CXRLABEL_DB)")
+    if found < SCHEMA_VERSION:
+        log.warning("the database's schema is version %d, older than this cxrlabel's %d: read as it is "
+                    "(`cxrlabel db init` upgrades it)", found, SCHEMA_VERSION)
+    _check_not_newer(found)
     return engine
 
 

@@ -35,17 +35,20 @@ def handle_errors(fn):
     return wrapper
 
 
-def engine_of(ctx: click.Context):
+def engine_of(ctx: click.Context, read_only: bool = False):
+    """The database of ``--db``: created or upgraded as needed, or with ``read_only`` opened
+    as it is and never written (``query``)."""
     obj = ctx.ensure_object(dict)
-    if "engine" not in obj:
+    key = "engine_ro" if read_only else "engine"
+    if key not in obj:
         try:
-            obj["engine"] = D.connect(obj.get("url"))
+            obj[key] = (D.connect_read_only if read_only else D.connect)(obj.get("url"))
         except CxrlabelError:
             raise
         except Exception as e:
-            raise click.ClickException(f"cannot open database {D.resolve_url(obj.get('url'))}: {e}. "
-                                       "Check --db / CXRLABEL_DB") from e
-    return obj["engine"]
+            raise click.ClickException(f"cannot open database {D.display_url(obj.get('url'))}: "
+                                       f"{D.first_line(e)}. Check --db / CXRLABEL_DB") from e
+    return obj[key]
 
 
 def json_value(v):

@@ -24,7 +24,7 @@ def db_init(ctx: click.Context) -> None:
         cxrlabel --db postgresql+psycopg://me@localhost/cxr db init
     """
     engine_of(ctx)
-    click.echo(f"schema version {D.SCHEMA_VERSION} at {D.resolve_url(ctx.obj.get('url'))}")
+    click.echo(f"schema version {D.SCHEMA_VERSION} at {D.display_url(ctx.obj.get('url'))}")
 
 
 @db.command("schema")
@@ -63,7 +63,7 @@ def status_cmd(ctx, as_json) -> None:
         parts = ", ".join(f"{k} {v}" for k, v in counts.items())
         click.echo(f"{title:<11}{total} {unit}" + (f" ({parts})" if parts else ""))
 
-    click.echo(f"database   {D.resolve_url(ctx.obj.get('url'))} (schema {D.SCHEMA_VERSION})")
+    click.echo(f"database   {D.display_url(ctx.obj.get('url'))} (schema {D.SCHEMA_VERSION})")
     line("catalogue", s["images"], "images by source")
     if s["load_errors"]:
         click.echo(f"{'':<11}{s['load_errors']} malformed catalogue rows (cxrlabel catalogue errors)")

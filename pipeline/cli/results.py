@@ -32,7 +32,7 @@ def query(ctx, sql, as_csv, as_json) -> None:
         cxrlabel query my_queries/outliers.sql --json
     """
     from pipeline.results import read_only_query, statement
-    result = read_only_query(engine_of(ctx), statement(sql))
+    result = read_only_query(engine_of(ctx, read_only=True), statement(sql))
     emit_stream(result.columns, result.rows, as_json, as_csv)
 
 

@@ -1,0 +1,189 @@
+"""Closed doors: what an attacker on the same machine tried (issue 28), each a test.
+
+`query` cannot write on either database whatever the text; the review app answers only its
+own host and keeps its token out of the log; concurrent review saves stay consistent; no
+input hangs a run; exports write only what is theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from pipeline import db as D
+from pipeline.cli import cli
+from pipeline.results import QueryError, check_postgres_statement, read_only_query
+from tests.conftest import REPO
+
+
+def _query(url: str, sql: str):
+    return CliRunner().invoke(cli, ["--db", url, "query", "--", sql])
+
+
+@pytest.fixture
+def drop_box(tmp_path):
+    """A folder anybody may write to (the PostgreSQL server runs as another user): an attack
+    that got through would leave its file here."""
+    box = tmp_path / "box"
+    box.mkdir()
+    box.chmod(0o777)
+    return box
+
+
+# (statement, what the refusal says); {box} is a folder the server could write to
+HOSTILE_POSTGRES = [
+    ("COPY images TO '{box}/a.csv'", "not COPY"),
+    ("/* c */ COPY (select uid from images) TO '{box}/b.csv'", "not COPY"),
+    ("/**/COPY (select 1) TO PROGRAM 'touch {box}/c'", "not COPY"),
+    ("-- a comment\n  copy (SELECT 1) to program 'touch {box}/d'", "not COPY"),
+    ("/* nested /* twice */ */ CoPy images TO '{box}/e.csv'", "not COPY"),
+    ("SELECT 1; COPY (select 1) TO PROGRAM 'touch {box}/f'", "one statement"),
+    ("SELECT ';'; COPY (select 1) TO '{box}/g'", "one statement"),
+    ("SELECT lo_export(lo_from_bytea(0, 'x'), '{box}/h')", "lo_"),
+    ('SELECT "lo_export"(1, \'{box}/i\')', "lo_export"),
+    ("SELECT pg_catalog.pg_read_file('/etc/passwd')", "pg_read_file"),
+    ("SELECT pg_read_binary_file('/etc/passwd')", "pg_read_binary_file"),
+    ("SELECT * FROM pg_ls_dir('/')", "pg_ls_dir"),
+    ("SELECT dblink_exec('dbname=postgres', 'CREATE TABLE x (a int)')", "dblink"),
+    ("SELECT query_to_xml('COPY (select 1) TO PROGRAM ''touch {box}/j''', true, true, '')", "query_to_xml"),
+    ("SELECT set_config('role', 'postgres', true)", "set_config"),
+    ('SELECT U&"lo\\005fexport"(1, \'{box}/k\')', "Unicode-escaped"),
+    ("DO $$ BEGIN EXECUTE 'COPY (select 1) TO PROGRAM ''touch {box}/l'''; END $$", "not DO"),
+    ("DELETE FROM images", "not DELETE"),
+    ("WITH gone AS (DELETE FROM images RETURNING uid) SELECT * FROM gone", "data-modifying"),
+    ("SELECT nextval('failures_id_seq')", "read-only"),
+    ("SELECT pg_terminate_backend(pg_backend_pid())", "pg_terminate_backend"),
+    ("CREATE TABLE t AS SELECT 1", "not CREATE"),
+    ("SET ROLE postgres", "not SET"),
+    ("SELECT 'x' /* unterminated", "not closed"),
+]
+
+
+def test_postgres_statements_are_read_after_comments_and_literals_are_set_aside():
+    assert check_postgres_statement("SELECT ';' AS s") == "select"
+    assert check_postgres_statement("SELECT $tag$ ; COPY $tag$, E'\\'; COPY' AS s") == "select"
+    assert check_postgres_statement("/* COPY */ -- COPY\n (SELECT 1)") == "select"
+    assert check_postgres_statement('SELECT "copy;" FROM t') == "select"
+    assert check_postgres_statement("EXPLAIN SELECT 1") == "explain"
+    for sql, words in HOSTILE_POSTGRES:
+        if words in ("data-modifying", "read-only"):
+            continue  # refused by the server, not by reading
+        with pytest.raises(QueryError, match=words.replace("(", r"\(")):
+            check_postgres_statement(sql.format(box="/tmp"))
+
+
+postgres_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+@postgres_only
+@pytest.mark.parametrize(("sql", "words"), HOSTILE_POSTGRES)
+def test_query_refuses_every_hostile_statement_on_postgres_as_a_superuser(engine, drop_box, sql, words):
+    url = engine.url.render_as_string(hide_password=False)
+    with engine.begin() as c:
+        c.execute(D.images.insert(), [{"uid": "u1", "source": "csv", "loaded_at": D.utcnow()}])
+        assert c.execute(text("SELECT current_setting('is_superuser')")).scalar() == "on"
+    r = _query(url, sql.format(box=drop_box))
+    assert r.exit_code == 1 and words in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert list(drop_box.iterdir()) == []
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM images")).scalar() == 1
+
+
+@postgres_only
+def test_a_superusers_query_runs_without_the_rights_to_write_files(engine, drop_box):
+    """The second door: were a statement to get past the reading, the transaction `query`
+    runs it in can neither write a server file nor start a program."""
+    from pipeline.results import _postgres_read_only
+    for sql in (f"COPY (SELECT 1) TO '{drop_box}/x'", f"COPY (SELECT 1) TO PROGRAM 'touch {drop_box}/y'",
+                f"SELECT lo_export(lo_from_bytea(0, 'x'), '{drop_box}/z')", "SELECT pg_read_file('/etc/passwd')"):
+        raw = engine.raw_connection()
+        try:
+            _postgres_read_only(raw)
+            with pytest.raises(Exception, match="permission denied|must be superuser|read-only|privilege"):
+                raw.cursor().execute(sql)
+        finally:
+            raw.rollback()
+            raw.close()
+    assert list(drop_box.iterdir()) == []
+    # reading every table and view still works as that role
+    r = read_only_query(engine, "SELECT COUNT(*) AS n FROM label_results")
+    assert list(r.rows) == [{"n": 0}]
+
+
+HOSTILE_SQLITE = [
+    "SELECT fts3_tokenizer('simple')",
+    "SELECT fts3_tokenizer('x', zeroblob(8))",
+    "SELECT load_extension('/tmp/evil')",
+    "SELECT writefile('{box}/w', 'x')",
+    "ATTACH '{box}/a.db' AS a",
+    "VACUUM INTO '{box}/v.db'",
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA user_version=7",
+    "PRAGMA query_only=OFF",
+    "DELETE FROM images",
+    "CREATE TEMP TABLE t (a)",
+    "SELECT 1; DELETE FROM images",
+]
+
+
+def test_sqlite_query_leaves_the_file_byte_for_byte_whatever_the_text(tmp_path, drop_box):
+    """A DELETE-journal catalogue stays one, and no statement of the table changes a byte."""
+    path = tmp_path / "c.db"
+    D.connect(f"sqlite:///{path}").dispose()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    con.execute("INSERT INTO images (uid, source, loaded_at) VALUES ('u1', 'csv', '2026-12-05')")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+    assert _query(url, "SELECT uid FROM images").exit_code == 0
+    for sql in HOSTILE_SQLITE:
+        r = _query(url, sql.format(box=drop_box))
+        # refused as it is prepared, or a function this build does not have at all
+        refused = ("read-only", "no such function", "one statement")
+        assert r.exit_code == 1 and any(w in r.output for w in refused), (sql, r.output)
+        assert "Traceback" not in r.output
+    assert path.read_bytes() == before and list(drop_box.iterdir()) == []
+    assert not (tmp_path / "c.db-wal").exists()
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_sqlite_query_reads_an_older_schema_as_it_is_and_creates_no_database(tmp_path):
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path)
+    con.executescript((REPO / "tests" / "fixtures" / "schema_v1.sql").read_text())
+    con.execute("INSERT INTO schema_version VALUES (1, '2026-11-01 00:00:00')")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    r = _query(f"sqlite:///{path}", "SELECT MAX(version) AS v FROM schema_version")
+    assert r.exit_code == 0 and "1" in r.output, r.output
+    assert path.read_bytes() == before
+    r = _query(f"sqlite:///{tmp_path / 'none.db'}", "SELECT 1")
+    assert r.exit_code == 1 and "no database at" in r.output
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_database_in_a_folder_that_does_not_exist_is_refused_not_created(tmp_path):
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path}/no/such/dir/x.db", "groups", "list"])
+    assert r.exit_code == 1 and "does not exist" in r.output and "mkdir -p" in r.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_an_unreachable_postgres_server_is_one_line_naming_it():
+    r = CliRunner().invoke(cli, ["--db", "postgresql+psycopg://me:secret@127.0.0.1:1/cxr", "groups", "list"])
+    assert r.exit_code == 1 and "127.0.0.1:1" in r.output and "secret" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
