@@ -12,10 +12,13 @@ the web layer so that it is tested and used directly:
   ``reviewed`` in original geometry, never over the model's own; every decision is a row of
   ``reviews``; the measurements from the reviewed masks update ``measurements.reviewed_*``.
 
-Concurrency is optimistic: a save names the version it saw (the image's latest decision
-number); a save over a structure that somebody else saved since is refused with who and when
-(:class:`ReviewConflict`), and a race between two saves of the same version is caught by
-the unique key of ``reviews``.
+Concurrency: saves of one image are serialised (SQLite's write lock is taken at ``BEGIN
+IMMEDIATE``, PostgreSQL locks the image's ``measurements`` row), and each is checked inside
+that lock. A save names the version it saw (the image's latest decision number); a save over
+a structure that somebody else saved since is refused with who, what and when
+(:class:`ReviewConflict`, HTTP 409), while saves of other structures merge. The reviewed
+measurements are computed inside the same transaction from the masks as finally stored and
+the decisions that stand, so they always agree with them.
 """
 
 from __future__ import annotations
@@ -52,7 +55,12 @@ class ImageMissing(ReviewError):
 
 
 class ReviewConflict(ReviewError):
-    """Somebody saved this image's structure after the version this save started from."""
+    """Somebody saved this image's structure after the version this save started from;
+    ``changed``: those later saves (structure, decision, reviewer, at)."""
+
+    def __init__(self, message: str, changed: Sequence[dict] = ()):
+        super().__init__(message)
+        self.changed = list(changed)
 
 
 @dataclass(frozen=True)
@@ -276,15 +284,24 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
         raise ReviewError("seen must be the version the page loaded (a whole number)")
     now = D.utcnow()
     try:
-        with engine.begin() as conn:
-            later = conn.execute(select(D.reviews.c.reviewer, D.reviews.c.at, D.reviews.c.structure).where(
-                D.reviews.c.uid == uid, D.reviews.c.model == model, D.reviews.c.version > seen,
-                or_(D.reviews.c.structure.in_(touched), D.reviews.c.structure == "",
-                    *(() if touched != [""] else (D.reviews.c.structure != "",))))
-                .order_by(D.reviews.c.version.desc())).first()
-            if later is not None:
-                raise ReviewConflict(f"{uid}: {later.reviewer} saved {later.structure or 'the whole image'} at "
-                                     f"{later.at:%Y-%m-%d %H:%M:%S} after you opened it: reload to see their work")
+        with engine.connect().execution_options(write_lock=True) as conn, conn.begin():
+            m = D.measurements
+            here = conn.execute(select(m.c.uid).where(m.c.uid == uid, m.c.model == model).with_for_update()).first()
+            if here is None:
+                raise ReviewError(f"image {uid!r} has no labels by model {model!r}: run `cxrlabel label` first")
+            r = D.reviews
+            later = conn.execute(select(r.c.reviewer, r.c.at, r.c.structure, r.c.decision).where(
+                r.c.uid == uid, r.c.model == model, r.c.version > seen,
+                or_(r.c.structure.in_(touched), r.c.structure == "",
+                    *(() if touched != [""] else (r.c.structure != "",))))
+                .order_by(r.c.version.desc(), r.c.id.desc())).all()
+            if later:
+                last = later[0]
+                raise ReviewConflict(
+                    f"{uid}: {last.reviewer} saved {last.structure or 'the whole image'} ({last.decision}) at "
+                    f"{last.at:%Y-%m-%d %H:%M:%S} after you opened it: reload to see their work",
+                    [{"structure": x.structure, "decision": x.decision, "reviewer": x.reviewer,
+                      "at": f"{x.at:%Y-%m-%d %H:%M:%S}"} for x in later])
             masks, _ = final_masks(conn, uid, model)
             if not masks:
                 raise ReviewError(f"image {uid!r} has no masks by model {model!r}: run `cxrlabel label` first")
@@ -295,27 +312,29 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
                     masks[s] = mask_of(polygons[s], height, width)
                     rows.append(mask_row(uid, s, masks[s].astype(np.uint8), kind="reviewed", model=model))
                 D.upsert(conn, D.masks, rows, MASK_KEYS)
-            conn.execute(D.reviews.insert(), [{"uid": uid, "model": model, "version": seen + 1, "structure": s,
-                                               "decision": decision, "reviewer": reviewer, "at": now,
-                                               "note": (note or None) and str(note)[:2000]} for s in touched])
-            _update_measurements(conn, uid, model, masks, decision, structure)
+            conn.execute(r.insert(), [{"uid": uid, "model": model, "version": seen + 1, "structure": s,
+                                       "decision": decision, "reviewer": reviewer, "at": now,
+                                       "note": (note or None) and str(note)[:2000]} for s in touched])
+            _update_measurements(conn, uid, model, masks)
     except IntegrityError:
         raise ReviewConflict(f"{uid}: somebody saved the same version a moment ago: reload to see their work") \
             from None
     return image_view(engine, uid, model)
 
 
-def _update_measurements(conn: Connection, uid: str, model: str, masks: dict[str, np.ndarray], decision: str,
-                         structure: str) -> None:
-    """The reviewed measurements: from the masks as reviewed (accepted or corrected); none
-    once the whole image is rejected."""
-    if decision == "rejected" and not structure:
+def _update_measurements(conn: Connection, uid: str, model: str, masks: dict[str, np.ndarray]) -> None:
+    """The reviewed measurements, from the masks as now stored (``masks``) and the decisions
+    that now stand: none once the whole image is rejected; widths without a CTR while any
+    structure stands rejected."""
+    standing = latest_reviews(conn, model, [uid]).get(uid, {})
+    if standing.get("", Latest("", "")).decision == "rejected" and all(
+            standing.get(s, Latest("", "")).decision == "rejected" for s in STRUCTURES):
         values = {"reviewed_ctr": None, "reviewed_heart_width_px": None, "reviewed_thoracic_width_px": None}
     else:
         m = measure(masks)
         values = {"reviewed_ctr": m["ctr"], "reviewed_heart_width_px": m["heart_width_px"],
                   "reviewed_thoracic_width_px": m["thoracic_width_px"]}
-        if decision == "rejected":  # one structure rejected: no CTR that leans on it
+        if any(x.decision == "rejected" for x in standing.values()):  # no CTR that leans on a rejected mask
             values["reviewed_ctr"] = None
     conn.execute(D.measurements.update().where(D.measurements.c.uid == uid, D.measurements.c.model == model)
                  .values(**values))

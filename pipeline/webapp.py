@@ -7,21 +7,30 @@ the catalogue, filters are bound parameters.
 
 Safety: bound to 127.0.0.1 unless told otherwise, and then only with a token, which every
 request must carry (``?token=`` once, then a same-site cookie; or the ``X-Review-Token``
-header). Writes take JSON only and check the Origin, so another web page cannot post to the
-app from the reviewer's browser.
+header); the access log never shows it. Every request's ``Host`` must name the address the
+app serves (or one given with ``--allow-host``, for a reverse proxy), so a web page that
+re-points its own name at 127.0.0.1 (DNS rebinding) gets 421, never the worklist. Writes
+take JSON only and their ``Origin`` must be that host, so another web page cannot post to
+the app from the reviewer's browser. A bad request is a 4xx with a one-line reason.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import os
+import re
+import socket
+from collections.abc import Sequence
 from dataclasses import asdict
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import Flask, Response, abort, jsonify, render_template, request
 from sqlalchemy.engine import Engine
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
 from pipeline import review as R
 from pipeline.resources import resource
@@ -30,6 +39,9 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CXRLABEL_REVIEW_TOKEN"
 COOKIE = "cxrlabel_review_token"
+MAX_PAGE = 100_000  # worklist pages of 100: ten million images
+MAX_VERSION = 2**31 - 1  # reviews.version is a 32-bit integer
+MAX_JSON_DEPTH = 32  # a review body is three levels deep; a deeper one is refused before parsing
 
 
 class ReviewAppError(R.ReviewError):
@@ -55,6 +67,59 @@ def check_binding(host: str, token: str | None) -> str | None:
     if token is not None and len(token) < 8:
         raise ReviewAppError("the review token must be at least 8 characters long")
     return token
+
+
+def hostname_of(host_header: str) -> str:
+    """The name in a ``Host`` header, without its port and brackets, lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(bind: str, allow: Sequence[str] = ()) -> tuple[frozenset[str], bool]:
+    """``(names, any_address)``: the host names a request may use for an app bound to
+    ``bind``, plus ``allow`` (``--allow-host``); ``any_address`` when bound to every
+    interface, where any IP address literal of this machine's is also taken."""
+    names = {hostname_of(h) for h in allow if h.strip()}
+    wildcard = bind in ("0.0.0.0", "::", "")
+    names.add(hostname_of(bind) if ":" not in bind or bind.startswith("[") else bind.lower())
+    if is_loopback(bind) or wildcard:
+        names |= {"localhost", "127.0.0.1", "::1"}
+    if wildcard:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(names), wildcard
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _json_depth_ok(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body``'s brackets nest at most ``limit`` deep (strings skipped): checked before
+    parsing, so a deeply nested body costs nothing and never reaches the recursive parser."""
+    depth, in_string, escaped = 0, False, False
+    for ch in body.decode("utf-8", "replace"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
 
 
 def _filters(args) -> R.Filters:
@@ -83,10 +148,13 @@ def _query(f: R.Filters) -> str:
 
 
 def create_app(engine: Engine, model: str = "default", base: R.Filters | None = None, reviewer: str = "",
-               token: str | None = None) -> Flask:
+               token: str | None = None, bind: str = "127.0.0.1", allow_hosts: Sequence[str] = ()) -> Flask:
     """The review app over ``engine``'s labels by ``model``. ``base``: the selection it was
-    started on (``--group``/``--sample``), which page filters narrow but never widen."""
+    started on (``--group``/``--sample``), which page filters narrow but never widen.
+    ``bind``: the address it serves, whose names (and ``allow_hosts``) a request's ``Host``
+    must use."""
     base = base or R.Filters()
+    hosts, any_address = allowed_hosts(bind, allow_hosts)
     web = resource("web", "review.html").parent
     app = Flask("cxrlabel.review", template_folder=str(web), static_folder=str(web / "static"),
                 static_url_path="/static")
@@ -98,6 +166,10 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
 
     @app.before_request
     def _guard():
+        name = hostname_of(request.host)
+        if name not in hosts and not (any_address and _is_ip(name)):
+            abort(421, f"this review app answers to {', '.join(sorted(hosts))}, not {name[:100]!r}: "
+                       "behind a reverse proxy, start it with --allow-host NAME")
         if token is None:
             return None
         given = request.headers.get("X-Review-Token") or request.args.get("token") or request.cookies.get(COOKIE)
@@ -114,9 +186,15 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
         resp.headers["Referrer-Policy"] = "no-referrer"
         return resp
 
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        if request.path.startswith("/api/"):
+            return jsonify(error=e.description), e.code
+        return Response(f"{e.code} {e.name}: {e.description}\n", status=e.code, mimetype="text/plain")
+
     @app.errorhandler(R.ReviewConflict)
     def _conflict(e):
-        return jsonify(error=str(e)), 409
+        return jsonify(error=str(e), changed=e.changed), 409
 
     @app.errorhandler(R.ImageMissing)
     def _missing(e):
@@ -134,7 +212,9 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     def worklist_page():
         f = filters()
         arg = request.args.get("page", "0")
-        page = int(arg) if arg.isdigit() else 0
+        page = int(arg) if arg.isdigit() and len(arg) < 8 else 0
+        if page > MAX_PAGE:
+            abort(400, f"page must be at most {MAX_PAGE}")
         rows, counts = R.worklist(engine, model, f, limit=100, offset=100 * page)
         return render_template("worklist.html", rows=rows, counts=counts, f=f, model=model, query=_query(f),
                                page=page, base=base)
@@ -163,15 +243,23 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     @app.post("/api/image/<path:uid>/review")
     def review_post(uid: str):
         origin = request.headers.get("Origin")
-        if origin and origin.rstrip("/") != request.host_url.rstrip("/"):
-            abort(403, "a review can only be saved from the review app's own pages")
+        if origin is not None:
+            o = urlsplit(origin)
+            if o.scheme not in ("http", "https") or o.netloc.lower() != request.host.lower():
+                abort(403, "a review can only be saved from the review app's own pages")
         if not request.is_json:
             abort(415, "send the review as JSON")
-        body = request.get_json(silent=True)
+        raw = request.get_data(cache=False)
+        if not _json_depth_ok(raw):
+            abort(400, f"the review nests deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            abort(400, "the review is not valid JSON")
         if not isinstance(body, dict):
             abort(400, "the review must be a JSON object")
         seen = body.get("version")
-        if not isinstance(seen, int) or isinstance(seen, bool):
+        if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < MAX_VERSION:
             abort(400, "version must be the version the page loaded")
         return jsonify(R.save(engine, uid, model, str(body.get("reviewer") or reviewer), seen,
                               str(body.get("decision", "")), str(body.get("structure") or ""),
@@ -180,10 +268,20 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     return app
 
 
+_TOKEN_IN_URL = re.compile(r"(token=)[^&\s]*", re.IGNORECASE)
+
+
+class RequestLog(WSGIRequestHandler):
+    """Werkzeug's access log, with any ``token=`` value in a request line masked."""
+
+    def log(self, type: str, message: str, *args) -> None:  # noqa: A002 (werkzeug's signature)
+        super().log(type, message, *(_TOKEN_IN_URL.sub(r"\1***", a) if isinstance(a, str) else a for a in args))
+
+
 def serve(app: Flask, host: str, port: int) -> None:
     """Serve until interrupted (threaded: several browsers at once)."""
     from werkzeug.serving import make_server
-    server = make_server(host, port, app, threaded=True)
+    server = make_server(host, port, app, threaded=True, request_handler=RequestLog)
     log.info("review app on http://%s:%d", host, port)
     try:
         server.serve_forever()

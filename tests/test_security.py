@@ -187,3 +187,161 @@ def test_an_unreachable_postgres_server_is_one_line_naming_it():
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# ---------------------------------------------------------------- review saves and the app
+
+
+def _one_labelled_image(engine, uid: str = "p1") -> None:
+    import numpy as np
+
+    from pipeline.masks import STRUCTURES, mask_row
+    from pipeline.measure import measure
+    masks = {}
+    for k, s in enumerate(STRUCTURES):
+        m = np.zeros((60, 80), bool)
+        m[10:50, 5 + 25 * k:25 + 25 * k] = True
+        masks[s] = m
+    with engine.begin() as c:
+        c.execute(D.images.insert().values(uid=uid, source="csv", loaded_at=D.utcnow()))
+        D.upsert(c, D.masks, [mask_row(uid, s, masks[s].astype(np.uint8), kind="predicted", model="m")
+                              for s in STRUCTURES], ("uid", "structure", "kind", "model"))
+        c.execute(D.measurements.insert().values(uid=uid, model="m", ctr=measure(masks)["ctr"], quality=0.9,
+                                                 labelled_at=D.utcnow()))
+
+
+def _stored_agrees_with_final_masks(engine, uid: str = "p1") -> None:
+    from pipeline import review as R
+    from pipeline.measure import measure
+    with engine.connect() as c:
+        masks, _ = R.final_masks(c, uid, "m")
+        standing = R.latest_reviews(c, "m", [uid]).get(uid, {})
+        stored = c.execute(text("SELECT reviewed_ctr FROM measurements WHERE uid = :u"), {"u": uid}).scalar()
+    if any(x.decision == "rejected" for x in standing.values()):
+        assert stored is None
+    else:
+        assert stored == pytest.approx(measure(masks)["ctr"])
+
+
+def _race(engine, version: int, jobs: list[dict]) -> list[str]:
+    """Each job a save from ``version`` in its own thread, started together: 'saved', or
+    'conflict' when the conflict names another reviewer's save."""
+    import threading
+
+    from pipeline import review as R
+    barrier, outcomes = threading.Barrier(len(jobs)), []
+
+    def run(job, who):
+        barrier.wait()
+        try:
+            R.save(engine, "p1", "m", who, version, **job)
+            outcomes.append("saved")
+        except R.ReviewConflict as e:
+            outcomes.append("conflict" if e.changed and e.changed[0]["reviewer"] != who else "bad conflict")
+
+    threads = [threading.Thread(target=run, args=(j, f"r{k}")) for k, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_concurrent_review_saves_of_one_image_either_merge_or_conflict(engine):
+    """A whole-image reject and a heart correction from the same version at once: one wins,
+    the other gets a conflict naming what changed, and the stored CTR is the final masks'.
+    Saves of different structures merge. Run on SQLite and PostgreSQL (no 'database is
+    locked')."""
+    from pipeline import review as R
+    _one_labelled_image(engine)
+    heart = {"heart": [[[5, 10], [50, 10], [50, 49], [5, 49]]]}
+    for round_ in range(3):
+        v = R.image_view(engine, "p1", "m")["version"]
+        jobs = [dict(decision="rejected"), dict(decision="corrected", polygons=heart)]
+        if round_ == 2:  # other structures: both stand
+            jobs = [dict(decision="accepted", structure="left_lung"), dict(decision="corrected", polygons=heart)]
+        outcomes = _race(engine, v, jobs)
+        expected = ["saved", "saved"] if round_ == 2 else ["conflict", "saved"]
+        assert sorted(outcomes) == expected, outcomes
+        _stored_agrees_with_final_masks(engine)
+
+
+def _app(engine, **kw):
+    from pipeline.webapp import create_app
+    return create_app(engine, "m", **kw).test_client()
+
+
+def test_the_review_app_answers_only_its_own_host(engine):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the web layer is the same on both databases")
+    _one_labelled_image(engine)
+    client = _app(engine)
+    assert client.get("/", headers={"Host": "127.0.0.1:8765"}).status_code == 200
+    assert client.get("/", headers={"Host": "localhost:8765"}).status_code == 200
+    for host in ("attacker.example:8765", "attacker.example", "127.0.0.1.nip.io:8765", "10.0.0.5:8765"):
+        r = client.get("/api/image/p1", headers={"Host": host})
+        assert r.status_code == 421 and "--allow-host" in r.get_json()["error"], host
+    proxied = _app(engine, allow_hosts=["review.lab.example"])
+    assert proxied.get("/", headers={"Host": "review.lab.example"}).status_code == 200
+    everywhere = _app(engine, bind="0.0.0.0", token="s3cret-token")
+    assert everywhere.get("/", headers={"Host": "192.168.1.7:8765", "X-Review-Token": "s3cret-token"}) \
+        .status_code == 200
+    assert everywhere.get("/", headers={"Host": "evil.example", "X-Review-Token": "s3cret-token"}) \
+        .status_code == 421
+    # writes: the Origin must be this host, whatever scheme a proxy adds
+    body = {"decision": "accepted", "version": 0, "reviewer": "x"}
+    for origin in ("http://attacker.example", "null", "http://127.0.0.1:9999"):
+        r = client.post("/api/image/p1/review", json=body, headers={"Host": "127.0.0.1:8765", "Origin": origin})
+        assert r.status_code == 403, origin
+    r = client.post("/api/image/p1/review", json=body,
+                    headers={"Host": "127.0.0.1:8765", "Origin": "http://127.0.0.1:8765"})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b'{"decision": "accepted", "version": 99999999999999999999, "reviewer": "x"}', 400),
+    (b'{"decision": "accepted", "version": -1, "reviewer": "x"}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "x", "note": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     400),
+    (b"[" * 100_000 + b"]" * 100_000, 400),
+    (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [[1e400, 2]]}}', 400),
+    (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": "x"}}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "x", "structure": ["heart"]}', 400),
+    (b"\xff\xfe not json", 400),
+])
+def test_every_bad_review_request_is_a_4xx(sqlite_engine, body, status):
+    _one_labelled_image(sqlite_engine)
+    r = _app(sqlite_engine).post("/api/image/p1/review", data=body, content_type="application/json")
+    assert r.status_code == status, r.get_data(as_text=True)[:200]
+    with sqlite_engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM reviews")).scalar() == 0
+
+
+def test_out_of_range_pages_and_filters_are_4xx_not_500(sqlite_engine):
+    _one_labelled_image(sqlite_engine)
+    client = _app(sqlite_engine)
+    assert client.get("/?page=99999999999999999999999").status_code in (200, 400)
+    assert client.get("/?page=100001").status_code == 400
+    assert client.get("/?ctr_min=abc").status_code == 400
+    assert client.get("/?ctr_min=1e999").status_code in (200, 400)
+    assert client.get("/api/image/nosuch").status_code == 400
+
+
+def test_the_token_never_reaches_the_access_log(sqlite_engine, caplog):
+    import io
+    import logging
+
+    from pipeline.webapp import RequestLog
+
+    class Fake(RequestLog):
+        def __init__(self):  # only what log() reads
+            self.client_address = ("127.0.0.1", 5)
+            self.requestline = ""
+
+        def address_string(self):
+            return "127.0.0.1"
+
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        Fake().log("info", '"%s" %s %s', "GET /?token=s3cret-token&page=2 HTTP/1.1", "200", "-")
+    logged = caplog.text + io.StringIO().getvalue()
+    assert "s3cret-token" not in logged and "token=***" in logged and "page=2" in logged

@@ -20,9 +20,12 @@ from pipeline.cli.common import engine_of, handle_errors
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--token", envvar="CXRLABEL_REVIEW_TOKEN", metavar="SECRET",
               help="Every request must carry it (?token= once, then a cookie) [env CXRLABEL_REVIEW_TOKEN].")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this host name (a reverse proxy's); repeatable. Otherwise only "
+                   "the --host address's names are answered.")
 @click.pass_context
 @handle_errors
-def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, token) -> None:
+def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, token, allow_hosts) -> None:
     """Review masks in the browser: a worklist worst quality first, contours to correct.
 
     Decisions (accepted, rejected, corrected) go to the `reviews` table with your name and
@@ -33,6 +36,7 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
     Example:
         cxrlabel review --group cardiomegaly --reviewer "Dr. Ivanova"
         cxrlabel review --sample test70k --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+        cxrlabel review --token "$T" --allow-host review.lab.example   # behind a reverse proxy
     """
     from pipeline import review as R
     from pipeline import webapp
@@ -43,7 +47,7 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
     rows, counts = R.worklist(engine, model, R.Filters(group=group, sample=sample), limit=1)
     if not counts["images"]:
         raise R.ReviewError(f"no images labelled by model {model!r} in this selection: run `cxrlabel label` first")
-    app = webapp.create_app(engine, model, R.Filters(group=group, sample=sample), reviewer, token)
+    app = webapp.create_app(engine, model, R.Filters(group=group, sample=sample), reviewer, token, host, allow_hosts)
     address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"reviewing {counts['images']} images labelled by {model} ({counts['reviewed']} reviewed so far) "
                f"on {address}  (Ctrl-C stops)")
