@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import stat
 import tarfile
 import xml.etree.ElementTree as ET
 import zlib
@@ -422,8 +423,13 @@ def _dicom_header(args: tuple[str, str]) -> Item:
     path, rel = args
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from pipeline.imaging import DecodeError, open_regular
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with open_regular(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+    except DecodeError as e:  # replaced by a FIFO or device since the folder was listed
+        return Problem(None, rel, str(e))
     except (InvalidDicomError, OSError, ValueError, EOFError) as e:
         return Problem(None, rel, f"unreadable DICOM header: {e}")
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -452,22 +458,33 @@ def _dicom_header(args: tuple[str, str]) -> Item:
     return record
 
 
-def dicom_files(root: Path) -> list[tuple[str, str]]:
-    """``(path, uid)`` of every DICOM file under ``root``; uid = relative path sans suffix."""
-    from pipeline.imaging import DICOM_SUFFIXES, is_dicom
+def dicom_files(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
+    """``(path, uid)`` of every DICOM file under ``root`` (uid = relative path sans suffix),
+    and a :class:`Problem` for each entry that is not a regular file (a FIFO, socket or
+    device: never opened, since reading one can wait forever)."""
+    from pipeline.imaging import DICOM_SUFFIXES, is_dicom, kind_of
     if not Path(root).is_dir():
         raise CatalogueError(f"{root}: not a folder; `catalogue load dicom` takes a folder tree")
-    found = []
+    found, odd = [], []
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             p = Path(dirpath) / name
-            if is_dicom(p):
-                rel = p.relative_to(root).with_suffix("").as_posix() if p.suffix.lower() in DICOM_SUFFIXES \
-                    else p.relative_to(root).as_posix()
+            rel = p.relative_to(root).as_posix()
+            try:
+                mode = p.stat().st_mode
+            except OSError as e:  # a link to nothing, a file gone meanwhile
+                odd.append(Problem(None, rel, f"{p}: cannot be read ({e.strerror or e})"))
+                continue
+            if not stat.S_ISREG(mode):
+                odd.append(Problem(None, rel, f"{p}: {kind_of(mode)}, not a regular file: left out"))
+            elif is_dicom(p):
+                if p.suffix.lower() in DICOM_SUFFIXES:
+                    rel = p.relative_to(root).with_suffix("").as_posix()
                 found.append((str(p.resolve()), rel))
     if not found:
-        raise CatalogueError(f"{root}: no DICOM files found (files need the DICM preamble)")
-    return sorted(found, key=lambda t: t[1])
+        raise CatalogueError(f"{root}: no DICOM files found (files need the DICM preamble)"
+                             + (f"; {len(odd)} entries are not regular files" if odd else ""))
+    return sorted(found, key=lambda t: t[1]), odd
 
 
 def load_dicom(engine: Engine, root: Path, workers: int | None = None, uid_from: str = "path",
@@ -482,10 +499,11 @@ def load_dicom(engine: Engine, root: Path, workers: int | None = None, uid_from:
     """
     if uid_from not in ("path", "sop"):
         raise CatalogueError(f"--uid-from {uid_from!r}: use 'path' or 'sop'")
-    files = dicom_files(root)
+    files, odd = dicom_files(root)
     texts = _text_lookup(text_csv, key_column or text_key, text_column) if text_csv else None
 
     def items() -> Iterator[Item]:
+        yield from odd
         seen: dict[str, str] = {}
         workers_ = workers or min(8, os.cpu_count() or 1)
         with process_pool(workers_) as pool:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
-from pipeline.imaging import DecodeError, Geometry, preprocess
+from pipeline.imaging import DECODE_TIMEOUT, DecodeError, Geometry, deadline, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
     try:
         if not source:
             raise DecodeError(f"{uid}: no source path in the catalogue")
-        img, geom = preprocess(source, size, mode)
+        with deadline(DECODE_TIMEOUT, source):
+            img, geom = preprocess(source, size, mode)
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(img, np.uint8), allow_pickle=False)
     except Exception as e:  # a bad file is recorded, never stops the run

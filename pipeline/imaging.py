@@ -16,12 +16,18 @@ Geometry: ``cache = (original + offset) * scale`` per axis in continuous pixel c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import math
+import os
+import signal
+import stat
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -49,6 +55,69 @@ class DecodeError(CxrlabelError):
 
 class NotAnXray(DecodeError):
     """A readable file that is not a projection radiograph (CT slice, colour photo, SR...)."""
+
+
+class NotARegularFile(DecodeError):
+    """A path that is a FIFO, socket, device or folder: opening or reading it could wait forever."""
+
+
+class DecodeTimeout(DecodeError):
+    """A decode that ran past :data:`DECODE_TIMEOUT` seconds."""
+
+
+DECODE_TIMEOUT = float(os.environ.get("CXRLABEL_DECODE_TIMEOUT", "120"))  # seconds a decode may take
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def kind_of(mode: int) -> str:
+    """What a file of ``st_mode`` is, in words, for a message."""
+    return next((words for test, words in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | Path):
+    """``path`` opened for binary reading when it is a regular file (links followed);
+    :class:`NotARegularFile` naming what it is otherwise. Opened without blocking and checked
+    on the open descriptor, so a FIFO put in a file's place never makes it wait."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise DecodeError(f"{path}: file not found") from e
+    except OSError as e:  # ENXIO: a FIFO or socket nobody writes to; EACCES...
+        raise DecodeError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"{path}: {kind_of(mode)}, not a regular file: only image files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Raise :class:`DecodeTimeout` in the block once it has run ``seconds``. Works where
+    decoding runs, in a process's main thread (pool workers, Ray tasks, a single-process
+    collect; POSIX); elsewhere the block simply runs. Python code is stopped at once; a
+    decoder's C loop when it returns, and its work is bounded beforehand by the header checks
+    (:func:`check_dimensions`, :func:`check_codestream`)."""
+    if (seconds <= 0 or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def expired(_signum, _frame):
+        raise DecodeTimeout(f"{what}: decoding took longer than {seconds:g} s (CXRLABEL_DECODE_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +302,54 @@ def check_dimensions(path: Path | str, height: int, width: int, frames: int = 1)
                           f"more than the decoding budget of {MAX_PIXELS / 1e6:.0f} megapixels")
 
 
+_JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG frame headers, JPEG-LS's SOF55
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length (TEM, RSTn, SOI)
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` a JPEG, JPEG-LS or JPEG 2000 codestream says it decodes to, read
+    from its frame header (SOF or SIZ) without decoding; None when it has none we know."""
+    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC then SIZ (maybe inside a JP2 box)
+    if siz >= 0 and len(frame) >= siz + 24:
+        x, y, x_off, y_off = struct.unpack(">IIII", frame[siz + 8:siz + 24])
+        return y - y_off, x - x_off
+    i = frame.find(b"\xff\xd8", 0, 64)
+    if i < 0:
+        return None
+    i += 2
+    while i + 9 <= len(frame) and i < 1 << 20:
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _JPEG_STANDALONE:
+            i += 2
+        elif marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", frame[i + 5:i + 9])
+            return height, width
+        else:
+            i += 2 + struct.unpack(">H", frame[i + 2:i + 4])[0]
+    return None
+
+
+def check_codestream(path: Path | str, ds, rows: int, cols: int) -> None:
+    """Refuse, before decoding, compressed frames whose own header disagrees with the DICOM
+    header's ``Rows`` x ``Columns``: the budget was checked on the DICOM header, and a
+    codestream larger than it says would be decoded past it (a 0.7 MB file claiming 512 x 512
+    and holding 14000 x 14000 pixels)."""
+    from pydicom.encaps import generate_frames
+
+    if not ds.file_meta.get("TransferSyntaxUID", None) or not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        size = codestream_size(frame[:1 << 20])
+        if size is not None and size != (rows, cols):
+            raise DecodeError(f"{path}: frame {k + 1}'s codestream is {size[1]} x {size[0]} pixels but the DICOM "
+                              f"header says {cols} x {rows}: refused before decoding (a damaged or crafted file)")
+
+
 def check_content(path: Path | str, unit: np.ndarray) -> None:
     """Refuse a blank image: (nearly) one intensity everywhere, in ``[0, 1]`` units."""
     sample = unit[:: max(1, unit.shape[0] // 256), :: max(1, unit.shape[1] // 256)]
@@ -242,12 +359,12 @@ def check_content(path: Path | str, unit: np.ndarray) -> None:
 
 
 def is_dicom(path: Path) -> bool:
-    """True when ``path`` has the DICOM preamble (``DICM`` at byte 128)."""
+    """True when ``path`` is a regular file with the DICOM preamble (``DICM`` at byte 128)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(128)
             return f.read(4) == b"DICM"
-    except OSError:
+    except (OSError, DecodeError):
         return False
 
 
@@ -343,10 +460,11 @@ def decode_dicom(path: Path, target: int | None = None) -> tuple[np.ndarray, dic
     """
     import pydicom
 
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:  # pydicom raises many types for damaged files
-        raise DecodeError(f"{path}: not readable as DICOM ({e})") from e
+    with open_regular(path) as f:
+        try:
+            ds = pydicom.dcmread(f)  # every element read now (no deferred reads from the file later)
+        except Exception as e:  # pydicom raises many types for damaged files
+            raise DecodeError(f"{path}: not readable as DICOM ({e})") from e
     try:
         return _decode_dataset(path, ds, target)
     except DecodeError:
@@ -370,6 +488,7 @@ def _decode_dataset(path: Path, ds, target: int | None) -> tuple[np.ndarray, dic
     except (AttributeError, TypeError, ValueError) as e:
         raise DecodeError(f"{path}: no usable Rows/Columns in the header ({e})") from e
     check_dimensions(path, rows, cols, frames)
+    check_codestream(path, ds, rows, cols)
     reduced = None
     if target:
         try:
@@ -381,6 +500,8 @@ def _decode_dataset(path: Path, ds, target: int | None) -> tuple[np.ndarray, dic
     except Exception as e:
         raise DecodeError(f"{path}: pixel data cannot be decoded "
                           f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+    if reduced is None and pixels.shape[(1 if frames > 1 else 0):][:2] != (rows, cols):
+        raise DecodeError(f"{path}: decoded to {pixels.shape} pixels, not the header's {cols} x {rows}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     facts = {"photometric": photometric, "shape": (int(ds.Rows), int(ds.Columns)),
              "reduced": reduced[1] if reduced is not None else None}
@@ -460,19 +581,22 @@ def decode_raster(path: Path, target: int | None = None) -> tuple[np.ndarray, tu
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():  # a header over PIL's own limit: refused below, unread
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        orig_w, orig_h = img.size
-        check_dimensions(path, orig_h, orig_w, getattr(img, "n_frames", 1))
-        if target and img.format == "JPEG" and min(orig_w, orig_h) > 2 * target:
-            img.draft("L", (target, target))
-        img.load()
+        with open_regular(path) as f:
+            with warnings.catch_warnings():  # a header over PIL's own limit: refused below, unread
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+            orig_w, orig_h = img.size
+            check_dimensions(path, orig_h, orig_w, getattr(img, "n_frames", 1))
+            if target and img.format == "JPEG" and min(orig_w, orig_h) > 2 * target:
+                img.draft("L", (target, target))
+            img.load()
     except FileNotFoundError as e:
         raise DecodeError(f"{path}: file not found") from e
     except Image.DecompressionBombError as e:
         raise DecodeError(f"{path}: claims more pixels than the decoding budget ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise DecodeError(f"{path}: not a readable image (neither DICOM nor an image format Pillow knows)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise DecodeError(f"{path}: not a readable image ({e})") from e
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -510,6 +634,7 @@ def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tup
     path = Path(path)
     if not path.exists():
         raise DecodeError(f"{path}: file not found")
+    open_regular(path).close()  # a FIFO, socket or device: refused before anything waits on it
     if is_dicom(path):
         arr, facts = decode_dicom(path, target)
         check_content(path, arr)

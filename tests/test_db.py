@@ -147,6 +147,7 @@ def test_many_commands_may_start_at_once_on_a_new_database(db_url):
 
 def test_home_folder_in_a_sqlite_url_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sub").mkdir()  # a folder named in --db must exist (a mistyped one is not created)
     eng = D.connect("sqlite:///~/sub/x.db")
     eng.dispose()
     assert (tmp_path / "sub" / "x.db").exists() and not (tmp_path / "~").exists()

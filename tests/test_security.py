@@ -345,3 +345,63 @@ def test_the_token_never_reaches_the_access_log(sqlite_engine, caplog):
         Fake().log("info", '"%s" %s %s', "GET /?token=s3cret-token&page=2 HTTP/1.1", "200", "-")
     logged = caplog.text + io.StringIO().getvalue()
     assert "s3cret-token" not in logged and "token=***" in logged and "page=2" in logged
+
+
+# ---------------------------------------------------------------- inputs that could hang a run
+
+
+def test_a_fifo_among_the_files_is_a_per_item_failure_never_a_hang(engine, tmp_path):
+    import shutil
+
+    from pipeline import catalogue as C
+    from pipeline.collect import Settings, collect
+    from tests.conftest import DICOM
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    shutil.copy(DICOM / "RG1_UNCR.dcm", folder / "good.dcm")
+    os.mkfifo(folder / "pipe.dcm")
+    s = C.load_dicom(engine, folder, workers=1, progress=False)
+    with engine.connect() as c:
+        errors = c.execute(text("SELECT uid, reason FROM load_errors")).all()
+        assert c.execute(text("SELECT uid FROM images")).scalars().all() == ["good"]
+    assert s.loaded == 1 and [e.uid for e in errors] == ["pipe.dcm"] and "FIFO" in errors[0].reason
+    # a catalogued path that became a FIFO: the stage records it and goes on
+    os.remove(folder / "good.dcm")
+    os.mkfifo(folder / "good.dcm")
+    summary = collect(engine, [("good", str(folder / "good.dcm"))], Settings(size=64), tmp_path / "cache",
+                      workers=1, progress=False)
+    with engine.connect() as c:
+        message = c.execute(text("SELECT message FROM failures WHERE uid = 'good'")).scalar()
+    assert summary.failed == 1 and "FIFO" in message and "not a regular file" in message
+
+
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path):
+    import pydicom
+
+    from pipeline.imaging import DecodeError, decode
+    from tests.conftest import DICOM
+    ds = pydicom.dcmread(DICOM / "RG1_J2KR.dcm")  # 1841 x 1955 in its codestream
+    ds.Rows, ds.Columns = 512, 480
+    ds.save_as(tmp_path / "liar.dcm")
+    with pytest.raises(DecodeError, match="codestream is 1841 x 1955 pixels but the DICOM header says 480 x 512"):
+        decode(tmp_path / "liar.dcm", target=256)
+    arr, (h, w), _ = decode(DICOM / "RG1_J2KR.dcm", target=256)  # the honest file still decodes
+    assert (h, w) == (1955, 1841)
+
+
+def test_a_decode_that_runs_too_long_is_a_per_item_failure(engine, tmp_path, monkeypatch):
+    import pipeline.collect as K
+    from pipeline.collect import Settings, collect
+    from tests.conftest import DICOM
+
+    def endless(*_args, **_kw):  # a decoder stuck in a loop
+        while True:
+            pass
+
+    monkeypatch.setattr(K, "DECODE_TIMEOUT", 0.5)
+    monkeypatch.setattr(K, "preprocess", endless)
+    summary = collect(engine, [("stuck", str(DICOM / "RG1_UNCR.dcm"))], Settings(size=64), tmp_path / "cache",
+                      workers=1, progress=False)
+    with engine.connect() as c:
+        row = c.execute(text("SELECT error_class, message FROM failures WHERE uid = 'stuck'")).one()
+    assert summary.failed == 1 and row.error_class == "DecodeTimeout" and "longer than 0.5 s" in row.message
