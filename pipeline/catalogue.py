@@ -625,9 +625,14 @@ class RerootSummary:
     existing: int  # of the changed rows, how many new paths lead to a file
 
 
-def reroot(engine: Engine, old: str, new: str, progress: bool = True) -> RerootSummary:
+REROOT_PROBE = 100  # new paths checked before a reroot is committed
+
+
+def reroot(engine: Engine, old: str, new: str, progress: bool = True, force: bool = False) -> RerootSummary:
     """Move an archive in the catalogue: every image path under the folder ``old`` now lies
-    under ``new`` instead (whole path components only), in one transaction."""
+    under ``new`` instead (whole path components only), in one transaction. Refused, with
+    nothing changed, when none of up to :data:`REROOT_PROBE` of the new paths leads to a file
+    (a mistyped ``new``), unless ``force``."""
     if not str(old):
         raise CatalogueError("reroot: OLD_PREFIX is empty: give the folder the paths start with")
     base, new = str(old).rstrip("/"), str(Path(new).resolve())  # base "" is the root folder
@@ -637,6 +642,12 @@ def reroot(engine: Engine, old: str, new: str, progress: bool = True) -> RerootS
         under = func.substr(t.c.path, 1, len(base) + 1) == base + "/"
         rows = conn.execute(select(t.c.uid, t.c.path).where(or_(t.c.path == base, under))).all()
         moved = {uid: new + path[len(base):] for uid, path in rows}
+        paths = list(moved.values())
+        probe = paths[::max(1, len(paths) // REROOT_PROBE)][:REROOT_PROBE]
+        if probe and not force and not any(os.path.isfile(p) for p in probe):
+            raise CatalogueError(f"reroot: none of {len(probe)} of the {len(paths)} new paths under {new} leads to "
+                                 f"a file (e.g. {probe[0]}): nothing changed; check NEW_PREFIX, or give --force "
+                                 "to move them anyway")
         for part in D.chunks(list(moved.items())):
             conn.execute(update(t).where(t.c.uid == bindparam("u")).values(path=bindparam("p")),
                          [{"u": uid, "p": path} for uid, path in part])

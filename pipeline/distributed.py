@@ -48,6 +48,26 @@ def _ray():
     return ray
 
 
+REACH_TIMEOUT = 3.0  # seconds to open a TCP connection to a cluster's head before giving up
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing listens: Ray's own
+    client retries such an address for a minute or more."""
+    import socket
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto' and other forms: Ray resolves them
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT):
+            pass
+    except OSError as e:
+        raise RayError(f"--ray {address}: nothing answers there within {REACH_TIMEOUT:g} s "
+                       f"({e.strerror or e}); start the cluster's head with `ray start --head` "
+                       "or use --ray local") from None
+
+
 def _connect(address: str, num_cpus: int | None):
     """Join the cluster at ``address``, or start a local one (``local``); True when started here."""
     ray = _ray()
@@ -56,6 +76,7 @@ def _connect(address: str, num_cpus: int | None):
     if address == "local":
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except Exception as e:  # ConnectionError, ValueError: the address is wrong or down

@@ -16,15 +16,27 @@ latest review rejected it is never exported unless asked (``include_rejected``).
 Every export streams (flat memory for any count) and is resumable: what already exists and
 matches is kept, what differs or is missing is written (a CSV is merged in uid order into a
 new file that replaces the old one only when complete).
+
+An export writes only where it recognises its own output (:func:`check_destination`): a new
+path, an RLE CSV with our header, or a folder it made (marked by :data:`MARKER`). A device,
+FIFO or unrelated file or folder is refused before anything is written. Files are written to a
+``.partial`` beside their place and renamed; an interrupt (Ctrl-C, SIGTERM) or a write error
+removes it, and a write error names the path. Files are owner-only (0600) and folders 0700:
+they carry patient data (README, "Sharing exports").
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import os
 import re
+import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +55,7 @@ from pipeline.review import latest_reviews
 FORMATS = ("rle", "png", "seg")
 CHEXMASK_COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart"}
 RLE_HEADER = ["Image ID", "Left Lung", "Right Lung", "Heart", "Height", "Width", "CTR", "Quality", "Model", "Masks"]
+PNG_INDEX_HEADER = ["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"]
 CHUNK = 500
 # patient and study attributes a SEG copies from its source, empty when the source has none
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -52,8 +65,113 @@ SNOMED = {"heart": ("80891009", "Heart"), "left_lung": ("44029006", "Left lung")
           "right_lung": ("3341006", "Right lung")}
 
 
+MARKER = ".cxrlabel-export"  # in a folder export: the format it holds; only such folders are written into
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 class ExportError(CxrlabelError):
     pass
+
+
+def check_destination(fmt: str, out: Path) -> None:
+    """Refuse an ``--out`` that is not, or not yet, this export's own: a device, FIFO or
+    socket; for ``rle`` a file that is not an RLE CSV of ours (an empty file is taken); for
+    ``png``/``seg`` a file, or a folder with other content and no :data:`MARKER` of the same
+    format (earlier exports without one are recognised by their content)."""
+    try:
+        mode = out.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot be read ({e.strerror or e}): choose another place") from None
+    if fmt == "rle":
+        if stat.S_ISDIR(mode):
+            raise ExportError(f"{out} is a folder: `export rle` writes one CSV file, e.g. --out {out / 'masks.csv'}")
+        if not stat.S_ISREG(mode):
+            raise ExportError(f"--out {out} is not a regular file (a device, FIFO or socket): "
+                              "`export rle` writes a CSV file; choose a file path")
+        if out.stat().st_size and not _is_our_csv(out):
+            raise ExportError(f"{out} exists and is not a cxrlabel rle export (its first line is not our header): "
+                              "choose another --out; cxrlabel never overwrites a file it did not write")
+        return
+    if not stat.S_ISDIR(mode):
+        raise ExportError(f"--out {out} is a file, not a folder: `export {fmt}` writes a folder of its own; "
+                          "choose a new or empty folder")
+    if (out / MARKER).is_file():
+        found = (out / MARKER).read_text(errors="replace").strip()
+        if found != fmt:
+            raise ExportError(f"{out} holds a cxrlabel {found or 'unknown'} export, not {fmt}: choose another --out")
+        return
+    entries = [e for e in os.listdir(out) if not e.startswith(".")]
+    if entries and not _earlier_export(fmt, out, entries):
+        raise ExportError(f"{out} is a folder with other content ({len(entries)} entries) and no {MARKER}: "
+                          "choose a new or empty folder; cxrlabel never writes into a folder it did not make")
+
+
+def _is_our_csv(path: Path, header: list[str] | None = None) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == (header or RLE_HEADER)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def _earlier_export(fmt: str, out: Path, entries: list[str]) -> bool:
+    """An export folder written before :data:`MARKER` existed: png's index.csv with our header;
+    seg files of ours only (made by cxrlabel)."""
+    if fmt == "png":
+        return "index.csv" in entries and _is_our_csv(out / "index.csv", PNG_INDEX_HEADER)
+    if not all(e.endswith((".dcm", ".partial")) for e in entries):
+        return False
+    import pydicom
+    try:
+        first = pydicom.dcmread(out / sorted(e for e in entries if e.endswith(".dcm"))[0], stop_before_pixels=True,
+                                specific_tags=["Manufacturer"])
+    except Exception:  # unreadable: not recognisably ours
+        return False
+    return str(first.get("Manufacturer", "")) == "cxrlabel"
+
+
+def _prepare_folder(fmt: str, out: Path) -> None:
+    """Make the export folder (0700) and mark it as this format's."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (out / MARKER).is_file():
+        _atomic_write(out / MARKER, f"{fmt}\n".encode())
+
+
+@contextlib.contextmanager
+def _written(path: Path) -> Iterator[Path]:
+    """A ``.partial`` beside ``path`` to write; renamed over ``path`` when the block ends, and
+    removed when it does not (an error, Ctrl-C, SIGTERM). A write error names ``path``."""
+    tmp = _partial(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise ExportError(f"cannot write {path}: {e.strerror or e}: free space there or choose another --out "
+                              "(what was exported before is kept)") from None
+        raise
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM during an export raises KeyboardInterrupt, so its partial file is removed as
+    after Ctrl-C (the default action would end the process where it stands)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -155,11 +273,10 @@ def _rle_row(it: Item) -> list[str]:
 
 def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
     """Merge the new rows into ``out`` in uid order: equal rows kept, others written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(out)
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = _old_rows(out)
     pending = next(old, None)
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with _written(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(RLE_HEADER)
         for it in stream:
@@ -173,7 +290,6 @@ def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
             if pending is not None and pending[0] == it.uid:
                 pending = next(old, None)
             w.writerow(row)
-    os.replace(tmp, out)
 
 
 def _old_rows(path: Path) -> Iterator[list[str]]:
@@ -191,14 +307,13 @@ def _old_rows(path: Path) -> Iterator[list[str]]:
 
 def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
     """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(out / "index.csv")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    _prepare_folder("png", out)
+    with _written(out / "index.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"])
+        w.writerow(PNG_INDEX_HEADER)
         for it in stream:
             folder = out / safe_name(it.uid)
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(exist_ok=True, mode=0o700)
             for s in STRUCTURES:
                 if s not in it.masks:
                     continue
@@ -213,21 +328,22 @@ def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
                 w.writerow([it.uid, s, f"{folder.name}/{s}.png", it.height, it.width, int(mask.sum()), it.model,
                             "reviewed" if it.reviewers else "model", "" if it.ctr is None else f"{it.ctr:.4f}",
                             "" if it.quality is None else f"{it.quality:.4f}"])
-    os.replace(tmp, out / "index.csv")
 
 
 def _partial(path: Path) -> Path:
     """Where ``path`` is written before it replaces the old one: a file of its own for each
     writer, so two exports to one place never write into each other's half-written file."""
-    fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        raise ExportError(f"cannot write in {path.parent}: {e.strerror or e}: choose another --out") from None
     os.close(fd)
     return Path(name)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _partial(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _written(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---------------------------------------------------------------- seg
@@ -238,7 +354,7 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
     is derived from the source, the model and the masks' content, so an existing file with
     that UID is the same export and is kept without decoding it."""
     import pydicom
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_folder("seg", out)
     for it in stream:
         try:
             src = pydicom.dcmread(it.path, stop_before_pixels=True) if it.path else None
@@ -277,9 +393,8 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
         except (ValueError, TypeError, AttributeError) as e:
             _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
             continue
-        tmp = _partial(path)
-        seg.save_as(tmp)
-        os.replace(tmp, path)
+        with _written(path) as tmp:
+            seg.save_as(tmp)
         summary.written += 1
 
 
@@ -340,12 +455,10 @@ def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, mode
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     out = Path(out)
-    if fmt == "rle" and out.is_dir():
-        raise ExportError(f"{out} is a folder: `export rle` writes one CSV file, e.g. --out {out / 'masks.csv'}")
-    if fmt != "rle" and out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is a file: `export {fmt}` writes a folder")
+    check_destination(fmt, out)
     summary = ExportSummary(out)
     bar = tqdm(items(engine, selection, model, reviewed, include_rejected, summary), total=len(selection.items),
                desc=f"export {fmt}", unit="img", disable=not progress)
-    {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary)
+    with _terminate_as_interrupt():
+        {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary)
     return summary

@@ -181,8 +181,10 @@ def test_reroot_moves_whole_folders_and_keeps_separators(tmp_path):
     with engine.begin() as c:
         c.execute(D.images.insert(), [{"uid": u, "source": "t", "path": p, "loaded_at": D.utcnow()}
                                       for u, p in (("a", "/data/x/a.png"), ("b", "/data/xy/b.png"))])
-    assert C.reroot(engine, "/data/x/", "/new", progress=False).changed == 1  # not /data/xy
-    assert C.reroot(engine, "/", "/root2", progress=False).changed == 2  # the root folder itself
+    with pytest.raises(C.CatalogueError, match="nothing changed; check NEW_PREFIX"):
+        C.reroot(engine, "/data/x/", "/new", progress=False)  # no file there: refused unless forced
+    assert C.reroot(engine, "/data/x/", "/new", progress=False, force=True).changed == 1  # not /data/xy
+    assert C.reroot(engine, "/", "/root2", progress=False, force=True).changed == 2  # the root folder itself
     with engine.connect() as c:
         assert dict(c.execute(select(D.images.c.uid, D.images.c.path)).all()) == {
             "a": "/root2/new/a.png", "b": "/root2/data/xy/b.png"}

@@ -405,3 +405,116 @@ def test_a_decode_that_runs_too_long_is_a_per_item_failure(engine, tmp_path, mon
     with engine.connect() as c:
         row = c.execute(text("SELECT error_class, message FROM failures WHERE uid = 'stuck'")).one()
     assert summary.failed == 1 and row.error_class == "DecodeTimeout" and "longer than 0.5 s" in row.message
+
+
+# ---------------------------------------------------------------- exports write only what is theirs
+
+
+@pytest.fixture
+def labelled_default(annotated_engine):
+    from tests.test_review import pretend_labelled
+    return annotated_engine, pretend_labelled(annotated_engine, 3, model="default")
+
+
+def _everything(engine):
+    from pipeline.groups import select_images
+    with engine.connect() as c:
+        return select_images(c, all_images=True, labelled_by="default")
+
+
+def _partials(folder: Path) -> list[Path]:
+    return list(folder.rglob("*.partial"))
+
+
+def test_export_never_overwrites_what_it_did_not_write(labelled_default, tmp_path):
+    from pipeline.export import ExportError, export
+    engine, _ = labelled_default
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a thesis chapter\n")
+    with pytest.raises(ExportError, match="not a cxrlabel rle export"):
+        export(engine, "rle", precious, _everything(engine), progress=False)
+    assert precious.read_text() == "a thesis chapter\n"
+    for device in ("/dev/full", "/dev/null"):
+        with pytest.raises(ExportError, match="not a regular file"):
+            export(engine, "rle", Path(device), _everything(engine), progress=False)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.png").write_bytes(b"x")
+    for fmt in ("png", "seg"):
+        with pytest.raises(ExportError, match="never writes into a folder it did not make"):
+            export(engine, fmt, tmp_path / "photos", _everything(engine), progress=False)
+    assert os.listdir(tmp_path / "photos") == ["holiday.png"]
+    # its own output: written, recognised, written again; another format's folder is refused
+    export(engine, "png", tmp_path / "png", _everything(engine), progress=False)
+    assert (tmp_path / "png" / ".cxrlabel-export").read_text() == "png\n"
+    assert export(engine, "png", tmp_path / "png", _everything(engine), progress=False).kept == 9
+    with pytest.raises(ExportError, match="holds a cxrlabel png export, not seg"):
+        export(engine, "seg", tmp_path / "png", _everything(engine), progress=False)
+    (tmp_path / "empty.csv").touch()
+    assert export(engine, "rle", tmp_path / "empty.csv", _everything(engine), progress=False).written == 3
+
+
+def test_export_files_are_owner_only_whatever_the_umask(labelled_default, tmp_path):
+    from pipeline.export import export
+    engine, _ = labelled_default
+    old = os.umask(0o022)
+    try:
+        export(engine, "rle", tmp_path / "m.csv", _everything(engine), progress=False)
+        export(engine, "png", tmp_path / "png", _everything(engine), progress=False)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "m.csv") == 0o600 and _mode(tmp_path / "png") == 0o700
+    assert {_mode(p) for p in (tmp_path / "png").rglob("*.png")} == {0o600}
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "disk full"])
+def test_an_interrupted_or_failed_export_leaves_no_partial_and_keeps_the_old_file(labelled_default, tmp_path,
+                                                                                  monkeypatch, how):
+    import errno
+    import signal
+
+    import pipeline.export as E
+    engine, _ = labelled_default
+    out = tmp_path / "m.csv"
+    E.export(engine, "rle", out, _everything(engine), progress=False)
+    before = out.read_bytes()
+    real_row, calls = E._rle_row, []
+
+    def failing_row(it):
+        calls.append(it.uid)
+        if len(calls) == 2:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_row(it)
+
+    monkeypatch.setattr(E, "_rle_row", failing_row)
+    expected = E.ExportError if how == "disk full" else KeyboardInterrupt
+    with pytest.raises(expected) as caught:
+        E.export(engine, "rle", out, _everything(engine), progress=False)
+    if how == "disk full":
+        assert str(out) in str(caught.value) and "No space left" in str(caught.value)
+    assert _partials(tmp_path) == [] and out.read_bytes() == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_environment_failures_are_one_line_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.cli import environment_error
+    e = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert environment_error(e, None) == f"cannot write {tmp_path / 'x'}: No space left on device: free space " \
+                                         "there or choose another place"
+    e = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/cache")
+    assert "/mnt/ro/cache" in environment_error(e, None) and "read-only" in environment_error(e, None)
+    assert "disk is full" in environment_error(Exception("(sqlite3.OperationalError) database or disk is full"),
+                                               "sqlite:///x.db")
+    assert environment_error(ValueError("a bug"), None) is None
+
+
+def test_an_unreachable_ray_address_fails_within_seconds():
+    from pipeline.distributed import RayError, _check_reachable
+    with pytest.raises(RayError, match="127.0.0.1:1: nothing answers there"):
+        _check_reachable("127.0.0.1:1")

@@ -6,6 +6,7 @@ library errors (:class:`pipeline.CxrlabelError`) become one-line messages.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import click
@@ -23,11 +24,45 @@ class Cli(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as e:
+            known = environment_error(e, (ctx.obj or {}).get("url"))
+            if known and not (ctx.obj or {}).get("verbose"):
+                raise click.ClickException(known) from e
             if (ctx.obj or {}).get("verbose"):
                 raise
             first = (str(e).strip().splitlines() or [""])[0]
             raise click.ClickException(f"unexpected {type(e).__name__}: {first} (run again with -v for the "
                                        "traceback, and report it)") from e
+
+
+NEXT_STEP = {
+    errno.ENOSPC: "free space there or choose another place",
+    errno.EDQUOT: "free space within your quota or choose another place",
+    errno.EROFS: "the file system is mounted read-only: choose a writable place",
+    errno.EACCES: "you may not write there: choose a place you own, or ask for the rights",
+    errno.EPERM: "you may not write there: choose a place you own, or ask for the rights",
+    errno.EIO: "the disk or network share reports an I/O error: check it, then run again",
+}
+
+
+def environment_error(e: BaseException, url: str | None) -> str | None:
+    """One line for a failure of the machine rather than of cxrlabel (a full disk, a
+    read-only or forbidden folder, a database that cannot be written), naming the path and
+    the next step; None for anything else."""
+    from pipeline import db as D
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in NEXT_STEP:
+            where = err.filename or "a file"
+            return f"cannot write {where}: {err.strerror or err}: {NEXT_STEP[err.errno]}"
+    text = str(e).lower()
+    if "database or disk is full" in text or "could not extend file" in text or "no space left" in text:
+        return (f"the database {D.display_url(url)} cannot grow: its disk is full: free space there, "
+                "then run again (nothing stored so far is lost)")
+    if "disk i/o error" in text:
+        return f"the database {D.display_url(url)} reports a disk I/O error: check its disk, then run again"
+    if "unable to open database file" in text:
+        return (f"cannot open the database {D.display_url(url)}: check that its folder exists and that you "
+                "may write there (--db / CXRLABEL_DB)")
+    return None
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)

@@ -93,17 +93,24 @@ def catalogue_list(ctx, group, sample, all_images, limit, source, as_json) -> No
 @catalogue.command("reroot")
 @click.argument("old_prefix")
 @click.argument("new_prefix", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Move the paths even when none of them leads to a file there.")
 @click.pass_context
 @handle_errors
-def catalogue_reroot(ctx, old_prefix, new_prefix) -> None:
+def catalogue_reroot(ctx, old_prefix, new_prefix, force) -> None:
     """Move an archive: image paths under OLD_PREFIX now lie under NEW_PREFIX (one transaction);
-    says how many rows changed and how many of the new paths exist.
+    says how many rows changed and how many of the new paths exist. Stored paths are absolute,
+    so OLD_PREFIX is an absolute folder. Refused, changing nothing, when no moved path would
+    lead to a file (unless --force).
 
     \b
     Example:
         cxrlabel catalogue reroot /mnt/old_nas/cxr /data/cxr
     """
-    s = C.reroot(engine_of(ctx), old_prefix, new_prefix)
+    s = C.reroot(engine_of(ctx), old_prefix, new_prefix, force=force)
+    if not s.changed:
+        hint = "" if old_prefix.startswith("/") else " (paths are stored absolute: give OLD_PREFIX as an absolute path)"
+        click.echo(f"0 image paths moved: no stored path lies under {old_prefix}{hint}")
+        return
     click.echo(f"{s.changed} image paths moved from {old_prefix} to {new_prefix}; {s.existing} of them "
                "lead to a file" + ("" if s.existing == s.changed else
                                    f" ({s.changed - s.existing} do not: is NEW_PREFIX the right folder?)"))
