@@ -6,7 +6,11 @@ stopped cleanly with one line), and how many stored rows were lost or changed th
 should not have touched (the goal: 0). The hostile files come from the same generator as
 `tests/test_reliability.py`, built fresh in a temporary folder.
 
-Usage: python bench/reliability.py [--data ../shared/data]
+The hostile SQL of `tests/test_security.py` runs against SQLite always, and against a
+PostgreSQL server as its superuser with `--pg postgresql+psycopg://postgres@127.0.0.1:5432`
+(a database of its own is created there and dropped).
+
+Usage: python bench/reliability.py [--data ../shared/data] [--pg SERVER_URL]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.label import label  # noqa: E402
 from pipeline.model import ModelError, resolve_model  # noqa: E402
 from pipeline.results import QueryError, read_only_query  # noqa: E402
 from tests.test_reliability import full_disk_open, hostile_corpus  # noqa: E402
+from tests.test_security import HOSTILE_POSTGRES, HOSTILE_SQLITE  # noqa: E402
 
 
 def snapshot(engine) -> dict[str, str]:
@@ -52,9 +57,191 @@ def lost(before: dict[str, str], after: dict[str, str]) -> int:
     return sum(1 for k, v in before.items() if after.get(k) != v)
 
 
+def _refused(fn, *args, **kwargs) -> bool:
+    """Whether ``fn`` refused with one of cxrlabel's own errors."""
+    try:
+        fn(*args, **kwargs)
+    except CxrlabelError:
+        return True
+    return False
+
+
+def sqlite_file_untouched(tmp: Path) -> tuple:
+    """tests/test_security.py's hostile statements on a DELETE-journal SQLite file: each
+    refused, and the file byte for byte as it was (no WAL switch, nothing attached)."""
+    import sqlite3
+    path = tmp / "journal.db"
+    D.connect(f"sqlite:///{path}").dispose()
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA journal_mode=DELETE")
+    before, box = path.read_bytes(), tmp / "box_sqlite"
+    box.mkdir()
+    engine = D.connect_read_only(f"sqlite:///{path}")
+    n = sum(_refused(lambda q: list(read_only_query(engine, q).rows), sql.format(box=box)) for sql in HOSTILE_SQLITE)
+    engine.dispose()
+    clean = path.read_bytes() == before and not any(box.iterdir())
+    return ("hostile SQL, SQLite file byte for byte", len(HOSTILE_SQLITE), n if clean else 0, 0)
+
+
+def postgres_statements(server: str, tmp: Path) -> tuple:
+    """tests/test_security.py's hostile statements on PostgreSQL, connected as a superuser."""
+    from sqlalchemy import create_engine
+    name = f"cxr_reliability_{os.getpid()}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    box = tmp / "box_pg"
+    box.mkdir()
+    box.chmod(0o777)
+    try:
+        engine = D.connect(f"{server}/{name}")
+        with engine.begin() as c:
+            c.execute(D.images.insert(), [{"uid": "u1", "source": "csv", "loaded_at": D.utcnow()}])
+        before = snapshot(engine)
+        ro = D.connect_read_only(f"{server}/{name}")
+        n = sum(_refused(lambda q: list(read_only_query(ro, q).rows), sql.format(box=box))
+                for sql, _ in HOSTILE_POSTGRES)
+        gone = lost(before, snapshot(engine))
+        ro.dispose()
+        engine.dispose()
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+    return ("hostile SQL, PostgreSQL as a superuser", len(HOSTILE_POSTGRES), n if not any(box.iterdir()) else 0,
+            gone)
+
+
+def inputs_that_hang(engine, data: Path, tmp: Path) -> tuple:
+    """A FIFO among the files and as a catalogued path, a codestream larger than its header,
+    and a decoder stuck in a loop: each a recorded failure, none a hang."""
+    import shutil
+
+    import pydicom
+
+    import pipeline.collect as K
+    folder = tmp / "fifo_archive"
+    folder.mkdir()
+    shutil.copy(data / "dicom" / "RG1_UNCR.dcm", folder / "good.dcm")
+    os.mkfifo(folder / "pipe.dcm")
+    before = snapshot(engine)
+    s = C.load_dicom(engine, folder, workers=1, progress=False)
+    n = int(s.loaded == 1 and s.errors == 1)
+    ds = pydicom.dcmread(data / "dicom" / "RG1_J2KR.dcm")
+    ds.Rows, ds.Columns = 512, 480
+    ds.save_as(tmp / "liar.dcm")
+    stuck = str(data / "dicom" / "RG1_UNCI.dcm")
+    items = [("fifo", str(folder / "pipe.dcm")), ("liar", str(tmp / "liar.dcm"))]
+    collect(engine, items, Settings(64), tmp / "cache_hang", workers=1, progress=False)
+    real, timeout = K.preprocess, K.DECODE_TIMEOUT
+
+    def endless(*_args, **_kw):
+        while True:
+            pass
+
+    K.preprocess, K.DECODE_TIMEOUT = endless, 0.5
+    try:
+        collect(engine, [("stuck", stuck)], Settings(64), tmp / "cache_hang", workers=1, progress=False)
+    finally:
+        K.preprocess, K.DECODE_TIMEOUT = real, timeout
+    with engine.connect() as c:
+        why = dict(c.execute(text("SELECT uid, message FROM failures WHERE stage = 'collect'")).all())
+    n += "FIFO" in why.get("fifo", "")
+    n += "codestream is 1841 x 1955" in why.get("liar", "")
+    n += "longer than 0.5 s" in why.get("stuck", "")
+    return ("inputs that could hang (FIFO in a folder and as a path, lying codestream, stuck decoder)", 4, n,
+            lost(before, snapshot(engine)))
+
+
+def review_app(engine, tmp: Path) -> tuple:
+    """A rebinding page's Host, a cross-origin write, deep and out-of-range bodies, and two
+    overlapping saves at once: refused with a 4xx or merged, never a 500 nor a stored CTR
+    that disagrees with the masks."""
+    from pipeline import review as R
+    from pipeline.webapp import create_app
+    from tests.test_security import _one_labelled_image, _race, _stored_agrees_with_final_masks
+    review_db = D.connect(f"sqlite:///{tmp / 'review.db'}")
+    _one_labelled_image(review_db)
+    client = create_app(review_db, "m").test_client()
+    post = "/api/image/p1/review"
+    body = {"decision": "accepted", "version": 0, "reviewer": "x"}
+    n = int(client.get("/", headers={"Host": "attacker.example:8765"}).status_code == 421)
+    n += client.post(post, json=body, headers={"Origin": "http://attacker.example"}).status_code == 403
+    n += client.post(post, data=b"[" * 100_000 + b"]" * 100_000, content_type="application/json").status_code == 400
+    n += client.post(post, json={**body, "version": 10**20}).status_code == 400
+    n += client.get("/?page=100001").status_code == 400
+    heart = {"heart": [[[5, 10], [50, 10], [50, 49], [5, 49]]]}
+    version = R.image_view(review_db, "p1", "m")["version"]
+    outcomes = _race(review_db, version, [dict(decision="rejected"), dict(decision="corrected", polygons=heart)])
+    try:
+        _stored_agrees_with_final_masks(review_db)
+        n += sorted(outcomes) == ["conflict", "saved"]
+    except AssertionError:
+        pass
+    review_db.dispose()
+    return ("review app (rebinding Host, cross-origin write, bad bodies, page, concurrent saves)", 6, n, 0)
+
+
+def exports(engine, tmp: Path) -> tuple:
+    """An unrelated file, a device and a foreign folder as --out; Ctrl-C and a full disk in the
+    middle of an export: refused or stopped, nothing overwritten, no .partial left."""
+    import errno
+
+    import pipeline.export as E
+    with engine.connect() as c:
+        chosen = select_images(c, all_images=True, labelled_by="default")
+    precious = tmp / "precious.txt"
+    precious.write_text("a thesis chapter\n")
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "holiday.png").write_bytes(b"x")
+    n = _refused(E.export, engine, "rle", precious, chosen, progress=False)
+    n += _refused(E.export, engine, "rle", Path("/dev/full"), chosen, progress=False)
+    n += _refused(E.export, engine, "png", tmp / "photos", chosen, progress=False)
+    out = tmp / "exports" / "m.csv"
+    E.export(engine, "rle", out, chosen, progress=False)
+    kept = out.read_bytes()
+    real = E._rle_row
+    for fault in (KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")):
+        def failing(it, fault=fault):
+            raise fault
+
+        E._rle_row = failing
+        try:
+            E.export(engine, "rle", out, chosen, progress=False)
+        except (KeyboardInterrupt, E.ExportError) as e:
+            n += (isinstance(e, KeyboardInterrupt) or str(out) in str(e)) and out.read_bytes() == kept \
+                and not list(out.parent.glob("*.partial"))
+        finally:
+            E._rle_row = real
+    clean = precious.read_text() == "a thesis chapter\n" and os.listdir(tmp / "photos") == ["holiday.png"]
+    return ("exports (unrelated file, device, foreign folder, Ctrl-C, full disk)", 5, n if clean else 0, 0)
+
+
+def environment(tmp: Path) -> tuple:
+    """An unreachable database and Ray address, and a database folder that does not exist:
+    one-line errors within seconds, nothing created."""
+    import time
+
+    from pipeline.distributed import RayError, _check_reachable
+    t0 = time.monotonic()
+    n = 0
+    try:
+        D.connect("postgresql+psycopg://me@127.0.0.1:1/cxr")
+    except Exception as e:  # the CLI turns the driver's error into one line naming the address
+        n += "127.0.0.1" in str(e)
+    try:
+        _check_reachable("127.0.0.1:1")
+    except RayError as e:
+        n += "127.0.0.1:1" in str(e)
+    n += _refused(D.connect, f"sqlite:///{tmp}/no/such/dir/x.db") and not (tmp / "no").exists()
+    quick = time.monotonic() - t0 < 30
+    return ("environment (unreachable database and Ray address, missing database folder)", 3, n if quick else 0, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--pg", metavar="SERVER_URL", help="also try the hostile SQL on this PostgreSQL server (superuser)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
@@ -113,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         clean = not (tmp / "a.db").exists() and not (tmp / "v.db").exists() and (tmp / "c.db").read_bytes() == db_bytes
         rows.append(("hostile SQL (query)", len(refused) + len(answered), n if clean else 0,
                      lost(before, snapshot(engine))))
+
+        rows.append(sqlite_file_untouched(tmp))
+        if args.pg:
+            rows.append(postgres_statements(args.pg, tmp))
+        rows.append(inputs_that_hang(engine, args.data, tmp))
+        rows.append(review_app(engine, tmp))
+        rows.append(exports(engine, tmp))
+        rows.append(environment(tmp))
 
         # crafted checkpoints
         marker = tmp / "ran"
