@@ -355,10 +355,12 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
     that UID is the same export and is kept without decoding it."""
     import pydicom
     _prepare_folder("seg", out)
+    from pipeline.imaging import DecodeError, open_regular
     for it in stream:
         try:
-            src = pydicom.dcmread(it.path, stop_before_pixels=True) if it.path else None
-        except (OSError, pydicom.errors.InvalidDicomError):
+            with open_regular(it.path) if it.path else contextlib.nullcontext() as f:
+                src = pydicom.dcmread(f, stop_before_pixels=True) if f is not None else None
+        except (OSError, pydicom.errors.InvalidDicomError, DecodeError):
             src = None
         if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
             _skip(summary, "not from a DICOM file (seg needs the source DICOM)")
@@ -375,11 +377,12 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
         path = out / f"{safe_name(it.uid)}.dcm"
         if path.exists():
             try:
-                if str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                       .SOPInstanceUID) == uid:
-                    summary.kept += 1
-                    continue
-            except (OSError, pydicom.errors.InvalidDicomError, AttributeError):
+                with open_regular(path) as f:
+                    if str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                           .SOPInstanceUID) == uid:
+                        summary.kept += 1
+                        continue
+            except (OSError, pydicom.errors.InvalidDicomError, AttributeError, DecodeError):
                 pass  # unreadable or another export: written again
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if k not in src]
         if missing:

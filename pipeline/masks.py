@@ -219,7 +219,13 @@ class ImportSummary:
 
 def _foreground(path: Path) -> np.ndarray:
     """Any non-black RGB pixel of an RGBA/RGB/grey mask file; anti-aliased: above half."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    from pipeline.imaging import open_regular
+    try:
+        with open_regular(path) as f:  # read through a checked descriptor: a FIFO never blocks
+            data = np.frombuffer(f.read(), np.uint8)
+    except CxrlabelError as e:
+        raise MaskImportError(str(e)) from None
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if arr is None:
         raise MaskImportError(f"{path}: mask file missing or unreadable")
     if arr.ndim == 3:
@@ -232,13 +238,14 @@ def _foreground(path: Path) -> np.ndarray:
 def _image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
-    from pipeline.imaging import is_dicom
-    if is_dicom(path):
-        import pydicom
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Rows), int(ds.Columns)
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
+    from pipeline.imaging import is_dicom, open_regular
+    with open_regular(path) as f:  # a FIFO or device among the images: refused, never waited on
+        if is_dicom(path):
+            import pydicom
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(f) as im:
+            return im.size[1], im.size[0]
 
 
 def _generalblockchain_rows(root: Path) -> Iterator[tuple[str, str, dict]]:
@@ -363,13 +370,23 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     summary = ImportSummary()
     for path in tqdm(files, desc=f"masks {root.name}", unit="img"):
         uid = path.stem
-        h, w = _image_size(path)
+        try:
+            h, w = _image_size(path)
+        except (CxrlabelError, OSError, ValueError, AttributeError) as e:  # one bad image never stops the import
+            log.warning("%s: image left out: %s", uid, e)
+            summary.skipped += 1
+            continue
         rows = []
         for structure, sub in masks.items():
             found = _same_stem(root / sub, uid)
             if found is None:
                 continue
-            mask = _foreground(found) > 127
+            try:
+                mask = _foreground(found) > 127
+            except MaskImportError as e:
+                log.warning("%s: %s; skipped", uid, e)
+                summary.skipped += 1
+                continue
             if mask.shape != (h, w):
                 log.warning("%s: mask %s is %s, image is %s; skipped", uid, found, mask.shape, (h, w))
                 summary.skipped += 1

@@ -166,6 +166,8 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
 
     @app.before_request
     def _guard():
+        if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+            abort(400, "NUL characters are not accepted in an address")  # no uid or filter holds one
         name = hostname_of(request.host)
         if name not in hosts and not (any_address and _is_ip(name)):
             abort(421, f"this review app answers to {', '.join(sorted(hosts))}, not {name[:100]!r}: "

@@ -271,9 +271,8 @@ def _app(engine, **kw):
     return create_app(engine, "m", **kw).test_client()
 
 
-def test_the_review_app_answers_only_its_own_host(engine):
-    if engine.dialect.name != "sqlite":
-        pytest.skip("the web layer is the same on both databases")
+def test_the_review_app_answers_only_its_own_host(sqlite_engine):
+    engine = sqlite_engine
     _one_labelled_image(engine)
     client = _app(engine)
     assert client.get("/", headers={"Host": "127.0.0.1:8765"}).status_code == 200
@@ -476,7 +475,7 @@ def test_an_interrupted_or_failed_export_leaves_no_partial_and_keeps_the_old_fil
     engine, _ = labelled_default
     out = tmp_path / "m.csv"
     E.export(engine, "rle", out, _everything(engine), progress=False)
-    before = out.read_bytes()
+    before, handler = out.read_bytes(), signal.getsignal(signal.SIGTERM)
     real_row, calls = E._rle_row, []
 
     def failing_row(it):
@@ -497,7 +496,7 @@ def test_an_interrupted_or_failed_export_leaves_no_partial_and_keeps_the_old_fil
     if how == "disk full":
         assert str(out) in str(caught.value) and "No space left" in str(caught.value)
     assert _partials(tmp_path) == [] and out.read_bytes() == before
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == handler  # the process's own handler back
 
 
 def test_environment_failures_are_one_line_naming_the_path(tmp_path, monkeypatch):
@@ -518,3 +517,28 @@ def test_an_unreachable_ray_address_fails_within_seconds():
     from pipeline.distributed import RayError, _check_reachable
     with pytest.raises(RayError, match="127.0.0.1:1: nothing answers there"):
         _check_reachable("127.0.0.1:1")
+
+
+def test_nul_in_an_address_is_a_400_on_both_databases(engine):
+    _one_labelled_image(engine)
+    client = _app(engine)
+    assert client.get("/api/image/p1%00x").status_code == 400
+    assert client.get("/?group=a%00b").status_code == 400
+    assert client.get("/api/image/p1").status_code == 200
+
+
+def test_a_fifo_among_annotated_images_is_left_out_not_waited_on(engine, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.masks import import_png_dirs
+    for sub in ("images", "masks/heart", "masks/left_lung", "masks/right_lung"):
+        (tmp_path / sub).mkdir(parents=True)
+    ramp = np.tile(np.linspace(0, 255, 100, dtype=np.uint8), (100, 1))
+    Image.fromarray(ramp).save(tmp_path / "images" / "good.png")
+    for s in ("heart", "left_lung", "right_lung"):
+        Image.fromarray((ramp > 128).astype(np.uint8) * 255).save(tmp_path / "masks" / s / "good.png")
+    os.mkfifo(tmp_path / "images" / "pipe.png")
+    os.mkfifo(tmp_path / "masks" / "heart" / "pipe.png")
+    s = import_png_dirs(engine, tmp_path)
+    assert (s.images, s.masks, s.skipped) == (1, 3, 1)
