@@ -52,7 +52,7 @@ from pipeline.model import register_model  # noqa: E402
 from pipeline.quality import Atlas, QualityModel, sidecar  # noqa: E402
 from pipeline.resources import resource  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
-from pipeline.train.data import annotated_uids  # noqa: E402
+from pipeline.train.data import annotated_uids, patient_groups  # noqa: E402
 from pipeline.train.folds import SPLITS_FILE, make_splits  # noqa: E402
 
 
@@ -98,7 +98,8 @@ def one_fold(args, k: int) -> dict:
     url = f"sqlite:///{db}"
     engine = D.connect(url)
     uids = annotated_uids(engine)
-    splits = make_splits(uids, 5, 0.2, 0)
+    with engine.connect() as c:
+        splits = make_splits(uids, 5, 0.2, 0, patient_groups(c, uids))  # a patient's films share a fold
     val, pool = splits.val[k], splits.val[(k + 1) % 5]
     if len(uids) != args.expect:
         raise SystemExit(f"{db}: {len(uids)} annotated images, expected {args.expect}: a stale copy?")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from pipeline import db as D
 from pipeline.model import ModelError, build_network, load_model, read_checkpoint
@@ -75,6 +75,31 @@ def test_folds_partition_the_data_as_before():
     order = list(range(100))
     random.Random(0).shuffle(order)
     assert splits.val[2] == sorted(uids[i] for i in order[2::5])
+
+
+def test_folds_keep_a_patients_films_together(annotated_db):
+    """GeneralBlockchain's 100 films come from 73 patients: no patient is on both sides of a
+    fold, folds stay near 20 films, and a patient's new film joins the patient's fold."""
+    eng = D.connect(f"sqlite:///{annotated_db}")
+    with eng.connect() as c:
+        rows = c.execute(text("SELECT uid, source, patient_id FROM images")).all()
+    eng.dispose()
+    groups = {r.uid: f"{r.source}:{r.patient_id}" for r in rows if r.patient_id}
+    uids = [r.uid for r in rows]
+    assert len(set(groups.values())) == 73 and len(uids) == 100
+    splits = make_splits(uids, folds=5, seed=0, groups=groups)
+    assert splits.grouped_by == "patient" and sorted(sum(splits.val, [])) == sorted(uids)
+    fold_of = {u: k for k, f in enumerate(splits.val) for u in f}
+    for patient in set(groups.values()):
+        assert len({fold_of[u] for u, g in groups.items() if g == patient}) == 1, patient
+    assert all(17 <= len(f) <= 23 for f in splits.val), [len(f) for f in splits.val]
+    someone = max(set(groups.values()), key=list(groups.values()).count)
+    grown, joined, _ = update_splits(splits, uids + ["late_film"], {**groups, "late_film": someone})
+    assert joined == ["late_film"]
+    assert next(k for k, f in enumerate(grown.val) if "late_film" in f) == \
+        fold_of[next(u for u, g in groups.items() if g == someone)]
+    held = make_splits(uids, val_frac=0.2, seed=0, groups=groups).val[0]
+    assert not {groups.get(u) for u in held} & {groups.get(u) for u in uids if u not in held} - {None}
 
 
 def test_a_new_annotated_image_never_moves_existing_folds(tmp_path):
@@ -335,9 +360,15 @@ def test_export_halves_the_checkpoint(tiny_model, tmp_path):
 def test_cross_validation_stores_its_folds_and_registers_each(annotated_engine, tmp_path):
     import dataclasses
     cfg = TrainConfig.from_preset("tiny", epochs=1, folds=2, threads=2)
+    # one fold on its own first (a cross-validation spread over sessions): no summary yet
+    first = cross_validate(annotated_engine, cfg, tmp_path / "cv", str(tmp_path / "cache"), progress=False,
+                           only=[1])
+    assert len(first.results) == 1 and not (tmp_path / "cv" / "summary.json").exists()
     cv = cross_validate(annotated_engine, cfg, tmp_path / "cv", str(tmp_path / "cache"), progress=False,
                         register_as="t")
+    assert cv.results[1].history == first.results[0].history  # resumed at its end, not trained again
     splits = json.loads((tmp_path / "cv" / "splits.json").read_text())
+    assert splits["grouped_by"] == "patient"
     assert cv.names == ["t_fold0", "t_fold1"] and [r.held_out for r in cv.results] == splits["val"]
     assert not set(splits["val"][0]) & set(splits["val"][1]) and len(sum(splits["val"], [])) == 100
     assert set(cv.summary) == {"heart", "left_lung", "right_lung"}

@@ -44,7 +44,10 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "
                    "uses manual masks only.")
 @click.option("--review-model", help="Whose reviewed masks --masks reviewed/accepted takes [default].")
-@click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation.")
+@click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation (folds group films by patient).")
+@click.option("--fold", "only", type=click.IntRange(min=0), multiple=True,
+              help="With --folds: train only this fold (repeatable), so a cross-validation can span sessions; "
+                   "a later run of every fold resumes finished ones at once and writes the summary.")
 @click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
               help="Held-out share without --folds; 0 trains on everything.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -63,7 +66,7 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
-def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, parallel_folds, loader_workers,
+def train_cmd(ctx, preset, folds, only, device, name, run_dir, no_resume, cache_dir, parallel_folds, loader_workers,
               **overrides) -> None:
     """Stage 3: train a network on the manual masks; registers the best checkpoint.
 
@@ -81,17 +84,20 @@ def train_cmd(ctx, preset, folds, device, name, run_dir, no_resume, cache_dir, p
             overrides[key] = _pair(overrides[key], f"--{key.replace('_', '-')}", example)
     if overrides.get("masks"):
         overrides["masks"] = tuple(m.strip() for m in overrides["masks"].split(",") if m.strip())
+    if only and not folds:
+        raise click.UsageError("--fold needs --folds K (which cross-validation the fold belongs to)")
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
     name = name or preset
     run_dir = run_dir or Path("runs") / name
     cv = cross_validate(engine_of(ctx), cfg, run_dir, cache_dir, device, not no_resume,
-                        register_as=name, parallel=parallel_folds, workers=loader_workers)
+                        register_as=name, parallel=parallel_folds, workers=loader_workers,
+                        only=list(only) or None)
     for fold_name, r in zip(cv.names, cv.results, strict=True):
         scored = {k: v for k, v in r.dice.items() if v == v}  # NaN: no held-out images
         click.echo(f"{fold_name}: " + (f"best epoch {r.best_epoch}, Dice " + ", ".join(
             f"{k} {v:.4f}" for k, v in scored.items()) if scored else
             f"no held-out images (--val-frac 0): the model is the last epoch, {r.best_epoch}"))
-    if cfg.folds > 1:
+    if cfg.folds > 1 and len(cv.results) == cfg.folds:
         click.echo("cross-validation: " + ", ".join(
             f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in cv.summary.items()))
     if cfg.masks != ("manual",):

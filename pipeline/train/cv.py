@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import db as D
 from pipeline.model import pick_device, register_model
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.data import Dataset, load_dataset
 from pipeline.train.folds import splits_for
 from pipeline.train.loop import TrainResult, train
@@ -42,7 +42,8 @@ def fold_dir(run_dir: Path, cfg: TrainConfig, fold: int) -> Path:
 def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
                    device: str = "auto", resume: bool = True, progress: bool = True,
                    register_as: str | None = None, dataset: Dataset | None = None,
-                   parallel: int = 1, workers: int | None = None) -> CrossValidation:
+                   parallel: int = 1, workers: int | None = None, only: list[int] | None = None,
+                   ) -> CrossValidation:
     """Train every fold of ``cfg`` (one run without ``folds``) on the splits stored in
     ``run_dir/splits.json``; folds go to ``run_dir/foldK``. With ``register_as`` each fold's
     best checkpoint is registered (``NAME_foldK``, or ``NAME`` for a single run). Writes
@@ -55,11 +56,17 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     alone (bench/RESULTS.md), so a CUDA device warns and folds in turn are the way there.
     The result is the same as one after the other.
     ``workers``: each fold's augmenting processes (see :func:`pipeline.train.loop.train`).
+    ``only``: train just these folds (a cross-validation spread over sessions or machines; the
+    stored splits are the same for each), and write ``summary.json`` only once a call covers
+    every fold (finished folds resume at their end, at once).
     """
     started = time.time()
     data = dataset or load_dataset(engine, cfg, cache_dir)
-    splits = splits_for(run_dir, data.manual, cfg)  # validation: manual masks only
-    folds = [(dataclasses.replace(cfg, fold=k), fold_dir(run_dir, cfg, k), splits.val[k]) for k in range(cfg.folds)]
+    splits = splits_for(run_dir, data.manual, cfg, data.patients)  # validation: manual masks only
+    if only is not None and any(not 0 <= k < cfg.folds for k in only):
+        raise TrainError(f"--fold {only}: folds are numbered 0-{cfg.folds - 1}")
+    chosen = sorted(set(only)) if only is not None else list(range(cfg.folds))
+    folds = [(dataclasses.replace(cfg, fold=k), fold_dir(run_dir, cfg, k), splits.val[k]) for k in chosen]
     if parallel > 1 and cfg.folds > 1 and pick_device(device).type == "cuda":
         log.warning("--parallel-folds %d on one GPU: the folds' processes take turns on it, which was "
                     "measured many times slower than folds one after another (bench/RESULTS.md); "
@@ -87,9 +94,10 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
         names.append(name)
     summary = summarise_folds(results)
     seconds = time.time() - started
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"preset": cfg.preset, "config": cfg.as_dict(), "dice": summary, "seconds": seconds,
-         "data_hash": data.hash, "images": data.counts()}, indent=2))
+    if len(chosen) == cfg.folds:
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"preset": cfg.preset, "config": cfg.as_dict(), "dice": summary, "seconds": seconds,
+             "data_hash": data.hash, "images": data.counts()}, indent=2))
     return CrossValidation(run_dir, names, results, summary, seconds, data.counts())
 
 

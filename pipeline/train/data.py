@@ -30,6 +30,7 @@ class Dataset:
     hash: str = ""
     sources: list[str] | None = None  # per image: manual, reviewed or accepted (None: all manual)
     geoms: list[Geometry] | None = None  # per image: its cache entry's geometry (where the film lies)
+    patients: dict[str, str] | None = None  # uid: patient key (source and patient id), for folds
 
     @property
     def source_of(self) -> list[str]:
@@ -56,6 +57,13 @@ def annotated_uids(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return sorted(conn.execute(select(D.masks.c.uid).where(D.masks.c.kind == "manual")
                                    .distinct()).scalars())
+
+
+def patient_groups(conn, uids: list[str]) -> dict[str, str]:
+    """``{uid: patient key}`` for the images whose patient the catalogue knows (``source:id``:
+    two datasets' patient numbers never meet); folds keep a key's films together."""
+    q = select(D.images.c.uid, D.images.c.source, D.images.c.patient_id)
+    return {r.uid: f"{r.source}:{r.patient_id}" for r in D.rows_in(conn, q, D.images.c.uid, uids) if r.patient_id}
 
 
 def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude: set[str],
@@ -98,6 +106,7 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
     with engine.connect() as conn:
         paths = {row.uid: row.path for row in D.rows_in(
             conn, select(D.images.c.uid, D.images.c.path), D.images.c.uid, everyone)}
+        patients = patient_groups(conn, everyone)
         truth = load_masks(conn, uids)
     truth.update(extra)
     with decoder_pool(None, len(everyone)) as pool:
@@ -123,7 +132,7 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
         digest.update(e.image.tobytes())
     sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
     return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources,
-                   [e.geom for e in entries])
+                   [e.geom for e in entries], patients)
 
 
 # name: probability. An inverted film is left out: labelling turns one back before the model

@@ -95,7 +95,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
     ds = dataset or load_dataset(engine, cfg, cache_dir)
     if held_out is None:
-        held_out = splits_for(run_dir, ds.manual, cfg).val[cfg.fold]
+        held_out = splits_for(run_dir, ds.manual, cfg, ds.patients).val[cfg.fold]
     va = ds.indices(held_out)
     tr = sorted(set(range(len(ds.uids))) - set(va))
     trained_on = dict(Counter(ds.source_of[i] for i in tr))  # images per mask source
