@@ -1,13 +1,18 @@
 """Evaluate a model's predicted masks against manual masks stored in the database.
 
-Per-structure Dice in original geometry, and the CTR error (predicted CTR minus the CTR
-measured on the manual masks), over images that have both.
+Per-structure Dice in original geometry, and the CTR's agreement with the CTR measured on
+the manual masks over images that have both, as the CTR literature reports it: bias (mean of
+predicted minus true), MAE, the 95% limits of agreement (bias ± 1.96 SD, Bland and Altman
+1986), and the share of films off by more than 0.03, overall and by true-CTR band
+(:data:`CTR_BANDS`), where a bias in the enlarged hearts would hide in the overall mean.
+:func:`bland_altman_figure` draws them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select
@@ -20,6 +25,10 @@ from pipeline.measure import measure
 from pipeline.metrics import dice
 
 DECODED_AT_ONCE = 50  # images whose masks (up to 3000 x 3000 each, both kinds) are decoded together
+# true-CTR bands: normal, borderline, and the enlarged hearts where cardiomegaly is read
+CTR_BANDS = (("< 0.45", 0.0, 0.45), ("0.45-0.50", 0.45, 0.50), ("0.50-0.55", 0.50, 0.55),
+             ("0.55-0.60", 0.55, 0.60), (">= 0.60", 0.60, 10.0))
+OFF_BY = 0.03  # a CTR this far from the truth moves a film across the 0.5 line in practice
 
 
 class EvaluateError(CxrlabelError):
@@ -45,6 +54,25 @@ def _stats(values: list[float]) -> dict[str, float]:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
             "n": int(arr.size)}
+
+
+def agreement(true: np.ndarray, pred: np.ndarray) -> dict:
+    """Bias, MAE, SD, 95% limits of agreement and the share off by more than :data:`OFF_BY`
+    of ``pred`` against ``true`` (NaN where there is nothing to say)."""
+    err = np.asarray(pred, float) - np.asarray(true, float)
+    n = int(err.size)
+    sd = float(err.std(ddof=1)) if n > 1 else math.nan
+    bias = float(err.mean()) if n else math.nan
+    return {"n": n, "bias": bias, "mae": float(np.abs(err).mean()) if n else math.nan, "sd": sd,
+            "loa": [bias - 1.96 * sd, bias + 1.96 * sd],
+            "off_by_0.03": float((np.abs(err) > OFF_BY).mean()) if n else math.nan}
+
+
+def agreement_by_band(true: np.ndarray, pred: np.ndarray) -> dict[str, dict]:
+    """:func:`agreement` within each true-CTR band of :data:`CTR_BANDS`."""
+    true, pred = np.asarray(true, float), np.asarray(pred, float)
+    return {name: agreement(true[(true >= lo) & (true < hi)], pred[(true >= lo) & (true < hi)])
+            for name, lo, hi in CTR_BANDS}
 
 
 def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> Evaluation:
@@ -88,8 +116,53 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                 ev.per_image.append(row)
     ev.dice = {s: _stats(v) for s, v in scores.items()}
     err = np.asarray(errors)
+    pairs = [(r["ctr_true"], r["ctr_pred"]) for r in ev.per_image if "ctr_true" in r]
+    true, pred = (np.array(v, float) for v in zip(*pairs, strict=True)) if pairs else (np.array([]), np.array([]))
     ev.ctr_error = {"mean": float(err.mean()) if err.size else math.nan,
                     "mae": float(np.abs(err).mean()) if err.size else math.nan,
                     "sd": float(err.std(ddof=1)) if err.size > 1 else math.nan, "n": int(err.size),
-                    "left_out": sum(left_out.values()), "left_out_reasons": left_out}
+                    "left_out": sum(left_out.values()), "left_out_reasons": left_out,
+                    **{k: v for k, v in agreement(true, pred).items() if k in ("loa", "off_by_0.03")},
+                    "bands": agreement_by_band(true, pred)}
     return ev
+
+
+def bland_altman_figure(ev: Evaluation, path: Path) -> Path:
+    """The CTR's Bland-Altman plot (difference against the mean of the two readings, bias and
+    95% limits of agreement) beside its bias per true-CTR band with 95% intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in ev.per_image if "ctr_true" in r]
+    if not rows:
+        raise EvaluateError(f"model {ev.model}: no image has a CTR in both its truth and its prediction")
+    true = np.array([r["ctr_true"] for r in rows])
+    pred = np.array([r["ctr_pred"] for r in rows])
+    e = ev.ctr_error
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    ax.scatter((true + pred) / 2, pred - true, s=10, alpha=0.7)
+    for y, style, label in ((e["mean"], "-", f"bias {e['mean']:+.4f}"),
+                            (e["loa"][0], "--", f"95% limits {e['loa'][0]:+.3f}, {e['loa'][1]:+.3f}"),
+                            (e["loa"][1], "--", None)):
+        if y == y:
+            ax.axhline(y, color="k", lw=0.9, ls=style, label=label)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set(xlabel="mean of the two CTRs", ylabel="CTR: model - truth",
+           title=f"{ev.model}: CTR agreement, {len(rows)} films (MAE {e['mae']:.4f})")
+    ax.legend(fontsize=8, loc="lower left")
+    names = [name for name, _, _ in CTR_BANDS]
+    bands = [e["bands"][n] for n in names]
+    means = [b["bias"] for b in bands]
+    half = [1.96 * b["sd"] / math.sqrt(b["n"]) if b["n"] > 1 else 0.0 for b in bands]
+    bx.bar(range(len(names)), [m if m == m else 0 for m in means], yerr=half, capsize=3, color="tab:blue")
+    for k, b in enumerate(bands):
+        bx.text(k, 0, f"n={b['n']}", ha="center", va="bottom" if (means[k] or 0) < 0 else "top", fontsize=7)
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set_xticks(range(len(names)), names, fontsize=8)
+    bx.set(xlabel="true CTR", ylabel="bias (95% interval)", title="bias by true-CTR band")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

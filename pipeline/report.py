@@ -46,6 +46,7 @@ class ReportFiles:
     images: int
     calibration: Path | None = None  # the model's quality score: estimated vs true Dice, held out
     roc: Path | None = None  # two groups: how well the CTR separates them (AUC), by view
+    bland_altman: Path | None = None  # the CTR against manual masks, where the model labelled annotated films
 
 
 def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
@@ -126,7 +127,21 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     roc_path = out_dir / f"ctr_roc_{name}.png" if len(groups) >= 2 else None
     if roc_path and not _roc(rows, groups[0], groups[1], roc_path, model):
         roc_path = None
-    return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path)
+    return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path,
+                       _agreement(engine, model, out_dir))
+
+
+def _agreement(engine: Engine, model: str, out_dir: Path) -> Path | None:
+    """The CTR's Bland-Altman plot and bias by true-CTR band over the model's images that have
+    manual masks (none: no picture)."""
+    from pipeline.evaluate import EvaluateError, bland_altman_figure, evaluate
+    try:
+        ev = evaluate(engine, model)
+        if not ev.ctr_error["n"]:
+            return None
+        return bland_altman_figure(ev, out_dir / f"ctr_bland_altman_{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}.png")
+    except EvaluateError:
+        return None
 
 
 LATERAL = ("LL", "RL", "LAT", "LATERAL")

@@ -267,9 +267,26 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     sample(annotated_engine, "2024/q1", 3)  # a name that is no file name
     files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
     assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000
-    assert files.histogram.exists()
+    assert files.histogram.exists() and files.bland_altman.stat().st_size > 10_000
     files = report(annotated_engine, tmp_path / "rep", s.model, sample="2024/q1", tiles=2)
     assert files.images == 2 and files.contact_sheet.parent == tmp_path / "rep"
+
+
+def test_ctr_agreement_is_bias_mae_and_limits_overall_and_by_band():
+    import math
+
+    from pipeline.evaluate import agreement, agreement_by_band
+    true = np.array([0.40, 0.42, 0.48, 0.52, 0.57, 0.62, 0.66, 0.70])
+    pred = true + np.array([0.01, -0.01, 0.0, 0.02, -0.02, -0.05, -0.06, -0.04])
+    a = agreement(true, pred)
+    err = pred - true
+    assert a["n"] == 8 and a["bias"] == pytest.approx(err.mean()) and a["mae"] == pytest.approx(np.abs(err).mean())
+    assert a["loa"] == pytest.approx([err.mean() - 1.96 * err.std(ddof=1), err.mean() + 1.96 * err.std(ddof=1)])
+    assert a["off_by_0.03"] == pytest.approx(3 / 8)
+    bands = agreement_by_band(true, pred)
+    assert bands[">= 0.60"]["n"] == 3 and bands[">= 0.60"]["bias"] == pytest.approx(-0.05)
+    assert bands["< 0.45"]["bias"] == pytest.approx(0.0) and bands["0.45-0.50"]["n"] == 1
+    assert math.isnan(agreement(np.array([]), np.array([]))["bias"])
 
 
 def test_labelling_never_imports_training_code():

@@ -40,17 +40,23 @@ def query(ctx, sql, as_csv, as_json) -> None:
 @click.option("--truth", default="manual", show_default=True, help="Truth masks: manual.")
 @click.option("--model", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image rows).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also draw the CTR's Bland-Altman plot and bias by true-CTR band here.")
 @click.pass_context
 @handle_errors
-def evaluate_cmd(ctx, truth, model, as_json) -> None:
-    """Dice per structure and CTR error of a model's masks against manual masks.
+def evaluate_cmd(ctx, truth, model, as_json, out_dir) -> None:
+    """Dice per structure and the CTR's agreement with manual masks: bias, MAE, 95% limits of
+    agreement and the share of films off by more than 0.03, overall and by true-CTR band.
 
     \b
     Example:
-        cxrlabel evaluate --truth manual --model default --json
+        cxrlabel evaluate --truth manual --model default --out reports/
+        cxrlabel evaluate --model default --json
     """
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import bland_altman_figure, evaluate
     ev = evaluate(engine_of(ctx), model, truth)
+    figure = bland_altman_figure(ev, out_dir / f"ctr_bland_altman_{_file_name(model)}.png") \
+        if out_dir and ev.ctr_error["n"] else None
     if as_json:
         click.echo(json.dumps(ev.as_dict(), indent=2))
         return
@@ -58,9 +64,21 @@ def evaluate_cmd(ctx, truth, model, as_json) -> None:
     for s, st in ev.dice.items():
         click.echo(f"  Dice {s:<11} {st['mean']:.4f} ± {st['sd']:.4f} (n={st['n']})")
     e = ev.ctr_error
-    click.echo(f"  CTR error     mean {e['mean']:+.4f}, MAE {e['mae']:.4f} (n={e['n']})")
+    click.echo(f"  CTR           bias {e['mean']:+.4f}, MAE {e['mae']:.4f}, 95% limits of agreement "
+               f"{e['loa'][0]:+.4f} to {e['loa'][1]:+.4f}, off by > 0.03: {e['off_by_0.03']:.1%} (n={e['n']})")
+    for band, b in e["bands"].items():
+        if b["n"]:
+            click.echo(f"    true CTR {band:<9} bias {b['bias']:+.4f}, MAE {b['mae']:.4f}, "
+                       f"off by > 0.03: {b['off_by_0.03']:.0%} (n={b['n']})")
     for reason, n in e["left_out_reasons"].items():
         click.echo(f"  left out of the CTR error: {n} image{'s' if n > 1 else ''} whose {reason}")
+    if figure:
+        click.echo(f"  Bland-Altman plot and bias by band: {figure}")
+
+
+def _file_name(label: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
 @click.command("report")
@@ -92,6 +110,8 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles) -> None:
         click.echo(f"CTR ROC, {groups[0]} against {groups[1]}: {files.roc}")
     if files.calibration:
         click.echo(f"quality score calibration (estimated vs true Dice, held out): {files.calibration}")
+    if files.bland_altman:
+        click.echo(f"CTR against manual masks (Bland-Altman, bias by true-CTR band): {files.bland_altman}")
 
 
 @click.command("failures")
