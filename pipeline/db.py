@@ -49,7 +49,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -197,6 +197,18 @@ label_runs = Table(
     Column("n_skipped", Integer),
     Column("n_failed", Integer),
     Column("status", String(20), nullable=False),  # running | done | failed | interrupted
+    # what the model's `heart` is: 'heart' (the heart alone) or 'cardiomediastinum' (models
+    # trained on GeneralBlockchain alone, before 2026-12-05: heart plus upper mediastinum)
+    Column("heart_definition", String(20)),
+)
+
+# what each annotated source's manual masks mean (masks import records it)
+mask_sources = Table(
+    "mask_sources",
+    metadata,
+    Column("source", String(100), primary_key=True),
+    Column("definitions", Text, nullable=False),  # JSON: {structure: definition}
+    Column("imported_at", DateTime, nullable=False),
 )
 
 masks = Table(
@@ -304,6 +316,19 @@ MIGRATIONS: dict[int, list[str]] = {
     6: ["ALTER TABLE measurements ADD COLUMN reviewed_ctr FLOAT",
         "ALTER TABLE measurements ADD COLUMN reviewed_heart_width_px INTEGER",
         "ALTER TABLE measurements ADD COLUMN reviewed_thoracic_width_px INTEGER"],
+    # `heart` means the heart alone. GeneralBlockchain's only heart class is the
+    # cardiomediastinum: its manual masks take that name, and every earlier label run (all by
+    # models that learned it as `heart`) is marked with the older definition.
+    7: ["ALTER TABLE label_runs ADD COLUMN heart_definition VARCHAR(20)",
+        "UPDATE label_runs SET heart_definition = 'cardiomediastinum'",
+        "UPDATE masks SET structure = 'cardiomediastinum' WHERE kind = 'manual' AND structure = 'heart' "
+        "AND uid IN (SELECT uid FROM images WHERE source = 'generalblockchain')",
+        # what masks.source_definitions gives GeneralBlockchain's classes
+        "INSERT INTO mask_sources (source, definitions, imported_at) SELECT 'generalblockchain', "
+        "'{\"cardiomediastinum\": \"heart and upper mediastinum (the cardiomediastinal silhouette)\", "
+        "\"left_lung\": \"the patient''s left lung; drawn on behind the heart\", "
+        "\"right_lung\": \"the patient''s right lung; drawn on behind the heart\"}', CURRENT_TIMESTAMP WHERE EXISTS "
+        "(SELECT 1 FROM images WHERE source = 'generalblockchain')"],
 }
 
 

@@ -172,7 +172,7 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
                 model=lm.name, model_sha256=lm.sha256, selection=selection.description,
                 device=f"ray:{n}x{'cuda' if use_gpu else 'cpu'}", host=socket.gethostname(), pid=os.getpid(),
                 started_at=D.utcnow(), n_selected=len(items), n_labelled=0, n_skipped=len(done), n_failed=0,
-                status="running")).inserted_primary_key[0]
+                status="running", heart_definition=lm.spec.heart_definition)).inserted_primary_key[0]
         status, failed = "failed", [0]
 
         def count(batch: BatchDone) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
 from pipeline import db as D
-from pipeline.masks import STRUCTURES, load_masks
+from pipeline.masks import CARDIOMEDIASTINUM, TRAINED, heart_definition, load_masks, overlap_ignored
 from pipeline.measure import measure
 from pipeline.metrics import dice
 
@@ -39,13 +39,15 @@ class EvaluateError(CxrlabelError):
 class Evaluation:
     model: str
     images: int
+    heart_definition: str = "heart"  # what the model's `heart` is (see :func:`heart_definition`)
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the figures
     dice: dict[str, dict[str, float]] = field(default_factory=dict)  # structure -> mean/sd/n
     ctr_error: dict = field(default_factory=dict)  # mean, mae, sd, n, left_out, left_out_reasons
     per_image: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "images": self.images, "dice": self.dice,
-                "ctr_error": self.ctr_error, "per_image": self.per_image}
+        return {"model": self.model, "images": self.images, "heart_definition": self.heart_definition,
+                "notes": self.notes, "dice": self.dice, "ctr_error": self.ctr_error, "per_image": self.per_image}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -76,7 +78,10 @@ def agreement_by_band(true: np.ndarray, pred: np.ndarray) -> dict[str, dict]:
 
 
 def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> Evaluation:
-    """Dice per structure and CTR error of ``model``'s masks against ``truth`` masks."""
+    """Dice per structure and the CTR's agreement of ``model``'s masks against ``truth``
+    masks. Lungs are compared in their source's own convention (pixels the source also drew
+    as heart left out: :func:`pipeline.masks.overlap_ignored`). A model whose `heart` is the
+    cardiomediastinum has it compared with manual cardiomediastinum masks, and says so."""
     if truth != "manual":
         raise EvaluateError(f"--truth {truth!r}: only 'manual' masks serve as truth")
     m = D.masks
@@ -91,8 +96,13 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                                 f"images (`cxrlabel label --all --model {model}`)")
         spacing = {u: (sx, sy) for u, sx, sy in D.rows_in(
             conn, select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y), D.images.c.uid, uids)}
-        ev = Evaluation(model, len(uids))
-        scores: dict[str, list[float]] = {s: [] for s in STRUCTURES}
+        ev = Evaluation(model, len(uids), heart_definition(conn, model))
+        older = ev.heart_definition != "heart"
+        if older:
+            ev.notes.append(f"model {model}'s heart is the cardiomediastinum (heart and upper mediastinum; "
+                            f"{ev.heart_definition} label runs): its Dice is against manual cardiomediastinum "
+                            "masks, and its CTR reads low in enlarged hearts; label again with a current model")
+        scores: dict[str, list[float]] = {s: [] for s in TRAINED}
         errors: list[float] = []
         left_out: dict[str, int] = {}
         for chunk in D.chunks(uids, DECODED_AT_ONCE):
@@ -100,9 +110,12 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
             p = load_masks(conn, chunk, kind="predicted", model=model)
             for uid in chunk:
                 row: dict = {"uid": uid}
-                for s in STRUCTURES:
-                    if s in t[uid] and s in p[uid]:
-                        row[s] = dice(p[uid][s], t[uid][s])
+                named = {(CARDIOMEDIASTINUM if older and s == "heart" else s): m for s, m in p[uid].items()}
+                ignored = overlap_ignored(t.get(uid, {}))
+                for s in TRAINED:
+                    if s in t[uid] and s in named:
+                        keep = ~ignored[s] if s in ignored else slice(None)
+                        row[s] = dice(named[s][keep], t[uid][s][keep])
                         scores[s].append(row[s])
                 true = measure(t[uid], spacing.get(uid, (None, None)))
                 pred = measure(p[uid], spacing.get(uid, (None, None)))
@@ -114,7 +127,7 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                                                    (("truth", true), ("prediction", pred)) if m["ctr_missing"])
                     left_out[row["ctr_missing"]] = left_out.get(row["ctr_missing"], 0) + 1
                 ev.per_image.append(row)
-    ev.dice = {s: _stats(v) for s, v in scores.items()}
+    ev.dice = {s: _stats(v) for s, v in scores.items() if v}
     err = np.asarray(errors)
     pairs = [(r["ctr_true"], r["ctr_pred"]) for r in ev.per_image if "ctr_true" in r]
     true, pred = (np.array(v, float) for v in zip(*pairs, strict=True)) if pairs else (np.array([]), np.array([]))

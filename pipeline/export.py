@@ -49,12 +49,17 @@ from tqdm import tqdm
 from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline.groups import Selection
-from pipeline.masks import STRUCTURES, decode, encode, rle_of
+from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES, decode, encode, heart_definition, rle_of
 from pipeline.review import latest_reviews
 
 FORMATS = ("rle", "png", "seg")
 CHEXMASK_COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart"}
 RLE_HEADER = ["Image ID", "Left Lung", "Right Lung", "Heart", "Height", "Width", "CTR", "Quality", "Model", "Masks"]
+# a model whose `heart` is GeneralBlockchain's cardiomediastinum (trained before 2026-12-05):
+# its column says so, so that code written for CheXmask's `Heart` never reads it as the heart
+RLE_HEADER_OLDER = [("Cardiomediastinum" if c == "Heart" else c) for c in RLE_HEADER]
+COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart",
+           CARDIOMEDIASTINUM: "Cardiomediastinum"}
 PNG_INDEX_HEADER = ["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"]
 CHUNK = 500
 # patient and study attributes a SEG copies from its source, empty when the source has none
@@ -62,7 +67,10 @@ TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDat
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 # SNOMED CT codes of the segmented structures (DICOM CID 7150 category: anatomical structure)
 SNOMED = {"heart": ("80891009", "Heart"), "left_lung": ("44029006", "Left lung"),
-          "right_lung": ("3341006", "Right lung")}
+          "right_lung": ("3341006", "Right lung"),
+          # no SNOMED CT concept names the cardiomediastinal silhouette: coded as the mediastinum,
+          # which holds the heart, and labelled for what it is
+          CARDIOMEDIASTINUM: ("72410000", "Mediastinum")}
 
 
 MARKER = ".cxrlabel-export"  # in a folder export: the format it holds; only such folders are written into
@@ -111,7 +119,7 @@ def check_destination(fmt: str, out: Path) -> None:
 def _is_our_csv(path: Path, header: list[str] | None = None) -> bool:
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), None) == (header or RLE_HEADER)
+            return next(csv.reader(f), None) in ([header] if header else [RLE_HEADER, RLE_HEADER_OLDER])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
 
@@ -271,14 +279,16 @@ def _rle_row(it: Item) -> list[str]:
             "reviewed" if it.reviewers else "model"]
 
 
-def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
-    """Merge the new rows into ``out`` in uid order: equal rows kept, others written."""
+def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
+    """Merge the new rows into ``out`` in uid order: equal rows kept, others written. The
+    heart's column is ``Cardiomediastinum`` for a model whose heart is one (``names``)."""
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    old = _old_rows(out)
+    header = RLE_HEADER if names["heart"] == "heart" else RLE_HEADER_OLDER
+    old = _old_rows(out, header)
     pending = next(old, None)
     with _written(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(RLE_HEADER)
+        w.writerow(header)
         for it in stream:
             row = _rle_row(it)
             while pending is not None and pending[0] < it.uid:  # no longer exported
@@ -292,12 +302,12 @@ def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
             w.writerow(row)
 
 
-def _old_rows(path: Path) -> Iterator[list[str]]:
+def _old_rows(path: Path, header: list[str]) -> Iterator[list[str]]:
     if not path.exists():
         return
     with open(path, newline="", encoding="utf-8") as f:
         r = csv.reader(f)
-        if next(r, None) != RLE_HEADER:
+        if next(r, None) != header:
             return  # not one of ours: rewritten whole
         yield from r
 
@@ -305,8 +315,9 @@ def _old_rows(path: Path) -> Iterator[list[str]]:
 # ---------------------------------------------------------------- png
 
 
-def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
-    """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``."""
+def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
+    """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``; a heart
+    that is a cardiomediastinum (``names``) is ``cardiomediastinum.png``."""
     _prepare_folder("png", out)
     with _written(out / "index.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -319,14 +330,15 @@ def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
                     continue
                 mask = it.mask(s)
                 data = encode(mask)
-                path = folder / f"{s}.png"
+                path = folder / f"{names[s]}.png"
                 if path.exists() and path.read_bytes() == data:
                     summary.kept += 1
                 else:
                     _atomic_write(path, data)
                     summary.written += 1
-                w.writerow([it.uid, s, f"{folder.name}/{s}.png", it.height, it.width, int(mask.sum()), it.model,
-                            "reviewed" if it.reviewers else "model", "" if it.ctr is None else f"{it.ctr:.4f}",
+                w.writerow([it.uid, names[s], f"{folder.name}/{names[s]}.png", it.height, it.width,
+                            int(mask.sum()), it.model, "reviewed" if it.reviewers else "model",
+                            "" if it.ctr is None else f"{it.ctr:.4f}",
                             "" if it.quality is None else f"{it.quality:.4f}"])
 
 
@@ -349,7 +361,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- seg
 
 
-def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> None:
+def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
     """``out/<uid>.dcm``: a DICOM Segmentation per DICOM-sourced image. Its SOP Instance UID
     is derived from the source, the model and the masks' content, so an existing file with
     that UID is the same export and is kept without decoding it."""
@@ -392,7 +404,7 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
             if keyword not in src:
                 setattr(src, keyword, "")
         try:
-            seg = _segmentation(src, it, uid)
+            seg = _segmentation(src, it, uid, names)
         except (ValueError, TypeError, AttributeError) as e:
             _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
             continue
@@ -401,7 +413,7 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary) -> Non
         summary.written += 1
 
 
-def _segmentation(src, it: Item, sop_uid: str):
+def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -417,10 +429,11 @@ def _segmentation(src, it: Item, sop_uid: str):
         family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
     for n, s in enumerate(present, 1):
-        code, meaning = SNOMED[s]
+        code, meaning = SNOMED[names[s]]
         manual = s in it.drawn
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=n, segment_label=meaning, segmented_property_category=codes.SCT.AnatomicalStructure,
+            segment_number=n, segment_label="Cardiomediastinum" if names[s] == CARDIOMEDIASTINUM else meaning,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
             algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
                             else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
@@ -462,6 +475,9 @@ def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, mode
     summary = ExportSummary(out)
     bar = tqdm(items(engine, selection, model, reviewed, include_rejected, summary), total=len(selection.items),
                desc=f"export {fmt}", unit="img", disable=not progress)
+    with engine.connect() as conn:
+        older = heart_definition(conn, model) != "heart"
+    names = {s: (CARDIOMEDIASTINUM if older and s == "heart" else s) for s in STRUCTURES}
     with _terminate_as_interrupt():
-        {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary)
+        {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary, names)
     return summary

@@ -307,7 +307,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
             model=lm.name, model_sha256=lm.sha256, selection=selection.description,
             device=str(lm.device), host=socket.gethostname(), pid=os.getpid(), started_at=D.utcnow(),
             n_selected=len(items), n_labelled=0, n_skipped=len(done), n_failed=0,
-            status="running")).inserted_primary_key[0]
+            status="running", heart_definition=lm.spec.heart_definition)).inserted_primary_key[0]
     status = "failed"
     try:
         bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)

@@ -30,9 +30,27 @@ from pipeline import db as D
 
 log = logging.getLogger(__name__)
 
+# The structures labelled, measured, reviewed and exported, in the standard definitions of
+# JSRT/SCR and CheXmask: the heart alone, and lungs with no pixel behind the heart,
+# mediastinum or diaphragm (left/right: the patient's).
 STRUCTURES = ("heart", "left_lung", "right_lung")
+CARDIOMEDIASTINUM = "cardiomediastinum"  # heart plus upper mediastinum: GeneralBlockchain's only heart class
+# What a model may also learn from a source that draws it (an auxiliary output, never labelled)
+TRAINED = (*STRUCTURES, CARDIOMEDIASTINUM)
+LUNGS = ("left_lung", "right_lung")
+HEARTS = ("heart", CARDIOMEDIASTINUM)  # a lung pixel over one of these teaches nothing (a source's convention)
+DEFINITIONS = {
+    "heart": "the heart alone (JSRT/SCR, CheXmask)",
+    CARDIOMEDIASTINUM: "heart and upper mediastinum (the cardiomediastinal silhouette)",
+    "left_lung": "the patient's left lung",
+    "right_lung": "the patient's right lung",
+}
+LUNG_CONVENTIONS = {
+    "scr": "no pixel behind the heart, mediastinum or diaphragm (SCR)",
+    "behind-heart": "drawn on behind the heart",
+}
 GENERALBLOCKCHAIN_CLASSES = {
-    "Cardiomediastinum": "heart",
+    "Cardiomediastinum": CARDIOMEDIASTINUM,  # not the heart: kept under its own name
     "Left Lung": "left_lung",  # the patient's left: image right on a PA film
     "Right Lung": "right_lung",
 }
@@ -195,6 +213,40 @@ def mask_row(uid: str, structure: str, mask: np.ndarray | EncodedMask, kind: str
 MASK_KEYS = ("uid", "structure", "kind", "model")
 
 
+def source_definitions(structures: Sequence[str], lungs: str) -> dict[str, str]:
+    """What each structure of an annotated source means, as ``mask_sources`` records it."""
+    if lungs not in LUNG_CONVENTIONS:
+        raise MaskImportError(f"--lungs {lungs!r}: one of {', '.join(LUNG_CONVENTIONS)}")
+    return {s: DEFINITIONS[s] + (f"; {LUNG_CONVENTIONS[lungs]}" if s in LUNGS else "") for s in structures}
+
+
+def record_source(conn: Connection, source: str, definitions: dict[str, str]) -> None:
+    """The definitions of ``source``'s manual masks (one row a source, the latest import's)."""
+    import json
+    D.upsert(conn, D.mask_sources, [{"source": source, "definitions": json.dumps(definitions, sort_keys=True),
+                                     "imported_at": D.utcnow()}], ["source"])
+
+
+def overlap_ignored(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per lung, the pixels its own source also drew as heart or cardiomediastinum: a lung
+    drawn on behind the heart (GeneralBlockchain's left lung, 7 Wingspan films). Such pixels
+    teach nothing and count in no Dice: the lungs are compared in their own convention."""
+    cover = None
+    for h in HEARTS:
+        if h in masks:
+            cover = masks[h] if cover is None else cover | masks[h]
+    return {s: masks[s] & cover for s in LUNGS if s in masks and cover is not None}
+
+
+def heart_definition(conn: Connection, model: str) -> str:
+    """What ``model``'s stored `heart` masks are, from its label runs: ``heart`` (the heart
+    alone), ``cardiomediastinum`` (models trained before 2026-12-05), or ``mixed``."""
+    r = D.label_runs
+    found = set(conn.execute(select(r.c.heart_definition).where(r.c.model == model).distinct()).scalars())
+    found = {d or CARDIOMEDIASTINUM for d in found} or {"heart"}
+    return found.pop() if len(found) == 1 else "mixed"
+
+
 def load_masks(conn: Connection, uids: Sequence[str], kind: str = "manual",
                model: str = "") -> dict[str, dict[str, np.ndarray]]:
     """``{uid: {structure: (H, W) bool}}`` for the given images."""
@@ -314,6 +366,9 @@ def import_generalblockchain(engine: Engine, root: Path) -> ImportSummary:
         _store(engine, [image], rows)
         summary.images += 1
         summary.masks += len(rows)
+    with engine.begin() as conn:
+        record_source(conn, "generalblockchain", source_definitions(
+            sorted(set(GENERALBLOCKCHAIN_CLASSES.values())), "behind-heart"))
     return summary
 
 
@@ -346,17 +401,23 @@ def parse_mask_dirs(pairs: Sequence[str]) -> dict[str, str] | None:
 
 
 def import_png_dirs(engine: Engine, root: Path, images: str = "images",
-                    masks: dict[str, str] | None = None, source: str = "annotated") -> ImportSummary:
+                    masks: dict[str, str] | None = None, source: str = "annotated",
+                    lungs: str = "scr") -> ImportSummary:
     """One folder of images and one folder per structure of same-named masks.
 
-    ``masks`` maps structure -> folder relative to ``root``; default
+    ``masks`` maps structure (:data:`TRAINED`: a heart-only outline is ``heart``, a
+    heart-and-mediastinum one ``cardiomediastinum``) -> folder relative to ``root``; default
     ``{s: f"masks/{s}" for s in STRUCTURES}``. A mask is foreground above half its range.
+    ``lungs``: how the source draws the lungs (:data:`LUNG_CONVENTIONS`). The source's
+    definitions are recorded in ``mask_sources``.
     """
     root = Path(root)
     masks = masks or {s: f"masks/{s}" for s in STRUCTURES}
-    unknown = set(masks) - set(STRUCTURES)
+    unknown = set(masks) - set(TRAINED)
     if unknown:
-        raise MaskImportError(f"unknown structure(s) {sorted(unknown)}: use {', '.join(STRUCTURES)}")
+        raise MaskImportError(f"unknown structure(s) {sorted(unknown)}: use {', '.join(TRAINED)} (a heart drawn "
+                              f"with the upper mediastinum is {CARDIOMEDIASTINUM})")
+    definitions = source_definitions(sorted(masks), lungs)
     image_dir = root / images
     if not image_dir.is_dir():
         raise MaskImportError(f"{image_dir}: image folder not found (set it with --images)")
@@ -396,6 +457,8 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
         _store(engine, [image], rows, update=("path", "height", "width"))
         summary.images += 1
         summary.masks += len(rows)
+    with engine.begin() as conn:
+        record_source(conn, source, definitions)
     return summary
 
 

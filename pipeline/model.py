@@ -40,7 +40,7 @@ from sqlalchemy.engine import Engine
 from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline.imaging import MODES, NORMS, denoised, model_input, unrimmed, upright
-from pipeline.masks import STRUCTURES
+from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES
 from pipeline.networks import NETWORKS, create_network
 from pipeline.resources import resource
 
@@ -69,6 +69,15 @@ class ModelSpec:
     roi: int | None = None  # training crop side; sliding-window inference when < size
     norm: str = "zscore"
     structures: tuple[str, ...] = STRUCTURES
+    # what the `heart` output is: the heart alone, or (checkpoints from before 2026-12-05,
+    # trained on GeneralBlockchain alone) its cardiomediastinum
+    heart_definition: str = CARDIOMEDIASTINUM
+
+    @property
+    def labelled(self) -> tuple[str, ...]:
+        """The outputs labelling stores (:data:`pipeline.masks.STRUCTURES`); the others (a
+        cardiomediastinum learned beside the heart) only helped training."""
+        return tuple(s for s in self.structures if s in STRUCTURES)
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +114,21 @@ class PadToMultiple(torch.nn.Module):
         if isinstance(out, tuple):
             return (out[0][..., :h, :w],) + tuple(out[1:])
         return out[..., :h, :w]
+
+
+class LabelledOutputs(torch.nn.Module):
+    """A trained network's outputs that labelling stores (``keep``: channel indices), the
+    auxiliary ones dropped."""
+
+    def __init__(self, net: torch.nn.Module, keep: Sequence[int]) -> None:
+        super().__init__()
+        self.net, self.keep = net, list(keep)
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        if isinstance(out, tuple):
+            return (out[0][:, self.keep],) + tuple(out[1:])
+        return out[:, self.keep]
 
 
 def build_network(spec: ModelSpec) -> torch.nn.Module:
@@ -363,8 +387,12 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
         module = module.to(memory_format=torch.channels_last)
-    return LoadedModel(name, path, sha, module, ck.spec, dev, _quality_model(path, ck.spec.structures, ck.training),
-                       _quality_model(path, ck.spec.structures, ck.training, tta=True),
+    spec = ck.spec
+    if spec.labelled != spec.structures:  # auxiliary outputs (a cardiomediastinum) are not labelled
+        module = LabelledOutputs(module, [spec.structures.index(s) for s in spec.labelled]).eval()
+        spec = dataclasses.replace(spec, structures=spec.labelled)
+    return LoadedModel(name, path, sha, module, spec, dev, _quality_model(path, spec.structures, ck.training),
+                       _quality_model(path, spec.structures, ck.training, tta=True),
                        framed_whole=not recipe_of(ck.training)["shifts"])
 
 

@@ -33,6 +33,11 @@ def status(engine: Engine, runs: int = 5) -> dict:
             "failures": _counts(conn, D.failures.c.stage),
             "load_errors": int(conn.execute(select(func.count()).select_from(D.load_errors)).scalar()),
         }
+        out["older_heart"] = {str(k): int(n) for k, n in conn.execute(
+            select(m.c.model, func.count()).join(D.label_runs, D.label_runs.c.id == m.c.run_id)
+            .where(D.label_runs.c.heart_definition == "cardiomediastinum").group_by(m.c.model).order_by(m.c.model))}
+        out["mask_sources"] = {row.source: row.definitions for row in conn.execute(
+            select(D.mask_sources.c.source, D.mask_sources.c.definitions).order_by(D.mask_sources.c.source))}
         r = D.label_runs
         out["runs"] = [dict(row._mapping) for row in conn.execute(
             select(r.c.id, r.c.model, r.c.selection, r.c.device, r.c.status, r.c.n_selected, r.c.n_labelled,

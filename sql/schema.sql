@@ -1,4 +1,4 @@
--- cxrlabel schema, version 6. Generated from pipeline/db.py by
+-- cxrlabel schema, version 7. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -57,6 +57,7 @@ CREATE TABLE label_runs (
 	n_skipped INTEGER, 
 	n_failed INTEGER, 
 	status VARCHAR(20) NOT NULL, 
+	heart_definition VARCHAR(20), 
 	PRIMARY KEY (id)
 );
 
@@ -72,6 +73,13 @@ CREATE TABLE load_errors (
 );
 
 CREATE UNIQUE INDEX uq_load_errors_item ON load_errors (source_file, line, uid);
+
+CREATE TABLE mask_sources (
+	source VARCHAR(100) NOT NULL, 
+	definitions TEXT NOT NULL, 
+	imported_at DATETIME NOT NULL, 
+	PRIMARY KEY (source)
+);
 
 CREATE TABLE models (
 	name VARCHAR(100) NOT NULL, 

@@ -29,7 +29,9 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        i.report_ctr, i.source,
        (SELECT r.decision FROM reviews r WHERE r.uid = m.uid AND r.model = m.model
         ORDER BY r.version DESC, r.id DESC LIMIT 1) AS review,
-       m.reviewed_ctr
+       m.reviewed_ctr,
+       lr.heart_definition
 FROM measurements m
 JOIN images i ON i.uid = m.uid
-LEFT JOIN groups g ON g.uid = m.uid;
+LEFT JOIN groups g ON g.uid = m.uid
+LEFT JOIN label_runs lr ON lr.id = m.run_id;

@@ -97,6 +97,46 @@ def test_version_1_database_upgrades_and_merges_repeated_logs(tmp_path):
     eng.dispose()
 
 
+def test_an_older_database_learns_that_its_heart_was_the_cardiomediastinum(tmp_path):
+    """Schema 7: GeneralBlockchain's manual `heart` becomes `cardiomediastinum`, another
+    source's heart stays, and every earlier label run is marked with the older definition,
+    which `label_results`, `status` and `evaluate` then show."""
+    import json
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path)
+    con.executescript((REPO / "tests" / "fixtures" / "schema_v1.sql").read_text())
+    con.executescript("""
+        INSERT INTO schema_version VALUES (1, '2026-11-01 00:00:00');
+        INSERT INTO images (uid, source, loaded_at) VALUES ('gb1', 'generalblockchain', '2026-11-01'),
+                                                           ('w1', 'wingspan', '2026-11-01');
+        INSERT INTO masks (uid, structure, kind, model, encoding, height, width, area, data, created_at) VALUES
+            ('gb1', 'heart', 'manual', '', 'rle', 4, 4, 1, '1 1', '2026-11-01'),
+            ('w1', 'heart', 'manual', '', 'rle', 4, 4, 1, '1 1', '2026-11-01'),
+            ('gb1', 'heart', 'predicted', 'default', 'rle', 4, 4, 1, '1 1', '2026-11-01');
+        INSERT INTO label_runs (id, model, selection, started_at, status) VALUES
+            (1, 'default', 'all', '2026-11-02', 'done');
+        INSERT INTO measurements (uid, model, run_id, labelled_at) VALUES ('gb1', 'default', 1, '2026-11-02');
+    """)
+    con.commit()
+    con.close()
+    eng = D.connect(f"sqlite:///{path}")
+    with eng.connect() as c:
+        masks = set(c.execute(text("SELECT uid, structure, kind FROM masks")).all())
+        definitions = json.loads(c.execute(text("SELECT definitions FROM mask_sources")).scalar())
+        shown = c.execute(text("SELECT heart_definition FROM label_results")).scalar()
+    assert masks == {("gb1", "cardiomediastinum", "manual"), ("w1", "heart", "manual"),
+                     ("gb1", "heart", "predicted")}  # the model's own masks keep their name, marked by its run
+    assert shown == "cardiomediastinum" and "behind the heart" in definitions["left_lung"]
+    eng.dispose()
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{path}", "status"])
+    assert r.exit_code == 0 and "1 images labelled by default carry the older heart" in r.output
+
+
 def test_start_up_writes_nothing_and_read_only_databases_answer(tmp_path):
     import os
     path = tmp_path / "c.db"

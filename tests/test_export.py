@@ -188,3 +188,21 @@ def test_two_exports_to_one_file_at_once_leave_it_whole(labelled, tmp_path):
     with open(out, newline="") as f:
         assert [r["Image ID"] for r in csv.DictReader(f)] == uids
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_model_whose_heart_is_the_cardiomediastinum_exports_it_under_that_name(labelled, tmp_path):
+    """Masks by a model trained before 2026-12-05 (its label runs say so) never reach a
+    CheXmask `Heart` column, a `heart.png` or a SEG segment called Heart."""
+    engine, uids = labelled
+    with engine.begin() as c:
+        c.execute(D.label_runs.insert().values(model="default", selection="all", started_at=D.utcnow(),
+                                               status="done", heart_definition="cardiomediastinum"))
+    export(engine, "rle", tmp_path / "m.csv", _selection(engine), progress=False)
+    with open(tmp_path / "m.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert "Cardiomediastinum" in header and "Heart" not in header
+    export(engine, "png", tmp_path / "png", _selection(engine), progress=False)
+    assert (tmp_path / "png" / safe_name(uids[0]) / "cardiomediastinum.png").exists()
+    assert not list((tmp_path / "png").rglob("heart.png"))
+    # the same CSV again: recognised as ours, rows kept
+    assert export(engine, "rle", tmp_path / "m.csv", _selection(engine), progress=False).kept == 4

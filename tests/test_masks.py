@@ -1,4 +1,5 @@
 import io
+import json
 
 import cv2
 import numpy as np
@@ -77,14 +78,20 @@ def test_generalblockchain_import(sqlite_engine):
     assert (s.images, s.masks) == (100, 298)
     with sqlite_engine.connect() as c:
         per = dict(c.execute(text("SELECT structure, COUNT(*) FROM masks GROUP BY structure")).all())
-        assert per == {"heart": 100, "left_lung": 99, "right_lung": 99}
+        # GeneralBlockchain's heart class is the cardiomediastinum: kept under its own name
+        assert per == {"cardiomediastinum": 100, "left_lung": 99, "right_lung": 99}
         uid = c.execute(text("SELECT uid FROM images WHERE source='generalblockchain' ORDER BY uid")).scalars().first()
         got = M.load_masks(c, [uid])[uid]
         img = c.execute(select(D.images).where(D.images.c.uid == uid)).mappings().one()
-    assert got["heart"].shape == (img["height"], img["width"])
+        defined = json.loads(c.execute(text("SELECT definitions FROM mask_sources")).scalar())
+    assert got["cardiomediastinum"].shape == (img["height"], img["width"])
+    assert set(defined) == {"cardiomediastinum", "left_lung", "right_lung"}
+    assert "behind the heart" in defined["left_lung"]
     # patient's left lung lies on the image's right; the heart between the lungs
     cx = {k: np.flatnonzero(v.any(0)).mean() for k, v in got.items()}
-    assert cx["right_lung"] < cx["heart"] < cx["left_lung"]
+    assert cx["right_lung"] < cx["cardiomediastinum"] < cx["left_lung"]
+    # and runs on behind it: those pixels teach nothing (overlap_ignored)
+    assert M.overlap_ignored(got)["left_lung"].sum() > 0
     # licences come with the images (some are CC BY-NC-SA)
     with sqlite_engine.connect() as c:
         licences = set(c.execute(text("SELECT DISTINCT license FROM images")).scalars())
@@ -129,5 +136,7 @@ def test_png_dirs_errors(sqlite_engine, tmp_path):
         M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"left_lung": "mask/ll"})
     with pytest.raises(M.MaskImportError, match="unknown structure"):
         M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"liver": "mask/heart"})
+    with pytest.raises(M.MaskImportError, match="--lungs 'sideways'"):
+        M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "mask/heart"}, lungs="sideways")
     with pytest.raises(M.MaskImportError, match="structure.csv"):
         M.import_generalblockchain(sqlite_engine, tmp_path)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_paper_presets_match_the_paper():
 def test_model_takes_any_size():
     cfg = TrainConfig.from_preset("tiny")
     net = build_network(cfg.spec())
-    assert net(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
+    assert net(torch.randn(1, 1, 50, 70)).shape == (1, len(cfg.structures), 50, 70)
 
 
 def test_unknown_norm_is_refused_with_the_choices():
@@ -82,7 +83,7 @@ def test_folds_keep_a_patients_films_together(annotated_db):
     fold, folds stay near 20 films, and a patient's new film joins the patient's fold."""
     eng = D.connect(f"sqlite:///{annotated_db}")
     with eng.connect() as c:
-        rows = c.execute(text("SELECT uid, source, patient_id FROM images")).all()
+        rows = c.execute(text("SELECT uid, source, patient_id FROM images WHERE source = 'generalblockchain'")).all()
     eng.dispose()
     groups = {r.uid: f"{r.source}:{r.patient_id}" for r in rows if r.patient_id}
     uids = [r.uid for r in rows]
@@ -268,7 +269,9 @@ def test_checkpoint_round_trip_and_registry(annotated_engine, tiny_model):
     from pipeline.model import register_model
     ck = read_checkpoint(tiny_model)
     assert ck.format == "cxrlabel-2" and ck.spec.size == 64 and ck.spec.norm == "zscore"
-    assert ck.training["preset"] == "tiny" and set(ck.info["dice"]) == {"heart", "left_lung", "right_lung"}
+    assert ck.training["preset"] == "tiny" and set(ck.info["dice"]) == {"heart", "left_lung", "right_lung",
+                                                                         "cardiomediastinum"}
+    assert ck.spec.heart_definition == "heart" and ck.spec.labelled == ("heart", "left_lung", "right_lung")
     assert "lr" not in ck.spec.as_dict()  # inference needs no training settings
     register_model(annotated_engine, "t", tiny_model, ck.training["preset"], ck.training, ck.info["dice"],
                    ck.info["data_hash"])
@@ -302,10 +305,13 @@ def test_previous_format_loads_and_upgrades_bit_for_bit(tiny_model, tmp_path):
     ck = read_checkpoint(tiny_model)
     _old_format(ck, tmp_path / "old.pt")
     old = read_checkpoint(tmp_path / "old.pt")
-    assert old.format == "cxrlabel-1" and old.spec == ck.spec  # norm defaults to zscore
+    # norm defaults to zscore, and the heart to the cardiomediastinum: every cxrlabel-1 file
+    # learned GeneralBlockchain's (its spec carries no definition)
+    older = dataclasses.replace(ck.spec, heart_definition="cardiomediastinum")
+    assert old.format == "cxrlabel-1" and old.spec == older
     was, sha = upgrade_checkpoint(tmp_path / "old.pt")
     new = read_checkpoint(tmp_path / "old.pt")
-    assert (was, new.format, new.spec) == ("cxrlabel-1", FORMAT, ck.spec) and len(sha) == 64
+    assert (was, new.format, new.spec) == ("cxrlabel-1", FORMAT, older) and len(sha) == 64
     assert all(torch.equal(new.state_dict[k], v) for k, v in ck.state_dict.items())
 
 
@@ -370,8 +376,8 @@ def test_cross_validation_stores_its_folds_and_registers_each(annotated_engine, 
     splits = json.loads((tmp_path / "cv" / "splits.json").read_text())
     assert splits["grouped_by"] == "patient"
     assert cv.names == ["t_fold0", "t_fold1"] and [r.held_out for r in cv.results] == splits["val"]
-    assert not set(splits["val"][0]) & set(splits["val"][1]) and len(sum(splits["val"], [])) == 100
-    assert set(cv.summary) == {"heart", "left_lung", "right_lung"}
+    assert not set(splits["val"][0]) & set(splits["val"][1]) and len(sum(splits["val"], [])) == 231
+    assert set(cv.summary) == {"heart", "left_lung", "right_lung", "cardiomediastinum"}
     with annotated_engine.connect() as c:
         assert sorted(c.execute(select(D.models.c.name)).scalars()) == ["t_fold0", "t_fold1"]
     assert (tmp_path / "cv" / "fold1" / "best.pt").exists() and (tmp_path / "cv" / "summary.json").exists()
@@ -390,14 +396,14 @@ def test_validation_hands_the_model_its_own_device(monkeypatch):
 
     def fake_predict(model, x, roi=None):
         seen.append((x.device.type, next(model.parameters()).device.type))
-        return torch.zeros(x.shape[0], 3, *x.shape[-2:])
+        return torch.zeros(x.shape[0], len(cfg.structures), *x.shape[-2:])
 
     monkeypatch.setattr(L, "predict", fake_predict)
     cfg = TrainConfig.from_preset("tiny")
     model = build_network(cfg.spec()).to("meta")
     n, s = 3, cfg.size
     ds = Dataset([f"u{i}" for i in range(n)], np.random.default_rng(0).integers(0, 255, (n, s, s), dtype=np.uint8),
-                 np.zeros((n, 3, s, s), np.float32), np.ones((n, 3), bool))
+                 np.zeros((n, len(cfg.structures), s, s), np.float32), np.ones((n, len(cfg.structures)), bool))
     L.validate(model, ds, [0, 1, 2], cfg, torch.device("meta"))
     assert seen and all(pair == ("meta", "meta") for pair in seen)
 

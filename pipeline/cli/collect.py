@@ -60,27 +60,33 @@ def masks() -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--images", default="images", show_default=True, help="png-dirs: image folder.")
 @click.option("--mask", "mask_dirs", multiple=True, metavar="STRUCTURE=FOLDER",
-              help="png-dirs: mask folder of a structure (heart, left_lung, right_lung).")
+              help="png-dirs: mask folder of a structure: heart (the heart alone), cardiomediastinum "
+                   "(heart and upper mediastinum), left_lung, right_lung.")
 @click.option("--source", default="annotated", show_default=True, help="png-dirs: images.source.")
+@click.option("--lungs", type=click.Choice(["scr", "behind-heart"]), default="scr", show_default=True,
+              help="png-dirs: how the set draws the lungs: scr (no pixel behind the heart) or behind-heart.")
 @click.pass_context
 @handle_errors
-def masks_import(ctx, fmt, directory, images, mask_dirs, source) -> None:
-    """Catalogue an annotated set's images and store its masks as manual masks.
+def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs) -> None:
+    """Catalogue an annotated set's images and store its masks as manual masks, recording
+    what the set's structures mean (`mask_sources`): training takes from each source only
+    what it defines, and a lung pixel a source also drew as heart teaches nothing.
 
     \b
     Example:
         cxrlabel masks import generalblockchain ../shared/data/generalblockchain
-        cxrlabel masks import png-dirs ./my_set --images png --mask heart=mask/heart \\
-            --mask left_lung=mask/left_lung --mask right_lung=mask/right_lung
+        cxrlabel masks import png-dirs ../shared/data/wingspan --images png --source wingspan \\
+            --mask heart=mask/heart --mask left_lung=mask/left_lung --mask right_lung=mask/right_lung
     """
     from pipeline import masks as M
     engine = engine_of(ctx)
     if fmt == "generalblockchain":
         s = M.import_generalblockchain(engine, directory)
     else:
-        s = M.import_png_dirs(engine, directory, images, M.parse_mask_dirs(mask_dirs), source)
+        s = M.import_png_dirs(engine, directory, images, M.parse_mask_dirs(mask_dirs), source, lungs)
     click.echo(f"{directory}: {s.images} images, {s.masks} masks stored"
-               + (f", {s.skipped} masks skipped (size mismatch)" if s.skipped else ""))
+               + (f", {s.skipped} skipped (unreadable, or a mask of another size: see the warnings)"
+                  if s.skipped else ""))
 
 
 COMMANDS = [collect_cmd, masks]

@@ -71,7 +71,13 @@ def status_cmd(ctx, as_json) -> None:
     line("samples", s["samples"], "images in samples")
     line("cache", s["cache"], "entries by size and geometry")
     line("labelled", s["labelled"], "images by model")
+    for model, n in s["older_heart"].items():
+        click.echo(f"{'':<11}{n} images labelled by {model} carry the older heart, GeneralBlockchain's "
+                   "cardiomediastinum (heart and upper mediastinum; CTR reads low in enlarged hearts): "
+                   "label them again with a current model (`cxrlabel label --model default`)")
     line("masks", s["masks"], "masks by kind")
+    for source, definitions in s["mask_sources"].items():
+        click.echo(f"{'':<11}{source}: " + "; ".join(f"{k} = {v}" for k, v in json.loads(definitions).items()))
     line("failures", s["failures"], "images by stage" + (" (cxrlabel failures)" if s["failures"] else ""))
     if s["runs"]:
         click.echo("last label runs:")

@@ -60,7 +60,10 @@ def evaluate_cmd(ctx, truth, model, as_json, out_dir) -> None:
     if as_json:
         click.echo(json.dumps(ev.as_dict(), indent=2))
         return
-    click.echo(f"{ev.model}: {ev.images} images with manual and predicted masks")
+    click.echo(f"{ev.model}: {ev.images} images with manual and predicted masks "
+               "(lungs in their source's own convention)")
+    for note in ev.notes:
+        click.echo(f"  note: {note}")
     for s, st in ev.dice.items():
         click.echo(f"  Dice {s:<11} {st['mean']:.4f} ± {st['sd']:.4f} (n={st['n']})")
     e = ev.ctr_error

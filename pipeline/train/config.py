@@ -10,7 +10,7 @@ from typing import Any
 from monai.utils import look_up_option
 
 from pipeline import CxrlabelError
-from pipeline.masks import STRUCTURES
+from pipeline.masks import TRAINED
 from pipeline.model import ModelError, ModelSpec
 from pipeline.resources import resource
 
@@ -64,7 +64,9 @@ class TrainConfig:
     masks: tuple[str, ...] = ("manual",)  # which masks train: manual, reviewed, accepted (see MASK_SOURCES)
     review_model: str = "default"  # whose reviewed masks `reviewed`/`accepted` take
     threads: int | None = None
-    structures: tuple[str, ...] = STRUCTURES
+    # the outputs: the labelled structures and, where a source draws it, the cardiomediastinum
+    # (each image supervises only what its source defines; see train.data and train.losses)
+    structures: tuple[str, ...] = TRAINED
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -98,8 +100,9 @@ class TrainConfig:
         return cfg
 
     def spec(self) -> ModelSpec:
-        """What inference needs of this run: stored in its checkpoints."""
-        return ModelSpec.from_dict(self.as_dict())
+        """What inference needs of this run: stored in its checkpoints. Its `heart` is the
+        heart alone (the annotated sources' `heart`; a cardiomediastinum has its own name)."""
+        return ModelSpec.from_dict({**self.as_dict(), "heart_definition": "heart"})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

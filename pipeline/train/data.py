@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from pipeline import db as D
 from pipeline.collect import Entry, Settings, decoder_pool, fetch
 from pipeline.imaging import Geometry, model_input
-from pipeline.masks import load_masks
+from pipeline.masks import CARDIOMEDIASTINUM, load_masks
 from pipeline.train.config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude
     from pipeline.review import final_masks, states
     wanted = {"reviewed": "corrected", "accepted": "accepted"}
     with engine.connect() as conn:
+        # a model whose `heart` is the cardiomediastinum (before 2026-12-05): its reviewed heart is one
+        older = conn.execute(select(D.label_runs.c.id).where(
+            D.label_runs.c.model == model, D.label_runs.c.heart_definition == CARDIOMEDIASTINUM).limit(1)).first()
+        rename = {"heart": CARDIOMEDIASTINUM} if older is not None else {}
         uids = sorted(set(conn.execute(select(D.reviews.c.uid).where(D.reviews.c.model == model)).scalars()) - exclude)
         decided = states(conn, model, uids)
         masks, source = {}, {}
@@ -85,7 +89,8 @@ def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude
             if kind is None:
                 continue
             final, _ = final_masks(conn, uid, model)
-            keep = {s: m for s, m in final.items() if s in structures and state.get(s) != "rejected"}
+            keep = {rename.get(s, s): m for s, m in final.items()
+                    if rename.get(s, s) in structures and state.get(s) != "rejected"}
             if keep:
                 masks[uid], source[uid] = keep, kind
     return masks, source
@@ -130,6 +135,11 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                 valid[i, j] = True
                 digest.update(f"{e.uid}/{structure}/{int(m.sum())}".encode())
         digest.update(e.image.tobytes())
+    missing = [s for j, s in enumerate(cfg.structures) if not valid[:, j].any()]
+    if missing:
+        raise TrainError(f"no annotated image defines {', '.join(missing)}: import a source that draws it "
+                         "(`cxrlabel masks import png-dirs ... --mask heart=FOLDER`; GeneralBlockchain draws "
+                         "the cardiomediastinum, not the heart alone), or train other structures")
     sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
     return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources,
                    [e.geom for e in entries], patients)

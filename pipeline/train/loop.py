@@ -31,13 +31,14 @@ from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
 from pipeline.db import chunks
+from pipeline.masks import overlap_ignored
 from pipeline.metrics import dice
 from pipeline.model import build_network, logits_of, pick_device, predict, save_checkpoint
 from pipeline.train.average import WeightAverage
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.data import Dataset, RunBatches, load_dataset, make_batch
 from pipeline.train.folds import splits_for
-from pipeline.train.losses import seg_loss
+from pipeline.train.losses import overlap_weights, seg_loss
 from pipeline.train.plots import plot_curve
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,19 @@ class TrainResult:
 
 def validate(model: torch.nn.Module, ds: Dataset, idx: list[int], cfg: TrainConfig,
              device: torch.device) -> dict[str, float]:
-    """Mean Dice per structure at cache resolution over annotated validation images."""
+    """Mean Dice per structure at cache resolution over annotated validation images; a lung
+    in its source's own convention (its pixels the source also drew as heart left out)."""
     scores: dict[str, list[float]] = {s: [] for s in cfg.structures}
     for chunk in chunks(idx, 16):
         x, y, valid = make_batch(ds, chunk, None, cfg.norm)
         prob = predict(model, x.to(device), cfg.roi).cpu().numpy()
         for k in range(len(chunk)):
+            truth = {s: y[k, j].numpy() > 0.5 for j, s in enumerate(cfg.structures) if valid[k, j]}
+            ignored = overlap_ignored(truth)
             for j, s in enumerate(cfg.structures):
-                if valid[k, j]:
-                    scores[s].append(dice(prob[k, j] > 0.5, y[k, j].numpy() > 0.5))
+                if s in truth:
+                    keep = ~ignored[s] if s in ignored else slice(None)
+                    scores[s].append(dice(prob[k, j][keep] > 0.5, truth[s][keep]))
     return {s: float(np.mean(v)) if v else float("nan") for s, v in scores.items()}
 
 
@@ -148,7 +153,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
             x, y, valid = next(batches)
             x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
             out = model(x)
-            loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss)
+            loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss,
+                            overlap_weights(y, valid, cfg.structures))
             if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
                 loss = loss + 0.1 * out[1]
             opt.zero_grad(set_to_none=True)
