@@ -40,8 +40,12 @@ catalogue: install
 	$(CX) groups assign
 	$(CX) groups list
 
+# Both annotated sources: GeneralBlockchain (cardiomediastinum, lungs drawn on behind the
+# heart) and the Wingspan half (the heart alone, SCR lungs)
 masks: install
 	$(CX) masks import generalblockchain $(DATA)/generalblockchain
+	$(CX) masks import png-dirs $(DATA)/wingspan --images png --source wingspan \
+	    --mask heart=mask/heart --mask left_lung=mask/left_lung --mask right_lung=mask/right_lung
 
 # The shipped default: all 100 annotated images, the preset chosen by cross-validation.
 train: masks
@@ -66,8 +70,9 @@ demo: catalogue masks
 	$(CX) collect --source dicom --size 256
 	$(CX) label --source dicom --model $(MODEL)
 	$(CX) label --source generalblockchain --model $(MODEL)
-	@echo "Dice on the annotated set (the default model trained on these images: an upper bound):"
-	$(CX) evaluate --truth manual --model $(MODEL)
+	$(CX) label --source wingspan --model $(MODEL)
+	@echo "Against the annotated sets (the default model trained on some of these images: an upper bound):"
+	$(CX) evaluate --truth manual --model $(MODEL) --out $(OUT)/reports
 	$(CX) report --group cardiomegaly --group healthy --model $(MODEL) --out $(OUT)/reports
 	$(CX) query sql/queries/ctr_by_group.sql
 	$(CX) export rle --all --model $(MODEL) --out $(OUT)/exports/masks.csv

@@ -146,7 +146,7 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
     Returns the same :class:`pipeline.label.LabelSummary` as the local loop. ``on_batch`` is
     called on the driver after each batch is written (a progress hook; tests kill workers there).
     """
-    from pipeline.label import LabelSummary, labelled_uids, mark_abandoned_runs, tta_scorer
+    from pipeline.label import LabelSummary, labelled_uids, mark_abandoned_runs, retire_other_versions, tta_scorer
     from pipeline.model import resolve_model
     ray = _ray()
     url = _url(engine)
@@ -154,6 +154,7 @@ def label_on_ray(engine: Engine, selection: Selection, model: str = "default", a
     if tta:
         tta_scorer(lm)  # a model without a tta score fails here, not in every worker
     items = selection.items
+    retire_other_versions(engine, lm)
     done = labelled_uids(engine, lm.name, [it.uid for it in items])
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
     started = _connect(address, None)

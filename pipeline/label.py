@@ -278,6 +278,39 @@ class LabelSummary:
     device: str
 
 
+def retire_other_versions(engine: Engine, lm: LoadedModel) -> dict[str, int]:
+    """Keep what another checkpoint stored under ``lm``'s name (an earlier shipped default,
+    a model retrained under the same name) under ``NAME@SHA12`` instead: its measurements,
+    masks, reviews and label runs, in one transaction. Labelling then does the images again
+    with this checkpoint, and the old rows stay queryable side by side. Returns
+    ``{kept name: images}``."""
+    r, m = D.label_runs, D.measurements
+    moved: dict[str, int] = {}
+    with engine.begin() as conn:
+        runs = conn.execute(select(r.c.id, r.c.model_sha256).where(
+            r.c.model == lm.name, r.c.model_sha256.isnot(None), r.c.model_sha256 != lm.sha256)).all()
+        by_sha: dict[str, list[int]] = {}
+        for run in runs:
+            by_sha.setdefault(run.model_sha256, []).append(run.id)
+        for sha, ids in sorted(by_sha.items()):
+            kept = f"{lm.name}@{sha[:12]}"
+            uids = [u for part in D.chunks(ids) for u in conn.execute(
+                select(m.c.uid).where(m.c.model == lm.name, m.c.run_id.in_(part))).scalars()]
+            for part in D.chunks(uids):
+                for table in (D.masks, D.reviews):
+                    conn.execute(update(table).where(table.c.model == lm.name, table.c.uid.in_(part))
+                                 .values(model=kept))
+                conn.execute(update(m).where(m.c.model == lm.name, m.c.uid.in_(part)).values(model=kept))
+            for part in D.chunks(ids):
+                conn.execute(update(r).where(r.c.id.in_(part)).values(model=kept))
+            moved[kept] = len(uids)
+    for kept, n in moved.items():
+        if n:
+            log.warning("%d images labelled by an earlier %s (another checkpoint) are kept as model %r; "
+                        "they are labelled again with this one", n, lm.name, kept)
+    return moved
+
+
 def labelled_uids(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
     t = D.measurements
     with engine.connect() as conn:
@@ -298,6 +331,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
     scorer = tta_scorer(lm) if tta else lm.quality
     settings = Settings(lm.spec.size, lm.spec.mode)
     items = selection.items
+    retire_other_versions(engine, lm)
     done = labelled_uids(engine, lm.name, [it.uid for it in items])
     todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
     bs = batch_size or auto_batch_size(lm)

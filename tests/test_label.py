@@ -277,6 +277,39 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     assert files.images == 2 and files.contact_sheet.parent == tmp_path / "rep"
 
 
+def test_a_new_checkpoint_under_the_same_name_labels_again_and_keeps_the_old_rows(annotated_engine, tiny_model,
+                                                                                   tmp_path):
+    """A new shipped default (or a model retrained under its name): the earlier checkpoint's
+    rows move to NAME@SHA12, reviews with them, and the images are labelled again."""
+    import shutil
+
+    import torch
+
+    from pipeline import review as R
+    from pipeline.model import file_sha256, read_checkpoint, write_checkpoint
+    path = tmp_path / "mine" / "model.pt"
+    path.parent.mkdir()
+    shutil.copy(tiny_model, path)
+    first_sha = file_sha256(path)
+    items = _items(annotated_engine, 3)
+    label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    R.save(annotated_engine, items.items[0].uid, "mine", "dr. a", 0, "accepted")
+    ck = read_checkpoint(path)
+    key = next(iter(ck.state_dict))
+    ck.state_dict[key] = ck.state_dict[key] + torch.ones_like(ck.state_dict[key]) * 1e-3  # another checkpoint
+    write_checkpoint(path, ck)
+    s = label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    assert (s.labelled, s.skipped) == (3, 0)
+    kept = f"mine@{first_sha[:12]}"
+    with annotated_engine.connect() as c:
+        per = dict(c.execute(text("SELECT model, COUNT(*) FROM measurements GROUP BY model")).all())
+        reviewed = c.execute(text("SELECT model FROM reviews")).scalars().all()
+        runs = dict(c.execute(text("SELECT model, COUNT(*) FROM label_runs GROUP BY model")).all())
+    assert per == {"mine": 3, kept: 3} and reviewed == [kept] and runs == {"mine": 1, kept: 1}
+    again = label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    assert (again.labelled, again.skipped) == (0, 3)  # the same checkpoint: nothing to do
+
+
 def test_ctr_agreement_is_bias_mae_and_limits_overall_and_by_band():
     import math
 
