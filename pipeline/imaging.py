@@ -306,17 +306,19 @@ _JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG frame hea
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length (TEM, RSTn, SOI)
 
 
-def codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` a JPEG, JPEG-LS or JPEG 2000 codestream says it decodes to, read
-    from its frame header (SOF or SIZ) without decoding; None when it has none we know."""
-    siz = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC then SIZ (maybe inside a JP2 box)
-    if siz >= 0 and len(frame) >= siz + 24:
+def codestream_size(frame: bytes, family: str) -> tuple[int, int] | None:
+    """``(height, width)`` a ``family`` codestream (``"jpeg2000"``, or ``"jpeg"`` for JPEG and
+    JPEG-LS) says it decodes to, read from its frame header (SIZ, SOF) without decoding; None
+    where the frame holds no header of that family where one must be."""
+    if family == "jpeg2000":
+        siz = frame.find(b"\xff\x4f\xff\x51", 0, 512)  # SOC then SIZ: the codestream's start (after a JP2 header)
+        if siz < 0 or len(frame) < siz + 24 or (siz and b"jp2c" not in frame[:siz]):
+            return None
         x, y, x_off, y_off = struct.unpack(">IIII", frame[siz + 8:siz + 24])
-        return y - y_off, x - x_off
-    i = frame.find(b"\xff\xd8", 0, 64)
-    if i < 0:
+        return (y - y_off, x - x_off) if x > x_off and y > y_off else (0, 0)
+    if not frame.startswith(b"\xff\xd8"):
         return None
-    i += 2
+    i = 2
     while i + 9 <= len(frame) and i < 1 << 20:
         if frame[i] != 0xFF:
             return None
@@ -338,13 +340,17 @@ def check_codestream(path: Path | str, ds, rows: int, cols: int) -> None:
     header's ``Rows`` x ``Columns``: the budget was checked on the DICOM header, and a
     codestream larger than it says would be decoded past it (a 0.7 MB file claiming 512 x 512
     and holding 14000 x 14000 pixels)."""
+    from pydicom import uid
     from pydicom.encaps import generate_frames
 
-    if not ds.file_meta.get("TransferSyntaxUID", None) or not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+    syntax = ds.file_meta.get("TransferSyntaxUID", None)
+    family = "jpeg2000" if syntax in uid.JPEG2000TransferSyntaxes else \
+        "jpeg" if syntax in (*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes) else None
+    if family is None:  # RLE, deflate, uncompressed: decoded into the header's geometry
         return
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
-        size = codestream_size(frame[:1 << 20])
+        size = codestream_size(frame[:1 << 20], family)
         if size is not None and size != (rows, cols):
             raise DecodeError(f"{path}: frame {k + 1}'s codestream is {size[1]} x {size[0]} pixels but the DICOM "
                               f"header says {cols} x {rows}: refused before decoding (a damaged or crafted file)")

@@ -384,8 +384,14 @@ def test_a_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path
     ds.save_as(tmp_path / "liar.dcm")
     with pytest.raises(DecodeError, match="codestream is 1841 x 1955 pixels but the DICOM header says 480 x 512"):
         decode(tmp_path / "liar.dcm", target=256)
-    arr, (h, w), _ = decode(DICOM / "RG1_J2KR.dcm", target=256)  # the honest file still decodes
+    arr, (h, w), _ = decode(DICOM / "RG1_J2KR.dcm", target=256)  # the honest files still decode
     assert (h, w) == (1955, 1841)
+    assert decode(DICOM / "cr_chest_pa_jpeg_baseline.dcm", target=256)[1] == (1024, 1024)
+    from pydicom.uid import RLELossless
+    rle = pydicom.dcmread(DICOM / "RG1_UNCR.dcm")  # RLE carries no size of its own: nothing to compare
+    rle.compress(RLELossless)
+    rle.save_as(tmp_path / "rle.dcm")
+    assert decode(tmp_path / "rle.dcm", target=256)[1] == (1955, 1841)
 
 
 def test_a_decode_that_runs_too_long_is_a_per_item_failure(engine, tmp_path, monkeypatch):
