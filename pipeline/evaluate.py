@@ -100,7 +100,7 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
         older = ev.heart_definition != "heart"
         if older:
             ev.notes.append(f"model {model}'s heart is the cardiomediastinum (heart and upper mediastinum; "
-                            f"{ev.heart_definition} label runs): its Dice is against manual cardiomediastinum "
+                            "its label runs say so): its Dice is against manual cardiomediastinum "
                             "masks, and its CTR reads low in enlarged hearts; label again with a current model")
         scores: dict[str, list[float]] = {s: [] for s in TRAINED}
         errors: list[float] = []
