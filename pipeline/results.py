@@ -79,6 +79,11 @@ def statement(sql: str) -> str:
         if not path.is_file():
             raise QueryError(f"{sql}: no such file; ready queries: {', '.join(ready)}")
         return path.read_text()
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sql.strip()) and sql.strip().upper() not in ("TABLE", "VALUES"):
+        import difflib
+        close = difflib.get_close_matches(sql.strip(), list(ready), n=1)
+        raise QueryError(f"no ready query named {sql.strip()!r}" + (f": did you mean {close[0]}?" if close else "")
+                         + f" Ready queries: {', '.join(ready)}; or give a SQL statement or a .sql file")
     return sql
 
 

@@ -131,3 +131,26 @@ def test_status_says_what_the_database_holds_and_what_to_do_next(tmp_path):
     assert full["runs"][0]["n_labelled"] == 2 and full["runs"][0]["status"] == "done"
     text = run(url, "status").output
     assert "catalogue  6 images by source (dicom 6)" in text and "run 1: default on cpu, done, 2 labelled" in text
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """`cxrlabel query ... --csv | head -2`: no 'unexpected BrokenPipeError', the SIGPIPE status."""
+    import subprocess
+    import sys
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "status").exit_code == 0  # the database exists
+    many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT x FROM c"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--db", url, "query", many, "--csv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"x" and proc.stdout.readline().strip() == b"1"  # csv ends rows in CRLF
+    proc.stdout.close()  # as `head -2` does
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
+
+
+def test_a_mistyped_ready_query_names_the_one_meant(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "status").exit_code == 0
+    r = run(url, "query", "ctr_by_grop")
+    assert r.exit_code == 1 and "no ready query named 'ctr_by_grop': did you mean ctr_by_group?" in r.output
+    assert run(url, "query", "SELECT 1 AS one").exit_code == 0

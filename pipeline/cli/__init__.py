@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import sys
 
 import click
 
@@ -23,6 +25,11 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # the reader went away (`cxrlabel query ... | head`): stop quietly, as a command
+            # killed by SIGPIPE does, with nothing more written to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as e:
             known = environment_error(e, (ctx.obj or {}).get("url"))
             if known and not (ctx.obj or {}).get("verbose"):
