@@ -90,6 +90,11 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
         predicted = set(conn.execute(select(m.c.uid).where(m.c.kind == "predicted",
                                                            m.c.model == model).distinct()).scalars())
         uids = sorted(manual & predicted)
+        if not predicted:
+            from pipeline.groups import why_empty
+            reason = why_empty(conn, None, None, None, model)
+            if reason.startswith("no ") and "there are" in reason:  # another model's name was meant
+                raise EvaluateError(reason)
         if not uids:
             raise EvaluateError(f"no image has both manual masks and masks from model {model!r}: "
                                 "import annotated masks (`cxrlabel masks import`) and label those "

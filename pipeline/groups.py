@@ -536,9 +536,28 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
         q = q.limit(limit)
     items = [Selected(uid, path, (sx, sy), view) for uid, path, sx, sy, view in conn.execute(q)]
     if not items:
-        what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
-        what += f" (source {source!r})" if source else ""
-        if labelled_by:
-            raise GroupsError(f"{what} has no images labelled by model {labelled_by!r}: run `cxrlabel label` first")
-        raise GroupsError(f"{what} has no images: see `cxrlabel groups list`")
+        raise GroupsError(why_empty(conn, group, sample_name, source, labelled_by))
     return Selection(items, describe(group, sample_name, source, limit))
+
+
+def why_empty(conn: Connection, group: str | None, sample_name: str | None, source: str | None,
+              labelled_by: str | None) -> str:
+    """Why a selection holds no image, most basic reason first: a group, sample, source or
+    model that does not exist (with the names that do), else nothing labelled there yet."""
+    def names(column) -> list[str]:
+        return [str(v) for v in conn.execute(select(column).distinct().order_by(column).limit(20)).scalars()]
+
+    for given, column, kind, hint in (
+            (group, D.groups.c.group_name, "group", "`cxrlabel groups list`"),
+            (sample_name, D.samples.c.name, "sample", "`cxrlabel groups sample` makes one"),
+            (source, D.images.c.source, "source", "`cxrlabel status`"),
+            (labelled_by, D.measurements.c.model, "model with labels", "`cxrlabel label --model NAME` labels")):
+        if given and conn.execute(select(column).where(column == given).limit(1)).first() is None:
+            known = names(column)
+            return (f"no {kind} named {given!r}: " + (f"there are {', '.join(known)}" if known else "there is none yet")
+                    + f" ({hint})")
+    what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
+    what += f" (source {source!r})" if source else ""
+    if labelled_by:
+        return f"{what} has no images labelled by model {labelled_by!r}: run `cxrlabel label` first"
+    return f"{what} has no images: see `cxrlabel groups list`"

@@ -154,3 +154,25 @@ def test_a_mistyped_ready_query_names_the_one_meant(tmp_path):
     r = run(url, "query", "ctr_by_grop")
     assert r.exit_code == 1 and "no ready query named 'ctr_by_grop': did you mean ctr_by_group?" in r.output
     assert run(url, "query", "SELECT 1 AS one").exit_code == 0
+
+
+def test_a_name_that_does_not_exist_is_said_so_with_the_names_that_do(tmp_path):
+    from pipeline import db as D
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    engine = D.connect(url)
+    with engine.begin() as c:
+        c.execute(D.images.insert(), [{"uid": f"u{i}", "source": "csv", "loaded_at": D.utcnow()} for i in range(3)])
+        c.execute(D.groups.insert(), [{"uid": "u0", "group_name": "cardiomegaly", "rule": "t",
+                                       "assigned_at": D.utcnow()}])
+        c.execute(D.measurements.insert(), [{"uid": "u0", "model": "default", "labelled_at": D.utcnow()}])
+    engine.dispose()
+    for args, words in ((["report", "--group", "Cardiomegaly", "--out", str(tmp_path / "r")],
+                         "no group named 'Cardiomegaly': there are cardiomegaly"),
+                        (["report", "--sample", "nosuch", "--out", str(tmp_path / "r")], "no sample named 'nosuch'"),
+                        (["export", "rle", "--group", "nosuch", "--out", str(tmp_path / "x.csv")],
+                         "no group named 'nosuch'"),
+                        (["evaluate", "--model", "nosuch"], "no model with labels named 'nosuch': there are default"),
+                        (["label", "--group", "healthy"], "no group named 'healthy'")):
+        r = run(url, *args)
+        assert r.exit_code == 1 and words in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1

@@ -168,7 +168,7 @@ def test_export_errors_name_the_next_step(labelled, tmp_path):
     with pytest.raises(ExportError, match="is a file"):
         export(engine, "png", tmp_path / "f", _selection(engine), progress=False)
     from pipeline.groups import GroupsError
-    with pytest.raises(GroupsError, match="run `cxrlabel label` first"):
+    with pytest.raises(GroupsError, match="no model with labels named 'nobody': there are default"):
         _selection(engine, "nobody")
 
 
