@@ -31,6 +31,7 @@ import contextlib
 import csv
 import errno
 import hashlib
+import io
 import os
 import re
 import signal
@@ -58,8 +59,6 @@ RLE_HEADER = ["Image ID", "Left Lung", "Right Lung", "Heart", "Height", "Width",
 # a model whose `heart` is GeneralBlockchain's cardiomediastinum (trained before 2026-12-05):
 # its column says so, so that code written for CheXmask's `Heart` never reads it as the heart
 RLE_HEADER_OLDER = [("Cardiomediastinum" if c == "Heart" else c) for c in RLE_HEADER]
-COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart",
-           CARDIOMEDIASTINUM: "Cardiomediastinum"}
 PNG_INDEX_HEADER = ["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"]
 CHUNK = 500
 # patient and study attributes a SEG copies from its source, empty when the source has none
@@ -117,10 +116,11 @@ def check_destination(fmt: str, out: Path) -> None:
 
 
 def _is_our_csv(path: Path, header: list[str] | None = None) -> bool:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
+    from pipeline.imaging import DecodeError, open_regular
+    try:  # a FIFO in a foreign folder is not ours, and is never waited on
+        with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
             return next(csv.reader(f), None) in ([header] if header else [RLE_HEADER, RLE_HEADER_OLDER])
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except (OSError, UnicodeDecodeError, csv.Error, DecodeError):
         return False
 
 
@@ -132,10 +132,12 @@ def _earlier_export(fmt: str, out: Path, entries: list[str]) -> bool:
     if not all(e.endswith((".dcm", ".partial")) for e in entries):
         return False
     import pydicom
+
+    from pipeline.imaging import open_regular
     try:
-        first = pydicom.dcmread(out / sorted(e for e in entries if e.endswith(".dcm"))[0], stop_before_pixels=True,
-                                specific_tags=["Manufacturer"])
-    except Exception:  # unreadable: not recognisably ours
+        with open_regular(out / sorted(e for e in entries if e.endswith(".dcm"))[0]) as f:
+            first = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Manufacturer"])
+    except Exception:  # unreadable, or not a regular file: not recognisably ours
         return False
     return str(first.get("Manufacturer", "")) == "cxrlabel"
 

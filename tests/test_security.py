@@ -448,6 +448,13 @@ def test_export_never_overwrites_what_it_did_not_write(labelled_default, tmp_pat
         with pytest.raises(ExportError, match="never writes into a folder it did not make"):
             export(engine, fmt, tmp_path / "photos", _everything(engine), progress=False)
     assert os.listdir(tmp_path / "photos") == ["holiday.png"]
+    # a FIFO where an earlier export's file would be: not taken as ours, and never waited on
+    (tmp_path / "pipes").mkdir()
+    os.mkfifo(tmp_path / "pipes" / "index.csv")
+    os.mkfifo(tmp_path / "pipes" / "x.dcm")
+    for fmt in ("png", "seg"):
+        with pytest.raises(ExportError, match="never writes into a folder it did not make"):
+            export(engine, fmt, tmp_path / "pipes", _everything(engine), progress=False)
     # its own output: written, recognised, written again; another format's folder is refused
     export(engine, "png", tmp_path / "png", _everything(engine), progress=False)
     assert (tmp_path / "png" / ".cxrlabel-export").read_text() == "png\n"
