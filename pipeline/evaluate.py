@@ -90,11 +90,10 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
         predicted = set(conn.execute(select(m.c.uid).where(m.c.kind == "predicted",
                                                            m.c.model == model).distinct()).scalars())
         uids = sorted(manual & predicted)
-        if not predicted:
-            from pipeline.groups import why_empty
-            reason = why_empty(conn, None, None, None, model)
-            if reason.startswith("no ") and "there are" in reason:  # another model's name was meant
-                raise EvaluateError(reason)
+        if not predicted and conn.execute(select(D.measurements.c.model).limit(1)).first() is not None:
+            from pipeline.groups import missing_name  # another model labelled: its name was meant
+            if missing := missing_name(conn, labelled_by=model):
+                raise EvaluateError(missing)
         if not uids:
             raise EvaluateError(f"no image has both manual masks and masks from model {model!r}: "
                                 "import annotated masks (`cxrlabel masks import`) and label those "
@@ -108,7 +107,6 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                             "its label runs say so): its Dice is against manual cardiomediastinum "
                             "masks, and its CTR reads low in enlarged hearts; label again with a current model")
         scores: dict[str, list[float]] = {s: [] for s in TRAINED}
-        errors: list[float] = []
         left_out: dict[str, int] = {}
         for chunk in D.chunks(uids, DECODED_AT_ONCE):
             t = load_masks(conn, chunk)
@@ -126,22 +124,19 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                 pred = measure(p[uid], spacing.get(uid, (None, None)))
                 if true["ctr"] is not None and pred["ctr"] is not None:
                     row["ctr_true"], row["ctr_pred"] = true["ctr"], pred["ctr"]
-                    errors.append(pred["ctr"] - true["ctr"])
                 else:  # a CTR needs the heart and both lungs, in the truth and the prediction
                     row["ctr_missing"] = "; ".join(f"{kind} lacks {m['ctr_missing']}" for kind, m in
                                                    (("truth", true), ("prediction", pred)) if m["ctr_missing"])
                     left_out[row["ctr_missing"]] = left_out.get(row["ctr_missing"], 0) + 1
                 ev.per_image.append(row)
     ev.dice = {s: _stats(v) for s, v in scores.items() if v}
-    err = np.asarray(errors)
-    pairs = [(r["ctr_true"], r["ctr_pred"]) for r in ev.per_image if "ctr_true" in r]
-    true, pred = (np.array(v, float) for v in zip(*pairs, strict=True)) if pairs else (np.array([]), np.array([]))
-    ev.ctr_error = {"mean": float(err.mean()) if err.size else math.nan,
-                    "mae": float(np.abs(err).mean()) if err.size else math.nan,
-                    "sd": float(err.std(ddof=1)) if err.size > 1 else math.nan, "n": int(err.size),
-                    "left_out": sum(left_out.values()), "left_out_reasons": left_out,
-                    **{k: v for k, v in agreement(true, pred).items() if k in ("loa", "off_by_0.03")},
-                    "bands": agreement_by_band(true, pred)}
+    scored = [r for r in ev.per_image if "ctr_true" in r]
+    true = np.array([r["ctr_true"] for r in scored], float)
+    pred = np.array([r["ctr_pred"] for r in scored], float)
+    a = agreement(true, pred)
+    ev.ctr_error = {"mean": a["bias"], "mae": a["mae"], "sd": a["sd"], "n": a["n"], "loa": a["loa"],
+                    "off_by_0.03": a["off_by_0.03"], "left_out": sum(left_out.values()),
+                    "left_out_reasons": left_out, "bands": agreement_by_band(true, pred)}
     return ev
 
 

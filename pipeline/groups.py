@@ -540,22 +540,28 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
     return Selection(items, describe(group, sample_name, source, limit))
 
 
-def why_empty(conn: Connection, group: str | None, sample_name: str | None, source: str | None,
-              labelled_by: str | None) -> str:
-    """Why a selection holds no image, most basic reason first: a group, sample, source or
-    model that does not exist (with the names that do), else nothing labelled there yet."""
-    def names(column) -> list[str]:
-        return [str(v) for v in conn.execute(select(column).distinct().order_by(column).limit(20)).scalars()]
-
+def missing_name(conn: Connection, group: str | None = None, sample_name: str | None = None,
+                 source: str | None = None, labelled_by: str | None = None) -> str | None:
+    """The message for the first of the given group, sample, source or model (one with labels)
+    that does not exist, naming those that do; None when every given name exists."""
     for given, column, kind, hint in (
             (group, D.groups.c.group_name, "group", "`cxrlabel groups list`"),
             (sample_name, D.samples.c.name, "sample", "`cxrlabel groups sample` makes one"),
             (source, D.images.c.source, "source", "`cxrlabel status`"),
             (labelled_by, D.measurements.c.model, "model with labels", "`cxrlabel label --model NAME` labels")):
         if given and conn.execute(select(column).where(column == given).limit(1)).first() is None:
-            known = names(column)
+            known = [str(v) for v in conn.execute(select(column).distinct().order_by(column).limit(20)).scalars()]
             return (f"no {kind} named {given!r}: " + (f"there are {', '.join(known)}" if known else "there is none yet")
                     + f" ({hint})")
+    return None
+
+
+def why_empty(conn: Connection, group: str | None, sample_name: str | None, source: str | None,
+              labelled_by: str | None) -> str:
+    """Why a selection holds no image, most basic reason first: a group, sample, source or
+    model that does not exist (:func:`missing_name`), else nothing labelled there yet."""
+    if missing := missing_name(conn, group, sample_name, source, labelled_by):
+        return missing
     what = f"group {group!r}" if group else f"sample {sample_name!r}" if sample_name else "catalogue"
     what += f" (source {source!r})" if source else ""
     if labelled_by:

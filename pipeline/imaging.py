@@ -640,8 +640,7 @@ def decode(path: str | Path, target: int | None = None) -> tuple[np.ndarray, tup
     path = Path(path)
     if not path.exists():
         raise DecodeError(f"{path}: file not found")
-    open_regular(path).close()  # a FIFO, socket or device: refused before anything waits on it
-    if is_dicom(path):
+    if is_dicom(path):  # a FIFO, socket or device is none, and decode_raster's open refuses it
         arr, facts = decode_dicom(path, target)
         check_content(path, arr)
         return arr, facts["shape"], facts

@@ -100,13 +100,12 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     distributions of the groups side by side (PA and AP apart), and with two groups the ROC
     of the CTR separating the first from the second."""
     groups = [group] if isinstance(group, str) else list(group or [])
-    from pipeline.groups import why_empty
+    from pipeline.groups import missing_name
     with engine.connect() as conn:  # a name that does not exist is said so, with the names that do
-        for reason in ([why_empty(conn, g, None, None, None) for g in groups]
-                       + ([why_empty(conn, None, sample, None, None)] if sample else [])
-                       + [why_empty(conn, None, None, None, model)]):
-            if reason.startswith("no "):
-                raise ReportError(reason)
+        for missing in (*(missing_name(conn, group=g) for g in groups), missing_name(conn, sample_name=sample),
+                        missing_name(conn, labelled_by=model)):
+            if missing:
+                raise ReportError(missing)
     rows = _selection(engine, model, groups, sample)
     if not rows:
         raise ReportError(f"no images labelled by model {model!r} in this selection: run "

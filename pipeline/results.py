@@ -214,7 +214,7 @@ def read_only_query(engine: Engine, sql: str) -> QueryResult:
             dbapi.set_authorizer(_authorize)
         elif dialect == "postgresql":
             _postgres_read_only(raw)
-        cur = _execute(raw, dbapi, dialect, sql, cursor=first in _PG_CURSOR_STATEMENTS)
+        cur = _execute(dbapi, sql, cursor=first in _PG_CURSOR_STATEMENTS)
         if cur.description is None:
             raise QueryError("the query returned no rows (only SELECT-like statements are run)")
         columns = [d[0] for d in cur.description]
@@ -239,7 +239,7 @@ def _postgres_read_only(raw) -> None:
         cur.close()
 
 
-def _execute(raw, dbapi, dialect: str, sql: str, cursor: bool = False):
+def _execute(dbapi, sql: str, cursor: bool = False):
     """A cursor on ``sql``: with ``cursor`` (PostgreSQL's SELECT-like statements) a
     server-side one, so rows stream; EXPLAIN and SHOW, which such a cursor does not take, a
     plain one. A statement is run once, the way its first keyword says, never retried."""
@@ -279,7 +279,7 @@ def _close(raw, dbapi, dialect: str, cur) -> None:
 
 
 def _query_error(e: Exception) -> QueryError:
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    msg = D.first_line(e)
     low = msg.lower()
     if ("not authorized" in low or "authorization denied" in low or "permission denied" in low
             or D.is_read_only_error(e)):

@@ -48,13 +48,15 @@ class ReviewAppError(R.ReviewError):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or bool((ip := _ip(host)) and ip.is_loopback)
 
 
 def check_binding(host: str, token: str | None) -> str | None:
@@ -89,14 +91,6 @@ def allowed_hosts(bind: str, allow: Sequence[str] = ()) -> tuple[frozenset[str],
     if wildcard:
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
     return frozenset(names), wildcard
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 def _json_depth_ok(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -169,7 +163,7 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
         if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
             abort(400, "NUL characters are not accepted in an address")  # no uid or filter holds one
         name = hostname_of(request.host)
-        if name not in hosts and not (any_address and _is_ip(name)):
+        if name not in hosts and not (any_address and _ip(name) is not None):
             abort(421, f"this review app answers to {', '.join(sorted(hosts))}, not {name[:100]!r}: "
                        "behind a reverse proxy, start it with --allow-host NAME")
         if token is None:

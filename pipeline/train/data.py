@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from pipeline import db as D
 from pipeline.collect import Entry, Settings, decoder_pool, fetch
 from pipeline.imaging import Geometry, model_input
-from pipeline.masks import CARDIOMEDIASTINUM, load_masks
+from pipeline.masks import CARDIOMEDIASTINUM, heart_definition, load_masks
 from pipeline.train.config import TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude
     wanted = {"reviewed": "corrected", "accepted": "accepted"}
     with engine.connect() as conn:
         # a model whose `heart` is the cardiomediastinum (before 2026-12-05): its reviewed heart is one
-        older = conn.execute(select(D.label_runs.c.id).where(
-            D.label_runs.c.model == model, D.label_runs.c.heart_definition == CARDIOMEDIASTINUM).limit(1)).first()
-        rename = {"heart": CARDIOMEDIASTINUM} if older is not None else {}
+        rename = {"heart": CARDIOMEDIASTINUM} if heart_definition(conn, model) != "heart" else {}
         uids = sorted(set(conn.execute(select(D.reviews.c.uid).where(D.reviews.c.model == model)).scalars()) - exclude)
         decided = states(conn, model, uids)
         masks, source = {}, {}

@@ -56,11 +56,16 @@ def _hash(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
+def _patient_of(uid: str, groups: Mapping[str, str] | None) -> str:
+    """``uid``'s patient; an image without a known patient is a patient of its own."""
+    return (groups or {}).get(uid) or f"uid:{uid}"
+
+
 def _patients(uids: list[str], groups: Mapping[str, str] | None) -> dict[str, list[str]]:
-    """``{patient: [uid, ...]}``; an image without a known patient is a patient of its own."""
+    """``{patient: [uid, ...]}``."""
     out: dict[str, list[str]] = {}
     for u in sorted(uids):
-        out.setdefault((groups or {}).get(u) or f"uid:{u}", []).append(u)
+        out.setdefault(_patient_of(u, groups), []).append(u)
     return out
 
 
@@ -99,9 +104,9 @@ def update_splits(splits: Splits, uids: list[str], groups: Mapping[str, str] | N
     fold_of = {u: k for k, fold in enumerate(val) for u in fold}
     patient_fold: dict[str, int | None] = {}
     for u in sorted(now & before):
-        patient_fold.setdefault((groups or {}).get(u) or f"uid:{u}", fold_of.get(u))
+        patient_fold.setdefault(_patient_of(u, groups), fold_of.get(u))
     for u in joined:
-        patient = (groups or {}).get(u) or f"uid:{u}"
+        patient = _patient_of(u, groups)
         if patient in patient_fold:
             k = patient_fold[patient]
         elif splits.folds > 1:
