@@ -74,7 +74,8 @@ def status_cmd(ctx, as_json) -> None:
     for model, n in s["older_heart"].items():
         click.echo(f"{'':<11}{n} images labelled by {model} carry the older heart, GeneralBlockchain's "
                    "cardiomediastinum (heart and upper mediastinum; CTR reads low in enlarged hearts): "
-                   "label them again with a current model (`cxrlabel label --model default`)")
+                   "label them again with a model that learned the heart alone (`cxrlabel label --model "
+                   "NAME`; the earlier rows are kept as NAME@SHA12)")
     line("masks", s["masks"], "masks by kind")
     for source, definitions in s["mask_sources"].items():
         click.echo(f"{'':<11}{source}: " + "; ".join(f"{k} = {v}" for k, v in json.loads(definitions).items()))
