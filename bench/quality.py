@@ -45,8 +45,8 @@ from pipeline.imaging import Geometry  # noqa: E402
 from pipeline.label import Item, postprocess, reframe  # noqa: E402
 from pipeline.measure import bbox, measure  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
-from pipeline.model import infer, read_checkpoint, recipe_of, resolve_model  # noqa: E402
-from pipeline.quality import FEATURES, SHAPE, Atlas, QualityModel, tta_agreement, tta_copies  # noqa: E402
+from pipeline.model import infer, read_checkpoint, resolve_model  # noqa: E402
+from pipeline.quality import FEATURES, SHAPE, Atlas, QualityModel, recipe_of, tta_agreement, tta_copies  # noqa: E402
 from pipeline.shifts import SHIFTS, apply  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import load_dataset  # noqa: E402

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -49,7 +50,7 @@ from pipeline.resources import resource
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///data/catalogue.db"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Values per ``IN (...)`` list: SQLite builds before 3.32 allow 999 host parameters a
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
@@ -256,11 +257,29 @@ measurements = Table(
     Column("quality_left_lung", Float),
     Column("quality_right_lung", Float),
     Column("labelled_at", DateTime, nullable=False),
+    # is this a frontal chest radiograph the model can read (pipeline/quality/inputs.py)? 'ok',
+    # or why not ('not a chest film: ...', 'lateral view', 'flipped', ...); NULL: not checked
+    Column("input_check", String(120)),
+    # a film the CTR norms do not describe, marked, not refused: 'AP view', 'child (age 9)'
+    Column("outside_norms", String(60)),
     # from the masks a person reviewed (their corrections, the model's masks elsewhere)
     Column("reviewed_ctr", Float),
     Column("reviewed_heart_width_px", Integer),
     Column("reviewed_thoracic_width_px", Integer),
     Index("ix_measurements_model_quality", "model", "quality"),
+)
+
+# A model's fitted quality score (`cxrlabel quality fit`), by the sha256 of the checkpoint it
+# scores: labelling uses it before the file beside the checkpoint (pipeline/quality/score.py).
+quality_scores = Table(
+    "quality_scores",
+    metadata,
+    Column("model_sha256", String(64), primary_key=True),
+    Column("tta", Boolean, primary_key=True),  # the score that also reads test-time augmentation
+    Column("model", String(100), nullable=False),  # the name it was fitted under
+    Column("score", Text, nullable=False),  # JSON: pipeline.quality.QualityModel.to_json
+    Column("origin", Text),  # what it was fitted on, in words
+    Column("fitted_at", DateTime, nullable=False),
 )
 
 # What people decided about a model's masks (`cxrlabel review`): one row per decision, never
@@ -329,6 +348,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "\"left_lung\": \"the patient''s left lung; drawn on behind the heart\", "
         "\"right_lung\": \"the patient''s right lung; drawn on behind the heart\"}', CURRENT_TIMESTAMP WHERE EXISTS "
         "(SELECT 1 FROM images WHERE source = 'generalblockchain')"],
+    # the input check and the CTR norms' marks; quality_scores is a new table
+    8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)",
+        "ALTER TABLE measurements ADD COLUMN outside_norms VARCHAR(60)"],
 }
 
 

@@ -36,8 +36,7 @@ from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry, collimation_rim, upright
-from pipeline.masks import STRUCTURES
-from pipeline.measure import bbox, clean, mean_column, measure_boxes, quality
+from pipeline.measure import bbox, clean, mean_column, measure_boxes
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
 
@@ -78,8 +77,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
                 scorer: QualityModel | None = None, tta: list[np.ndarray] | None = None) -> Result:
     """``(C, S, S)`` probabilities of one image (float, or uint8 = round(255 p)) -> masks in
     original geometry + measurements, with the quality score: estimated Dice per structure
-    and their mean from ``scorer`` (see :mod:`pipeline.quality`), or without one the
-    heuristic :func:`pipeline.measure.quality`. ``tta``: the probabilities of the image's
+    and their mean from ``scorer``, or without one the heuristic
+    (:func:`pipeline.quality.score_image`). ``tta``: the probabilities of the image's
     :func:`pipeline.quality.tta_copies`, for a scorer that reads their agreement; a scorer
     with an :class:`pipeline.quality.Atlas` also reads the cleaned masks' fit to it.
 
@@ -130,20 +129,12 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
-    whole = Q.image_features(values["ctr"], columns, item.rim if item.rim is not None else Q.rim_share(item.image))
-    features = {s: {**f, **whole} for s, f in features.items()}
-    if tta is not None:
-        for s, v in Q.tta_agreement(whole_masks, tta, list(structures)).items():
-            features[s]["tta"] = v
-    if atlas is not None:
-        for s, v in atlas.fit(whole_masks).items():
-            features[s][Q.SHAPE] = v
-    estimates = scorer.estimate(features) if scorer is not None else {}
-    for s in STRUCTURES:
-        values[f"quality_{s}"] = estimates.get(s)
-    values["quality"] = (float(np.mean(list(estimates.values()))) if estimates
-                         else quality(agreement, kept, columns, values["ctr"]))
-    return Result(item.uid, encoded, values, features=features)
+    features, scored = Q.score_image(
+        scorer, features, agreement, kept, columns, values["ctr"],
+        item.rim if item.rim is not None else Q.rim_share(item.image),
+        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None,
+        atlas.fit(whole_masks) if atlas is not None else None)
+    return Result(item.uid, encoded, {**values, **scored}, features=features)
 
 
 def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str],
@@ -236,8 +227,8 @@ def tta_scorer(lm: LoadedModel) -> QualityModel:
     """The model's quality score that reads test-time augmentation; a clear error without one."""
     if lm.quality_tta is None:
         raise LabelError(f"model {lm.name!r} has no quality score for test-time augmentation "
-                         f"({Q.sidecar(lm.path, tta=True)}): fit one with `python bench/quality.py --tta "
-                         "--out-tta ...`, or label without --tta")
+                         f"(neither the database nor {Q.sidecar(lm.path, tta=True)} holds one): fit one with "
+                         "`cxrlabel quality fit --tta`, or label without --tta")
     return lm.quality_tta
 
 

@@ -1,4 +1,4 @@
-"""Post-processing of predicted masks, measurements (CTR and friends) and a quality score.
+"""Post-processing of predicted masks and measurements (CTR and friends).
 
 All functions are pure: arrays in, arrays and numbers out.
 
@@ -7,18 +7,14 @@ All functions are pure: arrays in, arrays and numbers out.
   original pixels (mm where pixel spacing is known). The cardiothoracic ratio is the
   maximal horizontal width of the heart over the thoracic width, the outer extent of both
   lungs, as on a PA film.
-* :func:`quality` in ``[0, 1]``: the model's agreement with its own cleaned mask (soft Dice
-  of the probabilities against the final mask, per structure), times the share of
-  foreground kept by :func:`clean`, times an anatomical plausibility factor. Low values
-  flag masks to review first.
+
+The quality score, and its heuristic fallback, live in :mod:`pipeline.quality`.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-
-from pipeline.masks import STRUCTURES
 
 
 def clean(mask: np.ndarray) -> tuple[np.ndarray, float]:
@@ -85,34 +81,8 @@ def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area
     return out
 
 
-def plausibility(columns: dict[str, float | None], ctr: float | None) -> float:
-    """1.0 for anatomically plausible masks; lower for missing structures, lungs on the
-    wrong side (a flipped image), or a CTR outside 0.25-0.85. ``columns``: each structure's
-    mean foreground column (any resolution), None when it is empty."""
-    score = 1.0
-    for s in STRUCTURES:
-        if columns.get(s) is None:
-            score *= 0.3
-    left, right = columns.get("left_lung"), columns.get("right_lung")
-    # the patient's left lung lies on the image's right on a PA/AP film
-    if left is not None and right is not None and left < right:
-        score *= 0.3
-    if ctr is None or not 0.25 <= ctr <= 0.85:
-        score *= 0.5
-    return score
-
-
 def mean_column(mask: np.ndarray) -> float | None:
     """A mask's mean foreground column (the mean of the columns it touches), None when it is
-    empty: what :func:`plausibility` compares."""
+    empty: what :func:`pipeline.quality.plausibility` compares."""
     used = np.flatnonzero(mask.any(axis=0))
     return float(used.mean()) if len(used) else None
-
-
-def quality(agreement: dict[str, float], kept: dict[str, float], columns: dict[str, float | None],
-            ctr: float | None) -> float:
-    """Quality score in [0, 1]: per structure, the soft Dice of the model's probabilities
-    against its own cleaned mask (``agreement``) and the share of foreground :func:`clean`
-    kept (``kept``); times :func:`plausibility`."""
-    return float(np.mean(list(agreement.values())) * np.mean(list(kept.values()))
-                 * plausibility(columns, ctr))

@@ -39,6 +39,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
 from pipeline import db as D
+from pipeline import quality as Q
 from pipeline.imaging import MODES, NORMS, denoised, model_input, unrimmed, upright
 from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES
 from pipeline.networks import NETWORKS, create_network
@@ -223,14 +224,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> str:
     """A checkpoint for shipping (fp16 weights by default, current format); the new sha256.
     Its fitted quality scores (``<src>.quality*.json``), if any, go along."""
-    from pipeline.quality import sidecar
     ck = read_checkpoint(src)
     ck.state_dict = {k: (v.half() if half else v.float()) if v.is_floating_point() else v
                      for k, v in ck.state_dict.items()}
     sha = write_checkpoint(dst, ck)
     for tta in (False, True):
-        if sidecar(src, tta).exists():
-            shutil.copyfile(sidecar(src, tta), sidecar(dst, tta))
+        if Q.sidecar(src, tta).exists():
+            shutil.copyfile(Q.sidecar(src, tta), Q.sidecar(dst, tta))
     return sha
 
 
@@ -290,12 +290,13 @@ class LoadedModel:
     module: torch.nn.Module
     spec: ModelSpec
     device: torch.device
-    quality: Any = None  # pipeline.quality.QualityModel (estimated Dice), when one was fitted
-    quality_tta: Any = None  # ... the one that also reads test-time augmentation (label --tta)
+    quality: Q.QualityModel | None = None  # the fitted quality score (estimated Dice), when there is one
+    quality_tta: Q.QualityModel | None = None  # ... the one that also reads test-time augmentation (label --tta)
     # trained on chests framed whole only: labelling draws a film cut short again from further
     # out (pipeline.label.reframe). A model trained with `--shifts` saw such films (a field of
     # view cut short by up to 1.4x) and draws them better itself (bench/RESULTS.md).
     framed_whole: bool = True
+    scores: Q.Scores | None = None  # where each quality score came from (`cxrlabel quality show`)
 
 
 def model_inputs(images: Sequence[np.ndarray], norm: str,
@@ -391,69 +392,9 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     if spec.labelled != spec.structures:  # auxiliary outputs (a cardiomediastinum) are not labelled
         module = LabelledOutputs(module, [spec.structures.index(s) for s in spec.labelled]).eval()
         spec = dataclasses.replace(spec, structures=spec.labelled)
-    return LoadedModel(name, path, sha, module, spec, dev, _quality_model(path, spec.structures, ck.training),
-                       _quality_model(path, spec.structures, ck.training, tta=True),
-                       framed_whole=not recipe_of(ck.training)["shifts"])
-
-
-# What a fitted quality score's calibration depends on, of how its fold models were trained:
-# its features read the model's confidence, which training length and augmentation shape. The
-# value is what a checkpoint that does not record the option was trained with (it predates it).
-SCORE_RECIPE: dict[str, Any] = {"epochs": None, "shifts": False, "widen": 0.0, "widen_ctr": None,
-                                "loss": "dicece", "width_loss": 0.0}
-
-
-def recipe_of(training: dict) -> dict[str, Any]:
-    """The :data:`SCORE_RECIPE` part of a checkpoint's training configuration, as a score's
-    JSON holds it (a checkpoint's tuples as lists), so the two compare as they are."""
-    return {k: list(v) if isinstance(v := training.get(k, absent), tuple) else v
-            for k, absent in SCORE_RECIPE.items()}
-
-
-def _quality_model(checkpoint: Path, structures: Sequence[str], training: dict | None = None,
-                   tta: bool = False):
-    """The checkpoint's fitted quality score (``<checkpoint>.quality.json``, or with ``tta``
-    the one that reads test-time augmentation), or None. A score fitted on fold models trained
-    otherwise than this model (``training``, its configuration; see :data:`SCORE_RECIPE`) is
-    used with a warning naming the difference: one fitted on 60-epoch folds read the true
-    Dice 0.04 low on 120-epoch ones, and one fitted without ``--shifts`` 0.05 low on folds
-    trained with them (bench/RESULTS.md)."""
-    from pipeline.quality import QualityModel, sidecar
-    where = sidecar(checkpoint, tta)
-    if not where.exists():
-        return None
-    try:
-        score = QualityModel.load(where)
-        if score.atlas is not None and not set(score.atlas.structures) <= set(structures):
-            raise ValueError(f"{where}: its atlas draws {', '.join(score.atlas.structures)}, the model "
-                             f"{', '.join(structures)}: not this model's score")
-        differ = _recipe_differences(score.info.get("fold_models"), training)
-        if differ:
-            log.warning("%s was fitted on fold models trained with %s, %s with %s: its estimated Dice "
-                        "may read off; refit it with `python bench/quality.py --checkpoint final` on a "
-                        "cross-validation of this recipe", where,
-                        ", ".join(f"{k} {a}" for k, a, _ in differ), checkpoint,
-                        ", ".join(f"{k} {b}" for k, _, b in differ))
-        return score
-    except (ValueError, KeyError, OSError) as e:
-        log.warning("%s; labelling uses the heuristic quality score", e)
-        return None
-
-
-def _recipe_differences(fold_models: Any, training: dict | None) -> list[tuple[str, Any, Any]]:
-    """(option, the score's fold models', the model's) where the two were trained otherwise.
-    ``fold_models`` is a score's free-form info (a hand-edited file may hold anything there:
-    what is not a readable record is no record); a score that records only its folds' epochs
-    (fitted before the rest was recorded) is compared on those."""
-    if not isinstance(fold_models, dict) or not isinstance(training, dict):
-        return []
-    fitted = fold_models.get("training")
-    if not isinstance(fitted, dict):
-        fitted = {"epochs": fold_models.get("epochs")}
-    ours = recipe_of(training)
-    return [(k, theirs, ours[k]) for k, theirs in fitted.items()
-            if k in SCORE_RECIPE and theirs != ours[k]
-            and (k != "epochs" or isinstance(theirs, int) and isinstance(ours[k], int))]
+    scores = Q.scores_for(engine, path, sha, spec.structures, ck.training)
+    return LoadedModel(name, path, sha, module, spec, dev, scores.plain, scores.tta,
+                       framed_whole=not Q.recipe_of(ck.training)["shifts"], scores=scores)
 
 
 def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:

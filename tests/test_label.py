@@ -14,7 +14,8 @@ from pipeline import db as D
 from pipeline.groups import Selection, select_images
 from pipeline.imaging import preprocess
 from pipeline.label import REFRAME_CONTACTS, Item, edge_contacts, forward, label, reframe
-from pipeline.measure import bbox, clean, mean_column, measure, plausibility, quality
+from pipeline.measure import bbox, clean, mean_column, measure
+from pipeline.quality import heuristic, plausibility
 from pipeline.model import ModelError, resolve_model
 from tests.conftest import DATA, DICOM, GB, REPO
 
@@ -119,12 +120,12 @@ def test_quality_flags_implausible_masks():
     left[5:60, 36:60] = True
     masks = {"heart": h, "left_lung": left, "right_lung": right}
     ones = {s: 1.0 for s in masks}
-    good = quality(ones, ones, mean_columns(masks), 0.4)
+    good = heuristic(ones, ones, mean_columns(masks), 0.4)
     flipped = dict(masks, left_lung=right, right_lung=left)
     assert good == pytest.approx(1.0)
     assert plausibility(mean_columns(flipped), 0.4) < 0.5
     assert plausibility(mean_columns(dict(masks, heart=np.zeros_like(h))), None) < 0.2
-    assert quality({s: 0.6 for s in masks}, ones, mean_columns(masks), 0.4) < good
+    assert heuristic({s: 0.6 for s in masks}, ones, mean_columns(masks), 0.4) < good
 
 
 def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_model, tmp_path):

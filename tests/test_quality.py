@@ -114,7 +114,7 @@ def test_label_stores_estimates_and_the_report_draws_their_calibration(annotated
 
 
 def test_isotonic_map_pools_adjacent_violators():
-    from pipeline.quality import _isotonic
+    from pipeline.quality.score import _isotonic
     knots, values = _isotonic(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4]))
     assert knots.tolist() == [1, 2.5, 4] and values.tolist() == [1, 2.5, 4]
 
@@ -243,7 +243,8 @@ def test_the_atlas_tells_drawn_shapes_from_odd_ones(annotated_engine):
 def test_a_score_fitted_on_models_trained_otherwise_is_used_with_a_warning(tmp_path, caplog):
     import logging
 
-    from pipeline.model import SCORE_RECIPE, _quality_model, recipe_of
+    from pipeline.quality import SCORE_RECIPE, recipe_of
+    from pipeline.quality import from_sidecar as _quality_model
     from pipeline.train.config import TrainConfig
     # a checkpoint that predates an option was trained without it: what TrainConfig defaults to
     defaults = TrainConfig.from_preset("tiny").as_dict()
@@ -252,17 +253,17 @@ def test_a_score_fitted_on_models_trained_otherwise_is_used_with_a_warning(tmp_p
     model = tmp_path / "model.pt"
     QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": {"checkpoint": "best", "epochs": 60}}
                      ).save(sidecar(model))  # a score fitted before the augmentation was recorded
-    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.quality.score"):
         assert _quality_model(model, STRUCTURES, {"epochs": 60, "shifts": True}) is not None
         assert not caplog.records  # the same training length, and nothing else recorded: nothing to say
         assert _quality_model(model, STRUCTURES, {"epochs": 160}) is not None  # still the best score there is
     assert "fitted on fold models trained with epochs 60" in caplog.text and "with epochs 160" in caplog.text
-    assert "--checkpoint final" in caplog.text
+    assert "--checkpoint final" in caplog.text and "cxrlabel quality fit" in caplog.text
     caplog.clear()
     shifted = recipe_of({"epochs": 160, "shifts": True, "widen_ctr": [0.35, 0.72]})
     QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": {"epochs": 160, "training": shifted}}
                      ).save(sidecar(model))
-    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.quality.score"):
         assert _quality_model(model, STRUCTURES, {"epochs": 160, "shifts": True, "widen_ctr": (0.35, 0.72)}) is not None
         assert not caplog.records  # a tuple in the checkpoint, a list in the score's JSON: the same
         assert _quality_model(model, STRUCTURES, {"epochs": 160, "widen": 0.0}) is not None  # predates --shifts
@@ -272,13 +273,13 @@ def test_a_score_fitted_on_models_trained_otherwise_is_used_with_a_warning(tmp_p
     caplog.clear()
     for odd in ("sixty", ["x"], {"epochs": "60"}, {"training": "x"}):  # a hand-edited record: no record, never a stop
         QualityModel.fit(rows, dice, list(STRUCTURES), info={"fold_models": odd}).save(sidecar(model))
-        with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.quality.score"):
             assert _quality_model(model, STRUCTURES, {"epochs": 160}) is not None
     assert not caplog.records
 
 
 def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotated_engine, tmp_path):
-    from pipeline.model import _quality_model
+    from pipeline.quality import from_sidecar as _quality_model
     from pipeline.quality import SHAPE, Atlas
     drawn = _drawn(annotated_engine, 10)
     atlas = Atlas.build([np.stack([m[s] for s in STRUCTURES]) for m in drawn], STRUCTURES)

@@ -1,27 +1,21 @@
-"""The quality score: an estimate of each mask's Dice, from what the model's output shows.
+"""What the quality score reads of one labelled image.
 
 For every structure, :func:`structure_features` reads the model-resolution probabilities and
 the cleaned mask: how far the probabilities agree with the mask, how wide the band of
 uncertain pixels is, how sharp its outline, how much the clean-up threw away, how convex and
 how large it is; :func:`image_features` adds the anatomy (CTR, lungs on the wrong side, a
-missing structure); an :class:`Atlas` of the annotated masks says how far each mask's shape
-is from the nearest one a person drew (an RCA-like check, as CheXmask's). A
-:class:`QualityModel`, fitted by ``bench/quality.py`` on held-out cross-validation folds put
-through equipment-like shifts (:mod:`pipeline.shifts`), maps them to an estimated Dice per
-structure (ridge regression on ``log(1.01 - Dice)``, then an isotonic map to Dice); the
-image's ``quality`` is their mean. A model without one (no ``<checkpoint>.quality.json``
-beside it) gets the older heuristic score
-(:func:`pipeline.measure.quality`) and no per-structure estimates.
+missing structure, a collimator's rim); an :class:`Atlas` of the annotated masks says how far
+each mask's shape is from the nearest one a person drew (an RCA-like check, as CheXmask's);
+:func:`tta_agreement` how far the masks move under two test-time-augmented copies.
+:func:`design` turns them into the regression's inputs (:mod:`pipeline.quality.score`).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -79,13 +73,20 @@ def image_features(ctr: float | None, columns: dict[str, float | None], rim: flo
     """Anatomy of the whole image: CTR away from the usual range, lungs on the wrong side,
     structures missing; and the share of the film a collimator's rim covered (the model
     drew the anatomy on behind it: :func:`pipeline.imaging.unrimmed`)."""
-    left, right = columns.get("left_lung"), columns.get("right_lung")
     return {
         "ctr_off": float(abs(ctr - 0.47)) if ctr is not None else 0.5,
-        "lungs_swapped": float(left is not None and right is not None and left < right),
+        "lungs_swapped": float(lungs_swapped(columns)),
         "missing": float(sum(v is None for v in columns.values())),
         "rim": rim,
     }
+
+
+def lungs_swapped(columns: dict[str, float | None]) -> bool:
+    """The patient's left lung (``columns``: each structure's mean column) lies on the image's
+    left: on a PA or AP film it lies on the image's right, so the film is flipped, or the
+    model read it wrong."""
+    left, right = columns.get("left_lung"), columns.get("right_lung")
+    return left is not None and right is not None and left < right
 
 
 def rim_share(cached: np.ndarray, rim: tuple[int, int, int, int] | None = None) -> float:
@@ -161,110 +162,6 @@ class Atlas:
             raise ValueError(f"an atlas of {len(raw)} bytes where its {shape[0]} images need {-(-count // 8)}")
         bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count)
         return cls(tuple(map(str, d["structures"])), bits.reshape(shape).astype(bool))
-
-
-@dataclass(frozen=True)
-class QualityModel:
-    """Per structure: a ridge regression from the standardised :func:`design` of the image's
-    features to ``log(1.01 - Dice)`` (how the features rank the masks), then an isotonic map
-    from that to Dice fitted on the same masks (so the score reads as a Dice). ``info``: how
-    and on what it was fitted, and how well it did on masks it had not seen."""
-
-    features: tuple[str, ...]
-    mean: dict[str, list[float]]
-    scale: dict[str, list[float]]
-    coef: dict[str, list[float]]
-    intercept: dict[str, float]
-    knots: dict[str, list[float]]  # the isotonic map: ridge output (ascending) -> Dice
-    values: dict[str, list[float]]
-    info: dict
-    atlas: Atlas | None = None  # where ``features`` has SHAPE: what post-processing fits masks to
-
-    def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
-        """``{structure: {feature: value}}`` of one image -> estimated Dice per structure in
-        ``[0, 1]``."""
-        out = {}
-        for s, x in design(features, self.features).items():
-            if s in self.coef:
-                raw = self.intercept[s] + ((x - self.mean[s]) / self.scale[s]) @ np.array(self.coef[s])
-                out[s] = float(np.interp(raw, self.knots[s], self.values[s]))
-        return out
-
-    @classmethod
-    def fit(cls, rows: list[dict], dice: list[float], structures: list[str],
-            alpha: float = 1.0, info: dict | None = None, names: tuple[str, ...] = FEATURES,
-            atlas: Atlas | None = None) -> QualityModel:
-        """Fit on ``rows`` (each: the features ``names`` of one structure of one image, plus
-        ``"structure"`` and ``"image"``, any key the image's rows share) and their true Dice.
-        With :data:`SHAPE` among ``names``, ``atlas`` is the one labelling will fit masks to
-        (needed to save the score, not to estimate from rows that carry the feature)."""
-        images: dict = {}
-        for r in rows:
-            images.setdefault(r["image"], {})[r["structure"]] = r
-        inputs = {key: design(group, names) for key, group in images.items()}
-        mean, scale, coef, intercept, knots, values = {}, {}, {}, {}, {}, {}
-        for s in structures:
-            pick = [i for i, r in enumerate(rows) if r["structure"] == s]
-            x = np.array([inputs[rows[i]["image"]][s] for i in pick], np.float64)
-            d = np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1)
-            y = np.log(1.01 - d)
-            mu, sd = x.mean(axis=0), x.std(axis=0)
-            sd[sd == 0] = 1.0
-            z = (x - mu) / sd
-            b = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
-            mean[s], scale[s], coef[s], intercept[s] = mu.tolist(), sd.tolist(), b.tolist(), float(y.mean())
-            # a higher ridge output means a larger expected error: Dice falls along it
-            k, v = _isotonic(-(y.mean() + z @ b), d)
-            knots[s], values[s] = (-k[::-1]).tolist(), v[::-1].tolist()
-        return cls(tuple(names), mean, scale, coef, intercept, knots, values, info or {},
-                   atlas if SHAPE in names else None)
-
-    def save(self, path: Path) -> None:
-        if SHAPE in self.features and self.atlas is None:
-            raise ValueError(f"a score that reads {SHAPE!r} is saved with the atlas it was measured against")
-        Path(path).write_text(json.dumps({"format": FORMAT, "features": list(self.features), "mean": self.mean,
-                                          "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
-                                          "knots": self.knots, "values": self.values, "info": self.info,
-                                          **({"atlas": self.atlas.to_json()} if self.atlas else {})}))
-
-    @classmethod
-    def load(cls, path: Path) -> QualityModel:
-        """The score :meth:`save` wrote; a ValueError naming the file for anything else (a
-        foreign or damaged file, or an atlas cut short), never a score half read."""
-        text = Path(path).read_text()
-        why = "not a quality model of this cxrlabel"
-        try:
-            d = json.loads(text)
-            # a score fitted before a feature was added reads the features it knows
-            if d.get("format") == FORMAT and set(d["features"]) <= {*FEATURES, "tta", SHAPE} and (
-                    SHAPE in d["features"]) == ("atlas" in d):
-                return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
-                           d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            why += f", or a damaged one ({type(e).__name__}: {e})"
-        raise ValueError(f"{path}: {why} (refit it with bench/quality.py)")
-
-
-FORMAT = "cxrlabel-quality-1"
-
-
-def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators), as
-    knots (each pooled block's mean ``x``, ascending) and values for ``np.interp``."""
-    order = np.argsort(x, kind="stable")
-    blocks: list[list[float]] = []  # [sum of y, count, sum of x]
-    for xi, yi in zip(x[order], y[order], strict=True):
-        blocks.append([yi, 1, xi])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            y2, n2, x2 = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + y2, blocks[-1][1] + n2, blocks[-1][2] + x2]
-    return (np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks]))
-
-
-def sidecar(checkpoint: Path, tta: bool = False) -> Path:
-    """Where a checkpoint's quality model lives: ``model.pt`` -> ``model.quality.json`` (with
-    ``tta``: ``model.quality-tta.json``, the score that also reads :func:`tta_agreement`)."""
-    return Path(checkpoint).with_suffix(".quality-tta.json" if tta else ".quality.json")
 
 
 # ---------------------------------------------------------------- test-time augmentation
