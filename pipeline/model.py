@@ -442,3 +442,33 @@ def list_models(engine: Engine) -> list[dict]:
 
 def _finite(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
+
+
+def model_scores(engine: Engine, name: str | None = None) -> list[dict]:
+    """Per model (``name``, or the shipped default and every registered one): which quality
+    score it labels with, where that came from, what it was fitted on and its held-out
+    figures (``cxrlabel quality show``)."""
+    with engine.connect() as conn:
+        names = [name] if name else ["default", *conn.execute(select(D.models.c.name).order_by(D.models.c.name))
+                                     .scalars()]
+    out = []
+    for n in names:
+        try:
+            lm = resolve_model(engine, n, "cpu")
+        except ModelError as e:
+            if name:
+                raise
+            out.append({"model": n, "score": None, "from": f"cannot load: {e}"})
+            continue
+        assert lm.scores is not None
+        for kind, score, origin in (("plain", lm.scores.plain, lm.scores.plain_from),
+                                    ("tta", lm.scores.tta, lm.scores.tta_from)):
+            if score is None and kind == "tta":
+                continue
+            info = score.info if score is not None else {}
+            held = info.get("held_out", {})
+            out.append({"model": n, "score": kind if score is not None else "heuristic", "from": origin,
+                        "fitted_on": info.get("fitted_on") or info.get("cv_run"), "fitted": info.get("fitted"),
+                        "spearman": held.get("spearman"), "mae": held.get("mae"),
+                        "auroc_worst_ctr": held.get("auroc_worst_tenth_ctr")})
+    return out

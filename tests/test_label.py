@@ -15,8 +15,8 @@ from pipeline.groups import Selection, select_images
 from pipeline.imaging import preprocess
 from pipeline.label import REFRAME_CONTACTS, Item, edge_contacts, forward, label, reframe
 from pipeline.measure import bbox, clean, mean_column, measure
-from pipeline.quality import heuristic, plausibility
 from pipeline.model import ModelError, resolve_model
+from pipeline.quality import heuristic, plausibility
 from tests.conftest import DATA, DICOM, GB, REPO
 
 

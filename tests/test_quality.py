@@ -279,8 +279,8 @@ def test_a_score_fitted_on_models_trained_otherwise_is_used_with_a_warning(tmp_p
 
 
 def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotated_engine, tmp_path):
-    from pipeline.quality import from_sidecar as _quality_model
     from pipeline.quality import SHAPE, Atlas
+    from pipeline.quality import from_sidecar as _quality_model
     drawn = _drawn(annotated_engine, 10)
     atlas = Atlas.build([np.stack([m[s] for s in STRUCTURES]) for m in drawn], STRUCTURES)
     rows, dice = _synthetic_rows()

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from pipeline.cli import catalogue, collect, database, groups, label, results, review, train
+from pipeline.cli import catalogue, collect, database, groups, label, quality, results, review, train
 from pipeline.cli.common import CONTEXT
 
 
@@ -91,6 +91,6 @@ def cli(ctx: click.Context, url: str | None, verbose: int) -> None:
     ctx.ensure_object(dict).update(url=url, verbose=verbose)
 
 
-for _module in (database, catalogue, groups, collect, train, label, results, review):
+for _module in (database, catalogue, groups, collect, train, label, quality, results, review):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

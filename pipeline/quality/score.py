@@ -76,7 +76,10 @@ class QualityModel:
         inputs = {key: design(group, names) for key, group in images.items()}
         mean, scale, coef, intercept, knots, values = {}, {}, {}, {}, {}, {}
         for s in structures:
-            pick = [i for i, r in enumerate(rows) if r["structure"] == s]
+            # a film whose source does not draw the structure (dice None) gives its context only
+            pick = [i for i, r in enumerate(rows) if r["structure"] == s and dice[i] is not None]
+            if not pick:
+                continue
             x = np.array([inputs[rows[i]["image"]][s] for i in pick], np.float64)
             d = np.clip(np.array([dice[i] for i in pick], np.float64), 0, 1)
             y = np.log(1.01 - d)

@@ -31,6 +31,7 @@ class Dataset:
     sources: list[str] | None = None  # per image: manual, reviewed or accepted (None: all manual)
     geoms: list[Geometry] | None = None  # per image: its cache entry's geometry (where the film lies)
     patients: dict[str, str] | None = None  # uid: patient key (source and patient id), for folds
+    structures: tuple[str, ...] = ()  # what ``masks`` and ``valid`` hold, in order
 
     @property
     def source_of(self) -> list[str]:
@@ -140,7 +141,7 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                          "the cardiomediastinum, not the heart alone), or train other structures")
     sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
     return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources,
-                   [e.geom for e in entries], patients)
+                   [e.geom for e in entries], patients, tuple(cfg.structures))
 
 
 # name: probability. An inverted film is left out: labelling turns one back before the model

@@ -104,6 +104,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     va = ds.indices(held_out)
     tr = sorted(set(range(len(ds.uids))) - set(va))
     trained_on = dict(Counter(ds.source_of[i] for i in tr))  # images per mask source
+    # which films: what `cxrlabel quality fit` leaves out of the films it fits the score on
+    trained_uids = sorted(ds.uids[i] for i in tr)
     _seed_all(cfg.seed)
     model = build_network(cfg.spec()).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -173,7 +175,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
         if mean > state["best"]:
             state["best"], state["best_epoch"] = mean, epoch + 1
             save_checkpoint(run_dir / "best.pt", scored, cfg.spec(),
-                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash, "images": trained_on},
+                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash, "images": trained_on,
+                             "trained_uids": trained_uids},
                             training=cfg.as_dict())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
@@ -188,7 +191,8 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     if va and state["epoch"] == cfg.epochs and state["history"]:
         save_checkpoint(run_dir / "final.pt", scored, cfg.spec(),
                         {"dice": {s: state["history"][-1].get(s) for s in cfg.structures},
-                         "epoch": state["epoch"], "data_hash": ds.hash, "images": trained_on},
+                         "epoch": state["epoch"], "data_hash": ds.hash, "images": trained_on,
+                             "trained_uids": trained_uids},
                         training=cfg.as_dict())
     best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
     plot_curve(state["history"], run_dir / "learning_curve.png",

@@ -1,0 +1,95 @@
+"""``cxrlabel quality``: fit a model's quality score on your own annotated films, and show which
+score a model carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import emit, engine_of, handle_errors, json_option
+
+
+@click.group()
+def quality() -> None:
+    """The quality score (estimated Dice per structure): fit it on your films, show it."""
+
+
+@quality.command("fit")
+@click.option("--model", default="default", show_default=True, help="The model whose score is fitted.")
+@click.option("--cv", "cv", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Fit on the held-out films of this cross-validation run of the model's recipe "
+                   "(`cxrlabel train --folds K`); without it, on the database's annotated films the model "
+                   "did not train on.")
+@click.option("--checkpoint", type=click.Choice(["final", "best"]), default="final", show_default=True,
+              help="With --cv: each fold's last epoch (as long as the shipped model trained), or its best.")
+@click.option("--sample", help="Only the annotated films of this named sample (a checkpoint that does not record "
+                               "the films it trained on needs one: films it never saw).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Without --cv: leave-fold-out folds, films of one patient together.")
+@click.option("--shifts", is_flag=True, help="Also label each film under the equipment-like shifts (contrast, "
+                                             "noise, JPEG, crops, rotations, a collimator's rim...) at two "
+                                             "strengths: ~25x the labelling, a score that knows odd films.")
+@click.option("--tta", is_flag=True, help="Also fit the score that reads test-time augmentation (label --tta).")
+@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Ridge penalty.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the score to this file (e.g. CHECKPOINT.quality.json, to ship beside it).")
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the held-out calibration here (PNG).")
+@click.option("--cache", type=click.Path(file_okay=False), envvar="CXRLABEL_CACHE")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, out, figure, cache, seed,
+                as_json) -> None:
+    """Fit a model's quality score on annotated films it did not train on, and keep it.
+
+    Every film is labelled as `cxrlabel label` would; the score is fitted leaving one fold out
+    at a time, and its held-out figures are printed: Spearman and mean absolute error against
+    the true mean Dice, calibration by decile, and the AUROC of finding the worst tenth of films
+    by CTR error. The score fitted on every fold is kept in the database for the model's
+    checkpoint, where `label` finds it before the file beside the checkpoint.
+
+    \b
+    Example:
+        cxrlabel quality fit --model default --sample my_annotated --figure reports/calibration.png
+        cxrlabel quality fit --model cxr_deep_all --cv runs/cxr_deep_cv --shifts --tta
+    """
+    import json
+
+    from pipeline.quality.fit import fit
+    result = fit(engine_of(ctx), model, cv, checkpoint, sample, folds, shifts, tta, alpha, out, figure, cache, seed)
+    judged = [("score", result.judged)] + ([("score with --tta", result.tta_judged)] if result.tta_judged else [])
+    if as_json:
+        click.echo(json.dumps({name: j.as_dict() for name, j in judged} | {"stored": result.stored}, indent=2))
+        return
+    for name, j in judged:
+        click.echo(f"{name}, held out ({j.films} films): Spearman {j.spearman:.3f} with the true mean Dice "
+                   f"(heuristic {j.heuristic_spearman:.3f}), MAE {j.mae:.4f}, AUROC {j.auroc:.3f} for the worst "
+                   f"tenth by CTR error ({j.ctr_films} films with a true CTR)")
+    click.echo("calibration by decile of the estimate (held out):")
+    emit([{"estimated": e, "true": t, "films": n} for e, t, n in result.judged.calibration], False)
+    for where in result.stored:
+        click.echo(f"kept in {where}")
+    if figure:
+        click.echo(f"calibration figure: {figure}")
+
+
+@quality.command("show")
+@click.option("--model", help="One model (default: the shipped default and every registered model).")
+@json_option
+@click.pass_context
+@handle_errors
+def quality_show(ctx, model, as_json) -> None:
+    """Which quality score each model carries, where it came from and how it did held out.
+
+    \b
+    Example:
+        cxrlabel quality show --model default
+    """
+    from pipeline.model import model_scores
+    emit(model_scores(engine_of(ctx), model), as_json)
+
+
+COMMANDS = [quality]
