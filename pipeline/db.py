@@ -260,8 +260,6 @@ measurements = Table(
     # is this a frontal chest radiograph the model can read (pipeline/quality/inputs.py)? 'ok',
     # or why not ('not a chest film: ...', 'lateral view', 'flipped', ...); NULL: not checked
     Column("input_check", String(120)),
-    # a film the CTR norms do not describe, marked, not refused: 'AP view', 'child (age 9)'
-    Column("outside_norms", String(60)),
     # from the masks a person reviewed (their corrections, the model's masks elsewhere)
     Column("reviewed_ctr", Float),
     Column("reviewed_heart_width_px", Integer),
@@ -348,9 +346,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "\"left_lung\": \"the patient''s left lung; drawn on behind the heart\", "
         "\"right_lung\": \"the patient''s right lung; drawn on behind the heart\"}', CURRENT_TIMESTAMP WHERE EXISTS "
         "(SELECT 1 FROM images WHERE source = 'generalblockchain')"],
-    # the input check and the CTR norms' marks; quality_scores is a new table
-    8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)",
-        "ALTER TABLE measurements ADD COLUMN outside_norms VARCHAR(60)"],
+    # the input check's verdict; quality_scores is a new table
+    8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)"],
 }
 
 

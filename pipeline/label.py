@@ -39,6 +39,9 @@ from pipeline.imaging import Geometry, collimation_rim, upright
 from pipeline.measure import bbox, clean, mean_column, measure_boxes
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
+from pipeline.quality.inputs import OK as INPUT_OK
+from pipeline.quality.inputs import check as check_input
+from pipeline.quality.inputs import header_check, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class Item:
     spacing: tuple[float | None, float | None] = (None, None)
     rim: float | None = None  # share under a collimator's rim (quality.rim_share); None: read it from image
     rim_box: tuple[int, int, int, int] | None = None  # its imaging.collimation_rim, when read (load_batch)
+    header: str | None = None  # why the catalogue's header says it is no frontal chest film (inputs.header_check)
+    thumb: np.ndarray | None = None  # the film's thumbnail (inputs.thumbnail): what the input check compares
 
 
 @dataclass
@@ -93,8 +98,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     agreement, kept, columns, features = {}, {}, {}, {}
     size = probs.shape[-1]
     atlas = scorer.atlas if scorer is not None else None
-    whole_masks = ({s: np.zeros((size, size), bool) for s in structures}
-                   if tta is not None or atlas is not None else None)
+    whole_masks = {s: np.zeros((size, size), bool) for s in structures}  # what the input check reads
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
     fg = probs > cut
     fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
@@ -115,8 +119,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
         part = np.where(near, p, np.float32(0))
         part[cleaned & (part <= 0.5)] = 0.75
         soft[i][window] = part
-        if whole_masks is not None:  # test-time augmentation and the atlas read the whole cleaned masks
-            whole_masks[s][window] = cleaned
+        whole_masks[s][window] = cleaned
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
         # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
         agreement[s] = min(1.0, 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned))))
@@ -129,11 +132,19 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
+    fit = atlas.fit(whole_masks) if atlas is not None else None
     features, scored = Q.score_image(
         scorer, features, agreement, kept, columns, values["ctr"],
         item.rim if item.rim is not None else Q.rim_share(item.image),
-        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None,
-        atlas.fit(whole_masks) if atlas is not None else None)
+        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None, fit)
+    look = None
+    if scorer is not None and scorer.appearance is not None:
+        thumb = item.thumb if item.thumb is not None else (
+            thumbnail(item.image, item.geom.film_box()) if item.image.size else None)
+        look = scorer.appearance.look(thumb) if thumb is not None else None
+    scored["input_check"] = item.header or check_input(whole_masks, item.geom.film_box(), fit, look)
+    if scored["input_check"] != INPUT_OK:  # not a film the model can read: first in the review worklist
+        scored["quality"] = 0.0
     return Result(item.uid, encoded, {**values, **scored}, features=features)
 
 
@@ -421,7 +432,9 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
                 log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
                             "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
             rim = collimation_rim(image)
-            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image, rim), rim))
+            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image, rim), rim,
+                              header_check(sel.modality, sel.body_part, sel.view),
+                              thumbnail(image, got.geom.film_box())))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors

@@ -95,10 +95,12 @@ def _selection(engine: Engine, model: str, groups: Sequence[str], sample: str | 
 
 
 def report(engine: Engine, out_dir: Path, model: str = "default", group: str | Sequence[str] | None = None,
-           sample: str | None = None, tiles: int = 24, columns: int = 6) -> ReportFiles:
+           sample: str | None = None, tiles: int = 24, columns: int = 6, include_flagged: bool = False) -> ReportFiles:
     """Contact sheet of the ``tiles`` lowest-quality images of the group(s) or sample, the CTR
     distributions of the groups side by side (PA and AP apart), and with two groups the ROC
-    of the CTR separating the first from the second."""
+    of the CTR separating the first from the second. Films the input check flagged (not a
+    frontal chest film the model can read) head the contact sheet and are left out of the
+    distributions and the ROC, unless ``include_flagged``."""
     groups = [group] if isinstance(group, str) else list(group or [])
     from pipeline.groups import missing_name
     with engine.connect() as conn:  # a name that does not exist is said so, with the names that do
@@ -129,9 +131,10 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     sheet_path = out_dir / f"contact_sheet_{name}.png"
     cv2.imwrite(str(sheet_path), sheet)
     hist_path = out_dir / f"ctr_histogram_{name}.png"
-    _histogram(_selection(engine, model, [], sample) if not groups else rows, hist_path, model)
+    counted = _in_statistics(_selection(engine, model, [], sample) if not groups else rows, include_flagged)
+    _histogram(counted, hist_path, model)
     roc_path = out_dir / f"ctr_roc_{name}.png" if len(groups) >= 2 else None
-    if roc_path and not _roc(rows, groups[0], groups[1], roc_path, model):
+    if roc_path and not _roc(_in_statistics(rows, include_flagged), groups[0], groups[1], roc_path, model):
         roc_path = None
     return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path,
                        _agreement(engine, model, out_dir))
@@ -151,6 +154,12 @@ def _agreement(engine: Engine, model: str, out_dir: Path) -> Path | None:
 
 
 LATERAL = ("LL", "RL", "LAT", "LATERAL")
+
+
+def _in_statistics(rows: list[dict], include_flagged: bool = False) -> list[dict]:
+    """The rows CTR statistics count: all of them with ``include_flagged``, else those the
+    input check passed (or that were labelled before it)."""
+    return rows if include_flagged else [r for r in rows if r.get("input_check") in (None, "ok")]
 
 
 def _views(rows: list[dict]) -> dict[str, list[dict]]:

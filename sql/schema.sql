@@ -1,4 +1,4 @@
--- cxrlabel schema, version 7. Generated from pipeline/db.py by
+-- cxrlabel schema, version 8. Generated from pipeline/db.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -96,6 +96,16 @@ CREATE TABLE models (
 	PRIMARY KEY (name)
 );
 
+CREATE TABLE quality_scores (
+	model_sha256 VARCHAR(64) NOT NULL, 
+	tta BOOLEAN NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	score TEXT NOT NULL, 
+	origin TEXT, 
+	fitted_at DATETIME NOT NULL, 
+	PRIMARY KEY (model_sha256, tta)
+);
+
 CREATE TABLE schema_version (
 	version INTEGER NOT NULL, 
 	applied_at DATETIME NOT NULL, 
@@ -177,6 +187,7 @@ CREATE TABLE measurements (
 	quality_left_lung FLOAT, 
 	quality_right_lung FLOAT, 
 	labelled_at DATETIME NOT NULL, 
+	input_check VARCHAR(120), 
 	reviewed_ctr FLOAT, 
 	reviewed_heart_width_px INTEGER, 
 	reviewed_thoracic_width_px INTEGER, 

@@ -16,6 +16,11 @@ LEFT JOIN groups g ON g.uid = i.uid;
 -- the CTR the report itself states (КТИ 0,58), where it states one. `review`: the latest
 -- decision a person took on the image's masks (accepted, rejected, corrected; NULL: not
 -- reviewed); `reviewed_ctr`: the CTR from the masks as reviewed (NULL unless accepted or corrected).
+-- `input_check`: 'ok', or why the film does not read as a frontal chest radiograph the model
+-- can read (not a chest film, turned, flipped, cropped; NULL: labelled before the check);
+-- such films have quality 0, and CTR statistics leave them out unless asked (`in_statistics`).
+-- `outside_norms`: a film the CTR norms do not describe, marked, never refused: an AP view (the
+-- heart is magnified) or a child (under 16, where the catalogue knows the age).
 CREATE VIEW label_results AS
 SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.heart_area_px, m.heart_area_mm2, m.heart_width_px, m.thoracic_width_px,
@@ -30,7 +35,13 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        (SELECT r.decision FROM reviews r WHERE r.uid = m.uid AND r.model = m.model
         ORDER BY r.version DESC, r.id DESC LIMIT 1) AS review,
        m.reviewed_ctr,
-       lr.heart_definition
+       lr.heart_definition,
+       m.input_check,
+       CASE WHEN UPPER(i.view) = 'AP' AND i.age < 16 THEN 'AP view; child'
+            WHEN UPPER(i.view) = 'AP' THEN 'AP view'
+            WHEN i.age < 16 THEN 'child'
+       END AS outside_norms,
+       CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 1 ELSE 0 END AS in_statistics
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid

@@ -92,12 +92,16 @@ def _file_name(label: str) -> str:
 @click.option("--out", "out_dir", default="data/reports", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tiles", default=24, show_default=True, type=click.IntRange(1, 400))
+@click.option("--include-flagged", is_flag=True,
+              help="Count films the input check flagged (not a frontal chest film the model can read) in the "
+                   "CTR distributions and the ROC too.")
 @click.pass_context
 @handle_errors
-def report_cmd(ctx, groups, sample, model, out_dir, tiles) -> None:
+def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged) -> None:
     """Contact sheet of overlays (lowest quality first), the groups' CTR distributions side by
     side (PA and AP apart), with two groups the ROC of the CTR separating them, and the
-    quality score's calibration.
+    quality score's calibration. Films the input check flagged head the contact sheet and
+    are left out of the distributions and the ROC unless --include-flagged.
 
     \b
     Example:
@@ -106,7 +110,7 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles) -> None:
     from pipeline.report import report
     if bool(groups) == bool(sample):
         raise click.UsageError("choose --group (one or more) or --sample")
-    files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles)
+    files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles, include_flagged=include_flagged)
     click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
     click.echo(f"CTR histogram: {files.histogram}")
     if files.roc:

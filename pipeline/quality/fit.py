@@ -41,6 +41,7 @@ from pipeline.measure import bbox, measure
 from pipeline.metrics import dice
 from pipeline.model import LoadedModel, infer, read_checkpoint, resolve_model
 from pipeline.quality.features import FEATURES, SHAPE, Atlas, tta_agreement, tta_copies
+from pipeline.quality.inputs import Appearance, thumbnail
 from pipeline.quality.score import QualityModel, recipe_of, store
 from pipeline.shifts import SHIFTS, apply
 
@@ -166,6 +167,12 @@ def _tta_features(lm: LoadedModel, images: list[np.ndarray], results: list, stru
                           structures) for n, r in enumerate(results)]
 
 
+def appearance_of(ds) -> Appearance:
+    """The look of every annotated film of the dataset (:class:`pipeline.quality.inputs.Appearance`)."""
+    return Appearance(np.stack([thumbnail(ds.images[i], ds.geoms[i].film_box() if ds.geoms else None)
+                                for i in range(len(ds.uids))]))
+
+
 def atlas_of(ds, structures: Sequence[str], leave_out: Sequence[int] = ()) -> Atlas | None:
     """The atlas of the dataset's films whose source draws every one of ``structures``, but
     ``leave_out``; None when no film draws them all."""
@@ -188,6 +195,7 @@ class Films:
     fold_models: dict | None  # how the models that labelled them were trained (None: the model itself)
     atlas: Atlas | None
     images: int = 0
+    appearance: Appearance | None = None  # the annotated films' look, for the input check
 
 
 def _dataset(engine: Engine, training: dict, cache: str | None, masks: tuple[str, ...] = ("manual",),
@@ -232,7 +240,7 @@ def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, ch
               f"{', with equipment-like shifts' if shifts else ''})")
     return Films(rows, len(trained), source, {"checkpoint": checkpoint, "epochs": first.training.get("epochs"),
                                               "epoch": first.info.get("epoch"), "training": recipe_of(first.training)},
-                 atlas_of(ds, structures), held_total)
+                 atlas_of(ds, structures), held_total, appearance_of(ds))
 
 
 def _finished(fold: Path, checkpoint: str) -> bool:
@@ -283,7 +291,7 @@ def films_from_database(engine: Engine, lm: LoadedModel, cache: str | None = Non
               f"{f' (sample {sample})' if sample else ''}, {folds} folds by patient"
               f"{', with equipment-like shifts' if shifts else ''}")
     return Films(rows, folds, source, None, atlas_of(ds, lm.spec.structures, set(range(len(ds.uids))) - set(usable)),
-                 len(usable))
+                 len(usable), appearance_of(ds))
 
 
 def _sample_uids(engine: Engine, name: str) -> list[str]:
@@ -452,7 +460,8 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
                 "calibration": judged.calibration}
         if films.fold_models is None:
             info.pop("fold_models")
-        score = QualityModel.fit(rows, [r["dice"] for r in rows], list(structures), alpha, info, names, films.atlas)
+        score = QualityModel.fit(rows, [r["dice"] for r in rows], list(structures), alpha, info, names, films.atlas,
+                                 films.appearance)
         out += [score, judged]
     return (out[0], out[1], *(out[2:] if tta else (None, None)))
 

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from pipeline import db as D
 from pipeline.masks import STRUCTURES
 from pipeline.quality.features import FEATURES, SHAPE, Atlas, design, image_features, lungs_swapped
+from pipeline.quality.inputs import Appearance
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class QualityModel:
     values: dict[str, list[float]]
     info: dict
     atlas: Atlas | None = None  # where ``features`` has SHAPE: what post-processing fits masks to
+    appearance: Appearance | None = None  # the annotated films' look: what the input check compares a film with
 
     def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
         """``{structure: {feature: value}}`` of one image -> estimated Dice per structure in
@@ -65,7 +67,7 @@ class QualityModel:
     @classmethod
     def fit(cls, rows: list[dict], dice: list[float], structures: list[str],
             alpha: float = 1.0, info: dict | None = None, names: tuple[str, ...] = FEATURES,
-            atlas: Atlas | None = None) -> QualityModel:
+            atlas: Atlas | None = None, appearance: Appearance | None = None) -> QualityModel:
         """Fit on ``rows`` (each: the features ``names`` of one structure of one image, plus
         ``"structure"`` and ``"image"``, any key the image's rows share) and their true Dice.
         With :data:`SHAPE` among ``names``, ``atlas`` is the one labelling will fit masks to
@@ -92,14 +94,15 @@ class QualityModel:
             k, v = _isotonic(-(y.mean() + z @ b), d)
             knots[s], values[s] = (-k[::-1]).tolist(), v[::-1].tolist()
         return cls(tuple(names), mean, scale, coef, intercept, knots, values, info or {},
-                   atlas if SHAPE in names else None)
+                   atlas if SHAPE in names else None, appearance)
 
     def to_json(self) -> dict:
         if SHAPE in self.features and self.atlas is None:
             raise ValueError(f"a score that reads {SHAPE!r} is saved with the atlas it was measured against")
         return {"format": FORMAT, "features": list(self.features), "mean": self.mean, "scale": self.scale,
                 "coef": self.coef, "intercept": self.intercept, "knots": self.knots, "values": self.values,
-                "info": self.info, **({"atlas": self.atlas.to_json()} if self.atlas else {})}
+                "info": self.info, **({"atlas": self.atlas.to_json()} if self.atlas else {}),
+                **({"appearance": self.appearance.to_json()} if self.appearance else {})}
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json()))
@@ -114,7 +117,8 @@ class QualityModel:
             if d.get("format") == FORMAT and set(d["features"]) <= {*FEATURES, "tta", SHAPE} and (
                     SHAPE in d["features"]) == ("atlas" in d):
                 return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
-                           d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None)
+                           d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None,
+                           Appearance.from_json(d["appearance"]) if "appearance" in d else None)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             why += f", or a damaged one ({type(e).__name__}: {e})"
         raise ValueError(why)

@@ -1,0 +1,78 @@
+"""The input check: is this a frontal chest radiograph the model can read?"""
+
+import numpy as np
+import pytest
+
+from pipeline.quality import QualityModel
+from pipeline.quality.inputs import OK, Appearance, anatomy, check, header_check, thumbnail
+
+
+def _chest(side: int = 64) -> dict[str, np.ndarray]:
+    """Masks laid out as on a PA film: the patient's right lung on the image's left, the
+    smaller left lung on the image's right, the heart low between them leaning to the left lung."""
+    yy, xx = np.mgrid[:side, :side]
+    right = ((xx - 18) / 10) ** 2 + ((yy - 30) / 20) ** 2 <= 1
+    left = ((xx - 46) / 9) ** 2 + ((yy - 30) / 19) ** 2 <= 1
+    heart = ((xx - 35) / 9) ** 2 + ((yy - 42) / 7) ** 2 <= 1
+    return {"heart": heart, "left_lung": left & ~heart, "right_lung": right & ~heart}
+
+
+def test_a_chest_laid_out_as_on_a_pa_film_passes_and_each_way_of_breaking_it_is_named():
+    chest = _chest()
+    a = anatomy(chest)
+    assert a["lung_order"] > 0 and a["heart_side"] > 0 and a["lung_ratio"] < 1 and a["heart_low"] > 0.5
+    assert check(chest) == OK
+    mirrored = {s: np.fliplr(m) for s, m in chest.items()}
+    mirrored = {"heart": mirrored["heart"], "left_lung": mirrored["right_lung"], "right_lung": mirrored["left_lung"]}
+    assert check(mirrored).startswith("flipped left-right")  # the larger lung and the heart on the image's right
+    assert check({s: np.rot90(m) for s, m in chest.items()}).startswith("not a frontal chest film, or turned")
+    upside = {s: np.flipud(m) for s, m in chest.items()}
+    assert check(upside).startswith("upside down")
+    assert check(dict(chest, left_lung=np.zeros_like(chest["left_lung"]))).startswith("not a chest film?")
+    film = (0.0, 0.0, 40.0, 63.0)  # the film ends inside the left lung: cut off there
+    assert check(chest, film).startswith("cropped?")
+    assert check(chest, atlas_fit={"heart": 0.5, "left_lung": 0.6, "right_lung": 0.6}).startswith("unlike any")
+
+
+def test_the_catalogues_header_speaks_first():
+    assert header_check("CT", None, None) == "not a radiograph: Modality CT"
+    assert header_check("DX", "KNEE", "AP") == "not a chest film: body part KNEE"
+    assert header_check("CR", "CHEST", "LL").startswith("lateral view (LL)")
+    assert header_check("CR", "chest", "PA") is None and header_check(None, None, None) is None
+
+
+def test_an_appearance_knows_a_film_turned_and_one_unlike_any_chest():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    films = []
+    for _ in range(20):  # dark lungs either side of a bright middle, brighter below: a chest-like film
+        base = 120 + 60 * (yy / 96) + 40 * np.exp(-((xx - 50) / 12) ** 2) + rng.normal(0, 8, (96, 96))
+        lungs = ((((xx - 28) / 14) ** 2 + ((yy - 40) / 26) ** 2 <= 1)
+                 | (((xx - 70) / 13) ** 2 + ((yy - 40) / 25) ** 2 <= 1))
+        films.append(np.clip(np.where(lungs, base - 80, base), 0, 255).astype(np.uint8))
+    looks = Appearance(np.stack([thumbnail(f) for f in films[1:]]))
+    upright = looks.look(thumbnail(films[0]))
+    assert upright["upright"] > 0.8 and upright["turned"] < upright["upright"]
+    assert check(_chest(), look=upright) == OK
+    turned = looks.look(thumbnail(np.rot90(films[0]).copy()))
+    assert check(_chest(), look=turned).startswith("turned?")
+    noise = looks.look(rng.integers(0, 255, (24, 24), dtype=np.uint8))
+    assert check(_chest(), look=noise).startswith("not a chest film? it looks like no annotated chest film")
+    assert looks.look(thumbnail(films[1]), leave_out=0)["upright"] < 0.999  # itself left out
+    again = Appearance.from_json(looks.to_json())
+    assert np.array_equal(again.thumbs, looks.thumbs)
+    with pytest.raises(ValueError, match="bytes where its"):
+        Appearance.from_json({**looks.to_json(), "images": 3})
+
+
+def test_a_fitted_score_keeps_its_appearance(tmp_path):
+    rows = [{"structure": s, "image": i, **{k: float(np.sin(i + j)) for j, k in enumerate(
+        ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "ctr_off", "lungs_swapped", "missing",
+         "rim"))}} for i in range(30) for s in ("heart", "left_lung", "right_lung")]
+    looks = Appearance(np.zeros((2, 24, 24), np.uint8) + np.arange(24, dtype=np.uint8))
+    score = QualityModel.fit(rows, [0.9 + 0.002 * (n % 30) for n in range(len(rows))], ["heart", "left_lung",
+                                                                                         "right_lung"],
+                             appearance=looks)
+    score.save(tmp_path / "s.quality.json")
+    again = QualityModel.load(tmp_path / "s.quality.json")
+    assert again.appearance is not None and np.array_equal(again.appearance.thumbs, looks.thumbs)
