@@ -423,10 +423,11 @@ def register_model(engine: Engine, name: str, checkpoint: str | Path, preset: st
 
 
 def list_models(engine: Engine) -> list[dict]:
-    """Registered models with their validation Dice and the images each trained on per mask
-    source (``manual 80, reviewed 6, accepted 14``; ``train --masks``), by name."""
+    """The shipped ``default`` model, then the registered models by name, with their
+    validation Dice (none for a model trained on every image) and the images each trained on
+    per mask source (``manual 80, reviewed 6, accepted 14``; ``train --masks``)."""
     m = D.models
-    out = []
+    out = [_shipped_row()]
     with engine.connect() as conn:
         for r in conn.execute(select(m.c.name, m.c.preset, m.c.dice_heart, m.c.dice_left_lung,
                                      m.c.dice_right_lung, m.c.metrics, m.c.sha256, m.c.path, m.c.created_at)
@@ -438,6 +439,21 @@ def list_models(engine: Engine) -> list[dict]:
                 images = {}
             out.append({**row, "trained_on": ", ".join(f"{k} {v}" for k, v in images.items())})
     return out
+
+
+def _shipped_row() -> dict:
+    """``list_models``' row of the shipped default model (what `label` uses unless told)."""
+    path = default_model_path()
+    row = {"name": "default", "preset": None, "dice_heart": None, "dice_left_lung": None, "dice_right_lung": None,
+           "sha256": None, "path": str(path), "created_at": None, "trained_on": "(missing: reinstall)"}
+    if not path.exists():
+        return row
+    ck = read_checkpoint(path)
+    dice = ck.info.get("dice") or {}
+    return {**row, "preset": ck.training.get("preset"), "dice_heart": _finite(dice.get("heart")),
+            "dice_left_lung": _finite(dice.get("left_lung")), "dice_right_lung": _finite(dice.get("right_lung")),
+            "sha256": file_sha256(path), "created_at": ck.info.get("trained"),
+            "trained_on": ", ".join(f"{k} {v}" for k, v in (ck.info.get("images") or {}).items()) + " (shipped)"}
 
 
 def _finite(v: float | None) -> float | None:

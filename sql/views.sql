@@ -37,7 +37,7 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.reviewed_ctr,
        lr.heart_definition,
        m.input_check,
-       CASE WHEN UPPER(i.view) = 'AP' AND i.age < 16 THEN 'AP view; child'
+       CASE WHEN UPPER(i.view) = 'AP' AND i.age < 16 THEN 'AP view, child'
             WHEN UPPER(i.view) = 'AP' THEN 'AP view'
             WHEN i.age < 16 THEN 'child'
        END AS outside_norms,

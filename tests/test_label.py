@@ -465,3 +465,10 @@ def test_a_film_cut_short_is_drawn_by_a_model_that_trained_on_such_films():
     assert len(agree["first"]) >= 15 and left_alone == len(agree["first"]) and picked >= len(agree["first"]) // 2
     assert np.mean(agree["first"]) > 0.96
     assert np.mean(agree["again"]) < np.mean(agree["first"]) - 0.01
+
+
+def test_models_list_shows_the_shipped_default_first(sqlite_engine):
+    from pipeline.model import default_model_path, file_sha256, list_models
+    rows = list_models(sqlite_engine)  # a new database registers nothing: the default is still in use
+    assert [r["name"] for r in rows] == ["default"]
+    assert rows[0]["sha256"] == file_sha256(default_model_path()) and rows[0]["trained_on"].endswith("(shipped)")

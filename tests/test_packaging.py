@@ -33,10 +33,18 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pipeline", "sql", "models"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(src)], check=True, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "-w", str(out), str(src)], check=True, capture_output=True, text=True)
+    (out / "build.log").write_text(build.stdout + build.stderr)
     (found,) = out.glob("cxrlabel-*.whl")
     return found
+
+
+def test_the_build_has_nothing_to_warn_about(wheel):
+    """Every folder of data files is a package of its own, and the licence an SPDX expression."""
+    log = (wheel.parent / "build.log").read_text()
+    assert "absent from the `packages` configuration" not in log and "is deprecated" not in log.replace(
+        "license-file", "")
 
 
 def test_wheel_carries_the_runtime_data(wheel):
