@@ -76,7 +76,7 @@ def test_groups_list_json(tmp_path):
     assert json.loads(r.output) == []
 
 
-def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path):
+def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path, monkeypatch):
     """NIH rows whose images are not on this machine: the run groups its failures by reason,
     says what to fix, and `failures` lists them newest first."""
     url = f"sqlite:///{tmp_path / 'c.db'}"
@@ -91,6 +91,10 @@ def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path):
     assert len(listed) == 8 and all(f["message"].endswith("file not found") for f in listed)
     table = run(url, "failures", "--limit", "3").output
     assert len(table.strip().splitlines()) == 2 + 3  # header, rule, three problems
+    assert all(line.rstrip().endswith("file not found") for line in table.strip().splitlines()[2:])  # uncut
+    monkeypatch.setattr("pipeline.cli.results.FAILURES_SHOWN", 5)  # the table's default, met
+    table = run(url, "failures").output.strip().splitlines()
+    assert len(table) == 2 + 5 + 1 and table[-1].startswith("... 3 more not shown: `cxrlabel failures --limit N`")
     assert "no label run 99" in run(url, "failures", "--since", "99").output
     r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
     assert "0 labelled" in r.output and "8 failed" in r.output and "no file on disk" in r.output
@@ -176,3 +180,6 @@ def test_a_name_that_does_not_exist_is_said_so_with_the_names_that_do(tmp_path):
         r = run(url, *args)
         assert r.exit_code == 1 and words in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1
+    r = run(url, "export", "rle", "--out", str(tmp_path / "y.csv"))  # as label: never everything by omission
+    assert r.exit_code == 2 and "choose what to export: --group G, --sample NAME or --all" in r.output
+    assert not (tmp_path / "y.csv").exists()

@@ -57,8 +57,9 @@ def json_value(v):
     return float(v) if isinstance(v, decimal.Decimal) else str(v)
 
 
-def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
-    """Rows as JSON, CSV or an aligned table."""
+def emit(rows: list[dict], as_json: bool, as_csv: bool = False, uncut: tuple[str, ...] = ()) -> None:
+    """Rows as JSON, CSV or an aligned table (cells cut at 60 characters, but the columns
+    ``uncut``, which should come last)."""
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=json_value, ensure_ascii=False))
         return
@@ -71,8 +72,8 @@ def emit(rows: list[dict], as_json: bool, as_csv: bool = False) -> None:
         w.writeheader()
         w.writerows(rows)
         return
-    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))[:60]
-              for c in cols] for r in rows]
+    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))[
+              :None if c in uncut else 60] for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     click.echo("  ".join("-" * w for w in widths))

@@ -121,18 +121,22 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged) -> N
         click.echo(f"CTR against manual masks (Bland-Altman, bias by true-CTR band): {files.bland_altman}")
 
 
+FAILURES_SHOWN = 50  # rows the table shows unless --limit says otherwise
+
+
 @click.command("failures")
 @click.option("--stage", type=click.Choice(["collect", "label"]), help="Only this stage's failures.")
 @click.option("--since", "since_run", type=click.IntRange(min=1), metavar="RUN",
               help="Only failures seen since label run RUN started.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N (newest first).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help=f"At most N (newest first) [the table: {FAILURES_SHOWN}; --csv and --json: all].")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handle_errors
 def failures_cmd(ctx, stage, since_run, limit, as_csv, as_json) -> None:
-    """Images a stage could not process, one line per problem, newest first (catalogue rows
-    that could not be loaded: `catalogue errors`).
+    """Images a stage could not process, one line per problem, newest first, each with its
+    whole reason (catalogue rows that could not be loaded: `catalogue errors`).
 
     \b
     Example:
@@ -142,12 +146,17 @@ def failures_cmd(ctx, stage, since_run, limit, as_csv, as_json) -> None:
     from pipeline.failures import list_failures, run_started
     engine = engine_of(ctx)
     since = run_started(engine, since_run) if since_run else None
-    rows = list_failures(engine, stage, since, limit)
     if as_json or as_csv:
-        emit(rows, as_json, as_csv)
-    else:
-        emit([{"stage": r["stage"], "uid": r["uid"], "error": r["error_class"], "message": r["message"][:100],
-               "last_seen": str(r["last_seen_at"])[:19]} for r in rows], False)
+        emit(list_failures(engine, stage, since, limit), as_json, as_csv)
+        return
+    shown = limit or FAILURES_SHOWN
+    rows = list_failures(engine, stage, since, shown + 1)
+    emit([{"stage": r["stage"], "uid": r["uid"], "last_seen": str(r["last_seen_at"])[:19], "error": r["error_class"],
+           "message": r["message"]} for r in rows[:shown]], False, uncut=("message",))
+    if len(rows) > shown and not limit:
+        total = len(list_failures(engine, stage, since))
+        click.echo(f"... {total - shown} more not shown: `cxrlabel failures --limit N`, or --csv for all of them "
+                   "(`cxrlabel status` groups them by reason)")
 
 
 COMMANDS = [query, evaluate_cmd, report_cmd, failures_cmd]

@@ -81,9 +81,11 @@ def export_cmd(ctx, fmt, group, sample, all_images, model, reviewed, include_rej
     """
     from pipeline.export import export
     from pipeline.groups import select_images
+    if sum(map(bool, (group, sample, all_images))) != 1:  # as `label`: never everything by omission
+        raise click.UsageError("choose what to export: --group G, --sample NAME or --all")
     engine = engine_of(ctx)
     with engine.connect() as conn:
-        selection = select_images(conn, group, sample, all_images or not (group or sample), labelled_by=model)
+        selection = select_images(conn, group, sample, all_images, labelled_by=model)
     s = export(engine, fmt, out, selection, model, reviewed, include_rejected)
     click.echo(f"{fmt} export to {s.out}: {s.written} written, {s.kept} already there and unchanged"
                + (f", {s.rejected} rejected masks left out" if s.rejected else ""))
