@@ -57,8 +57,10 @@ train: masks
 train-cv: masks
 	$(CX) train --model $(PRESET) --folds 5 --name $(PRESET)_cv $(if $(EPOCHS),--epochs $(EPOCHS))
 
+# Exit status 3 (some images failed, the rest labelled) is expected here: the NIH catalogue
+# lists 112,120 films and only two of them lie in ../shared; `cxrlabel failures` lists the rest.
 label: install
-	$(CX) label --group $(GROUP) --model $(MODEL)
+	$(CX) label --group $(GROUP) --model $(MODEL) || [ $$? -eq 3 ]
 
 # End to end on the shared data: catalogue, annotated masks, a simulated clinic archive of
 # DEMO_N DICOM files with (synthetic) reports, collect, label, evaluate, report.

@@ -83,7 +83,7 @@ def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path, monkeypat
     from tests.test_catalogue import nih_slice
     assert run(url, "catalogue", "load", "nih", str(nih_slice(tmp_path, 8))).exit_code == 0  # no images here
     r = run(url, "collect", "--all", "--size", "64", "--workers", "1", "--cache", str(tmp_path / "cache"))
-    assert r.exit_code == 0 and "8 failed" in r.output
+    assert r.exit_code == 4 and "8 failed" in r.output  # items failed, none done: a script can tell
     assert "most of the selection (8 of 8) has no file on disk" in r.output and "--image-root" in r.output
     assert "8 x DecodeError: file not found   e.g. " in r.output
     assert "see them all: cxrlabel failures --stage collect" in r.output
@@ -98,7 +98,12 @@ def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path, monkeypat
     assert "no label run 99" in run(url, "failures", "--since", "99").output
     r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
     assert "0 labelled" in r.output and "8 failed" in r.output and "no file on disk" in r.output
-    assert "see them all: cxrlabel failures --stage label --since 1" in r.output
+    assert "see them all: cxrlabel failures --stage label --since 1" in r.output and r.exit_code == 4
+    assert run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1").exit_code == 0
+    r = run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert r.exit_code == 3 and "8 failed" in r.output  # some failed, the rest labelled
+    r = run(url, "label", "--source", "dicom", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert r.exit_code == 0 and "0 failed" in r.output  # all done before: nothing failed
 
 
 def test_paths_are_stored_absolute_and_reroot_moves_an_archive(tmp_path, monkeypatch):

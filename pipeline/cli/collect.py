@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import engine_of, handle_errors, select, selection_options
+from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, selection_options
 
 
 @click.command("collect")
@@ -28,6 +28,9 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
                 ray_address) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
+    Exit status: 0 every image cached (or cached before), 3 some failed and the rest cached,
+    4 images failed and none was cached (see `cxrlabel failures`).
+
     \b
     Example:
         cxrlabel collect --group cardiomegaly --size 256 --workers 4
@@ -48,6 +51,7 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
                + (f"; {s.rebuilt} broken entries found and collected again" if s.rebuilt else ""))
     for line in summary(engine, "collect", started, s.selected - s.skipped):
         click.echo(line)
+    batch_exit(s.cached, s.failed)
 
 
 @click.group()

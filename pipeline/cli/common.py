@@ -18,6 +18,18 @@ from pipeline import db as D
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# Exit statuses of the batch commands (collect, label), for scripts: every item done (or nothing
+# left to do), some items failed and the rest done, items failed and none done. A usage or
+# setup error (no such group, no database) is 1 or 2, as for every command.
+EXIT_SOME_FAILED = 3
+EXIT_NONE_DONE = 4
+
+
+def batch_exit(done: int, failed: int) -> None:
+    """End a batch command with the status its counts call for (see :data:`EXIT_SOME_FAILED`)."""
+    if failed:
+        raise click.exceptions.Exit(EXIT_NONE_DONE if done == 0 else EXIT_SOME_FAILED)
+
 
 def handle_errors(fn):
     """Library errors become one-line CLI errors that say what to do next."""

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from pipeline.cli.common import engine_of, handle_errors, select, selection_options
+from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, selection_options
 
 
 @click.command("label")
@@ -30,6 +30,9 @@ from pipeline.cli.common import engine_of, handle_errors, select, selection_opti
 def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
               threads, cache_dir, ray_address, actors, tta) -> None:
     """Stage 4: masks, measurements and quality for a selection; resumable.
+
+    Exit status: 0 every image labelled (or labelled before), 3 some failed and the rest
+    labelled, 4 images failed and none was labelled (see `cxrlabel failures`).
 
     \b
     Example:
@@ -59,6 +62,7 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
                f"{s.skipped} already labelled, {s.failed} failed of {s.selected} selected")
     for line in summary(engine, "label", started, s.selected - s.skipped, s.run_id):
         click.echo(line)
+    batch_exit(s.labelled, s.failed)
 
 
 COMMANDS = [label_cmd]
