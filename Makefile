@@ -69,7 +69,7 @@ demo: catalogue masks
 	$(CX) catalogue load dicom $(OUT)/demo_clinic --text-csv $(OUT)/demo_clinic/reports.csv \
 	    --text-key sop_uid --text-key-column SOPInstanceUID --text-column Report
 	$(CX) groups assign
-	$(CX) collect --source dicom --size 256
+	$(CX) collect --source dicom --model $(MODEL)
 	$(CX) label --source dicom --model $(MODEL)
 	$(CX) label --source generalblockchain --model $(MODEL)
 	$(CX) label --source wingspan --model $(MODEL)

@@ -365,9 +365,10 @@ def default_model_path() -> Path:
     return resource("models", "default", "model.pt")
 
 
-def resolve_model(engine: Engine | None, ref: str = "default", device: str = "auto") -> LoadedModel:
-    """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
-    registered = None  # the sha256 a registered model's file must still have
+def locate(engine: Engine | None, ref: str = "default") -> tuple[Path, str, str | None]:
+    """Where ``ref`` (``default``, a registered name or a checkpoint path) lies: its file, its
+    name for the database, and the sha256 a registered model's file must still have."""
+    registered = None
     if ref == "default":
         path, name = default_model_path(), "default"
     elif Path(ref).suffix == ".pt" or Path(ref).exists():
@@ -379,6 +380,17 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
         raise ModelError(f"checkpoint {path} not found" + (
             " (the shipped default lives in models/default/; reinstall or run `make train`)"
             if ref == "default" else ""))
+    return path, name, registered
+
+
+def model_spec(engine: Engine | None, ref: str = "default") -> ModelSpec:
+    """The inference spec of ``ref`` (what it reads: size, geometry mode...), without building it."""
+    return read_checkpoint(locate(engine, ref)[0]).spec
+
+
+def resolve_model(engine: Engine | None, ref: str = "default", device: str = "auto") -> LoadedModel:
+    """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
+    path, name, registered = locate(engine, ref)
     sha = file_sha256(path)
     if registered is not None and sha != registered:
         raise ModelError(f"model {ref!r}: {path} has sha256 {sha}, but was registered with {registered}: "

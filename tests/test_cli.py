@@ -188,3 +188,16 @@ def test_a_name_that_does_not_exist_is_said_so_with_the_names_that_do(tmp_path):
     r = run(url, "export", "rle", "--out", str(tmp_path / "y.csv"))  # as label: never everything by omission
     assert r.exit_code == 2 and "choose what to export: --group G, --sample NAME or --all" in r.output
     assert not (tmp_path / "y.csv").exists()
+
+
+def test_collect_caches_what_the_model_reads_so_labelling_finds_it_done(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1").exit_code == 0
+    r = run(url, "collect", "--all", "--workers", "1", "--cache", str(tmp_path / "cache"))
+    assert r.exit_code == 0 and "collect (256 px, pad): 6 selected, 6 cached now" in r.output
+    assert run(url, "label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache")
+               ).exit_code == 0
+    one = run(url, "query", "SELECT COUNT(DISTINCT settings_id) AS n, COUNT(*) AS entries FROM cache", "--json")
+    assert json.loads(one.output) == [{"n": 1, "entries": 6}]  # labelling added no second cache
+    r = run(url, "catalogue", "reroot", "dicom", str(tmp_path))
+    assert "0 image paths moved" in r.output and "give OLD_PREFIX as an absolute path" in r.output

@@ -11,10 +11,11 @@ from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, se
 
 @click.command("collect")
 @selection_options
-@click.option("--size", default=512, show_default=True, type=click.IntRange(32, 4096),
-              help="Side of the square cached image.")
-@click.option("--mode", type=click.Choice(["pad", "stretch"]), default="pad", show_default=True,
-              help="pad: keep aspect, pad to square; stretch: rescale to 1:1 (the paper's way).")
+@click.option("--model", default="default", show_default=True,
+              help="Cache at the size and geometry this model reads, so `label --model` finds the work done.")
+@click.option("--size", type=click.IntRange(32, 4096), help="Side of the square cached image [the model's].")
+@click.option("--mode", type=click.Choice(["pad", "stretch"]),
+              help="pad: keep aspect, pad to square; stretch: rescale to 1:1 (the paper's way) [the model's].")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoder processes [default: every core].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Cache folder [env CXRLABEL_CACHE; default data/cache].")
@@ -24,7 +25,7 @@ from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, se
               help="Decode on a Ray cluster (its address, or 'local'); needs cxrlabel[ray].")
 @click.pass_context
 @handle_errors
-def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, workers, cache_dir, verify,
+def collect_cmd(ctx, group, sample, all_images, limit, source, model, size, mode, workers, cache_dir, verify,
                 ray_address) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
@@ -39,6 +40,10 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
     from pipeline.collect import Settings, collect
     from pipeline.failures import summary
     engine = engine_of(ctx)
+    if size is None or mode is None:  # what the model reads: labelling with it then finds the cache done
+        from pipeline.model import model_spec
+        spec = model_spec(engine, model)
+        size, mode = size or spec.size, mode or spec.mode
     chosen = select(engine, group, sample, all_images, limit, source)
     started = D.utcnow()
     if ray_address:
@@ -46,7 +51,7 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, size, mode, worke
         s = collect_on_ray(engine, chosen.pairs(), Settings(size, mode), cache_dir, ray_address)
     else:
         s = collect(engine, chosen.pairs(), Settings(size, mode), cache_dir, workers, verify=verify)
-    click.echo(f"collect: {s.selected} selected, {s.cached} cached now, {s.skipped} already "
+    click.echo(f"collect ({size} px, {mode}): {s.selected} selected, {s.cached} cached now, {s.skipped} already "
                f"cached, {s.failed} failed"
                + (f"; {s.rebuilt} broken entries found and collected again" if s.rebuilt else ""))
     for line in summary(engine, "collect", started, s.selected - s.skipped):
