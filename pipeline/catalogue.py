@@ -355,6 +355,8 @@ def load_nih(engine: Engine, source: Path, image_root: Path | None = None,
             "height": parse_int(r.get("Height]"), "height"),
             "spacing_x": parse_float(r.get("OriginalImagePixelSpacing[x"), "pixel spacing"),
             "spacing_y": parse_float(r.get("y]"), "pixel spacing"),
+            # of the original (OriginalImage[Width, Height]): labelling scales it to the file's pixels
+            "spacing_source": "OriginalImagePixelSpacing",
             "modality": "DX",
         }
 
@@ -411,6 +413,8 @@ def load_csv(engine: Engine, source: Path, mapping: dict[str, str], image_root: 
             value = r[col].strip()
             parse = parsers.get(key)
             record[key] = parse(value) if parse else (value or None)
+        if record.get("spacing_x") or record.get("spacing_y"):
+            record["spacing_source"] = f"CSV column {mapping.get('spacing_x') or mapping.get('spacing_y')}"
         return record
 
     return store(engine, _rows_to_items(rows, convert), str(source), progress=progress)
@@ -432,9 +436,8 @@ def _dicom_header(args: tuple[str, str]) -> Item:
         return Problem(None, rel, str(e))
     except (InvalidDicomError, OSError, ValueError, EOFError) as e:
         return Problem(None, rel, f"unreadable DICOM header: {e}")
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     try:
-        sy, sx = (float(v) for v in spacing) if spacing else (None, None)
+        (sy, sx), spacing_source = dicom_spacing(ds)
         record = {
             "uid": rel, "source": "dicom", "path": path,
             "patient_id": str(ds.get("PatientID", "")) or None,
@@ -449,13 +452,40 @@ def _dicom_header(args: tuple[str, str]) -> Item:
             "height": int(ds.Rows) if "Rows" in ds else None,
             "width": int(ds.Columns) if "Columns" in ds else None,
             "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
-            "spacing_x": sx or None, "spacing_y": sy or None,
+            "spacing_x": sx, "spacing_y": sy, "spacing_source": spacing_source,
             "study_description": str(ds.get("StudyDescription", "")) or None,
         }
     except Exception as e:  # also pydicom's own types: it parses each element when first read,
         # and a damaged one (an unknown value representation, a value cut short) raises there
         return Problem(None, rel, f"{rel}: {e}")
     return record
+
+
+def dicom_spacing(ds) -> tuple[tuple[float | None, float | None], str]:
+    """``((row, column) mm per pixel at the patient, or Nones), what it came from)`` of a
+    DICOM header: ``PixelSpacing`` (calibrated to the patient); else ``ImagerPixelSpacing``
+    (at the detector, so magnified by the beam's divergence) divided by
+    ``EstimatedRadiographicMagnificationFactor`` where the header gives one, or as it is and
+    said so; a spacing of 0 or none is no calibration, and the reason."""
+    def pair(tag: str) -> tuple[float, float] | None:
+        v = ds.get(tag)
+        try:
+            return (float(v[0]), float(v[1])) if v is not None and len(v) == 2 else None
+        except (TypeError, ValueError):
+            return None
+    pixel, imager = pair("PixelSpacing"), pair("ImagerPixelSpacing")
+    if pixel and min(pixel) > 0:
+        return pixel, "PixelSpacing"
+    if imager and min(imager) > 0:
+        try:
+            factor = float(ds.get("EstimatedRadiographicMagnificationFactor") or 0)
+        except (TypeError, ValueError):
+            factor = 0.0
+        if factor >= 1.0:
+            return (imager[0] / factor, imager[1] / factor), f"ImagerPixelSpacing / magnification {factor:g}"
+        return imager, "ImagerPixelSpacing (at the detector: magnified)"
+    zero = "PixelSpacing" if pixel else "ImagerPixelSpacing" if imager else None
+    return (None, None), f"none: {zero} is 0" if zero else "none in the header"
 
 
 def dicom_files(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:

@@ -90,6 +90,9 @@ images = Table(
     Column("height", Integer),
     Column("spacing_x", Float),  # mm per pixel, column direction
     Column("spacing_y", Float),  # mm per pixel, row direction
+    # where the spacing came from (PixelSpacing, ImagerPixelSpacing / magnification 1.1, NIH's
+    # OriginalImagePixelSpacing of the original's width and height, a CSV column), or why none
+    Column("spacing_source", String(80)),
     Column("modality", String(10)),
     Column("body_part", String(40)),
     Column("photometric", String(20)),
@@ -260,6 +263,9 @@ measurements = Table(
     # is this a frontal chest radiograph the model can read (pipeline/quality/inputs.py)? 'ok',
     # or why not ('not a chest film: ...', 'lateral view', 'flipped', ...); NULL: not checked
     Column("input_check", String(120)),
+    # the millimetres' calibration: the spacing's source, scaled to the file's pixels where the
+    # file is a resized copy of the catalogued original; or none and why
+    Column("mm_calibration", String(160)),
     # from the masks a person reviewed (their corrections, the model's masks elsewhere)
     Column("reviewed_ctr", Float),
     Column("reviewed_heart_width_px", Integer),
@@ -347,7 +353,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "\"right_lung\": \"the patient''s right lung; drawn on behind the heart\"}', CURRENT_TIMESTAMP WHERE EXISTS "
         "(SELECT 1 FROM images WHERE source = 'generalblockchain')"],
     # the input check's verdict; quality_scores is a new table
-    8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)"],
+    8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)",
+        "ALTER TABLE measurements ADD COLUMN mm_calibration VARCHAR(160)",
+        "ALTER TABLE images ADD COLUMN spacing_source VARCHAR(80)"],
 }
 
 

@@ -494,6 +494,8 @@ class Selected(NamedTuple):
     view: str | None
     modality: str | None = None  # a DICOM's Modality, BodyPartExamined: the input check reads them
     body_part: str | None = None
+    size: tuple[int | None, int | None] = (None, None)  # the catalogue's width and height, of ``spacing``
+    spacing_source: str | None = None  # where ``spacing`` came from (measure.calibrate)
 
 
 @dataclass
@@ -523,7 +525,8 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
     if chosen != 1 and not (chosen == 0 and source):
         raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
     i = D.images
-    q = select(i.c.uid, i.c.path, i.c.spacing_x, i.c.spacing_y, i.c.view, i.c.modality, i.c.body_part)
+    q = select(i.c.uid, i.c.path, i.c.spacing_x, i.c.spacing_y, i.c.view, i.c.modality, i.c.body_part,
+               i.c.width, i.c.height, i.c.spacing_source)
     if group:
         q = q.join(D.groups, D.groups.c.uid == i.c.uid).where(D.groups.c.group_name == group)
     elif sample_name:
@@ -536,8 +539,8 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
     q = q.order_by(i.c.uid)
     if limit:
         q = q.limit(limit)
-    items = [Selected(uid, path, (sx, sy), view, modality, part)
-             for uid, path, sx, sy, view, modality, part in conn.execute(q)]
+    items = [Selected(uid, path, (sx, sy), view, modality, part, (w, h), spacing_from)
+             for uid, path, sx, sy, view, modality, part, w, h, spacing_from in conn.execute(q)]
     if not items:
         raise GroupsError(why_empty(conn, group, sample_name, source, labelled_by))
     return Selection(items, describe(group, sample_name, source, limit))

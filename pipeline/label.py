@@ -36,7 +36,7 @@ from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
 from pipeline.imaging import Geometry, collimation_rim, upright
-from pipeline.measure import bbox, clean, mean_column, measure_boxes
+from pipeline.measure import bbox, calibrate, clean, mean_column, measure_boxes
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
 from pipeline.quality.inputs import OK as INPUT_OK
@@ -67,6 +67,7 @@ class Item:
     rim_box: tuple[int, int, int, int] | None = None  # its imaging.collimation_rim, when read (load_batch)
     header: str | None = None  # why the catalogue's header says it is no frontal chest film (inputs.header_check)
     thumb: np.ndarray | None = None  # the film's thumbnail (inputs.thumbnail): what the input check compares
+    calibration: str | None = None  # where ``spacing`` came from, or why there is none (measure.calibrate)
 
 
 @dataclass
@@ -132,6 +133,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
+    values["mm_calibration"] = item.calibration
     fit = atlas.fit(whole_masks) if atlas is not None else None
     features, scored = Q.score_image(
         scorer, features, agreement, kept, columns, values["ctr"],
@@ -432,9 +434,11 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
                 log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
                             "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
             rim = collimation_rim(image)
-            items.append(Item(sel.uid, image, got.geom, sel.spacing, Q.rim_share(image, rim), rim,
+            spacing, calibration = calibrate(sel.spacing, sel.spacing_source, sel.size,
+                                             (got.geom.orig_width, got.geom.orig_height))
+            items.append(Item(sel.uid, image, got.geom, spacing, Q.rim_share(image, rim), rim,
                               header_check(sel.modality, sel.body_part, sel.view),
-                              thumbnail(image, got.geom.film_box())))
+                              thumbnail(image, got.geom.film_box()), calibration))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors

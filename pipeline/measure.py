@@ -81,6 +81,35 @@ def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area
     return out
 
 
+FIELD_MM = (100.0, 600.0)  # a chest film's width in millimetres: a calibration outside it is wrong
+
+
+def calibrate(spacing: tuple[float | None, float | None], source: str | None,
+              catalogued: tuple[int | None, int | None], decoded: tuple[int, int],
+              ) -> tuple[tuple[float | None, float | None], str]:
+    """The pixel spacing of the decoded pixels, ``(x, y)`` mm, and what it came from, in words
+    (``label_results.mm_calibration``). ``spacing`` and ``source``: the catalogue's (of its
+    ``catalogued`` width and height); ``decoded``: the file's own width and height. A file that
+    is a resized copy of the original the catalogue describes (NIH's 1024 px PNGs of films
+    thousands of pixels wide) gets the spacing scaled to its pixels, axis by axis; a spacing of
+    0 or none, or one that makes the film narrower than 10 cm or wider than 60 cm, is none, and
+    says why."""
+    sx, sy = spacing
+    if not sx or not sy or sx <= 0 or sy <= 0:
+        return (None, None), (source if source and source.startswith("none") else "none: no pixel spacing")
+    what = source or "the catalogue's spacing"
+    (cw, ch), (dw, dh) = catalogued, decoded
+    if cw and ch and (cw, ch) != (dw, dh):
+        fx, fy = cw / dw, ch / dh
+        sx, sy = sx * fx, sy * fy
+        what += (f", scaled x{fx:.3g} to the file ({cw} -> {dw} px)" if abs(fx - fy) < 1e-3 * fx else
+                 f", scaled x{fx:.3g} across, x{fy:.3g} down to the file ({cw}x{ch} -> {dw}x{dh} px)")
+    width = sx * dw
+    if not FIELD_MM[0] <= width <= FIELD_MM[1]:
+        return (None, None), f"none: {what} makes the film {width:.0f} mm wide, not a chest film's"
+    return (sx, sy), what
+
+
 def mean_column(mask: np.ndarray) -> float | None:
     """A mask's mean foreground column (the mean of the columns it touches), None when it is
     empty: what :func:`pipeline.quality.plausibility` compares."""

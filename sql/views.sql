@@ -19,6 +19,10 @@ LEFT JOIN groups g ON g.uid = i.uid;
 -- `input_check`: 'ok', or why the film does not read as a frontal chest radiograph the model
 -- can read (not a chest film, turned, flipped, cropped; NULL: labelled before the check);
 -- such films have quality 0, and CTR statistics leave them out unless asked (`in_statistics`).
+-- `mm_calibration`: where the millimetres' pixel spacing came from (PixelSpacing,
+-- ImagerPixelSpacing with or without the magnification factor, NIH's spacing of the original
+-- scaled to the file's pixels, a CSV column), or 'none: ...' and why (no spacing, a spacing
+-- of 0, one that makes an implausible film width).
 -- `outside_norms`: a film the CTR norms do not describe, marked, never refused: an AP view (the
 -- heart is magnified) or a child (under 16, where the catalogue knows the age).
 CREATE VIEW label_results AS
@@ -36,7 +40,7 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
         ORDER BY r.version DESC, r.id DESC LIMIT 1) AS review,
        m.reviewed_ctr,
        lr.heart_definition,
-       m.input_check,
+       m.input_check, m.mm_calibration,
        CASE WHEN UPPER(i.view) = 'AP' AND i.age < 16 THEN 'AP view, child'
             WHEN UPPER(i.view) = 'AP' THEN 'AP view'
             WHEN i.age < 16 THEN 'child'
