@@ -83,7 +83,9 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
 def _selection(engine: Engine, model: str, groups: Sequence[str], sample: str | None) -> list[dict]:
     r = D.measurements
     view = func.upper(D.images.c.view).label("view")
-    q = (select(r, D.groups.c.group_name, view).join(D.images, D.images.c.uid == r.c.uid)
+    i = D.images
+    q = (select(r, D.groups.c.group_name, view, i.c.source, i.c.patient_id, i.c.study_date)
+         .join(D.images, D.images.c.uid == r.c.uid)
          .join(D.groups, D.groups.c.uid == r.c.uid, isouter=True))
     q = q.where(r.c.model == model)
     if groups:
@@ -95,12 +97,14 @@ def _selection(engine: Engine, model: str, groups: Sequence[str], sample: str | 
 
 
 def report(engine: Engine, out_dir: Path, model: str = "default", group: str | Sequence[str] | None = None,
-           sample: str | None = None, tiles: int = 24, columns: int = 6, include_flagged: bool = False) -> ReportFiles:
+           sample: str | None = None, tiles: int = 24, columns: int = 6, include_flagged: bool = False,
+           per_film: bool = False) -> ReportFiles:
     """Contact sheet of the ``tiles`` lowest-quality images of the group(s) or sample, the CTR
     distributions of the groups side by side (PA and AP apart), and with two groups the ROC
     of the CTR separating the first from the second. Films the input check flagged (not a
     frontal chest film the model can read) head the contact sheet and are left out of the
-    distributions and the ROC, unless ``include_flagged``."""
+    distributions and the ROC, unless ``include_flagged``. The distributions and the ROC count
+    one film per patient (:func:`one_per_patient`), or with ``per_film`` every film."""
     groups = [group] if isinstance(group, str) else list(group or [])
     from pipeline.groups import missing_name
     with engine.connect() as conn:  # a name that does not exist is said so, with the names that do
@@ -131,10 +135,13 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     sheet_path = out_dir / f"contact_sheet_{name}.png"
     cv2.imwrite(str(sheet_path), sheet)
     hist_path = out_dir / f"ctr_histogram_{name}.png"
-    counted = _in_statistics(_selection(engine, model, [], sample) if not groups else rows, include_flagged)
-    _histogram(counted, hist_path, model)
+    def counted(these: list[dict]) -> list[dict]:
+        these = _in_statistics(these, include_flagged)
+        return these if per_film else one_per_patient(these)
+    unit = "films" if per_film else "patients"
+    _histogram(counted(_selection(engine, model, [], sample) if not groups else rows), hist_path, model, unit)
     roc_path = out_dir / f"ctr_roc_{name}.png" if len(groups) >= 2 else None
-    if roc_path and not _roc(_in_statistics(rows, include_flagged), groups[0], groups[1], roc_path, model):
+    if roc_path and not _roc(counted(rows), groups[0], groups[1], roc_path, model, unit):
         roc_path = None
     return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path,
                        _agreement(engine, model, out_dir))
@@ -156,6 +163,20 @@ def _agreement(engine: Engine, model: str, out_dir: Path) -> Path | None:
 LATERAL = ("LL", "RL", "LAT", "LATERAL")
 
 
+def one_per_patient(rows: list[dict]) -> list[dict]:
+    """One film per patient and group, as ``label_results.patient_film`` picks it: the
+    patient's earliest film with a CTR (undated after dated, then by uid); a film without a
+    patient id is a patient of its own."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        patient = f"{r.get('source')}:{r['patient_id']}" if r.get("patient_id") else f"film:{r['uid']}"
+        key = (r.get("group_name"), patient)
+        rank = (r.get("ctr") is None, r.get("study_date") is None, r.get("study_date") or "", r["uid"])
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, r)
+    return [r for _, r in best.values()]
+
+
 def _in_statistics(rows: list[dict], include_flagged: bool = False) -> list[dict]:
     """The rows CTR statistics count: all of them with ``include_flagged``, else those the
     input check passed (or that were labelled before it)."""
@@ -171,7 +192,7 @@ def _views(rows: list[dict]) -> dict[str, list[dict]]:
     return {k: v for k, v in out.items() if v}
 
 
-def _roc(rows: list[dict], positive: str, negative: str, path: Path, model: str) -> bool:
+def _roc(rows: list[dict], positive: str, negative: str, path: Path, model: str, unit: str = "patients") -> bool:
     """ROC of the CTR calling ``positive`` against ``negative``, per view; False when a
     group has no CTR to compare."""
     import matplotlib
@@ -187,7 +208,7 @@ def _roc(rows: list[dict], positive: str, negative: str, path: Path, model: str)
         cuts = np.r_[np.inf, np.sort(np.concatenate([pos, neg]))[::-1]]
         tpr = [(pos >= c).mean() for c in cuts]
         fpr = [(neg >= c).mean() for c in cuts]
-        ax.plot(fpr, tpr, label=f"{view}: AUC {auc(pos, neg):.3f} ({len(pos)} vs {len(neg)})")
+        ax.plot(fpr, tpr, label=f"{view}: AUC {auc(pos, neg):.3f} ({len(pos)} vs {len(neg)} {unit})")
         drawn = True
     if drawn:
         ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
@@ -245,7 +266,7 @@ def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     return sheet
 
 
-def _histogram(rows: list[dict], path: Path, model: str) -> None:
+def _histogram(rows: list[dict], path: Path, model: str, unit: str = "patients") -> None:
     """CTR distributions of the groups on one figure, with each group's share above 0.5; PA
     (and unknown view) and AP films in separate panels, lateral films left out."""
     import matplotlib
@@ -261,9 +282,10 @@ def _histogram(rows: list[dict], path: Path, model: str) -> None:
         for g, values in sorted(by_group.items()):
             share = float(np.mean(np.array(values) > 0.5))
             ax.hist(values, bins=bins, alpha=0.55, density=True,
-                    label=f"{g} (n={len(values)}, {share:.0%} above 0.5)")
+                    label=f"{g} ({len(values)} {unit}, {share:.0%} above 0.5)")
         ax.axvline(0.5, color="k", lw=0.8, ls="--")
-        ax.set(xlabel="cardiothoracic ratio", ylabel="density", title=f"CTR by group, {view} ({model})")
+        ax.set(xlabel="cardiothoracic ratio", ylabel="density",
+               title=f"CTR by group, {view} ({model}; {'every film' if unit == 'films' else 'one film per patient'})")
         if by_group:
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -19,6 +19,10 @@ LEFT JOIN groups g ON g.uid = i.uid;
 -- `input_check`: 'ok', or why the film does not read as a frontal chest radiograph the model
 -- can read (not a chest film, turned, flipped, cropped; NULL: labelled before the check);
 -- such films have quality 0, and CTR statistics leave them out unless asked (`in_statistics`).
+-- `patient_film`: 1 for the film a comparison of groups counts for its patient (the patient's
+-- earliest film in that group that the input check passed and that has a CTR; undated films
+-- after dated ones, then by uid; a film without a patient id is a patient of its own), 2, 3...
+-- for the others.
 -- `mm_calibration`: where the millimetres' pixel spacing came from (PixelSpacing,
 -- ImagerPixelSpacing with or without the magnification factor, NIH's spacing of the original
 -- scaled to the file's pixels, a CSV column), or 'none: ...' and why (no spacing, a spacing
@@ -45,7 +49,12 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
             WHEN UPPER(i.view) = 'AP' THEN 'AP view'
             WHEN i.age < 16 THEN 'child'
        END AS outside_norms,
-       CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 1 ELSE 0 END AS in_statistics
+       CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 1 ELSE 0 END AS in_statistics,
+       ROW_NUMBER() OVER (
+           PARTITION BY m.model, g.group_name, COALESCE(i.source || ':' || i.patient_id, 'film:' || m.uid)
+           ORDER BY CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 0 ELSE 1 END,
+                    CASE WHEN m.ctr IS NULL THEN 1 ELSE 0 END,
+                    CASE WHEN i.study_date IS NULL THEN 1 ELSE 0 END, i.study_date, m.uid) AS patient_film
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid

@@ -234,3 +234,30 @@ def test_every_ready_query_runs_on_both_databases(engine, name):
     rows = list(read_only_query(engine, statement(name)).rows)
     assert len(rows) == 1
     assert any(float(v) == pytest.approx(0.523) for v in rows[0].values() if v is not None and not isinstance(v, str))
+
+
+def test_group_comparisons_count_one_film_per_patient_and_leave_flagged_films_out(engine):
+    from pipeline.results import read_only_query, statement
+    films = [  # uid, patient, date, ctr, input check
+        ("p1a", "P1", "2025-01-01", 0.45, "ok"), ("p1b", "P1", "2026-01-01", 0.55, "ok"),
+        ("solo", None, None, 0.40, "ok"),  # no patient id: a patient of its own
+        ("p2a", "P2", "2024-01-01", 0.90, "turned? it looks more like a chest film turned"),  # flagged, earliest
+        ("p2b", "P2", "2025-06-01", 0.50, None)]  # labelled before the check: counted
+    with engine.begin() as c:
+        for uid, patient, date, ctr, check in films:
+            c.execute(text("INSERT INTO images (uid, source, patient_id, study_date, text, view, loaded_at) "
+                           "VALUES (:u, 'csv', :p, :d, 'Норма.', 'PA', '2026-01-01')"),
+                      {"u": uid, "p": patient, "d": date})
+            c.execute(text("INSERT INTO measurements (uid, model, ctr, quality, input_check, labelled_at) "
+                           "VALUES (:u, 'm', :c, 0.9, :k, '2026-01-01')"), {"u": uid, "c": ctr, "k": check})
+    G.assign(engine, progress=False)
+    (row,) = read_only_query(engine, statement("ctr_by_group")).rows
+    assert row["group_name"] == "healthy" and (row["patients"], row["films"]) == (3, 4)
+    assert row["counted"] == "one film per patient (earliest)"
+    assert float(row["mean_ctr"]) == pytest.approx(0.45) and float(row["max_ctr"]) == pytest.approx(0.50)
+    first = {r["uid"] for r in read_only_query(engine, statement(
+        "SELECT uid FROM label_results WHERE patient_film = 1")).rows}
+    assert first == {"p1a", "solo", "p2b"}
+    from pipeline.report import _in_statistics, _selection, one_per_patient
+    picked = {r["uid"] for r in one_per_patient(_in_statistics(_selection(engine, "m", [], None)))}
+    assert picked == first  # the report's figures count the films the ready queries count

@@ -95,9 +95,11 @@ def _file_name(label: str) -> str:
 @click.option("--include-flagged", is_flag=True,
               help="Count films the input check flagged (not a frontal chest film the model can read) in the "
                    "CTR distributions and the ROC too.")
+@click.option("--per-film", is_flag=True,
+              help="Count every film in the distributions and the ROC [one film per patient: the earliest].")
 @click.pass_context
 @handle_errors
-def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged) -> None:
+def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged, per_film) -> None:
     """Contact sheet of overlays (lowest quality first), the groups' CTR distributions side by
     side (PA and AP apart), with two groups the ROC of the CTR separating them, and the
     quality score's calibration. Films the input check flagged head the contact sheet and
@@ -110,7 +112,8 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged) -> N
     from pipeline.report import report
     if bool(groups) == bool(sample):
         raise click.UsageError("choose --group (one or more) or --sample")
-    files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles, include_flagged=include_flagged)
+    files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles, include_flagged=include_flagged,
+                   per_film=per_film)
     click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
     click.echo(f"CTR histogram: {files.histogram}")
     if files.roc:
