@@ -12,6 +12,7 @@ films), lateral films left out; with two groups, the ROC of the CTR separating t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -75,8 +76,11 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     if doubts:
         worst = min(doubts, key=doubts.get)
         label += f" ({worst.replace('_lung', '')} {doubts[worst]:.2f})"
-    cv2.putText(tile, label, (4, tile.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                (255, 255, 255), 1, cv2.LINE_AA)
+    flagged = meas.get("input_check") not in (None, "ok")
+    uid = str(meas.get("uid") or "")
+    top = (uid if len(uid) <= 26 else "..." + uid[-23:]) + (f"  {meas['group_name']}" if meas.get("group_name") else "")
+    _caption(tile, top, 0)
+    _caption(tile, "not read as a chest film" if flagged else label, 1, (80, 80, 255) if flagged else (255, 255, 255))
     return tile
 
 
@@ -119,16 +123,21 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(groups) or sample or "all")  # a file name, whatever the label
-    chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:tiles]
+    # the lowest quality first; twice as many as shown, so films stored twice can be shown once
+    chosen = sorted(rows, key=lambda r: (r["quality"] if r["quality"] is not None else -1))[:2 * tiles]
     uids = [r["uid"] for r in chosen]
     with engine.connect() as conn:
         cached = read_cached(conn, uids)
         masks = load_masks(conn, uids, kind="predicted", model=model)
-    images = []
+    images, seen = [], set()
     for r in chosen:
         e = cached.get(r["uid"])
-        if e is None:
+        if e is None or len(images) == tiles:
             continue
+        pixels = hashlib.sha1(e.image.tobytes()).digest()
+        if pixels in seen:  # the same film under another uid (an archive's copy): shown once
+            continue
+        seen.add(pixels)
         tile = overlay(e.image, e.geom, masks.get(r["uid"], {}), r)
         images.append(cv2.resize(tile, (256, 256), interpolation=cv2.INTER_AREA))
     sheet = _grid(images, columns)
@@ -254,7 +263,35 @@ def _calibration(engine: Engine, model: str, out_dir: Path) -> Path | None:
     return path
 
 
+def _caption(tile: np.ndarray, text: str, where: int, colour=(255, 255, 255)) -> None:
+    """``text`` on a dark band along the tile's top (``where`` 0) or bottom (1): readable on
+    a bright film as on a dark one."""
+    h, w = tile.shape[:2]
+    y0 = 0 if where == 0 else h - 16
+    band = tile[y0:y0 + 16]
+    band[:] = (band * 0.25).astype(np.uint8)
+    cv2.putText(tile, text, (4, y0 + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, colour, 1, cv2.LINE_AA)
+
+
+LEGEND = (("heart", COLOURS["heart"]), ("left lung", COLOURS["left_lung"]), ("right lung", COLOURS["right_lung"]),
+          ("heart width", (0, 230, 255)), ("thoracic width", (255, 255, 0)))
+
+
+def _legend(width: int) -> np.ndarray:
+    """The sheet's key: the outlines' and the width lines' colours, and how to read a caption."""
+    band = np.full((40, width, 3), 32, np.uint8)
+    x = 8
+    for name, colour in LEGEND:
+        cv2.line(band, (x, 13), (x + 18, 13), colour, 2)
+        cv2.putText(band, name, (x + 24, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (235, 235, 235), 1, cv2.LINE_AA)
+        x += 24 + 9 * len(name) + 18
+    cv2.putText(band, "top: uid, group   bottom: CTR, q = estimated Dice (the structure doubted most), lowest first",
+                (8, 34), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 200, 200), 1, cv2.LINE_AA)
+    return band
+
+
 def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+    """The tiles, ``columns`` to a row, under the legend."""
     if not tiles:
         return np.zeros((256, 256, 3), np.uint8)
     rows = (len(tiles) + columns - 1) // columns
@@ -263,7 +300,7 @@ def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     for i, t in enumerate(tiles):
         r, c = divmod(i, columns)
         sheet[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = t
-    return sheet
+    return np.concatenate([_legend(sheet.shape[1]), sheet])
 
 
 def _histogram(rows: list[dict], path: Path, model: str, unit: str = "patients") -> None:

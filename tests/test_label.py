@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from pipeline import db as D
 from pipeline.groups import Selection, select_images
-from pipeline.imaging import preprocess
+from pipeline.imaging import Geometry, preprocess
 from pipeline.label import REFRAME_CONTACTS, Item, edge_contacts, forward, label, reframe
 from pipeline.measure import bbox, clean, mean_column, measure
 from pipeline.model import ModelError, resolve_model
@@ -271,8 +271,19 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
         c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly", "rule": "t",
                                        "assigned_at": D.utcnow()} for u, _ in _items(annotated_engine, 6).pairs()])
     sample(annotated_engine, "2024/q1", 3)  # a name that is no file name
+    first = _items(annotated_engine, 1).items[0].uid
+    with annotated_engine.begin() as c:  # the same film stored again under another uid
+        c.execute(text("INSERT INTO images (uid, source, loaded_at) VALUES ('copy', 'csv', '2026-01-01')"))
+        for table in ("cache", "measurements"):
+            cols = [r[1] for r in c.execute(text(f"PRAGMA table_info({table})")) if r[1] != "uid"]
+            c.execute(text(f"INSERT INTO {table} (uid, {', '.join(cols)}) SELECT 'copy', {', '.join(cols)} "
+                           f"FROM {table} WHERE uid = :u"), {"u": first})
+        c.execute(D.groups.insert(), [{"uid": "copy", "group_name": "cardiomegaly", "rule": "t",
+                                       "assigned_at": D.utcnow()}])
     files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
-    assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000
+    assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000  # the copy is shown once
+    sheet = cv2.imread(str(files.contact_sheet))
+    assert sheet.shape[0] == 40 + 256 and sheet[:40].std() > 5  # the legend above one row of tiles
     assert files.histogram.exists() and files.bland_altman.stat().st_size > 10_000
     files = report(annotated_engine, tmp_path / "rep", s.model, sample="2024/q1", tiles=2)
     assert files.images == 2 and files.contact_sheet.parent == tmp_path / "rep"
@@ -472,3 +483,12 @@ def test_models_list_shows_the_shipped_default_first(sqlite_engine):
     rows = list_models(sqlite_engine)  # a new database registers nothing: the default is still in use
     assert [r["name"] for r in rows] == ["default"]
     assert rows[0]["sha256"] == file_sha256(default_model_path()) and rows[0]["trained_on"].endswith("(shipped)")
+
+
+def test_a_tiles_captions_are_readable_on_a_bright_film():
+    from pipeline.report import overlay
+    white = np.full((256, 256), 250, np.uint8)
+    tile = overlay(white, Geometry.fit(256, 256, 256), {}, {"uid": "1.2.3", "group_name": "healthy", "ctr": 0.48,
+                                                             "quality": 0.93, "input_check": "ok"})
+    assert tile[:16].mean() < 100 and tile[-16:].mean() < 100 and tile[100:150].mean() > 240  # dark bands
+    assert tile[:16].max() > 200  # and light text on them
