@@ -75,6 +75,8 @@ demo: catalogue masks
 	$(CX) label --source wingspan --model $(MODEL)
 	@echo "Against the annotated sets (the default model trained on some of these images: an upper bound):"
 	$(CX) evaluate --truth manual --model $(MODEL) --out $(OUT)/reports
+	@echo "The demo clinic's reports are synthetic (bench/clinic.py draws them at random for real films): its"
+	@echo "cardiomegaly and healthy groups do not differ in CTR, so expect a ROC AUC near 0.5 here."
 	$(CX) report --group cardiomegaly --group healthy --model $(MODEL) --out $(OUT)/reports
 	$(CX) query sql/queries/ctr_by_group.sql
 	$(CX) export rle --all --model $(MODEL) --out $(OUT)/exports/masks.csv

@@ -402,7 +402,7 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
             out, ctrs = [], []
             for uid, text, labels, stored_ctr in rows:
                 d = decide(text, labels, rules)
-                counts[d.group or "none"] = counts.get(d.group or "none", 0) + 1
+                counts[d.group or NO_GROUP] = counts.get(d.group or NO_GROUP, 0) + 1
                 if d.group:
                     out.append({"uid": uid, "group_name": d.group, "rule": d.reason[:500], "assigned_at": now})
                 if d.report_ctr != stored_ctr:
@@ -483,6 +483,9 @@ def counts(engine: Engine) -> dict[str, list[tuple[str, int]]]:
         total = conn.execute(select(func.count()).select_from(D.images)).scalar() or 0
     return {"groups": [(a, int(b)) for a, b in g],
             "samples": [(f"{a}/{b}", int(c)) for a, b, c in s], "total": total}
+
+
+NO_GROUP = "(no group)"  # what `groups assign` counts images the rules put in no group as: group_name NULL
 
 
 class Selected(NamedTuple):

@@ -164,7 +164,7 @@ def test_assign_stores_the_report_ctr_and_explain_shows_the_words(engine):
         for uid, report in reports.items():
             c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'csv', :t, '2026-01-01')"),
                       {"u": uid, "t": report})
-    assert G.assign(engine, progress=False) == {"cardiomegaly": 1, "healthy": 1, "none": 1}
+    assert G.assign(engine, progress=False) == {"cardiomegaly": 1, "healthy": 1, "(no group)": 1}
     with engine.connect() as c:
         got = dict(c.execute(text("SELECT uid, report_ctr FROM images ORDER BY uid")).all())
         assert got == {"a": pytest.approx(0.58), "b": None, "c": None}

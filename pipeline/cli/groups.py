@@ -29,7 +29,7 @@ def groups_assign(ctx, rules) -> None:
     """
     counts = G.assign(engine_of(ctx), G.load_rules(rules))
     for name, n in sorted(counts.items()):
-        click.echo(f"{name:>14}  {n}")
+        click.echo(f"{name:>14}  {n}" + ("  (group_name NULL in the views)" if name == G.NO_GROUP else ""))
 
 
 @groups.command("explain")
