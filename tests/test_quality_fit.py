@@ -89,9 +89,11 @@ def test_a_score_fitted_on_cross_validation_folds_records_them_and_ships_as_a_fi
                                       "--cache", str(tmp_path / "cache"), "--tta"])
     assert result.exit_code == 0, result.output
     assert "score, held out (231 films)" in result.output and "score with --tta" in result.output
+    assert "  wingspan films only (131)" in result.output and "  generalblockchain films only (100)" in result.output
     score = QualityModel.load(sidecar(model))
     assert score.info["fold_models"]["checkpoint"] == "final" and score.info["folds"] == 2
     assert "out-of-fold films of cv" in score.info["fitted_on"]
+    assert score.info["held_out_by_source"]["wingspan"]["films"] == 131
     assert QualityModel.load(sidecar(model, tta=True)).features[-1] == "tta"
     assert score.atlas is not None and score.atlas.structures == ("heart", "left_lung", "right_lung")
 

@@ -68,6 +68,9 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, o
         click.echo(f"{name}, held out ({j.films} films): Spearman {j.spearman:.3f} with the true mean Dice "
                    f"(heuristic {j.heuristic_spearman:.3f}), MAE {j.mae:.4f}, AUROC {j.auroc:.3f} for the worst "
                    f"tenth by CTR error ({j.ctr_films} films with a true CTR)")
+    for source, j in result.judged.by_source.items():
+        click.echo(f"  {source} films only ({j.films}): Spearman {j.spearman:.3f}, MAE {j.mae:.4f}, "
+                   f"AUROC {j.auroc:.3f} ({j.ctr_films} with a true CTR)")
     click.echo("calibration by decile of the estimate (held out):")
     emit([{"estimated": e, "true": t, "films": n} for e, t, n in result.judged.calibration], False)
     for where in result.stored:

@@ -124,7 +124,7 @@ def ctr_fields(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dic
 
 def label_films(lm: LoadedModel, ds, indices: Sequence[int], fold: int, atlas: Atlas | None,
                 kinds: Sequence[tuple[str, float]], rng: np.random.Generator, tta: bool = False,
-                bar: tqdm | None = None) -> list[dict]:
+                bar: tqdm | None = None, sources: dict[str, str] | None = None) -> list[dict]:
     """One row per (film of ``ds`` at ``indices``, variant of ``kinds``, structure the model
     labels): the score's features as labelling measures them, the atlas's fit, the true Dice
     (None where the film's source does not draw the structure) and the film's CTR fields."""
@@ -148,7 +148,8 @@ def label_films(lm: LoadedModel, ds, indices: Sequence[int], fold: int, atlas: A
             shape = atlas.fit(pred) if atlas is not None else {}
             ctr = ctr_fields(pred, truth)
             for s in structures:
-                rows.append({"fold": fold, "uid": ds.uids[i], "shift": name, "strength": strength,
+                rows.append({"fold": fold, "uid": ds.uids[i], "source": (sources or {}).get(ds.uids[i]),
+                             "shift": name, "strength": strength,
                              "image": f"{fold}/{ds.uids[i]}/{name}/{strength}", "structure": s,
                              "dice": scores.get(s), "heuristic": r.measurements["quality"], **r.features[s],
                              **({SHAPE: shape[s]} if s in shape else {}), **ctr,
@@ -235,7 +236,8 @@ def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, ch
             lm = resolve_model(None, str(Path(run_dir) / f"fold{k}" / f"{checkpoint}.pt"), "cpu")
             structures = lm.spec.structures
             held = ds.indices(splits["val"][k])
-            rows += label_films(lm, ds, held, k, atlas_of(ds, structures, held), kinds, rng, tta, bar)
+            rows += label_films(lm, ds, held, k, atlas_of(ds, structures, held), kinds, rng, tta, bar,
+                                _sources(engine, ds.uids))
     source = (f"out-of-fold films of {Path(run_dir).name} ({len(trained)} folds, each fold's {checkpoint}.pt"
               f"{', with equipment-like shifts' if shifts else ''})")
     return Films(rows, len(trained), source, {"checkpoint": checkpoint, "epochs": first.training.get("epochs"),
@@ -286,12 +288,22 @@ def films_from_database(engine: Engine, lm: LoadedModel, cache: str | None = Non
             held = ds.indices(held_uids)
             others = [i for i in usable if i not in set(held)]
             atlas = atlas_of(ds, lm.spec.structures, [i for i in range(len(ds.uids)) if i not in set(others)])
-            rows += label_films(lm, ds, held, k, atlas, kinds, rng, tta, bar)
+            rows += label_films(lm, ds, held, k, atlas, kinds, rng, tta, bar, _sources(engine, ds.uids))
     source = (f"{len(usable)} annotated films {lm.name} did not train on"
               f"{f' (sample {sample})' if sample else ''}, {folds} folds by patient"
               f"{', with equipment-like shifts' if shifts else ''}")
     return Films(rows, folds, source, None, atlas_of(ds, lm.spec.structures, set(range(len(ds.uids))) - set(usable)),
                  len(usable), appearance_of(ds))
+
+
+def _sources(engine: Engine, uids: Sequence[str]) -> dict[str, str]:
+    """``{uid: images.source}``: the figures are also given per source (clinic, dataset)."""
+    from sqlalchemy import select
+
+    from pipeline import db as D
+    with engine.connect() as conn:
+        return {r.uid: r.source for r in D.rows_in(conn, select(D.images.c.uid, D.images.c.source),
+                                                   D.images.c.uid, list(uids))}
 
 
 def _sample_uids(engine: Engine, name: str) -> list[str]:
@@ -346,10 +358,12 @@ class Judged:
     calibration: list[list[float]]  # per decile of the estimate: mean estimate, mean true, films
     true: list[float] = field(default_factory=list, repr=False)
     estimate: list[float] = field(default_factory=list, repr=False)
+    by_source: dict[str, Judged] = field(default_factory=dict, repr=False)  # the same, per images.source
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()
-                if k not in ("true", "estimate")}
+        out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()
+               if k not in ("true", "estimate", "by_source")}
+        return out | ({"by_source": {k: j.as_dict() for k, j in self.by_source.items()}} if self.by_source else {})
 
 
 def per_image(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
@@ -364,15 +378,18 @@ def per_image(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
         first = rows[members[0]]
         err = (abs(first["ctr_pred"] - first["ctr_true"]) if first.get("ctr_true") is not None
                and first.get("ctr_pred") is not None else None)
-        out.append({"true": float(np.mean([rows[n]["dice"] for n in members])),
+        out.append({"source": first.get("source"), "true": float(np.mean([rows[n]["dice"] for n in members])),
                     "estimate": float(np.mean([estimate[n] for n in members])),
                     "heuristic": first["heuristic"], "ctr_error": err, "shift": first["shift"]})
     return out
 
 
-def judge(rows: list[dict], estimate: Sequence[float | None]) -> Judged:
-    """The held-out figures of ``estimate`` (see :class:`Judged`)."""
-    films = per_image(rows, estimate)
+def judge(rows: list[dict], estimate: Sequence[float | None], source: str | None = None) -> Judged:
+    """The held-out figures of ``estimate`` (see :class:`Judged`); ``source``: of that
+    source's films only."""
+    films = [f for f in per_image(rows, estimate) if source is None or f["source"] == source]
+    if not films:
+        raise FitError(f"no held-out film{f' of source {source}' if source else ''} with a true mask")
     true = np.array([f["true"] for f in films])
     est = np.array([f["estimate"] for f in films])
     heur = np.array([f["heuristic"] for f in films])
@@ -448,7 +465,12 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
     base = FEATURES + ((SHAPE,) if films.atlas is not None and all(SHAPE in r for r in rows) else ())
     out: list = []
     for names in (base, base + ("tta",)) if tta else (base,):
-        judged = judge(rows, held_out_estimates(rows, structures, alpha, names))
+        estimate = held_out_estimates(rows, structures, alpha, names)
+        judged = judge(rows, estimate)
+        if not out:  # the plain score's figures per source
+            sources = sorted({r["source"] for r in rows if r.get("source")} if len({r.get("source") for r in rows}) > 1
+                             else set())
+            judged.by_source = {src: judge(rows, estimate, src) for src in sources}
         info = {"fitted": datetime.date.today().isoformat(), "fitted_on": films.source,
                 "films": films.images, "masks": sum(r["dice"] is not None for r in rows), "folds": films.folds,
                 "shifts": sorted({r["shift"] for r in rows} - {"none"}), "features": list(names),
@@ -458,6 +480,11 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
                              else None, "worst_10pct_share_below_0_9": round(judged.worst_share, 4)
                              if judged.worst_share == judged.worst_share else None},
                 "calibration": judged.calibration}
+        if judged.by_source:
+            info["held_out_by_source"] = {src: {"films": j.films, "spearman": round(j.spearman, 4),
+                                                "mae": round(j.mae, 4), "auroc_worst_tenth_ctr":
+                                                round(j.auroc, 4) if j.auroc == j.auroc else None}
+                                          for src, j in judged.by_source.items()}
         if films.fold_models is None:
             info.pop("fold_models")
         score = QualityModel.fit(rows, [r["dice"] for r in rows], list(structures), alpha, info, names, films.atlas,
