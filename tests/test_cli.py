@@ -41,7 +41,7 @@ def test_catalogue_groups_and_query(tmp_path):
     r = run(url, "query", "SELECT COUNT(*) AS n FROM images", "--csv")
     assert r.output.splitlines() == ["n", "6"]
     r = run(url, "groups", "assign")
-    assert "none" in r.output
+    assert "(no group)  6  (group_name NULL in the views)" in r.output
 
 
 def test_query_is_read_only(tmp_path):

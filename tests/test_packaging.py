@@ -82,7 +82,7 @@ def test_plain_install_labels_with_the_shipped_model(wheel, tmp_path):
     out = cx("label", "--all", "--limit", "3", "--device", "cpu", "--workers", "1", "--batch-size", "2")
     assert "3 labelled" in out and "(default on cpu)" in out
     rows = json.loads(cx("query", "ctr_by_group", "--json"))  # a ready query by name, from the package
-    assert sum(r["n"] for r in rows) == 3
+    assert sum(r["films"] for r in rows) == 3
     # the shipped model's fitted quality score travelled too: estimates per structure
     scored = json.loads(cx("query", "SELECT quality, quality_heart FROM label_results", "--json"))
     assert len(scored) == 3 and all(0 <= r["quality_heart"] <= 1 for r in scored)

@@ -321,7 +321,17 @@ def test_shipped_model_is_current_and_matches_its_card():
     ck = read_checkpoint(path)
     assert ck.format == FORMAT and ck.spec.norm == "clahe" and ck.spec.size == 256
     card = (path.parent / "MODEL_CARD.md").read_text()
-    assert file_sha256(path) in card
+    assert file_sha256(path) in card and ck.info["data_hash"] in card
+    # the heart alone, learned from both annotated sources; the card names each and its licence
+    assert ck.spec.heart_definition == "heart" and ck.spec.labelled == ("heart", "left_lung", "right_lung")
+    assert ck.info["images"] == {"manual": 231} and len(ck.info["trained_uids"]) == 231
+    assert all(words in card for words in ("GeneralBlockchain", "Wingspan", "CC BY-NC-SA", "MIT", "non-commercial"))
+    from pipeline.quality import QualityModel, sidecar
+    for tta in (False, True):  # its score was fitted for it: on folds of its own recipe
+        score = QualityModel.load(sidecar(path, tta))
+        assert score.info["fold_models"]["training"]["shifts"] is True and score.info["fold_models"]["epochs"] == 160
+        assert "cxr_deep_2src_cv" in score.info["fitted_on"] and score.appearance is not None
+        assert score.atlas.structures == ("heart", "left_lung", "right_lung")
 
 
 def test_a_checkpoint_that_carries_code_is_refused_unrun(tmp_path):
