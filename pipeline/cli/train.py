@@ -30,7 +30,7 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
               help="Share of training images whose heart is widened (an enlarged heart, image and masks "
                    "warped together; by --widen-range); 0 = off [preset].")
 @click.option("--widen-range", "widen_range", metavar="LO,HI",
-              help="Heart width factors for --widen-heart, drawn uniformly; below 1 narrows [1.05,1.35].")
+              help="Heart width factors for --widen-heart, drawn uniformly; below 1 narrows [TrainConfig's].")
 @click.option("--widen-ctr", "widen_ctr", metavar="LO,HI",
               help="Instead of --widen-range: widen (or narrow) each heart to a CTR drawn uniformly from "
                    "LO-HI, so the widened share sees every heart size alike, e.g. 0.40,0.66.")
@@ -48,9 +48,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--fold", "only", type=click.IntRange(min=0), multiple=True,
               help="With --folds: train only this fold (repeatable), so a cross-validation can span sessions; "
                    "a later run of every fold resumes finished ones at once and writes the summary.")
-@click.option("--val-frac", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
-              help="Held-out share without --folds; 0 trains on everything.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-frac", type=click.FloatRange(0, 0.9),
+              help="Held-out share without --folds; 0 trains on everything [TrainConfig's].")
+@click.option("--seed", type=int, help="Folds and augmentation [TrainConfig's].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 @click.option("--name", help="Registered model name [preset].")

@@ -14,10 +14,6 @@ from pipeline.masks import TRAINED
 from pipeline.model import ModelError, ModelSpec
 from pipeline.resources import resource
 
-TRAIN_DEFAULTS: dict[str, Any] = {"size": 256, "mode": "pad", "roi": None, "epochs": 60,
-                                  "batch": 8, "lr": 3e-3, "loss": "dicece", "ema": 0.0,
-                                  "norm": "zscore"}
-
 
 class TrainError(CxrlabelError):
     pass
@@ -76,10 +72,11 @@ class TrainConfig:
             p = look_up_option(name, table)
         except ValueError as e:
             raise TrainError(f"unknown preset: {e}") from None
-        values = {**TRAIN_DEFAULTS, **{k: v for k, v in p.items() if k not in ("network", "args")}}
+        # a setting neither the preset nor the command line gives takes TrainConfig's default
+        values = {k: v for k, v in p.items() if k not in ("network", "args")}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        values["masks"] = tuple(values.get("masks", ("manual",)))
-        values["widen_range"] = tuple(values.get("widen_range", (1.05, 1.35)))
+        values["masks"] = tuple(values.get("masks", default("masks")))
+        values["widen_range"] = tuple(values.get("widen_range", default("widen_range")))
         lo, hi = values["widen_range"]
         if not 0.5 <= lo <= hi <= 2.0:
             raise TrainError(f"--widen-range {lo},{hi}: two factors between 0.5 and 2, the smaller first")
@@ -114,3 +111,9 @@ class TrainConfig:
         take their defaults; keys this version does not know are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+def default(name: str) -> Any:
+    """:class:`TrainConfig`'s default for setting ``name``: written once, there (the command
+    line's help and the presets read it)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
