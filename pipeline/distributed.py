@@ -126,7 +126,7 @@ class _LabellerImpl:
 
     def label(self, chunk: Sequence[Selected]) -> BatchDone:
         from pipeline.label import forward, forward_tta, load_batch, postprocess_all, tta_scorer, write_batch
-        items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None)
+        items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None, self.lm.spec.fixups)
         results = []
         if items:
             copies = forward_tta(self.lm, items) if self.tta else None

@@ -779,3 +779,23 @@ def model_input(cached: np.ndarray, norm: str = "zscore") -> np.ndarray:
     x = cached.astype(np.float32)
     std = float(x.std())
     return ((x - float(x.mean())) / (std if std > 1e-6 else 1.0))[None]
+
+
+# The film fix-ups labelling applies before the model, in this order: a film read inverted is
+# turned back (`upright`), a collimator's rim filled (`unrimmed`), strong noise smoothed
+# (`denoised`). A model's spec names the ones it was trained to expect (ModelSpec.fixups).
+FIXUPS = ("upright", "unrim", "denoise")
+
+
+def fixed_up(cached: np.ndarray, steps: tuple[str, ...] = FIXUPS,
+             rim: tuple[int, int, int, int] | None = None, turned: bool = False) -> np.ndarray:
+    """``cached`` through the fix-ups ``steps`` (of :data:`FIXUPS`), the one place they are
+    applied. ``rim``: its :func:`collimation_rim`, when read already; ``turned``: the caller
+    has turned it upright already (and read the rim after)."""
+    if "upright" in steps and not turned:
+        cached = upright(cached)[0]
+    if "unrim" in steps:
+        cached = unrimmed(cached, rim)[0]
+    if "denoise" in steps:
+        cached = denoised(cached)[0]
+    return cached

@@ -35,7 +35,7 @@ from pipeline import masks as M
 from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected, Selection
-from pipeline.imaging import Geometry, collimation_rim, upright
+from pipeline.imaging import FIXUPS, Geometry, collimation_rim, upright
 from pipeline.measure import bbox, calibrate, clean, mean_column, measure_boxes
 from pipeline.model import LoadedModel, auto_batch_size, infer, model_inputs, resolve_model
 from pipeline.quality import QualityModel
@@ -366,7 +366,7 @@ def label(engine: Engine, selection: Selection, model: str = "default", device: 
         with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
                 process_pool(workers or cores) as procs:
             written: deque[Future] = deque()
-            batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec.norm)
+            batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec)
             for n, (items_, errors, inputs) in enumerate(batches, start=1):
                 probs = forward(lm, items_, inputs) if items_ else None
                 copies = forward_tta(lm, items_) if tta and items_ else None
@@ -423,13 +423,14 @@ def _alive(pid: int) -> bool:
 
 
 def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, cache_dir: str | None,
-               pool: Executor | None) -> tuple[list[Item], list[Result]]:
-    """A batch's model inputs from the cache (collected on the fly), and its failures."""
+               pool: Executor | None, fixups: tuple[str, ...] = FIXUPS) -> tuple[list[Item], list[Result]]:
+    """A batch's model inputs from the cache (collected on the fly), and its failures;
+    ``fixups``: the model's (``spec.fixups``): whether a film read inverted is turned back."""
     items, errors = [], []
     for sel, got in zip(chunk, fetch(engine, [(s.uid, s.path) for s in chunk], settings, cache_dir, pool),
                         strict=True):
         if isinstance(got, Entry):
-            image, inverted = upright(got.image)
+            image, inverted = upright(got.image) if "upright" in fixups else (got.image, False)
             if inverted:
                 log.warning("%s: the image reads inverted (a MONOCHROME1 film shown as MONOCHROME2, or the "
                             "reverse?): labelled the right way round; check its PhotometricInterpretation", sel.uid)
@@ -444,13 +445,13 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
     return items, errors
 
 
-def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs, norm
+def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs, spec
               ) -> Iterator[tuple[list[Item], list[Result], np.ndarray | None]]:
     """Batches whose images load (decoding what is missing) and are normalised for the model
     while the previous batch runs in it: the model's loop only runs the model."""
     def load(chunk):
-        items, errors = load_batch(engine, chunk, settings, cache_dir, procs)
-        return items, errors, (model_inputs([it.image for it in items], norm, [it.rim_box for it in items])
+        items, errors = load_batch(engine, chunk, settings, cache_dir, procs, spec.fixups)
+        return items, errors, (model_inputs([it.image for it in items], spec, [it.rim_box for it in items])
                                if items else None)
 
     chunks = list(D.chunks(todo, bs))

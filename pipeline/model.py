@@ -40,7 +40,7 @@ from sqlalchemy.engine import Engine
 from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline import quality as Q
-from pipeline.imaging import MODES, NORMS, denoised, model_input, unrimmed, upright
+from pipeline.imaging import FIXUPS, MODES, NORMS, fixed_up, model_input
 from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES
 from pipeline.networks import NETWORKS, create_network
 from pipeline.resources import resource
@@ -73,6 +73,9 @@ class ModelSpec:
     # what the `heart` output is: the heart alone, or (checkpoints from before 2026-12-05,
     # trained on GeneralBlockchain alone) its cardiomediastinum
     heart_definition: str = CARDIOMEDIASTINUM
+    # the film fix-ups labelling applies before the model (imaging.FIXUPS, in that order);
+    # a checkpoint from before they were recorded expects them all, as labelling then did
+    fixups: tuple[str, ...] = FIXUPS
 
     @property
     def labelled(self) -> tuple[str, ...]:
@@ -88,6 +91,9 @@ class ModelSpec:
         except ValueError as e:
             raise ModelError(f"model spec: {e}") from None
         object.__setattr__(self, "structures", tuple(self.structures))
+        object.__setattr__(self, "fixups", tuple(self.fixups))
+        if [f for f in FIXUPS if f in self.fixups] != list(self.fixups):
+            raise ModelError(f"model spec: fixups {list(self.fixups)}: some of {', '.join(FIXUPS)}, in that order")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,18 +305,18 @@ class LoadedModel:
     scores: Q.Scores | None = None  # where each quality score came from (`cxrlabel quality show`)
 
 
-def model_inputs(images: Sequence[np.ndarray], norm: str,
+def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec,
                  rims: Sequence[tuple[int, int, int, int]] | None = None) -> np.ndarray:
-    """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input (the model's
-    own normalisation, ``spec.norm``), each the right way round (:func:`imaging.upright`),
-    a collimator's rim filled (:func:`imaging.unrimmed`) and smoothed when noisier than
-    training showed the model (:func:`imaging.denoised`): CPU work a labelling loop does
-    off the model's path. ``rims``: each image's :func:`imaging.collimation_rim`, from a
-    caller that has turned the images upright and read their rims already (the labelling
-    loop's :func:`pipeline.label.load_batch`), so neither is done twice."""
+    """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input: each through
+    the film fix-ups the model's spec names (``spec.fixups``, :func:`imaging.fixed_up`: turned
+    the right way round, a collimator's rim filled, strong noise smoothed) and its own
+    normalisation (``spec.norm``): CPU work a labelling loop does off the model's path.
+    ``rims``: each image's :func:`imaging.collimation_rim`, from a caller that has turned the
+    images upright and read their rims already (the labelling loop's
+    :func:`pipeline.label.load_batch`), so neither is done twice."""
     if rims is None:
-        return np.stack([model_input(denoised(unrimmed(upright(img)[0])[0])[0], norm) for img in images])
-    return np.stack([model_input(denoised(unrimmed(img, rim)[0])[0], norm)
+        return np.stack([model_input(fixed_up(img, spec.fixups), spec.norm) for img in images])
+    return np.stack([model_input(fixed_up(img, spec.fixups, rim, turned=True), spec.norm)
                      for img, rim in zip(images, rims, strict=True)])
 
 
@@ -322,7 +328,7 @@ def infer(lm: LoadedModel, images: Sequence[np.ndarray], quantise: bool = False,
     Each image gets the model's own input normalisation (or pass ``inputs``, from
     :func:`model_inputs`, made elsewhere); CUDA runs in mixed precision.
     """
-    x = torch.from_numpy(inputs if inputs is not None else model_inputs(images, lm.spec.norm))
+    x = torch.from_numpy(inputs if inputs is not None else model_inputs(images, lm.spec))
     if lm.device.type == "cuda":
         x = x.pin_memory()  # lets the copy overlap with the previous batch's kernels
     x = x.to(lm.device, non_blocking=True)

@@ -412,8 +412,8 @@ def test_a_collimator_rim_is_found_and_filled_before_the_model():
         # hands both on: the model gets what it would from the raw films
         films = [clean, rimmed, 255 - clean]
         once = [upright(film)[0] for film in films]
-        assert np.array_equal(model_inputs(once, lm.spec.norm, [collimation_rim(film) for film in once]),
-                              model_inputs(films, lm.spec.norm))
+        assert np.array_equal(model_inputs(once, lm.spec, [collimation_rim(film) for film in once]),
+                              model_inputs(films, lm.spec))
         t, b, left, right = depths  # the top band mirrors the rows below its inner edge
         assert np.array_equal(filled[:t][::-1, left:256 - right], clean[t:2 * t, left:256 - right])
         reference, through = infer(lm, [clean, rimmed]) > 0.5  # infer fills the rim itself
@@ -492,3 +492,20 @@ def test_a_tiles_captions_are_readable_on_a_bright_film():
                                                              "quality": 0.93, "input_check": "ok"})
     assert tile[:16].mean() < 100 and tile[-16:].mean() < 100 and tile[100:150].mean() > 240  # dark bands
     assert tile[:16].max() > 200  # and light text on them
+
+
+def test_the_film_fix_ups_a_model_expects_travel_in_its_spec():
+    import dataclasses
+
+    from pipeline.imaging import preprocess
+    from pipeline.model import ModelError, ModelSpec, model_inputs, read_checkpoint
+    up, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline.dcm", 256)
+    reversed_img, _ = preprocess(DICOM / "cr_chest_pa_jpeg_baseline_monochrome1.dcm", 256)
+    spec = read_checkpoint(REPO / "models" / "default" / "model.pt").spec
+    assert spec.fixups == ("upright", "unrim", "denoise")  # what it was trained to expect
+    assert np.array_equal(model_inputs([reversed_img], spec), model_inputs([up], spec))  # turned back
+    bare = dataclasses.replace(spec, fixups=())  # a model trained to read films as they come
+    assert not np.array_equal(model_inputs([reversed_img], bare), model_inputs([up], bare))
+    assert ModelSpec.from_dict({**spec.as_dict(), "fixups": ["unrim"]}).fixups == ("unrim",)
+    with pytest.raises(ModelError, match="in that order"):
+        ModelSpec.from_dict({**spec.as_dict(), "fixups": ["denoise", "upright"]})
