@@ -428,7 +428,7 @@ def test_parallel_folds_on_one_gpu_warn(annotated_engine, tmp_path, monkeypatch,
 
     def no_pool(*args, **kwargs):
         raise Started
-    monkeypatch.setattr(CV, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(CV, "process_pool", no_pool)
     cfg = TrainConfig.from_preset("tiny", epochs=1, folds=2)
     for device, warned in (("cpu", False), ("cuda", True)):
         monkeypatch.setattr(CV, "pick_device", lambda d, dev=device: torch.device(dev))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from pipeline import db as D
+from pipeline import process_pool
 from pipeline.model import pick_device, register_model
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.data import Dataset, load_dataset
@@ -74,7 +73,9 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     if parallel > 1 and cfg.folds > 1:
         url = engine.url.render_as_string(hide_password=False)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // parallel)
-        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # workers that exit with this process (a killed run leaves no fold training on), from
+        # a fork server: never a fork of a process whose torch threads run
+        with process_pool(parallel) as pool:
             trained = list(pool.map(_train_fold, *zip(*[
                 (url, c, where, cache_dir, device, resume, held, threads, workers) for c, where, held in folds],
                 strict=True)))
