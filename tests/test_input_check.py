@@ -76,3 +76,24 @@ def test_a_fitted_score_keeps_its_appearance(tmp_path):
     score.save(tmp_path / "s.quality.json")
     again = QualityModel.load(tmp_path / "s.quality.json")
     assert again.appearance is not None and np.array_equal(again.appearance.thumbs, looks.thumbs)
+
+
+def test_films_outside_the_ctr_norms_are_marked_and_flagged_films_leave_the_statistics(engine):
+    from sqlalchemy import text
+
+    from pipeline.results import read_only_query, statement
+    films = [("adult_pa", "PA", 40, "ok"), ("adult_ap", "AP", 40, "ok"), ("child_pa", "PA", 9, "ok"),
+             ("child_ap", "ap", 3, "ok"), ("unknown_age", "PA", None, None),
+             ("turned", "PA", 50, "turned? it looks more like a chest film turned a quarter or half")]
+    with engine.begin() as c:
+        for uid, view, age, check in films:
+            c.execute(text("INSERT INTO images (uid, source, view, age, loaded_at) "
+                           "VALUES (:u, 'csv', :v, :a, '2026-01-01')"), {"u": uid, "v": view, "a": age})
+            c.execute(text("INSERT INTO measurements (uid, model, ctr, quality, input_check, labelled_at) "
+                           "VALUES (:u, 'm', 0.5, 0.9, :k, '2026-01-01')"), {"u": uid, "k": check})
+    rows = {r["uid"]: r for r in read_only_query(engine, statement(
+        "SELECT uid, outside_norms, in_statistics FROM label_results")).rows}
+    assert {u: r["outside_norms"] for u, r in rows.items()} == {
+        "adult_pa": None, "adult_ap": "AP view", "child_pa": "child", "child_ap": "AP view, child",
+        "unknown_age": None, "turned": None}  # marked, never refused
+    assert {u for u, r in rows.items() if r["in_statistics"] == 0} == {"turned"}
