@@ -419,6 +419,56 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
     return counts
 
 
+PHRASE_WORDS = 8  # a phrase is a clause's first words: enough to recognise a wording, never a whole report
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_NOT_WORD = re.compile(r"[^\w#?]+")
+
+
+def phrase(clause: str) -> str:
+    """A clause as :func:`coverage` counts it: lower case (from :func:`clauses`), numbers as
+    ``#``, punctuation but a question mark dropped, its first :data:`PHRASE_WORDS` words."""
+    words = _NOT_WORD.sub(" ", _NUMBER.sub("#", clause)).split()
+    return " ".join(words[:PHRASE_WORDS])
+
+
+def coverage(engine: Engine, rules: Rules | None = None, top: int = 20, group: str | None = None,
+             batch_size: int = 5000, progress: bool = True) -> dict[str, list[dict]]:
+    """The most frequent phrasings (:func:`phrase` of each report clause) per stored group,
+    ``(no group)`` among them, each with its count of reports and an example uid: what a clinic
+    reads to see which of its own wordings the rules leave ungrouped (``group``: that group
+    only, or ``(no group)``). Reports are read as ``groups assign`` left them."""
+    rules = rules or load_rules()
+    counted: dict[str, dict[str, list]] = {}
+    i, g = D.images, D.groups
+    q = select(i.c.uid, i.c.text, g.c.group_name).join(g, g.c.uid == i.c.uid, isouter=True)
+    if group == NO_GROUP:
+        q = q.where(g.c.group_name.is_(None))
+    elif group:
+        q = q.where(g.c.group_name == group)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(q.subquery())).scalar() or 0
+        bar = tqdm(total=total, desc="coverage", unit="report", disable=not progress)
+        last = ""
+        while True:
+            rows = conn.execute(q.where(i.c.uid > last).order_by(i.c.uid).limit(batch_size)).all()
+            if not rows:
+                break
+            for uid, text, name in rows:
+                seen = set()
+                for c in clauses(text or "", rules):
+                    ph = phrase(c)
+                    if ph and ph not in seen:  # a report counts once per phrasing
+                        seen.add(ph)
+                        entry = counted.setdefault(name or NO_GROUP, {}).setdefault(ph, [0, uid])
+                        entry[0] += 1
+            last = rows[-1].uid
+            bar.update(len(rows))
+        bar.close()
+    return {name: [{"phrase": ph, "reports": n, "example_uid": uid}
+                   for ph, (n, uid) in sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]]
+            for name, found in sorted(counted.items())}
+
+
 def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
     """Why ``uid`` is in its group: the stored group and rule, and the steps of deciding it
     again with ``rules`` (which may differ from the rules it was assigned by)."""

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from sqlalchemy import text
 
@@ -261,3 +263,37 @@ def test_group_comparisons_count_one_film_per_patient_and_leave_flagged_films_ou
     from pipeline.report import _in_statistics, _selection, one_per_patient
     picked = {r["uid"] for r in one_per_patient(_in_statistics(_selection(engine, "m", [], None)))}
     assert picked == first  # the report's figures count the films the ready queries count
+
+
+def test_coverage_shows_the_phrasings_the_rules_leave_ungrouped(engine):
+    reports = {"a": "Cor: увеличено. Pulmo: без очаговых теней.", "b": "Cor: увеличено, КТИ 0,61.",
+               "c": "Кардиомегалия.", "d": "Heart size is normal. Lungs are clear.",
+               "e": "Cor: not enlarged. Pulmo: clear.", "f": "Cor: увеличено."}
+    with engine.begin() as c:
+        for uid, report in reports.items():
+            c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'csv', :t, '2026-01-01')"),
+                      {"u": uid, "t": report})
+    G.assign(engine, progress=False)
+    assert {r.uid: r.group_name for r in read_groups(engine)} == {"b": "cardiomegaly", "c": "cardiomegaly",
+                                                                  "d": "healthy"}
+    found = G.coverage(engine, progress=False)
+    assert set(found) == {"(no group)", "cardiomegaly", "healthy"}
+    # the Latin shorthand the shipped rules miss: two ungrouped reports say it, the first is the example
+    assert found["(no group)"][0] == {"phrase": "cor увеличено", "reports": 2, "example_uid": "a"}
+    assert {r["phrase"] for r in found["(no group)"]} == {"cor увеличено", "pulmo без очаговых теней",
+                                                          "cor not enlarged", "pulmo clear"}
+    assert {r["phrase"] for r in found["cardiomegaly"]} == {"cor увеличено кти #", "кардиомегалия"}
+    assert G.phrase("кти 0,61 и 12 мм") == "кти # и # мм"  # numbers as #, never a patient's values
+    assert list(G.coverage(engine, group="healthy", progress=False)) == ["healthy"]
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    r = CliRunner().invoke(cli, ["--db", engine.url.render_as_string(hide_password=False), "groups", "coverage",
+                                 "--group", "(no group)", "--top", "2", "--json"])
+    assert r.exit_code == 0 and [row["phrase"] for row in json.loads(r.stdout)["(no group)"]] == [
+        "cor увеличено", "cor not enlarged"]
+
+
+def read_groups(engine):
+    with engine.connect() as c:
+        return c.execute(text("SELECT uid, group_name FROM groups")).all()

@@ -32,6 +32,39 @@ def groups_assign(ctx, rules) -> None:
         click.echo(f"{name:>14}  {n}" + ("  (group_name NULL in the views)" if name == G.NO_GROUP else ""))
 
 
+@groups.command("coverage")
+@click.option("--group", help="Only this group's reports; '(no group)' for the ungrouped [every group].")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Phrasings per group.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Cut reports into clauses as this rules file does.")
+@json_option
+@click.pass_context
+@handle_errors
+def groups_coverage(ctx, group, top, rules, as_json) -> None:
+    """The most frequent phrasings among the reports of each group, the ungrouped among them.
+
+    Each report clause is counted by its first words (numbers as #), with how many reports use
+    it and one example uid: phrases, never whole reports. Read the '(no group)' list to see which
+    of your own wordings the rules miss, add them to a rules file (`groups assign --rules`), and
+    check one with `groups explain UID`.
+
+    \b
+    Example:
+        cxrlabel groups coverage --group "(no group)" --top 30
+        cxrlabel groups coverage --json > coverage.json
+    """
+    found = G.coverage(engine_of(ctx), G.load_rules(rules), top, group)
+    if as_json:
+        emit(found, True)
+        return
+    if not found:
+        click.echo("no reports" + (f" in group {group!r}" if group else "") + ": run `cxrlabel groups assign` first")
+    for name, rows in found.items():
+        click.echo(f"{name}:")
+        emit(rows, False)
+        click.echo("")
+
+
 @groups.command("explain")
 @click.argument("uid")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
