@@ -43,6 +43,7 @@ class GroupRule:
     unless: list[re.Pattern] = field(default_factory=list)
     negatable: bool = True  # false where the phrases carry their own negation ("no acute ...")
     report_ctr: str | None = None  # "above" / "below": a CTR written in the report above / below 0.5 counts
+    lines: dict[str, int] = field(default_factory=dict)  # compiled pattern -> its line in the rules file
 
 
 @dataclass
@@ -93,12 +94,16 @@ def load_rules(path: str | Path | None = None) -> Rules:
     except tomllib.TOMLDecodeError as e:
         raise GroupsError(f"rules file {path} is not valid TOML: {e}") from e
     _validate(raw, path)
+    text_lines = Path(path).read_text(encoding="utf-8").splitlines()
     groups = []
     for g in raw["group"]:
-        groups.append(GroupRule(g["name"], list(g.get("labels", [])),
-                                _compile(g["match"], f"{path} {g['name']}.match"),
-                                _compile(g.get("unless", []), f"{path} {g['name']}.unless"),
-                                bool(g.get("negatable", True)), g.get("report_ctr")))
+        match = _compile(g["match"], f"{path} {g['name']}.match")
+        unless = _compile(g.get("unless", []), f"{path} {g['name']}.unless")
+        start = _line_of(text_lines, [f'name = "{g["name"]}"', f"name = '{g['name']}'"]) or 1
+        lines = {c.pattern: n for raw_p, c in zip([*g["match"], *g.get("unless", [])], [*match, *unless], strict=True)
+                 if (n := _line_of(text_lines, _written(raw_p), start + 1))}
+        groups.append(GroupRule(g["name"], list(g.get("labels", [])), match, unless,
+                                bool(g.get("negatable", True)), g.get("report_ctr"), lines))
 
     def alternation(key: str) -> re.Pattern:
         pats = raw.get(key, []) or [NEVER]
@@ -115,6 +120,20 @@ def load_rules(path: str | Path | None = None) -> Rules:
                  int(raw.get("window", 6)), str(path), alternation("post_negation"),
                  alternation("post_uncertain"), int(raw.get("post_window", 3)), one("clause_split", NEVER), ctr,
                  alternation("statement_words"), alternation("end_negation"), alternation("end_uncertain"))
+
+
+def _written(pattern: str) -> list[str]:
+    """How a pattern may be written in TOML: a literal string, or a basic one with its
+    backslashes and quotes escaped."""
+    return [f"'{pattern}'", '"' + pattern.replace("\\", "\\\\").replace('"', '\\"') + '"']
+
+
+def _line_of(lines: list[str], written: list[str], start: int = 1) -> int | None:
+    """The first line (1-based, from ``start``) holding one of the ``written`` forms."""
+    for n in range(start - 1, len(lines)):
+        if any(w in lines[n] for w in written):
+            return n + 1
+    return None
 
 
 _TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int,
@@ -180,6 +199,7 @@ class Hit(NamedTuple):
     words: str  # the matched words
     clause: str
     cue: str | None = None  # the negation or doubt, where one decided
+    pattern: str = ""  # the rule's pattern that matched (GroupRule.lines: its line in the file)
 
 
 def _list_item(before: str, words: str, rules: Rules) -> bool:
@@ -250,7 +270,7 @@ def find(clause_list: list[str], patterns: list[re.Pattern], rules: Rules, negat
         for p in patterns:
             for m in p.finditer(c):
                 verdict, cue = judge(c, m.start(), m.end(), rules, negatable)
-                hits.append(Hit(verdict, m.group(0), c, cue))
+                hits.append(Hit(verdict, m.group(0), c, cue, p.pattern))
                 if verdict in until:
                     return hits
     return hits
@@ -336,7 +356,8 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
                      (f"{evidence} 0.5" if evidence else "at 0.5, no evidence either way"))
     for g in rules.groups:
         hits = find(found, g.match, rules, g.negatable, until=stop)
-        steps += [f"{g.name}: {_describe(h)}" for h in hits]
+        steps += [f"{g.name}: {_describe(h)}" + (f" (rules line {g.lines[h.pattern]})" if h.pattern in g.lines
+                                                    else "") for h in hits]
         counted = [h for h in hits if h.verdict == "yes"]
         doubted = [h for h in hits if h.verdict == "uncertain"]
         by_ctr = g.report_ctr is not None and evidence == g.report_ctr
@@ -352,11 +373,14 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
                             _exact(ctr))
         judged = find(found, g.unless, rules, until=() if trace else ("yes", "uncertain"))
         vetoes = [h for h in judged if h.verdict != "negated"]
-        steps += [f"{g.name} unless: {_describe(h)}" for h in judged]
+        steps += [f"{g.name} unless: {_describe(h)}" + (f" (rules line {g.lines[h.pattern]})"
+                                                          if h.pattern in g.lines else "") for h in judged]
         if vetoes or (against_ctr and g.report_ctr == "below"):
             steps.append(f"{g.name}: vetoed -> next group")
             continue
-        why = f"text: {counted[0].words!r}" if counted else f"report CTR {ctr.value:.2f}"
+        line = g.lines.get(counted[0].pattern) if counted else None
+        why = (f"text: {counted[0].words!r}" + (f" (rules line {line})" if line else "") if counted
+               else f"report CTR {ctr.value:.2f}")
         steps.append(f"{g.name}: decided by {why}")
         return Decision(g.name, why, steps, _exact(ctr))
     steps.append("no group's phrase counted")

@@ -297,3 +297,21 @@ def test_coverage_shows_the_phrasings_the_rules_leave_ungrouped(engine):
 def read_groups(engine):
     with engine.connect() as c:
         return c.execute(text("SELECT uid, group_name FROM groups")).all()
+
+
+def test_explain_names_the_rules_file_line_that_decided(tmp_path):
+    from pipeline.resources import resource
+    shipped = resource("rules", "default.toml").read_text(encoding="utf-8").splitlines()
+    d = G.decide("Кардиомегалия.", None, RULES, trace=True)
+    line = int(d.reason.split("rules line ")[1].rstrip(")"))
+    assert d.group == "cardiomegaly" and "кардиомегал" in shipped[line - 1]
+    assert any("(rules line" in step for step in d.steps)
+    edited = tmp_path / "mine.toml"  # a clinic's own file: its own line numbers
+    edited.write_text("\n".join(shipped).replace("match = [\n  'cardiomegaly',",
+                                                 "match = [\n  'cor:? увеличено',\n  'cardiomegaly',", 1),
+                      encoding="utf-8")
+    mine = G.load_rules(edited)
+    d = G.decide("Cor: увеличено.", None, mine)
+    line = int(d.reason.split("rules line ")[1].rstrip(")"))
+    assert d.group == "cardiomegaly"
+    assert edited.read_text(encoding="utf-8").splitlines()[line - 1] == "  'cor:? увеличено',"
