@@ -323,9 +323,14 @@ class Decision:
     report_ctr: float | None = None
 
 
-def _describe(h: Hit) -> str:
+def _describe(h: Hit, g: GroupRule) -> str:
     said = {"yes": "counts", "negated": f"negated by {h.cue!r}", "uncertain": f"doubted by {h.cue!r}"}[h.verdict]
-    return f"{h.words!r} in {h.clause!r}: {said}"
+    return f"{h.words!r} in {h.clause!r}: {said}{_line(h, g)}"
+
+
+def _line(h: Hit, g: GroupRule) -> str:
+    """`` (rules line N)``: where the rules file writes the pattern ``h`` matched ('' if unknown)."""
+    return f" (rules line {g.lines[h.pattern]})" if h.pattern in g.lines else ""
 
 
 def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = False) -> Decision:
@@ -356,8 +361,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
                      (f"{evidence} 0.5" if evidence else "at 0.5, no evidence either way"))
     for g in rules.groups:
         hits = find(found, g.match, rules, g.negatable, until=stop)
-        steps += [f"{g.name}: {_describe(h)}" + (f" (rules line {g.lines[h.pattern]})" if h.pattern in g.lines
-                                                    else "") for h in hits]
+        steps += [f"{g.name}: {_describe(h, g)}" for h in hits]
         counted = [h for h in hits if h.verdict == "yes"]
         doubted = [h for h in hits if h.verdict == "uncertain"]
         by_ctr = g.report_ctr is not None and evidence == g.report_ctr
@@ -373,14 +377,11 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
                             _exact(ctr))
         judged = find(found, g.unless, rules, until=() if trace else ("yes", "uncertain"))
         vetoes = [h for h in judged if h.verdict != "negated"]
-        steps += [f"{g.name} unless: {_describe(h)}" + (f" (rules line {g.lines[h.pattern]})"
-                                                          if h.pattern in g.lines else "") for h in judged]
+        steps += [f"{g.name} unless: {_describe(h, g)}" for h in judged]
         if vetoes or (against_ctr and g.report_ctr == "below"):
             steps.append(f"{g.name}: vetoed -> next group")
             continue
-        line = g.lines.get(counted[0].pattern) if counted else None
-        why = (f"text: {counted[0].words!r}" + (f" (rules line {line})" if line else "") if counted
-               else f"report CTR {ctr.value:.2f}")
+        why = f"text: {counted[0].words!r}{_line(counted[0], g)}" if counted else f"report CTR {ctr.value:.2f}"
         steps.append(f"{g.name}: decided by {why}")
         return Decision(g.name, why, steps, _exact(ctr))
     steps.append("no group's phrase counted")

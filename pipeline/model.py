@@ -296,13 +296,21 @@ class LoadedModel:
     module: torch.nn.Module
     spec: ModelSpec
     device: torch.device
-    quality: Q.QualityModel | None = None  # the fitted quality score (estimated Dice), when there is one
-    quality_tta: Q.QualityModel | None = None  # ... the one that also reads test-time augmentation (label --tta)
     # trained on chests framed whole only: labelling draws a film cut short again from further
     # out (pipeline.label.reframe). A model trained with `--shifts` saw such films (a field of
     # view cut short by up to 1.4x) and draws them better itself (bench/RESULTS.md).
     framed_whole: bool = True
-    scores: Q.Scores | None = None  # where each quality score came from (`cxrlabel quality show`)
+    scores: Q.Scores | None = None  # its quality scores and where each came from (`cxrlabel quality show`)
+
+    @property
+    def quality(self) -> Q.QualityModel | None:
+        """The fitted quality score (estimated Dice), when there is one."""
+        return self.scores.plain if self.scores else None
+
+    @property
+    def quality_tta(self) -> Q.QualityModel | None:
+        """The one that also reads test-time augmentation (``label --tta``), when there is one."""
+        return self.scores.tta if self.scores else None
 
 
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec,
@@ -411,8 +419,8 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
         module = LabelledOutputs(module, [spec.structures.index(s) for s in spec.labelled]).eval()
         spec = dataclasses.replace(spec, structures=spec.labelled)
     scores = Q.scores_for(engine, path, sha, spec.structures, ck.training)
-    return LoadedModel(name, path, sha, module, spec, dev, scores.plain, scores.tta,
-                       framed_whole=not Q.recipe_of(ck.training)["shifts"], scores=scores)
+    return LoadedModel(name, path, sha, module, spec, dev, framed_whole=not Q.recipe_of(ck.training)["shifts"],
+                       scores=scores)
 
 
 def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:
@@ -487,16 +495,17 @@ def model_scores(engine: Engine, name: str | None = None) -> list[dict]:
                                      .scalars()]
     out = []
     for n in names:
-        try:
-            lm = resolve_model(engine, n, "cpu")
+        try:  # the checkpoint's spec and training are enough: the network is never built
+            path, _, _ = locate(engine, n)
+            ck = read_checkpoint(path)
         except ModelError as e:
             if name:
                 raise
             out.append({"model": n, "score": None, "from": f"cannot load: {e}"})
             continue
-        assert lm.scores is not None
-        for kind, score, origin in (("plain", lm.scores.plain, lm.scores.plain_from),
-                                    ("tta", lm.scores.tta, lm.scores.tta_from)):
+        scores = Q.scores_for(engine, path, file_sha256(path), ck.spec.labelled, ck.training)
+        for kind, score, origin in (("plain", scores.plain, scores.plain_from),
+                                    ("tta", scores.tta, scores.tta_from)):
             if score is None and kind == "tta":
                 continue
             info = score.info if score is not None else {}

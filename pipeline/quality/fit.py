@@ -231,13 +231,13 @@ def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, ch
     rows: list[dict] = []
     held_total = sum(len(ds.indices(splits["val"][k])) for k in trained)
     structures = None
+    sources = _sources(engine, ds.uids)
     with tqdm(total=held_total, desc="quality fit: label held-out films", unit="film", disable=not progress) as bar:
         for k in trained:
             lm = resolve_model(None, str(Path(run_dir) / f"fold{k}" / f"{checkpoint}.pt"), "cpu")
             structures = lm.spec.structures
             held = ds.indices(splits["val"][k])
-            rows += label_films(lm, ds, held, k, atlas_of(ds, structures, held), kinds, rng, tta, bar,
-                                _sources(engine, ds.uids))
+            rows += label_films(lm, ds, held, k, atlas_of(ds, structures, held), kinds, rng, tta, bar, sources)
     source = (f"out-of-fold films of {Path(run_dir).name} ({len(trained)} folds, each fold's {checkpoint}.pt"
               f"{', with equipment-like shifts' if shifts else ''})")
     return Films(rows, len(trained), source, {"checkpoint": checkpoint, "epochs": first.training.get("epochs"),
@@ -282,13 +282,14 @@ def films_from_database(engine: Engine, lm: LoadedModel, cache: str | None = Non
     kinds = variants(shifts)
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
+    sources = _sources(engine, ds.uids)
     with tqdm(total=len(usable), desc="quality fit: label annotated films", unit="film",
               disable=not progress) as bar:
         for k, held_uids in enumerate(splits.val):
             held = ds.indices(held_uids)
             others = [i for i in usable if i not in set(held)]
             atlas = atlas_of(ds, lm.spec.structures, [i for i in range(len(ds.uids)) if i not in set(others)])
-            rows += label_films(lm, ds, held, k, atlas, kinds, rng, tta, bar, _sources(engine, ds.uids))
+            rows += label_films(lm, ds, held, k, atlas, kinds, rng, tta, bar, sources)
     source = (f"{len(usable)} annotated films {lm.name} did not train on"
               f"{f' (sample {sample})' if sample else ''}, {folds} folds by patient"
               f"{', with equipment-like shifts' if shifts else ''}")

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 OK = "ok"
-RADIOGRAPHS = {"CR", "DX", "DR", "RG", "PX"}  # DICOM Modality of a projection radiograph (PX: panoramic, refused below)
+RADIOGRAPHS = {"CR", "DX", "DR", "RG"}  # DICOM Modality of a chest projection radiograph (not PX: dental)
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "HEART", "TORSO", "CHEST_LAT", "PORT CHEST", "BREAST"}
 
@@ -118,7 +118,7 @@ def header_check(modality: str | None, body_part: str | None, view: str | None) 
     """The reason the catalogue's header gives (a DICOM's Modality, BodyPartExamined, view)
     for not reading a film as a frontal chest radiograph; None when it gives none."""
     mod = (modality or "").strip().upper()
-    if mod and mod not in RADIOGRAPHS - {"PX"}:
+    if mod and mod not in RADIOGRAPHS:
         return f"not a radiograph: Modality {mod}"
     part = (body_part or "").strip().upper()
     if part and part not in CHEST_PARTS:
