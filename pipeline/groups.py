@@ -62,6 +62,8 @@ class Rules:
     statement_words: re.Pattern = re.compile(NEVER)
     end_negation: re.Pattern = re.compile(NEVER)
     end_uncertain: re.Pattern = re.compile(NEVER)
+    referral: re.Pattern = re.compile(NEVER)
+    statement_end: re.Pattern = re.compile(NEVER)
 
     @property
     def names(self) -> list[str]:
@@ -119,7 +121,8 @@ def load_rules(path: str | Path | None = None) -> Rules:
     return Rules(groups, alternation("negation"), alternation("uncertain"), one("sentence_split", r"[.;!?\n]+"),
                  int(raw.get("window", 6)), str(path), alternation("post_negation"),
                  alternation("post_uncertain"), int(raw.get("post_window", 3)), one("clause_split", NEVER), ctr,
-                 alternation("statement_words"), alternation("end_negation"), alternation("end_uncertain"))
+                 alternation("statement_words"), alternation("end_negation"), alternation("end_uncertain"),
+                 alternation("referral"), alternation("statement_end"))
 
 
 def _written(pattern: str) -> list[str]:
@@ -138,10 +141,12 @@ def _line_of(lines: list[str], written: list[str], start: int = 1) -> int | None
 
 _TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int,
              "post_negation": list, "post_uncertain": list, "post_window": int, "clause_split": str,
-             "report_ctr": str, "statement_words": list, "end_negation": list, "end_uncertain": list}
+             "report_ctr": str, "statement_words": list, "end_negation": list, "end_uncertain": list,
+             "referral": list, "statement_end": list}
 _GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool, "report_ctr": str}
 _LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless", "post_negation", "post_uncertain",
-                     "statement_words", "end_negation", "end_uncertain"}
+                     "statement_words", "end_negation", "end_uncertain", "referral",
+                     "statement_end"}
 
 
 def _validate(raw: dict, path: Path) -> None:
@@ -180,7 +185,7 @@ _KIND = {list: "list", str: "string", int: "whole number", bool: "true or false"
 
 
 def clauses(text: str, rules: Rules) -> list[str]:
-    """The report's clauses, lower-cased: sentences (``sentence_split``; each keeps a
+    """The report's clauses, lower-cased, runs of white space read as one: sentences (``sentence_split``; each keeps a
     closing '?', which reads as doubt) cut at contrasting conjunctions (``clause_split``:
     "but", "но", "однако"...). A finding's negation or doubt never reaches past its clause."""
     low = fold(text.lower())
@@ -189,13 +194,13 @@ def clauses(text: str, rules: Rules) -> list[str]:
         out.append(low[start:m.start()] + ("?" if "?" in m.group(0) else ""))
         start = m.end()
     out.append(low[start:])
-    return [c.strip() for s in out for c in rules.clause_split.split(s) if c and c.strip(" ,")]
+    return [" ".join(c.split()) for s in out for c in rules.clause_split.split(s) if c and c.strip(" ,")]
 
 
 class Hit(NamedTuple):
     """One pattern found in one clause, and what the words around it make of it."""
 
-    verdict: str  # 'yes', 'negated' or 'uncertain'
+    verdict: str  # 'yes', 'negated', 'uncertain', or 'asked' (the referral's question, not a finding)
     words: str  # the matched words
     clause: str
     cue: str | None = None  # the negation or doubt, where one decided
@@ -208,8 +213,12 @@ def _list_item(before: str, words: str, rules: Rules) -> bool:
     инфильтративных изменений"): a single word, or the list's last item after "or"/"или", at
     most four words after the last comma, none of them one that starts a statement of its
     own (``statement_words``: "в", "справа", "is"...). A statement ("..., сердце расширено",
-    "..., справа пневмония") is not."""
-    after_comma = before.rsplit(",", 1)[1].split()
+    "..., справа пневмония") is not, and neither is what follows a negation that closed its
+    own statement before the comma (``statement_end``: "сердце не расширено, аорта уплотнена")."""
+    head, after = before.rsplit(",", 1)
+    if rules.statement_end.search(head.rstrip()):
+        return False
+    after_comma = after.split()
     last_item = len(words.split()) == 1 or (after_comma[:1] and after_comma[0] in _LAST_ITEM)
     return bool(last_item and len(after_comma) <= 4 and not rules.statement_words.search(" ".join(after_comma)))
 
@@ -221,8 +230,9 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
     """``(verdict, cue)`` of the words ``clause[start:end]`` (a stem's match reaches to its
     word's end). 'uncertain' when a doubt cue is inside them, in the ``window`` words before
     (or a parenthetical doubt just before a comma: "вероятно, ..."), in the ``post_window``
-    words after, or closing their comma-stretch (``end_uncertain``: "... не исключается",
-    "...?"); else 'negated' when a negation stands likewise (``negation`` before: across a
+    words after, closing their comma-stretch (``end_uncertain``: "... не исключается",
+    "...?"), or standing alone after a comma at the clause's end ("cardiomegaly,
+    questionable"); else 'negated' when a negation stands likewise (``negation`` before: across a
     comma only into a list it opened; ``post_negation`` after; ``end_negation`` closing the
     stretch: "очаговых теней в лёгких не выявлено"); else 'yes'."""
     end += len(re.match(r"\w*", clause[end:]).group(0))
@@ -239,6 +249,9 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
     pre = " ".join(tail.split()[-rules.window:]) + " " + words
     rest = clause[end:].split(",", 1)[0]
     post = " ".join(rest.split()[:rules.post_window])
+    closing = clause[end:].split(",")[-1] if "," in clause[end:] else ""
+    if len(closing.split()) <= 3 and (m := rules.post_uncertain.search(closing)):  # "cardiomegaly, questionable"
+        return "uncertain", m.group(0).strip()
     checks = (("uncertain", rules.uncertain, rules.post_uncertain, rules.end_uncertain, True),
               ("negated", rules.negation, rules.post_negation, rules.end_negation, negatable))
     for verdict, cues, after, closing, check in checks:
@@ -267,9 +280,13 @@ def find(clause_list: list[str], patterns: list[re.Pattern], rules: Rules, negat
     to the first whose verdict is in ``until``."""
     hits = []
     for c in clause_list:
+        asked = rules.referral.search(c)
         for p in patterns:
             for m in p.finditer(c):
-                verdict, cue = judge(c, m.start(), m.end(), rules, negatable)
+                if asked and asked.start() <= m.start():
+                    verdict, cue = "asked", asked.group(0).strip()
+                else:
+                    verdict, cue = judge(c, m.start(), m.end(), rules, negatable)
                 hits.append(Hit(verdict, m.group(0), c, cue, p.pattern))
                 if verdict in until:
                     return hits
@@ -324,7 +341,8 @@ class Decision:
 
 
 def _describe(h: Hit, g: GroupRule) -> str:
-    said = {"yes": "counts", "negated": f"negated by {h.cue!r}", "uncertain": f"doubted by {h.cue!r}"}[h.verdict]
+    said = {"yes": "counts", "negated": f"negated by {h.cue!r}", "uncertain": f"doubted by {h.cue!r}",
+            "asked": f"asked by the referral {h.cue!r}, not a finding"}[h.verdict]
     return f"{h.words!r} in {h.clause!r}: {said}{_line(h, g)}"
 
 
@@ -340,6 +358,8 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
     report states, where the group reads one) are looked for clause by clause; a doubted
     phrase makes the image ambiguous (no group); a counted one decides unless an ``unless``
     phrase counts or is doubted somewhere in the report, or the stated CTR contradicts it.
+    A phrase after a ``referral`` cue in its clause (the clinician's question: "Indication: r/o
+    ...", "С целью исключения ...") is neither a finding nor a veto.
     ``trace``: judge every phrase for the steps (else each search stops at the first that
     decides; the group is the same).
     """
@@ -376,7 +396,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
             return Decision(None, f"conflict {g.name}: {counted[0].words!r} vs CTR {ctr.value:.2f}", steps,
                             _exact(ctr))
         judged = find(found, g.unless, rules, until=() if trace else ("yes", "uncertain"))
-        vetoes = [h for h in judged if h.verdict != "negated"]
+        vetoes = [h for h in judged if h.verdict in ("yes", "uncertain")]
         steps += [f"{g.name} unless: {_describe(h, g)}" for h in judged]
         if vetoes or (against_ctr and g.report_ctr == "below"):
             steps.append(f"{g.name}: vetoed -> next group")
