@@ -325,6 +325,7 @@ def test_held_out_grammar_reports_meet_the_goals():
     # Latin shorthand, a finding after a colon
     ("Cor: расширено влево. Pulmo: без очаговых теней.", "cardiomegaly"),
     ("Cor: N. Pulmo: без патологии.", "healthy"),
+    ("ЛЖ увеличен. Лёгкие без очаговых теней.", "cardiomegaly"),
     # a predicate after a descriptive phrase between commas, unless the phrase names another organ
     ("Тень сердца, с чёткими ровными контурами, расширена влево.", "cardiomegaly"),
     ("The cardiac silhouette, as before, is enlarged.", "cardiomegaly"),
