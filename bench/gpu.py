@@ -48,7 +48,7 @@ from pipeline import masks as M  # noqa: E402
 from pipeline import process_pool  # noqa: E402
 from pipeline.collect import Settings, collect, read_cached  # noqa: E402
 from pipeline.groups import select_images  # noqa: E402
-from pipeline.label import Item, label, postprocess  # noqa: E402
+from pipeline.label import Item, LabelOptions, label, postprocess  # noqa: E402
 from pipeline.metrics import dice  # noqa: E402
 from pipeline.model import auto_batch_size, build_network, infer, resolve_model  # noqa: E402
 
@@ -162,20 +162,26 @@ def main(argv: list[str] | None = None) -> int:
 
         # label, warm and cold
         t = time.perf_counter()
-        s = label(engine, chosen, "default", args.device, bs, str(tmp / "cache"), CORES, progress=False)
+        s = label(engine, chosen, LabelOptions(model="default", device=args.device, batch_size=bs,
+                                               cache_dir=str(tmp / "cache"), workers=CORES,
+                                               progress=False))
         warm = rate(s.labelled, time.perf_counter() - t)
         row("`label`, warm cache", f"**{warm:.1f} img/s** ({warm / model_only:.2f} of model only)")
         engine.dispose()
         tta_engine = fresh_copy(tmp / "warm.db", tmp / "tta.db", keep_cache=True)
         t = time.perf_counter()
-        s = label(tta_engine, chosen, "default", args.device, bs, str(tmp / "cache"), CORES, progress=False, tta=True)
+        s = label(tta_engine, chosen, LabelOptions(model="default", device=args.device, batch_size=bs,
+                                                   cache_dir=str(tmp / "cache"), workers=CORES,
+                                                   progress=False, tta=True))
         tta = rate(s.labelled, time.perf_counter() - t)
         row("`label --tta`, warm cache (two more passes of the model, for the quality score)",
             f"{tta:.1f} img/s ({tta / warm:.2f} of `label`)")
         cold_db = tmp / "cold.db"
         cold_engine = fresh_copy(tmp / "warm.db", cold_db, keep_cache=False)
         t = time.perf_counter()
-        s = label(cold_engine, chosen, "default", args.device, bs, str(tmp / "cache_cold"), CORES, progress=False)
+        s = label(cold_engine, chosen, LabelOptions(model="default", device=args.device, batch_size=bs,
+                                                    cache_dir=str(tmp / "cache_cold"), workers=CORES,
+                                                    progress=False))
         cold = rate(s.labelled, time.perf_counter() - t)
         row("`label`, cold from DICOM", f"**{cold:.1f} img/s** ({cold / floor:.2f} of the decode floor); "
             f"70,000 images in {70_000 / cold / 60:.1f} min")

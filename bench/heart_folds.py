@@ -46,7 +46,7 @@ from pipeline.evaluate import (  # noqa: E402
     evaluate,
 )
 from pipeline.groups import Selection, select_images  # noqa: E402
-from pipeline.label import label  # noqa: E402
+from pipeline.label import LabelOptions, label  # noqa: E402
 from pipeline.masks import load_masks  # noqa: E402
 from pipeline.measure import measure  # noqa: E402
 from pipeline.train.folds import SPLITS_FILE  # noqa: E402
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         model.parent.mkdir()
         shutil.copy(args.cv / f"fold{k}" / "final.pt", model)
         chosen = held_out_selection(engine, splits["val"][k])
-        label(engine, chosen, str(model), "cpu", 16, args.cache, progress=False)
+        label(engine, chosen, LabelOptions(model=str(model), device="cpu", batch_size=16, cache_dir=args.cache,
+                                           progress=False))
         ev = evaluate(engine, f"fold{k}")
         with engine.connect() as c:
             sources.update(dict(c.execute(select(D.images.c.uid, D.images.c.source)

@@ -39,7 +39,7 @@ from pipeline import db as D  # noqa: E402
 from pipeline.collect import Settings, collect, read_cached  # noqa: E402
 from pipeline.groups import select_images  # noqa: E402
 from pipeline.imaging import Geometry, decode, model_input, preprocess, to_uint8  # noqa: E402
-from pipeline.label import Item, label, postprocess  # noqa: E402
+from pipeline.label import Item, LabelOptions, label, postprocess  # noqa: E402
 from pipeline.model import pick_device, resolve_model  # noqa: E402
 
 
@@ -70,7 +70,8 @@ def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
             torch.sigmoid(lm.module(x)).cpu()
         model_only = len(items) / (time.perf_counter() - t)
     t = time.perf_counter()
-    s = label(engine, chosen, model, device, batch, str(tmp / "cache"), progress=False)
+    s = label(engine, chosen, LabelOptions(model=model, device=device, batch_size=batch, cache_dir=str(tmp / "cache"),
+                                           progress=False))
     e2e = s.labelled / (time.perf_counter() - t)
     print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {model_only:.1f} img/s, "
           f"end to end {e2e:.1f} img/s, ratio {e2e / model_only:.2f} (goal >= 0.9)")
@@ -107,7 +108,8 @@ def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
     base_reduced = typical_script(engine1, items1, lm, reduced_decode=True)
     engine2, items2 = catalogue(tmp, archive, "cold_ours.db")
     t = time.perf_counter()
-    s = label(engine2, items2, model, device, batch, str(tmp / "cold_cache"), progress=False)
+    s = label(engine2, items2, LabelOptions(model=model, device=device, batch_size=batch,
+                                            cache_dir=str(tmp / "cold_cache"), progress=False))
     ours = s.labelled / (time.perf_counter() - t)
     print(f"cold cache, {s.labelled} DICOM files, {lm.device}: typical script {base:.1f} img/s, "
           f"cxrlabel label {ours:.1f} img/s, ratio {ours / base:.2f} (goal >= 3)")
@@ -119,7 +121,7 @@ def rss_child(db: str, n: int, model: str, device: str, cache: str) -> None:
     engine = D.connect(db)
     with engine.connect() as c:
         chosen = select_images(c, all_images=True, limit=n)
-    label(engine, chosen, model, device, None, cache, progress=False)
+    label(engine, chosen, LabelOptions(model=model, device=device, batch_size=None, cache_dir=cache, progress=False))
     print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

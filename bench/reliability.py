@@ -35,7 +35,7 @@ from pipeline import catalogue as C  # noqa: E402
 from pipeline import db as D  # noqa: E402
 from pipeline.collect import Settings, collect  # noqa: E402
 from pipeline.groups import select_images  # noqa: E402
-from pipeline.label import label  # noqa: E402
+from pipeline.label import LabelOptions, label  # noqa: E402
 from pipeline.model import ModelError, resolve_model  # noqa: E402
 from pipeline.results import QueryError, read_only_query  # noqa: E402
 from tests.test_reliability import full_disk_open, hostile_corpus  # noqa: E402
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         C.load_dicom(engine, args.data / "dicom", workers=1, progress=False)
         with engine.connect() as c:
             good = select_images(c, all_images=True)
-        label(engine, good, "default", "cpu", 4, str(tmp / "cache"), workers=1, progress=False)
+        label(engine, good, LabelOptions(model="default", device="cpu", batch_size=4, cache_dir=str(tmp / "cache"),
+                                         workers=1, progress=False))
 
         # hostile files through collect and label
         cases = hostile_corpus(tmp / "hostile")
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         with engine.connect() as c:
             everything = select_images(c, all_images=True)
         collect(engine, everything.pairs(), Settings(256), tmp / "cache", workers=2, progress=False)
-        label(engine, everything, "default", "cpu", 4, str(tmp / "cache"), workers=2, progress=False)
+        label(engine, everything, LabelOptions(model="default", device="cpu", batch_size=4,
+                                               cache_dir=str(tmp / "cache"), workers=2, progress=False))
         with engine.connect() as c:
             reasons = dict(c.execute(text("SELECT uid, message FROM failures WHERE stage = 'label'")).all())
         survived = sum(1 for u, (_, why) in cases.items() if why in reasons.get(u, ""))
@@ -374,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         with engine.begin() as c:
             c.execute(D.label_runs.insert().values(model="default", selection="killed", host=socket.gethostname(),
                                                    pid=2**22 + 12345, started_at=D.utcnow(), status="running"))
-        label(engine, dicom, "default", "cpu", 4, str(tmp / "cache"), workers=1, progress=False)
+        label(engine, dicom, LabelOptions(model="default", device="cpu", batch_size=4, cache_dir=str(tmp / "cache"),
+                                          workers=1, progress=False))
         with engine.connect() as c:
             n += c.execute(text("SELECT status FROM label_runs WHERE selection = 'killed'")).scalar() == "interrupted"
         engine.dispose()

@@ -46,7 +46,7 @@ from quality import collect_rows  # noqa: E402
 from pipeline import db as D  # noqa: E402
 from pipeline import review as R  # noqa: E402
 from pipeline.groups import select_images  # noqa: E402
-from pipeline.label import label  # noqa: E402
+from pipeline.label import LabelOptions, label  # noqa: E402
 from pipeline.masks import load_masks  # noqa: E402
 from pipeline.model import register_model  # noqa: E402
 from pipeline.quality import Atlas, QualityModel, sidecar  # noqa: E402
@@ -116,7 +116,8 @@ def one_fold(args, k: int) -> dict:
     with engine.connect() as c:
         chosen = select_images(c, all_images=True)
     chosen.items = [it for it in chosen.items if it.uid in set(pool)]
-    label(engine, chosen, "before", "cpu", 8, args.cache, workers=1, progress=False)
+    label(engine, chosen, LabelOptions(model="before", device="cpu", batch_size=8, cache_dir=args.cache, workers=1,
+                                       progress=False))
     rows, _ = R.worklist(engine, "before", limit=len(pool))
     flagged = rows[:round(args.flag * len(rows))]  # worst estimated quality first
     for r in rows:

@@ -1,12 +1,13 @@
 """Labelling and collecting beyond one machine, on Ray (an optional extra: ``pip install 'cxrlabel[ray]'``).
 
-The same per-batch functions as the local loop run inside Ray. Uncached images are first
-decoded into the cache by CPU tasks across the cluster (:func:`collect_on_ray`); then each
-model actor (one per GPU, or a chosen number on CPUs) reads its batch through the cache
-(:func:`pipeline.label.load_batch`, collecting anything still missing), runs :func:`pipeline.label.forward`
-and :func:`pipeline.label.postprocess_all`, and writes the batch itself in one transaction
-(:func:`pipeline.label.write_batch`) to the shared database: PostgreSQL on a cluster; SQLite
-only on one machine (``local``).
+:class:`Ray` is the second executor of a :class:`pipeline.label.LabelRun` (the first is the
+local loop, :class:`pipeline.label.Local`): ``label(engine, selection, options, Ray(address))``.
+Uncached images are first decoded into the cache by CPU tasks across the cluster
+(:func:`collect_on_ray`); then each model actor (one per GPU, or a chosen number on CPUs) runs
+the run's :class:`pipeline.label.BatchLabeller` on whole batches: it reads them through the
+cache (collecting anything still missing), runs the model, post-processes, and writes each
+batch in one transaction to the shared database: PostgreSQL on a cluster; SQLite only on one
+machine (``local``).
 
 Exactly once: a batch's rows are upserted by their keys, so a batch that runs twice (an actor
 killed after writing, then restarted and retried by Ray; a driver killed and re-run) leaves
@@ -17,19 +18,17 @@ their process dies (``max_restarts``, ``max_task_retries``).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
 from pipeline import CxrlabelError
 from pipeline import db as D
-from pipeline.groups import Selected, Selection
+from pipeline.groups import Selected
+from pipeline.label import BatchDone, LabelError, LabelOptions, LabelRun
 
 log = logging.getLogger(__name__)
 
@@ -95,147 +94,118 @@ def _url(engine: Engine) -> str:
     return url
 
 
-@dataclass
-class BatchDone:
-    """What a worker reports of one batch (what a progress hook sees)."""
-
-    labelled: int
-    failed: int
-    pid: int
-    host: str
-
-
 class _LabellerImpl:
-    """One model in one worker process, labelling whole batches and writing them."""
+    """One model in one worker process, labelling whole batches with the run's
+    :class:`pipeline.label.BatchLabeller` and writing them."""
 
-    def __init__(self, url: str, model: str, device: str, cache_dir: str | None, run_id: int,
-                 threads: int | None, tta: bool = False) -> None:
+    def __init__(self, url: str, options: LabelOptions, device: str, run_id: int, threads: int | None) -> None:
         import torch
 
-        from pipeline.collect import Settings
+        from pipeline.label import BatchLabeller
         from pipeline.model import resolve_model
         if threads:
             torch.set_num_threads(threads)
-        self.engine = D.connect(url)
-        self.lm = resolve_model(self.engine, model, device)
-        self.settings = Settings(self.lm.spec.size, self.lm.spec.mode)
-        self.cache_dir, self.run_id, self.tta = cache_dir, run_id, tta
+        engine = D.connect(url)
+        self.work = BatchLabeller(engine, resolve_model(engine, options.model, device), options, run_id)
 
     def sha256(self) -> str:
-        return self.lm.sha256
+        return self.work.lm.sha256
+
+    def batch_size(self) -> int:
+        from pipeline.model import auto_batch_size
+        return auto_batch_size(self.work.lm)
 
     def label(self, chunk: Sequence[Selected]) -> BatchDone:
-        from pipeline.label import forward, forward_tta, load_batch, postprocess_all, tta_scorer, write_batch
-        items, errors = load_batch(self.engine, chunk, self.settings, self.cache_dir, None, self.lm.spec.fixups)
-        results = []
-        if items:
-            copies = forward_tta(self.lm, items) if self.tta else None
-            results = postprocess_all(items, forward(self.lm, items), self.lm.spec.structures,
-                                      tta_scorer(self.lm) if self.tta else self.lm.quality, copies)
-        write_batch(self.engine, results + errors, self.lm.name, self.run_id)
-        return BatchDone(sum(r.error is None for r in results), len(errors) + sum(r.error is not None for r in results),
-                         os.getpid(), socket.gethostname())
+        return self.work(chunk)
 
 
-def label_on_ray(engine: Engine, selection: Selection, model: str = "default", address: str = "local",
-                 device: str = "auto", batch_size: int = 64, cache_dir: str | None = None,
-                 actors: int | None = None, cpus_per_actor: int = 1, progress: bool = True,
-                 on_batch: Callable[[BatchDone], None] | None = None, tta: bool = False):
-    """Label ``selection`` with ``actors`` model actors on the Ray cluster at ``address``.
+@dataclass
+class Ray:
+    """Labelling on a Ray cluster (``address``, or ``local`` for one started here): the run's
+    uncached images are decoded first by CPU tasks across the cluster, then ``actors`` model
+    actors (one per GPU, or one per ``cpus_per_actor`` CPUs) each label and write whole
+    batches. ``on_batch`` is called on the driver after each batch is written (a progress
+    hook; tests kill workers there)."""
 
-    Returns the same :class:`pipeline.label.LabelSummary` as the local loop. ``on_batch`` is
-    called on the driver after each batch is written (a progress hook; tests kill workers there).
-    """
-    from pipeline.label import LabelSummary, labelled_uids, mark_abandoned_runs, retire_other_versions, tta_scorer
-    from pipeline.model import resolve_model
-    ray = _ray()
-    url = _url(engine)
-    lm = resolve_model(engine, model, "cpu")  # the name, file and hash the workers must match
-    if tta:
-        tta_scorer(lm)  # a model without a tta score fails here, not in every worker
-    items = selection.items
-    retire_other_versions(engine, lm)
-    done = labelled_uids(engine, lm.name, [it.uid for it in items])
-    todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
-    started = _connect(address, None)
-    try:
-        # decoding first, as CPU tasks over the whole cluster: the model actors then read a
-        # warm cache (and still collect any entry that went missing since)
-        from pipeline.collect import Settings
-        collect_on_ray(engine, [(it.uid, it.path) for it in todo], Settings(lm.spec.size, lm.spec.mode), cache_dir,
-                       address, batch_size, progress)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = gpus > 0 and device in ("auto", "cuda")
-        n = actors or (gpus if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_actor))
-        mark_abandoned_runs(engine)
-        with engine.begin() as conn:
-            run_id = conn.execute(D.label_runs.insert().values(
-                model=lm.name, model_sha256=lm.sha256, selection=selection.description,
-                device=f"ray:{n}x{'cuda' if use_gpu else 'cpu'}", host=socket.gethostname(), pid=os.getpid(),
-                started_at=D.utcnow(), n_selected=len(items), n_labelled=0, n_skipped=len(done), n_failed=0,
-                status="running", heart_definition=lm.spec.heart_definition)).inserted_primary_key[0]
-        status, failed = "failed", [0]
+    address: str = "local"
+    actors: int | None = None
+    cpus_per_actor: int = 1  # each actor's CPUs, and its torch threads
+    on_batch: Callable[[BatchDone], None] | None = None
 
-        def count(batch: BatchDone) -> None:
-            failed[0] += batch.failed
-            if on_batch:
-                on_batch(batch)
+    def refuse(self, options: LabelOptions) -> None:
+        if options.workers is not None:
+            raise LabelError("--workers sets the local loop's processes; on Ray each actor decodes and "
+                             "post-processes its own batches: set --actors (and --threads per actor) instead")
+        if options.device not in ("auto", "cpu", "cuda"):
+            raise LabelError(f"--device {options.device}: on Ray each actor gets its GPU from Ray; "
+                             "use --device auto, cpu or cuda")
 
+    def model_device(self, options: LabelOptions) -> str:
+        return "cpu"  # the driver's copy only names and hashes the model; the actors run it
+
+    def execute(self, run: LabelRun) -> None:
+        ray = _ray()
+        url = _url(run.engine)
+        options = run.options
+        started = _connect(self.address, None)
         try:
-            _run(ray, url, model, "cuda" if use_gpu else "cpu", cache_dir, run_id, lm.sha256, todo, batch_size, n,
-                 cpus_per_actor, use_gpu, progress, count, tta)
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
+            # decoding first, as CPU tasks over the whole cluster: the model actors then read a
+            # warm cache (and still collect any entry that went missing since)
+            from pipeline.collect import Settings
+            collect_on_ray(run.engine, [(it.uid, it.path) for it in run.todo],
+                           Settings(run.lm.spec.size, run.lm.spec.mode), options.cache_dir, self.address,
+                           options.batch_size or 64, options.progress)
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            if options.device == "cuda" and not gpus:
+                raise LabelError("--device cuda: the Ray cluster has no GPU; use --device auto or cpu")
+            use_gpu = gpus > 0 and options.device in ("auto", "cuda")
+            n = self.actors or (gpus if use_gpu else
+                                max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_actor))
+            work = run.start(f"ray:{n}x{'cuda' if use_gpu else 'cpu'}")
+            status = "failed"
+            try:
+                self._run(ray, url, run, work.run_id, "cuda" if use_gpu else "cpu", n, use_gpu)
+                status = "done"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            finally:
+                run.settle(status)
         finally:
-            _close_run(engine, run_id, status, failed[0])
-    finally:
-        if started:
-            ray.shutdown()
-    with engine.connect() as conn:
-        row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == run_id)).one()
-    return LabelSummary(run_id, lm.name, len(items), row.n_labelled, len(done), row.n_failed, row.device)
+            if started:
+                ray.shutdown()
 
-
-def _run(ray, url, model, device, cache_dir, run_id, sha, todo, batch_size, n, cpus, use_gpu, progress,
-         on_batch, tta) -> None:
-    remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus, max_restarts=RESTARTS,
-                        max_task_retries=RESTARTS)(_LabellerImpl)
-    pool = [remote.remote(url, model, device, cache_dir, run_id, cpus, tta) for _ in range(n)]
-    shas = set(ray.get([a.sha256.remote() for a in pool]))
-    if shas != {sha}:
-        raise RayError(f"the workers load model {model!r} with sha256 {sorted(shas)}, the driver {sha}: "
-                       "give every node the same checkpoint file")
-    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    bar = tqdm(total=len(todo), desc="label (ray)", unit="img", disable=not progress)
-    in_flight: dict = {}
-    next_chunk = 0
-    idle = list(pool)
-    while next_chunk < len(chunks) or in_flight:
-        while idle and next_chunk < len(chunks):  # one batch per actor at a time; Ray retries it
-            actor = idle.pop()
-            in_flight[actor.label.remote(chunks[next_chunk])] = (actor, len(chunks[next_chunk]))
-            next_chunk += 1
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, size = in_flight.pop(ready[0])
-        done: BatchDone = ray.get(ready[0])
-        idle.append(actor)
-        bar.update(size)
-        on_batch(done)
-    bar.close()
-    for a in pool:
-        ray.kill(a)
-
-
-def _close_run(engine: Engine, run_id: int, status: str, failed: int) -> None:
-    """The run's counts: images labelled from what is stored (a batch that ran twice, killed
-    after its write and retried, is not counted twice), failures as the driver received them."""
-    m, runs = D.measurements, D.label_runs
-    with engine.begin() as conn:
-        labelled = conn.execute(select(func.count()).select_from(m).where(m.c.run_id == run_id)).scalar()
-        conn.execute(update(runs).where(runs.c.id == run_id).values(
-            ended_at=D.utcnow(), status=status, n_labelled=labelled, n_failed=failed))
+    def _run(self, ray, url: str, run: LabelRun, run_id: int, device: str, n: int, use_gpu: bool) -> None:
+        remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=self.cpus_per_actor, max_restarts=RESTARTS,
+                            max_task_retries=RESTARTS)(_LabellerImpl)
+        pool = [remote.remote(url, run.options, device, run_id, self.cpus_per_actor) for _ in range(n)]
+        shas = set(ray.get([a.sha256.remote() for a in pool]))
+        if shas != {run.lm.sha256}:
+            raise RayError(f"the workers load model {run.options.model!r} with sha256 {sorted(shas)}, the driver "
+                           f"{run.lm.sha256}: give every node the same checkpoint file")
+        # auto: what the smallest actor's device holds (model.auto_batch_size there)
+        size = run.options.batch_size or min(ray.get([a.batch_size.remote() for a in pool]))
+        chunks = [run.todo[i:i + size] for i in range(0, len(run.todo), size)]
+        bar = tqdm(total=len(run.todo), desc="label (ray)", unit="img", disable=not run.options.progress)
+        in_flight: dict = {}
+        next_chunk = 0
+        idle = list(pool)
+        while next_chunk < len(chunks) or in_flight:
+            while idle and next_chunk < len(chunks):  # one batch per actor at a time; Ray retries it
+                actor = idle.pop()
+                in_flight[actor.label.remote(chunks[next_chunk])] = (actor, len(chunks[next_chunk]))
+                next_chunk += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, batch = in_flight.pop(ready[0])
+            done: BatchDone = ray.get(ready[0])
+            idle.append(actor)
+            bar.update(batch)
+            run.count(done)
+            if self.on_batch:
+                self.on_batch(done)
+        bar.close()
+        for a in pool:
+            ray.kill(a)
 
 
 def collect_on_ray(engine: Engine, items: Sequence[tuple[str, str | None]], settings, root: str | Path | None = None,

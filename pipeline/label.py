@@ -22,10 +22,11 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import cv2
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -321,80 +322,200 @@ def labelled_uids(engine: Engine, model: str, uids: Sequence[str]) -> set[str]:
         return {row.uid for row in D.rows_in(conn, select(t.c.uid).where(t.c.model == model), t.c.uid, uids)}
 
 
-def label(engine: Engine, selection: Selection, model: str = "default", device: str = "auto",
-          batch_size: int | None = None, cache_dir: str | None = None, workers: int | None = None,
-          progress: bool = True, tta: bool = False) -> LabelSummary:
-    """Label the images of ``selection`` not yet labelled by ``model``. With ``tta`` each image
-    is also run as two test-time-augmented copies, for a sharper quality score (three
-    times the model's work; the masks are the image's own).
+@dataclass(frozen=True)
+class LabelOptions:
+    """Every setting of one labelling run, whichever executor runs it (the CLI's options)."""
+
+    model: str = "default"  # 'default' (shipped), a registered name, or a checkpoint path
+    device: str = "auto"  # auto, cpu or cuda (locally also cuda:N)
+    batch_size: int | None = None  # None: as many films as the device holds (model.auto_batch_size)
+    cache_dir: str | None = None
+    workers: int | None = None  # the local loop's processes that decode and post-process [cores]
+    tta: bool = False  # two test-time-augmented copies per image, for the quality score (3x the model's work)
+    progress: bool = True
+
+
+@dataclass
+class BatchDone:
+    """What one written batch adds to its run (what a progress hook sees)."""
+
+    labelled: int
+    failed: int
+    pid: int
+    host: str
+
+
+class BatchLabeller:
+    """The work of one batch, the same under every executor: :meth:`load` (the cache's
+    entries, collecting what is missing, and the model's inputs), :meth:`infer` (the model,
+    and its test-time-augmented copies), :meth:`post` (masks, measurements, quality) and
+    :meth:`write` (one transaction). Calling it does all four in this process (a Ray actor);
+    the local loop runs the same steps overlapped."""
+
+    def __init__(self, engine: Engine, lm: LoadedModel, options: LabelOptions, run_id: int) -> None:
+        self.engine, self.lm, self.options, self.run_id = engine, lm, options, run_id
+        self.scorer = tta_scorer(lm) if options.tta else lm.quality
+        self.settings = Settings(lm.spec.size, lm.spec.mode)
+
+    def load(self, chunk: Sequence[Selected], pool: Executor | None = None
+             ) -> tuple[list[Item], list[Result], np.ndarray | None]:
+        items, errors = load_batch(self.engine, chunk, self.settings, self.options.cache_dir, pool,
+                                   self.lm.spec.fixups)
+        inputs = model_inputs([it.image for it in items], self.lm.spec, [it.rim_box for it in items]) if items else None
+        return items, errors, inputs
+
+    def infer(self, items: Sequence[Item], inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The batch's probabilities, and those of its tta copies (None without ``tta``)."""
+        return forward(self.lm, items, inputs), forward_tta(self.lm, items) if self.options.tta else None
+
+    def post(self, items: Sequence[Item], probs: np.ndarray, copies: np.ndarray | None) -> list[Result]:
+        return postprocess_all(items, probs, self.lm.spec.structures, self.scorer, copies)
+
+    def write(self, results: Sequence[Result]) -> BatchDone:
+        write_batch(self.engine, results, self.lm.name, self.run_id)
+        failed = sum(r.error is not None for r in results)
+        return BatchDone(len(results) - failed, failed, os.getpid(), socket.gethostname())
+
+    def __call__(self, chunk: Sequence[Selected]) -> BatchDone:
+        items, errors, inputs = self.load(chunk)
+        results = self.post(items, *self.infer(items, inputs)) if items else []
+        return self.write(results + errors)
+
+
+class LabelRun:
+    r"""One labelling run, opened the same way whichever executor labels it: the model (its
+    name, file and hash), the selection's images it has not labelled yet (sorted by uid),
+    and, once an executor :meth:`start`\ s it, its ``label_runs`` row; :meth:`settle` records
+    how it ended."""
+
+    def __init__(self, engine: Engine, selection: Selection, options: LabelOptions, model_device: str) -> None:
+        self.engine, self.selection, self.options = engine, selection, options
+        self.lm = resolve_model(engine, options.model, model_device)
+        if options.tta:
+            tta_scorer(self.lm)  # a model without a tta score fails here, before any work
+        retire_other_versions(engine, self.lm)
+        self.done = labelled_uids(engine, self.lm.name, [it.uid for it in selection.items])
+        self.todo = sorted((it for it in selection.items if it.uid not in self.done), key=lambda it: it.uid)
+        self.run_id: int | None = None
+        self.failed = 0  # as the executor received them (a batch retried after its write counts once)
+
+    def start(self, device: str) -> BatchLabeller:
+        """Insert the run's row (``device``: where it runs, as the row records it) and return
+        the batch work bound to it; runs left ``running`` by a dead process are marked first."""
+        mark_abandoned_runs(self.engine)
+        with self.engine.begin() as conn:
+            self.run_id = conn.execute(D.label_runs.insert().values(
+                model=self.lm.name, model_sha256=self.lm.sha256, selection=self.selection.description,
+                device=device, host=socket.gethostname(), pid=os.getpid(), started_at=D.utcnow(),
+                n_selected=len(self.selection.items), n_labelled=0, n_skipped=len(self.done), n_failed=0,
+                status="running", heart_definition=self.lm.spec.heart_definition)).inserted_primary_key[0]
+        return BatchLabeller(self.engine, self.lm, self.options, self.run_id)
+
+    def count(self, batch: BatchDone) -> None:
+        self.failed += batch.failed
+
+    def settle(self, status: str) -> None:
+        """The run's end and counts: images labelled from what is stored (a batch that ran
+        twice, killed after its write and retried, is not counted twice), failures as the
+        executor received them."""
+        m, runs = D.measurements, D.label_runs
+        with self.engine.begin() as conn:
+            labelled = conn.execute(select(func.count()).select_from(m).where(m.c.run_id == self.run_id)).scalar()
+            conn.execute(update(runs).where(runs.c.id == self.run_id).values(
+                ended_at=D.utcnow(), status=status, n_labelled=labelled, n_failed=self.failed))
+
+    def summary(self) -> LabelSummary:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == self.run_id)).one()
+        return LabelSummary(self.run_id, self.lm.name, len(self.selection.items), row.n_labelled, len(self.done),
+                            row.n_failed, row.device)
+
+
+class LabelExecutor(Protocol):
+    """Who labels a :class:`LabelRun`'s batches: :class:`Local` (this machine) or
+    :class:`pipeline.distributed.Ray` (a cluster). Both run :class:`BatchLabeller`."""
+
+    def refuse(self, options: LabelOptions) -> None:
+        """Raise :class:`LabelError` (one line, naming the option) for a setting it cannot honour."""
+
+    def model_device(self, options: LabelOptions) -> str:
+        """Where the run's own copy of the model loads (the one that names and hashes it)."""
+
+    def execute(self, run: LabelRun) -> None:
+        """Start ``run``, label its images, and settle it however it ends."""
+
+
+def label(engine: Engine, selection: Selection, options: LabelOptions | None = None,
+          executor: LabelExecutor | None = None) -> LabelSummary:
+    """Label the images of ``selection`` not yet labelled by ``options.model``, with
+    ``executor`` (default: :class:`Local`). A re-run skips what is done.
 
     Torch's CPU thread count is the caller's to set (the CLI's ``--threads``, or a Ray
     worker's setup): this function changes no process-wide state.
     """
-    lm = resolve_model(engine, model, device)
-    scorer = tta_scorer(lm) if tta else lm.quality
-    settings = Settings(lm.spec.size, lm.spec.mode)
-    items = selection.items
-    retire_other_versions(engine, lm)
-    done = labelled_uids(engine, lm.name, [it.uid for it in items])
-    todo = sorted((it for it in items if it.uid not in done), key=lambda it: it.uid)
-    bs = batch_size or auto_batch_size(lm)
-    mark_abandoned_runs(engine)
-    with engine.begin() as conn:
-        run_id = conn.execute(D.label_runs.insert().values(
-            model=lm.name, model_sha256=lm.sha256, selection=selection.description,
-            device=str(lm.device), host=socket.gethostname(), pid=os.getpid(), started_at=D.utcnow(),
-            n_selected=len(items), n_labelled=0, n_skipped=len(done), n_failed=0,
-            status="running", heart_definition=lm.spec.heart_definition)).inserted_primary_key[0]
-    status = "failed"
-    try:
-        bar = tqdm(total=len(todo), desc=f"label {lm.name}", unit="img", disable=not progress)
-        structures = lm.spec.structures
+    options = options or LabelOptions()
+    executor = executor or Local()
+    executor.refuse(options)
+    run = LabelRun(engine, selection, options, executor.model_device(options))
+    executor.execute(run)
+    return run.summary()
 
-        def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
-            results = [r for f in futures for r in f.result()]
-            write_batch(engine, results + errors, lm.name, run_id)
-            bar.update(len(results) + len(errors))
-            log.info("run %d: batch %d written (%d images)", run_id, n, len(results))
 
-        cores = os.cpu_count() or 2  # a GPU box needs many CPU hands to keep the GPU fed
-        # On a GPU, the batches before the one in the model are post-processed (in processes)
-        # and written (in the writer thread) meanwhile; the loop waits only when more than
-        # WRITES_IN_FLIGHT are. On a CPU the model already takes every core: overlapping only
-        # makes them compete (measured: 0.50 vs 0.58 of model-only throughput on 2 cores).
-        depth = WRITES_IN_FLIGHT if lm.device.type == "cuda" else 0
-        with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
-                process_pool(workers or cores) as procs:
-            written: deque[Future] = deque()
-            batches = _prefetch(engine, todo, bs, settings, cache_dir, loaders, procs, lm.spec)
-            for n, (items_, errors, inputs) in enumerate(batches, start=1):
-                probs = forward(lm, items_, inputs) if items_ else None
-                copies = forward_tta(lm, items_) if tta and items_ else None
-                # a task per worker, each a slice of the batch; workers need no pixels, only geometry
-                share = max(1, -(-len(items_) // (workers or cores)))
-                futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
-                                                          for it in items_[i:i + share]],
-                                        probs[i:i + share], structures, scorer,
-                                        copies[i:i + share] if copies is not None else None)
-                           for i in range(0, len(items_), share)]
-                written.append(writer.submit(finish, n, futures, errors))
-                while len(written) > depth:
-                    written.popleft().result()  # a failed write stops the run here
-            while written:
-                written.popleft().result()
-        bar.close()
-        status = "done"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        with engine.begin() as conn:
-            conn.execute(update(D.label_runs).where(D.label_runs.c.id == run_id).values(
-                ended_at=D.utcnow(), status=status))
-    with engine.connect() as conn:
-        row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == run_id)).one()
-    return LabelSummary(run_id, lm.name, len(items), row.n_labelled, len(done), row.n_failed,
-                        str(lm.device))
+@dataclass
+class Local:
+    """The local loop. On a GPU, the batches before the one in the model are post-processed
+    (in processes) and written (in a writer thread) meanwhile, and the next two load (in
+    threads); the loop waits only when more than :data:`WRITES_IN_FLIGHT` are. On a CPU the
+    model already takes every core: overlapping only makes them compete (measured: 0.50 vs
+    0.58 of model-only throughput on 2 cores), so each batch is post-processed and written
+    before the next runs."""
+
+    def refuse(self, options: LabelOptions) -> None:
+        return None  # every option is the local loop's own
+
+    def model_device(self, options: LabelOptions) -> str:
+        return options.device
+
+    def execute(self, run: LabelRun) -> None:
+        lm, options = run.lm, run.options
+        work = run.start(str(lm.device))
+        bs = options.batch_size or auto_batch_size(lm)
+        processes = options.workers or os.cpu_count() or 2  # a GPU box needs many CPU hands to feed the GPU
+        status = "failed"
+        try:
+            bar = tqdm(total=len(run.todo), desc=f"label {lm.name}", unit="img", disable=not options.progress)
+
+            def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
+                done = work.write([r for f in futures for r in f.result()] + errors)
+                run.count(done)
+                bar.update(done.labelled + done.failed)
+                log.info("run %d: batch %d written (%d images)", run.run_id, n, done.labelled)
+
+            depth = WRITES_IN_FLIGHT if lm.device.type == "cuda" else 0
+            with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
+                    process_pool(processes) as procs:
+                written: deque[Future] = deque()
+                for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
+                    probs, copies = work.infer(items, inputs) if items else (None, None)
+                    # a task per worker, each a slice of the batch; workers need no pixels, only geometry
+                    share = max(1, -(-len(items) // processes))
+                    futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
+                                                              for it in items[i:i + share]],
+                                            probs[i:i + share], lm.spec.structures, work.scorer,
+                                            copies[i:i + share] if copies is not None else None)
+                               for i in range(0, len(items), share)]
+                    written.append(writer.submit(finish, n, futures, errors))
+                    while len(written) > depth:
+                        written.popleft().result()  # a failed write stops the run here
+                while written:
+                    written.popleft().result()
+            bar.close()
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            run.settle(status)
 
 
 def mark_abandoned_runs(engine: Engine) -> list[int]:
@@ -445,19 +566,14 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
     return items, errors
 
 
-def _prefetch(engine, todo, bs, settings, cache_dir, threads, procs, spec
+def _prefetch(work: BatchLabeller, todo: Sequence[Selected], bs: int, threads: Executor, procs: Executor
               ) -> Iterator[tuple[list[Item], list[Result], np.ndarray | None]]:
     """Batches whose images load (decoding what is missing) and are normalised for the model
     while the previous batch runs in it: the model's loop only runs the model."""
-    def load(chunk):
-        items, errors = load_batch(engine, chunk, settings, cache_dir, procs, spec.fixups)
-        return items, errors, (model_inputs([it.image for it in items], spec, [it.rim_box for it in items])
-                               if items else None)
-
     chunks = list(D.chunks(todo, bs))
-    ahead: list[Future] = [threads.submit(load, c) for c in chunks[:2]]
+    ahead: list[Future] = [threads.submit(work.load, c, procs) for c in chunks[:2]]
     for i in range(len(chunks)):
         current = ahead.pop(0)
         if i + 2 < len(chunks):
-            ahead.append(threads.submit(load, chunks[i + 2]))
+            ahead.append(threads.submit(work.load, chunks[i + 2], procs))
         yield current.result()

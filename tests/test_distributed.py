@@ -11,8 +11,9 @@ from sqlalchemy import text
 
 from pipeline import catalogue as C
 from pipeline.collect import Settings
-from pipeline.distributed import collect_on_ray, label_on_ray
+from pipeline.distributed import Ray, collect_on_ray
 from pipeline.groups import select_images
+from pipeline.label import LabelOptions, label
 from tests.conftest import DICOM, NIH_PNG
 
 
@@ -48,14 +49,15 @@ def test_label_on_ray_labels_every_image_once(engine, tiny_model, ray_cluster, t
     collected = collect_on_ray(engine, chosen.pairs(), Settings(64), tmp_path / "cache", batch_size=3,
                                progress=False)
     assert (collected.cached, collected.failed) == (n, 0)
-    s = label_on_ray(engine, chosen, str(tiny_model), "local", "cpu", 2, str(tmp_path / "cache"), actors=2,
-                     progress=False)
+    s = label(engine, chosen, LabelOptions(model=str(tiny_model), device="cpu", batch_size=2,
+                                           cache_dir=str(tmp_path / "cache"), progress=False), Ray("local", actors=2))
     assert (s.labelled, s.failed, s.selected) == (n, 0, n) and s.device == "ray:2xcpu"
     assert _stored(engine) == (n, 3 * n, [])
     with engine.connect() as c:
         assert c.execute(text("SELECT status FROM label_runs")).scalar() == "done"
-    again = label_on_ray(engine, chosen, str(tiny_model), "local", "cpu", 2, str(tmp_path / "cache"), actors=2,
-                         progress=False)
+    again = label(engine, chosen, LabelOptions(model=str(tiny_model), device="cpu", batch_size=2,
+                                               cache_dir=str(tmp_path / "cache"), progress=False),
+                  Ray("local", actors=2))
     assert (again.labelled, again.skipped) == (0, n)
 
 
@@ -68,8 +70,9 @@ def test_a_worker_killed_mid_run_leaves_every_image_labelled_once(sqlite_engine,
             os.kill(batch.pid, signal.SIGKILL)
             killed.append(batch.pid)
 
-    s = label_on_ray(sqlite_engine, chosen, str(tiny_model), "local", "cpu", 1, str(tmp_path / "cache"),
-                     actors=2, progress=False, on_batch=kill_first_worker)
+    s = label(sqlite_engine, chosen, LabelOptions(model=str(tiny_model), device="cpu", batch_size=1,
+                                                  cache_dir=str(tmp_path / "cache"), progress=False),
+              Ray("local", actors=2, on_batch=kill_first_worker))
     n = len(chosen.items)
     assert killed and s.labelled == n
     assert _stored(sqlite_engine) == (n, 3 * n, [])

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from pipeline import db as D
 from pipeline.groups import Selection, select_images
 from pipeline.imaging import Geometry, preprocess
-from pipeline.label import REFRAME_CONTACTS, Item, edge_contacts, forward, label, reframe
+from pipeline.label import REFRAME_CONTACTS, Item, LabelOptions, edge_contacts, forward, label, reframe
 from pipeline.measure import bbox, clean, mean_column, measure
 from pipeline.model import ModelError, resolve_model
 from pipeline.quality import heuristic, plausibility
@@ -130,8 +130,8 @@ def test_quality_flags_implausible_masks():
 
 def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_model, tmp_path):
     items = _items(annotated_engine, 10)
-    s = label(annotated_engine, items, str(tiny_model), "cpu", 4, str(tmp_path / "c"),
-              workers=1, progress=False)
+    s = label(annotated_engine, items, LabelOptions(model=str(tiny_model), device="cpu", batch_size=4,
+                                                    cache_dir=str(tmp_path / "c"), workers=1, progress=False))
     assert (s.selected, s.labelled, s.skipped, s.failed) == (10, 10, 0, 0)
     with annotated_engine.connect() as c:
         n_masks = c.execute(text("SELECT COUNT(*) FROM masks WHERE kind='predicted'")).scalar()
@@ -144,11 +144,72 @@ def test_label_writes_masks_measurements_and_resumes(annotated_engine, tiny_mode
     assert run["selection"] == "all limit=10"  # the selection describes itself
     assert all(0 <= r["quality"] <= 1 for r in res)
     assert pred[items.items[0].uid]["heart"].shape == (img["height"], img["width"])  # original geometry
-    again = label(annotated_engine, _items(annotated_engine, 12), str(tiny_model), "cpu", 4,
-                  str(tmp_path / "c"), workers=1, progress=False)
+    again = label(annotated_engine, _items(annotated_engine, 12),
+                  LabelOptions(model=str(tiny_model), device="cpu", batch_size=4, cache_dir=str(tmp_path / "c"),
+                               workers=1, progress=False))
     assert (again.labelled, again.skipped) == (2, 10)
     with annotated_engine.connect() as c:
         assert c.execute(select(func.count()).select_from(D.measurements)).scalar() == 12
+
+
+def test_any_executor_of_a_run_runs_the_same_batch_work(annotated_db, tiny_model, tmp_path):
+    """The local loop and an executor that calls the run's BatchLabeller whole (as a Ray
+    actor does) store the same masks and measurements."""
+    import shutil
+
+    from pipeline.label import LabelRun
+
+    class WholeBatches:  # what pipeline.distributed.Ray's actors do, in this process
+        def refuse(self, options):
+            return None
+
+        def model_device(self, options):
+            return options.device
+
+        def execute(self, run: LabelRun) -> None:
+            work = run.start("whole batches")
+            for i in range(0, len(run.todo), 3):
+                run.count(work(run.todo[i:i + 3]))
+            run.settle("done")
+
+    stored = []
+    for name, executor in (("local", None), ("whole", WholeBatches())):
+        shutil.copy(annotated_db, tmp_path / f"{name}.db")
+        engine = D.connect(f"sqlite:///{tmp_path / name}.db")
+        options = LabelOptions(model=str(tiny_model), device="cpu", batch_size=4, cache_dir=str(tmp_path / "c"),
+                               workers=1, progress=False)
+        s = label(engine, _items(engine, 7), options, executor)
+        assert (s.labelled, s.failed) == (7, 0)
+        with engine.connect() as c:
+            masks = c.execute(text("SELECT uid, structure, data FROM masks WHERE kind = 'predicted' "
+                                   "ORDER BY uid, structure")).all()
+            values = c.execute(text("SELECT uid, ctr, quality, input_check FROM measurements ORDER BY uid")).all()
+            device = c.execute(text("SELECT device FROM label_runs")).scalar()
+        stored.append((masks, values))
+        engine.dispose()
+    assert stored[0] == stored[1] and len(stored[0][0]) == 21
+    assert device == "whole batches"
+
+
+def test_an_option_an_executor_cannot_honour_is_refused(annotated_engine, tiny_model):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.distributed import Ray
+    from pipeline.label import LabelError
+    items = _items(annotated_engine, 2)
+    with pytest.raises(LabelError, match="--workers sets the local loop's processes"):
+        label(annotated_engine, items, LabelOptions(model=str(tiny_model), workers=2), Ray("local"))
+    with pytest.raises(LabelError, match="--device cuda:1: on Ray each actor gets its GPU from Ray"):
+        label(annotated_engine, items, LabelOptions(model=str(tiny_model), device="cuda:1"), Ray("local"))
+    with annotated_engine.connect() as c:  # refused before anything was stored
+        assert c.execute(text("SELECT COUNT(*) FROM label_runs")).scalar() == 0
+    url = annotated_engine.url.render_as_string(hide_password=False)
+    r = CliRunner().invoke(cli, ["--db", url, "label", "--all", "--actors", "2", "--model", str(tiny_model)])
+    assert r.exit_code == 2 and "--actors is for --ray" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "label", "--all", "--ray", "local", "--workers", "2",
+                                 "--model", str(tiny_model)])
+    assert r.exit_code != 0 and "--workers sets the local loop's processes" in r.output
 
 
 def test_forward_feeds_the_model_its_own_input_normalisation(annotated_engine, tiny_model):
@@ -180,8 +241,8 @@ def test_label_records_undecodable_images(annotated_engine, tiny_model, tmp_path
                                            loaded_at=D.utcnow()))
     chosen = _items(annotated_engine, 2)
     chosen.items.insert(0, chosen.items[0]._replace(uid="broken", path=str(tmp_path / "x.png")))
-    s = label(annotated_engine, chosen, str(tiny_model), "cpu", 4, str(tmp_path / "c"), workers=1,
-              progress=False)
+    s = label(annotated_engine, chosen, LabelOptions(model=str(tiny_model), device="cpu", batch_size=4,
+                                                     cache_dir=str(tmp_path / "c"), workers=1, progress=False))
     assert (s.labelled, s.failed) == (2, 1)
     with annotated_engine.connect() as c:
         assert c.execute(text("SELECT stage, uid FROM failures")).one() == ("label", "broken")
@@ -257,8 +318,9 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     from pipeline.evaluate import evaluate
     from pipeline.groups import sample
     from pipeline.report import report
-    s = label(annotated_engine, _items(annotated_engine, 6), str(tiny_model), "cpu", 3,
-              str(tmp_path / "c"), workers=1, progress=False)
+    s = label(annotated_engine, _items(annotated_engine, 6),
+              LabelOptions(model=str(tiny_model), device="cpu", batch_size=3, cache_dir=str(tmp_path / "c"),
+                           workers=1, progress=False))
     ev = evaluate(annotated_engine, s.model)
     assert ev.images == 6 and 0 < ev.dice["heart"]["mean"] < 1
     assert ev.ctr_error["n"] >= 3 and ev.ctr_error["n"] + ev.ctr_error["left_out"] == 6  # a tiny model misses some
@@ -304,13 +366,15 @@ def test_a_new_checkpoint_under_the_same_name_labels_again_and_keeps_the_old_row
     shutil.copy(tiny_model, path)
     first_sha = file_sha256(path)
     items = _items(annotated_engine, 3)
-    label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    label(annotated_engine, items, LabelOptions(model=str(path), device="cpu", batch_size=3,
+                                                cache_dir=str(tmp_path / "c"), workers=1, progress=False))
     R.save(annotated_engine, items.items[0].uid, "mine", "dr. a", 0, "accepted")
     ck = read_checkpoint(path)
     key = next(iter(ck.state_dict))
     ck.state_dict[key] = ck.state_dict[key] + torch.ones_like(ck.state_dict[key]) * 1e-3  # another checkpoint
     write_checkpoint(path, ck)
-    s = label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    s = label(annotated_engine, items, LabelOptions(model=str(path), device="cpu", batch_size=3,
+                                                    cache_dir=str(tmp_path / "c"), workers=1, progress=False))
     assert (s.labelled, s.skipped) == (3, 0)
     kept = f"mine@{first_sha[:12]}"
     with annotated_engine.connect() as c:
@@ -318,7 +382,9 @@ def test_a_new_checkpoint_under_the_same_name_labels_again_and_keeps_the_old_row
         reviewed = c.execute(text("SELECT model FROM reviews")).scalars().all()
         runs = dict(c.execute(text("SELECT model, COUNT(*) FROM label_runs GROUP BY model")).all())
     assert per == {"mine": 3, kept: 3} and reviewed == [kept] and runs == {"mine": 1, kept: 1}
-    again = label(annotated_engine, items, str(path), "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    again = label(annotated_engine, items, LabelOptions(model=str(path), device="cpu", batch_size=3,
+                                                        cache_dir=str(tmp_path / "c"), workers=1,
+                                                        progress=False))
     assert (again.labelled, again.skipped) == (0, 3)  # the same checkpoint: nothing to do
 
 

@@ -6,7 +6,7 @@ from sqlalchemy import text
 
 from pipeline.groups import select_images
 from pipeline.imaging import Geometry
-from pipeline.label import Item, label, postprocess
+from pipeline.label import Item, LabelOptions, label, postprocess
 from pipeline.model import register_model
 from pipeline.quality import FEATURES, QualityModel, sidecar
 from pipeline.report import report
@@ -102,7 +102,8 @@ def test_label_stores_estimates_and_the_report_draws_their_calibration(annotated
         c.execute(text("UPDATE images SET view = 'AP' WHERE uid = (SELECT MIN(uid) FROM images)"))
     with annotated_engine.connect() as c:
         chosen = select_images(c, all_images=True, limit=6)
-    label(annotated_engine, chosen, "m", "cpu", 3, str(tmp_path / "c"), workers=1, progress=False)
+    label(annotated_engine, chosen, LabelOptions(model="m", device="cpu", batch_size=3, cache_dir=str(tmp_path / "c"),
+                                                 workers=1, progress=False))
     with annotated_engine.connect() as c:
         res = c.execute(text("SELECT * FROM label_results ORDER BY uid")).mappings().all()
     assert len(res) == 6 and all(r["quality_heart"] is not None for r in res)
@@ -149,14 +150,16 @@ def test_label_tta_needs_its_score_and_fills_the_estimates(annotated_engine, tin
     with annotated_engine.connect() as c:
         chosen = select_images(c, all_images=True, limit=4)
     with pytest.raises(LabelError, match="no quality score for test-time augmentation"):
-        label(annotated_engine, chosen, str(model), "cpu", 2, str(tmp_path / "c"), workers=1, progress=False,
-              tta=True)
+        label(annotated_engine, chosen, LabelOptions(model=str(model), device="cpu", batch_size=2,
+                                                     cache_dir=str(tmp_path / "c"), workers=1, progress=False,
+                                                     tta=True))
     rows, dice = _synthetic_rows()
     for r in rows:
         r["tta"] = -r["uncertain"]
     QualityModel.fit(rows, dice, list(STRUCTURES), names=FEATURES + ("tta",)).save(sidecar(model, tta=True))
-    s = label(annotated_engine, chosen, str(model), "cpu", 2, str(tmp_path / "c"), workers=1, progress=False,
-              tta=True)
+    s = label(annotated_engine, chosen, LabelOptions(model=str(model), device="cpu", batch_size=2,
+                                                     cache_dir=str(tmp_path / "c"), workers=1, progress=False,
+                                                     tta=True))
     assert s.labelled == 4
     with annotated_engine.connect() as c:
         res = c.execute(text("SELECT quality, quality_heart FROM label_results")).all()
@@ -180,7 +183,8 @@ def test_report_compares_two_groups_with_their_roc(annotated_engine, tiny_model,
                            "(:u, :g, 'test', CURRENT_TIMESTAMP)"), {"u": u, "g": "big" if n % 2 else "small"})
     with annotated_engine.connect() as c:
         chosen = select_images(c, all_images=True, limit=8)
-    label(annotated_engine, chosen, "m", "cpu", 4, str(tmp_path / "c"), workers=1, progress=False)
+    label(annotated_engine, chosen, LabelOptions(model="m", device="cpu", batch_size=4, cache_dir=str(tmp_path / "c"),
+                                                 workers=1, progress=False))
     with annotated_engine.begin() as c:  # a measured CTR for every image, the big ones larger
         c.execute(text("UPDATE measurements SET ctr = 0.4 + 0.01 * (SELECT COUNT(*) FROM groups g "
                        "WHERE g.uid <= measurements.uid)"))

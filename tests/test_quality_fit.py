@@ -43,10 +43,10 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
     assert lm.scores.plain_from.startswith("the database's quality_scores row")
     assert lm.quality.estimate is not None and lm.quality.info["fitted_on"] == info["fitted_on"]
     from pipeline.groups import select_images
-    from pipeline.label import label
+    from pipeline.label import LabelOptions, label
     with annotated_engine.connect() as conn:
         sel = select_images(conn, None, None, True, 3)
-    label(annotated_engine, sel, str(tiny_model), "cpu", cache_dir=cache, progress=False)
+    label(annotated_engine, sel, LabelOptions(model=str(tiny_model), device="cpu", cache_dir=cache, progress=False))
     with annotated_engine.connect() as conn:
         q = conn.execute(select(D.measurements.c.quality, D.measurements.c.quality_heart)).all()
     assert len(q) == 3 and all(r.quality_heart is not None and 0 <= r.quality <= 1 for r in q)

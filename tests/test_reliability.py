@@ -100,7 +100,7 @@ def hostile_corpus(folder: Path) -> dict[str, tuple[Path, str]]:
 def test_hostile_corpus_is_recorded_and_good_files_are_all_labelled(annotated_engine, tiny_model, tmp_path):
     from pipeline.collect import Settings, collect
     from pipeline.groups import select_images
-    from pipeline.label import label
+    from pipeline.label import LabelOptions, label
     cases = hostile_corpus(tmp_path / "hostile")
     good = ["RG1_UNCR", "RG1_J2KR", "cr_chest_pa_jpeg_baseline"]
     flipped = bytearray((DICOM / "RG1_UNCI.dcm").read_bytes())
@@ -124,8 +124,9 @@ def test_hostile_corpus_is_recorded_and_good_files_are_all_labelled(annotated_en
         chosen = select_images(c, source="hostile")
     s = collect(annotated_engine, chosen.pairs(), Settings(64), tmp_path / "cache", workers=2, progress=False)
     assert s.failed == len(cases)
-    run = label(annotated_engine, chosen, str(tiny_model), "cpu", 4, str(tmp_path / "cache"), workers=1,
-                progress=False)
+    run = label(annotated_engine, chosen, LabelOptions(model=str(tiny_model), device="cpu", batch_size=4,
+                                                       cache_dir=str(tmp_path / "cache"), workers=1,
+                                                       progress=False))
     with annotated_engine.connect() as c:
         failures = {(st, u): m for st, u, m in c.execute(text("SELECT stage, uid, message FROM failures"))}
         labelled = set(c.execute(text("SELECT uid FROM measurements")).scalars())

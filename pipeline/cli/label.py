@@ -15,8 +15,10 @@ from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, se
               help="'default' (shipped), a registered name, or a checkpoint path.")
 @click.option("--batch-size", default="auto", show_default=True, help="auto or N.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--workers", type=click.IntRange(min=1), help="Decoder processes for uncached images [default: cores].")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [all cores].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes that decode uncached images and post-process [default: cores]; not with --ray.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for torch [all cores]; with --ray, each actor's CPUs [1].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.option("--ray", "ray_address", metavar="ADDRESS|local",
               help="Run on a Ray cluster (its address, or 'local' for one started here); needs cxrlabel[ray].")
@@ -42,22 +44,24 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
     """
     import torch
 
-    from pipeline.label import label
+    from pipeline.label import LabelOptions, label
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
         raise click.BadParameter(f"{batch_size!r}: use auto or a positive number",
                                  param_hint="--batch-size")
+    if actors and not ray_address:
+        raise click.UsageError("--actors is for --ray: the local loop runs one model")
     from pipeline import db as D
     from pipeline.failures import summary
     torch.set_num_threads(threads or os.cpu_count() or 1)
     engine = engine_of(ctx)
     started = D.utcnow()
     chosen = select(engine, group, sample, all_images, limit, source)
-    size = None if batch_size == "auto" else int(batch_size)
+    options = LabelOptions(model, device, None if batch_size == "auto" else int(batch_size), cache_dir, workers, tta)
+    executor = None
     if ray_address:
-        from pipeline.distributed import label_on_ray
-        s = label_on_ray(engine, chosen, model, ray_address, device, size or 64, cache_dir, actors, tta=tta)
-    else:
-        s = label(engine, chosen, model, device, size, cache_dir, workers, tta=tta)
+        from pipeline.distributed import Ray
+        executor = Ray(ray_address, actors, threads or 1)
+    s = label(engine, chosen, options, executor)
     click.echo(f"label run {s.run_id} ({s.model} on {s.device}): {s.labelled} labelled, "
                f"{s.skipped} already labelled, {s.failed} failed of {s.selected} selected")
     for line in summary(engine, "label", started, s.selected - s.skipped, s.run_id):
