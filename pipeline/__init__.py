@@ -41,6 +41,7 @@ def process_pool(workers: int | None = None):
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
+    context: multiprocessing.context.BaseContext
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["pipeline", *WORKER_MODULES])

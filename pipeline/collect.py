@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -135,8 +136,8 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
         fatal = e.errno in CACHE_FOLDER_ERRORS
         return {"uid": uid, "error": "CacheWriteError", "fatal": fatal,
                 "message": f"cannot write the cache entry {out}: {e.strerror or e}"}
-    row = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-           **geom.as_row()}
+    row: dict[str, Any] = {"uid": uid, "path": out, "checksum": hashlib.sha256(data).hexdigest(),
+                           "bytes": len(data), **geom.as_row()}
     if keep_image:
         row["image"] = img
     return row
@@ -179,9 +180,9 @@ def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_
         with engine.begin() as conn:
             D.upsert(conn, D.cache, rows, ["uid", "settings_id"])
             D.clear_failures(conn, "collect", [r["uid"] for r in rows])
-            for r in failed:
+            for r in failed:  # only with a failure_stage
                 log.warning("%s %s: %s", failure_stage, r["uid"], r["message"])
-                D.record_failure(conn, failure_stage, r["uid"], r["message"], r["error"])
+                D.record_failure(conn, str(failure_stage), r["uid"], r["message"], r["error"])
     if fatal:
         raise CacheError(f"{fatal['message']}: free space or fix the permissions of that folder, "
                          "or choose another with --cache / CXRLABEL_CACHE; the run stopped there")

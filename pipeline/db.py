@@ -568,7 +568,7 @@ def _tune_postgres(conn: Connection) -> None:
     compresses well, and pglz made the server the limit of several writers (bench/db_write.py:
     1,100 vs 2,000-2,500 images/s on 2 cores). Needs PostgreSQL 14 built with lz4; otherwise
     the default stays."""
-    if int(conn.execute(text("SHOW server_version_num")).scalar()) < 140000:
+    if int(conn.execute(text("SHOW server_version_num")).scalar() or 0) < 140000:
         return
     try:
         with conn.begin_nested():
@@ -629,10 +629,11 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
     """
     if not rows:
         return
+    insert: Any
     if conn.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[no-redef]
     else:
         raise DatabaseError(f"database {conn.dialect.name!r} is not supported: use SQLite or PostgreSQL")
     columns = list(rows[0])

@@ -131,12 +131,12 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
                 ev.per_image.append(row)
     ev.dice = {s: _stats(v) for s, v in scores.items() if v}
     scored = [r for r in ev.per_image if "ctr_true" in r]
-    true = np.array([r["ctr_true"] for r in scored], float)
-    pred = np.array([r["ctr_pred"] for r in scored], float)
-    a = agreement(true, pred)
+    truth_ctr = np.array([r["ctr_true"] for r in scored], float)
+    pred_ctr = np.array([r["ctr_pred"] for r in scored], float)
+    a = agreement(truth_ctr, pred_ctr)
     ev.ctr_error = {"mean": a["bias"], "mae": a["mae"], "sd": a["sd"], "n": a["n"], "loa": a["loa"],
                     "off_by_0.03": a["off_by_0.03"], "left_out": sum(left_out.values()),
-                    "left_out_reasons": left_out, "bands": agreement_by_band(true, pred)}
+                    "left_out_reasons": left_out, "bands": agreement_by_band(truth_ctr, pred_ctr)}
     return ev
 
 

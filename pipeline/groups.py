@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -226,6 +226,9 @@ def _list_item(before: str, words: str, rules: Rules) -> bool:
 _LAST_ITEM = {"or", "and", "nor", "или", "и", "либо", "ни"}  # the conjunction before a list's last item
 
 
+_WORD_REST = re.compile(r"\w*")
+
+
 def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = True) -> tuple[str, str | None]:
     """``(verdict, cue)`` of the words ``clause[start:end]`` (a stem's match reaches to its
     word's end). 'uncertain' when a doubt cue is inside them, in the ``window`` words before
@@ -235,7 +238,7 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
     questionable"); else 'negated' when a negation stands likewise (``negation`` before: across a
     comma only into a list it opened; ``post_negation`` after; ``end_negation`` closing the
     stretch: "очаговых теней в лёгких не выявлено"); else 'yes'."""
-    end += len(re.match(r"\w*", clause[end:]).group(0))
+    end = m.end() if (m := _WORD_REST.match(clause, end)) else end
     words, before = clause[start:end], clause[:start]
     tail = before
     parenthetical = ""
@@ -244,14 +247,14 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
         if not _list_item(before, words, rules):
             tail = tail_part
         last = " ".join(head.split()[-3:])
-        if (m := _last(rules.uncertain, last)) is not None:
-            parenthetical = m
+        if (cue := _last(rules.uncertain, last)) is not None:
+            parenthetical = cue
     pre = " ".join(tail.split()[-rules.window:]) + " " + words
     rest = clause[end:].split(",", 1)[0]
     post = " ".join(rest.split()[:rules.post_window])
-    closing = clause[end:].split(",")[-1] if "," in clause[end:] else ""
-    if len(closing.split()) <= 3 and (m := rules.post_uncertain.search(closing)):  # "cardiomegaly, questionable"
-        return "uncertain", m.group(0).strip()
+    alone = clause[end:].split(",")[-1] if "," in clause[end:] else ""
+    if len(alone.split()) <= 3 and (found := rules.post_uncertain.search(alone)):  # "cardiomegaly, questionable"
+        return "uncertain", found.group(0).strip()
     checks = (("uncertain", rules.uncertain, rules.post_uncertain, rules.end_uncertain, True),
               ("negated", rules.negation, rules.post_negation, rules.end_negation, negatable))
     for verdict, cues, after, closing, check in checks:
@@ -260,8 +263,8 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
         if verdict == "uncertain" and parenthetical:
             return verdict, parenthetical
         for text, pattern in ((pre, cues), (post, after), (rest, closing)):
-            if m := pattern.search(text):
-                return verdict, m.group(0).strip()
+            if found := pattern.search(text):
+                return verdict, found.group(0).strip()
     return "yes", None
 
 
@@ -283,6 +286,7 @@ def find(clause_list: list[str], patterns: list[re.Pattern], rules: Rules, negat
         asked = rules.referral.search(c)
         for p in patterns:
             for m in p.finditer(c):
+                cue: str | None
                 if asked and asked.start() <= m.start():
                     verdict, cue = "asked", asked.group(0).strip()
                 else:
@@ -392,6 +396,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
         if not counted and not by_ctr:
             continue
         if against_ctr and g.report_ctr == "above":  # the text says enlarged, the stated CTR does not
+            assert ctr is not None  # a stated CTR is what contradicts
             steps.append(f"{g.name}: contradicted by the stated CTR {ctr.value:.2f} -> no group")
             return Decision(None, f"conflict {g.name}: {counted[0].words!r} vs CTR {ctr.value:.2f}", steps,
                             _exact(ctr))
@@ -401,7 +406,8 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
         if vetoes or (against_ctr and g.report_ctr == "below"):
             steps.append(f"{g.name}: vetoed -> next group")
             continue
-        why = f"text: {counted[0].words!r}{_line(counted[0], g)}" if counted else f"report CTR {ctr.value:.2f}"
+        why = (f"text: {counted[0].words!r}{_line(counted[0], g)}" if counted or ctr is None
+               else f"report CTR {ctr.value:.2f}")
         steps.append(f"{g.name}: decided by {why}")
         return Decision(g.name, why, steps, _exact(ctr))
     steps.append("no group's phrase counted")
@@ -567,7 +573,7 @@ def sample(engine: Engine, name: str, per_group: int, seed: int = 0,
     return SampleSummary(name, taken, short)
 
 
-def counts(engine: Engine) -> dict[str, list[tuple[str, int]]]:
+def counts(engine: Engine) -> dict[str, Any]:
     """``{'groups': [(group, n)], 'samples': [(sample/group, n)]}`` for listings."""
     with engine.connect() as conn:
         g = conn.execute(select(D.groups.c.group_name, func.count()).group_by(D.groups.c.group_name)

@@ -29,6 +29,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -429,7 +430,7 @@ def _reduced_j2k(frame: bytes, target: int) -> np.ndarray | None:
             r -= 1
         from PIL import Image
         img = Image.open(io.BytesIO(frame))
-        img.reduce = r
+        img.reduce = r  # type: ignore[method-assign, assignment]  # Pillow's JPEG 2000 plugin reads it so
         img.load()
     arr = np.asarray(img)
     if img.mode == "I;16":  # Pillow scales stored values up to 16 bits
@@ -448,7 +449,7 @@ def _j2k_at_level(frame: bytes, r: int, width: int, height: int):
     p = 2 ** r
     size = (-(-width // p), -(-height // p))
     tile = img.tile[0]
-    codec, _reduce, layers, fd, length = tile.args
+    codec, _reduce, layers, fd, length = cast(tuple, tile.args)
     img._size = size
     img.tile = [ImageFile._Tile(tile.codec_name, (0, 0, *size), tile.offset, (codec, r, layers, fd, length))]
     img.load()

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import cv2
 import numpy as np
@@ -97,13 +97,16 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
     cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
     ring = np.ones((3, 3), np.uint8)
-    agreement, kept, columns, features = {}, {}, {}, {}
+    agreement: dict[str, float] = {}
+    kept: dict[str, float] = {}
+    columns: dict[str, float | None] = {}
+    features: dict[str, dict[str, float]] = {}
     size = probs.shape[-1]
     atlas = scorer.atlas if scorer is not None else None
     whole_masks = {s: np.zeros((size, size), bool) for s in structures}  # what the input check reads
     soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
-    fg = probs > cut
-    fg_rows, fg_cols = fg.any(axis=2), fg.any(axis=1)
+    fg: np.ndarray = probs > cut
+    fg_rows, fg_cols = np.asarray(fg.any(axis=2)), np.asarray(fg.any(axis=1))
     sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
     for i, s in enumerate(structures):
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
@@ -404,11 +407,12 @@ class LabelRun:
         the batch work bound to it; runs left ``running`` by a dead process are marked first."""
         mark_abandoned_runs(self.engine)
         with self.engine.begin() as conn:
-            self.run_id = conn.execute(D.label_runs.insert().values(
+            inserted = conn.execute(D.label_runs.insert().values(
                 model=self.lm.name, model_sha256=self.lm.sha256, selection=self.selection.description,
                 device=device, host=socket.gethostname(), pid=os.getpid(), started_at=D.utcnow(),
                 n_selected=len(self.selection.items), n_labelled=0, n_skipped=len(self.done), n_failed=0,
-                status="running", heart_definition=self.lm.spec.heart_definition)).inserted_primary_key[0]
+                status="running", heart_definition=self.lm.spec.heart_definition))
+            self.run_id = cast(int, cast(Any, inserted.inserted_primary_key)[0])
         return BatchLabeller(self.engine, self.lm, self.options, self.run_id)
 
     def count(self, batch: BatchDone) -> None:
@@ -425,9 +429,12 @@ class LabelRun:
                 ended_at=D.utcnow(), status=status, n_labelled=labelled, n_failed=self.failed))
 
     def summary(self) -> LabelSummary:
+        run_id = self.run_id
+        if run_id is None:
+            raise LabelError("a labelling run has no summary before an executor starts it")
         with self.engine.connect() as conn:
-            row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == self.run_id)).one()
-        return LabelSummary(self.run_id, self.lm.name, len(self.selection.items), row.n_labelled, len(self.done),
+            row = conn.execute(select(D.label_runs).where(D.label_runs.c.id == run_id)).one()
+        return LabelSummary(run_id, self.lm.name, len(self.selection.items), row.n_labelled, len(self.done),
                             row.n_failed, row.device)
 
 
@@ -496,14 +503,16 @@ class Local:
                     process_pool(processes) as procs:
                 written: deque[Future] = deque()
                 for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
-                    probs, copies = work.infer(items, inputs) if items else (None, None)
-                    # a task per worker, each a slice of the batch; workers need no pixels, only geometry
-                    share = max(1, -(-len(items) // processes))
-                    futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
-                                                              for it in items[i:i + share]],
-                                            probs[i:i + share], lm.spec.structures, work.scorer,
-                                            copies[i:i + share] if copies is not None else None)
-                               for i in range(0, len(items), share)]
+                    futures: list[Future] = []
+                    if items:
+                        probs, copies = work.infer(items, inputs)
+                        # a task per worker, each a slice of the batch; workers need no pixels, only geometry
+                        share = max(1, -(-len(items) // processes))
+                        futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
+                                                                  for it in items[i:i + share]],
+                                                probs[i:i + share], lm.spec.structures, work.scorer,
+                                                copies[i:i + share] if copies is not None else None)
+                                   for i in range(0, len(items), share)]
                     written.append(writer.submit(finish, n, futures, errors))
                     while len(written) > depth:
                         written.popleft().result()  # a failed write stops the run here

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import cv2
 import numpy as np
@@ -106,7 +107,11 @@ def rles(masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int)
     return _ascii_numbers(np.concatenate(numbers), np.cumsum([len(n) for n in numbers]))
 
 
-def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | None = None) -> bytes | list[bytes]:
+@overload
+def _ascii_numbers(values: np.ndarray, groups: None = None) -> bytes: ...
+@overload
+def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | np.ndarray) -> list[bytes]: ...
+def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | np.ndarray | None = None) -> bytes | list[bytes]:
     """Non-negative integers as space-separated ASCII decimals, like ``" ".join(map(str, v))``,
     for the whole array at once (a Python loop over 10,000 numbers takes a millisecond).
     With ``groups`` (cumulative counts), one text per group of consecutive numbers."""
@@ -185,7 +190,8 @@ class EncodedMask:
         data = encode(mask) if encoding == "png" else rle_of(mask) if encoding == "rle" else None
         if data is None:
             raise ValueError(f"unknown mask encoding {encoding!r}: png or rle")
-        return cls(data, *mask.shape, int(np.count_nonzero(mask)), encoding)
+        height, width = mask.shape
+        return cls(data, height, width, int(np.count_nonzero(mask)), encoding)
 
     @classmethod
     def from_runs(cls, masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],

@@ -13,6 +13,8 @@ The quality score, and its heuristic fallback, live in :mod:`pipeline.quality`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
@@ -44,7 +46,7 @@ def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | None] = (None, None),
-            ) -> dict[str, float | int | None]:
+            ) -> dict[str, Any]:
     """Heart area/width, thoracic width, CTR and boxes from ``{structure: (H, W) bool}``.
 
     ``spacing`` is ``(x, y)`` mm per pixel (None when unknown). ``ctr`` is None unless the
@@ -56,10 +58,10 @@ def measure(masks: dict[str, np.ndarray], spacing: tuple[float | None, float | N
 
 
 def measure_boxes(boxes: dict[str, tuple[int, int, int, int] | None], heart_area: int | None,
-                  spacing: tuple[float | None, float | None] = (None, None)) -> dict[str, float | int | None]:
+                  spacing: tuple[float | None, float | None] = (None, None)) -> dict[str, Any]:
     """:func:`measure` from each structure's box (None: empty or absent) and the heart's area."""
     sx, sy = spacing
-    out: dict[str, float | int | None] = {}
+    out: dict[str, Any] = {}
     hb = boxes.get("heart")
     out["heart_area_px"] = heart_area
     out["heart_area_mm2"] = heart_area * sx * sy if heart_area is not None and sx and sy else None

@@ -8,6 +8,8 @@ import numpy as np
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two same-shape arrays: boolean masks, or a probability map against a mask
     (soft Dice, summed in float32). 1.0 when both are empty."""
+    overlap: float
+    total: float
     if a.dtype == bool and b.dtype == bool:
         overlap, total = int(np.count_nonzero(a & b)), int(a.sum()) + int(b.sum())
     else:

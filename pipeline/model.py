@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     if spec.network == "segresnetvae":
         args.setdefault("input_image_size", (spec.roi or spec.size,) * 2)
     net = create_network(spec.network, out_channels=len(spec.structures), **args)
-    depth = len(args.get("channels", args.get("filters", (0,) * 5))) - 1
+    depth = len(args.get("channels", args.get("filters")) or (0,) * 5) - 1
     return PadToMultiple(net, max(32, 2 ** depth))
 
 
@@ -275,7 +275,7 @@ def predict(model: torch.nn.Module, x: torch.Tensor, roi: int | None = None) -> 
         if roi and roi < x.shape[-1]:
             from monai.inferers import SlidingWindowInferer
             inferer = SlidingWindowInferer((roi, roi), sw_batch_size=8, overlap=0.25, mode="gaussian")
-            logits = inferer(x, lambda t: logits_of(model(t)))
+            logits = cast(torch.Tensor, inferer(x, lambda t: logits_of(model(t))))
         else:
             logits = logits_of(model(x))
         return torch.sigmoid(logits)
@@ -314,7 +314,7 @@ class LoadedModel:
 
 
 def model_inputs(images: Sequence[np.ndarray], spec: ModelSpec,
-                 rims: Sequence[tuple[int, int, int, int]] | None = None) -> np.ndarray:
+                 rims: Sequence[tuple[int, int, int, int] | None] | None = None) -> np.ndarray:
     """Cached ``(S, S) uint8`` images -> ``(B, 1, S, S)`` float32 model input: each through
     the film fix-ups the model's spec names (``spec.fixups``, :func:`imaging.fixed_up`: turned
     the right way round, a collimator's rim filled, strong noise smoothed) and its own
@@ -413,7 +413,7 @@ def resolve_model(engine: Engine | None, ref: str = "default", device: str = "au
     dev = pick_device(device)
     module, ck = load_model(path, dev)
     if dev.type == "cpu":
-        module = module.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
     spec = ck.spec
     if spec.labelled != spec.structures:  # auxiliary outputs (a cardiomediastinum) are not labelled
         module = LabelledOutputs(module, [spec.structures.index(s) for s in spec.labelled]).eval()

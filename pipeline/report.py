@@ -72,9 +72,9 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     label = f"CTR {ctr:.2f}" if ctr is not None else "CTR -"
     label += " AP" if meas.get("view") == "AP" else ""
     label += f"  q {q:.2f}" if q is not None else ""
-    doubts = {s: meas.get(f"quality_{s}") for s in COLOURS if meas.get(f"quality_{s}") is not None}
+    doubts: dict[str, float] = {s: meas[f"quality_{s}"] for s in COLOURS if meas.get(f"quality_{s}") is not None}
     if doubts:
-        worst = min(doubts, key=doubts.get)
+        worst = min(doubts, key=lambda s: doubts[s])
         label += f" ({worst.replace('_lung', '')} {doubts[worst]:.2f})"
     flagged = meas.get("input_check") not in (None, "ok")
     uid = str(meas.get("uid") or "")
@@ -129,7 +129,8 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     with engine.connect() as conn:
         cached = read_cached(conn, uids)
         masks = load_masks(conn, uids, kind="predicted", model=model)
-    images, seen = [], set()
+    images: list = []
+    seen: set = set()
     for r in chosen:
         e = cached.get(r["uid"])
         if e is None or len(images) == tiles:
@@ -176,7 +177,7 @@ def one_per_patient(rows: list[dict]) -> list[dict]:
     """One film per patient and group, as ``label_results.patient_film`` picks it: the
     patient's earliest film with a CTR (undated after dated, then by uid); a film without a
     patient id is a patient of its own."""
-    best: dict[tuple, dict] = {}
+    best: dict[tuple, tuple[tuple, dict]] = {}
     for r in rows:
         patient = f"{r.get('source')}:{r['patient_id']}" if r.get("patient_id") else f"film:{r['uid']}"
         key = (r.get("group_name"), patient)
@@ -241,7 +242,7 @@ def _calibration(engine: Engine, model: str, out_dir: Path) -> Path | None:
         log.warning("no calibration picture: %s", e)
         return None
     table = (scorer.info.get("calibration") if scorer is not None else None) or []
-    if not table:
+    if scorer is None or not table:
         return None
     import matplotlib
     matplotlib.use("Agg")

@@ -28,6 +28,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -207,7 +208,7 @@ def read_only_query(engine: Engine, sql: str) -> QueryResult:
     dialect = engine.dialect.name
     first = check_postgres_statement(sql) if dialect == "postgresql" else ""
     raw = engine.raw_connection()
-    dbapi = raw.driver_connection
+    dbapi: Any = raw.driver_connection
     cur = None
     try:
         if dialect == "sqlite":

@@ -162,9 +162,10 @@ def polygons_of(mask: np.ndarray, detail: float = 0.003) -> list[list[list[int]]
             continue
         simple = cv2.approxPolyDP(c, max(1.0, detail * cv2.arcLength(c, True)), True)
         if len(simple) < 3:  # a sliver: keep its outline as traced, or nothing
-            simple = c if len(c) >= 3 else None
-        if simple is not None:
-            out.append(simple.reshape(-1, 2).astype(int).tolist())
+            if len(c) < 3:
+                continue
+            simple = c
+        out.append(simple.reshape(-1, 2).astype(int).tolist())
     return out
 
 
@@ -220,7 +221,7 @@ def image_view(engine: Engine, uid: str, model: str) -> dict:
         if m is None:
             raise ReviewError(f"image {uid!r} has no labels by model {model!r}: run `cxrlabel label` first")
         img = conn.execute(select(D.images.c.width, D.images.c.height, D.images.c.spacing_x, D.images.c.view,
-                                  D.images.c.spacing_y).where(D.images.c.uid == uid)).first()
+                                  D.images.c.spacing_y).where(D.images.c.uid == uid)).one()  # measured: catalogued
         masks, kinds = final_masks(conn, uid, model)
         history = _history(conn, uid, model)
     height, width = next(iter(masks.values())).shape if masks else (img.height, img.width)
@@ -307,6 +308,7 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
                 raise ReviewError(f"image {uid!r} has no masks by model {model!r}: run `cxrlabel label` first")
             height, width = next(iter(masks.values())).shape
             if decision == "corrected":
+                assert polygons is not None  # checked above: a correction brings its polygons
                 rows = []
                 for s in touched:
                     masks[s] = mask_of(polygons[s], height, width)
@@ -329,7 +331,8 @@ def _update_measurements(conn: Connection, uid: str, model: str, masks: dict[str
     standing = latest_reviews(conn, model, [uid]).get(uid, {})
     if standing.get("", Latest("", "")).decision == "rejected" and all(
             standing.get(s, Latest("", "")).decision == "rejected" for s in STRUCTURES):
-        values = {"reviewed_ctr": None, "reviewed_heart_width_px": None, "reviewed_thoracic_width_px": None}
+        values: dict[str, float | int | None] = {"reviewed_ctr": None, "reviewed_heart_width_px": None,
+                                                 "reviewed_thoracic_width_px": None}
     else:
         m = measure(masks)
         values = {"reviewed_ctr": m["ctr"], "reviewed_heart_width_px": m["heart_width_px"],

@@ -31,7 +31,7 @@ def status(engine: Engine, runs: int = 5) -> dict:
             "labelled": _counts(conn, m.c.model),
             "masks": _counts(conn, D.masks.c.kind),
             "failures": _counts(conn, D.failures.c.stage),
-            "load_errors": int(conn.execute(select(func.count()).select_from(D.load_errors)).scalar()),
+            "load_errors": int(conn.execute(select(func.count()).select_from(D.load_errors)).scalar() or 0),
         }
         out["older_heart"] = {str(k): int(n) for k, n in conn.execute(
             select(m.c.model, func.count()).join(D.label_runs, D.label_runs.c.id == m.c.run_id)

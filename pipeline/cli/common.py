@@ -69,11 +69,16 @@ def json_value(v):
     return float(v) if isinstance(v, decimal.Decimal) else str(v)
 
 
+def emit_json(value: object) -> None:
+    """Any result (rows, a mapping of them) as indented JSON; dates and the like as text."""
+    click.echo(json.dumps(value, indent=2, default=json_value, ensure_ascii=False))
+
+
 def emit(rows: list[dict], as_json: bool, as_csv: bool = False, uncut: tuple[str, ...] = ()) -> None:
     """Rows as JSON, CSV or an aligned table (cells cut at 60 characters, but the columns
     ``uncut``, which should come last)."""
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=json_value, ensure_ascii=False))
+        emit_json(rows)
         return
     if not rows:
         click.echo("(no rows)")

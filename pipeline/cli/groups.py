@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline import groups as G
-from pipeline.cli.common import emit, engine_of, handle_errors, json_option
+from pipeline.cli.common import emit, emit_json, engine_of, handle_errors, json_option
 
 
 @click.group()
@@ -55,7 +55,7 @@ def groups_coverage(ctx, group, top, rules, as_json) -> None:
     """
     found = G.coverage(engine_of(ctx), G.load_rules(rules), top, group)
     if as_json:
-        emit(found, True)
+        emit_json(found)
         return
     if not found:
         click.echo("no reports" + (f" in group {group!r}" if group else "") + ": run `cxrlabel groups assign` first")
@@ -86,7 +86,7 @@ def groups_explain(ctx, uid, rules, as_json) -> None:
     """
     e = G.explain(engine_of(ctx), uid, G.load_rules(rules))
     if as_json:
-        emit(e, True)
+        emit_json(e)
         return
     click.echo(f"image      {e['uid']}")
     click.echo(f"labels     {e['labels'] or '-'}")

@@ -101,7 +101,7 @@ def train_cmd(ctx, preset, folds, only, device, name, run_dir, no_resume, cache_
         click.echo("cross-validation: " + ", ".join(
             f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in cv.summary.items()))
     if cfg.masks != ("manual",):
-        click.echo("trained on " + ", ".join(f"{n} images with {k} masks" for k, n in cv.images.items())
+        click.echo("trained on " + ", ".join(f"{n} images with {k} masks" for k, n in (cv.images or {}).items())
                    + " (validation: manual masks only)")
     click.echo(f"checkpoints and learning curves in {run_dir}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -100,7 +100,7 @@ def rim_share(cached: np.ndarray, rim: tuple[int, int, int, int] | None = None) 
 ATLAS_SIDE = 32
 
 
-def atlas_frame(masks: Sequence[np.ndarray]) -> np.ndarray:
+def atlas_frame(masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """One image's structure masks (``(H, W)`` bool each) framed by the box around all of
     them and shrunk to ``ATLAS_SIDE`` square: ``(C, 32, 32)`` bool, their shapes and layout
     whatever the film's size and framing. About 0.25 ms for three 256 px masks."""
@@ -122,6 +122,8 @@ class Atlas:
 
     structures: tuple[str, ...]
     masks: np.ndarray  # (N, C, 32, 32) bool
+    _words: np.ndarray = field(init=False, repr=False, compare=False)  # made from masks
+    _counts: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:  # the masks as 64-bit words, for counting overlaps by popcount
         words = np.packbits(self.masks.reshape(len(self.masks), len(self.structures), -1), axis=2)
@@ -173,7 +175,7 @@ def tta_copies(image: np.ndarray) -> list[np.ndarray]:
     """Two test-time-augmented copies of a ``(S, S) uint8`` cache image: shifted a few pixels,
     and darker."""
     size = image.shape[0]
-    move = np.float32([[1, 0, TTA_SHIFT[0]], [0, 1, TTA_SHIFT[1]]])
+    move = np.array([[1, 0, TTA_SHIFT[0]], [0, 1, TTA_SHIFT[1]]], np.float32)
     darker = np.clip((image / 255.0) ** 0.8 * 255, 0, 255).astype(np.uint8)
     return [cv2.warpAffine(image, move, (size, size)), darker]
 
@@ -186,7 +188,7 @@ def tta_agreement(masks: dict[str, np.ndarray], copies: list[np.ndarray], struct
     from pipeline.measure import clean
     from pipeline.metrics import dice
     size = next(iter(masks.values())).shape[0]
-    back = np.float32([[1, 0, -TTA_SHIFT[0]], [0, 1, -TTA_SHIFT[1]]])
+    back = np.array([[1, 0, -TTA_SHIFT[0]], [0, 1, -TTA_SHIFT[1]]], np.float32)
     out = {}
     for i, s in enumerate(structures):
         scores = []

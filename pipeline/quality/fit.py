@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def make_variant(name: str, strength: float, image: np.ndarray, masks: np.ndarra
     where[0, y0:y1 + 1, x0:x1 + 1] = 1
     shifted, moved = apply(name, image, np.concatenate([masks, where]), strength, rng)
     box = bbox(moved[-1] > 0.5)
-    return shifted, moved[:-1], tuple(map(float, box)) if box else film
+    return shifted, moved[:-1], (float(box[0]), float(box[1]), float(box[2]), float(box[3])) if box else film
 
 
 def true_dice(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
@@ -174,7 +174,7 @@ def appearance_of(ds) -> Appearance:
                                 for i in range(len(ds.uids))]))
 
 
-def atlas_of(ds, structures: Sequence[str], leave_out: Sequence[int] = ()) -> Atlas | None:
+def atlas_of(ds, structures: Sequence[str], leave_out: Collection[int] = ()) -> Atlas | None:
     """The atlas of the dataset's films whose source draws every one of ``structures``, but
     ``leave_out``; None when no film draws them all."""
     skip = set(leave_out)
@@ -230,7 +230,7 @@ def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, ch
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     held_total = sum(len(ds.indices(splits["val"][k])) for k in trained)
-    structures = None
+    structures = first.spec.structures  # each fold's, as read below (one recipe: the same)
     sources = _sources(engine, ds.uids)
     with tqdm(total=held_total, desc="quality fit: label held-out films", unit="film", disable=not progress) as bar:
         for k in trained:

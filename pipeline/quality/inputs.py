@@ -23,7 +23,7 @@ knows the age). ``sql/views.sql`` reads them from the catalogue (``label_results
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -82,6 +82,7 @@ class Appearance:
     pixels, as :class:`pipeline.quality.Atlas` is of the masks)."""
 
     thumbs: np.ndarray  # (N, LOOK_SIDE, LOOK_SIDE) uint8
+    _unit: np.ndarray = field(init=False, repr=False, compare=False)  # made from thumbs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_unit", _unit(self.thumbs))

@@ -151,7 +151,7 @@ def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([b[2] / b[1] for b in blocks]), np.array([b[0] / b[1] for b in blocks]))
 
 
-def sidecar(checkpoint: Path, tta: bool = False) -> Path:
+def sidecar(checkpoint: str | Path, tta: bool = False) -> Path:
     """Where a checkpoint's quality model lives: ``model.pt`` -> ``model.quality.json`` (with
     ``tta``: ``model.quality-tta.json``, the score that also reads :func:`tta_agreement`)."""
     return Path(checkpoint).with_suffix(".quality-tta.json" if tta else ".quality.json")

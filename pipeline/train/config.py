@@ -110,7 +110,8 @@ class TrainConfig:
         JSON-like storage): its lists are tuples again, and settings an older checkpoint lacks
         take their defaults; keys this version does not know are left out."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**values)
 
 
 def default(name: str) -> Any:

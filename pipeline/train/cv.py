@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -115,9 +116,9 @@ def _train_fold(url: str, cfg: TrainConfig, where: Path, cache_dir: str | None, 
         engine.dispose()
 
 
-def summarise_folds(results: list[TrainResult]) -> dict[str, dict[str, float]]:
-    """Mean and sample sd of the best-epoch Dice per structure over folds."""
-    out = {}
+def summarise_folds(results: list[TrainResult]) -> dict[str, dict[str, Any]]:
+    """Mean and sample sd of the best-epoch Dice per structure over folds, and each fold's."""
+    out: dict[str, dict[str, Any]] = {}
     for s in results[0].dice:
         v = np.array([r.dice[s] for r in results], dtype=float)
         scored = v[~np.isnan(v)]  # NaN: a run without held-out images

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,7 +242,7 @@ def _heart_widening(structures: tuple[str, ...], prob: float, factors: tuple[flo
     return HeartWidening(prob=prob)
 
 
-def make_batch(ds: Dataset, idx: list[int], aug, norm: str, seeds: list[int] | None = None,
+def make_batch(ds: Dataset, idx: Sequence[int], aug, norm: str, seeds: list[int] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x (B,1,S,S) float32 normalised, y (B,C,S,S) float32, valid (B,C) bool)``, augmented
     when ``aug`` is given: each image with its own seed from ``seeds``, so a batch is the

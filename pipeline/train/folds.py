@@ -83,7 +83,7 @@ def make_splits(uids: list[str], folds: int = 1, val_frac: float = 0.2, seed: in
             val[smallest] += patients[p]
         val = [sorted(f) for f in val]
     elif val_frac > 0:
-        want, held = max(1, round(len(uids) * val_frac)), []
+        want, held = max(1, round(len(uids) * val_frac)), list[str]()
         for p in order:
             if len(held) >= want:
                 break

@@ -22,7 +22,8 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,182 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what ``last.pt`` keeps (as a plain dict) to resume from."""
+
+    epoch: int = 0  # epochs done
+    history: list[dict] = field(default_factory=list)  # per epoch: loss and validation Dice
+    best: float = -1.0  # the best epoch's mean validation Dice (without held-out images: the epoch)
+    best_epoch: int = 0
+    seconds: float = 0.0  # time spent training and validating
+
+
+class Trainer:
+    """One model (one fold) in small steps, as nnU-Net's trainer hooks are, without its size:
+    :meth:`__init__` sets up (data, held-out images, network, optimiser, schedule, weight
+    average), :meth:`resume` reads ``last.pt``, :meth:`train_epoch` and :meth:`validate` do one
+    epoch, :meth:`save` writes ``best.pt`` and the resume point, :meth:`finish` writes
+    ``final.pt`` and the learning curve; :meth:`run` strings them together."""
+
+    def __init__(self, engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
+                 device: str = "auto", dataset: Dataset | None = None, held_out: list[str] | None = None,
+                 workers: int | None = None) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.run_dir = cfg, run_dir
+        self.dev = dev = pick_device(device)
+        self.workers = workers if workers is not None else (
+            0 if dev.type == "cpu" else max(1, min(8, torch.get_num_threads() - 1)))
+        torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
+        self.ds = ds = dataset or load_dataset(engine, cfg, cache_dir)
+        if held_out is None:
+            held_out = splits_for(run_dir, ds.manual, cfg, ds.patients).val[cfg.fold]
+        self.held_out = held_out
+        self.va = ds.indices(self.held_out)
+        self.tr = sorted(set(range(len(ds.uids))) - set(self.va))
+        self.trained_on = dict(Counter(ds.source_of[i] for i in self.tr))  # images per mask source
+        # which films: what `cxrlabel quality fit` leaves out of the films it fits the score on
+        self.trained_uids = sorted(ds.uids[i] for i in self.tr)
+        _seed_all(cfg.seed)
+        self.model = build_network(cfg.spec()).to(dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.steps_per_epoch = max(1, len(self.tr) // cfg.batch)
+        # warm up over a tenth of training, but at least two steps (one would divide by zero)
+        warmup = max(0.1, 2.0 / (cfg.epochs * self.steps_per_epoch))
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                         steps_per_epoch=self.steps_per_epoch,
+                                                         pct_start=min(warmup, 0.5))
+        self.avg = WeightAverage(self.model, cfg.ema) if cfg.ema else None
+        self.scored = self.avg.module if self.avg else self.model  # what is validated and saved
+        self.rng = random.Random(cfg.seed + 1)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress()
+        self.last = run_dir / "last.pt"
+
+    def resume(self) -> None:
+        """Carry on from ``last.pt``, if there is one (refused when made otherwise)."""
+        if not self.last.exists():
+            return
+        ck = _read_last(self.last, self.cfg)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.avg:
+            self.avg.load_state_dict(ck["ema"])
+        self.progress = Progress(**ck["state"])
+        self.rng.setstate(_as_tuple(ck["rng"]["python"]))
+        torch.set_rng_state(ck["rng"]["torch"])
+        log.info("resuming %s at epoch %d", self.run_dir, self.progress.epoch)
+
+    def batches(self, stop: int) -> tuple[Iterator, list[tuple]]:
+        """The run's batches up to epoch ``stop``, from one loader, and the shuffling
+        generator's state after each epoch (its resume point). Every epoch's shuffle is drawn
+        now, in turn (the generator draws nothing else): the same orders as drawing each at its
+        epoch's start, and one loader for the run, whose workers start once and augment the
+        next epoch while this one validates and saves."""
+        orders: list[list[int]] = []
+        rng_after: list[tuple] = []
+        for _ in range(self.progress.epoch, stop):
+            order = self.tr[:]
+            self.rng.shuffle(order)
+            orders.append(order)
+            rng_after.append(self.rng.getstate())
+        if not orders:
+            return iter(()), rng_after
+        return iter(torch.utils.data.DataLoader(
+            RunBatches(self.ds, self.cfg, self.progress.epoch, orders, self.steps_per_epoch), batch_size=None,
+            num_workers=self.workers, pin_memory=self.dev.type == "cuda",
+            prefetch_factor=4 if self.workers else None)), rng_after
+
+    def train_epoch(self, batches: Iterator) -> float:
+        """One epoch's steps; the mean loss."""
+        cfg, dev = self.cfg, self.dev
+        self.model.train()
+        losses: list[float] = []
+        for _ in range(self.steps_per_epoch):
+            x, y, valid = next(batches)
+            x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
+            out = self.model(x)
+            loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss,
+                            overlap_weights(y, valid, cfg.structures))
+            if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
+                loss = loss + 0.1 * out[1]
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            if self.avg:
+                self.avg.update(self.model)
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.scored, self.ds, self.va, self.cfg, self.dev) if self.va else {}
+
+    def record(self, epoch: int, loss: float, scores: dict[str, float], seconds: float) -> bool:
+        """Add epoch ``epoch`` (0-based) to the progress; True when it is the best so far.
+        Without held-out images the final epoch is the model (the schedule has annealed)."""
+        p = self.progress
+        mean = float(np.nanmean(list(scores.values()))) if scores else float(epoch)
+        p.seconds += seconds
+        p.history.append({"epoch": epoch + 1, "loss": loss, **scores})
+        p.epoch = epoch + 1
+        if mean > p.best:
+            p.best, p.best_epoch = mean, epoch + 1
+            return True
+        return False
+
+    def save(self, best: bool, scores: dict[str, float], rng_state: tuple) -> None:
+        """``best.pt`` when this epoch is the best, and the resume point ``last.pt`` (written
+        beside and moved, so a crash never leaves half of one)."""
+        if best:
+            self._save_model(self.run_dir / "best.pt", scores)
+        tmp = self.last.with_name("last.pt.tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "state": dataclasses.asdict(self.progress),
+                    "config": self.cfg.as_dict(), "held_out": sorted(self.held_out),
+                    "ema": self.avg.state_dict() if self.avg else None,
+                    "rng": {"python": rng_state, "torch": torch.get_rng_state()},
+                    "augmentation": AUGMENTATION_SEEDS}, tmp)
+        tmp.replace(self.last)
+
+    def _save_model(self, path: Path, scores: dict) -> None:
+        save_checkpoint(path, self.scored, self.cfg.spec(),
+                        {"dice": scores, "epoch": self.progress.epoch, "data_hash": self.ds.hash,
+                         "images": self.trained_on, "trained_uids": self.trained_uids},
+                        training=self.cfg.as_dict())
+
+    def finish(self) -> TrainResult:
+        """``final.pt`` (a fold's last epoch, once trained to the end) and the learning curve."""
+        cfg, p = self.cfg, self.progress
+        if self.va and p.epoch == cfg.epochs and p.history:
+            self._save_model(self.run_dir / "final.pt", {s: p.history[-1].get(s) for s in cfg.structures})
+        best = p.history[p.best_epoch - 1] if p.history else {}
+        plot_curve(p.history, self.run_dir / "learning_curve.png", f"{cfg.preset} ({cfg.network}, {cfg.size}px)",
+                   cfg.structures)
+        return TrainResult(self.run_dir, p.best_epoch, {s: best.get(s, float("nan")) for s in cfg.structures},
+                           p.history, p.seconds, sorted(self.held_out))
+
+    def run(self, until_epoch: int | None = None, progress: bool = True) -> TrainResult:
+        """Train from where the progress stands to the last epoch (or ``until_epoch``)."""
+        cfg = self.cfg
+        first = self.progress.epoch
+        stop = cfg.epochs if until_epoch is None else max(first, min(cfg.epochs, until_epoch))
+        batches, rng_after = self.batches(stop)
+        bar = tqdm(total=cfg.epochs, initial=first, desc=f"train {cfg.preset}", unit="epoch", disable=not progress)
+        for n, epoch in enumerate(range(first, stop)):
+            t0 = time.perf_counter()
+            loss = self.train_epoch(batches)
+            scores = self.validate()
+            best = self.record(epoch, loss, scores, time.perf_counter() - t0)
+            self.save(best, scores, rng_after[n])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
+        bar.close()
+        return self.finish()
+
+
 def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
           device: str = "auto", resume: bool = True, progress: bool = True,
           dataset: Dataset | None = None, until_epoch: int | None = None,
@@ -92,114 +269,10 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     (default: none on a CPU, whose cores the model uses; on a GPU one per torch thread but
     one, up to 8). The result does not depend on it.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dev = pick_device(device)
-    if workers is None:
-        workers = 0 if dev.type == "cpu" else max(1, min(8, torch.get_num_threads() - 1))
-    torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
-    ds = dataset or load_dataset(engine, cfg, cache_dir)
-    if held_out is None:
-        held_out = splits_for(run_dir, ds.manual, cfg, ds.patients).val[cfg.fold]
-    va = ds.indices(held_out)
-    tr = sorted(set(range(len(ds.uids))) - set(va))
-    trained_on = dict(Counter(ds.source_of[i] for i in tr))  # images per mask source
-    # which films: what `cxrlabel quality fit` leaves out of the films it fits the score on
-    trained_uids = sorted(ds.uids[i] for i in tr)
-    _seed_all(cfg.seed)
-    model = build_network(cfg.spec()).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, len(tr) // cfg.batch)
-    # warm up over a tenth of training, but at least two steps (one would divide by zero)
-    warmup = max(0.1, 2.0 / (cfg.epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=min(warmup, 0.5))
-    avg = WeightAverage(model, cfg.ema) if cfg.ema else None
-    scored = avg.module if avg else model  # what is validated and saved
-    rng = random.Random(cfg.seed + 1)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {"epoch": 0, "history": [], "best": -1.0, "best_epoch": 0, "seconds": 0.0}
-    last = run_dir / "last.pt"
-    if resume and last.exists():
-        ck = _read_last(last, cfg)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if avg:
-            avg.load_state_dict(ck["ema"])
-        state = ck["state"]
-        rng.setstate(_as_tuple(ck["rng"]["python"]))
-        torch.set_rng_state(ck["rng"]["torch"])
-        log.info("resuming %s at epoch %d", run_dir, state["epoch"])
-    first = state["epoch"]
-    stop = cfg.epochs if until_epoch is None else max(first, min(cfg.epochs, until_epoch))
-    # Every epoch's shuffle is drawn now, in turn (the generator draws nothing else), with the
-    # generator's state after each for its resume point: the same orders as drawing each at
-    # its epoch's start, and one loader for the run, whose workers start once and augment the
-    # next epoch while this one validates and saves (a loader an epoch started them anew).
-    orders, rng_after = [], []
-    for _ in range(first, stop):
-        order = tr[:]
-        rng.shuffle(order)
-        orders.append(order)
-        rng_after.append(rng.getstate())
-    batches = iter(torch.utils.data.DataLoader(
-        RunBatches(ds, cfg, first, orders, steps_per_epoch), batch_size=None, num_workers=workers,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)) if orders else iter(())
-    bar = tqdm(total=cfg.epochs, initial=first, desc=f"train {cfg.preset}", unit="epoch", disable=not progress)
-    for n, epoch in enumerate(range(first, stop)):
-        t0 = time.perf_counter()
-        model.train()
-        losses = []
-        for _ in range(steps_per_epoch):
-            x, y, valid = next(batches)
-            x, y, valid = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), valid.to(dev)
-            out = model(x)
-            loss = seg_loss(logits_of(out), y, valid, cfg.loss, cfg.width_loss,
-                            overlap_weights(y, valid, cfg.structures))
-            if isinstance(out, tuple):  # SegResNetVAE: add its VAE loss term
-                loss = loss + 0.1 * out[1]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if avg:
-                avg.update(model)
-            losses.append(loss.item())
-        scores = validate(scored, ds, va, cfg, dev) if va else {}
-        # without held-out images the final epoch is the model (the schedule has annealed)
-        mean = float(np.nanmean(list(scores.values()))) if scores else float(epoch)
-        state["seconds"] += time.perf_counter() - t0
-        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **scores})
-        state["epoch"] = epoch + 1
-        if mean > state["best"]:
-            state["best"], state["best_epoch"] = mean, epoch + 1
-            save_checkpoint(run_dir / "best.pt", scored, cfg.spec(),
-                            {"dice": scores, "epoch": epoch + 1, "data_hash": ds.hash, "images": trained_on,
-                             "trained_uids": trained_uids},
-                            training=cfg.as_dict())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
-        tmp = last.with_name("last.pt.tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "state": state, "config": cfg.as_dict(),
-                    "held_out": sorted(held_out), "ema": avg.state_dict() if avg else None,
-                    "rng": {"python": rng_after[n], "torch": torch.get_rng_state()},
-                    "augmentation": AUGMENTATION_SEEDS}, tmp)
-        tmp.replace(last)
-    bar.close()
-    if va and state["epoch"] == cfg.epochs and state["history"]:
-        save_checkpoint(run_dir / "final.pt", scored, cfg.spec(),
-                        {"dice": {s: state["history"][-1].get(s) for s in cfg.structures},
-                         "epoch": state["epoch"], "data_hash": ds.hash, "images": trained_on,
-                             "trained_uids": trained_uids},
-                        training=cfg.as_dict())
-    best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
-    plot_curve(state["history"], run_dir / "learning_curve.png",
-               f"{cfg.preset} ({cfg.network}, {cfg.size}px)", cfg.structures)
-    return TrainResult(run_dir, state["best_epoch"],
-                       {s: best.get(s, float("nan")) for s in cfg.structures},
-                       state["history"], state["seconds"], sorted(held_out))
+    trainer = Trainer(engine, cfg, run_dir, cache_dir, device, dataset, held_out, workers)
+    if resume:
+        trainer.resume()
+    return trainer.run(until_epoch, progress)
 
 
 def same_config(stored: dict, cfg: TrainConfig) -> bool:
