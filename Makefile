@@ -34,6 +34,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/mypy pipeline
 
 catalogue: install
 	$(CX) catalogue load nih $(NIH_CSV) --image-root $(DATA)/nih-samples
