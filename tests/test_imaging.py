@@ -175,23 +175,23 @@ def test_large_dicom_frames_reduce_before_the_luts_like_the_full_decode(name, ho
 def test_j2k_reduce_falls_back_to_pillows_public_reduce(monkeypatch):
     """Without the exact-size path, Pillow's own reduce takes the deepest level whose
     rounding agrees with OpenJPEG's (1841 px: only one level down)."""
-    from pipeline import imaging
+    from pipeline.imaging import decoders
 
     def moved(*_args):
         raise AttributeError("Pillow internals moved")
 
-    monkeypatch.setattr(imaging, "_j2k_at_level", moved)
+    monkeypatch.setattr(decoders, "_j2k_at_level", moved)
     arr, _, facts = decode(DICOM / "RG1_J2KR.dcm", target=256)
     assert arr.shape == (978, 921) and facts["reduced"] == "wavelet"
 
 
 def test_a_failing_reduced_decode_falls_back_to_the_whole_frame(monkeypatch):
-    from pipeline import imaging
+    from pipeline.imaging import decoders
 
     def broken(*_args):
         raise OSError("broken data stream")
 
-    monkeypatch.setattr(imaging, "_reduced_j2k", broken)
+    monkeypatch.setattr(decoders, "_reduced_j2k", broken)
     arr, _, facts = decode(DICOM / "RG1_J2KR.dcm", target=256)
     full, _, _ = decode(DICOM / "RG1_J2KR.dcm")
     assert facts["reduced"] == "block" and arr.shape == (489, 461)  # whole frame, then blocks
