@@ -1,0 +1,111 @@
+"""The loaders by format (:data:`LOADERS`; the CLI's choices follow it) and :func:`load`;
+images re-rooted after a move; the catalogue and its load errors listed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import bindparam, column, func, or_, select, table, update
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline import db as D
+from pipeline.catalogue.dicom import load_dicom
+from pipeline.catalogue.openi import load_openi
+from pipeline.catalogue.records import CatalogueError, LoadSummary
+from pipeline.catalogue.tables import load_csv, load_nih, parse_mapping
+
+
+@dataclass
+class LoadOptions:
+    """Every loader's options (the ``catalogue load`` command's); each loader reads its own."""
+
+    image_root: Path | None = None
+    mapping: tuple[str, ...] = ()  # csv: FIELD=COLUMN pairs
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    source_name: str = "csv"
+    workers: int | None = None
+    uid_from: str = "path"
+    text_csv: Path | None = None
+    text_key: str = "sop_uid"
+    text_key_column: str | None = None
+    text_column: str = "text"
+
+
+LOADERS: dict[str, Callable[[Engine, Path, LoadOptions], LoadSummary]] = {
+    "nih": lambda engine, source, o: load_nih(engine, source, o.image_root),
+    "openi": lambda engine, source, o: load_openi(engine, source, o.image_root),
+    "dicom": lambda engine, source, o: load_dicom(engine, source, o.workers, o.uid_from, o.text_csv,
+                                                  o.text_key, o.text_column, o.text_key_column),
+    "csv": lambda engine, source, o: load_csv(engine, source, parse_mapping(o.mapping), o.image_root,
+                                              o.encoding, o.delimiter, o.source_name),
+}
+
+
+def load(engine: Engine, fmt: str, source: Path, options: LoadOptions | None = None) -> LoadSummary:
+    """Load ``source`` as ``fmt`` (one of :data:`LOADERS`)."""
+    if fmt not in LOADERS:  # (MONAI's look_up_option would import torch for one dict look-up)
+        raise CatalogueError(f"unknown catalogue format {fmt!r}: use one of {', '.join(LOADERS)}")
+    return LOADERS[fmt](engine, Path(source), options or LoadOptions())
+
+
+@dataclass
+class RerootSummary:
+    changed: int
+    existing: int  # of the changed rows, how many new paths lead to a file
+
+
+REROOT_PROBE = 100  # new paths checked before a reroot is committed
+
+
+def reroot(engine: Engine, old: str, new: str, progress: bool = True, force: bool = False) -> RerootSummary:
+    """Move an archive in the catalogue: every image path under the folder ``old`` now lies
+    under ``new`` instead (whole path components only), in one transaction. Refused, with
+    nothing changed, when none of up to :data:`REROOT_PROBE` of the new paths leads to a file
+    (a mistyped ``new``), unless ``force``."""
+    if not str(old):
+        raise CatalogueError("reroot: OLD_PREFIX is empty: give the folder the paths start with")
+    base, new = str(old).rstrip("/"), str(Path(new).resolve())  # base "" is the root folder
+    t = D.images
+    with engine.begin() as conn:
+        # only the rows under it come back (a prefix the database can compare), then exactly
+        under = func.substr(t.c.path, 1, len(base) + 1) == base + "/"
+        rows = conn.execute(select(t.c.uid, t.c.path).where(or_(t.c.path == base, under))).all()
+        moved = {uid: new + path[len(base):] for uid, path in rows}
+        paths = list(moved.values())
+        probe = paths[::max(1, len(paths) // REROOT_PROBE)][:REROOT_PROBE]
+        if probe and not force and not any(os.path.isfile(p) for p in probe):
+            raise CatalogueError(f"reroot: none of {len(probe)} of the {len(paths)} new paths under {new} leads to "
+                                 f"a file (e.g. {probe[0]}): nothing changed; check NEW_PREFIX, or give --force "
+                                 "to move them anyway")
+        for part in D.chunks(list(moved.items())):
+            conn.execute(update(t).where(t.c.uid == bindparam("u")).values(path=bindparam("p")),
+                         [{"u": uid, "p": path} for uid, path in part])
+    existing = sum(os.path.exists(p) for p in tqdm(moved.values(), desc="check paths", unit="path",
+                                                   disable=not progress or not moved))
+    return RerootSummary(len(moved), existing)
+
+
+def list_errors(engine: Engine, limit: int = 50) -> list[dict]:
+    """Malformed rows recorded by loads (``load_errors``), newest first."""
+    t = D.load_errors
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.source_file, t.c.line, t.c.uid, t.c.reason, t.c.last_seen_at)
+                            .order_by(t.c.id.desc()).limit(limit))
+        return [{**r._mapping, "line": r.line or None, "uid": r.uid or None} for r in rows]
+
+
+CATALOGUE_VIEW = table("catalogue", *(column(c) for c in (
+    "uid", "patient_id", "age", "sex", "view", "study_date", "group_name", "source", "text")))
+
+
+def list_rows(engine: Engine, uids: list[str]) -> list[dict]:
+    """Rows of the ``catalogue`` view for ``uids``, by uid."""
+    v = CATALOGUE_VIEW
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in D.rows_in(conn, select(*v.c), v.c.uid, uids)]
+    return sorted(rows, key=lambda r: r["uid"])

@@ -1,0 +1,174 @@
+"""What a loader yields (:class:`Record`, :class:`Problem`), the values it parses (age, sex,
+date, numbers), and :func:`store`, which writes them in batches, one transaction each."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+
+IMAGE_FIELDS = tuple(c.name for c in D.images.columns if c.name != "loaded_at")
+
+
+NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+               "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+               "OriginalImagePixelSpacing[x", "y]"]
+
+
+MAX_AGE = 120
+
+
+class CatalogueError(CxrlabelError):
+    pass
+
+
+class RowError(ValueError):
+    """A value in one row that cannot be stored (the row goes to ``load_errors``)."""
+
+
+@dataclass
+class Problem:
+    line: int | None
+    uid: str | None
+    reason: str
+
+
+Record = dict
+
+
+Item = Record | Problem
+
+
+@dataclass
+class LoadSummary:
+    source_file: str
+    loaded: int = 0
+    errors: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add_problem(self, reason: str) -> None:
+        self.errors += 1
+        key = reason.split(":")[0]
+        self.reasons[key] = self.reasons.get(key, 0) + 1
+
+
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([YMWD]?)\s*$", re.I)
+
+
+def parse_age(value: str | None) -> int | None:
+    """'58', '058Y', '006M', '3W', '10D' -> whole years; '' -> None; else :class:`RowError`."""
+    if value is None or not str(value).strip():
+        return None
+    m = _AGE.match(str(value))
+    if not m:
+        raise RowError(f"unparseable age {value!r}")
+    n, unit = int(m.group(1)), m.group(2).upper() or "Y"
+    years = {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[unit]
+    if years > MAX_AGE:
+        raise RowError(f"impossible age {value!r} (over {MAX_AGE} years)")
+    return years
+
+
+_SEX = {"m": "M", "male": "M", "м": "M", "муж": "M", "f": "F", "female": "F", "ж": "F",
+        "жен": "F", "o": "O", "other": "O"}
+
+
+def parse_sex(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    sex = _SEX.get(value.strip().lower().rstrip("."))
+    if sex is None:
+        raise RowError(f"unknown sex {value!r} (expected M/F/O)")
+    return sex
+
+
+_DATE_FORMATS = ("%Y%m%d", "%Y-%m-%d", "%d.%m.%Y", "%Y/%m/%d")
+
+
+def parse_date(value: str | None) -> str | None:
+    """DICOM ``YYYYMMDD``, ISO, or European ``DD.MM.YYYY`` -> ISO ``YYYY-MM-DD``."""
+    if value is None or not value.strip():
+        return None
+    for fmt in _DATE_FORMATS:
+        try:
+            return dt.datetime.strptime(value.strip()[:10], fmt).date().isoformat()
+        except ValueError:
+            continue
+    raise RowError(f"unparseable date {value!r} (use YYYY-MM-DD, YYYYMMDD or DD.MM.YYYY)")
+
+
+def parse_float(value: str | None, what: str) -> float | None:
+    if value is None or not str(value).strip():
+        return None
+    try:
+        v = float(value)
+    except ValueError as e:
+        raise RowError(f"unparseable {what} {value!r}") from e
+    return v if v > 0 else None
+
+
+def parse_int(value: str | None, what: str) -> int | None:
+    v = parse_float(value, what)
+    return int(v) if v is not None else None
+
+
+def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: int = 5000,
+          progress: bool = True) -> LoadSummary:
+    """Upsert records and log problems, ``batch_size`` items per transaction."""
+    summary = LoadSummary(source_file)
+    bar = tqdm(desc=f"load {Path(source_file).name}", unit="row", disable=not progress)
+    batch: dict[str, Record] = {}
+    problems: list[Problem] = []
+    lines: dict[str, int | None] = {}
+    try:
+        for item in items:
+            if isinstance(item, Problem):
+                problems.append(item)
+            else:
+                uid = item["uid"]
+                if uid in batch:
+                    problems.append(Problem(item.get("_line"), uid, f"duplicate uid: also at line "
+                                            f"{lines[uid]}; this later row wins"))
+                batch[uid] = item
+                lines[uid] = item.get("_line")
+            if len(batch) + len(problems) >= batch_size:
+                _flush(engine, batch, problems, summary)
+                bar.update(len(batch) + len(problems))
+                batch, problems, lines = {}, [], {}
+    finally:  # a source that breaks half-way (a truncated file) keeps what was read before
+        bar.update(len(batch) + len(problems))
+        _flush(engine, batch, problems, summary)
+        bar.close()
+    return summary
+
+
+def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
+           summary: LoadSummary) -> None:
+    now = D.utcnow()
+    # only the fields this source provides: a reload never blanks columns another source set
+    fields = sorted({k for record in batch.values() for k in record if k in IMAGE_FIELDS})
+    get = dict.get
+    rows = []
+    for record in batch.values():
+        row = {k: get(record, k) for k in fields}
+        row["loaded_at"] = now
+        rows.append(row)
+    with engine.begin() as conn:
+        D.upsert(conn, D.images, rows, ["uid"])
+        # one row per problem and source line: a reload renews it rather than repeating it
+        logged = {(p.line or 0, p.uid or ""): p.reason for p in problems}
+        D.upsert(conn, D.load_errors, [
+            {"source_file": summary.source_file, "line": line, "uid": uid, "reason": reason,
+             "created_at": now, "last_seen_at": now} for (line, uid), reason in logged.items()],
+            ["source_file", "line", "uid"], update=["reason", "last_seen_at"])
+    summary.loaded += len(rows)
+    for p in problems:
+        summary.add_problem(p.reason)
