@@ -28,11 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import db as D  # noqa: E402
 from pipeline.quality import FEATURES, SHAPE, QualityModel  # noqa: E402
+from pipeline.quality.films import STRENGTHS, Films, films_from_folds  # noqa: E402
 from pipeline.quality.fit import (  # noqa: E402, F401  (spearman: bench/ctr_bands.py reads it here)
-    STRENGTHS,
-    Films,
     estimate_into,
-    films_from_folds,
     fit_films,
     held_out_estimates,
     judge,
@@ -44,7 +42,7 @@ from pipeline.shifts import SHIFTS  # noqa: E402
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
                  widened: bool = False, checkpoint: str = "best") -> list[dict]:
     """One row per (fold, held-out film, variant, structure), every shift at both strengths:
-    :func:`pipeline.quality.fit.films_from_folds`."""
+    :func:`pipeline.quality.films.films_from_folds`."""
     return films_from_folds(engine, run_dir, cache, checkpoint, True, tta, seed, widened).rows
 
 

@@ -15,7 +15,8 @@ from pipeline import db as D
 from pipeline.cli import cli
 from pipeline.model import read_checkpoint, resolve_model
 from pipeline.quality import QualityModel, sidecar, stored
-from pipeline.quality.fit import FitError, calibration, fit, roc_auc, spearman, true_dice
+from pipeline.quality.films import true_dice
+from pipeline.quality.fit import FitError, calibration, fit, roc_auc, spearman
 
 pytestmark = pytest.mark.slow
 

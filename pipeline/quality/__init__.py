@@ -7,9 +7,11 @@ model can read at all.
 * :mod:`pipeline.quality.score`: the fitted score (:class:`QualityModel`, an estimated Dice
   per structure), where a model's score is kept (the database, or the file beside its
   checkpoint), the checks that it fits the model, and the heuristic fallback;
-* :mod:`pipeline.quality.fit`: fitting a score on annotated films the model did not train on,
-  or on a cross-validation's held-out folds, with its held-out figures
-  (``cxrlabel quality fit``; it reads training data, so labelling never imports it);
+* :mod:`pipeline.quality.films`: the annotated films a score is fitted on (a
+  cross-validation's held-out folds, or the database's films the model did not train on),
+  labelled as labelling labels them, as they are and under equipment-like shifts;
+* :mod:`pipeline.quality.fit`: fitting a score on those films, with its held-out figures
+  (``cxrlabel quality fit``; the two read training data, so labelling never imports them);
 * :mod:`pipeline.quality.inputs`: the input check (is this a frontal chest radiograph?) and
   the marks for films outside what the CTR norms describe (an AP view, a child).
 """
