@@ -485,11 +485,12 @@ def test_an_interrupted_or_failed_export_leaves_no_partial_and_keeps_the_old_fil
     import signal
 
     import pipeline.export as E
+    import pipeline.export.rle as rle_writer
     engine, _ = labelled_default
     out = tmp_path / "m.csv"
     E.export(engine, "rle", out, _everything(engine), progress=False)
     before, handler = out.read_bytes(), signal.getsignal(signal.SIGTERM)
-    real_row, calls = E._rle_row, []
+    real_row, calls = rle_writer._rle_row, []
 
     def failing_row(it):
         calls.append(it.uid)
@@ -502,7 +503,7 @@ def test_an_interrupted_or_failed_export_leaves_no_partial_and_keeps_the_old_fil
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_row(it)
 
-    monkeypatch.setattr(E, "_rle_row", failing_row)
+    monkeypatch.setattr(rle_writer, "_rle_row", failing_row)
     expected = E.ExportError if how == "disk full" else KeyboardInterrupt
     with pytest.raises(expected) as caught:
         E.export(engine, "rle", out, _everything(engine), progress=False)

@@ -1,0 +1,38 @@
+"""The formats (:data:`FORMATS`) and :func:`export`, which checks the destination and hands the
+stream of masks to the format's writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline.export.destination import ExportError, _terminate_as_interrupt, check_destination
+from pipeline.export.png import export_png
+from pipeline.export.rle import export_rle
+from pipeline.export.seg import export_seg
+from pipeline.export.stream import ExportSummary, items
+from pipeline.groups import Selection
+from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES, heart_definition
+
+FORMATS = ("rle", "png", "seg")
+
+
+def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, model: str = "default",
+           reviewed: bool = False, include_rejected: bool = False, progress: bool = True) -> ExportSummary:
+    """Export the selection's masks as ``fmt`` (:data:`FORMATS`) to ``out`` (a CSV file for
+    ``rle``, a folder otherwise)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    out = Path(out)
+    check_destination(fmt, out)
+    summary = ExportSummary(out)
+    bar = tqdm(items(engine, selection, model, reviewed, include_rejected, summary), total=len(selection.items),
+               desc=f"export {fmt}", unit="img", disable=not progress)
+    with engine.connect() as conn:
+        older = heart_definition(conn, model) != "heart"
+    names = {s: (CARDIOMEDIASTINUM if older and s == "heart" else s) for s in STRUCTURES}
+    with _terminate_as_interrupt():
+        {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary, names)
+    return summary

@@ -1,0 +1,38 @@
+"""One 1-bit PNG per structure per image in original geometry, and ``index.csv``."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.export.destination import PNG_INDEX_HEADER, _atomic_write, _prepare_folder, _written
+from pipeline.export.stream import ExportSummary, Item, safe_name
+from pipeline.masks import STRUCTURES, encode
+
+
+def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
+    """``out/<uid>/<structure>.png`` (1-bit, original geometry) and ``out/index.csv``; a heart
+    that is a cardiomediastinum (``names``) is ``cardiomediastinum.png``."""
+    _prepare_folder("png", out)
+    with _written(out / "index.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(PNG_INDEX_HEADER)
+        for it in stream:
+            folder = out / safe_name(it.uid)
+            folder.mkdir(exist_ok=True, mode=0o700)
+            for s in STRUCTURES:
+                if s not in it.masks:
+                    continue
+                mask = it.mask(s)
+                data = encode(mask)
+                path = folder / f"{names[s]}.png"
+                if path.exists() and path.read_bytes() == data:
+                    summary.kept += 1
+                else:
+                    _atomic_write(path, data)
+                    summary.written += 1
+                w.writerow([it.uid, names[s], f"{folder.name}/{names[s]}.png", it.height, it.width,
+                            int(mask.sum()), it.model, "reviewed" if it.reviewers else "model",
+                            "" if it.ctr is None else f"{it.ctr:.4f}",
+                            "" if it.quality is None else f"{it.quality:.4f}"])

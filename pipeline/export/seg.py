@@ -1,0 +1,127 @@
+"""One DICOM Segmentation object per DICOM-sourced image (highdicom): a segment per structure,
+referencing the source image and naming the algorithm or the reviewer."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.export.destination import _prepare_folder, _written
+from pipeline.export.stream import ExportSummary, Item, _skip, safe_name
+from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES
+
+# patient and study attributes a SEG copies from its source, empty when the source has none
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+# SNOMED CT codes of the segmented structures (DICOM CID 7150 category: anatomical structure)
+SNOMED = {"heart": ("80891009", "Heart"), "left_lung": ("44029006", "Left lung"),
+          "right_lung": ("3341006", "Right lung"),
+          # no SNOMED CT concept names the cardiomediastinal silhouette: coded as the mediastinum,
+          # which holds the heart, and labelled for what it is
+          CARDIOMEDIASTINUM: ("72410000", "Mediastinum")}
+
+
+def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
+    """``out/<uid>.dcm``: a DICOM Segmentation per DICOM-sourced image. Its SOP Instance UID
+    is derived from the source, the model and the masks' content, so an existing file with
+    that UID is the same export and is kept without decoding it."""
+    import pydicom
+    _prepare_folder("seg", out)
+    from pipeline.imaging import DecodeError, open_regular
+    for it in stream:
+        try:
+            with open_regular(it.path) if it.path else contextlib.nullcontext() as f:
+                src = pydicom.dcmread(f, stop_before_pixels=True) if f is not None else None
+        except (OSError, pydicom.errors.InvalidDicomError, DecodeError):
+            src = None
+        if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
+            _skip(summary, "not from a DICOM file (seg needs the source DICOM)")
+            continue
+        if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
+            _skip(summary, "masks and source DICOM differ in size")
+            continue
+        digest = hashlib.sha256()
+        for s in STRUCTURES:
+            if s in it.masks:
+                digest.update(s.encode() + it.masks[s][0] + it.reviewers.get(s, "").encode())
+        uid = pydicom.uid.generate_uid(entropy_srcs=[str(src.SOPInstanceUID), it.model, str(it.sha256),
+                                                     digest.hexdigest()])
+        path = out / f"{safe_name(it.uid)}.dcm"
+        if path.exists():
+            try:
+                with open_regular(path) as f:
+                    if str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                           .SOPInstanceUID) == uid:
+                        summary.kept += 1
+                        continue
+            except (OSError, pydicom.errors.InvalidDicomError, AttributeError, DecodeError):
+                pass  # unreadable or another export: written again
+        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if k not in src]
+        if missing:
+            _skip(summary, f"source DICOM lacks {', '.join(missing)}")
+            continue
+        for keyword in TYPE2:  # empty where the source leaves them out (the SEG must carry them)
+            if keyword not in src:
+                setattr(src, keyword, "")
+        try:
+            seg = _segmentation(src, it, uid, names)
+        except (ValueError, TypeError, AttributeError) as e:
+            _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        with _written(path) as tmp:
+            seg.save_as(tmp)
+        summary.written += 1
+
+
+def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+    # A projection radiograph has pixel spacing but no slice thickness: highdicom would copy
+    # the spacing into a Pixel Measures item that its own reader (and others) then refuse. The
+    # SEG shares the source's pixel grid, which it references, so the spacing stays there.
+    for keyword in ("PixelSpacing", "SliceThickness"):
+        if keyword in src:
+            delattr(src, keyword)
+    present = [s for s in STRUCTURES if s in it.masks]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"cxrlabel {it.model}", version=(it.sha256 or "unknown")[:64],
+        family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for n, s in enumerate(present, 1):
+        code, meaning = SNOMED[names[s]]
+        manual = s in it.drawn
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=n, segment_label="Cardiomediastinum" if names[s] == CARDIOMEDIASTINUM else meaning,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.MANUAL if manual
+                            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
+            algorithm_identification=None if manual else algorithm))
+    pixels = np.stack([it.mask(s) for s in present], axis=-1)[None].astype(np.uint8)
+    reviewers = sorted({r for r in it.reviewers.values() if r})
+    return hd.seg.Segmentation(
+        source_images=[src], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(entropy_srcs=[str(src.get("SeriesInstanceUID", "")), it.model,
+                                                       "cxrlabel-seg"]),
+        series_number=900, sop_instance_uid=sop_uid, instance_number=1, manufacturer="cxrlabel",
+        manufacturer_model_name=it.model[:64], software_versions=_version(), device_serial_number=(it.sha256 or "")[:16]
+        or "unknown", content_label="HEARTLUNGS",
+        content_description=(("reviewed by " + ", ".join(reviewers)) if reviewers else
+                             f"model {it.model} sha256 {(it.sha256 or 'unknown')[:12]}")[:64],
+        content_creator_name=reviewers[0].replace(" ", "^") if reviewers else None)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cxrlabel")
+    except PackageNotFoundError:
+        return "unknown"
