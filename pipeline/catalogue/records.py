@@ -17,7 +17,6 @@ from pipeline import db as D
 
 IMAGE_FIELDS = tuple(c.name for c in D.images.columns if c.name != "loaded_at")
 
-
 NIH_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
                "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
                "OriginalImagePixelSpacing[x", "y]"]
@@ -42,7 +41,6 @@ class Problem:
 
 
 Record = dict
-
 
 Item = Record | Problem
 

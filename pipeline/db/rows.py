@@ -20,7 +20,6 @@ from pipeline.db.schema import failures, utcnow
 # statement; 900 leaves room for the query's other parameters.
 IN_CHUNK = 900
 
-
 T = TypeVar("T")
 
 

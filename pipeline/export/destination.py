@@ -21,20 +21,15 @@ from pipeline import CxrlabelError
 
 CHEXMASK_COLUMNS = {"left_lung": "Left Lung", "right_lung": "Right Lung", "heart": "Heart"}
 
-
 RLE_HEADER = ["Image ID", "Left Lung", "Right Lung", "Heart", "Height", "Width", "CTR", "Quality", "Model", "Masks"]
-
 
 # a model whose `heart` is GeneralBlockchain's cardiomediastinum (trained before 2026-12-05):
 # its column says so, so that code written for CheXmask's `Heart` never reads it as the heart
 RLE_HEADER_OLDER = [("Cardiomediastinum" if c == "Heart" else c) for c in RLE_HEADER]
 
-
 PNG_INDEX_HEADER = ["uid", "structure", "file", "height", "width", "area", "model", "masks", "ctr", "quality"]
 
-
 MARKER = ".cxrlabel-export"  # in a folder export: the format it holds; only such folders are written into
-
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
 

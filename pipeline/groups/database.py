@@ -58,9 +58,7 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
 
 PHRASE_WORDS = 8  # a phrase is a clause's first words: enough to recognise a wording, never a whole report
 
-
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-
 
 _NOT_WORD = re.compile(r"[^\w#?]+")
 

@@ -51,7 +51,6 @@ def _list_item(before: str, words: str, rules: Rules) -> bool:
 
 _LAST_ITEM = {"or", "and", "nor", "или", "и", "либо", "ни"}  # the conjunction before a list's last item
 
-
 _WORD_REST = re.compile(r"\w*")
 
 
@@ -132,7 +131,6 @@ class ReportCtr(NamedTuple):
 
 
 _ABOVE = (">", "≥", "более", "больше", "over", "above", "greater")
-
 
 _BELOW = ("<", "≤", "менее", "меньше", "under", "below", "less")
 

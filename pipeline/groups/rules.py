@@ -131,7 +131,6 @@ _TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split
 
 _GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool, "report_ctr": str}
 
-
 _LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless", "post_negation", "post_uncertain",
                      "statement_words", "end_negation", "end_uncertain", "referral",
                      "statement_end"}

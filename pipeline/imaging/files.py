@@ -19,20 +19,15 @@ from pipeline import CxrlabelError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # stripped from a file's name to make its uid
 
-
 # What a chest radiograph can be: smaller, more elongated or larger images are refused
 # before their pixels are decoded (a 164 KB PNG can claim 13000 x 13000 pixels: 1.6 GB).
 MIN_SIDE = 64
 
-
 MAX_ASPECT = 4.0  # longer side / shorter side; chest films are 0.7-1.4
-
 
 MAX_PIXELS = 50_000_000  # the decompression budget per image (the largest detectors: ~4300 x 4300)
 
-
 MIN_SPREAD = 0.02  # 1st to 99th percentile of intensity in [0, 1]: below it the image is blank
-
 
 # Non-chest projection modalities we still refuse: an MR or CT slice is not an X-ray.
 NOT_XRAY_MODALITIES = {"CT", "MR", "PT", "NM", "US", "SR", "SEG", "RTSTRUCT", "ECG", "PR"}
@@ -55,7 +50,6 @@ class DecodeTimeout(DecodeError):
 
 
 DECODE_TIMEOUT = float(os.environ.get("CXRLABEL_DECODE_TIMEOUT", "120"))  # seconds a decode may take
-
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
@@ -124,7 +118,6 @@ def check_dimensions(path: Path | str, height: int, width: int, frames: int = 1)
 
 
 _JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG frame headers, JPEG-LS's SOF55
-
 
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # markers without a length (TEM, RSTn, SOI)
 

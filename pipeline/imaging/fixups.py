@@ -9,7 +9,6 @@ import numpy as np
 
 NORMS = ("zscore", "clahe")
 
-
 INVERTED_BELOW = -0.25  # polarity of a frontal film read the wrong way round (normal films: 0.27 and up)
 
 
@@ -76,7 +75,6 @@ def unrimmed(cached: np.ndarray, rim: tuple[int, int, int, int] | None = None,
 
 
 NOISY_ABOVE = 8.0  # grey levels: beyond training's noise augmentation (sigma 0.03 of the range, 7.7)
-
 
 _LAPLACE_PAIR = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 

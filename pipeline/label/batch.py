@@ -163,7 +163,6 @@ def forward(lm: LoadedModel, items: Sequence[Item], inputs: np.ndarray | None = 
 
 REFRAME_CONTACTS = 3  # edges of the film reached, summed over the structures, that mark a film cut short
 
-
 REFRAME_ZOOM = 1.2  # how much further out such a film is labelled again
 
 

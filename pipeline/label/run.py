@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 _NO_PIXELS = np.zeros((0, 0), np.uint8)
 
-
 WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU
 
 

@@ -17,7 +17,6 @@ from pipeline.model.spec import ModelError, ModelSpec, build_network
 
 FORMAT = "cxrlabel-2"
 
-
 READABLE_FORMATS = ("cxrlabel-1", FORMAT)
 
 

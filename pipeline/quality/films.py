@@ -42,7 +42,6 @@ from pipeline.shifts import SHIFTS, apply
 
 STRENGTHS = (0.5, 1.0)  # of each shift (the inversion only at full strength)
 
-
 WIDEN = {0.5: 1.15, 1.0: 1.3}  # strength: heart widening factor of the "widened" variant (bench/ctr_bands.py)
 
 

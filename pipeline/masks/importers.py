@@ -1,0 +1,248 @@
+"""Annotated sets into the database: GeneralBlockchain's (its cardiomediastinum, lungs drawn on
+behind the heart) and folders of PNG masks, each source's definitions recorded."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from pipeline import CxrlabelError
+from pipeline import db as D
+from pipeline.masks.encoding import MASK_KEYS, mask_row
+from pipeline.masks.structures import (
+    CARDIOMEDIASTINUM,
+    STRUCTURES,
+    TRAINED,
+    MaskImportError,
+    record_source,
+    source_definitions,
+)
+
+log = logging.getLogger(__name__)
+
+
+GENERALBLOCKCHAIN_CLASSES = {
+    "Cardiomediastinum": CARDIOMEDIASTINUM,  # not the heart: kept under its own name
+    "Left Lung": "left_lung",  # the patient's left: image right on a PA film
+    "Right Lung": "right_lung",
+}
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+
+
+
+@dataclass
+class ImportSummary:
+    images: int = 0
+    masks: int = 0
+    skipped: int = 0
+
+
+def _foreground(path: Path) -> np.ndarray:
+    """Any non-black RGB pixel of an RGBA/RGB/grey mask file; anti-aliased: above half."""
+    from pipeline.imaging import open_regular
+    try:
+        with open_regular(path) as f:  # read through a checked descriptor: a FIFO never blocks
+            data = np.frombuffer(f.read(), np.uint8)
+    except CxrlabelError as e:
+        raise MaskImportError(str(e)) from None
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if arr is None:
+        raise MaskImportError(f"{path}: mask file missing or unreadable")
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2)
+    if arr.dtype != np.uint8:
+        arr = (arr.astype(np.float32) / np.iinfo(arr.dtype).max * 255).astype(np.uint8)
+    return arr
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    from pipeline.imaging import is_dicom, open_regular
+    with open_regular(path) as f:  # a FIFO or device among the images: refused, never waited on
+        if is_dicom(path):
+            import pydicom
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(f) as im:
+            return im.size[1], im.size[0]
+
+
+def _generalblockchain_rows(root: Path) -> Iterator[tuple[str, str, dict]]:
+    path = root / "structure.csv"
+    if not path.exists():
+        raise MaskImportError(f"{path} not found: DIR must be the GeneralBlockchain dataset folder "
+                              "(structure.csv, images/, masks/)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"Template Name", "Image", "Mask", "Resolution", "Top", "Left", "Filename"}
+        if not need <= set(reader.fieldnames or []):
+            raise MaskImportError(f"{path}: not a GeneralBlockchain structure.csv "
+                                  f"(needs columns {sorted(need)})")
+        for row in reader:
+            structure = GENERALBLOCKCHAIN_CLASSES.get(row["Template Name"])
+            if structure and row["Mask"]:
+                yield Path(row["Filename"]).stem, structure, row
+
+
+def _generalblockchain_metadata(root: Path) -> dict[str, dict]:
+    path = root / "metadata.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return {r["filename"]: r for r in csv.DictReader(f) if r.get("filename")}
+
+
+def _paste(row: dict, root: Path) -> np.ndarray:
+    w, h = (int(v) for v in row["Resolution"].lower().split("x"))
+    crop = _foreground(root / row["Mask"]) > 0
+    top, left = int(float(row["Top"])), int(float(row["Left"]))
+    canvas = np.zeros((h, w), bool)
+    ch, cw = min(crop.shape[0], h - top), min(crop.shape[1], w - left)
+    canvas[top:top + ch, left:left + cw] = crop[:ch, :cw]
+    return canvas
+
+
+def import_generalblockchain(engine: Engine, root: Path) -> ImportSummary:
+    """Catalogue the GeneralBlockchain images and store their heart/lung masks as manual."""
+    root = Path(root)
+    by_uid: dict[str, list[tuple[str, dict]]] = {}
+    for uid, structure, row in _generalblockchain_rows(root):
+        by_uid.setdefault(uid, []).append((structure, row))
+    meta = _generalblockchain_metadata(root)
+    summary = ImportSummary()
+    for uid in tqdm(sorted(by_uid), desc="masks generalblockchain", unit="img"):
+        entries = by_uid[uid]
+        first = entries[0][1]
+        # images/ holds the original file names; the hashed `Image` names only key the masks
+        image_path = (root / "images" / first["Filename"]).resolve()
+        if not image_path.exists():
+            image_path = (root / first["Image"]).resolve()
+        m = meta.get(first["Filename"], {})
+        image = {
+            "uid": uid, "source": "generalblockchain", "path": str(image_path),
+            "patient_id": m.get("patientid") or None, "age": _int_or_none(m.get("age")),
+            "sex": (m.get("sex") or None), "view": m.get("view") or None,
+            "text": m.get("finding") or None, "license": m.get("license") or None,
+        }
+        union: dict[str, np.ndarray] = {}
+        for structure, row in entries:  # a structure drawn in several pieces: their union
+            mask = _paste(row, root)
+            union[structure] = mask | union[structure] if structure in union else mask
+            image["height"], image["width"] = mask.shape
+        rows = [mask_row(uid, s, m) for s, m in sorted(union.items())]
+        _store(engine, [image], rows)
+        summary.images += 1
+        summary.masks += len(rows)
+    with engine.begin() as conn:
+        record_source(conn, "generalblockchain", source_definitions(
+            sorted(set(GENERALBLOCKCHAIN_CLASSES.values())), "behind-heart"))
+    return summary
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _store(engine: Engine, images: list[dict], rows: list[dict],
+           update: Sequence[str] | None = None) -> None:
+    """Images and their masks in one transaction. ``update``: the image columns an existing
+    catalogue row takes from this import (the rest, e.g. a clinic's report text, is kept)."""
+    now = D.utcnow()
+    with engine.begin() as conn:
+        D.upsert(conn, D.images, [{**i, "loaded_at": now} for i in images], ["uid"], update)
+        D.upsert(conn, D.masks, rows, MASK_KEYS)
+
+
+def parse_mask_dirs(pairs: Sequence[str]) -> dict[str, str] | None:
+    """``["heart=mask/heart", ...]`` -> ``{"heart": "mask/heart"}``; None for no pairs."""
+    mapping = {}
+    for pair in pairs:
+        structure, sep, folder = pair.partition("=")
+        if not sep or not folder:
+            raise MaskImportError(f"--mask {pair!r}: expected STRUCTURE=FOLDER, e.g. --mask heart=masks/heart")
+        mapping[structure] = folder
+    return mapping or None
+
+
+def import_png_dirs(engine: Engine, root: Path, images: str = "images",
+                    masks: dict[str, str] | None = None, source: str = "annotated",
+                    lungs: str = "scr") -> ImportSummary:
+    """One folder of images and one folder per structure of same-named masks.
+
+    ``masks`` maps structure (:data:`TRAINED`: a heart-only outline is ``heart``, a
+    heart-and-mediastinum one ``cardiomediastinum``) -> folder relative to ``root``; default
+    ``{s: f"masks/{s}" for s in STRUCTURES}``. A mask is foreground above half its range.
+    ``lungs``: how the source draws the lungs (:data:`LUNG_CONVENTIONS`). The source's
+    definitions are recorded in ``mask_sources``.
+    """
+    root = Path(root)
+    masks = masks or {s: f"masks/{s}" for s in STRUCTURES}
+    unknown = set(masks) - set(TRAINED)
+    if unknown:
+        raise MaskImportError(f"unknown structure(s) {sorted(unknown)}: use {', '.join(TRAINED)} (a heart drawn "
+                              f"with the upper mediastinum is {CARDIOMEDIASTINUM})")
+    definitions = source_definitions(sorted(masks), lungs)
+    image_dir = root / images
+    if not image_dir.is_dir():
+        raise MaskImportError(f"{image_dir}: image folder not found (set it with --images)")
+    for structure, sub in masks.items():
+        if not (root / sub).is_dir():
+            raise MaskImportError(f"{root / sub}: mask folder for {structure} not found "
+                                  f"(set it with --mask {structure}=FOLDER)")
+    files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MaskImportError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    summary = ImportSummary()
+    for path in tqdm(files, desc=f"masks {root.name}", unit="img"):
+        uid = path.stem
+        try:
+            h, w = _image_size(path)
+        except (CxrlabelError, OSError, ValueError, AttributeError) as e:  # one bad image never stops the import
+            log.warning("%s: image left out: %s", uid, e)
+            summary.skipped += 1
+            continue
+        rows = []
+        for structure, sub in masks.items():
+            found = _same_stem(root / sub, uid)
+            if found is None:
+                continue
+            try:
+                mask = _foreground(found) > 127
+            except MaskImportError as e:
+                log.warning("%s: %s; skipped", uid, e)
+                summary.skipped += 1
+                continue
+            if mask.shape != (h, w):
+                log.warning("%s: mask %s is %s, image is %s; skipped", uid, found, mask.shape, (h, w))
+                summary.skipped += 1
+                continue
+            rows.append(mask_row(uid, structure, mask))
+        image = {"uid": uid, "source": source, "path": str(path.resolve()), "height": h, "width": w}
+        _store(engine, [image], rows, update=("path", "height", "width"))
+        summary.images += 1
+        summary.masks += len(rows)
+    with engine.begin() as conn:
+        record_source(conn, source, definitions)
+    return summary
+
+
+def _same_stem(folder: Path, stem: str) -> Path | None:
+    for suffix in (".png", ".PNG", ".bmp", ".tif", ".gif", ".jpg"):
+        p = folder / f"{stem}{suffix}"
+        if p.exists():
+            return p
+    return None
