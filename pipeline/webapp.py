@@ -148,15 +148,20 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     ``bind``: the address it serves, whose names (and ``allow_hosts``) a request's ``Host``
     must use."""
     base = base or R.Filters()
-    hosts, any_address = allowed_hosts(bind, allow_hosts)
     web = resource("web", "review.html").parent
     app = Flask("cxrlabel.review", template_folder=str(web), static_folder=str(web / "static"),
                 static_url_path="/static")
     app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=8 * 1024 * 1024)
+    _guard(app, *allowed_hosts(bind, allow_hosts), token)
+    _errors(app)
+    _pages(app, engine, model, base, reviewer)
+    _api(app, engine, model, reviewer)
+    return app
 
-    def filters() -> R.Filters:
-        f = _filters(request.args)
-        return R.Filters(**{**asdict(f), "group": base.group or f.group, "sample": base.sample or f.sample})
+
+def _guard(app: Flask, hosts: frozenset[str], any_address: bool, token: str | None) -> None:
+    """Every request: no NUL, a ``Host`` the app answers to, the token; every response: the
+    token's cookie and headers that keep the pages out of frames and sniffing."""
 
     @app.before_request
     def _guard():
@@ -182,6 +187,10 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
         resp.headers["Referrer-Policy"] = "no-referrer"
         return resp
 
+
+def _errors(app: Flask) -> None:
+    """Errors as JSON for the API (plain text for pages), with the review's own status codes."""
+
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
         if request.path.startswith("/api/"):
@@ -199,6 +208,14 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
     @app.errorhandler(R.ReviewError)
     def _bad(e):
         return jsonify(error=str(e)), 400
+
+
+def _pages(app: Flask, engine: Engine, model: str, base: R.Filters, reviewer: str) -> None:
+    """The worklist and one image's review page; a page's filters narrow ``base``, never widen it."""
+
+    def filters() -> R.Filters:
+        f = _filters(request.args)
+        return R.Filters(**{**asdict(f), "group": base.group or f.group, "sample": base.sample or f.sample})
 
     @app.get("/favicon.ico")
     def favicon():
@@ -222,6 +239,11 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
         prev, nxt = R.neighbours(engine, model, uid, f)
         return render_template("review.html", view=view, prev=prev, next=nxt, query=_query(f), model=model,
                                reviewer=reviewer)
+
+
+def _api(app: Flask, engine: Engine, model: str, reviewer: str) -> None:
+    """One image's labels and pixels as the page reads them, and saving a review (from the app's
+    own pages only, JSON of bounded depth, against the version the page loaded)."""
 
     @app.get("/api/image/<path:uid>")
     def image_json(uid: str):
@@ -260,8 +282,6 @@ def create_app(engine: Engine, model: str = "default", base: R.Filters | None = 
         return jsonify(R.save(engine, uid, model, str(body.get("reviewer") or reviewer), seen,
                               str(body.get("decision", "")), str(body.get("structure") or ""),
                               body.get("polygons"), body.get("note")))
-
-    return app
 
 
 _TOKEN_IN_URL = re.compile(r"(token=)[^&\s]*", re.IGNORECASE)
