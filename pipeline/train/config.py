@@ -38,16 +38,17 @@ class TrainConfig:
     preset: str
     network: str
     args: dict
-    size: int = 256
-    mode: str = "pad"
-    roi: int | None = None
+    # what the model is, as inference reads it: ModelSpec's defaults (written there, once)
+    size: int = ModelSpec.size
+    mode: str = ModelSpec.mode
+    roi: int | None = ModelSpec.roi
     epochs: int = 60
     batch: int = 8
     lr: float = 3e-3
     loss: str = "dicece"
     width_loss: float = 0.0  # weight of the column-occupancy term (train.losses.width_loss); 0 = off
     ema: float = 0.0  # weight-average decay per optimiser step; 0 = off
-    norm: str = "zscore"  # model input: see imaging.model_input
+    norm: str = ModelSpec.norm  # model input: see imaging.model_input
     seed: int = 0
     val_frac: float = 0.2
     folds: int = 1  # >1: K-fold cross-validation
