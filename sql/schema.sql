@@ -1,4 +1,4 @@
--- cxrlabel schema, version 8. Generated from pipeline/db.py by
+-- cxrlabel schema, version 8. Generated from pipeline/db/schema.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (

@@ -21,7 +21,8 @@ RUNTIME_FILES = ["pipeline/sql/views.sql", "pipeline/sql/schema.sql", "pipeline/
                  "pipeline/models/default/MODEL_CARD.md", "pipeline/models/default/model.quality.json",
                  "pipeline/models/default/model.quality-tta.json",
                  "pipeline/rules/default.toml",
-                 "pipeline/cli/__init__.py", "pipeline/train/loop.py", "pipeline/model.py"]
+                 "pipeline/cli/__init__.py", "pipeline/train/loop.py", "pipeline/model/spec.py",
+                 "pipeline/db/schema.py", "pipeline/label/run.py", "pipeline/imaging/fixups.py"]
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def schema_ddl(dialect_engine: Engine | None = None) -> str:
     """DDL of the metadata for a dialect (SQLite by default): what ``sql/schema.sql`` holds."""
     engine = dialect_engine or create_engine("sqlite://")
     parts = [
-        f"-- cxrlabel schema, version {SCHEMA_VERSION}. Generated from pipeline/db.py by\n"
+        f"-- cxrlabel schema, version {SCHEMA_VERSION}. Generated from pipeline/db/schema.py by\n"
         "-- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.",
     ]
     for table in metadata.sorted_tables:
