@@ -3,8 +3,9 @@
 * :mod:`~pipeline.db.schema`: the tables (the source of truth; ``sql/schema.sql`` is their
   SQLite rendering, kept in the repository for readers and checked against them by
   ``tests/test_db.py``) and :data:`SCHEMA_VERSION`;
-* :mod:`~pipeline.db.engine`: URLs, engines, :func:`connect` (the entry point of every stage)
-  and :func:`connect_read_only`;
+* :mod:`~pipeline.db.engine`: URLs and engines (SQLite's settings, PostgreSQL's timeouts);
+* :mod:`~pipeline.db.opening`: :func:`connect` (the entry point of every stage: the schema
+  created or upgraded) and :func:`connect_read_only`;
 * :mod:`~pipeline.db.migrations`: creating or upgrading a database's schema, its views;
 * :mod:`~pipeline.db.rows`: the portable upsert, looking rows up by a list of keys
   (:func:`rows_in`, :func:`chunks`), failures written and cleared.
@@ -20,8 +21,6 @@ from pipeline.db.engine import (  # noqa: F401
     _sqlite_begin,
     _sqlite_connect,
     _sqlite_connect_read_only,
-    connect,
-    connect_read_only,
     display_url,
     first_line,
     is_read_only_error,
@@ -43,6 +42,7 @@ from pipeline.db.migrations import (  # noqa: F401
     view_statements,
     views_sha256,
 )
+from pipeline.db.opening import connect, connect_read_only  # noqa: F401
 from pipeline.db.rows import (  # noqa: F401
     IN_CHUNK,
     T,

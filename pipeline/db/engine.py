@@ -1,5 +1,5 @@
 """Engines from a URL (``--db``, ``CXRLABEL_DB``): SQLite's connection settings, PostgreSQL's
-timeouts, a read-only engine for ``query``; :func:`connect`, the entry point of every stage."""
+timeouts, a read-only engine for ``query``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import CxrlabelError
-from pipeline.db.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -129,33 +128,3 @@ def is_read_only_error(e: BaseException) -> bool:
     """Whether a database error says the database cannot be written (SQLite, PostgreSQL)."""
     text_ = str(e).lower()
     return "readonly" in text_ or "read-only" in text_ or "read only" in text_
-
-
-def connect(url: str | None = None) -> Engine:
-    """Engine with the schema created or upgraded: the entry point of every stage."""
-    from pipeline.db.migrations import init_db  # it needs this module's errors: imported when called
-    engine = make_engine(url)
-    init_db(engine)
-    return engine
-
-
-def connect_read_only(url: str | None = None) -> Engine:
-    """Engine of a database as it is, for reading only (``query``): never created, upgraded
-    nor otherwise written. An older schema is read as it is; a newer one, or none, refused."""
-    from pipeline.db.migrations import _check_not_newer, stored_state
-    engine = make_engine(url, read_only=True)
-    try:
-        with engine.connect() as conn:
-            found, _ = stored_state(conn)
-    except BaseException:
-        engine.dispose()
-        raise
-    if not found:
-        engine.dispose()
-        raise DatabaseError(f"{display_url(url)} holds no cxrlabel catalogue yet: `cxrlabel catalogue load` "
-                            "creates one (or check --db / CXRLABEL_DB)")
-    if found < SCHEMA_VERSION:
-        log.warning("the database's schema is version %d, older than this cxrlabel's %d: read as it is "
-                    "(`cxrlabel db init` upgrades it)", found, SCHEMA_VERSION)
-    _check_not_newer(found)
-    return engine
