@@ -154,10 +154,10 @@ class BatchLabeller:
 
 
 class LabelRun:
-    r"""One labelling run, opened the same way whichever executor labels it: the model (its
+    """One labelling run, opened the same way whichever executor labels it: the model (its
     name, file and hash), the selection's images it has not labelled yet (sorted by uid),
-    and, once an executor :meth:`start`\ s it, its ``label_runs`` row; :meth:`settle` records
-    how it ended."""
+    and, once an executor starts it (:meth:`start`), its ``label_runs`` row; :meth:`settle`
+    records how it ended."""
 
     def __init__(self, engine: Engine, selection: Selection, options: LabelOptions, model_device: str) -> None:
         self.engine, self.selection, self.options = engine, selection, options
