@@ -161,16 +161,8 @@ class Ray:
             use_gpu = gpus > 0 and options.device in ("auto", "cuda")
             n = self.actors or (gpus if use_gpu else
                                 max(1, int(ray.cluster_resources().get("CPU", 1)) // self.cpus_per_actor))
-            work = run.start(f"ray:{n}x{'cuda' if use_gpu else 'cpu'}")
-            status = "failed"
-            try:
+            with run.started(f"ray:{n}x{'cuda' if use_gpu else 'cpu'}") as work:
                 self._run(ray, url, run, work.run_id, "cuda" if use_gpu else "cpu", n, use_gpu)
-                status = "done"
-            except KeyboardInterrupt:
-                status = "interrupted"
-                raise
-            finally:
-                run.settle(status)
         finally:
             if started:
                 ray.shutdown()

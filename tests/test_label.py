@@ -167,10 +167,9 @@ def test_any_executor_of_a_run_runs_the_same_batch_work(annotated_db, tiny_model
             return options.device
 
         def execute(self, run: LabelRun) -> None:
-            work = run.start("whole batches")
-            for i in range(0, len(run.todo), 3):
-                run.count(work(run.todo[i:i + 3]))
-            run.settle("done")
+            with run.started("whole batches") as work:
+                for i in range(0, len(run.todo), 3):
+                    run.count(work(run.todo[i:i + 3]))
 
     stored = []
     for name, executor in (("local", None), ("whole", WholeBatches())):

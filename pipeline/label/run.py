@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -183,6 +184,21 @@ class LabelRun:
             self.run_id = cast(int, cast(Any, inserted.inserted_primary_key)[0])
         return BatchLabeller(self.engine, self.lm, self.options, self.run_id)
 
+    @contextlib.contextmanager
+    def started(self, device: str) -> Iterator[BatchLabeller]:
+        """:meth:`start` the run, and :meth:`settle` it however the block ends: ``done``,
+        ``interrupted`` (Ctrl-C, re-raised) or ``failed`` (any other error, re-raised)."""
+        work = self.start(device)
+        status = "failed"
+        try:
+            yield work
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            self.settle(status)
+
     def count(self, batch: BatchDone) -> None:
         self.failed += batch.failed
 
@@ -217,7 +233,7 @@ class LabelExecutor(Protocol):
         """Where the run's own copy of the model loads (the one that names and hashes it)."""
 
     def execute(self, run: LabelRun) -> None:
-        """Start ``run``, label its images, and settle it however it ends."""
+        """Start ``run``, label its images, and settle it however it ends (:meth:`LabelRun.started`)."""
 
 
 def label(engine: Engine, selection: Selection, options: LabelOptions | None = None,
@@ -253,11 +269,9 @@ class Local:
 
     def execute(self, run: LabelRun) -> None:
         lm, options = run.lm, run.options
-        work = run.start(str(lm.device))
-        bs = options.batch_size or auto_batch_size(lm)
-        processes = options.workers or os.cpu_count() or 2  # a GPU box needs many CPU hands to feed the GPU
-        status = "failed"
-        try:
+        with run.started(str(lm.device)) as work:
+            bs = options.batch_size or auto_batch_size(lm)
+            processes = options.workers or os.cpu_count() or 2  # a GPU box needs many CPU hands to feed the GPU
             bar = tqdm(total=len(run.todo), desc=f"label {lm.name}", unit="img", disable=not options.progress)
 
             def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
@@ -287,12 +301,6 @@ class Local:
                 while written:
                     written.popleft().result()
             bar.close()
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            run.settle(status)
 
 
 def mark_abandoned_runs(engine: Engine) -> list[int]:
