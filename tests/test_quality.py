@@ -221,6 +221,37 @@ def test_the_score_knows_how_much_of_the_film_a_collimator_rim_covers():
     assert all(f["rim"] == 0.25 for f in features.values())
 
 
+def test_heart_border_reads_whether_the_film_shows_the_hearts_width_setting_borders():
+    import cv2
+
+    from pipeline.quality import heart_border
+    from tests.conftest import WINGSPAN
+
+    def read(path, mask=False):
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        return cv2.resize(img, (256, 256), interpolation=cv2.INTER_NEAREST if mask else cv2.INTER_AREA)
+
+    uid = sorted(p.stem for p in (WINGSPAN / "png").glob("*.png"))[0]
+    film = read(WINGSPAN / "png" / f"{uid}.png")
+    heart, left, right = (read(WINGSPAN / "mask" / s / f"{uid}.png", True) >= 128
+                          for s in ("heart", "left_lung", "right_lung"))
+    plain = heart_border(film, heart, left | right)
+    assert 0.0 < plain <= 2.0
+    # the film runs on in the heart's grey past the border the mask stops at: no step there
+    cols = np.flatnonzero(heart.any(axis=0))
+    rows = np.flatnonzero(heart[:, cols[-1]])
+    hidden = film.copy()
+    hidden[rows[0] - 3:rows[-1] + 4, cols[-1] + 1:cols[-1] + 12] = int(film[heart].mean())
+    assert heart_border(hidden, heart, left | right) < min(0.05, plain / 2)
+    # nothing to read without a heart or lungs
+    assert heart_border(film, np.zeros_like(heart), left | right) == 0.0
+    assert heart_border(film, heart, np.zeros_like(heart)) == 0.0
+    # postprocess stores it among every structure's features
+    probs = np.stack([heart, left, right]).astype(np.float32) * 0.98
+    out = postprocess(Item(uid, film, Geometry.fit(256, 256, 256, "pad")), probs, list(STRUCTURES))
+    assert all(f["heart_border"] == pytest.approx(plain) for f in out.features.values())
+
+
 def _drawn(engine, n: int) -> list[dict[str, np.ndarray]]:
     """The manual masks of ``n`` annotated images whose every structure is drawn."""
     from pipeline.masks import load_masks

@@ -116,10 +116,13 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     values["mm_calibration"] = item.calibration
     fit = atlas.fit(whole_masks) if atlas is not None else None
+    lungs = [whole_masks[s] for s in ("left_lung", "right_lung") if s in whole_masks]
+    border = Q.heart_border(item.image, whole_masks.get("heart"), np.logical_or.reduce(lungs) if lungs else None) \
+        if item.image.shape == (size, size) else 0.0
     features, scored = Q.score_image(
         scorer, features, agreement, kept, columns, values["ctr"],
         item.rim if item.rim is not None else Q.rim_share(item.image),
-        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None, fit)
+        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None, fit, border)
     look = None
     if scorer is not None and scorer.appearance is not None:
         thumb = item.thumb if item.thumb is not None else (
@@ -128,6 +131,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     scored["input_check"] = item.header or check_input(whole_masks, item.geom.film_box(), fit, look)
     if scored["input_check"] != INPUT_OK:  # not a film the model can read: first in the review worklist
         scored["quality"] = 0.0
+        scored["trust"] = 0.0 if scored["trust"] is not None else None
     return Result(item.uid, encoded, {**values, **scored}, features=features)
 
 

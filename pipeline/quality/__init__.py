@@ -26,6 +26,7 @@ from pipeline.quality.features import (
     Atlas,
     atlas_frame,
     design,
+    heart_border,
     image_features,
     lungs_swapped,
     rim_share,
@@ -53,6 +54,6 @@ from pipeline.quality.score import (
 
 __all__ = ["CONTEXT", "FEATURES", "FORMAT", "IMAGE_FEATURES", "SCORE_RECIPE", "SHAPE", "STRUCTURE_FEATURES",
            "TTA_SHIFT", "Atlas", "QualityModel", "Scores", "atlas_frame", "checked", "design", "from_sidecar",
-           "heuristic", "image_features", "lungs_swapped", "plausibility", "recipe_differences", "recipe_of",
-           "rim_share", "score_image", "scores_for", "sidecar", "store", "stored", "structure_features",
+           "heart_border", "heuristic", "image_features", "lungs_swapped", "plausibility", "recipe_differences",
+           "recipe_of", "rim_share", "score_image", "scores_for", "sidecar", "store", "stored", "structure_features",
            "tta_agreement", "tta_copies"]

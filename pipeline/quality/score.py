@@ -32,6 +32,7 @@ from pipeline import db as D
 from pipeline.masks import STRUCTURES
 from pipeline.quality.features import FEATURES, SHAPE, Atlas, design, image_features, lungs_swapped
 from pipeline.quality.inputs import Appearance
+from pipeline.quality.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class QualityModel:
     info: dict
     atlas: Atlas | None = None  # where ``features`` has SHAPE: what post-processing fits masks to
     appearance: Appearance | None = None  # the annotated films' look: what the input check compares a film with
+    trust: Trust | None = None  # the worklist's order (pipeline.quality.trust); None: by quality alone
 
     def estimate(self, features: dict[str, dict[str, float]]) -> dict[str, float]:
         """``{structure: {feature: value}}`` of one image -> estimated Dice per structure in
@@ -67,7 +69,8 @@ class QualityModel:
     @classmethod
     def fit(cls, rows: list[dict], dice: list[float], structures: list[str],
             alpha: float = 1.0, info: dict | None = None, names: tuple[str, ...] = FEATURES,
-            atlas: Atlas | None = None, appearance: Appearance | None = None) -> QualityModel:
+            atlas: Atlas | None = None, appearance: Appearance | None = None, trust: Trust | None = None,
+            ) -> QualityModel:
         """Fit on ``rows`` (each: the features ``names`` of one structure of one image, plus
         ``"structure"`` and ``"image"``, any key the image's rows share) and their true Dice.
         With :data:`SHAPE` among ``names``, ``atlas`` is the one labelling will fit masks to
@@ -94,7 +97,7 @@ class QualityModel:
             k, v = _isotonic(-(y.mean() + z @ b), d)
             knots[s], values[s] = (-k[::-1]).tolist(), v[::-1].tolist()
         return cls(tuple(names), mean, scale, coef, intercept, knots, values, info or {},
-                   atlas if SHAPE in names else None, appearance)
+                   atlas if SHAPE in names else None, appearance, trust)
 
     def to_json(self) -> dict:
         if SHAPE in self.features and self.atlas is None:
@@ -102,7 +105,8 @@ class QualityModel:
         return {"format": FORMAT, "features": list(self.features), "mean": self.mean, "scale": self.scale,
                 "coef": self.coef, "intercept": self.intercept, "knots": self.knots, "values": self.values,
                 "info": self.info, **({"atlas": self.atlas.to_json()} if self.atlas else {}),
-                **({"appearance": self.appearance.to_json()} if self.appearance else {})}
+                **({"appearance": self.appearance.to_json()} if self.appearance else {}),
+                **({"trust": self.trust.to_json()} if self.trust else {})}
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json()))
@@ -118,7 +122,8 @@ class QualityModel:
                     SHAPE in d["features"]) == ("atlas" in d):
                 return cls(tuple(d["features"]), d["mean"], d["scale"], d["coef"], d["intercept"], d["knots"],
                            d["values"], d.get("info", {}), Atlas.from_json(d["atlas"]) if "atlas" in d else None,
-                           Appearance.from_json(d["appearance"]) if "appearance" in d else None)
+                           Appearance.from_json(d["appearance"]) if "appearance" in d else None,
+                           Trust.from_json(d["trust"]) if "trust" in d else None)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             why += f", or a damaged one ({type(e).__name__}: {e})"
         raise ValueError(why)
@@ -290,20 +295,25 @@ def scores_for(engine: Engine | None, checkpoint: Path, sha256: str, structures:
 def score_image(scorer: QualityModel | None, features: dict[str, dict[str, float]],
                 agreement: dict[str, float], kept: dict[str, float], columns: dict[str, float | None],
                 ctr: float | None, rim: float, tta: dict[str, float] | None = None,
-                atlas_fit: dict[str, float] | None = None) -> tuple[dict[str, dict[str, float]], dict]:
+                atlas_fit: dict[str, float] | None = None, border: float = 0.0,
+                ) -> tuple[dict[str, dict[str, float]], dict]:
     """One image's quality: its structures' ``features`` completed with the image's own
-    (:func:`image_features`, and test-time augmentation's agreement and the atlas's fit where
-    measured), and the measurements ``quality_<structure>`` (estimated Dice) and ``quality``
-    (their mean), or without a scorer the :func:`heuristic` and no estimates."""
-    whole = image_features(ctr, columns, rim)
+    (:func:`image_features`, ``border`` its :func:`pipeline.quality.features.heart_border`;
+    and test-time augmentation's agreement and the atlas's fit where measured), and the
+    measurements ``quality_<structure>`` (estimated Dice) and ``quality`` (their mean), or
+    without a scorer the :func:`heuristic` and no estimates; and ``trust``, the worklist's
+    order, where the scorer carries a :class:`pipeline.quality.trust.Trust`."""
+    whole = image_features(ctr, columns, rim, border)
     features = {s: {**f, **whole} for s, f in features.items()}
     for extra, name in ((tta, "tta"), (atlas_fit, SHAPE)):
         for s, v in (extra or {}).items():
             features[s][name] = v
     estimates = scorer.estimate(features) if scorer is not None else {}
     values = {f"quality_{s}": estimates.get(s) for s in STRUCTURES}
-    values["quality"] = (float(np.mean(list(estimates.values()))) if estimates
-                         else heuristic(agreement, kept, columns, ctr))
+    quality = float(np.mean(list(estimates.values()))) if estimates else heuristic(agreement, kept, columns, ctr)
+    values["quality"] = quality
+    values["trust"] = (scorer.trust(quality, border) if scorer is not None and scorer.trust is not None
+                       and estimates else None)
     return features, values
 
 
