@@ -3,8 +3,9 @@
 What ``cxrlabel review`` (the web app, :mod:`pipeline.webapp`) reads and writes, kept free of
 the web layer so that it is tested and used directly:
 
-* :func:`worklist`: a model's labelled images, worst estimated quality first, with filters
-  (group, sample, view, CTR range, quality range, reviewed or not) and counts;
+* :func:`worklist`: a model's labelled images, least trusted first (the score's trust, else
+  its quality), with filters (group, sample, view, CTR range, quality range, reviewed or not)
+  and counts;
 * :func:`image_view`: one image's contours (as polygons in original pixels), measurements,
   quality and review history;
 * :func:`save`: a decision (accepted, rejected) on the whole image or one structure, or a
@@ -30,7 +31,7 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -89,7 +90,7 @@ def _selection(model: str, f: Filters):
     state = _latest_decision(m.c.model, m.c.uid).label("review")
     view = func.coalesce(func.upper(i.c.view), "UNKNOWN").label("view")
     q = (select(m.c.uid, g.c.group_name, view, m.c.ctr, m.c.quality, m.c.quality_heart, m.c.quality_left_lung,
-                m.c.quality_right_lung, m.c.reviewed_ctr, state)
+                m.c.quality_right_lung, m.c.trust, m.c.reviewed_ctr, state)
          .join(i, i.c.uid == m.c.uid).join(g, g.c.uid == m.c.uid, isouter=True).where(m.c.model == model))
     if f.group:
         q = q.where(g.c.group_name == f.group)
@@ -108,15 +109,22 @@ def _selection(model: str, f: Filters):
     return q
 
 
-def _order() -> tuple:
-    """The worklist's order: worst estimated quality first, images without a score last."""
+def _rank():
+    """The worklist's key, low first: a film's trust (0-1, :mod:`pipeline.quality.trust`)
+    where its model's score gives one, then 1 + its quality (films labelled by a score
+    without trust, or by the heuristic), NULL without a score."""
     m = D.measurements
-    return m.c.quality.is_(None), m.c.quality, m.c.uid
+    return case((m.c.trust.isnot(None), m.c.trust), else_=1.0 + m.c.quality)
+
+
+def _order() -> tuple:
+    """The worklist's order: least trusted first, images without a score last."""
+    return _rank().is_(None), _rank(), D.measurements.c.uid
 
 
 def worklist(engine: Engine, model: str, filters: Filters = Filters(), limit: int = 200,
              offset: int = 0) -> tuple[list[dict], dict[str, int]]:
-    """``(rows, counts)``: the filtered images, worst quality first (no score last), and how
+    """``(rows, counts)``: the filtered images, least trusted first (no score last), and how
     many there are, reviewed, accepted, rejected and corrected."""
     q = _selection(model, filters)
     with engine.connect() as conn:
@@ -136,16 +144,16 @@ def neighbours(engine: Engine, model: str, uid: str, filters: Filters = Filters(
     m = D.measurements
     key = _order()
     with engine.connect() as conn:
-        here = conn.execute(select(m.c.quality).where(m.c.uid == uid, m.c.model == model)).first()
+        here = conn.execute(select(_rank().label("rank")).where(m.c.uid == uid, m.c.model == model)).first()
         if here is None:
             return None, None
-        q = here.quality
+        q, k = here.rank, _rank()
         if q is None:
-            after = and_(m.c.quality.is_(None), m.c.uid > uid)
-            before = or_(m.c.quality.isnot(None), m.c.uid < uid)
+            after = and_(k.is_(None), m.c.uid > uid)
+            before = or_(k.isnot(None), m.c.uid < uid)
         else:
-            after = or_(m.c.quality > q, and_(m.c.quality == q, m.c.uid > uid), m.c.quality.is_(None))
-            before = and_(m.c.quality.isnot(None), or_(m.c.quality < q, and_(m.c.quality == q, m.c.uid < uid)))
+            after = or_(k > q, and_(k == q, m.c.uid > uid), k.is_(None))
+            before = and_(k.isnot(None), or_(k < q, and_(k == q, m.c.uid < uid)))
         base = _selection(model, filters)
         nxt = conn.execute(base.where(after).order_by(*key).limit(1)).first()
         prev = conn.execute(base.where(before).order_by(*(k.desc() for k in key)).limit(1)).first()

@@ -1,4 +1,4 @@
--- cxrlabel schema, version 8. Generated from pipeline/db/schema.py by
+-- cxrlabel schema, version 9. Generated from pipeline/db/schema.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
 
 CREATE TABLE failures (
@@ -187,6 +187,7 @@ CREATE TABLE measurements (
 	quality_heart FLOAT, 
 	quality_left_lung FLOAT, 
 	quality_right_lung FLOAT, 
+	trust FLOAT, 
 	labelled_at DATETIME NOT NULL, 
 	input_check VARCHAR(120), 
 	mm_calibration VARCHAR(160), 
@@ -199,6 +200,8 @@ CREATE TABLE measurements (
 );
 
 CREATE INDEX ix_measurements_model_quality ON measurements (model, quality);
+
+CREATE INDEX ix_measurements_model_trust ON measurements (model, trust);
 
 CREATE TABLE reviews (
 	id INTEGER NOT NULL, 

@@ -11,9 +11,11 @@ LEFT JOIN groups g ON g.uid = i.uid;
 
 -- One row per labelled image and model: the measurements users analyse. `quality` is the
 -- estimated mean Dice of the image's masks (quality_<structure>: per structure, where the model
--- has a fitted score). `view` as catalogued (PA, AP, LL...; 'unknown' when not recorded);
--- `ctr_note` says when the usual CTR > 0.5 rule does not read as on a PA film. `report_ctr`:
--- the CTR the report itself states (КТИ 0,58), where it states one. `review`: the latest
+-- has a fitted score); `trust`: the review worklist's order, 0 first (the quality together with
+-- how plainly the film shows the heart's width-setting borders, against the films the score was
+-- fitted on; NULL where the score carries none). `view` as catalogued (PA, AP, LL...;
+-- 'unknown' when not recorded); `ctr_note` says when the usual CTR > 0.5 rule does not read as
+-- on a PA film. `report_ctr`: the CTR the report itself states (КТИ 0,58), where it states one. `review`: the latest
 -- decision a person took on the image's masks (accepted, rejected, corrected; NULL: not
 -- reviewed); `reviewed_ctr`: the CTR from the masks as reviewed (NULL unless accepted or corrected).
 -- `input_check`: 'ok', or why the film does not read as a frontal chest radiograph the model
@@ -33,7 +35,7 @@ CREATE VIEW label_results AS
 SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
        m.heart_area_px, m.heart_area_mm2, m.heart_width_px, m.thoracic_width_px,
        m.heart_width_mm, m.thoracic_width_mm, m.quality,
-       m.quality_heart, m.quality_left_lung, m.quality_right_lung, m.labelled_at,
+       m.quality_heart, m.quality_left_lung, m.quality_right_lung, m.trust, m.labelled_at,
        i.patient_id, i.age, i.sex, COALESCE(UPPER(i.view), 'unknown') AS view,
        CASE WHEN UPPER(i.view) = 'AP' THEN 'AP film: the heart is magnified, CTR reads high (0.5 rule is for PA)'
             WHEN UPPER(i.view) IN ('LL', 'RL', 'LAT', 'LATERAL') THEN 'lateral film: no frontal CTR'

@@ -36,6 +36,9 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
     j = result.judged
     assert j.films == len(annotated - trained) and -1 <= j.spearman <= 1 and 0 <= j.mae < 0.5
     assert 0 <= j.auroc <= 1 and j.ctr_films > 10  # the Wingspan films carry a true CTR
+    # the worklist's trust is fitted beside the score and judged held out the same way
+    assert result.score.trust is not None and result.score.trust.films == j.films
+    assert 0 <= j.trust_auroc <= 1 and info["held_out"]["auroc_worst_tenth_ctr_by_trust"] is not None
     assert sum(n for _, _, n in j.calibration) == j.films and len(j.calibration) == 10
     assert (tmp_path / "cal.png").stat().st_size > 1000
     # kept in the database for this very checkpoint; labelling finds it before any file
@@ -49,8 +52,10 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
         sel = select_images(conn, None, None, True, 3)
     label(annotated_engine, sel, LabelOptions(model=str(tiny_model), device="cpu", cache_dir=cache, progress=False))
     with annotated_engine.connect() as conn:
-        q = conn.execute(select(D.measurements.c.quality, D.measurements.c.quality_heart)).all()
+        q = conn.execute(select(D.measurements.c.quality, D.measurements.c.quality_heart,
+                                D.measurements.c.trust)).all()
     assert len(q) == 3 and all(r.quality_heart is not None and 0 <= r.quality <= 1 for r in q)
+    assert all(0 <= r.trust <= 1 for r in q)
     # `quality show` says which score and where from
     out = CliRunner().invoke(cli, ["--db", str(annotated_engine.url), "quality", "show", "--model",
                                    str(tiny_model), "--json"])

@@ -46,6 +46,19 @@ def test_worklist_puts_the_worst_first_and_filters(labelled):
     assert R.neighbours(engine, "m", uids[0]) == (None, uids[1])
 
 
+def test_worklist_puts_the_least_trusted_first_and_films_without_trust_after(labelled):
+    engine, uids = labelled
+    with engine.begin() as c:  # trust reverses the quality order for three films; the fourth has none
+        for uid, trust in zip(uids[:3], (0.8, 0.5, 0.2), strict=True):
+            c.execute(D.measurements.update().where(D.measurements.c.uid == uid).values(trust=trust))
+    rows, _ = R.worklist(engine, "m")
+    assert [r["uid"] for r in rows] == [uids[2], uids[1], uids[0], uids[3]]
+    assert [r["trust"] for r in rows] == [0.2, 0.5, 0.8, None]
+    assert R.neighbours(engine, "m", uids[1]) == (uids[2], uids[0])
+    assert R.neighbours(engine, "m", uids[0]) == (uids[1], uids[3])
+    assert R.neighbours(engine, "m", uids[3]) == (uids[0], None)
+
+
 def test_accept_correct_and_reject_are_stored_apart_from_the_model(labelled):
     engine, uids = labelled
     view = R.image_view(engine, uids[0], "m")

@@ -332,6 +332,8 @@ def test_shipped_model_is_current_and_matches_its_card():
         assert score.info["fold_models"]["training"]["shifts"] is True and score.info["fold_models"]["epochs"] == 160
         assert "cxr_deep_2src_cv" in score.info["fitted_on"] and score.appearance is not None
         assert score.atlas.structures == ("heart", "left_lung", "right_lung")
+        # and it orders the review worklist by trust: the hearts' borders weigh in
+        assert "heart_border" in score.features and score.trust is not None and score.trust.weight > 0
 
 
 def test_a_checkpoint_that_carries_code_is_refused_unrun(tmp_path):

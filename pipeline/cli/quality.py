@@ -48,8 +48,10 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, o
     Every film is labelled as `cxrlabel label` would; the score is fitted leaving one fold out
     at a time, and its held-out figures are printed: Spearman and mean absolute error against
     the true mean Dice, calibration by decile, and the AUROC of finding the worst tenth of films
-    by CTR error. The score fitted on every fold is kept in the database for the model's
-    checkpoint, where `label` finds it before the file beside the checkpoint.
+    by CTR error, by the score and by the review worklist's trust (the score together with how
+    plainly each film shows the heart's width-setting borders). The score fitted on every fold
+    is kept in the database for the model's checkpoint, where `label` finds it before the file
+    beside the checkpoint.
 
     \b
     Example:
@@ -68,6 +70,9 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, o
         click.echo(f"{name}, held out ({j.films} films): Spearman {j.spearman:.3f} with the true mean Dice "
                    f"(heuristic {j.heuristic_spearman:.3f}), MAE {j.mae:.4f}, AUROC {j.auroc:.3f} for the worst "
                    f"tenth by CTR error ({j.ctr_films} films with a true CTR)")
+        if j.trust_auroc == j.trust_auroc:
+            click.echo(f"  the worklist's trust (quality and the heart's borders) finds that tenth at AUROC "
+                       f"{j.trust_auroc:.3f}")
     for source, j in result.judged.by_source.items():
         click.echo(f"  {source} films only ({j.films}): Spearman {j.spearman:.3f}, MAE {j.mae:.4f}, "
                    f"AUROC {j.auroc:.3f} ({j.ctr_films} with a true CTR)")

@@ -26,7 +26,7 @@ from pipeline.cli.common import engine_of, handle_errors
 @click.pass_context
 @handle_errors
 def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, token, allow_hosts) -> None:
-    """Review masks in the browser: a worklist worst quality first, contours to correct.
+    """Review masks in the browser: a worklist least trusted first, contours to correct.
 
     Decisions (accepted, rejected, corrected) go to the `reviews` table with your name and
     the time; corrected masks are stored as masks of kind `reviewed`, never over the model's.

@@ -76,6 +76,9 @@ MIGRATIONS: dict[int, list[str]] = {
     8: ["ALTER TABLE measurements ADD COLUMN input_check VARCHAR(120)",
         "ALTER TABLE measurements ADD COLUMN mm_calibration VARCHAR(160)",
         "ALTER TABLE images ADD COLUMN spacing_source VARCHAR(80)"],
+    # the review worklist's order where a fitted score gives it (pipeline/quality/trust.py)
+    9: ["ALTER TABLE measurements ADD COLUMN trust FLOAT",
+        "CREATE INDEX ix_measurements_model_trust ON measurements (model, trust)"],
 }
 
 

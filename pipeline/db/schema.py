@@ -21,7 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 metadata = MetaData()
@@ -238,6 +238,9 @@ measurements = Table(
     Column("quality_heart", Float),  # estimated Dice per structure, when the model has a fitted score
     Column("quality_left_lung", Float),
     Column("quality_right_lung", Float),
+    # the review worklist's order, 0 first: quality and how plainly the film shows the heart's
+    # width-setting borders, against the fitting films' (pipeline/quality/trust.py); NULL: by quality
+    Column("trust", Float),
     Column("labelled_at", DateTime, nullable=False),
     # is this a frontal chest radiograph the model can read (pipeline/quality/inputs.py)? 'ok',
     # or why not ('not a chest film: ...', 'lateral view', 'flipped', ...); NULL: not checked
@@ -250,6 +253,7 @@ measurements = Table(
     Column("reviewed_heart_width_px", Integer),
     Column("reviewed_thoracic_width_px", Integer),
     Index("ix_measurements_model_quality", "model", "quality"),
+    Index("ix_measurements_model_trust", "model", "trust"),
 )
 
 

@@ -20,6 +20,7 @@ from pipeline.model import resolve_model
 from pipeline.quality.features import FEATURES, SHAPE
 from pipeline.quality.films import Films, FitError, films_from_database, films_from_folds
 from pipeline.quality.score import QualityModel, store
+from pipeline.quality.trust import fit_trust, held_out_trust
 
 WORST = 0.1  # the films a reviewer must see: the worst tenth by CTR error
 
@@ -63,6 +64,7 @@ class Judged:
     true: list[float] = field(default_factory=list, repr=False)
     estimate: list[float] = field(default_factory=list, repr=False)
     by_source: dict[str, Judged] = field(default_factory=dict, repr=False)  # the same, per images.source
+    trust_auroc: float = math.nan  # the same AUROC by the worklist's trust (pipeline.quality.trust), held out
 
     def as_dict(self) -> dict:
         out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()
@@ -86,6 +88,32 @@ def per_image(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
                     "estimate": float(np.mean([estimate[n] for n in members])),
                     "heuristic": first["heuristic"], "ctr_error": err, "shift": first["shift"]})
     return out
+
+
+def trust_films(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
+    """Per film (variant), what :mod:`pipeline.quality.trust` reads: its quality as labelling
+    stores it (the mean estimate over every structure), its heart border, fold and CTR error."""
+    groups: dict[str, list[int]] = {}
+    for n, r in enumerate(rows):
+        if estimate[n] is not None:
+            groups.setdefault(r["image"], []).append(n)
+    out = []
+    for members in groups.values():
+        first = rows[members[0]]
+        err = (abs(first["ctr_pred"] - first["ctr_true"]) if first.get("ctr_true") is not None
+               and first.get("ctr_pred") is not None else None)
+        out.append({"estimate": float(np.mean([estimate[n] for n in members])), "border": first["heart_border"],
+                    "fold": first["fold"], "ctr_error": err})
+    return out
+
+
+def trust_auroc(films: list[dict], trust: Sequence[float]) -> float:
+    """The AUROC of finding the worst tenth of ``films`` by CTR error from their ``trust``."""
+    known = [n for n, f in enumerate(films) if f["ctr_error"] is not None]
+    if len(known) < 10:
+        return math.nan
+    err = np.array([films[n]["ctr_error"] for n in known])
+    return roc_auc(-np.array([trust[n] for n in known]), err >= np.quantile(err, 1 - WORST))
 
 
 def judge(rows: list[dict], estimate: Sequence[float | None], source: str | None = None) -> Judged:
@@ -172,14 +200,15 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
             sources = sorted({r["source"] for r in rows if r.get("source")} if len({r.get("source") for r in rows}) > 1
                              else set())
             judged.by_source = {src: judge(rows, estimate, src) for src in sources}
+        held_out = {"spearman": round(judged.spearman, 4), "mae": round(judged.mae, 4),
+                    "auroc_worst_tenth_ctr": round(judged.auroc, 4) if judged.auroc == judged.auroc else None,
+                    "worst_10pct_share_below_0_9": round(judged.worst_share, 4)
+                    if judged.worst_share == judged.worst_share else None}
         info = {"fitted": datetime.date.today().isoformat(), "fitted_on": films.source,
                 "films": films.images, "masks": sum(r["dice"] is not None for r in rows), "folds": films.folds,
                 "shifts": sorted({r["shift"] for r in rows} - {"none"}), "features": list(names),
                 "fold_models": films.fold_models,
-                "held_out": {"spearman": round(judged.spearman, 4), "mae": round(judged.mae, 4),
-                             "auroc_worst_tenth_ctr": round(judged.auroc, 4) if judged.auroc == judged.auroc
-                             else None, "worst_10pct_share_below_0_9": round(judged.worst_share, 4)
-                             if judged.worst_share == judged.worst_share else None},
+                "held_out": held_out,
                 "calibration": judged.calibration}
         if judged.by_source:
             info["held_out_by_source"] = {src: {"films": j.films, "spearman": round(j.spearman, 4),
@@ -188,8 +217,16 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
                                           for src, j in judged.by_source.items()}
         if films.fold_models is None:
             info.pop("fold_models")
+        trust = None
+        if all("heart_border" in r for r in rows):  # rows measured before the feature existed: no trust
+            per_film = trust_films(rows, estimate)
+            judged.trust_auroc = trust_auroc(per_film, held_out_trust(per_film))
+            trust = fit_trust(per_film)
+            held_out["auroc_worst_tenth_ctr_by_trust"] = (round(judged.trust_auroc, 4)
+                                                          if judged.trust_auroc == judged.trust_auroc else None)
+            info["trust_weight"] = trust.weight
         score = QualityModel.fit(rows, [r["dice"] for r in rows], list(structures), alpha, info, names, films.atlas,
-                                 films.appearance)
+                                 films.appearance, trust)
         out += [score, judged]
     return (out[0], out[1], *(out[2:] if tta else (None, None)))
 
