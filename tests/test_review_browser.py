@@ -53,7 +53,7 @@ def test_review_in_a_real_browser(app_url, tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url + "/")
         assert "3 images · 0 reviewed" in page.inner_text("#counts")
-        # the worklist starts with the worst estimated quality
+        # the worklist starts with the least trusted: no trust here, so the worst estimated quality
         page.click("table.worklist tbody tr:first-child a")
         page.wait_for_selector("body[data-ready=yes]")
         assert page.inner_text("#uid") == uids[0]
