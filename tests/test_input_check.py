@@ -66,9 +66,9 @@ def test_an_appearance_knows_a_film_turned_and_one_unlike_any_chest():
 
 
 def test_a_fitted_score_keeps_its_appearance(tmp_path):
-    rows = [{"structure": s, "image": i, **{k: float(np.sin(i + j)) for j, k in enumerate(
-        ("agreement", "uncertain", "edge_margin", "kept", "solidity", "area", "ctr_off", "lungs_swapped", "missing",
-         "rim"))}} for i in range(30) for s in ("heart", "left_lung", "right_lung")]
+    from pipeline.quality import FEATURES
+    rows = [{"structure": s, "image": i, **{k: float(np.sin(i + j)) for j, k in enumerate(FEATURES)}}
+            for i in range(30) for s in ("heart", "left_lung", "right_lung")]
     looks = Appearance(np.zeros((2, 24, 24), np.uint8) + np.arange(24, dtype=np.uint8))
     score = QualityModel.fit(rows, [0.9 + 0.002 * (n % 30) for n in range(len(rows))], ["heart", "left_lung",
                                                                                          "right_lung"],
