@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.metrics import auc
+
 KNOTS = 101  # quantiles kept of each distribution
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the border's weights tried against quality's 1
 WORST = 0.1  # what the weight is chosen for: the worst tenth of films by CTR error
@@ -72,7 +74,6 @@ def fit_trust(films: list[dict]) -> Trust:
     """The trust of ``films`` (per film: ``estimate`` (its held-out quality), ``border``, ``fold``,
     ``ctr_error`` or None): the weight that, fitted on the other folds, best finds the worst
     tenth of each fold's films by CTR error (films with a true CTR); 0 where none has one."""
-    from pipeline.quality.fit import roc_auc
     quality = np.array([f["estimate"] for f in films], float)
     border = np.array([f["border"] for f in films], float)
     folds = np.array([f["fold"] for f in films])
@@ -87,9 +88,9 @@ def fit_trust(films: list[dict]) -> Trust:
             for k in sorted(set(folds)):
                 t = made(quality[folds != k], border[folds != k], w)
                 held[folds == k] = [t(q, b) for q, b in zip(quality[folds == k], border[folds == k], strict=True)]
-            auc = roc_auc(-held[known], worst)
-            if auc > best + 1e-9:
-                best, weight = auc, w
+            found = auc(-held[known][worst], -held[known][~worst])  # low trust should find them
+            if found > best + 1e-9:
+                best, weight = found, w
     return made(quality, border, weight)
 
 
