@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.engine import Engine
 
+from pipeline.metrics import auc
 from pipeline.model import resolve_model
 from pipeline.quality.features import FEATURES, SHAPE
 from pipeline.quality.films import Films, FitError, films_from_database, films_from_folds
 from pipeline.quality.score import QualityModel, store
-from pipeline.quality.trust import fit_trust, held_out_trust
-
-WORST = 0.1  # the films a reviewer must see: the worst tenth by CTR error
+from pipeline.quality.trust import WORST, finds_worst, fit_trust, held_out_trust
 
 
 def held_out_estimates(rows: list[dict], structures: Sequence[str], alpha: float = 1.0,
@@ -72,48 +71,42 @@ class Judged:
         return out | ({"by_source": {k: j.as_dict() for k, j in self.by_source.items()}} if self.by_source else {})
 
 
+def _films(rows: list[dict], keep) -> list[list[int]]:
+    """The indices of ``rows`` grouped by film (variant), each row kept where ``keep(n, row)``."""
+    groups: dict[str, list[int]] = {}
+    for n, r in enumerate(rows):
+        if keep(n, r):
+            groups.setdefault(r["image"], []).append(n)
+    return list(groups.values())
+
+
+def _ctr_error(row: dict) -> float | None:
+    """A film's absolute CTR error (any of its rows carries it), None without a true CTR."""
+    return (abs(row["ctr_pred"] - row["ctr_true"]) if row.get("ctr_true") is not None
+            and row.get("ctr_pred") is not None else None)
+
+
 def per_image(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
     """Per film (variant): its true and estimated mean Dice over the structures its source
     draws, the heuristic score, and its CTR error (None without a true CTR)."""
-    groups: dict[str, list[int]] = {}
-    for n, r in enumerate(rows):
-        if r["dice"] is not None and estimate[n] is not None:
-            groups.setdefault(r["image"], []).append(n)
     out = []
-    for members in groups.values():
+    for members in _films(rows, lambda n, r: r["dice"] is not None and estimate[n] is not None):
         first = rows[members[0]]
-        err = (abs(first["ctr_pred"] - first["ctr_true"]) if first.get("ctr_true") is not None
-               and first.get("ctr_pred") is not None else None)
         out.append({"source": first.get("source"), "true": float(np.mean([rows[n]["dice"] for n in members])),
                     "estimate": float(np.mean([estimate[n] for n in members])),
-                    "heuristic": first["heuristic"], "ctr_error": err, "shift": first["shift"]})
+                    "heuristic": first["heuristic"], "ctr_error": _ctr_error(first), "shift": first["shift"]})
     return out
 
 
 def trust_films(rows: list[dict], estimate: Sequence[float | None]) -> list[dict]:
     """Per film (variant), what :mod:`pipeline.quality.trust` reads: its quality as labelling
     stores it (the mean estimate over every structure), its heart border, fold and CTR error."""
-    groups: dict[str, list[int]] = {}
-    for n, r in enumerate(rows):
-        if estimate[n] is not None:
-            groups.setdefault(r["image"], []).append(n)
     out = []
-    for members in groups.values():
+    for members in _films(rows, lambda n, r: estimate[n] is not None):
         first = rows[members[0]]
-        err = (abs(first["ctr_pred"] - first["ctr_true"]) if first.get("ctr_true") is not None
-               and first.get("ctr_pred") is not None else None)
         out.append({"estimate": float(np.mean([estimate[n] for n in members])), "border": first["heart_border"],
-                    "fold": first["fold"], "ctr_error": err})
+                    "fold": first["fold"], "ctr_error": _ctr_error(first)})
     return out
-
-
-def trust_auroc(films: list[dict], trust: Sequence[float]) -> float:
-    """The AUROC of finding the worst tenth of ``films`` by CTR error from their ``trust``."""
-    known = [n for n, f in enumerate(films) if f["ctr_error"] is not None]
-    if len(known) < 10:
-        return math.nan
-    err = np.array([films[n]["ctr_error"] for n in known])
-    return roc_auc(-np.array([trust[n] for n in known]), err >= np.quantile(err, 1 - WORST))
 
 
 def judge(rows: list[dict], estimate: Sequence[float | None], source: str | None = None) -> Judged:
@@ -125,14 +118,10 @@ def judge(rows: list[dict], estimate: Sequence[float | None], source: str | None
     true = np.array([f["true"] for f in films])
     est = np.array([f["estimate"] for f in films])
     heur = np.array([f["heuristic"] for f in films])
-    with_ctr = [f for f in films if f["ctr_error"] is not None]
-    auroc = math.nan
-    if len(with_ctr) >= 10:
-        err = np.array([f["ctr_error"] for f in with_ctr])
-        worst = err >= np.quantile(err, 1 - WORST)
-        auroc = roc_auc(-np.array([f["estimate"] for f in with_ctr]), worst)
+    errors = [f["ctr_error"] for f in films]
     return Judged(len(films), spearman(est, true), float(np.mean(np.abs(est - true))), spearman(heur, true),
-                  worst_share(est, true), auroc, len(with_ctr), calibration(est, true), true.tolist(), est.tolist())
+                  worst_share(est, true), finds_worst(est, errors), sum(e is not None for e in errors),
+                  calibration(est, true), true.tolist(), est.tolist())
 
 
 def rank(x: np.ndarray) -> np.ndarray:
@@ -147,13 +136,10 @@ def spearman(a, b) -> float:
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """The probability that a positive scores above a negative (ties count half)."""
-    positive = np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return math.nan
-    r = rank(np.asarray(score, float)) + 1
-    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """The probability that a positive scores above a negative (ties count half):
+    :func:`pipeline.metrics.auc` of the two sides."""
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    return auc(score[positive], score[~positive])
 
 
 def worst_share(score: np.ndarray, true: np.ndarray, bad: float = 0.9, worst: float = WORST) -> float:
@@ -220,7 +206,7 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
         trust = None
         if all("heart_border" in r for r in rows):  # rows measured before the feature existed: no trust
             per_film = trust_films(rows, estimate)
-            judged.trust_auroc = trust_auroc(per_film, held_out_trust(per_film))
+            judged.trust_auroc = finds_worst(held_out_trust(per_film), [f["ctr_error"] for f in per_film])
             trust = fit_trust(per_film)
             held_out["auroc_worst_tenth_ctr_by_trust"] = (round(judged.trust_auroc, 4)
                                                           if judged.trust_auroc == judged.trust_auroc else None)

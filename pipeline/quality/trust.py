@@ -70,6 +70,19 @@ def made(quality: np.ndarray, border: np.ndarray, weight: float) -> Trust:
                  float(weight), len(quality))
 
 
+def finds_worst(trust: Sequence[float] | np.ndarray, errors: Sequence[float | None]) -> float:
+    """The AUROC of finding the worst tenth of films by CTR error (``errors``: None for a film
+    without a true CTR) from ``trust`` (or any score where low means doubted); NaN with under
+    10 films that have a CTR error."""
+    err = np.array([np.nan if e is None else e for e in errors], float)
+    known = ~np.isnan(err)
+    if known.sum() < 10:
+        return float("nan")
+    worst = err[known] >= np.quantile(err[known], 1 - WORST)
+    score = np.asarray(trust, float)[known]
+    return auc(-score[worst], -score[~worst])
+
+
 def fit_trust(films: list[dict]) -> Trust:
     """The trust of ``films`` (per film: ``estimate`` (its held-out quality), ``border``, ``fold``,
     ``ctr_error`` or None): the weight that, fitted on the other folds, best finds the worst
@@ -77,18 +90,16 @@ def fit_trust(films: list[dict]) -> Trust:
     quality = np.array([f["estimate"] for f in films], float)
     border = np.array([f["border"] for f in films], float)
     folds = np.array([f["fold"] for f in films])
-    err = np.array([np.nan if f["ctr_error"] is None else f["ctr_error"] for f in films], float)
-    known = ~np.isnan(err)
+    errors = [f["ctr_error"] for f in films]
     weight = 0.0
-    if known.sum() >= 10 and len(set(folds[known])) > 1:
-        worst = err[known] >= np.quantile(err[known], 1 - WORST)
+    if len({f for f, e in zip(folds, errors, strict=True) if e is not None}) > 1:
         best = -1.0
         for w in WEIGHTS:
             held = np.zeros(len(films))
             for k in sorted(set(folds)):
                 t = made(quality[folds != k], border[folds != k], w)
                 held[folds == k] = [t(q, b) for q, b in zip(quality[folds == k], border[folds == k], strict=True)]
-            found = auc(-held[known][worst], -held[known][~worst])  # low trust should find them
+            found = finds_worst(held, errors)  # NaN (under 10 films with a CTR): never chosen
             if found > best + 1e-9:
                 best, weight = found, w
     return made(quality, border, weight)
