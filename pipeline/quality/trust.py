@@ -37,8 +37,11 @@ class Trust:
 
     def __call__(self, quality: float, border: float) -> float:
         """0 (review first) to 1 (the most trusted)."""
-        return float((_share_below(self.quality, quality) + self.weight * _share_below(self.border, border))
-                     / (1.0 + self.weight))
+        return float(_mixed(*self.shares(quality, border), self.weight))
+
+    def shares(self, quality: float, border: float) -> tuple[float, float]:
+        """The shares of the fitting films below ``quality`` and below ``border``."""
+        return _share_below(self.quality, quality), _share_below(self.border, border)
 
     def to_json(self) -> dict:
         return {"quality": list(self.quality), "heart_border": list(self.border), "weight": self.weight,
@@ -61,6 +64,11 @@ def _share_below(knots: Sequence[float], x: float) -> float:
     if hi > lo:  # x is a knot, or several
         return float((levels[lo] + levels[hi - 1]) / 2)
     return float(np.interp(x, k, levels))
+
+
+def _mixed(quality_share, border_share, weight: float):
+    """The trust of films at these shares (floats or arrays), weighted ``1 : weight``."""
+    return (quality_share + weight * border_share) / (1.0 + weight)
 
 
 def made(quality: np.ndarray, border: np.ndarray, weight: float) -> Trust:
@@ -93,12 +101,14 @@ def fit_trust(films: list[dict]) -> Trust:
     errors = [f["ctr_error"] for f in films]
     weight = 0.0
     if len({f for f, e in zip(folds, errors, strict=True) if e is not None}) > 1:
+        # each film's shares among the other folds' films, once: a weight only mixes them
+        shares = np.zeros((len(films), 2))
+        for k in sorted(set(folds)):
+            t = made(quality[folds != k], border[folds != k], 0.0)
+            shares[folds == k] = [t.shares(q, b) for q, b in zip(quality[folds == k], border[folds == k], strict=True)]
         best = -1.0
         for w in WEIGHTS:
-            held = np.zeros(len(films))
-            for k in sorted(set(folds)):
-                t = made(quality[folds != k], border[folds != k], w)
-                held[folds == k] = [t(q, b) for q, b in zip(quality[folds == k], border[folds == k], strict=True)]
+            held = _mixed(shares[:, 0], shares[:, 1], w)
             found = finds_worst(held, errors)  # NaN (under 10 films with a CTR): never chosen
             if found > best + 1e-9:
                 best, weight = found, w
