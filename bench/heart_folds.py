@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(args.db.removeprefix("sqlite:///"), work / "c.db")
     engine = D.connect(f"sqlite:///{work / 'c.db'}")
     rows, sources, training = [], {}, []
+    if args.training:
+        with engine.connect() as c:
+            outlined = set(c.execute(select(D.masks.c.uid).where(D.masks.c.kind == "manual",
+                                                                  D.masks.c.structure == "heart")).scalars())
     for k in folds:
         model = work / f"fold{k}" / "model.pt"  # labelled as model `foldK`
         model.parent.mkdir()
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             fitted = work / f"train{k}" / "model.pt"
             fitted.parent.mkdir()
             shutil.copy(model, fitted)
-            trained = sorted(set(splits["uids"]) - set(splits["val"][k]))
+            trained = sorted(set(outlined) - set(splits["val"][k]))  # a CTR needs the heart's outline
             label(engine, held_out_selection(engine, trained),
                   LabelOptions(model=str(fitted), device="cpu", batch_size=16, cache_dir=args.cache, progress=False))
             training += [{**r, "fold": k} for r in evaluate(engine, f"train{k}").per_image if "ctr_true" in r]
