@@ -31,6 +31,9 @@ def process_pool(workers: int | None = None):
     it forever. The server is one per process, started by the first pool with
     :data:`WORKER_MODULES` imported, so a later pool's workers (collect's after catalogue's,
     label's after collect's) do not each import torch again.
+
+    Each worker computes on one thread (:func:`_one_thread`): the pool already runs one
+    process per core, and a library's own threads beside them only compete for the cores.
     """
     import multiprocessing
     import os
@@ -47,7 +50,30 @@ def process_pool(workers: int | None = None):
         context.set_forkserver_preload(["pipeline", *WORKER_MODULES])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
-    return Pool(workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
+    return Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+
+
+def _start_worker(owner: int) -> None:
+    """A pool worker's start: :func:`_one_thread`, and :func:`_exit_with` its owner."""
+    _one_thread()
+    _exit_with(owner)
+
+
+def _one_thread() -> None:
+    """Keep this process's numerical libraries on one thread each: NumPy's BLAS, OpenCV and
+    torch. OpenBLAS otherwise starts a thread per core for a matrix product as small as the
+    input check's (231 x 576 by 576 x 4) and leaves them spinning after it: on a 2-core
+    machine they took half of two labelling workers' time and slowed the model beside
+    them (bench/RESULTS.md, "Labelling at the model's pace")."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _exit_with(owner: int) -> None:
