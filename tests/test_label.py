@@ -574,3 +574,32 @@ def test_the_film_fix_ups_a_model_expects_travel_in_its_spec():
     assert ModelSpec.from_dict({**spec.as_dict(), "fixups": ["unrim"]}).fixups == ("unrim",)
     with pytest.raises(ModelError, match="in that order"):
         ModelSpec.from_dict({**spec.as_dict(), "fixups": ["denoise", "upright"]})
+
+
+@pytest.mark.slow
+def test_the_local_loop_stores_what_postprocess_reads_with_the_films_pixels(annotated_engine, tmp_path):
+    """The local loop post-processes in worker processes: they get each film's cached pixels,
+    so the shipped score reads the heart's border (heart_border) as when it was fitted, and
+    the stored quality and trust are those of postprocess run here on the same film (until
+    2026-12-07 the workers got no pixels: the border read 0 and both read otherwise)."""
+    from pipeline.collect import Settings
+    from pipeline.label import load_batch, postprocess
+
+    with annotated_engine.connect() as c:
+        chosen = select_images(c, all_images=True, source="wingspan", limit=6)
+    label(annotated_engine, chosen, LabelOptions(model="default", device="cpu", workers=2,
+                                                 cache_dir=str(tmp_path / "cache"), progress=False))
+    lm = resolve_model(annotated_engine, "default", "cpu")
+    items, errors = load_batch(annotated_engine, chosen.items, Settings(lm.spec.size, lm.spec.mode),
+                               str(tmp_path / "cache"), None, lm.spec.fixups)
+    assert not errors
+    here = {it.uid: postprocess(it, p, lm.spec.structures, lm.quality)
+            for it, p in zip(items, forward(lm, items), strict=True)}
+    assert all(r.features["heart"]["heart_border"] != 0.0 for r in here.values())
+    m = D.measurements
+    with annotated_engine.connect() as c:
+        stored = {r.uid: r for r in c.execute(select(m.c.uid, m.c.quality, m.c.trust, m.c.ctr))}
+    assert set(stored) == set(here)
+    for uid, r in here.items():
+        assert (stored[uid].quality, stored[uid].trust, stored[uid].ctr) == pytest.approx(
+            (r.measurements["quality"], r.measurements["trust"], r.measurements["ctr"]), abs=1e-9)

@@ -36,7 +36,6 @@ from pipeline.label.batch import (  # noqa: F401
     write_batch,
 )
 from pipeline.label.run import (  # noqa: F401
-    _NO_PIXELS,
     WRITES_IN_FLIGHT,
     BatchDone,
     BatchLabeller,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -38,8 +37,6 @@ from pipeline.model import LoadedModel, auto_batch_size, model_inputs, resolve_m
 
 log = logging.getLogger(__name__)
 
-
-_NO_PIXELS = np.zeros((0, 0), np.uint8)
 
 WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU
 
@@ -288,10 +285,10 @@ class Local:
                     futures: list[Future] = []
                     if items:
                         probs, copies = work.infer(items, inputs)
-                        # a task per worker, each a slice of the batch; workers need no pixels, only geometry
+                        # a task per worker, each a slice of the batch; with the films' cached pixels,
+                        # which the score's heart_border reads (64 kB a film at 256 px)
                         share = max(1, -(-len(items) // processes))
-                        futures = [procs.submit(postprocess_all, [dataclasses.replace(it, image=_NO_PIXELS)
-                                                                  for it in items[i:i + share]],
+                        futures = [procs.submit(postprocess_all, items[i:i + share],
                                                 probs[i:i + share], lm.spec.structures, work.scorer,
                                                 copies[i:i + share] if copies is not None else None)
                                    for i in range(0, len(items), share)]
