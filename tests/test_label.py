@@ -105,6 +105,9 @@ def test_runs_above_match_opencvs_bilinear_map(h, w, mode, cx, cy, r, seed):
     assert all(len(v) == 0 for v in empty)
     assert np.array_equal(everything[0], np.arange(h)) and (everything[1] == 0).all()
     assert (everything[2] == w - 1).all()
+    # alone, the blob's runs are solved in the box around it: the same runs
+    alone = geom.runs_above(arr[None])[0]
+    assert all(np.array_equal(a, b) for a, b in zip(alone, (rows, first, last), strict=True))
 
 
 def mean_columns(masks):

@@ -354,3 +354,27 @@ def test_a_score_with_an_atlas_reads_the_masks_shape_and_keeps_its_atlas(annotat
     sidecar(model).write_text(json.dumps(good))
     with pytest.raises(ValueError, match="not a quality model"):
         QualityModel.load(sidecar(model))
+
+
+def test_the_atlas_frame_and_the_hearts_step_read_as_their_definitions():
+    """atlas_frame resizes the masks as the channels of one image, and heart_border's means
+    are integer sums: both give, bit for bit, what each mask resized alone and NumPy's float32
+    mean of the gathered pixels give."""
+    import cv2
+
+    from pipeline.quality.features import _mean_under, atlas_frame
+
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        h, w = rng.integers(8, 300, 2)
+        masks = [rng.random((h, w)) > rng.random() for _ in range(rng.integers(1, 7))]
+        union = np.logical_or.reduce(masks)
+        if not union.any():
+            continue
+        ys, xs = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+        box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        alone = np.stack([cv2.resize(m[box].astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA) > 0.5
+                          for m in masks])
+        assert np.array_equal(atlas_frame(masks), alone)
+        image = rng.integers(0, 256, (h, w)).astype(np.uint8)
+        assert _mean_under(image, masks[0] | union) == np.asarray(image, np.float32)[masks[0] | union].mean()

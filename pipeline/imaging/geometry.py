@@ -86,8 +86,18 @@ class Geometry:
         """
         self._check_cache_shape(arr[0])
         n, size = len(arr), self.size
-        field = np.zeros((n, size + 2, size + 2))  # a ring below level around each array
-        field[:, 1:-1, 1:-1] = arr
+        # only the box around what lies above level, and a ring of cells around it, can hold a
+        # crossing: the field is that box (and a pixel more each side), in the coordinates of the
+        # whole array ringed by a pixel below level (`y0`, `x0`: the box's origin there)
+        over: np.ndarray = np.any(arr > level, axis=0)
+        ys, xs = np.flatnonzero(over.any(axis=1)), np.flatnonzero(over.any(axis=0))
+        if len(ys) == 0:
+            empty = np.zeros(0, np.int64)
+            return [(empty, empty, empty) for _ in range(n)]
+        y0, x0 = int(ys[0]), int(xs[0])
+        field = np.zeros((n, int(ys[-1]) - y0 + 3, int(xs[-1]) - x0 + 3))
+        r0, r1, c0, c1 = max(y0 - 1, 0), min(int(ys[-1]) + 2, size), max(x0 - 1, 0), min(int(xs[-1]) + 2, size)
+        field[:, r0 - y0 + 1:r1 - y0 + 1, c0 - x0 + 1:c1 - x0 + 1] = arr[:, r0:r1, c0:c1]
         above = field > level
         corner = above[:, :-1, :-1]
         straddle = (corner != above[:, :-1, 1:]) | (corner != above[:, 1:, :-1]) | (corner != above[:, 1:, 1:])
@@ -96,11 +106,13 @@ class Geometry:
         v = np.clip((np.arange(self.orig_height) + 0.5 + self.offset_y) * self.scale_y - 0.5, 0, size - 1)
         k, t = np.floor(v).astype(np.int64) + 1, v - np.floor(v)
         index = np.flatnonzero(straddle)  # in (array, row, column) order
-        layer, rest = np.divmod(index, (size + 1) ** 2)
-        cell_rows, cell_cols = np.divmod(rest, size + 1)
+        high, wide = field.shape[1:]
+        layer, rest = np.divmod(index, (high - 1) * (wide - 1))
+        box_rows, box_cols = np.divmod(rest, wide - 1)
+        cell_rows, cell_cols = box_rows + y0, box_cols + x0  # in the whole ringed array
         flat = field.reshape(n, -1)
-        at = layer, cell_rows * (size + 2) + cell_cols
-        below = layer, at[1] + size + 2
+        at = layer, box_rows * wide + box_cols
+        below = layer, at[1] + wide
         top_l, top_r = flat[at], flat[at[0], at[1] + 1]
         drop_l, drop_r = flat[below] - top_l, flat[below[0], below[1] + 1] - top_r
         # each cell, once for every original row across it, in (array, row, column) order:

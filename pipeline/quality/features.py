@@ -103,7 +103,7 @@ def heart_border(image: np.ndarray, heart: np.ndarray | None, lungs: np.ndarray 
         return 0.0
     img = np.asarray(image, np.float32)
     size = img.shape[1]
-    step = max(float(img[heart].mean() - img[lungs].mean()), 1.0)
+    step = max(float(_mean_under(image, heart) - _mean_under(image, lungs)), 1.0)
     depth, gap = max(2, round(size / BORDER_DEPTH)), round(size / BORDER_GAP)
     rows = np.flatnonzero(heart.any(axis=1))
     inward = np.arange(gap, gap + depth)
@@ -118,6 +118,17 @@ def heart_border(image: np.ndarray, heart: np.ndarray | None, lungs: np.ndarray 
             return 0.0  # the heart reaches the film's edge
         steps.append(float(img[y, inside].mean() - img[y, outside].mean()) / step)
     return float(np.clip(min(steps), *BORDER_LIMITS))
+
+
+def _mean_under(image: np.ndarray, mask: np.ndarray) -> np.float32:
+    """The mean of ``image`` where the bool ``mask`` is set (not empty), as NumPy's float32
+    mean of the selected pixels reads it: for a uint8 image below 2**24 / 255 pixels every
+    float32 partial sum is an exact integer, so the integer sum over float32 division is the
+    same number, without gathering the pixels."""
+    if image.dtype == np.uint8 and image.size < 2 ** 24 // 255:
+        total = np.float32(np.sum(image, where=mask, dtype=np.int64))
+        return np.float32(total / np.float32(np.count_nonzero(mask)))
+    return np.float32(np.asarray(image, np.float32)[mask].mean())
 
 
 def lungs_swapped(columns: dict[str, float | None]) -> bool:
@@ -148,9 +159,13 @@ def atlas_frame(masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     if union is None:
         return np.zeros((len(masks), ATLAS_SIDE, ATLAS_SIDE), bool)
     x0, y0, x1, y1 = union
-    box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-    return np.stack([cv2.resize(m[box].astype(np.float32), (ATLAS_SIDE, ATLAS_SIDE),
-                                interpolation=cv2.INTER_AREA) > 0.5 for m in masks])
+    # the masks as the channels of one image: one resize (OpenCV's channels take the same
+    # weights as a mask alone), at most 4 at a time
+    box = np.stack([m[y0:y1 + 1, x0:x1 + 1] for m in masks], axis=-1).astype(np.float32)
+    small = [cv2.resize(box[..., i:i + 4], (ATLAS_SIDE, ATLAS_SIDE), interpolation=cv2.INTER_AREA)
+             for i in range(0, len(masks), 4)]
+    framed = np.concatenate([c.reshape(ATLAS_SIDE, ATLAS_SIDE, -1) for c in small], axis=-1) > 0.5
+    return np.ascontiguousarray(framed.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)
@@ -168,6 +183,9 @@ class Atlas:
         words = np.packbits(self.masks.reshape(len(self.masks), len(self.structures), -1), axis=2)
         object.__setattr__(self, "_words", np.ascontiguousarray(words).view(np.uint64))
         object.__setattr__(self, "_counts", np.bitwise_count(self._words).sum(axis=2))
+
+    def __reduce__(self):  # what a labelling worker receives with each task: the bits alone, 50 kB
+        return _unpacked_atlas, (self.structures, np.packbits(self.masks), self.masks.shape)
 
     @classmethod
     def build(cls, masks: Sequence[np.ndarray], structures: Sequence[str]) -> Atlas:
@@ -203,6 +221,10 @@ class Atlas:
             raise ValueError(f"an atlas of {len(raw)} bytes where its {shape[0]} images need {-(-count // 8)}")
         bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=count)
         return cls(tuple(map(str, d["structures"])), bits.reshape(shape).astype(bool))
+
+
+def _unpacked_atlas(structures: tuple[str, ...], bits: np.ndarray, shape: tuple[int, ...]) -> Atlas:
+    return Atlas(structures, np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool))
 
 
 # ---------------------------------------------------------------- test-time augmentation

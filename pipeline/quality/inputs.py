@@ -139,33 +139,50 @@ def anatomy(masks: dict[str, np.ndarray], film: tuple[float, float, float, float
     film_area = max((fx1 - fx0 + 1) * (fy1 - fy0 + 1), 1)
     out = {"lung_share": 0.0, "side_by_side": 0.0, "lung_order": -1.0, "heart_side": -1.0, "heart_right": 0.0,
            "lung_ratio": 0.0, "heart_low": 0.0, "lungs_tall": 0.0, "edge_share": 0.0}
+    # each mask read through its row and column counts: the same sums as over its pixels'
+    # coordinates (exact in integers), without listing them (a tenth of the time)
     parts = {}
     for s in ("heart", "left_lung", "right_lung"):
         m = masks.get(s)
         if m is None or not m.any():
             return out
-        ys, xs = np.nonzero(m)
-        parts[s] = (xs, ys)
-    (lx, ly), (rx, ry), (hx, hy) = parts["left_lung"], parts["right_lung"], parts["heart"]
-    out["lung_share"] = min(len(lx), len(rx)) / film_area
-    overlap = min(ly.max(), ry.max()) - max(ly.min(), ry.min()) + 1
-    out["side_by_side"] = max(overlap, 0) / (min(np.ptp(ly), np.ptp(ry)) + 1)
-    left, right = min(lx.min(), rx.min()), max(lx.max(), rx.max())
-    top, bottom = min(ly.min(), ry.min()), max(ly.max(), ry.max())
+        parts[s] = _Projection(m)
+    lung_l, lung_r, heart = parts["left_lung"], parts["right_lung"], parts["heart"]
+    out["lung_share"] = min(lung_l.n, lung_r.n) / film_area
+    overlap = min(lung_l.y1, lung_r.y1) - max(lung_l.y0, lung_r.y0) + 1
+    out["side_by_side"] = max(overlap, 0) / (min(lung_l.y1 - lung_l.y0, lung_r.y1 - lung_r.y0) + 1)
+    left, right = min(lung_l.x0, lung_r.x0), max(lung_l.x1, lung_r.x1)
+    top, bottom = min(lung_l.y0, lung_r.y0), max(lung_l.y1, lung_r.y1)
     width, height = right - left + 1, bottom - top + 1
-    out["lung_order"] = (lx.mean() - rx.mean()) / width
-    out["heart_side"] = (hx.mean() - (left + right) / 2) / width
-    out["heart_right"] = float(np.mean(hx > (left + right) / 2))  # the heart's share on the image's right
-    out["lung_ratio"] = len(lx) / len(rx)  # the patient's left lung is the smaller (the heart takes its room)
-    out["heart_low"] = (hy.mean() - top) / height
+    out["lung_order"] = (lung_l.mean_x - lung_r.mean_x) / width
+    out["heart_side"] = (heart.mean_x - (left + right) / 2) / width
+    # the heart's share on the image's right
+    out["heart_right"] = float(heart.cols[np.arange(side) > (left + right) / 2].sum() / heart.n)
+    out["lung_ratio"] = lung_l.n / lung_r.n  # the patient's left lung is the smaller (the heart takes its room)
+    out["heart_low"] = (heart.mean_y - top) / height
     out["lungs_tall"] = height / width
     edge = 0.0
-    for xs, ys in ((lx, ly), (rx, ry)):
-        rows, cols = len(np.unique(ys)), len(np.unique(xs))
-        edge = max(edge, len(np.unique(ys[(xs <= fx0) | (xs >= fx1)])) / rows,
-                   len(np.unique(xs[(ys <= fy0) | (ys >= fy1)])) / cols)
+    for s in ("left_lung", "right_lung"):
+        m, p = masks[s], parts[s]
+        at_sides = m[:, :max(fx0 + 1, 0)].any(axis=1) | m[:, max(fx1, 0):].any(axis=1)
+        at_ends = m[:max(fy0 + 1, 0)].any(axis=0) | m[max(fy1, 0):].any(axis=0)
+        edge = max(edge, int(np.count_nonzero(at_sides)) / p.n_rows, int(np.count_nonzero(at_ends)) / p.n_cols)
     out["edge_share"] = edge
     return out
+
+
+class _Projection:
+    """A non-empty ``(S, S)`` bool mask's pixel count, extent and mean row and column, from
+    its row and column counts."""
+
+    def __init__(self, m: np.ndarray) -> None:
+        self.rows, self.cols = np.count_nonzero(m, axis=1), np.count_nonzero(m, axis=0)
+        ys, xs = np.flatnonzero(self.rows), np.flatnonzero(self.cols)
+        self.n = int(self.rows.sum())
+        self.n_rows, self.n_cols = len(ys), len(xs)
+        self.y0, self.y1, self.x0, self.x1 = int(ys[0]), int(ys[-1]), int(xs[0]), int(xs[-1])
+        self.mean_y = int(ys @ self.rows[ys]) / self.n
+        self.mean_x = int(xs @ self.cols[xs]) / self.n
 
 
 def check(masks: dict[str, np.ndarray], film: tuple[float, float, float, float] | None = None,
