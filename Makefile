@@ -18,7 +18,7 @@ NIH_CSV := $(DATA)/catalogues/nih/Data_Entry_2017_v2020.csv.gz
 CX     := $(BIN)/cxrlabel --db $(DB)
 export CXRLABEL_CACHE := $(CACHE)
 
-.PHONY: install test lint catalogue masks train train-cv label demo bench clean-data
+.PHONY: install test lint catalogue masks train train-cv label demo bench bench-quick clean-data
 
 install: $(VENV)/.installed
 
@@ -93,6 +93,13 @@ bench: install
 	$(BIN)/python bench/label.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/reliability.py
+
+# The guard on labelling's pace, before a change to the labelling path lands (under 5 minutes on
+# 2 cores): warm and cold throughput against the goals, each the median of three alternated
+# runs, and every step's CPU ms per image. A benchmark: nothing fails on a ratio.
+bench-quick: install
+	$(BIN)/python bench/label.py --n 100 --repeat 3
+	$(BIN)/python bench/overhead.py --n 40
 
 clean-data:
 	rm -rf data/catalogue.db data/catalogue.db-wal data/catalogue.db-shm $(CACHE) data/reports data/demo_clinic

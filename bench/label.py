@@ -11,7 +11,12 @@
 3. Peak RSS of labelling N1 versus N2 images (catalogue rows pointing at the archive's files
    round-robin), each in a fresh process: flat means streamed.
 
-Usage: python bench/label.py [--n 200] [--rss 1000 10000] [--model default] [--device auto]
+A machine's pace drifts by a tenth from one minute to the next (a shared machine's more), so
+each measurement is repeated (``--repeat``, 3) with its baseline alternated beside it, each
+ratio taken against the baseline run next to it, and the median ratio is the one to quote.
+The goals (issue 40) are printed beside it; this is a benchmark, and nothing fails on a ratio.
+
+Usage: python bench/label.py [--n 200] [--repeat 3] [--rss 1000 10000] [--model default] [--device auto]
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +57,18 @@ def catalogue(tmp: Path, archive: Path, name: str):
         return engine, select_images(c, all_images=True)
 
 
-def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
+GOALS = {"warm": 0.9, "cold": 3.0, "cold_reduced": 1.3}  # issue 40, on a 2-core CPU
+
+
+def verdict(ratios: list[float], goal: float) -> str:
+    m = statistics.median(ratios)
+    return (f"median {m:.2f} of {len(ratios)} ({', '.join(f'{r:.2f}' for r in ratios)}): "
+            f"{'meets' if m >= goal else 'misses'} the goal >= {goal:g}")
+
+
+def warm(tmp: Path, archive: Path, model: str, device: str, batch: int, repeat: int = 1) -> list[float]:
+    """End-to-end over model-only throughput on a warm cache, ``repeat`` times (each time into
+    a fresh copy of the catalogue, the model-only pass just before it)."""
     engine, chosen = catalogue(tmp, archive, "warm.db")
     items = chosen.pairs()
     lm = resolve_model(engine, model, device)
@@ -58,23 +76,40 @@ def warm(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
     collect(engine, items, settings, tmp / "cache", progress=False)
     with engine.connect() as c:
         cached = read_cached(c, [u for u, _ in items], settings)
+    engine.dispose()
     xs = [torch.from_numpy(np.stack([model_input(cached[u].image, lm.spec.norm) for u, _ in items[i:i + batch]]))
           for i in range(0, len(items), batch)]
+
+    def model_only() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            for x in xs:
+                x = x.to(lm.device)
+                if lm.device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                torch.sigmoid(lm.module(x)).cpu()
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            return len(items) / (time.perf_counter() - t)
+
     with torch.inference_mode():
         lm.module(xs[0].to(lm.device))
+    ratios = []
+    for n in range(repeat):
+        base = model_only()
+        copy = tmp / f"warm_{n}.db"
+        shutil.copy(tmp / "warm.db", copy)
+        run_engine = D.connect(f"sqlite:///{copy}")
         t = time.perf_counter()
-        for x in xs:
-            x = x.to(lm.device)
-            if lm.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            torch.sigmoid(lm.module(x)).cpu()
-        model_only = len(items) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    s = label(engine, chosen, LabelOptions(model=model, device=device, batch_size=batch, cache_dir=str(tmp / "cache"),
-                                           progress=False))
-    e2e = s.labelled / (time.perf_counter() - t)
-    print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {model_only:.1f} img/s, "
-          f"end to end {e2e:.1f} img/s, ratio {e2e / model_only:.2f} (goal >= 0.9)")
+        s = label(run_engine, chosen, LabelOptions(model=model, device=device, batch_size=batch,
+                                                   cache_dir=str(tmp / "cache"), progress=False))
+        e2e = s.labelled / (time.perf_counter() - t)
+        run_engine.dispose()
+        ratios.append(e2e / base)
+        print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {base:.1f} img/s, "
+              f"end to end {e2e:.1f} img/s, ratio {e2e / base:.2f}", flush=True)
+    print(f"warm: {verdict(ratios, GOALS['warm'])}")
+    return ratios
 
 
 def typical_script(engine, items, lm, reduced_decode: bool = False) -> float:
@@ -100,21 +135,38 @@ def typical_script(engine, items, lm, reduced_decode: bool = False) -> float:
     return len(items.items) / (time.perf_counter() - t)
 
 
-def cold(tmp: Path, archive: Path, model: str, device: str, batch: int) -> None:
-    engine, items = catalogue(tmp, archive, "cold_typical.db")
-    lm = resolve_model(engine, model, device)
-    base = typical_script(engine, items, lm)
-    engine1, items1 = catalogue(tmp, archive, "cold_typical_reduced.db")
-    base_reduced = typical_script(engine1, items1, lm, reduced_decode=True)
-    engine2, items2 = catalogue(tmp, archive, "cold_ours.db")
-    t = time.perf_counter()
-    s = label(engine2, items2, LabelOptions(model=model, device=device, batch_size=batch,
-                                            cache_dir=str(tmp / "cold_cache"), progress=False))
-    ours = s.labelled / (time.perf_counter() - t)
-    print(f"cold cache, {s.labelled} DICOM files, {lm.device}: typical script {base:.1f} img/s, "
-          f"cxrlabel label {ours:.1f} img/s, ratio {ours / base:.2f} (goal >= 3)")
-    print(f"  typical script given label's reduced-size decoders: {base_reduced:.1f} img/s, "
-          f"ratio {ours / base_reduced:.2f}")
+def cold(tmp: Path, archive: Path, model: str, device: str, batch: int, repeat: int = 1
+         ) -> tuple[list[float], list[float]]:
+    """``label`` from the DICOM files over the typical script, and over the typical script
+    given our decoders, ``repeat`` times, the three alternated (each into a fresh catalogue
+    and, for ``label``, a fresh cache)."""
+    fresh, _ = catalogue(tmp, archive, "cold_fresh.db")
+    fresh.dispose()
+    lm = resolve_model(None, model, device)
+
+    def copy(name: str):
+        shutil.copy(tmp / "cold_fresh.db", tmp / name)
+        engine = D.connect(f"sqlite:///{tmp / name}")
+        with engine.connect() as c:
+            return engine, select_images(c, all_images=True)
+
+    plain, reduced = [], []
+    for n in range(repeat):
+        base = typical_script(*copy(f"cold_typical_{n}.db"), lm)
+        base_reduced = typical_script(*copy(f"cold_typical_reduced_{n}.db"), lm, reduced_decode=True)
+        engine, items = copy(f"cold_ours_{n}.db")
+        t = time.perf_counter()
+        s = label(engine, items, LabelOptions(model=model, device=device, batch_size=batch,
+                                              cache_dir=str(tmp / f"cold_cache_{n}"), progress=False))
+        ours = s.labelled / (time.perf_counter() - t)
+        plain.append(ours / base)
+        reduced.append(ours / base_reduced)
+        print(f"cold cache, {s.labelled} DICOM files, {lm.device}: typical script {base:.1f} img/s, "
+              f"given our decoders {base_reduced:.1f} img/s, cxrlabel label {ours:.1f} img/s: "
+              f"ratios {ours / base:.2f} and {ours / base_reduced:.2f}", flush=True)
+    print(f"cold, over the typical script: {verdict(plain, GOALS['cold'])}")
+    print(f"cold, over the typical script given our decoders: {verdict(reduced, GOALS['cold_reduced'])}")
+    return plain, reduced
 
 
 def rss_child(db: str, n: int, model: str, device: str, cache: str) -> None:
@@ -151,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement, alternated; the median is quoted")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--rss-child", nargs=2, metavar=("DB", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -164,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         archive = tmp / "clinic"
         build(args.n, archive, args.data)
-        warm(tmp, archive, args.model, args.device, args.batch)
-        cold(tmp, archive, args.model, args.device, args.batch)
+        warm(tmp, archive, args.model, args.device, args.batch, args.repeat)
+        cold(tmp, archive, args.model, args.device, args.batch, args.repeat)
         if args.rss:
             rss(tmp, archive, args.rss, args.model, args.device)
     return 0
