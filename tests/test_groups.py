@@ -409,3 +409,52 @@ def test_explain_names_the_rules_file_line_that_decided(tmp_path):
     line = int(d.reason.split("rules line ")[1].rstrip(")"))
     assert d.group == "cardiomegaly"
     assert edited.read_text(encoding="utf-8").splitlines()[line - 1] == "  'cor:? увеличено',"
+
+
+def test_a_long_run_of_white_space_reads_as_one_space():
+    """Runs of white space are squeezed before any pattern meets them (a pattern such as
+    ``\\s+`` tried at each character of a run is quadratic: a 20 kB run took 15 s): the
+    clauses, the group and the stated CTR are those of the report written plainly."""
+    from pipeline.groups.reading import budget, clauses, decide
+
+    rules = load_rules()
+    plain = "Cardiomegaly. No effusion, but CTR 0.58.\nNormal lungs."
+    padded = "Cardiomegaly." + " \t" * 100_000 + "No effusion," + " " * 200_000 + "but CTR 0.58.\n \n\n" \
+        + "\u2003" * 50_000 + "Normal lungs."
+    with budget("padded", 30):  # a guard against the quadratic read coming back, far above its pace
+        got = decide(padded, None, rules)
+    assert clauses(padded, rules) == clauses(plain, rules)
+    assert (got.group, got.reason, got.report_ctr) == (lambda d: (d.group, d.reason, d.report_ctr))(
+        decide(plain, None, rules))
+
+
+def test_a_report_or_rules_pattern_that_stalls_is_a_failure_row_and_the_run_goes_on(engine, tmp_path, monkeypatch):
+    """A user's pattern that backtracks exponentially (``(a+)+$``) on one report: that image
+    gets no group and a `failures` row naming it; every other report is read, on both
+    databases; `groups explain` of it stops with the same line."""
+    from pipeline.groups import reading
+
+    monkeypatch.setattr(reading, "REPORT_TIMEOUT", 0.3)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[group]]\nname = "cardiomegaly"\nmatch = ["cardiomegaly", "(a+)+$"]\n'
+                     '[[group]]\nname = "healthy"\nmatch = ["normal"]\n')
+    reports = {"u1": "Cardiomegaly.", "u2": "a" * 60 + "b", "u3": "Normal heart."}
+    with engine.begin() as c:
+        for uid, report in reports.items():
+            c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'csv', :t, '2026-01-01')"),
+                      {"u": uid, "t": report})
+    counts = G.assign(engine, load_rules(rules), progress=False)
+    assert counts == {"cardiomegaly": 1, "healthy": 1, "(no group)": 1}
+    with engine.connect() as c:
+        assert dict(c.execute(text("SELECT uid, group_name FROM groups")).all()) == {"u1": "cardiomegaly",
+                                                                                  "u3": "healthy"}
+        failed = c.execute(text("SELECT stage, uid, message FROM failures")).all()
+    assert [(f.stage, f.uid) for f in failed] == [("groups", "u2")]
+    assert "longer than 0.3 s" in failed[0].message and "CXRLABEL_REPORT_TIMEOUT" in failed[0].message
+    with pytest.raises(reading.ReportTimeout, match="u2: reading its report took longer"):
+        G.explain(engine, "u2", load_rules(rules))
+    # read again without the stalling pattern, the failure is cleared
+    rules.write_text('[[group]]\nname = "cardiomegaly"\nmatch = ["cardiomegaly"]\n')
+    G.assign(engine, load_rules(rules), progress=False)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM failures")).scalar() == 0

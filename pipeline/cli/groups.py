@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline import groups as G
-from pipeline.cli.common import emit, emit_json, engine_of, handle_errors, json_option
+from pipeline.cli.common import batch_exit, emit, emit_json, engine_of, handle_errors, json_option
 
 
 @click.group()
@@ -27,9 +27,18 @@ def groups_assign(ctx, rules) -> None:
     Example:
         cxrlabel groups assign --rules my_clinic_rules.toml
     """
-    counts = G.assign(engine_of(ctx), G.load_rules(rules))
+    from pipeline import db as D
+    from pipeline.failures import list_failures, summary
+    engine = engine_of(ctx)
+    started = D.utcnow()
+    counts = G.assign(engine, G.load_rules(rules))
     for name, n in sorted(counts.items()):
         click.echo(f"{name:>14}  {n}" + ("  (group_name NULL in the views)" if name == G.NO_GROUP else ""))
+    total = sum(counts.values())
+    for line in summary(engine, "groups", started, total):
+        click.echo(line)
+    failed = len(list_failures(engine, "groups", started))
+    batch_exit(total - failed, failed)
 
 
 @groups.command("coverage")

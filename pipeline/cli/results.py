@@ -128,7 +128,7 @@ FAILURES_SHOWN = 50  # rows the table shows unless --limit says otherwise
 
 
 @click.command("failures")
-@click.option("--stage", type=click.Choice(["collect", "label"]), help="Only this stage's failures.")
+@click.option("--stage", type=click.Choice(["collect", "label", "groups"]), help="Only this stage's failures.")
 @click.option("--since", "since_run", type=click.IntRange(min=1), metavar="RUN",
               help="Only failures seen since label run RUN started.")
 @click.option("--limit", type=click.IntRange(min=1),

@@ -3,6 +3,7 @@ phrasings each group and the ungrouped reports hold (phrases, never whole report
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -11,15 +12,19 @@ from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
 from pipeline import db as D
-from pipeline.groups.reading import clauses, decide
+from pipeline.groups.reading import Decision, ReportTimeout, budget, clauses, decide
 from pipeline.groups.rules import GroupsError, Rules, load_rules
 from pipeline.groups.selections import NO_GROUP
+
+log = logging.getLogger(__name__)
 
 
 def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
            progress: bool = True) -> dict[str, int]:
     """(Re)assign every catalogued image; returns counts per group (``None``: no group).
-    Also stores the CTR each report states (``images.report_ctr``; NULL where none)."""
+    Also stores the CTR each report states (``images.report_ctr``; NULL where none). A report
+    whose reading runs past :data:`pipeline.groups.reading.REPORT_TIMEOUT` gets no group and a
+    ``failures`` row (stage ``groups``) naming it; the run goes on."""
     rules = rules or load_rules()
     counts: dict[str, int] = {}
     with engine.connect() as conn:
@@ -36,9 +41,15 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
             if not rows:
                 break
             now = D.utcnow()
-            out, ctrs = [], []
+            out, ctrs, read, stalled = [], [], [], []
             for uid, text, labels, stored_ctr in rows:
-                d = decide(text, labels, rules)
+                try:
+                    with budget(uid):
+                        d = decide(text, labels, rules)
+                    read.append(uid)
+                except ReportTimeout as timeout:  # one pathological report is a failure row, not a stalled run
+                    stalled.append((uid, timeout))
+                    d = Decision(None, "report not read: it took too long")
                 counts[d.group or NO_GROUP] = counts.get(d.group or NO_GROUP, 0) + 1
                 if d.group:
                     out.append({"uid": uid, "group_name": d.group, "rule": d.reason[:500], "assigned_at": now})
@@ -50,6 +61,9 @@ def assign(engine: Engine, rules: Rules | None = None, batch_size: int = 5000,
                 conn.execute(D.groups.insert(), out)
             if ctrs:
                 conn.execute(set_ctr, ctrs)
+            D.clear_failures(conn, "groups", read)
+            for uid, why in stalled:
+                D.record_failure(conn, "groups", uid, why)
             last = rows[-1].uid
         bar.update(len(rows))
     bar.close()
@@ -94,7 +108,13 @@ def coverage(engine: Engine, rules: Rules | None = None, top: int = 20, group: s
                 break
             for uid, text, name in rows:
                 seen = set()
-                for c in clauses(text or "", rules):
+                try:
+                    with budget(uid):
+                        read = clauses(text or "", rules)
+                except ReportTimeout as e:
+                    log.warning("%s; left out of the phrasings", e)
+                    continue
+                for c in read:
                     ph = phrase(c)
                     if ph and ph not in seen:  # a report counts once per phrasing
                         seen.add(ph)
@@ -119,7 +139,8 @@ def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
                               f"catalogue LIMIT 5\"` for its uids")
         stored = conn.execute(select(D.groups.c.group_name, D.groups.c.rule, D.groups.c.assigned_at)
                               .where(D.groups.c.uid == uid)).first()
-    d = decide(row.text, row.labels, rules, trace=True)
+    with budget(uid):
+        d = decide(row.text, row.labels, rules, trace=True)
     return {"uid": uid, "text": row.text, "labels": row.labels, "rules": rules.source,
             "stored_group": stored.group_name if stored else None, "stored_rule": stored.rule if stored else None,
             "group": d.group, "reason": d.reason, "report_ctr": d.report_ctr, "steps": d.steps}

@@ -3,18 +3,50 @@ referral's question), a CTR the report states, and the group decided with its st
 
 from __future__ import annotations
 
+import os
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pipeline.groups.rules import GroupRule, Rules, fold
+from pipeline.groups.rules import GroupRule, GroupsError, Rules, fold
+from pipeline.limits import time_limit
+
+# The most one report's reading may take (seconds; 0: no limit). A report reads in about half a
+# millisecond; one that takes longer than this is pathological (a megabyte of repeated clauses)
+# or meets a rules pattern that backtracks (`(a+)+$`): it is recorded as a failure, not waited on.
+REPORT_TIMEOUT = float(os.environ.get("CXRLABEL_REPORT_TIMEOUT", "1"))
+
+
+class ReportTimeout(GroupsError):
+    pass
+
+
+def budget(uid: str, seconds: float | None = None) -> AbstractContextManager[None]:
+    """Raise :class:`ReportTimeout` naming ``uid`` when reading its report runs past
+    ``seconds`` (default :data:`REPORT_TIMEOUT`; :func:`pipeline.limits.time_limit`)."""
+    limit = REPORT_TIMEOUT if seconds is None else seconds
+    return time_limit(limit, lambda: ReportTimeout(
+        f"{uid}: reading its report took longer than {limit:g} s (a pathological report, or a rules pattern "
+        "that backtracks): it has no group; see `cxrlabel groups explain` and the rules' patterns, or raise "
+        "CXRLABEL_REPORT_TIMEOUT"))
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def squeezed(text: str) -> str:
+    """``text`` with each run of white space as one character: a line break where the run
+    holds one (a sentence ends there), else a space. Linear in the text's length, so the rules'
+    patterns never meet a long run (``\\s+`` tried at each of its characters is quadratic)."""
+    return _SPACE.sub(lambda m: "\n" if "\n" in m.group(0) else " ", text)
 
 
 def clauses(text: str, rules: Rules) -> list[str]:
     """The report's clauses, lower-cased, runs of white space read as one: sentences (``sentence_split``; each keeps a
     closing '?', which reads as doubt) cut at contrasting conjunctions (``clause_split``:
     "but", "но", "однако"...). A finding's negation or doubt never reaches past its clause."""
-    low = fold(text.lower())
+    low = squeezed(fold(text.lower()))
     out, start = [], 0
     for m in rules.split.finditer(low):
         out.append(low[start:m.start()] + ("?" if "?" in m.group(0) else ""))
@@ -139,7 +171,7 @@ def report_ctr(text: str | None, rules: Rules) -> ReportCtr | None:
     """The first plausible (0.2-0.9) CTR the report states (``report_ctr`` of the rules), or None."""
     if not text or rules.ctr is None:
         return None
-    for m in rules.ctr.finditer(fold(text.lower())):
+    for m in rules.ctr.finditer(squeezed(fold(text.lower()))):
         v = float(m.group("value").replace(",", "."))
         v = v / 100 if v > 1.5 else v
         if 0.2 <= v <= 0.9:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import CxrlabelError
+from pipeline.regular import read_text
 from pipeline.resources import resource
 
 
@@ -72,15 +73,15 @@ def _compile(patterns: list[str], where: str) -> list[re.Pattern]:
 def load_rules(path: str | Path | None = None) -> Rules:
     """Parse and compile a rules file (default: the shipped English/Russian rules)."""
     path = Path(path) if path else resource("rules", "default.toml")
+    if not path.exists():
+        raise GroupsError(f"rules file {path} not found")
+    text = read_text(path, GroupsError, "rules file")
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise GroupsError(f"rules file {path} not found") from None
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise GroupsError(f"rules file {path} is not valid TOML: {e}") from e
     _validate(raw, path)
-    text_lines = Path(path).read_text(encoding="utf-8").splitlines()
+    text_lines = text.splitlines()
     groups = []
     for g in raw["group"]:
         match = _compile(g["match"], f"{path} {g['name']}.match")
