@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import CxrlabelError
 from pipeline import db as D
+from pipeline.regular import read_text
 from pipeline.resources import ready_queries
 
 FETCH = 1000  # rows per round trip
@@ -77,9 +78,9 @@ def statement(sql: str) -> str:
         return ready[sql].read_text()
     if sql.endswith(".sql"):
         path = Path(sql)
-        if not path.is_file():
+        if not path.exists():
             raise QueryError(f"{sql}: no such file; ready queries: {', '.join(ready)}")
-        return path.read_text()
+        return read_text(path, QueryError, "query file")
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sql.strip()) and sql.strip().upper() not in ("TABLE", "VALUES"):
         import difflib
         close = difflib.get_close_matches(sql.strip(), list(ready), n=1)

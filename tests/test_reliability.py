@@ -431,3 +431,50 @@ def test_a_later_process_pool_starts_with_the_pipelines_worker_modules_imported(
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['pipeline.collect', 'pipeline.label', 'torch']", done.stdout
+
+
+def test_every_file_a_user_names_is_opened_only_when_it_is_a_regular_file(engine, tmp_path):
+    """A FIFO given where a rules file, a CSV, a reports table, an OpenI archive or a .sql
+    file belongs is refused at once with a line naming it (it blocked for ever before), and a
+    folder in a file's place likewise."""
+    from pipeline.catalogue import CatalogueError
+    from pipeline.groups import GroupsError, load_rules
+    from pipeline.results import QueryError, statement
+
+    fifo = tmp_path / "pipe.sql"
+    os.mkfifo(fifo)
+    with pytest.raises(GroupsError, match="pipe.sql: a FIFO .named pipe., not a regular file"):
+        load_rules(fifo)
+    with pytest.raises(CatalogueError, match="a FIFO"):
+        C.load_csv(engine, fifo, {"uid": "id"}, progress=False)
+    with pytest.raises(CatalogueError, match="a FIFO"):
+        C.load_nih(engine, fifo, progress=False)
+    with pytest.raises(CatalogueError, match="a FIFO"):
+        C.load_openi(engine, fifo, progress=False)
+    with pytest.raises(CatalogueError, match="a FIFO"):
+        C.load_dicom(engine, DICOM, workers=1, text_csv=fifo, progress=False)
+    with pytest.raises(QueryError, match="a FIFO"):
+        statement(str(fifo))
+    folder = tmp_path / "folder.sql"
+    folder.mkdir()
+    with pytest.raises(QueryError, match="a folder"):
+        statement(str(folder))
+    with pytest.raises(GroupsError, match="a folder"):
+        load_rules(folder)
+    # a rules file that is not UTF-8 gets one line too
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('[[group]]\nname = "c"\nmatch = ["cardiom\xe9galie"]\n'.encode("latin-1"))
+    with pytest.raises(GroupsError, match="latin.toml: the rules file is not UTF-8"):
+        load_rules(latin)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM images")).scalar() == 0
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "base64", "hex", "punycode"])
+def test_an_encoding_that_is_no_text_files_is_refused(engine, tmp_path, encoding):
+    from pipeline.catalogue import CatalogueError
+
+    path = tmp_path / "c.csv"
+    path.write_text("id,report\nu1,cardiomegaly\n")
+    with pytest.raises(CatalogueError, match="not a text file's encoding"):
+        C.load_csv(engine, path, {"uid": "id", "text": "report"}, encoding=encoding, progress=False)

@@ -11,14 +11,17 @@ from sqlalchemy.engine import Engine
 
 from pipeline.catalogue.records import CatalogueError, Item, LoadSummary, Problem, store
 from pipeline.catalogue.tables import _file_index
+from pipeline.regular import open_regular
 
 
 def load_openi(engine: Engine, source: Path, image_root: Path | None = None,
                progress: bool = True) -> LoadSummary:
     """OpenI ``NLMCXR_reports.tgz``: FINDINGS + IMPRESSION per parent image, MeSH as reference."""
+    raw = open_regular(source, CatalogueError, only="give the reports' .tgz file itself")
     try:
-        tar = tarfile.open(source, "r:*")
+        tar = tarfile.open(fileobj=raw, mode="r:*")
     except (tarfile.TarError, OSError) as e:
+        raw.close()
         raise CatalogueError(f"{source}: not a tar archive of OpenI reports ({e})") from e
     members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".xml")]
     if not members:

@@ -29,12 +29,16 @@ from pipeline.catalogue.records import (
     parse_sex,
     store,
 )
+from pipeline.regular import open_regular
 
 
 def _open_bytes(path: Path) -> io.BufferedIOBase:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+    """The table's bytes, gunzipped when it is gzip; a CatalogueError for anything but a
+    regular file (a FIFO in its place is refused, never waited on)."""
+    f = open_regular(path, CatalogueError, only="give the table's file itself")
+    gz = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return gzip.GzipFile(fileobj=f, mode="rb") if gz else f  # type: ignore[return-value]
 
 
 def _decoded_lines(raw: Iterable[bytes], encoding: str, bad: set[int]) -> Iterator[str]:
@@ -57,9 +61,12 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
         raise CatalogueError(f"{path} is a folder: this format takes one CSV file (a folder of DICOM "
                              "files loads with `catalogue load dicom`)")
     try:
-        codecs.lookup(encoding)
+        codec = codecs.lookup(encoding)
     except LookupError:
         raise CatalogueError(f"--encoding {encoding!r}: unknown text encoding; e.g. utf-8, cp1251, latin-1") from None
+    # rot13, base64, hex... are transforms, punycode and idna encode host names: none is a file's encoding
+    if not getattr(codec, "_is_text_encoding", True) or codec.name in ("punycode", "idna"):
+        raise CatalogueError(f"--encoding {encoding!r}: not a text file's encoding; e.g. utf-8, cp1251, latin-1")
     delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
     if len(delimiter) != 1:
         raise CatalogueError(f"--delimiter {delimiter!r}: one character, e.g. ',' ';' or '\\t' for a tab")

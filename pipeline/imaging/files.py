@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import stat
 import struct
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, regular
+from pipeline.limits import time_limit
+from pipeline.regular import _KINDS, kind_of  # noqa: F401  (re-exported)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # stripped from a file's name to make its uid
 
@@ -51,58 +49,22 @@ class DecodeTimeout(DecodeError):
 
 DECODE_TIMEOUT = float(os.environ.get("CXRLABEL_DECODE_TIMEOUT", "120"))  # seconds a decode may take
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
-
-
-def kind_of(mode: int) -> str:
-    """What a file of ``st_mode`` is, in words, for a message."""
-    return next((words for test, words in _KINDS if test(mode)), "not a regular file")
-
 
 def open_regular(path: str | Path):
     """``path`` opened for binary reading when it is a regular file (links followed);
-    :class:`NotARegularFile` naming what it is otherwise. Opened without blocking and checked
-    on the open descriptor, so a FIFO put in a file's place never makes it wait."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError as e:
-        raise DecodeError(f"{path}: file not found") from e
-    except OSError as e:  # ENXIO: a FIFO or socket nobody writes to; EACCES...
-        raise DecodeError(f"{path}: cannot be opened ({e.strerror or e})") from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"{path}: {kind_of(mode)}, not a regular file: only image files are read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    :class:`NotARegularFile` naming what it is otherwise (:func:`pipeline.regular.open_regular`:
+    a FIFO put in a file's place never makes it wait)."""
+    return regular.open_regular(path, DecodeError, NotARegularFile, "only image files are read")
 
 
-@contextlib.contextmanager
-def deadline(seconds: float, what: str) -> Iterator[None]:
-    """Raise :class:`DecodeTimeout` in the block once it has run ``seconds``. Works where
-    decoding runs, in a process's main thread (pool workers, Ray tasks, a single-process
-    collect; POSIX); elsewhere the block simply runs. Python code is stopped at once; a
-    decoder's C loop when it returns, and its work is bounded beforehand by the header checks
+def deadline(seconds: float, what: str) -> contextlib.AbstractContextManager[None]:
+    """Raise :class:`DecodeTimeout` in the block once it has run ``seconds``
+    (:func:`pipeline.limits.time_limit`: in a process's main thread, as pool workers, Ray
+    tasks and a single-process collect decode). Python code is stopped at once; a decoder's C
+    loop when it returns, and its work is bounded beforehand by the header checks
     (:func:`check_dimensions`, :func:`check_codestream`)."""
-    if (seconds <= 0 or not hasattr(signal, "setitimer")
-            or threading.current_thread() is not threading.main_thread()):
-        yield
-        return
-
-    def expired(_signum, _frame):
-        raise DecodeTimeout(f"{what}: decoding took longer than {seconds:g} s (CXRLABEL_DECODE_TIMEOUT)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return time_limit(seconds, lambda: DecodeTimeout(
+        f"{what}: decoding took longer than {seconds:g} s (CXRLABEL_DECODE_TIMEOUT)"))
 
 
 def check_dimensions(path: Path | str, height: int, width: int, frames: int = 1) -> None:
