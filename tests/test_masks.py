@@ -140,3 +140,69 @@ def test_png_dirs_errors(sqlite_engine, tmp_path):
         M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "mask/heart"}, lungs="sideways")
     with pytest.raises(M.MaskImportError, match="structure.csv"):
         M.import_generalblockchain(sqlite_engine, tmp_path)
+
+
+def test_png_dirs_never_rewrites_another_sources_image(sqlite_engine, tmp_path):
+    """A png-dirs file named as a catalogued DICOM (another source, another size) is left out
+    and the DICOM's row, and what was labelled on it, stay as they were; under a prefix it
+    imports beside it. Two files of one stem are both left out."""
+    from pipeline import catalogue as C
+    from tests.conftest import DICOM
+
+    C.load_dicom(sqlite_engine, DICOM, workers=1, progress=False)
+    with sqlite_engine.connect() as c:
+        before = c.execute(select(D.images).where(D.images.c.uid == "RG1_UNCR")).mappings().one()
+    _png_dirs(tmp_path)
+    (tmp_path / "png" / "case1.png").rename(tmp_path / "png" / "RG1_UNCR.png")
+    (tmp_path / "mask" / "heart" / "case1.png").rename(tmp_path / "mask" / "heart" / "RG1_UNCR.png")
+    cv2.imwrite(str(tmp_path / "png" / "coll.png"), np.full((300, 300), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "png" / "coll.jpg"), np.full((300, 300), 90, np.uint8))
+    s = M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "mask/heart"}, source="wingspan")
+    assert (s.images, s.masks, s.skipped) == (0, 0, 3)
+    with sqlite_engine.connect() as c:
+        after = c.execute(select(D.images).where(D.images.c.uid == "RG1_UNCR")).mappings().one()
+        assert c.execute(select(func.count()).select_from(D.masks)).scalar() == 0
+        assert c.execute(select(func.count()).select_from(D.images).where(D.images.c.uid == "coll")).scalar() == 0
+    assert dict(after) == dict(before)
+    s = M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "mask/heart"}, source="wingspan",
+                          uid_prefix="ws_")
+    assert (s.images, s.masks) == (1, 1)
+    with sqlite_engine.connect() as c:
+        row = c.execute(select(D.images).where(D.images.c.uid == "ws_RG1_UNCR")).mappings().one()
+        assert (row["source"], row["height"], row["width"]) == ("wingspan", 512, 512)
+        assert dict(c.execute(select(D.images).where(D.images.c.uid == "RG1_UNCR")).mappings().one()) == dict(before)
+    # the same set imported again from another folder is the same images: their path follows
+    moved = tmp_path / "moved"
+    (tmp_path / "png").rename(moved)
+    (moved / "coll.jpg").unlink()
+    s = M.import_png_dirs(sqlite_engine, tmp_path, images="moved", masks={"heart": "mask/heart"}, source="wingspan",
+                          uid_prefix="ws_")
+    assert (s.images, s.skipped) == (2, 0)
+    with sqlite_engine.connect() as c:
+        path = c.execute(select(D.images.c.path).where(D.images.c.uid == "ws_RG1_UNCR")).scalar()
+    assert path == str((moved / "RG1_UNCR.png").resolve())
+
+
+def test_a_mask_past_the_decoding_budget_is_one_skipped_image(sqlite_engine, tmp_path):
+    """A 16-bit mask PNG that claims 10000 x 10000 pixels (100 megapixels, 200 MB decoded;
+    the red team's 30000 x 30000 one reached 5.3 GB) is refused from its header: that image
+    is left out and the rest of the folder imports."""
+    import struct
+    import zlib
+
+    _png_dirs(tmp_path)
+    img = cv2.imread(str(tmp_path / "png" / "case1.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "png" / "case2.png"), img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    side = 10_000
+    body = zlib.compressobj(9)
+    idat = body.compress((b"\0" + b"\0" * 2 * side) * side) + body.flush()
+    (tmp_path / "mask" / "heart" / "case2.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    s = M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "mask/heart"})
+    assert (s.images, s.masks, s.skipped) == (2, 1, 1)
+    with sqlite_engine.connect() as c:
+        assert set(M.load_masks(c, ["case1", "case2"])) == {"case1"}

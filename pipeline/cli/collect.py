@@ -74,9 +74,11 @@ def masks() -> None:
 @click.option("--source", default="annotated", show_default=True, help="png-dirs: images.source.")
 @click.option("--lungs", type=click.Choice(["scr", "behind-heart"]), default="scr", show_default=True,
               help="png-dirs: how the set draws the lungs: scr (no pixel behind the heart) or behind-heart.")
+@click.option("--uid-prefix", default="", help="png-dirs: put this before each file's name to make its uid "
+                                                "(for a set whose names the catalogue already uses).")
 @click.pass_context
 @handle_errors
-def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs) -> None:
+def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs, uid_prefix) -> None:
     """Catalogue an annotated set's images and store its masks as manual masks, recording
     what the set's structures mean (`mask_sources`): training takes from each source only
     what it defines, and a lung pixel a source also drew as heart teaches nothing.
@@ -92,10 +94,10 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs) -> None:
     if fmt == "generalblockchain":
         s = M.import_generalblockchain(engine, directory)
     else:
-        s = M.import_png_dirs(engine, directory, images, M.parse_mask_dirs(mask_dirs), source, lungs)
+        s = M.import_png_dirs(engine, directory, images, M.parse_mask_dirs(mask_dirs), source, lungs, uid_prefix)
     click.echo(f"{directory}: {s.images} images, {s.masks} masks stored"
-               + (f", {s.skipped} skipped (unreadable, or a mask of another size: see the warnings)"
-                  if s.skipped else ""))
+               + (f", {s.skipped} left out (unreadable, a mask of another size, or a name the catalogue uses for "
+                  "another image: see the warnings)" if s.skipped else ""))
 
 
 COMMANDS = [collect_cmd, masks]

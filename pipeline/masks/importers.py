@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -55,7 +58,12 @@ def _foreground(path: Path) -> np.ndarray:
             data = np.frombuffer(f.read(), np.uint8)
     except CxrlabelError as e:
         raise MaskImportError(str(e)) from None
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if data.size:
+        _check_mask_size(path, data)
+    try:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except (cv2.error, MemoryError) as e:
+        raise MaskImportError(f"{path}: mask file unreadable ({type(e).__name__})") from None
     if arr is None:
         raise MaskImportError(f"{path}: mask file missing or unreadable")
     if arr.ndim == 3:
@@ -63,6 +71,30 @@ def _foreground(path: Path) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = (arr.astype(np.float32) / np.iinfo(arr.dtype).max * 255).astype(np.uint8)
     return arr
+
+
+def _check_mask_size(path: Path, data: np.ndarray) -> None:
+    """Refuse, from its header alone, a mask file that would decode past the images' budget
+    (:data:`pipeline.imaging.MAX_PIXELS`: a 1.7 MB 16-bit PNG can claim 30000 x 30000 pixels,
+    5.3 GB decoded)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.imaging import MAX_PIXELS
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb warning: the budget below says it plainly
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as e:  # past twice PIL's limit, far past ours
+        raise MaskImportError(f"{path}: a mask past the decoding budget of {MAX_PIXELS / 1e6:.0f} megapixels "
+                              f"({e})") from None
+    except Exception:  # noqa: BLE001 - what PIL cannot read, OpenCV may: its own check follows
+        return
+    if width * height > MAX_PIXELS:
+        raise MaskImportError(f"{path}: a mask of {width} x {height} pixels, more than the decoding budget of "
+                              f"{MAX_PIXELS / 1e6:.0f} megapixels: not a chest film's mask")
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -104,7 +136,14 @@ def _generalblockchain_metadata(root: Path) -> dict[str, dict]:
 
 
 def _paste(row: dict, root: Path) -> np.ndarray:
-    w, h = (int(v) for v in row["Resolution"].lower().split("x"))
+    from pipeline.imaging import MAX_PIXELS
+    try:
+        w, h = (int(v) for v in row["Resolution"].lower().split("x"))
+    except ValueError:
+        raise MaskImportError(f"{row['Mask']}: Resolution {row['Resolution']!r} is not WIDTHxHEIGHT") from None
+    if not (0 < w and 0 < h and w * h <= MAX_PIXELS):
+        raise MaskImportError(f"{row['Mask']}: Resolution {w}x{h} is outside the decoding budget of "
+                              f"{MAX_PIXELS / 1e6:.0f} megapixels")
     crop = _foreground(root / row["Mask"]) > 0
     top, left = int(float(row["Top"])), int(float(row["Left"]))
     canvas = np.zeros((h, w), bool)
@@ -136,10 +175,15 @@ def import_generalblockchain(engine: Engine, root: Path) -> ImportSummary:
             "text": m.get("finding") or None, "license": m.get("license") or None,
         }
         union: dict[str, np.ndarray] = {}
-        for structure, row in entries:  # a structure drawn in several pieces: their union
-            mask = _paste(row, root)
-            union[structure] = mask | union[structure] if structure in union else mask
-            image["height"], image["width"] = mask.shape
+        try:
+            for structure, row in entries:  # a structure drawn in several pieces: their union
+                mask = _paste(row, root)
+                union[structure] = mask | union[structure] if structure in union else mask
+                image["height"], image["width"] = mask.shape
+        except (MaskImportError, OSError, ValueError, MemoryError) as e:  # one bad mask never stops the import
+            log.warning("%s: left out: %s", uid, e)
+            summary.skipped += 1
+            continue
         rows = [mask_row(uid, s, m) for s, m in sorted(union.items())]
         _store(engine, [image], rows)
         summary.images += 1
@@ -180,7 +224,7 @@ def parse_mask_dirs(pairs: Sequence[str]) -> dict[str, str] | None:
 
 def import_png_dirs(engine: Engine, root: Path, images: str = "images",
                     masks: dict[str, str] | None = None, source: str = "annotated",
-                    lungs: str = "scr") -> ImportSummary:
+                    lungs: str = "scr", uid_prefix: str = "") -> ImportSummary:
     """One folder of images and one folder per structure of same-named masks.
 
     ``masks`` maps structure (:data:`TRAINED`: a heart-only outline is ``heart``, a
@@ -188,6 +232,12 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     ``{s: f"masks/{s}" for s in STRUCTURES}``. A mask is foreground above half its range.
     ``lungs``: how the source draws the lungs (:data:`LUNG_CONVENTIONS`). The source's
     definitions are recorded in ``mask_sources``.
+
+    An image's uid is ``uid_prefix`` and its file's stem. The import never changes the file,
+    source or size of an image the catalogue holds (:func:`_other_image`: a DICOM of the same
+    name): that image is left out with a line naming it and the way out (``uid_prefix``). Two
+    files of one stem (``a.png``, ``a.jpg``) are both left out: which one the masks belong to
+    is not known.
     """
     root = Path(root)
     masks = masks or {s: f"masks/{s}" for s in STRUCTURES}
@@ -207,17 +257,32 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     if not files:
         raise MaskImportError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     summary = ImportSummary()
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(uid_prefix + path.stem, []).append(path)
+    for uid, clash in by_stem.items():
+        if len(clash) > 1:
+            log.warning("%s: %s share this uid; both left out: rename one (or keep one) and import again", uid,
+                        " and ".join(p.name for p in clash))
+            summary.skipped += len(clash)
+    files = [p for p in files if len(by_stem[uid_prefix + p.stem]) == 1]
+    existing = _catalogued(engine, [uid_prefix + p.stem for p in files])
     for path in tqdm(files, desc=f"masks {root.name}", unit="img"):
-        uid = path.stem
+        uid = uid_prefix + path.stem
         try:
             h, w = _image_size(path)
         except (CxrlabelError, OSError, ValueError, AttributeError) as e:  # one bad image never stops the import
             log.warning("%s: image left out: %s", uid, e)
             summary.skipped += 1
             continue
+        if (why := _other_image(existing.get(uid), source, path.resolve(), h, w)) is not None:
+            log.warning("%s: the catalogue holds %s; left out, the stored image unchanged: import this folder "
+                        "under other uids with --uid-prefix (e.g. --uid-prefix %s_)", uid, why, source)
+            summary.skipped += 1
+            continue
         rows = []
         for structure, sub in masks.items():
-            found = _same_stem(root / sub, uid)
+            found = _same_stem(root / sub, path.stem)
             if found is None:
                 continue
             try:
@@ -238,6 +303,30 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     with engine.begin() as conn:
         record_source(conn, source, definitions)
     return summary
+
+
+def _catalogued(engine: Engine, uids: Sequence[str]) -> dict[str, Any]:
+    """The catalogue's rows (source, path, height, width) of those of ``uids`` it holds."""
+    t = D.images
+    with engine.connect() as conn:
+        return {r.uid: r for r in D.rows_in(conn, select(t.c.uid, t.c.source, t.c.path, t.c.height, t.c.width),
+                                           t.c.uid, list(uids))}
+
+
+def _other_image(row: Any, source: str, path: Path, height: int, width: int) -> str | None:
+    """What makes the catalogued ``row`` another image than this source's file of this size
+    (None: none is stored, or it is this one: a catalogue row without a file, a clinic's
+    report by this name, takes the file and its masks; one of this source in another folder
+    takes the new path)."""
+    if row is None:
+        return None
+    other_file = row.path is not None and row.path != str(path)
+    if other_file and row.source != source:
+        return f"an image of source {row.source!r} under this uid ({row.path})"
+    if row.height is not None and row.width is not None and (row.height, row.width) != (height, width):
+        return (f"an image of {row.width} x {row.height} pixels under this uid ({row.path or 'no file'}), "
+                f"this one {width} x {height}")
+    return None
 
 
 def _same_stem(folder: Path, stem: str) -> Path | None:
