@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -177,18 +177,29 @@ def polygons_of(mask: np.ndarray, detail: float = 0.003) -> list[list[list[int]]
     return out
 
 
+MAX_COORDINATE = 1e6  # pixels: far beyond any film's side (clipped to it), short of a float's overflow
+
+
+def _point(p: Any) -> bool:
+    """``[x, y]``: two numbers (JSON numbers: int or float, never a bool or a string) within
+    :data:`MAX_COORDINATE` (an integer of 400 digits overflows a float)."""
+    return (isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            and all(-MAX_COORDINATE <= v <= MAX_COORDINATE for v in p))
+
+
 def mask_of(polygons: Sequence[Sequence[Sequence[float]]], height: int, width: int) -> np.ndarray:
     """A ``(height, width)`` bool mask filled from polygons in original pixels, checked first."""
     if not isinstance(polygons, (list, tuple)) or not polygons:
         raise ReviewError("a corrected structure needs at least one polygon")
     parts = []
     for poly in polygons:
-        try:
-            pts = np.asarray(poly, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ReviewError("a polygon must be a list of [x, y] points") from None
-        if pts.ndim != 2 or pts.shape[1] != 2 or not 3 <= len(pts) <= MAX_VERTICES:
-            raise ReviewError(f"a polygon needs 3 to {MAX_VERTICES} [x, y] points, got shape {pts.shape}")
+        if not isinstance(poly, (list, tuple)) or not 3 <= len(poly) <= MAX_VERTICES:
+            raise ReviewError(f"a polygon needs 3 to {MAX_VERTICES} [x, y] points")
+        if not all(_point(p) for p in poly):
+            raise ReviewError(f"a polygon's points are [x, y] pairs of finite numbers within "
+                              f"±{MAX_COORDINATE:g} pixels")
+        pts = np.asarray(poly, dtype=np.float64)
         if not np.all(np.isfinite(pts)):
             raise ReviewError("polygon points must be finite numbers")
         pts[:, 0] = np.clip(pts[:, 0], 0, width - 1)
@@ -268,6 +279,26 @@ def display_png(engine: Engine, uid: str, side: int = DISPLAY_SIDE) -> tuple[byt
     return buf.getvalue(), scale
 
 
+MAX_NOTE = 2000  # characters of a review's note
+
+
+def _text(value: Any, what: str, limit: int) -> str:
+    """``value`` as a review stores it: a string of valid Unicode (no lone surrogate, which
+    JSON's ``"\\ud800"`` gives) without NUL, at most ``limit`` characters; a
+    :class:`ReviewError` naming ``what`` otherwise, never a silent coercion."""
+    if not isinstance(value, str):
+        raise ReviewError(f"{what} must be a string, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ReviewError(f"{what} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReviewError(f"{what} is not valid text (a lone surrogate, e.g. \\ud800)") from None
+    if len(value) > limit:
+        raise ReviewError(f"{what} is longer than {limit} characters")
+    return value
+
+
 def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decision: str,
          structure: str = "", polygons: dict[str, list] | None = None, note: str | None = None) -> dict:
     """Store one decision on ``uid``'s masks by ``model``; returns the image's new view.
@@ -276,9 +307,13 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
     structure), or 'corrected' with ``polygons`` ``{structure: [polygon, ...]}`` in original
     pixels. ``seen``: the version the reviewer saw. Refused (:class:`ReviewConflict`) when a
     structure it touches was saved by somebody after ``seen``."""
-    reviewer = (reviewer or "").strip()[:100]
+    reviewer = _text(reviewer, "reviewer", 100).strip()
     if not reviewer:
         raise ReviewError("a review needs the reviewer's name: --reviewer NAME, or type it on the page")
+    note = _text(note, "note", MAX_NOTE) if note is not None else None
+    for value, what in ((decision, "decision"), (structure, "structure")):
+        if not isinstance(value, str):
+            raise ReviewError(f"{what} must be a string, not {type(value).__name__}")
     if decision not in DECISIONS:
         raise ReviewError(f"unknown decision {decision!r}: one of {', '.join(DECISIONS)}")
     if structure and structure not in STRUCTURES:
@@ -289,7 +324,7 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
         touched = sorted(polygons)
     else:
         touched = [structure]
-    if not isinstance(seen, int) or seen < 0:
+    if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
         raise ReviewError("seen must be the version the page loaded (a whole number)")
     now = D.utcnow()
     try:
@@ -299,6 +334,10 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
             if here is None:
                 raise ReviewError(f"image {uid!r} has no labels by model {model!r}: run `cxrlabel label` first")
             r = D.reviews
+            stored = conn.execute(select(func.max(r.c.version)).where(r.c.uid == uid, r.c.model == model)).scalar()
+            if seen > (stored or 0):  # versions are the server's: a page never runs ahead of them
+                raise ReviewConflict(f"{uid}: the page says version {seen}, the stored one is {stored or 0}: reload "
+                                     "the image and save again", [])
             later = conn.execute(select(r.c.reviewer, r.c.at, r.c.structure, r.c.decision).where(
                 r.c.uid == uid, r.c.model == model, r.c.version > seen,
                 or_(r.c.structure.in_(touched), r.c.structure == "",
@@ -324,7 +363,7 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
                 D.upsert(conn, D.masks, rows, MASK_KEYS)
             conn.execute(r.insert(), [{"uid": uid, "model": model, "version": seen + 1, "structure": s,
                                        "decision": decision, "reviewer": reviewer, "at": now,
-                                       "note": (note or None) and str(note)[:2000]} for s in touched])
+                                       "note": note or None} for s in touched])
             _update_measurements(conn, uid, model, masks)
     except IntegrityError:
         raise ReviewConflict(f"{uid}: somebody saved the same version a moment ago: reload to see their work") \

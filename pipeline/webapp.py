@@ -279,8 +279,10 @@ def _api(app: Flask, engine: Engine, model: str, reviewer: str) -> None:
         seen = body.get("version")
         if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < MAX_VERSION:
             abort(400, "version must be the version the page loaded")
-        return jsonify(R.save(engine, uid, model, str(body.get("reviewer") or reviewer), seen,
-                              str(body.get("decision", "")), str(body.get("structure") or ""),
+        # each field as sent, type-checked by R.save: nothing is coerced into a string
+        given = body.get("reviewer")
+        return jsonify(R.save(engine, uid, model, reviewer if given is None or given == "" else given, seen,
+                              body.get("decision", ""), body.get("structure") or "",
                               body.get("polygons"), body.get("note")))
 
 

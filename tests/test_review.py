@@ -117,7 +117,7 @@ def test_two_browsers_never_lose_each_others_work(labelled):
 @pytest.mark.parametrize("polygons, message", [
     ({"heart": []}, "at least one polygon"),
     ({"heart": [[[0, 0], [1, 1]]]}, "3 to"),
-    ({"heart": [[[0, 0], [1, "x"], [2, 2]]]}, "list of"),
+    ({"heart": [[[0, 0], [1, "x"], [2, 2]]]}, "pairs of finite numbers"),
     ({"heart": [[[0, 0], [1, float("nan")], [5, 2]]]}, "finite"),
     ({"spleen": [[[0, 0], [1, 1], [2, 0]]]}, "polygons for"),
 ])

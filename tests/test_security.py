@@ -7,6 +7,7 @@ input hangs a run; exports write only what is theirs.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -307,6 +308,22 @@ def test_the_review_app_answers_only_its_own_host(sqlite_engine):
     (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": "x"}}', 400),
     (b'{"decision": "accepted", "version": 0, "reviewer": "x", "structure": ["heart"]}', 400),
     (b"\xff\xfe not json", 400),
+    # the red team's 500s (2026-12-07) and the coercions around them
+    (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [[1' + b"0" * 400
+     + b', 2], [5, 6], [7, 9]]}}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "\\ud800"}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "x", "note": "a\\udfffb"}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "x\\u0000y"}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": 7}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": ["x"]}', 400),
+    (b'{"decision": "accepted", "version": 0, "reviewer": "x", "note": 5}', 400),
+    (b'{"decision": true, "version": 0, "reviewer": "x"}', 400),
+    (b'{"decision": "accepted", "version": true, "reviewer": "x"}', 400),
+    (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [["1", "2"], [5, 6], [7, 9]]}}',
+     400),
+    (b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [[true, 2], [5, 6], [7, 9]]}}',
+     400),
+    (b'{"decision": "accepted", "version": 2147483646, "reviewer": "x"}', 409),
 ])
 def test_every_bad_review_request_is_a_4xx(sqlite_engine, body, status):
     _one_labelled_image(sqlite_engine)
@@ -556,3 +573,20 @@ def test_a_fifo_among_annotated_images_is_left_out_not_waited_on(engine, tmp_pat
     os.mkfifo(tmp_path / "masks" / "heart" / "pipe.png")
     s = import_png_dirs(engine, tmp_path)
     assert (s.images, s.masks, s.skipped) == (1, 3, 1)
+
+
+def test_text_a_database_cannot_store_is_refused_before_the_write_on_both_databases(engine):
+    """NUL and lone surrogates in a reviewer's name or note answered 500 on PostgreSQL; a
+    version sent ahead of the stored one locked the image against every later save. Both are
+    4xx now, on both databases, and the image takes the next save."""
+    _one_labelled_image(engine)
+    client = _app(engine)
+    for field in ("reviewer", "note"):
+        for bad in ("a\x00b", "a\ud800b"):
+            body = {"decision": "accepted", "version": 0, "reviewer": "x", field: bad}
+            r = client.post("/api/image/p1/review", data=json.dumps(body), content_type="application/json")
+            assert r.status_code == 400 and field in r.get_json()["error"], (field, bad, r.get_data(as_text=True))
+    r = client.post("/api/image/p1/review", json={"decision": "accepted", "version": 2147483646, "reviewer": "x"})
+    assert r.status_code == 409 and "reload" in r.get_json()["error"]
+    r = client.post("/api/image/p1/review", json={"decision": "accepted", "version": 0, "reviewer": "x"})
+    assert r.status_code == 200 and r.get_json()["version"] == 1
