@@ -206,3 +206,25 @@ def test_a_model_whose_heart_is_the_cardiomediastinum_exports_it_under_that_name
     assert not list((tmp_path / "png").rglob("heart.png"))
     # the same CSV again: recognised as ours, rows kept
     assert export(engine, "rle", tmp_path / "m.csv", _selection(engine), progress=False).kept == 4
+
+
+def test_uids_that_read_as_spreadsheet_formulas_are_written_as_text(sqlite_engine, tmp_path):
+    """A uid that starts as a formula (=, +, -, @) is the first cell of every export row: it
+    is written with a leading apostrophe (OWASP's guidance on CSV injection), in the RLE CSV
+    and png's index.csv, and a second export still finds the rows it wrote unchanged."""
+    from tests.test_security import _one_labelled_image
+
+    hostile = ['=HYPERLINK("http://x")', "+1", "@SUM(A1)", "-2", "plain"]
+    for uid in hostile:
+        _one_labelled_image(sqlite_engine, uid)
+    out = tmp_path / "masks.csv"
+    export(sqlite_engine, "rle", out, _selection(sqlite_engine, "m"), model="m", progress=False)
+    with open(out, newline="") as f:
+        first = [r["Image ID"] for r in csv.DictReader(f)]
+    assert sorted(first) == sorted(["'" + u for u in hostile[:4]] + ["plain"])
+    assert export(sqlite_engine, "rle", out, _selection(sqlite_engine, "m"), model="m", progress=False).kept == 5
+    export(sqlite_engine, "png", tmp_path / "png", _selection(sqlite_engine, "m"), model="m", progress=False)
+    with open(tmp_path / "png" / "index.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert {r[0] for r in rows} == set(first)
+    assert not any(c.startswith(("=", "+", "-", "@")) for r in rows for c in r)

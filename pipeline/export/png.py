@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.export.destination import PNG_INDEX_HEADER, _atomic_write, _prepare_folder, _written
-from pipeline.export.stream import ExportSummary, Item, safe_name
+from pipeline.export.stream import ExportSummary, Item, cell, safe_name
 from pipeline.masks import STRUCTURES, encode
 
 
@@ -32,7 +32,7 @@ def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
                 else:
                     _atomic_write(path, data)
                     summary.written += 1
-                w.writerow([it.uid, names[s], f"{folder.name}/{names[s]}.png", it.height, it.width,
-                            int(mask.sum()), it.model, "reviewed" if it.reviewers else "model",
+                w.writerow([cell(it.uid), names[s], cell(f"{folder.name}/{names[s]}.png"), it.height, it.width,
+                            int(mask.sum()), cell(it.model), "reviewed" if it.reviewers else "model",
                             "" if it.ctr is None else f"{it.ctr:.4f}",
                             "" if it.quality is None else f"{it.quality:.4f}"])

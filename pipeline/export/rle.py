@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.export.destination import RLE_HEADER, RLE_HEADER_OLDER, _written
-from pipeline.export.stream import ExportSummary, Item
+from pipeline.export.stream import ExportSummary, Item, cell, uncell
 
 
 def _rle_row(it: Item) -> list[str]:
-    return [it.uid, *(it.rle(s) if s in it.masks else "" for s in ("left_lung", "right_lung", "heart")),
+    return [cell(it.uid), *(it.rle(s) if s in it.masks else "" for s in ("left_lung", "right_lung", "heart")),
             str(it.height), str(it.width), "" if it.ctr is None else f"{it.ctr:.4f}",
-            "" if it.quality is None else f"{it.quality:.4f}", it.model,
+            "" if it.quality is None else f"{it.quality:.4f}", cell(it.model),
             "reviewed" if it.reviewers else "model"]
 
 
@@ -30,13 +30,13 @@ def export_rle(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
         w.writerow(header)
         for it in stream:
             row = _rle_row(it)
-            while pending is not None and pending[0] < it.uid:  # no longer exported
+            while pending is not None and uncell(pending[0]) < it.uid:  # no longer exported
                 pending = next(old, None)
             if pending is not None and pending == row:
                 summary.kept += 1
             else:
                 summary.written += 1
-            if pending is not None and pending[0] == it.uid:
+            if pending is not None and uncell(pending[0]) == it.uid:
                 pending = next(old, None)
             w.writerow(row)
 

@@ -101,6 +101,21 @@ def _skip(summary: ExportSummary, reason: str) -> None:
     summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def cell(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: one starting as a formula does
+    (:data:`FORMULA_STARTS`: a uid ``=HYPERLINK(...)``) gets a leading apostrophe, as OWASP's
+    guidance on CSV injection asks; every other text is written as it is."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def uncell(text: str) -> str:
+    """The text a :func:`cell` holds."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
+
+
 def safe_name(uid: str) -> str:
     """A file name for a uid: its safe characters, plus a short digest where any were changed
     (two uids never share a name)."""
