@@ -217,6 +217,82 @@ def exports(engine, tmp: Path) -> tuple:
     return ("exports (unrelated file, device, foreign folder, Ctrl-C, full disk)", 5, n if clean else 0, 0)
 
 
+def red_team_2026_12(engine, tmp: Path) -> tuple:
+    """The red team of 2026-12-07 (issue 41), points 1-5: a FIFO as a rules file, a CSV and a
+    .sql file; a report with a 300 kB run of spaces and one that meets a backtracking rules
+    pattern; a png-dirs file named as a catalogued DICOM, and two files of one stem; a mask
+    that claims 100 megapixels; a 400-digit coordinate, a lone surrogate, a NUL and a version
+    ahead of the stored one sent to the review app. Each refused with one line or recorded
+    as one failure, the rest done, nothing stored changed."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+
+    from pipeline import groups as G
+    from pipeline import masks as M
+    from pipeline.groups import reading
+    from pipeline.results import statement
+    from pipeline.webapp import create_app
+    from tests.test_security import _one_labelled_image
+    before = snapshot(engine)
+    fifo = tmp / "red.sql"
+    os.mkfifo(fifo)
+    n = sum(_refused(fn) for fn in (lambda: G.load_rules(fifo), lambda: statement(str(fifo)),
+                                    lambda: C.load_csv(engine, fifo, {"uid": "id"}, progress=False)))
+    side = D.connect(f"sqlite:///{tmp / 'red.db'}")
+    rules = tmp / "red.toml"
+    rules.write_text('[[group]]\nname = "cardiomegaly"\nmatch = ["cardiomegaly", "(a+)+$"]\n')
+    with side.begin() as c:
+        c.execute(D.images.insert(), [{"uid": u, "source": "csv", "text": t, "loaded_at": D.utcnow()} for u, t in
+                                      (("spaces", "Cardiomegaly" + " " * 300_000 + "."), ("stall", "a" * 60 + "b"))])
+    timeout, reading.REPORT_TIMEOUT = reading.REPORT_TIMEOUT, 0.5
+    try:
+        counts = G.assign(side, G.load_rules(rules), progress=False)
+    finally:
+        reading.REPORT_TIMEOUT = timeout
+    with side.connect() as c:
+        failed = c.execute(text("SELECT uid FROM failures WHERE stage = 'groups'")).scalars().all()
+    n += counts.get("cardiomegaly") == 1
+    n += failed == ["stall"]
+    folder = tmp / "red_png"
+    (folder / "png").mkdir(parents=True)
+    (folder / "mask" / "heart").mkdir(parents=True)
+    film = np.full((300, 300), 90, np.uint8)
+    for name in ("RG1_UNCR.png", "coll.png", "coll.jpg", "big.png"):
+        cv2.imwrite(str(folder / "png" / name), film)
+        cv2.imwrite(str(folder / "mask" / "heart" / name.replace(".jpg", ".png")), (film > 0).astype(np.uint8) * 255)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    packer = zlib.compressobj(9)
+    rows = packer.compress((b"\0" * (1 + 2 * 10_000)) * 10_000) + packer.flush()
+    (folder / "mask" / "heart" / "big.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 16, 0, 0, 0, 0))
+        + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    s = M.import_png_dirs(engine, folder, images="png", masks={"heart": "mask/heart"}, source="red")
+    with engine.connect() as c:
+        stored = set(c.execute(text("SELECT uid FROM masks WHERE kind = 'manual'")).scalars())
+    n += "RG1_UNCR" not in stored and "coll" not in stored
+    n += s.skipped == 4 and "big" not in stored
+    review_db = D.connect(f"sqlite:///{tmp / 'red_review.db'}")
+    _one_labelled_image(review_db)
+    client = create_app(review_db, "m").test_client()
+    post = "/api/image/p1/review"
+    bad = [b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [[1' + b"0" * 400
+           + b', 2], [5, 6], [7, 9]]}}', b'{"decision": "accepted", "version": 0, "reviewer": "\\ud800"}',
+           b'{"decision": "accepted", "version": 0, "reviewer": "x", "note": "a\\u0000b"}']
+    n += sum(client.post(post, data=b, content_type="application/json").status_code == 400 for b in bad)
+    n += client.post(post, json={"decision": "accepted", "version": 2147483646, "reviewer": "x"}).status_code == 409
+    n += client.post(post, json={"decision": "accepted", "version": 0, "reviewer": "x"}).status_code == 200
+    review_db.dispose()
+    side.dispose()
+    gone = lost(before, snapshot(engine))  # the import touched none of the stored images
+    return ("the red team of 2026-12-07 (FIFO paths, stalling reports, png-dirs names, mask bomb, review fields)",
+            12, n, gone)
+
+
 def environment(tmp: Path) -> tuple:
     """An unreachable database and Ray address, and a database folder that does not exist:
     one-line errors within seconds, nothing created."""
@@ -310,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(review_app(engine, tmp))
         rows.append(exports(engine, tmp))
         rows.append(environment(tmp))
+        rows.append(red_team_2026_12(engine, tmp))
 
         # crafted checkpoints
         marker = tmp / "ran"
