@@ -121,3 +121,32 @@ def test_a_lung_drawn_behind_the_heart_is_compared_in_its_own_convention():
     scr = lung & ~heart  # what the model draws: the lung as SCR does
     assert true_dice({"left_lung": scr}, {"left_lung": lung, "heart": heart})["left_lung"] == 1.0
     assert true_dice({"left_lung": scr}, {"left_lung": lung})["left_lung"] < 0.95  # no heart drawn: all counts
+
+
+def test_a_fit_that_ranks_nothing_replaces_no_score_without_force(annotated_engine, tiny_model, tmp_path,
+                                                                  monkeypatch):
+    """Held-out figures that are NaN (films that do not differ: four copies of one film read
+    Spearman NaN, then every film 0.9738) or below the floor keep the score a model has;
+    --force keeps the new one; --json stays valid JSON (NaN as null)."""
+    import pipeline.quality.fit as F
+    from pipeline.quality.fit import Judged, not_worth_installing
+
+    shipped = QualityModel.load(sidecar(resolve_model(None, "default", "cpu").path))
+    blank = Judged(4, math.nan, math.nan, math.nan, math.nan, math.nan, 0, [])
+    assert "missing" in not_worth_installing(blank)
+    assert "below the floor" in not_worth_installing(Judged(40, 0.1, 0.05, 0.2, 0.5, 0.5, 30, []))
+    assert not_worth_installing(Judged(40, 0.7, 0.02, 0.2, 0.5, 0.8, 30, [])) is None
+    monkeypatch.setattr(F, "films_from_database", lambda *a, **k: None)
+    monkeypatch.setattr(F, "fit_films", lambda *a, **k: (shipped, blank, None, None))
+    lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
+    with pytest.raises(FitError, match="not kept: its held-out figures are missing .*--force"):
+        fit(annotated_engine, str(tiny_model), progress=False)
+    assert stored(annotated_engine, lm.sha256) is None
+    out = CliRunner().invoke(cli, ["--db", str(annotated_engine.url), "quality", "fit", "--model", str(tiny_model),
+                                   "--force", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["score"]["spearman"] is None
+    assert stored(annotated_engine, lm.sha256) is not None
+    out = CliRunner().invoke(cli, ["--db", str(annotated_engine.url), "quality", "fit", "--model", str(tiny_model),
+                                   "--alpha", "0"])
+    assert out.exit_code != 0 and "--alpha" in out.output

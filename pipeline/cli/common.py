@@ -7,6 +7,7 @@ import decimal
 import functools
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterator
 
@@ -69,9 +70,26 @@ def json_value(v):
     return float(v) if isinstance(v, decimal.Decimal) else str(v)
 
 
+def finite(value: object) -> object:
+    """``value`` with every NaN or infinite float (and NUMERIC) as None: JSON has no NaN, and
+    Python's ``NaN`` in the output is no JSON any other reader takes."""
+    if isinstance(value, float | decimal.Decimal):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value: object, indent: int | None = 2) -> str:
+    """Any result as valid JSON (:func:`finite`; dates and the like as text)."""
+    return json.dumps(finite(value), indent=indent, default=json_value, ensure_ascii=False, allow_nan=False)
+
+
 def emit_json(value: object) -> None:
     """Any result (rows, a mapping of them) as indented JSON; dates and the like as text."""
-    click.echo(json.dumps(value, indent=2, default=json_value, ensure_ascii=False))
+    click.echo(json_text(value))
 
 
 def emit(rows: list[dict], as_json: bool, as_csv: bool = False, uncut: tuple[str, ...] = ()) -> None:
@@ -105,7 +123,7 @@ def emit_stream(columns: list[str], rows: Iterator[dict], as_json: bool, as_csv:
     if as_json:
         click.echo("[", nl=False)
         for n, row in enumerate(rows):
-            click.echo(("," if n else "") + "\n  " + json.dumps(row, default=json_value, ensure_ascii=False), nl=False)
+            click.echo(("," if n else "") + "\n  " + json_text(row, None), nl=False)
         click.echo("\n]")
         return
     if as_csv:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline import db as D
-from pipeline.cli.common import engine_of, handle_errors
+from pipeline.cli.common import emit_json, engine_of, handle_errors
 
 
 @click.group()
@@ -55,7 +55,7 @@ def status_cmd(ctx, as_json) -> None:
     from pipeline.status import status
     s = status(engine_of(ctx))
     if as_json:
-        click.echo(json.dumps(s, indent=2, default=str))
+        emit_json(s)
         return
 
     def line(title: str, counts: dict[str, int], unit: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit, engine_of, handle_errors, json_option
+from pipeline.cli.common import emit, emit_json, engine_of, handle_errors, json_option
 
 
 @click.group()
@@ -31,7 +31,10 @@ def quality() -> None:
                                              "noise, JPEG, crops, rotations, a collimator's rim...) at two "
                                              "strengths: ~25x the labelling, a score that knows odd films.")
 @click.option("--tta", is_flag=True, help="Also fit the score that reads test-time augmentation (label --tta).")
-@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Ridge penalty.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Ridge penalty (above 0).")
+@click.option("--force", is_flag=True, help="Keep the score even when its held-out figures are missing or below "
+                                            "the floor (Spearman 0.3).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the score to this file (e.g. CHECKPOINT.quality.json, to ship beside it).")
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path),
@@ -41,7 +44,7 @@ def quality() -> None:
 @json_option
 @click.pass_context
 @handle_errors
-def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, out, figure, cache, seed,
+def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, force, out, figure, cache, seed,
                 as_json) -> None:
     """Fit a model's quality score on annotated films it did not train on, and keep it.
 
@@ -58,13 +61,13 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, o
         cxrlabel quality fit --model default --sample my_annotated --figure reports/calibration.png
         cxrlabel quality fit --model cxr_deep_all --cv runs/cxr_deep_cv --shifts --tta
     """
-    import json
 
     from pipeline.quality.fit import fit
-    result = fit(engine_of(ctx), model, cv, checkpoint, sample, folds, shifts, tta, alpha, out, figure, cache, seed)
+    result = fit(engine_of(ctx), model, cv, checkpoint, sample, folds, shifts, tta, alpha, out, figure, cache, seed,
+                 force=force)
     judged = [("score", result.judged)] + ([("score with --tta", result.tta_judged)] if result.tta_judged else [])
     if as_json:
-        click.echo(json.dumps({name: j.as_dict() for name, j in judged} | {"stored": result.stored}, indent=2))
+        emit_json({name: j.as_dict() for name, j in judged} | {"stored": result.stored})
         return
     for name, j in judged:
         click.echo(f"{name}, held out ({j.films} films): Spearman {j.spearman:.3f} with the true mean Dice "

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit, emit_stream, engine_of, handle_errors
+from pipeline.cli.common import emit, emit_json, emit_stream, engine_of, handle_errors
 
 
 @click.command()
@@ -58,7 +57,7 @@ def evaluate_cmd(ctx, truth, model, as_json, out_dir) -> None:
     figure = bland_altman_figure(ev, out_dir / f"ctr_bland_altman_{_file_name(model)}.png") \
         if out_dir and ev.ctr_error["n"] else None
     if as_json:
-        click.echo(json.dumps(ev.as_dict(), indent=2))
+        emit_json(ev.as_dict())
         return
     click.echo(f"{ev.model}: {ev.images} images with manual and predicted masks "
                "(lungs in their source's own convention)")
