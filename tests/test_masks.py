@@ -206,3 +206,34 @@ def test_a_mask_past_the_decoding_budget_is_one_skipped_image(sqlite_engine, tmp
     assert (s.images, s.masks, s.skipped) == (2, 1, 1)
     with sqlite_engine.connect() as c:
         assert set(M.load_masks(c, ["case1", "case2"])) == {"case1"}
+
+
+def test_png_dirs_reads_a_mask_in_any_common_encoding_and_refuses_empty_or_inverted_ones(sqlite_engine, tmp_path):
+    """A real Wingspan heart outline written as 0/255, 0/1 (8 and 16 bit), two grey levels,
+    a palette and the alpha channel alone imports as the same mask; all-zero and inverted
+    masks are refused with a line naming the file, and the rest of the folder imports."""
+    from tests.conftest import WINGSPAN
+
+    stem = sorted(p.stem for p in (WINGSPAN / "png").glob("*.png"))[0]
+    film = cv2.imread(str(WINGSPAN / "png" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
+    heart = cv2.imread(str(WINGSPAN / "mask" / "heart" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE) > 127
+    (tmp_path / "png").mkdir()
+    (tmp_path / "heart").mkdir()
+    rgba = np.zeros((*heart.shape, 4), np.uint8)
+    rgba[..., 3] = heart * 255
+    encodings = {"b255": heart.astype(np.uint8) * 255, "b01": heart.astype(np.uint8),
+                 "w01": heart.astype(np.uint16), "w65535": heart.astype(np.uint16) * 65535,
+                 "grey": np.where(heart, 100, 20).astype(np.uint8), "alpha": rgba}
+    for name, arr in encodings.items():
+        cv2.imwrite(str(tmp_path / "heart" / f"{name}.png"), arr)
+    Image.fromarray(heart.astype(np.uint8), "P").save(tmp_path / "heart" / "palette.png")
+    cv2.imwrite(str(tmp_path / "heart" / "zero.png"), np.zeros(heart.shape, np.uint8))
+    cv2.imwrite(str(tmp_path / "heart" / "inverted.png"), (~heart).astype(np.uint8) * 255)
+    for name in [*encodings, "palette", "zero", "inverted"]:
+        cv2.imwrite(str(tmp_path / "png" / f"{name}.png"), film)
+    s = M.import_png_dirs(sqlite_engine, tmp_path, images="png", masks={"heart": "heart"})
+    assert (s.images, s.masks, s.skipped) == (9, 7, 2)
+    with sqlite_engine.connect() as c:
+        got = M.load_masks(c, [*encodings, "palette", "zero", "inverted"])
+    assert set(got) == {*encodings, "palette"}
+    assert all(np.array_equal(got[n]["heart"], heart) for n in got)

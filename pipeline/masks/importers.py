@@ -73,6 +73,59 @@ def _foreground(path: Path) -> np.ndarray:
     return arr
 
 
+MAX_MASK_SHARE = 0.75  # of the film: no structure covers more (an inverted mask, 0 for the structure, does)
+
+
+def _mask_file(path: Path) -> np.ndarray:
+    """A png-dirs mask file as a bool mask, whatever common encoding it uses: 0/255 or 0/1 (8
+    or 16 bit), any two grey levels, a palette, or the structure in the alpha channel alone;
+    foreground above half the file's own range (anti-aliased edges split at half). An empty
+    mask (one value throughout) or one covering more than :data:`MAX_MASK_SHARE` of the film
+    (inverted?) is a :class:`MaskImportError` naming the file."""
+    from pipeline.imaging import open_regular
+    try:
+        with open_regular(path) as f:
+            data = np.frombuffer(f.read(), np.uint8)
+    except CxrlabelError as e:
+        raise MaskImportError(str(e)) from None
+    if data.size:
+        _check_mask_size(path, data)
+    arr = _palette_indices(data)  # a palette's indices, not its colours: two labels may share one
+    try:
+        if arr is None:
+            arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except (cv2.error, MemoryError) as e:
+        raise MaskImportError(f"{path}: mask file unreadable ({type(e).__name__})") from None
+    if arr is None:
+        raise MaskImportError(f"{path}: mask file missing or unreadable")
+    if arr.ndim == 3:
+        grey = arr[..., :3].max(axis=2)
+        if arr.shape[2] == 4 and grey.min() == grey.max():  # drawn in the alpha channel alone
+            grey = arr[..., 3]
+        arr = grey
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo == hi:
+        raise MaskImportError(f"{path}: an empty mask (every pixel {lo}): draw the structure, or leave the file out")
+    mask = arr > (lo + hi) / 2
+    share = float(np.count_nonzero(mask)) / mask.size
+    if share > MAX_MASK_SHARE:
+        raise MaskImportError(f"{path}: the mask covers {share:.0%} of the film: inverted? the structure must be "
+                              "the bright (or opaque) part")
+    return mask
+
+
+def _palette_indices(data: np.ndarray) -> np.ndarray | None:
+    """The index array of a palette image (after :func:`_check_mask_size`), else None."""
+    import io
+
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return np.asarray(im) if im.mode == "P" else None
+    except Exception:  # noqa: BLE001 - not an image PIL reads: OpenCV's turn
+        return None
+
+
 def _check_mask_size(path: Path, data: np.ndarray) -> None:
     """Refuse, from its header alone, a mask file that would decode past the images' budget
     (:data:`pipeline.imaging.MAX_PIXELS`: a 1.7 MB 16-bit PNG can claim 30000 x 30000 pixels,
@@ -286,7 +339,7 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
             if found is None:
                 continue
             try:
-                mask = _foreground(found) > 127
+                mask = _mask_file(found)
             except MaskImportError as e:
                 log.warning("%s: %s; skipped", uid, e)
                 summary.skipped += 1
