@@ -478,3 +478,25 @@ def test_an_encoding_that_is_no_text_files_is_refused(engine, tmp_path, encoding
     path.write_text("id,report\nu1,cardiomegaly\n")
     with pytest.raises(CatalogueError, match="not a text file's encoding"):
         C.load_csv(engine, path, {"uid": "id", "text": "report"}, encoding=encoding, progress=False)
+
+
+def test_one_unstorable_value_is_one_load_error_and_the_rest_of_its_batch_loads(engine, tmp_path):
+    """A width of 1e20 (SQLite) or 3e9, a view over its 20 characters and NUL in the text
+    (PostgreSQL) lost the whole 5,000-row batch: each is now a load_errors row naming the
+    value, and the good rows around it load, on both databases."""
+    path = tmp_path / "clinic.csv"
+    path.write_bytes(b"id,report,view,width\n"
+                     b"good1,Cardiomegaly,PA,2000\n"
+                     b"huge,Normal,PA,1e20\n"
+                     b"big,Normal,PA,3000000000\n"
+                     b"long,Normal," + b"V" * 25 + b",2000\n"
+                     b"nul,Nor\x00mal,PA,2000\n"
+                     b"good2,Normal,AP,1800\n")
+    s = C.load_csv(engine, path, {"uid": "id", "text": "report", "view": "view", "width": "width"}, progress=False)
+    with engine.connect() as c:
+        loaded = set(c.execute(text("SELECT uid FROM images")).scalars())
+        errors = dict(c.execute(text("SELECT uid, reason FROM load_errors")).all())
+    assert loaded == {"good1", "good2"} and s.loaded == 2
+    assert {"huge", "big", "long", "nul"} <= set(errors)
+    assert "view" in errors["long"] and "NUL" in errors["nul"]
+    assert "width" in errors["huge"] or "not a whole number" in errors["huge"]

@@ -4,11 +4,13 @@ date, numbers), and :func:`store`, which writes them in batches, one transaction
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import Float, Integer
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -148,9 +150,40 @@ def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: i
     return summary
 
 
+INT_RANGE = (-(2 ** 31), 2 ** 31 - 1)  # an Integer column on PostgreSQL; SQLite's hold more, so the same limit
+
+
+def unstorable(record: Record) -> str | None:
+    """Why one record cannot be stored as it is, by the ``images`` table's own column types,
+    the same on both databases (None: it can): text longer than its column or holding NUL,
+    a whole number outside 32 bits, a real number that is not finite. Checked before the
+    write, so one bad value is one row of ``load_errors``, never its batch's loss."""
+    for name, value in record.items():
+        column = D.images.columns.get(name)
+        if column is None or value is None:
+            continue
+        kind = column.type
+        if isinstance(value, str):
+            if "\x00" in value:
+                return f"{name} holds a NUL character"
+            length = getattr(kind, "length", None)
+            if length is not None and len(value) > length:
+                return f"{name} is {len(value)} characters, more than the {length} it may hold: {value[:40]!r}..."
+        elif isinstance(kind, Integer) and isinstance(value, int | float):
+            if not (math.isfinite(value) and INT_RANGE[0] <= value <= INT_RANGE[1]):
+                return f"{name} {value!r} is outside the whole numbers a database column holds"
+        elif isinstance(kind, Float) and isinstance(value, float) and not math.isfinite(value):
+            return f"{name} {value!r} is not a finite number"
+    return None
+
+
 def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
            summary: LoadSummary) -> None:
     now = D.utcnow()
+    for uid in list(batch):
+        if (why := unstorable(batch[uid])) is not None:
+            problems.append(Problem(batch[uid].get("_line"), uid, f"left out: {why}"))
+            del batch[uid]
     # only the fields this source provides: a reload never blanks columns another source set
     fields = sorted({k for record in batch.values() for k in record if k in IMAGE_FIELDS})
     get = dict.get
@@ -162,7 +195,7 @@ def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
     with engine.begin() as conn:
         D.upsert(conn, D.images, rows, ["uid"])
         # one row per problem and source line: a reload renews it rather than repeating it
-        logged = {(p.line or 0, p.uid or ""): p.reason for p in problems}
+        logged = {(p.line or 0, (p.uid or "")[:200]): p.reason for p in problems}  # load_errors.uid holds 200
         D.upsert(conn, D.load_errors, [
             {"source_file": summary.source_file, "line": line, "uid": uid, "reason": reason,
              "created_at": now, "last_seen_at": now} for (line, uid), reason in logged.items()],
