@@ -1,4 +1,5 @@
 import csv
+import os
 import shutil
 
 import cv2
@@ -228,3 +229,29 @@ def test_uids_that_read_as_spreadsheet_formulas_are_written_as_text(sqlite_engin
         rows = list(csv.reader(f))[1:]
     assert {r[0] for r in rows} == set(first)
     assert not any(c.startswith(("=", "+", "-", "@")) for r in rows for c in r)
+
+
+def test_png_export_never_follows_a_link_out_of_its_folder_and_a_long_uid_is_one_name(sqlite_engine, tmp_path):
+    """A per-uid folder replaced by a link to another place is that image's failure, and the
+    file there is never written; a uid of 251 characters gets a shortened name instead of
+    stopping the export with "File name too long"."""
+    from tests.test_security import _one_labelled_image
+
+    long_uid = "x" * 251
+    for uid in ("a1", "b2", long_uid):
+        _one_labelled_image(sqlite_engine, uid)
+    out = tmp_path / "png"
+    s = export(sqlite_engine, "png", out, _selection(sqlite_engine, "m"), model="m", progress=False)
+    assert s.written == 9 and not s.skipped
+    assert len(safe_name(long_uid)) < 255 and (out / safe_name(long_uid) / "heart.png").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "heart.png").write_text("a thesis chapter")
+    shutil.rmtree(out / "a1")
+    (out / "a1").symlink_to(elsewhere, target_is_directory=True)
+    with sqlite_engine.begin() as c:  # a changed mask, so the export writes again
+        c.execute(text("UPDATE masks SET data = (SELECT data FROM masks WHERE uid = 'b2' AND structure = 'left_lung') "
+                       "WHERE uid = 'a1' AND structure = 'heart'"))
+    s = export(sqlite_engine, "png", out, _selection(sqlite_engine, "m"), model="m", progress=False)
+    assert sum(s.skipped.values()) == 1
+    assert (elsewhere / "heart.png").read_text() == "a thesis chapter" and sorted(os.listdir(elsewhere)) == ["heart.png"]

@@ -590,3 +590,17 @@ def test_text_a_database_cannot_store_is_refused_before_the_write_on_both_databa
     assert r.status_code == 409 and "reload" in r.get_json()["error"]
     r = client.post("/api/image/p1/review", json={"decision": "accepted", "version": 0, "reviewer": "x"})
     assert r.status_code == 200 and r.get_json()["version"] == 1
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "model.pt", "x@abc", "", "."])
+def test_a_model_name_is_a_plain_name(sqlite_engine, tmp_path, name):
+    """`train --name ../../x` wrote outside runs/; a name ending .pt or holding '@' could not
+    be reached by `label --model`. Each is refused before anything is trained or written."""
+    from pipeline.model import ModelError
+    from pipeline.model.registry import check_model_name
+
+    with pytest.raises(ModelError, match="plain name"):
+        check_model_name(name)
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'c.db'}", "train", "--name", name or "''"])
+    assert r.exit_code != 0 and not (tmp_path / "runs").exists()
+    assert check_model_name("clinic_a-v2.1") == "clinic_a-v2.1"

@@ -87,7 +87,8 @@ def train_cmd(ctx, preset, folds, only, device, name, run_dir, no_resume, cache_
     if only and not folds:
         raise click.UsageError("--fold needs --folds K (which cross-validation the fold belongs to)")
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
-    name = name or preset
+    from pipeline.model.registry import check_model_name
+    name = check_model_name(name or preset)
     run_dir = run_dir or Path("runs") / name
     cv = cross_validate(engine_of(ctx), cfg, run_dir, cache_dir, device, not no_resume,
                         register_as=name, parallel=parallel_folds, workers=loader_workers,

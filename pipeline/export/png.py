@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.export.destination import PNG_INDEX_HEADER, _atomic_write, _prepare_folder, _written
 from pipeline.export.stream import ExportSummary, Item, cell, safe_name
 from pipeline.masks import STRUCTURES, encode
+
+
+def _own_folder(folder: Path) -> bool:
+    """``folder`` itself is a directory (not a symbolic link to one)."""
+    return stat.S_ISDIR(os.lstat(folder).st_mode)
 
 
 def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary, names: dict[str, str]) -> None:
@@ -20,7 +27,14 @@ def export_png(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
         w.writerow(PNG_INDEX_HEADER)
         for it in stream:
             folder = out / safe_name(it.uid)
-            folder.mkdir(exist_ok=True, mode=0o700)
+            try:
+                folder.mkdir(exist_ok=True, mode=0o700)
+                if not _own_folder(folder):  # a link put in our folder: never followed out of it
+                    raise OSError(f"{folder} is a link or not a folder")
+            except OSError as e:  # one image's folder that cannot be ours is that image's failure
+                reason = f"its folder cannot be written ({e.strerror or e})"
+                summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
+                continue
             for s in STRUCTURES:
                 if s not in it.masks:
                     continue

@@ -116,8 +116,11 @@ def uncell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
 
 
+MAX_NAME = 200  # characters of a file name made from a uid (file systems hold 255 bytes)
+
+
 def safe_name(uid: str) -> str:
     """A file name for a uid: its safe characters, plus a short digest where any were changed
-    (two uids never share a name)."""
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", uid).strip(".") or "_"
+    or it was cut to :data:`MAX_NAME` (two uids never share a name)."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", uid).strip(".")[:MAX_NAME] or "_"
     return clean if clean == uid else f"{clean}-{hashlib.sha256(uid.encode()).hexdigest()[:8]}"

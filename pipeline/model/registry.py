@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,24 @@ def registered_path(engine: Engine | None, name: str) -> tuple[Path, str]:
     return Path(row.path), row.sha256
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when it is a plain model name (letters, digits, ``_ . -``, up to 80, no path
+    separator, no ``@`` (kept versions are ``NAME@SHA12``), not ending ``.pt``, which `label
+    --model` would read as a checkpoint file); a :class:`ModelError` saying why otherwise."""
+    if not _PLAIN_NAME.fullmatch(name or "") or name.endswith(".pt") or name in (".", ".."):
+        raise ModelError(f"model name {name!r}: use a plain name of letters, digits, '_', '.' and '-' (up to 80, "
+                         "not ending .pt), e.g. clinic_a_v2; it names the model in the database and its folder "
+                         "under runs/")
+    return name
+
+
 def register_model(engine: Engine, name: str, checkpoint: str | Path, preset: str, config: dict,
                    dice: dict[str, float], data_hash: str, metrics: dict | None = None) -> None:
     """Row in ``models`` (replacing one of the same name) for a trained checkpoint."""
+    check_model_name(name)
     row = {"name": name, "preset": preset, "config": json.dumps(config),
            "data_hash": data_hash, "path": str(Path(checkpoint).resolve()),
            "sha256": file_sha256(checkpoint),
