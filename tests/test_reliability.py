@@ -500,3 +500,44 @@ def test_one_unstorable_value_is_one_load_error_and_the_rest_of_its_batch_loads(
     assert {"huge", "big", "long", "nul"} <= set(errors)
     assert "view" in errors["long"] and "NUL" in errors["nul"]
     assert "width" in errors["huge"] or "not a whole number" in errors["huge"]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda sd: {k: v.fill_(float("nan")) if i == 0 else v for i, (k, v) in enumerate(sd.items())}, "not finite"),
+    (lambda sd: {k: v.round().to(torch.int32) if v.is_floating_point() else v for k, v in sd.items()}, "torch.int32"),
+    (lambda sd: list(sd.values()), "not a table of tensors"),
+])
+def test_a_checkpoint_whose_weights_cannot_be_right_is_refused_before_labelling(tiny_model, tmp_path, change, words):
+    """NaN weights labelled 'successfully' with empty masks, integer weights with CTR 1.000,
+    a state dict that is a list failed deep inside torch: one line each, before any film."""
+    from pipeline.model import ModelError, load_model, read_checkpoint, write_checkpoint
+    ck = read_checkpoint(tiny_model)
+    ck.state_dict = change(dict(ck.state_dict))
+    write_checkpoint(tmp_path / "m.pt", ck)
+    with pytest.raises(ModelError, match=words):
+        load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"size": 0}, "size 0"), ({"size": -5}, "size -5"), ({"size": 200_000}, "size 200000"),
+    ({"args": {"channels": [16, 4096, 64], "strides": [2, 2]}}, "layer widths"),
+    ({"args": "unet"}, "args must be"), ({"structures": []}, "structures"),
+    ({"heart_definition": "liver"}, "heart_definition"),
+])
+def test_a_spec_out_of_bounds_is_refused_before_anything_is_allocated(spec, words):
+    from pipeline.model import ModelError
+    from pipeline.model.spec import ModelSpec
+    with pytest.raises(ModelError, match=words):
+        ModelSpec.from_dict({"network": "unet", **spec})
+
+
+def test_a_dicom_whose_rows_are_fewer_than_its_pixel_data_is_refused(tmp_path):
+    """A header whose Rows is 100 short of the stored frame was cut to part of the film and
+    labelled as if whole; it is now a decode error naming both sizes."""
+    import pydicom
+    ds = pydicom.dcmread(DICOM / "RG1_UNCR.dcm")
+    ds.Rows = int(ds.Rows) - 100
+    ds.save_as(tmp_path / "short.dcm")
+    with pytest.raises(DecodeError, match="pixel data holds 7198310 bytes .* needs 6830110"):
+        decode(tmp_path / "short.dcm")
+    assert decode(DICOM / "RG1_UNCR.dcm")[0].shape == (1955, 1841)

@@ -22,6 +22,7 @@ from pipeline.imaging.files import (
     check_codestream,
     check_content,
     check_dimensions,
+    check_native_length,
     is_dicom,
     open_regular,
 )
@@ -160,6 +161,7 @@ def _decode_dataset(path: Path, ds, target: int | None) -> tuple[np.ndarray, dic
         raise DecodeError(f"{path}: no usable Rows/Columns in the header ({e})") from e
     check_dimensions(path, rows, cols, frames)
     check_codestream(path, ds, rows, cols)
+    check_native_length(path, ds, rows, cols, frames)
     reduced = None
     if target:
         try:

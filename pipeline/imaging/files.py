@@ -113,6 +113,24 @@ def codestream_size(frame: bytes, family: str) -> tuple[int, int] | None:
     return None
 
 
+def check_native_length(path: Path | str, ds, rows: int, cols: int, frames: int = 1) -> None:
+    """Refuse uncompressed pixel data longer than ``Rows`` x ``Columns`` (x frames, samples
+    and bytes a sample) say: read by the header's size, such a film is silently cut to part of
+    itself (a header whose Rows is too small) and labelled as if whole."""
+    syntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    need = rows * cols * max(frames, 1) * samples * bits / 8
+    have = len(ds.PixelData)
+    if have > need + 1 + (need % 2):  # one byte of padding to an even length is the standard's
+        raise DecodeError(f"{path}: the pixel data holds {have} bytes where the header's {cols} x {rows} "
+                          f"({bits}-bit, {samples} sample{'s' if samples > 1 else ''}, {max(frames, 1)} frame"
+                          f"{'s' if frames > 1 else ''}) needs {int(need)}: its Rows or Columns are wrong; "
+                          "fix the header")
+
+
 def check_codestream(path: Path | str, ds, rows: int, cols: int) -> None:
     """Refuse, before decoding, compressed frames whose own header disagrees with the DICOM
     header's ``Rows`` x ``Columns``: the budget was checked on the DICOM header, and a

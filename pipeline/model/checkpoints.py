@@ -76,7 +76,15 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec, i
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
     """The network of a checkpoint in eval mode with float32 weights, and the checkpoint."""
     ck = read_checkpoint(path)
+    if not isinstance(ck.state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in ck.state_dict.values()):
+        raise ModelError(f"{path}: its weights are not a table of tensors: re-export it from its training run")
     net = build_network(ck.spec)
+    expected = net.state_dict()
+    for key, value in ck.state_dict.items():
+        if key in expected and expected[key].is_floating_point() and (
+                not value.is_floating_point() or not bool(torch.isfinite(value).all())):
+            raise ModelError(f"{path}: weight {key} is {'not finite' if value.is_floating_point() else value.dtype}: "
+                             "a damaged or hand-made checkpoint; train or re-export it")
     try:
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck.state_dict.items()})
     except RuntimeError as e:

@@ -20,6 +20,13 @@ class ModelError(CxrlabelError):
     pass
 
 
+MIN_SIZE, MAX_SIZE = 32, 2048  # pixels a side of a model's input (the shipped one reads 256)
+
+MAX_WIDTH = 2048  # channels of a layer (the widest preset, the paper's unet7, reaches 2048; the shipped one 256)
+
+HEART_DEFINITIONS = ("heart", CARDIOMEDIASTINUM)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to rebuild a trained network and feed it.
@@ -59,6 +66,29 @@ class ModelSpec:
         object.__setattr__(self, "fixups", tuple(self.fixups))
         if [f for f in FIXUPS if f in self.fixups] != list(self.fixups):
             raise ModelError(f"model spec: fixups {list(self.fixups)}: some of {', '.join(FIXUPS)}, in that order")
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """Sizes and layer widths a chest-film network can have, checked before anything is
+        allocated (a spec asking for 4096-channel layers took 5 GB before failing; a size of 0
+        or 200,000 reached OpenCV)."""
+        for name, value, lo, hi in (("size", self.size, MIN_SIZE, MAX_SIZE), ("roi", self.roi, MIN_SIZE, MAX_SIZE)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi):
+                raise ModelError(f"model spec: {name} {value!r}: a whole number of pixels from {lo} to {hi}")
+        if not isinstance(self.args, dict):
+            raise ModelError(f"model spec: args must be a table of the network's settings, not {self.args!r}")
+        for key in ("channels", "filters", "features"):
+            widths = self.args.get(key)
+            if widths is None:
+                continue
+            if not isinstance(widths, list | tuple) or not all(
+                    isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in widths):
+                raise ModelError(f"model spec: {key} {widths!r}: layer widths are whole numbers from 1 to {MAX_WIDTH}")
+        if not self.structures or not all(isinstance(s, str) for s in self.structures):
+            raise ModelError(f"model spec: structures {list(self.structures)!r}: the names of its outputs")
+        if self.heart_definition not in HEART_DEFINITIONS:
+            raise ModelError(f"model spec: heart_definition {self.heart_definition!r}: one of "
+                             f"{', '.join(HEART_DEFINITIONS)}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
