@@ -35,6 +35,10 @@ class EvaluateError(CxrlabelError):
     pass
 
 
+class NothingHeldOut(EvaluateError):
+    """Every film to evaluate is one the model trained on: nothing to say of new films."""
+
+
 @dataclass
 class Evaluation:
     model: str
@@ -44,10 +48,33 @@ class Evaluation:
     dice: dict[str, dict[str, float]] = field(default_factory=dict)  # structure -> mean/sd/n
     ctr_error: dict = field(default_factory=dict)  # mean, mae, sd, n, left_out, left_out_reasons
     per_image: list[dict] = field(default_factory=list)
+    # of the films with both kinds of masks, those the model trained on (or a patient's it did);
+    # None: its checkpoint does not say. Left out unless include_trained; then counted in `images`
+    trained: int | None = None
+    include_trained: bool = False
 
     def as_dict(self) -> dict:
         return {"model": self.model, "images": self.images, "heart_definition": self.heart_definition,
+                "trained_films": self.trained, "include_trained": self.include_trained,
                 "notes": self.notes, "dice": self.dice, "ctr_error": self.ctr_error, "per_image": self.per_image}
+
+
+def trained_films(engine: Engine, model: str, uids: list[str]) -> set[str] | None:
+    """Those of ``uids`` that ``model`` trained on, or that show a patient it trained on (its
+    checkpoint's ``trained_uids``, the catalogue's patient ids); None when the checkpoint
+    cannot be found or does not record its training films."""
+    from pipeline.model import ModelError, locate, read_checkpoint
+    try:
+        trained = read_checkpoint(locate(engine, model)[0]).info.get("trained_uids")
+    except ModelError:
+        return None
+    if trained is None:
+        return None
+    i = D.images
+    with engine.connect() as conn:
+        patients = {p for _, p in D.rows_in(conn, select(i.c.uid, i.c.patient_id), i.c.uid, list(trained)) if p}
+        of = dict(D.rows_in(conn, select(i.c.uid, i.c.patient_id), i.c.uid, uids))
+    return {u for u in uids if u in set(trained) or (of.get(u) and of[u] in patients)}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -77,11 +104,16 @@ def agreement_by_band(true: np.ndarray, pred: np.ndarray) -> dict[str, dict]:
             for name, lo, hi in CTR_BANDS}
 
 
-def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> Evaluation:
+def evaluate(engine: Engine, model: str = "default", truth: str = "manual", include_trained: bool = False,
+             among: set[str] | None = None) -> Evaluation:
     """Dice per structure and the CTR's agreement of ``model``'s masks against ``truth``
     masks. Lungs are compared in their source's own convention (pixels the source also drew
     as heart left out: :func:`pipeline.masks.overlap_ignored`). A model whose `heart` is the
-    cardiomediastinum has it compared with manual cardiomediastinum masks, and says so."""
+    cardiomediastinum has it compared with manual cardiomediastinum masks, and says so.
+
+    Films the model trained on (:func:`trained_films`) read better than new ones: they are
+    left out, and counted, unless ``include_trained`` (then the figures say so); when every
+    film is one, :class:`NothingHeldOut` says so. ``among``: only these uids (a selection)."""
     if truth != "manual":
         raise EvaluateError(f"--truth {truth!r}: only 'manual' masks serve as truth")
     m = D.masks
@@ -94,13 +126,35 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual") -> E
             from pipeline.groups import missing_name  # another model labelled: its name was meant
             if missing := missing_name(conn, labelled_by=model):
                 raise EvaluateError(missing)
+        if among is not None:
+            uids = [u for u in uids if u in among]
         if not uids:
-            raise EvaluateError(f"no image has both manual masks and masks from model {model!r}: "
-                                "import annotated masks (`cxrlabel masks import`) and label those "
+            raise EvaluateError(f"no image has both manual masks and masks from model {model!r}"
+                                + (" in this selection" if among is not None else "")
+                                + ": import annotated masks (`cxrlabel masks import`) and label those "
                                 f"images (`cxrlabel label --all --model {model}`)")
+    trained = trained_films(engine, model, uids)
+    if trained and not include_trained:
+        if len(trained) == len(uids):
+            raise NothingHeldOut(f"all {len(uids)} films with manual masks and masks by model {model!r} are films it "
+                                 "trained on (or of patients it trained on): figures on them read better than on "
+                                 "new films. See its cross-validated figures (the model card), annotate films it "
+                                 "never saw, or show these anyway, marked as such, with --include-trained")
+        uids = [u for u in uids if u not in trained]
+    with engine.connect() as conn:
         spacing = {u: (sx, sy) for u, sx, sy in D.rows_in(
             conn, select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y), D.images.c.uid, uids)}
-        ev = Evaluation(model, len(uids), heart_definition(conn, model))
+        ev = Evaluation(model, len(uids), heart_definition(conn, model),
+                        trained=None if trained is None else len(trained), include_trained=include_trained)
+        if trained is None:
+            ev.notes.append(f"model {model}'s checkpoint does not say which films it trained on: some of these "
+                            "may be among them, and read better than new films would")
+        elif trained and include_trained:
+            ev.notes.append(f"{len(trained)} of these {len(uids)} films the model trained on (or their patients): "
+                            "these figures read better than on films it never saw")
+        elif trained:
+            ev.notes.append(f"{len(trained)} films the model trained on (or their patients) are left out "
+                            "(--include-trained shows them, marked)")
         older = ev.heart_definition != "heart"
         if older:
             ev.notes.append(f"model {model}'s heart is the cardiomediastinum (heart and upper mediastinum; "
@@ -161,7 +215,9 @@ def bland_altman_figure(ev: Evaluation, path: Path) -> Path:
             ax.axhline(y, color="k", lw=0.9, ls=style, label=label)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(xlabel="mean of the two CTRs", ylabel="CTR: model - truth",
-           title=f"{ev.model}: CTR agreement, {len(rows)} films (MAE {e['mae']:.4f})")
+           title=f"{ev.model}: CTR agreement, {len(rows)} films (MAE {e['mae']:.4f})"
+           + (f"\n{ev.trained} of them films it trained on: reads better than new films"
+              if ev.include_trained and ev.trained else ""))
     ax.legend(fontsize=8, loc="lower left")
     names = [name for name, _, _ in CTR_BANDS]
     bands = [e["bands"][n] for n in names]

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -329,7 +330,10 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     with annotated_engine.connect() as c:  # the model's cardiomediastinum helped training only: not labelled
         stored = set(c.execute(text("SELECT DISTINCT structure FROM masks WHERE kind = 'predicted'")).scalars())
         shown = set(c.execute(text("SELECT DISTINCT heart_definition FROM label_results")).scalars())
-    assert stored == {"heart", "left_lung", "right_lung"} and shown == {"heart"} and ev.notes == []
+    assert stored == {"heart", "left_lung", "right_lung"} and shown == {"heart"}
+    # labelled by a checkpoint's path, its name ('run') finds no file: which films it trained on is unknown
+    assert ev.trained is None and [n for n in ev.notes if "cardiomediastinum" in n] == []
+    assert any("does not say which films it trained on" in n for n in ev.notes)
     assert {"uid", "heart", "ctr_true", "ctr_pred"} <= set(ev.per_image[0])
     with annotated_engine.begin() as c:
         c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly", "rule": "t",
@@ -606,3 +610,37 @@ def test_the_local_loop_stores_what_postprocess_reads_with_the_films_pixels(anno
     for uid, r in here.items():
         assert (stored[uid].quality, stored[uid].trust, stored[uid].ctr) == pytest.approx(
             (r.measurements["quality"], r.measurements["trust"], r.measurements["ctr"]), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_evaluate_leaves_out_the_films_the_model_trained_on(annotated_engine, tiny_model, tmp_path):
+    """A registered model labels films it trained on and films it held out: evaluate reports
+    on the held-out ones and counts the others; --include-trained keeps them, marked; when
+    every film is one it trained on, one line says so and names the way to see them."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.evaluate import NothingHeldOut, evaluate
+    from pipeline.model import read_checkpoint, register_model
+
+    ck = read_checkpoint(tiny_model)
+    register_model(annotated_engine, "tiny_reg", tiny_model, "tiny", ck.training, {}, "")
+    trained = set(ck.info["trained_uids"])
+    with annotated_engine.connect() as c:
+        annotated = sorted(c.execute(text("SELECT DISTINCT uid FROM masks WHERE kind = 'manual'")).scalars())
+    seen = [u for u in annotated if u in trained][:4]
+    unseen = [u for u in annotated if u not in trained][:3]
+    label(annotated_engine, Selection([it for it in _items(annotated_engine, 400).items if it.uid in {*seen, *unseen}],
+                                      "test"),
+          LabelOptions(model="tiny_reg", device="cpu", cache_dir=str(tmp_path / "c"), workers=1, progress=False))
+    ev = evaluate(annotated_engine, "tiny_reg")
+    assert ev.images == len(unseen) and ev.trained == len(seen)
+    assert {r["uid"] for r in ev.per_image} == set(unseen)
+    both = evaluate(annotated_engine, "tiny_reg", include_trained=True)
+    assert both.images == len(seen) + len(unseen) and any("trained on" in n for n in both.notes)
+    with pytest.raises(NothingHeldOut, match=f"all {len(seen)} films .* --include-trained"):
+        evaluate(annotated_engine, "tiny_reg", among=set(seen))
+    r = CliRunner().invoke(cli, ["--db", str(annotated_engine.url), "evaluate", "--model", "tiny_reg", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["images"] == len(unseen) and out["trained_films"] == len(seen) and out["include_trained"] is False

@@ -38,29 +38,50 @@ def query(ctx, sql, as_csv, as_json) -> None:
 @click.command("evaluate")
 @click.option("--truth", default="manual", show_default=True, help="Truth masks: manual.")
 @click.option("--model", default="default", show_default=True)
+@click.option("--source", help="Only the films of this source (images.source, e.g. wingspan).")
+@click.option("--sample", help="Only the films of this named sample (`cxrlabel groups sample`).")
+@click.option("--include-trained", is_flag=True,
+              help="Also the films the model trained on (or their patients'), marked as such: they read better "
+                   "than new films.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image rows).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also draw the CTR's Bland-Altman plot and bias by true-CTR band here.")
 @click.pass_context
 @handle_errors
-def evaluate_cmd(ctx, truth, model, as_json, out_dir) -> None:
+def evaluate_cmd(ctx, truth, model, source, sample, include_trained, as_json, out_dir) -> None:
     """Dice per structure and the CTR's agreement with manual masks: bias, MAE, 95% limits of
-    agreement and the share of films off by more than 0.03, overall and by true-CTR band.
+    agreement and the share of films off by more than 0.03, overall and by true-CTR band. Films
+    the model trained on are left out (and counted) unless --include-trained.
 
     \b
     Example:
         cxrlabel evaluate --truth manual --model default --out reports/
-        cxrlabel evaluate --model default --json
+        cxrlabel evaluate --model my_clinic_model --source clinic_a --json
     """
-    from pipeline.evaluate import bland_altman_figure, evaluate
-    ev = evaluate(engine_of(ctx), model, truth)
+    from pipeline.evaluate import NothingHeldOut, bland_altman_figure, evaluate
+    engine = engine_of(ctx)
+    among = None
+    if source or sample:
+        from pipeline.groups import select_images
+        with engine.connect() as conn:
+            chosen = select_images(conn, sample_name=sample, all_images=not sample, source=source)
+        among = {it.uid for it in chosen.items}
+    try:
+        ev = evaluate(engine, model, truth, include_trained, among)
+    except NothingHeldOut as nothing:  # an answer, not a failure: there is no film to say it of
+        if as_json:
+            emit_json({"model": model, "images": 0, "note": str(nothing)})
+        else:
+            click.echo(str(nothing))
+        return
     figure = bland_altman_figure(ev, out_dir / f"ctr_bland_altman_{_file_name(model)}.png") \
         if out_dir and ev.ctr_error["n"] else None
     if as_json:
         emit_json(ev.as_dict())
         return
     click.echo(f"{ev.model}: {ev.images} images with manual and predicted masks "
-               "(lungs in their source's own convention)")
+               "(lungs in their source's own convention)"
+               + (f", {ev.trained} of them films it trained on" if ev.include_trained and ev.trained else ""))
     for note in ev.notes:
         click.echo(f"  note: {note}")
     for s, st in ev.dice.items():
