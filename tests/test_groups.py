@@ -458,3 +458,16 @@ def test_a_report_or_rules_pattern_that_stalls_is_a_failure_row_and_the_run_goes
     G.assign(engine, load_rules(rules), progress=False)
     with engine.connect() as c:
         assert c.execute(text("SELECT COUNT(*) FROM failures")).scalar() == 0
+
+
+def test_explain_finds_a_uid_given_as_its_file_name_and_suggests_close_ones(engine):
+    """The README's `groups explain 00000013_005.png`: the uid has no extension, so the file's
+    name or path finds it; a uid that is not there gets the uids that start alike."""
+    with engine.begin() as c:
+        for uid in ("00000013_005", "00000013_006"):
+            c.execute(text("INSERT INTO images (uid, source, text, loaded_at) VALUES (:u, 'nih', 'Normal.', "
+                           "'2026-01-01')"), {"u": uid})
+    for given in ("00000013_005.png", "/data/nih/images/00000013_005.png", "00000013_005"):
+        assert G.explain(engine, given)["uid"] == "00000013_005"
+    with pytest.raises(G.GroupsError, match="did you mean 00000013_005, 00000013_006"):
+        G.explain(engine, "00000013_007.png")

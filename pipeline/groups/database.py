@@ -133,10 +133,8 @@ def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
     again with ``rules`` (which may differ from the rules it was assigned by)."""
     rules = rules or load_rules()
     with engine.connect() as conn:
+        uid = _catalogued_uid(conn, uid)
         row = conn.execute(select(D.images.c.text, D.images.c.labels).where(D.images.c.uid == uid)).first()
-        if row is None:
-            raise GroupsError(f"image {uid!r} is not in the catalogue: see `cxrlabel query \"SELECT uid FROM "
-                              f"catalogue LIMIT 5\"` for its uids")
         stored = conn.execute(select(D.groups.c.group_name, D.groups.c.rule, D.groups.c.assigned_at)
                               .where(D.groups.c.uid == uid)).first()
     with budget(uid):
@@ -144,6 +142,24 @@ def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
     return {"uid": uid, "text": row.text, "labels": row.labels, "rules": rules.source,
             "stored_group": stored.group_name if stored else None, "stored_rule": stored.rule if stored else None,
             "group": d.group, "reason": d.reason, "report_ctr": d.report_ctr, "steps": d.steps}
+
+
+def _catalogued_uid(conn, given: str) -> str:
+    """The catalogue's uid for what a user typed: the uid itself, or a file's name or path
+    whose stem is a uid (``00000013_005.png`` is ``00000013_005``); else a GroupsError that
+    suggests uids starting alike."""
+    from pathlib import PurePath
+    i = D.images
+    for candidate in dict.fromkeys((given, PurePath(given).name, PurePath(given).stem)):
+        if candidate and conn.execute(select(i.c.uid).where(i.c.uid == candidate)).first() is not None:
+            return candidate
+    stem = PurePath(given).stem or given
+    start = stem[:max(len(stem) // 2, 1)]
+    like = start.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    close = conn.execute(select(i.c.uid).where(i.c.uid.like(f"{like}%", escape="\\"))
+                         .order_by(i.c.uid).limit(3)).scalars().all()
+    raise GroupsError(f"image {given!r} is not in the catalogue" + (f": did you mean {', '.join(close)}?" if close else
+                      ": see `cxrlabel query \"SELECT uid FROM catalogue LIMIT 5\"` for its uids"))
 
 
 def counts(engine: Engine) -> dict[str, Any]:
