@@ -41,6 +41,10 @@ def process_pool(workers: int | None = None):
 
     class Pool(ProcessPoolExecutor):
         def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+                # Ctrl-C: the workers (which ignore it) are stopped now, not after their tasks
+                for process in list((getattr(self, "_processes", None) or {}).values()):
+                    process.terminate()
             self.shutdown(wait=True, cancel_futures=exc_type is not None)
             return False
 
@@ -54,7 +58,12 @@ def process_pool(workers: int | None = None):
 
 
 def _start_worker(owner: int) -> None:
-    """A pool worker's start: :func:`_one_thread`, and :func:`_exit_with` its owner."""
+    """A pool worker's start: :func:`_one_thread`, :func:`_exit_with` its owner, and Ctrl-C
+    left to the owner (which stops its workers): a terminal's SIGINT reaches every process of
+    its group, and each worker printed its own KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_thread()
     _exit_with(owner)
 

@@ -644,3 +644,31 @@ def test_evaluate_leaves_out_the_films_the_model_trained_on(annotated_engine, ti
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["images"] == len(unseen) and out["trained_films"] == len(seen) and out["include_trained"] is False
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_is_one_line_and_a_prompt_exit(annotated_db, tiny_model, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group, workers included) printed about
+    fifty lines of worker tracebacks and took seconds more: the workers leave it to the run,
+    which stops them, marks itself interrupted and ends with one line."""
+    import shutil
+    db = tmp_path / "catalogue.db"
+    shutil.copy(annotated_db, db)
+    env = {**os.environ, "CXRLABEL_DB": f"sqlite:///{db}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "-v", "label", "--all", "--model", str(tiny_model),
+           "--batch-size", "2", "--device", "cpu", "--workers", "2", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:  # two batches written: the pool's workers are busy; Ctrl-C the whole group
+        if "batch 2 written" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert _exits_within(proc.pid, 60)
+    proc.wait()
+    assert proc.returncode != 0
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest[-3000:]
+    said = [x for x in rest.splitlines() if x.strip() and not x.startswith(("DEBUG", "INFO"))
+            and "batch" not in x and "label " not in x]  # the progress bar and -v's lines aside
+    assert said == ["Aborted!"], rest[-3000:]
+    with D.connect(f"sqlite:///{db}").connect() as c:
+        assert c.execute(text("SELECT status FROM label_runs")).scalars().all() == ["interrupted"]
