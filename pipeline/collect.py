@@ -180,8 +180,8 @@ def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_
         with engine.begin() as conn:
             D.upsert(conn, D.cache, rows, ["uid", "settings_id"])
             D.clear_failures(conn, "collect", [r["uid"] for r in rows])
-            for r in failed:  # only with a failure_stage
-                log.warning("%s %s: %s", failure_stage, r["uid"], r["message"])
+            for r in failed:  # only with a failure_stage; the run's end groups them by reason (failures.summary)
+                log.debug("%s %s: %s", failure_stage, r["uid"], r["message"])
                 D.record_failure(conn, str(failure_stage), r["uid"], r["message"], r["error"])
     if fatal:
         raise CacheError(f"{fatal['message']}: free space or fix the permissions of that folder, "

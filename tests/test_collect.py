@@ -134,3 +134,24 @@ def test_collect_rebuilds_entries_whose_files_were_truncated_or_deleted(engine, 
     assert (verified.rebuilt, verified.cached) == (1, 1)
     with engine.connect() as c:
         assert len(read_cached(c, [r.uid for r in rows], s)) == len(rows)
+
+
+def test_a_moved_archive_is_one_grouped_summary_not_a_line_per_film(tmp_path):
+    """`collect` on a catalogue whose files are gone printed one warning per film (70,000
+    lines on an archive whose disk moved): the run's end groups them by reason, with a count,
+    an example and the way out."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    csv_path = tmp_path / "clinic.csv"
+    csv_path.write_text("id,path\n" + "".join(f"f{i:03d},/mnt/gone/f{i:03d}.dcm\n" for i in range(60)))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    run = [sys.executable, "-m", "pipeline", "--db", url]
+    subprocess.run([*run, "catalogue", "load", "csv", str(csv_path), "--map", "uid=id", "--map", "path=path"],
+                   cwd=REPO, check=True, capture_output=True)
+    done = subprocess.run([*run, "collect", "--all", "--cache", str(tmp_path / "cache"), "--workers", "1"],
+                          cwd=REPO, capture_output=True, text=True)
+    lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip() and "collect" not in x[:12]]
+    assert done.returncode != 0 and len(lines) <= 6, done.stdout + done.stderr
+    assert "60 x" in done.stdout and "catalogue reroot" in done.stdout
