@@ -80,8 +80,19 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     uid = str(meas.get("uid") or "")
     top = (uid if len(uid) <= 26 else "..." + uid[-23:]) + (f"  {meas['group_name']}" if meas.get("group_name") else "")
     _caption(tile, top, 0)
-    _caption(tile, "not read as a chest film" if flagged else label, 1, (80, 80, 255) if flagged else (255, 255, 255))
+    _caption(tile, flag_caption(meas["input_check"]) if flagged else label, 1,
+             (80, 80, 255) if flagged else (255, 255, 255))
     return tile
+
+
+def flag_caption(reason: str, width: int = 34) -> str:
+    """The input check's stored reason, as short as a tile's caption holds: its question
+    ("cropped?", "flipped left-right (or situs inversus)?") or the words before its colon."""
+    short = reason.split("?", 1)[0] + "?" if "?" in reason else reason.split(":", 1)[0]
+    short = "flag: " + short
+    if len(short) > width:  # an aside in brackets goes first
+        short = re.sub(r"\s*\([^)]*\)", "", short)
+    return short if len(short) <= width else short[:width - 3] + "..."
 
 
 def _selection(engine: Engine, model: str, groups: Sequence[str], sample: str | None) -> list[dict]:

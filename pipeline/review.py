@@ -90,7 +90,7 @@ def _selection(model: str, f: Filters):
     state = _latest_decision(m.c.model, m.c.uid).label("review")
     view = func.coalesce(func.upper(i.c.view), "UNKNOWN").label("view")
     q = (select(m.c.uid, g.c.group_name, view, m.c.ctr, m.c.quality, m.c.quality_heart, m.c.quality_left_lung,
-                m.c.quality_right_lung, m.c.trust, m.c.reviewed_ctr, state)
+                m.c.quality_right_lung, m.c.trust, m.c.reviewed_ctr, m.c.input_check, state)
          .join(i, i.c.uid == m.c.uid).join(g, g.c.uid == m.c.uid, isouter=True).where(m.c.model == model))
     if f.group:
         q = q.where(g.c.group_name == f.group)
@@ -253,7 +253,7 @@ def image_view(engine: Engine, uid: str, model: str) -> dict:
                                                   "quality", "quality_heart", "quality_left_lung",
                                                   "quality_right_lung", "reviewed_ctr", "reviewed_heart_width_px",
                                                   "reviewed_thoracic_width_px", "heart_width_mm",
-                                                  "thoracic_width_mm")},
+                                                  "thoracic_width_mm", "input_check")},
             "version": max((h["version"] for h in history), default=0),
             "state": history[-1]["decision"] if history else None, "history": history}
 

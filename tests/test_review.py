@@ -224,3 +224,23 @@ def test_reviews_work_the_same_on_postgresql(engine):
     with engine.connect() as c:
         row = c.execute(text("SELECT review, reviewed_ctr FROM label_results WHERE uid = 'p1'")).one()
     assert row.review == "corrected" and row.reviewed_ctr == pytest.approx(36 / 45)  # heart 5-40, lungs 30-74
+
+
+def test_a_flagged_films_stored_reason_shows_wherever_the_flag_does(labelled):
+    """The contact sheet said "not read as a chest film" of chest films the check had flagged
+    as cropped, and the worklist and page showed quality 0.000 without a reason: each now shows
+    the stored reason."""
+    from pipeline.report import flag_caption
+    from pipeline.webapp import create_app
+
+    engine, uids = labelled
+    reason = "cropped? a lung runs off the film's edge"
+    with engine.begin() as c:
+        c.execute(text("UPDATE measurements SET input_check = :r, quality = 0 WHERE uid = :u"),
+                  {"r": reason, "u": uids[0]})
+    page = create_app(engine, "m").test_client().get("/", headers={"Host": "127.0.0.1:8765"})
+    assert page.status_code == 200 and "flagged: cropped? a lung runs off the film&#39;s edge" in page.text
+    assert R.image_view(engine, uids[0], "m")["measurements"]["input_check"] == reason
+    assert flag_caption(reason) == "flag: cropped?"
+    assert flag_caption("flipped left-right (or situs inversus)? the heart and left lung lie on the image's left") \
+        == "flag: flipped left-right?"

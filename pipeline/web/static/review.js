@@ -120,6 +120,7 @@ function showPanel() {
     ["CTR (as drawn now)", fmt(liveCtr())],
     ["heart width", m.heart_width_mm ? `${fmt(m.heart_width_mm, 1)} mm` : `${m.heart_width_px ?? "–"} px`],
     ["thoracic width", m.thoracic_width_mm ? `${fmt(m.thoracic_width_mm, 1)} mm` : `${m.thoracic_width_px ?? "–"} px`],
+    ...(m.input_check && m.input_check !== "ok" ? [["flagged by the input check", m.input_check]] : []),
     ["quality (est. Dice)", fmt(m.quality)], ["  heart", fmt(m.quality_heart)],
     ["  left lung", fmt(m.quality_left_lung)], ["  right lung", fmt(m.quality_right_lung)],
     ["view", view.view || "unknown"],
