@@ -16,7 +16,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -29,7 +29,7 @@ from pipeline import db as D
 from pipeline.collect import read_cached
 from pipeline.imaging import Geometry
 from pipeline.masks import load_masks
-from pipeline.metrics import auc
+from pipeline.metrics import auc, auc_interval
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ReportFiles:
     calibration: Path | None = None  # the model's quality score: estimated vs true Dice, held out
     roc: Path | None = None  # two groups: how well the CTR separates them (AUC), by view
     bland_altman: Path | None = None  # the CTR against manual masks, where the model labelled annotated films
+    summary: dict = field(default_factory=dict)  # the numbers behind the figures (ctr_summary)
 
 
 def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
@@ -164,8 +165,36 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
     roc_path = out_dir / f"ctr_roc_{name}.png" if len(groups) >= 2 else None
     if roc_path and not _roc(counted(rows), groups[0], groups[1], roc_path, model, unit):
         roc_path = None
+    summary = ctr_summary(counted(_selection(engine, model, [], sample) if not groups else rows), groups, unit)
     return ReportFiles(sheet_path, hist_path, len(images), _calibration(engine, model, out_dir), roc_path,
-                       _agreement(engine, model, out_dir))
+                       _agreement(engine, model, out_dir), summary)
+
+
+def ctr_summary(rows: list[dict], groups: Sequence[str], unit: str = "patients") -> dict:
+    """The numbers behind the histogram and the ROC, per view (PA and unknown, AP): for each
+    group its count (of ``unit``), CTR mean, SD, median and quartiles, and the share above 0.5;
+    with two groups the AUC of the CTR calling the first against the second and its 95%
+    interval (DeLong)."""
+    out: dict = {"unit": unit, "views": {}}
+    for view, vrows in _views(rows).items():
+        by_group: dict = {}
+        for g in groups or sorted({r.get("group_name") or "(no group)" for r in vrows}):
+            ctr = np.array([r["ctr"] for r in vrows if (r.get("group_name") or "(no group)") == g], float)
+            if not len(ctr):
+                continue
+            q1, median, q3 = (float(v) for v in np.percentile(ctr, [25, 50, 75]))
+            by_group[g] = {"n": len(ctr), "mean": float(ctr.mean()), "sd": float(ctr.std(ddof=1)) if len(ctr) > 1
+                           else float("nan"), "median": median, "q1": q1, "q3": q3,
+                           "above_0_5": float((ctr > 0.5).mean())}
+        entry: dict = {"groups": by_group}
+        if len(groups) >= 2 and groups[0] in by_group and groups[1] in by_group:
+            pos = [r["ctr"] for r in vrows if r.get("group_name") == groups[0]]
+            neg = [r["ctr"] for r in vrows if r.get("group_name") == groups[1]]
+            area, lo, hi = auc_interval(pos, neg)
+            entry["auc"] = {"positive": groups[0], "negative": groups[1], "auc": area, "ci95": [lo, hi],
+                            "method": "DeLong"}
+        out["views"][view] = entry
+    return out
 
 
 def _agreement(engine: Engine, model: str, out_dir: Path) -> Path | None:

@@ -244,3 +244,34 @@ def test_a_flagged_films_stored_reason_shows_wherever_the_flag_does(labelled):
     assert flag_caption(reason) == "flag: cropped?"
     assert flag_caption("flipped left-right (or situs inversus)? the heart and left lung lie on the image's left") \
         == "flag: flipped left-right?"
+
+
+def test_report_prints_the_groups_numbers_and_the_aucs_interval(annotated_engine, tmp_path):
+    """`report` printed only file paths: it now prints each group's count, CTR summary and
+    share above 0.5, and the AUC with its 95% interval (DeLong), and --json gives them all."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.metrics import auc_interval
+
+    uids = pretend_labelled(annotated_engine, 12, model="m")
+    with annotated_engine.begin() as c:
+        ctrs = dict(c.execute(text("SELECT uid, ctr FROM measurements WHERE model = 'm'")).all())
+        ranked = sorted(uids, key=lambda u: ctrs[u])
+        c.execute(D.groups.insert(), [{"uid": u, "group_name": "cardiomegaly" if k % 3 else "healthy", "rule": "t",
+                                       "assigned_at": D.utcnow()} for k, u in enumerate(ranked)])
+    args = ["--db", str(annotated_engine.url), "report", "--group", "cardiomegaly", "--group", "healthy",
+            "--model", "m", "--per-film", "--out", str(tmp_path / "rep")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "cardiomegaly" in r.output and "above 0.5" in r.output and "95% CI" in r.output
+    got = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    view = next(iter(got["summary"]["views"].values()))
+    pos = [ctrs[u] for k, u in enumerate(ranked) if k % 3]
+    neg = [ctrs[u] for k, u in enumerate(ranked) if not k % 3]
+    assert view["groups"]["cardiomegaly"]["n"] == len(pos) and view["groups"]["healthy"]["n"] == len(neg)
+    assert view["auc"]["auc"] == pytest.approx(auc_interval(pos, neg)[0])
+    lo, hi = view["auc"]["ci95"]
+    assert lo <= view["auc"]["auc"] <= hi and got["files"]["histogram"].endswith(".png")

@@ -117,9 +117,10 @@ def _file_name(label: str) -> str:
                    "CTR distributions and the ROC too.")
 @click.option("--per-film", is_flag=True,
               help="Count every film in the distributions and the ROC [one film per patient: the earliest].")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers and the files' paths as JSON.")
 @click.pass_context
 @handle_errors
-def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged, per_film) -> None:
+def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged, per_film, as_json) -> None:
     """Contact sheet of overlays (lowest quality first), the groups' CTR distributions side by
     side (PA and AP apart), with two groups the ROC of the CTR separating them, and the
     quality score's calibration. Films the input check flagged head the contact sheet and
@@ -134,6 +135,21 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged, per_
         raise click.UsageError("choose --group (one or more) or --sample")
     files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles, include_flagged=include_flagged,
                    per_film=per_film)
+    if as_json:
+        emit_json({"summary": files.summary, "files": {k: str(v) for k, v in (
+            ("contact_sheet", files.contact_sheet), ("histogram", files.histogram), ("roc", files.roc),
+            ("calibration", files.calibration), ("bland_altman", files.bland_altman)) if v is not None}})
+        return
+    unit = files.summary.get("unit", "patients")
+    for view, entry in files.summary.get("views", {}).items():
+        click.echo(f"CTR, {view} films ({unit}; one film each unless --per-film):")
+        for g, st in entry["groups"].items():
+            click.echo(f"  {g:<14} n={st['n']:<6} mean {st['mean']:.3f} (SD {st['sd']:.3f}), median {st['median']:.3f} "
+                       f"(IQR {st['q1']:.3f}-{st['q3']:.3f}), above 0.5: {st['above_0_5']:.1%}")
+        if "auc" in entry:
+            a = entry["auc"]
+            click.echo(f"  AUC of the CTR, {a['positive']} against {a['negative']}: {a['auc']:.3f} "
+                       f"(95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}, DeLong)")
     click.echo(f"contact sheet ({files.images} images): {files.contact_sheet}")
     click.echo(f"CTR histogram: {files.histogram}")
     if files.roc:
