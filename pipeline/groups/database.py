@@ -134,7 +134,7 @@ def explain(engine: Engine, uid: str, rules: Rules | None = None) -> dict:
     rules = rules or load_rules()
     with engine.connect() as conn:
         uid = _catalogued_uid(conn, uid)
-        row = conn.execute(select(D.images.c.text, D.images.c.labels).where(D.images.c.uid == uid)).first()
+        row = conn.execute(select(D.images.c.text, D.images.c.labels).where(D.images.c.uid == uid)).one()
         stored = conn.execute(select(D.groups.c.group_name, D.groups.c.rule, D.groups.c.assigned_at)
                               .where(D.groups.c.uid == uid)).first()
     with budget(uid):
