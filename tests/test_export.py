@@ -256,3 +256,44 @@ def test_png_export_never_follows_a_link_out_of_its_folder_and_a_long_uid_is_one
     assert sum(s.skipped.values()) == 1
     assert (elsewhere / "heart.png").read_text() == "a thesis chapter"
     assert sorted(os.listdir(elsewhere)) == ["heart.png"]
+
+
+def test_seg_passes_dicom3tools_dciodvfy_and_prints_no_patient_name(engine, tmp_path, capfd):
+    """Every SEG we write passes dciodvfy (dicom3tools) without an error: Patient Orientation
+    (Type 2C for projection radiographs) is there, and a source's PatientAge "62" is written
+    "062Y"; highdicom's warnings, which quote the patient's name, never reach the terminal."""
+    import os
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CXRLABEL_REQUIRE_DCIODVFY"):
+            pytest.fail("dciodvfy (Debian's dicom3tools) is required here but not installed")
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+    import pydicom
+    src = tmp_path / "dicom"
+    src.mkdir()
+    for name in ("cr_chest_pa_jpeg_baseline.dcm", "RG1_UNCR.dcm"):
+        shutil.copy(DICOM / name, src / name)
+    C.load_dicom(engine, src, workers=1, progress=False)
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT uid, width, height FROM images")).all()
+        for uid, w, h in rows:
+            masks = {}
+            for k, s in enumerate(STRUCTURES):
+                m = np.zeros((h, w), np.uint8)
+                cv2.ellipse(m, (int(w * (0.3 + 0.2 * k)), h // 2), (w // 8, h // 5), 0, 0, 360, 1, -1)
+                masks[s] = m.astype(bool)
+            D.upsert(c, D.masks, [mask_row(uid, s, EncodedMask.of(m, "rle"), kind="predicted", model="default")
+                                  for s, m in masks.items()], ("uid", "structure", "kind", "model"))
+            c.execute(D.measurements.insert().values(uid=uid, model="default", labelled_at=D.utcnow(), ctr=0.5))
+    capfd.readouterr()
+    assert export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False).written == 2
+    said = capfd.readouterr()
+    names = {str(pydicom.dcmread(src / n, stop_before_pixels=True).get("PatientName", "")) for n in os.listdir(src)}
+    assert not any(n and n in said.out + said.err for n in names), said
+    for seg in sorted((tmp_path / "seg").glob("*.dcm")):
+        out = subprocess.run(["dciodvfy", str(seg)], capture_output=True, text=True)
+        errors = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")]
+        assert errors == [], (seg.name, errors)
+    ages = {str(pydicom.dcmread(p).get("PatientAge", "")) for p in (tmp_path / "seg").glob("*.dcm")}
+    assert "062Y" in ages

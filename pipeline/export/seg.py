@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,14 +71,31 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
         for keyword in TYPE2:  # empty where the source leaves them out (the SEG must carry them)
             if keyword not in src:
                 setattr(src, keyword, "")
+        _valid_age(src)
         try:
-            seg = _segmentation(src, it, uid, names)
+            with warnings.catch_warnings():  # highdicom's warnings quote patient names: never to a terminal
+                warnings.simplefilter("ignore", UserWarning)
+                seg = _segmentation(src, it, uid, names)
         except (ValueError, TypeError, AttributeError) as e:
             _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
             continue
         with _written(path) as tmp:
             seg.save_as(tmp)
         summary.written += 1
+
+
+def _valid_age(src) -> None:
+    """The source's PatientAge as the SEG copies it: DICOM's ``nnnY`` form (``062Y`` for a
+    bare ``62``, which archives write and validators refuse), or left out when it is no age."""
+    age = str(src.get("PatientAge", "") or "").strip().upper()
+    if not age or re.fullmatch(r"\d{3}[DWMY]", age):
+        return
+    if age.isdigit() and int(age) <= 130:
+        src.PatientAge = f"{int(age):03d}Y"
+    elif m := re.fullmatch(r"(\d{1,3})\s*([DWMY])", age):
+        src.PatientAge = f"{int(m.group(1)):03d}{m.group(2)}"
+    else:
+        del src.PatientAge
 
 
 def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
@@ -106,7 +125,7 @@ def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
             algorithm_identification=None if manual else algorithm))
     pixels = np.stack([it.mask(s) for s in present], axis=-1)[None].astype(np.uint8)
     reviewers = sorted({r for r in it.reviewers.values() if r})
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=[src], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(entropy_srcs=[str(src.get("SeriesInstanceUID", "")), it.model,
@@ -117,6 +136,10 @@ def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
         content_description=(("reviewed by " + ", ".join(reviewers)) if reviewers else
                              f"model {it.model} sha256 {(it.sha256 or 'unknown')[:12]}")[:64],
         content_creator_name=reviewers[0].replace(" ", "^") if reviewers else None)
+    # General Image: Patient Orientation is Type 2C for a projection radiograph's SEG (the
+    # source's, or empty where it has none); highdicom leaves it out
+    seg.PatientOrientation = src.get("PatientOrientation", "") or ""
+    return seg
 
 
 def _version() -> str:
