@@ -31,6 +31,7 @@ class Checkpoint:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file as data (never unpickles code); ``cxrlabel-1`` files converted."""
+    _check_torch_file(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -52,6 +53,24 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                           raw.get("training", {}), fmt)
     except (KeyError, TypeError) as e:
         raise ModelError(f"{path}: checkpoint lacks {e}: re-export it from its training run") from e
+
+
+def _check_torch_file(path: str | Path) -> None:
+    """Refuse, with one line naming it, what cannot be a checkpoint before torch reads it: a
+    folder (``label --model runs``), a FIFO or device, a file that is no torch file (neither
+    torch's zip nor its older pickle: ``/etc/passwd`` gave "list index out of range")."""
+    from pipeline.regular import open_regular
+    p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"{path} is a folder: name a checkpoint file in it (e.g. {p / 'best.pt'}) or a registered "
+                         "model (`cxrlabel models list`)")
+    if not p.exists():
+        return  # torch.load's FileNotFoundError says it below
+    with open_regular(p, ModelError, only="a checkpoint is a file") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ModelError(f"{path}: not a cxrlabel checkpoint (not a torch file); name a checkpoint (.pt) or a "
+                         "registered model (`cxrlabel models list`)")
 
 
 def write_checkpoint(path: str | Path, ck: Checkpoint) -> str:

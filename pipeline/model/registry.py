@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import db as D
 from pipeline import quality as Q
-from pipeline.model.checkpoints import file_sha256, load_model, read_checkpoint
+from pipeline.model.checkpoints import _check_torch_file, file_sha256, load_model, read_checkpoint
 from pipeline.model.inference import LoadedModel, pick_device
 from pipeline.model.spec import LabelledOutputs, ModelError, ModelSpec
 from pipeline.resources import resource
@@ -41,6 +41,7 @@ def locate(engine: Engine | None, ref: str = "default") -> tuple[Path, str, str 
         raise ModelError(f"checkpoint {path} not found" + (
             " (the shipped default lives in models/default/; reinstall or run `make train`)"
             if ref == "default" else ""))
+    _check_torch_file(path)  # a folder, a FIFO or no torch file: one line, before it is hashed or read
     return path, name, registered
 
 
