@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -123,9 +124,12 @@ def _filters(args) -> R.Filters:
         if not v:
             return None
         try:
-            return float(v)
+            number = float(v)
         except ValueError:
             abort(400, f"{key} must be a number")
+        if not math.isfinite(number):  # nan matched nothing: an empty worklist without a word
+            abort(400, f"{key} must be a finite number, not {v}")
+        return number
 
     reviewed = {"yes": True, "no": False}.get(args.get("reviewed", ""))
     return R.Filters(group=args.get("group") or None, sample=args.get("sample") or None,
