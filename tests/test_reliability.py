@@ -543,3 +543,19 @@ def test_a_dicom_whose_rows_are_fewer_than_its_pixel_data_is_refused(tmp_path):
     with pytest.raises(DecodeError, match="pixel data holds 7198310 bytes .* needs 6830110"):
         decode(tmp_path / "short.dcm")
     assert decode(DICOM / "RG1_UNCR.dcm")[0].shape == (1955, 1841)
+
+
+def test_a_load_or_import_that_did_nothing_exits_4(tmp_path):
+    """`catalogue load csv` where every row is malformed and `masks import png-dirs` where
+    every image is unreadable exited 0: both end with the documented status for nothing done."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("id,report\n,no uid\n,none either\n")
+    r = CliRunner().invoke(cli, ["--db", url, "catalogue", "load", "csv", str(csv_path), "--map", "uid=id"])
+    assert r.exit_code == 4 and "0 rows loaded, 2 rows left out" in r.output, r.output
+    (tmp_path / "set" / "images").mkdir(parents=True)
+    (tmp_path / "set" / "heart").mkdir()
+    (tmp_path / "set" / "images" / "a.png").write_bytes(b"not a png")
+    r = CliRunner().invoke(cli, ["--db", url, "masks", "import", "png-dirs", str(tmp_path / "set"),
+                                 "--mask", "heart=heart"])
+    assert r.exit_code == 4 and "0 images" in r.output, r.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline import catalogue as C
-from pipeline.cli.common import emit, engine_of, handle_errors, json_option, select, selection_options
+from pipeline.cli.common import EXIT_NONE_DONE, emit, engine_of, handle_errors, json_option, select, selection_options
 
 
 @click.group()
@@ -53,9 +53,11 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
             --text-key-column StudyUID --text-column Report
     """
     s = C.load(engine_of(ctx), fmt, source, C.LoadOptions(**options))
-    click.echo(f"{source}: {s.loaded} rows loaded, {s.errors} malformed rows in load_errors")
+    click.echo(f"{source}: {s.loaded} rows loaded, {s.errors} rows left out (in load_errors, with the reason)")
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {n:>7}  {reason}")
+    if s.loaded == 0 and s.errors:  # nothing was done: the documented status for it, never 0
+        raise click.exceptions.Exit(EXIT_NONE_DONE)
 
 
 @catalogue.command("errors")

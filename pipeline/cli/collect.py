@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, selection_options
+from pipeline.cli.common import EXIT_NONE_DONE, batch_exit, engine_of, handle_errors, select, selection_options
 
 
 @click.command("collect")
@@ -98,6 +98,8 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs, uid_pref
     click.echo(f"{directory}: {s.images} images, {s.masks} masks stored"
                + (f", {s.skipped} left out (unreadable, a mask of another size, or a name the catalogue uses for "
                   "another image: see the warnings)" if s.skipped else ""))
+    if s.images == 0 and s.skipped:  # nothing was imported: the documented status for it, never 0
+        raise click.exceptions.Exit(EXIT_NONE_DONE)
 
 
 COMMANDS = [collect_cmd, masks]
