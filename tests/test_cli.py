@@ -72,8 +72,26 @@ def test_bad_input_gets_a_clear_error(tmp_path):
 
 def test_groups_list_json(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "db", "init").exit_code == 0
     r = run(url, "groups", "list", "--json")
     assert json.loads(r.output) == []
+
+
+def test_a_command_that_reads_refuses_a_database_that_does_not_exist(tmp_path, monkeypatch):
+    """The default data/catalogue.db is relative to the current folder: `status` elsewhere made
+    an empty database and said "catalogue 0 images", and a mistyped --db made a file and then
+    said "no group named 'healthy'". Only a load, an import or `db init` makes one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for args in (["status"], ["groups", "list"], ["label", "--group", "healthy"], ["models", "list"]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code != 0 and f"no database at {tmp_path / 'data' / 'catalogue.db'}" in r.output, (args, r.output)
+        assert not (tmp_path / "data" / "catalogue.db").exists()
+    typo = f"sqlite:///{tmp_path / 'catalgue.db'}"
+    r = CliRunner().invoke(cli, ["--db", typo, "report", "--group", "healthy"])
+    assert r.exit_code != 0 and "catalgue.db" in r.output and not (tmp_path / "catalgue.db").exists()
+    assert CliRunner().invoke(cli, ["db", "init"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["status"]).exit_code == 0
 
 
 def test_a_run_explains_its_failures_and_failures_lists_them(tmp_path, monkeypatch):
@@ -129,6 +147,7 @@ def test_paths_are_stored_absolute_and_reroot_moves_an_archive(tmp_path, monkeyp
 
 def test_status_says_what_the_database_holds_and_what_to_do_next(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "db", "init").exit_code == 0
     empty = json.loads(run(url, "status", "--json").output)
     assert empty["images"] == {} and empty["runs"] == [] and empty["next"].startswith("cxrlabel catalogue load")
     run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1")
@@ -147,7 +166,7 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
     import subprocess
     import sys
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    assert run(url, "status").exit_code == 0  # the database exists
+    assert run(url, "db", "init").exit_code == 0  # the database exists
     many = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT x FROM c"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--db", url, "query", many, "--csv"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -159,7 +178,7 @@ def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
 
 def test_a_mistyped_ready_query_names_the_one_meant(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    assert run(url, "status").exit_code == 0
+    assert run(url, "db", "init").exit_code == 0
     r = run(url, "query", "ctr_by_grop")
     assert r.exit_code == 1 and "no ready query named 'ctr_by_grop': did you mean ctr_by_group?" in r.output
     assert run(url, "query", "SELECT 1 AS one").exit_code == 0

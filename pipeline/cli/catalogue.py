@@ -52,7 +52,7 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
         cxrlabel catalogue load dicom /pacs/export --text-csv reports.csv --text-key study_uid \\
             --text-key-column StudyUID --text-column Report
     """
-    s = C.load(engine_of(ctx), fmt, source, C.LoadOptions(**options))
+    s = C.load(engine_of(ctx, create=True), fmt, source, C.LoadOptions(**options))
     click.echo(f"{source}: {s.loaded} rows loaded, {s.errors} rows left out (in load_errors, with the reason)")
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {n:>7}  {reason}")

@@ -90,7 +90,7 @@ def masks_import(ctx, fmt, directory, images, mask_dirs, source, lungs, uid_pref
             --mask heart=mask/heart --mask left_lung=mask/left_lung --mask right_lung=mask/right_lung
     """
     from pipeline import masks as M
-    engine = engine_of(ctx)
+    engine = engine_of(ctx, create=True)
     if fmt == "generalblockchain":
         s = M.import_generalblockchain(engine, directory)
     else:

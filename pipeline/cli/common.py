@@ -48,12 +48,22 @@ def handle_errors(fn):
     return wrapper
 
 
-def engine_of(ctx: click.Context, read_only: bool = False):
+def engine_of(ctx: click.Context, read_only: bool = False, create: bool = False):
     """The database of ``--db``: created or upgraded as needed, or with ``read_only`` opened
-    as it is and never written (``query``)."""
+    as it is and never written (``query``). Only a command that fills a database (``create``:
+    ``catalogue load``, ``masks import``, ``db init``) makes a new SQLite file; any other refuses
+    one that does not exist, naming the file it looked for: the default ``data/catalogue.db``
+    is relative to the current folder, and a mistyped ``--db`` made an empty database that then
+    said "catalogue 0 images" or "no group named 'healthy'"."""
     obj = ctx.ensure_object(dict)
     key = "engine_ro" if read_only else "engine"
     if key not in obj:
+        path = D.sqlite_path(D.resolve_url(obj.get("url")))
+        if not create and not read_only and path is not None and not path.exists():
+            raise click.ClickException(
+                f"no database at {path.absolute()} ({D.display_url(obj.get('url'))}): name yours with --db or "
+                "CXRLABEL_DB (the default, data/catalogue.db, lies in the current folder), or create one with "
+                "`cxrlabel catalogue load` or `cxrlabel db init`")
         try:
             obj[key] = (D.connect_read_only if read_only else D.connect)(obj.get("url"))
         except CxrlabelError:

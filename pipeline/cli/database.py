@@ -23,7 +23,7 @@ def db_init(ctx: click.Context) -> None:
     Example:
         cxrlabel --db postgresql+psycopg://me@localhost/cxr db init
     """
-    engine_of(ctx)
+    engine_of(ctx, create=True)
     click.echo(f"schema version {D.SCHEMA_VERSION} at {D.display_url(ctx.obj.get('url'))}")
 
 
