@@ -3,7 +3,9 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
+from pipeline import db as D
 from pipeline.cli import cli
 from tests.conftest import DICOM, NIH_CSV
 
@@ -205,7 +207,7 @@ def test_a_name_that_does_not_exist_is_said_so_with_the_names_that_do(tmp_path):
         assert r.exit_code == 1 and words in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1
     r = run(url, "export", "rle", "--out", str(tmp_path / "y.csv"))  # as label: never everything by omission
-    assert r.exit_code == 2 and "choose what to export: --group G, --sample NAME or --all" in r.output
+    assert r.exit_code == 2 and "choose what to export: --group G, --sample NAME, --source S or --all" in r.output
     assert not (tmp_path / "y.csv").exists()
 
 
@@ -220,3 +222,34 @@ def test_collect_caches_what_the_model_reads_so_labelling_finds_it_done(tmp_path
     assert json.loads(one.output) == [{"n": 1, "entries": 6}]  # labelling added no second cache
     r = run(url, "catalogue", "reroot", "dicom", str(tmp_path))
     assert "0 image paths moved" in r.output and "give OLD_PREFIX as an absolute path" in r.output
+
+
+def test_selection_options_are_one_set_and_a_pilot_can_be_drawn_from_films_on_disk(tmp_path):
+    """A 40-film pilot drew rows without files and `label --sample pilot` failed on all 40:
+    `groups sample --on-disk` (and --source) draws only films here; every command that selects
+    takes the same options, `export` --source among them."""
+    from tests.test_catalogue import nih_slice
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "nih", str(nih_slice(tmp_path, 8))).exit_code == 0  # files elsewhere
+    assert run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1").exit_code == 0
+    eng = D.connect(url)
+    with eng.begin() as c:
+        uids = c.execute(text("SELECT uid FROM images")).scalars().all()
+        c.execute(D.groups.insert(), [{"uid": u, "group_name": "healthy", "rule": "t", "assigned_at": D.utcnow()}
+                                      for u in uids])
+    eng.dispose()
+    r = run(url, "groups", "sample", "--name", "pilot", "--per-group", "40", "--on-disk")
+    assert r.exit_code == 0 and "pilot/healthy: 6" in r.output, r.output
+    r = run(url, "catalogue", "list", "--sample", "pilot", "--json")
+    assert {x["source"] for x in json.loads(r.output)} == {"dicom"}
+    r = run(url, "catalogue", "list", "--all", "--on-disk", "--limit", "3", "--json")
+    assert len(json.loads(r.output)) == 3 and {x["source"] for x in json.loads(r.output)} == {"dicom"}
+    r = run(url, "collect", "--source", "nih", "--on-disk", "--cache", str(tmp_path / "cache"))
+    assert r.exit_code != 0 and "none of the 8 images of this selection has its file on this machine" in r.output
+    r = run(url, "label", "--sample", "pilot", "--limit", "2", "--device", "cpu", "--workers", "1",
+            "--cache", str(tmp_path / "cache"))
+    assert r.exit_code == 0 and "2 labelled" in r.output, r.output
+    r = run(url, "export", "rle", "--source", "dicom", "--out", str(tmp_path / "x.csv"))
+    assert r.exit_code == 0 and "2 written" in r.output, r.output
+    r = run(url, "groups", "sample", "--name", "p2", "--per-group", "3", "--group", "cardiomegaly")
+    assert r.exit_code != 0 and "no group named 'cardiomegaly': there are healthy" in r.output

@@ -105,19 +105,19 @@ def test_png_export_is_one_bit_per_structure_in_original_geometry(labelled, tmp_
     assert export(engine, "png", tmp_path / "png", _selection(engine), progress=False).written == 1
 
 
-def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
-    import highdicom as hd
-    import pydicom
-    src = tmp_path / "dicom"
+def _labelled_dicoms(engine, src, extra_png: bool = False, rng=None) -> dict[str, dict[str, np.ndarray]]:
+    """The shared data's two chest DICOMs (one of them with PatientAge '62') catalogued from
+    ``src`` and 'labelled' by model default with an ellipse per structure (turned at random
+    with ``rng``); with ``extra_png`` also a row that comes from no DICOM. Returns the masks."""
     src.mkdir()
     for name in ("cr_chest_pa_jpeg_baseline.dcm", "RG1_UNCR.dcm"):
         shutil.copy(DICOM / name, src / name)
     C.load_dicom(engine, src, workers=1, progress=False)
     with engine.begin() as c:
-        c.execute(text("INSERT INTO images (uid, source, path, loaded_at) VALUES ('png-one', 'csv', '/x.png', "
-                       "'2026-01-01')"))
+        if extra_png:
+            c.execute(text("INSERT INTO images (uid, source, path, loaded_at) VALUES ('png-one', 'csv', '/x.png', "
+                           "'2026-01-01')"))
         rows = c.execute(text("SELECT uid, width, height FROM images")).all()
-    rng = np.random.default_rng(0)
     truth = {}
     with engine.begin() as c:
         for uid, w, h in rows:
@@ -125,13 +125,20 @@ def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
             masks = {}
             for k, s in enumerate(STRUCTURES):
                 m = np.zeros((h, w), np.uint8)
-                cv2.ellipse(m, (int(w * (0.3 + 0.2 * k)), h // 2), (w // 8, h // 5), float(rng.uniform(0, 90)),
-                            0, 360, 1, -1)
+                cv2.ellipse(m, (int(w * (0.3 + 0.2 * k)), h // 2), (w // 8, h // 5),
+                            float(rng.uniform(0, 90)) if rng is not None else 0.0, 0, 360, 1, -1)
                 masks[s] = m.astype(bool)
             truth[uid] = masks
             D.upsert(c, D.masks, [mask_row(uid, s, EncodedMask.of(m, "rle"), kind="predicted", model="default")
                                   for s, m in masks.items()], ("uid", "structure", "kind", "model"))
             c.execute(D.measurements.insert().values(uid=uid, model="default", labelled_at=D.utcnow(), ctr=0.5))
+    return truth
+
+
+def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
+    import highdicom as hd
+    import pydicom
+    truth = _labelled_dicoms(engine, tmp_path / "dicom", extra_png=True, rng=np.random.default_rng(0))
     s = export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False)
     assert s.written == 2 and s.skipped == {"not from a DICOM file (seg needs the source DICOM)": 1}
     with engine.connect() as c:
@@ -271,21 +278,7 @@ def test_seg_passes_dicom3tools_dciodvfy_and_prints_no_patient_name(engine, tmp_
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
     import pydicom
     src = tmp_path / "dicom"
-    src.mkdir()
-    for name in ("cr_chest_pa_jpeg_baseline.dcm", "RG1_UNCR.dcm"):
-        shutil.copy(DICOM / name, src / name)
-    C.load_dicom(engine, src, workers=1, progress=False)
-    with engine.begin() as c:
-        rows = c.execute(text("SELECT uid, width, height FROM images")).all()
-        for uid, w, h in rows:
-            masks = {}
-            for k, s in enumerate(STRUCTURES):
-                m = np.zeros((h, w), np.uint8)
-                cv2.ellipse(m, (int(w * (0.3 + 0.2 * k)), h // 2), (w // 8, h // 5), 0, 0, 360, 1, -1)
-                masks[s] = m.astype(bool)
-            D.upsert(c, D.masks, [mask_row(uid, s, EncodedMask.of(m, "rle"), kind="predicted", model="default")
-                                  for s, m in masks.items()], ("uid", "structure", "kind", "model"))
-            c.execute(D.measurements.insert().values(uid=uid, model="default", labelled_at=D.utcnow(), ctr=0.5))
+    _labelled_dicoms(engine, src)
     capfd.readouterr()
     assert export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False).written == 2
     said = capfd.readouterr()

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline import catalogue as C
-from pipeline.cli.common import EXIT_NONE_DONE, emit, engine_of, handle_errors, json_option, select, selection_options
+from pipeline.cli.common import EXIT_NONE_DONE, emit, engine_of, handle_errors, json_option, selection_options
 
 
 @click.group()
@@ -80,7 +80,7 @@ def catalogue_errors(ctx, limit, as_json) -> None:
 @json_option
 @click.pass_context
 @handle_errors
-def catalogue_list(ctx, group, sample, all_images, limit, source, as_json) -> None:
+def catalogue_list(ctx, selection, as_json) -> None:
     """Rows of the `catalogue` view for a selection.
 
     \b
@@ -88,7 +88,7 @@ def catalogue_list(ctx, group, sample, all_images, limit, source, as_json) -> No
         cxrlabel catalogue list --group cardiomegaly --limit 5 --json
     """
     engine = engine_of(ctx)
-    chosen = select(engine, group, sample, all_images, limit or 20, source)
+    chosen = selection.select(engine, limit=20)
     emit(C.list_rows(engine, [it.uid for it in chosen.items]), as_json)
 
 

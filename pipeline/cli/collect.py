@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import EXIT_NONE_DONE, batch_exit, engine_of, handle_errors, select, selection_options
+from pipeline.cli.common import EXIT_NONE_DONE, batch_exit, engine_of, handle_errors, selection_options
 
 
 @click.command("collect")
@@ -25,8 +25,7 @@ from pipeline.cli.common import EXIT_NONE_DONE, batch_exit, engine_of, handle_er
               help="Decode on a Ray cluster (its address, or 'local'); needs cxrlabel[ray].")
 @click.pass_context
 @handle_errors
-def collect_cmd(ctx, group, sample, all_images, limit, source, model, size, mode, workers, cache_dir, verify,
-                ray_address) -> None:
+def collect_cmd(ctx, selection, model, size, mode, workers, cache_dir, verify, ray_address) -> None:
     """Stage 2: decode and preprocess images into the cache; skips what is cached.
 
     Exit status: 0 every image cached (or cached before), 3 some failed and the rest cached,
@@ -44,7 +43,7 @@ def collect_cmd(ctx, group, sample, all_images, limit, source, model, size, mode
         from pipeline.model import model_spec
         spec = model_spec(engine, model)
         size, mode = size or spec.size, mode or spec.mode
-    chosen = select(engine, group, sample, all_images, limit, source)
+    chosen = selection.select(engine)
     started = D.utcnow()
     if ray_address:
         from pipeline.distributed import collect_on_ray

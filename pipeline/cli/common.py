@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import click
 from sqlalchemy.exc import OperationalError
@@ -153,19 +154,43 @@ def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
 
 
+@dataclass(frozen=True)
+class SelectionArgs:
+    """The selection options every command that selects images takes, as one value
+    (:func:`selection_options`)."""
+
+    group: str | None = None
+    sample: str | None = None
+    all_images: bool = False
+    limit: int | None = None
+    source: str | None = None
+    on_disk: bool = False
+
+    def select(self, engine, limit: int | None = None):
+        """The :class:`pipeline.groups.Selection` these options name (``limit``: a default
+        when none was given)."""
+        from pipeline.groups import select_images
+        with engine.connect() as conn:
+            return select_images(conn, self.group, self.sample, self.all_images, self.limit or limit, self.source,
+                                 on_disk=self.on_disk)
+
+
 def selection_options(fn):
-    """--group / --sample / --all / --source / --limit: turned into a
-    :class:`pipeline.groups.Selection` by :func:`select`."""
-    fn = click.option("--limit", type=click.IntRange(min=1), help="At most N images (by uid).")(fn)
-    fn = click.option("--source", "source", help="Only images of this dataset (images.source).")(fn)
-    fn = click.option("--all", "all_images", is_flag=True, help="Every catalogued image.")(fn)
-    fn = click.option("--sample", help="A named sample (see `groups sample`).")(fn)
-    fn = click.option("--group", help="A group, e.g. cardiomegaly or healthy.")(fn)
-    return fn
+    """--group / --sample / --all / --source / --limit / --on-disk, the same on every command
+    that selects images, handed to it as one ``selection`` (:class:`SelectionArgs`)."""
+    @functools.wraps(fn)
+    def wrapper(*args, group, sample, all_images, limit, source, on_disk, **kwargs):
+        return fn(*args, selection=SelectionArgs(group, sample, all_images, limit, source, on_disk), **kwargs)
 
-
-def select(engine, group, sample, all_images, limit, source=None):
-    """The :class:`pipeline.groups.Selection` of the selection options."""
-    from pipeline.groups import select_images
-    with engine.connect() as conn:
-        return select_images(conn, group, sample, all_images, limit, source)
+    options = [
+        click.option("--group", help="A group, e.g. cardiomegaly or healthy."),
+        click.option("--sample", help="A named sample (see `groups sample`)."),
+        click.option("--all", "all_images", is_flag=True, help="Every catalogued image."),
+        click.option("--source", "source", help="Only images of this dataset (images.source)."),
+        click.option("--limit", type=click.IntRange(min=1), help="At most N images (by uid)."),
+        click.option("--on-disk", is_flag=True, help="Only images whose file is on this machine (a pilot drawn "
+                                                     "from an archive that is partly elsewhere)."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

@@ -116,16 +116,18 @@ def groups_explain(ctx, uid, rules, as_json) -> None:
 @click.option("--per-group", required=True, type=click.IntRange(min=1), help="Images per group.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--group", "only", multiple=True, help="Groups to draw from [default: all].")
+@click.option("--source", help="Only images of this dataset (images.source).")
+@click.option("--on-disk", is_flag=True, help="Only images whose file is on this machine.")
 @click.pass_context
 @handle_errors
-def groups_sample(ctx, name, per_group, seed, only) -> None:
+def groups_sample(ctx, name, per_group, seed, only, source, on_disk) -> None:
     """Store a balanced, reproducible sample (replacing one of the same name).
 
     \b
     Example:
         cxrlabel groups sample --name test70k --per-group 35000 --seed 0
     """
-    s = G.sample(engine_of(ctx), name, per_group, seed, only or None)
+    s = G.sample(engine_of(ctx), name, per_group, seed, only or None, source, on_disk)
     for g, n in s.per_group.items():
         note = f"  (only {s.short[g]} images: taken whole)" if g in s.short else ""
         click.echo(f"{name}/{g}: {n}{note}")

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, selection_options
+from pipeline.cli.common import batch_exit, engine_of, handle_errors, selection_options
 
 
 @click.command("label")
@@ -29,8 +29,8 @@ from pipeline.cli.common import batch_exit, engine_of, handle_errors, select, se
                    "(3x the model's work; the masks are unchanged). Needs the model's tta score.")
 @click.pass_context
 @handle_errors
-def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, device, workers,
-              threads, cache_dir, ray_address, actors, tta) -> None:
+def label_cmd(ctx, selection, model, batch_size, device, workers, threads, cache_dir, ray_address, actors,
+              tta) -> None:
     """Stage 4: masks, measurements and quality for a selection; resumable.
 
     Exit status: 0 every image labelled (or labelled before), 3 some failed and the rest
@@ -55,7 +55,7 @@ def label_cmd(ctx, group, sample, all_images, limit, source, model, batch_size, 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     engine = engine_of(ctx)
     started = D.utcnow()
-    chosen = select(engine, group, sample, all_images, limit, source)
+    chosen = selection.select(engine)
     options = LabelOptions(model, device, None if batch_size == "auto" else int(batch_size), cache_dir, workers, tta)
     executor = None
     if ray_address:

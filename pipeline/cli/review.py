@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import engine_of, handle_errors
+from pipeline.cli.common import engine_of, handle_errors, selection_options
 
 
 @click.command("review")
@@ -56,9 +56,7 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
 
 @click.command("export")
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(["seg", "png", "rle"]))
-@click.option("--group", help="Only this group's images.")
-@click.option("--sample", help="Only this sample's images.")
-@click.option("--all", "all_images", is_flag=True, help="Every image.")
+@selection_options
 @click.option("--model", default="default", show_default=True, help="Whose masks.")
 @click.option("--reviewed", is_flag=True,
               help="The masks as people left them (corrected, or the model's where accepted); "
@@ -68,7 +66,7 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
               help="A CSV file for rle; a folder for png and seg.")
 @click.pass_context
 @handle_errors
-def export_cmd(ctx, fmt, group, sample, all_images, model, reviewed, include_rejected, out) -> None:
+def export_cmd(ctx, fmt, selection, model, reviewed, include_rejected, out) -> None:
     """Export masks: DICOM SEG, 1-bit PNGs, or a CheXmask-layout run-length CSV.
 
     Resumable: what is already in OUT and matches is kept; the rest is written.
@@ -81,12 +79,14 @@ def export_cmd(ctx, fmt, group, sample, all_images, model, reviewed, include_rej
     """
     from pipeline.export import export
     from pipeline.groups import select_images
-    if sum(map(bool, (group, sample, all_images))) != 1:  # as `label`: never everything by omission
-        raise click.UsageError("choose what to export: --group G, --sample NAME or --all")
+    if sum(map(bool, (selection.group, selection.sample, selection.all_images, selection.source))) < 1:
+        # as `label`: never everything by omission
+        raise click.UsageError("choose what to export: --group G, --sample NAME, --source S or --all")
     engine = engine_of(ctx)
     with engine.connect() as conn:
-        selection = select_images(conn, group, sample, all_images, labelled_by=model)
-    s = export(engine, fmt, out, selection, model, reviewed, include_rejected)
+        chosen = select_images(conn, selection.group, selection.sample, selection.all_images, selection.limit,
+                               selection.source, labelled_by=model, on_disk=selection.on_disk)
+    s = export(engine, fmt, out, chosen, model, reviewed, include_rejected)
     click.echo(f"{fmt} export to {s.out}: {s.written} written, {s.kept} already there and unchanged"
                + (f", {s.rejected} rejected masks left out" if s.rejected else ""))
     for reason, n in sorted(s.skipped.items()):

@@ -3,6 +3,8 @@ batch needs of each, and a description of the choice."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +25,10 @@ class SampleSummary:
 
 
 def sample(engine: Engine, name: str, per_group: int, seed: int = 0,
-           groups: Sequence[str] | None = None) -> SampleSummary:
-    """Balanced, reproducible sample stored as ``name`` (replacing one of that name)."""
+           groups: Sequence[str] | None = None, source: str | None = None, on_disk: bool = False) -> SampleSummary:
+    """Balanced, reproducible sample stored as ``name`` (replacing one of that name), drawn
+    from each group's images of ``source`` (when given) whose file is on this machine (with
+    ``on_disk``: a pilot drawn from rows without files failed on every one)."""
     if per_group < 1:
         raise GroupsError(f"--per-group must be at least 1, got {per_group}")
     with engine.begin() as conn:
@@ -34,13 +38,17 @@ def sample(engine: Engine, name: str, per_group: int, seed: int = 0,
         wanted = list(groups) if groups else present
         missing = [g for g in wanted if g not in present]
         if missing:
-            raise GroupsError(f"group(s) {missing} have no images; present: {present}")
+            raise GroupsError(f"no group named {', '.join(map(repr, missing))}: there are {', '.join(present)} "
+                              "(`cxrlabel groups list`)")
         taken, short = {}, {}
         conn.execute(delete(D.samples).where(D.samples.c.name == name))
         now = D.utcnow()
         for g in wanted:
-            uids = sorted(conn.execute(select(D.groups.c.uid)
-                                       .where(D.groups.c.group_name == g)).scalars())
+            q = (select(D.groups.c.uid, D.images.c.path).join(D.images, D.images.c.uid == D.groups.c.uid)
+                 .where(D.groups.c.group_name == g))
+            if source:
+                q = q.where(D.images.c.source == source)
+            uids = sorted(uid for uid, path in conn.execute(q) if not on_disk or on_this_machine(path))
             chosen = uids if len(uids) <= per_group else random.Random(f"{seed}:{g}").sample(uids, per_group)
             if len(uids) < per_group:
                 short[g] = len(uids)
@@ -78,18 +86,25 @@ class Selection:
 
 
 def describe(group: str | None = None, sample_name: str | None = None, source: str | None = None,
-             limit: int | None = None) -> str:
+             limit: int | None = None, on_disk: bool = False) -> str:
     what = f"group={group}" if group else f"sample={sample_name}" if sample_name else "all"
     what += f" source={source}" if source else ""
+    what += " on-disk" if on_disk else ""
     return what + (f" limit={limit}" if limit else "")
+
+
+def on_this_machine(path: str | None) -> bool:
+    """Whether a catalogued path is a file here (a PACS or a moved disk's path is not)."""
+    return bool(path) and os.path.isfile(str(path))
 
 
 def select_images(conn: Connection, group: str | None = None, sample_name: str | None = None,
                   all_images: bool = False, limit: int | None = None,
-                  source: str | None = None, labelled_by: str | None = None) -> Selection:
+                  source: str | None = None, labelled_by: str | None = None, on_disk: bool = False) -> Selection:
     """The images of one selection, sorted by uid: a group, a sample, or everything;
     ``source`` narrows any of them to one dataset (``images.source``), ``labelled_by`` to the
-    images that model labelled."""
+    images that model labelled, ``on_disk`` to those whose file is on this machine (``limit``
+    counts those)."""
     chosen = sum(bool(x) for x in (group, sample_name, all_images))
     if chosen != 1 and not (chosen == 0 and source):
         raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
@@ -106,13 +121,25 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
         m = D.measurements
         q = q.join(m, (m.c.uid == i.c.uid) & (m.c.model == labelled_by))
     q = q.order_by(i.c.uid)
-    if limit:
+    if limit and not on_disk:
         q = q.limit(limit)
+    seen = 0
+
+    def counted(rows):
+        nonlocal seen
+        for r in rows:
+            seen += 1
+            yield r
+
+    rows = (r for r in counted(conn.execute(q)) if not on_disk or on_this_machine(r.path))
     items = [Selected(uid, path, (sx, sy), view, modality, part, (w, h), spacing_from)
-             for uid, path, sx, sy, view, modality, part, w, h, spacing_from in conn.execute(q)]
+             for uid, path, sx, sy, view, modality, part, w, h, spacing_from in itertools.islice(rows, limit)]
     if not items:
+        if seen:  # there were images: none is on this machine
+            raise GroupsError(f"none of the {seen} images of this selection has its file on this machine "
+                              "(--on-disk): `cxrlabel catalogue reroot` if the archive moved")
         raise GroupsError(why_empty(conn, group, sample_name, source, labelled_by))
-    return Selection(items, describe(group, sample_name, source, limit))
+    return Selection(items, describe(group, sample_name, source, limit, on_disk))
 
 
 def missing_name(conn: Connection, group: str | None = None, sample_name: str | None = None,

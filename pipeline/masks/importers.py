@@ -50,22 +50,33 @@ class ImportSummary:
     skipped: int = 0
 
 
-def _foreground(path: Path) -> np.ndarray:
-    """Any non-black RGB pixel of an RGBA/RGB/grey mask file; anti-aliased: above half."""
+def _decoded(path: Path, palette: bool = False) -> np.ndarray:
+    """A mask file's pixels as stored, read through a checked descriptor (a FIFO never
+    blocks) and within the decoding budget (:func:`_check_mask_size`); with ``palette``, a
+    palette image's indices rather than its colours. A :class:`MaskImportError` naming the
+    file otherwise."""
     from pipeline.imaging import open_regular
     try:
-        with open_regular(path) as f:  # read through a checked descriptor: a FIFO never blocks
+        with open_regular(path) as f:
             data = np.frombuffer(f.read(), np.uint8)
     except CxrlabelError as e:
         raise MaskImportError(str(e)) from None
     if data.size:
         _check_mask_size(path, data)
+    arr = _palette_indices(data) if palette and data.size else None
     try:
-        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if arr is None:
+            arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except (cv2.error, MemoryError) as e:
         raise MaskImportError(f"{path}: mask file unreadable ({type(e).__name__})") from None
     if arr is None:
         raise MaskImportError(f"{path}: mask file missing or unreadable")
+    return arr
+
+
+def _foreground(path: Path) -> np.ndarray:
+    """Any non-black RGB pixel of an RGBA/RGB/grey mask file; anti-aliased: above half."""
+    arr = _decoded(path)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2)
     if arr.dtype != np.uint8:
@@ -82,22 +93,7 @@ def _mask_file(path: Path) -> np.ndarray:
     foreground above half the file's own range (anti-aliased edges split at half). An empty
     mask (one value throughout) or one covering more than :data:`MAX_MASK_SHARE` of the film
     (inverted?) is a :class:`MaskImportError` naming the file."""
-    from pipeline.imaging import open_regular
-    try:
-        with open_regular(path) as f:
-            data = np.frombuffer(f.read(), np.uint8)
-    except CxrlabelError as e:
-        raise MaskImportError(str(e)) from None
-    if data.size:
-        _check_mask_size(path, data)
-    arr = _palette_indices(data)  # a palette's indices, not its colours: two labels may share one
-    try:
-        if arr is None:
-            arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except (cv2.error, MemoryError) as e:
-        raise MaskImportError(f"{path}: mask file unreadable ({type(e).__name__})") from None
-    if arr is None:
-        raise MaskImportError(f"{path}: mask file missing or unreadable")
+    arr = _decoded(path, palette=True)  # a palette's indices, not its colours: two labels may share one
     if arr.ndim == 3:
         grey = arr[..., :3].max(axis=2)
         if arr.shape[2] == 4 and grey.min() == grey.max():  # drawn in the alpha channel alone
