@@ -471,3 +471,11 @@ def test_explain_finds_a_uid_given_as_its_file_name_and_suggests_close_ones(engi
         assert G.explain(engine, given)["uid"] == "00000013_005"
     with pytest.raises(G.GroupsError, match="did you mean 00000013_005, 00000013_006"):
         G.explain(engine, "00000013_007.png")
+
+
+def test_numbers_and_punctuation_alone_are_no_phrasing():
+    """`groups coverage` listed '#' (1,112 reports) as the top ungrouped phrase: a clause of
+    numbers and punctuation alone is no phrasing a rule could read."""
+    from pipeline.groups.database import phrase
+    assert phrase("12.5") == "" and phrase("# , #") == "" and phrase("--") == ""
+    assert phrase("ктИ 0,58") != "" and phrase("heart size 15 cm") == "heart size # cm"

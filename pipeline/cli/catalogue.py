@@ -21,7 +21,8 @@ def catalogue() -> None:
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding the image files (searched at any depth).")
 @click.option("--map", "mapping", multiple=True, metavar="FIELD=COLUMN",
-              help="csv: a catalogue field and the column holding it (repeat).")
+              help="csv: a catalogue field and the column holding it (repeat; uid is required). Fields: "
+                   + ", ".join(C.CSV_FIELDS) + ".")
 @click.option("--encoding", default="utf-8", show_default=True, help="csv: text encoding (e.g. cp1251).")
 @click.option("--delimiter", default=",", show_default=True, help="csv: field separator.")
 @click.option("--source-name", default="csv", show_default=True, help="csv: value of images.source.")
@@ -42,7 +43,8 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
     \b
     Formats: nih (Data_Entry_2017 CSV[.gz]), dicom (folder tree, headers only),
     openi (NLMCXR_reports.tgz), csv (any clinic export, with --map).
-    Malformed rows go to load_errors (see `catalogue errors`); the rest loads.
+    Rows that cannot be loaded go to load_errors with the reason (see `catalogue errors`); the
+    rest loads. A load that loaded nothing exits 4.
 
     \b
     Example:

@@ -81,6 +81,8 @@ def phrase(clause: str) -> str:
     """A clause as :func:`coverage` counts it: lower case (from :func:`clauses`), numbers as
     ``#``, punctuation but a question mark dropped, its first :data:`PHRASE_WORDS` words."""
     words = _NOT_WORD.sub(" ", _NUMBER.sub("#", clause)).split()
+    if not any(any(ch.isalpha() for ch in w) for w in words):  # numbers and punctuation alone are no phrasing
+        return ""
     return " ".join(words[:PHRASE_WORDS])
 
 
