@@ -116,23 +116,7 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual", incl
     film is one, :class:`NothingHeldOut` says so. ``among``: only these uids (a selection)."""
     if truth != "manual":
         raise EvaluateError(f"--truth {truth!r}: only 'manual' masks serve as truth")
-    m = D.masks
-    with engine.connect() as conn:
-        manual = set(conn.execute(select(m.c.uid).where(m.c.kind == "manual").distinct()).scalars())
-        predicted = set(conn.execute(select(m.c.uid).where(m.c.kind == "predicted",
-                                                           m.c.model == model).distinct()).scalars())
-        uids = sorted(manual & predicted)
-        if not predicted and conn.execute(select(D.measurements.c.model).limit(1)).first() is not None:
-            from pipeline.groups import missing_name  # another model labelled: its name was meant
-            if missing := missing_name(conn, labelled_by=model):
-                raise EvaluateError(missing)
-        if among is not None:
-            uids = [u for u in uids if u in among]
-        if not uids:
-            raise EvaluateError(f"no image has both manual masks and masks from model {model!r}"
-                                + (" in this selection" if among is not None else "")
-                                + ": import annotated masks (`cxrlabel masks import`) and label those "
-                                f"images (`cxrlabel label --all --model {model}`)")
+    uids = _films_with_both(engine, model, among)
     trained = trained_films(engine, model, uids)
     if trained and not include_trained:
         if len(trained) == len(uids):
@@ -142,47 +126,10 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual", incl
                                  "never saw, or show these anyway, marked as such, with --include-trained")
         uids = [u for u in uids if u not in trained]
     with engine.connect() as conn:
-        spacing = {u: (sx, sy) for u, sx, sy in D.rows_in(
-            conn, select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y), D.images.c.uid, uids)}
         ev = Evaluation(model, len(uids), heart_definition(conn, model),
                         trained=None if trained is None else len(trained), include_trained=include_trained)
-        if trained is None:
-            ev.notes.append(f"model {model}'s checkpoint does not say which films it trained on: some of these "
-                            "may be among them, and read better than new films would")
-        elif trained and include_trained:
-            ev.notes.append(f"{len(trained)} of these {len(uids)} films the model trained on (or their patients): "
-                            "these figures read better than on films it never saw")
-        elif trained:
-            ev.notes.append(f"{len(trained)} films the model trained on (or their patients) are left out "
-                            "(--include-trained shows them, marked)")
-        older = ev.heart_definition != "heart"
-        if older:
-            ev.notes.append(f"model {model}'s heart is the cardiomediastinum (heart and upper mediastinum; "
-                            "its label runs say so): its Dice is against manual cardiomediastinum "
-                            "masks, and its CTR reads low in enlarged hearts; label again with a current model")
-        scores: dict[str, list[float]] = {s: [] for s in TRAINED}
-        left_out: dict[str, int] = {}
-        for chunk in D.chunks(uids, DECODED_AT_ONCE):
-            t = load_masks(conn, chunk)
-            p = load_masks(conn, chunk, kind="predicted", model=model)
-            for uid in chunk:
-                row: dict = {"uid": uid}
-                named = {(CARDIOMEDIASTINUM if older and s == "heart" else s): m for s, m in p[uid].items()}
-                ignored = overlap_ignored(t.get(uid, {}))
-                for s in TRAINED:
-                    if s in t[uid] and s in named:
-                        keep = ~ignored[s] if s in ignored else slice(None)
-                        row[s] = dice(named[s][keep], t[uid][s][keep])
-                        scores[s].append(row[s])
-                true = measure(t[uid], spacing.get(uid, (None, None)))
-                pred = measure(p[uid], spacing.get(uid, (None, None)))
-                if true["ctr"] is not None and pred["ctr"] is not None:
-                    row["ctr_true"], row["ctr_pred"] = true["ctr"], pred["ctr"]
-                else:  # a CTR needs the heart and both lungs, in the truth and the prediction
-                    row["ctr_missing"] = "; ".join(f"{kind} lacks {m['ctr_missing']}" for kind, m in
-                                                   (("truth", true), ("prediction", pred)) if m["ctr_missing"])
-                    left_out[row["ctr_missing"]] = left_out.get(row["ctr_missing"], 0) + 1
-                ev.per_image.append(row)
+        ev.notes += _notes(ev, model)
+        scores, left_out = _score_films(conn, ev, uids)
     ev.dice = {s: _stats(v) for s, v in scores.items() if v}
     scored = [r for r in ev.per_image if "ctr_true" in r]
     truth_ctr = np.array([r["ctr_true"] for r in scored], float)
@@ -192,6 +139,80 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual", incl
                     "off_by_0.03": a["off_by_0.03"], "left_out": sum(left_out.values()),
                     "left_out_reasons": left_out, "bands": agreement_by_band(truth_ctr, pred_ctr)}
     return ev
+
+
+def _films_with_both(engine: Engine, model: str, among: set[str] | None) -> list[str]:
+    """The films (of ``among``, when given) with manual masks and ``model``'s, sorted; a
+    one-line error naming the way on when there is none."""
+    m = D.masks
+    with engine.connect() as conn:
+        manual = set(conn.execute(select(m.c.uid).where(m.c.kind == "manual").distinct()).scalars())
+        predicted = set(conn.execute(select(m.c.uid).where(m.c.kind == "predicted",
+                                                           m.c.model == model).distinct()).scalars())
+        if not predicted and conn.execute(select(D.measurements.c.model).limit(1)).first() is not None:
+            from pipeline.groups import missing_name  # another model labelled: its name was meant
+            if missing := missing_name(conn, labelled_by=model):
+                raise EvaluateError(missing)
+    uids = [u for u in sorted(manual & predicted) if among is None or u in among]
+    if not uids:
+        raise EvaluateError(f"no image has both manual masks and masks from model {model!r}"
+                            + (" in this selection" if among is not None else "")
+                            + ": import annotated masks (`cxrlabel masks import`) and label those "
+                            f"images (`cxrlabel label --all --model {model}`)")
+    return uids
+
+
+def _notes(ev: Evaluation, model: str) -> list[str]:
+    """What a reader must know to read ``ev``'s figures: films the model trained on, and a
+    heart that is the cardiomediastinum."""
+    notes = []
+    if ev.trained is None:
+        notes.append(f"model {model}'s checkpoint does not say which films it trained on: some of these "
+                     "may be among them, and read better than new films would")
+    elif ev.trained and ev.include_trained:
+        notes.append(f"{ev.trained} of these {ev.images} films the model trained on (or their patients): "
+                     "these figures read better than on films it never saw")
+    elif ev.trained:
+        notes.append(f"{ev.trained} films the model trained on (or their patients) are left out "
+                     "(--include-trained shows them, marked)")
+    if ev.heart_definition != "heart":
+        notes.append(f"model {model}'s heart is the cardiomediastinum (heart and upper mediastinum; "
+                     "its label runs say so): its Dice is against manual cardiomediastinum "
+                     "masks, and its CTR reads low in enlarged hearts; label again with a current model")
+    return notes
+
+
+def _score_films(conn, ev: Evaluation, uids: list[str]) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each film's Dice per structure and its CTRs (``ev.per_image``), a few dozen films'
+    masks decoded at a time; the Dice values per structure and the reasons films were left
+    out of the CTR error, with their counts."""
+    older = ev.heart_definition != "heart"
+    spacing = {u: (sx, sy) for u, sx, sy in D.rows_in(
+        conn, select(D.images.c.uid, D.images.c.spacing_x, D.images.c.spacing_y), D.images.c.uid, uids)}
+    scores: dict[str, list[float]] = {s: [] for s in TRAINED}
+    left_out: dict[str, int] = {}
+    for chunk in D.chunks(uids, DECODED_AT_ONCE):
+        t = load_masks(conn, chunk)
+        p = load_masks(conn, chunk, kind="predicted", model=ev.model)
+        for uid in chunk:
+            row: dict = {"uid": uid}
+            named = {(CARDIOMEDIASTINUM if older and s == "heart" else s): m for s, m in p[uid].items()}
+            ignored = overlap_ignored(t.get(uid, {}))
+            for s in TRAINED:
+                if s in t[uid] and s in named:
+                    keep = ~ignored[s] if s in ignored else slice(None)
+                    row[s] = dice(named[s][keep], t[uid][s][keep])
+                    scores[s].append(row[s])
+            true = measure(t[uid], spacing.get(uid, (None, None)))
+            pred = measure(p[uid], spacing.get(uid, (None, None)))
+            if true["ctr"] is not None and pred["ctr"] is not None:
+                row["ctr_true"], row["ctr_pred"] = true["ctr"], pred["ctr"]
+            else:  # a CTR needs the heart and both lungs, in the truth and the prediction
+                row["ctr_missing"] = "; ".join(f"{kind} lacks {m['ctr_missing']}" for kind, m in
+                                               (("truth", true), ("prediction", pred)) if m["ctr_missing"])
+                left_out[row["ctr_missing"]] = left_out.get(row["ctr_missing"], 0) + 1
+            ev.per_image.append(row)
+    return scores, left_out
 
 
 def bland_altman_figure(ev: Evaluation, path: Path) -> Path:

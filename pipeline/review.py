@@ -299,14 +299,11 @@ def _text(value: Any, what: str, limit: int) -> str:
     return value
 
 
-def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decision: str,
-         structure: str = "", polygons: dict[str, list] | None = None, note: str | None = None) -> dict:
-    """Store one decision on ``uid``'s masks by ``model``; returns the image's new view.
-
-    ``decision``: 'accepted' or 'rejected' (the whole image with ``structure`` '', or one
-    structure), or 'corrected' with ``polygons`` ``{structure: [polygon, ...]}`` in original
-    pixels. ``seen``: the version the reviewer saw. Refused (:class:`ReviewConflict`) when a
-    structure it touches was saved by somebody after ``seen``."""
+def _checked(reviewer: Any, seen: Any, decision: Any, structure: Any, polygons: Any, note: Any,
+             ) -> tuple[str, str | None, list[str]]:
+    """A save's fields checked strictly (:func:`_text`; no coercion): the reviewer and note
+    as stored, and the structures the decision touches; a :class:`ReviewError` naming the
+    field otherwise."""
     reviewer = _text(reviewer, "reviewer", 100).strip()
     if not reviewer:
         raise ReviewError("a review needs the reviewer's name: --reviewer NAME, or type it on the page")
@@ -326,6 +323,18 @@ def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decisio
         touched = [structure]
     if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
         raise ReviewError("seen must be the version the page loaded (a whole number)")
+    return reviewer, note, touched
+
+
+def save(engine: Engine, uid: str, model: str, reviewer: str, seen: int, decision: str,
+         structure: str = "", polygons: dict[str, list] | None = None, note: str | None = None) -> dict:
+    """Store one decision on ``uid``'s masks by ``model``; returns the image's new view.
+
+    ``decision``: 'accepted' or 'rejected' (the whole image with ``structure`` '', or one
+    structure), or 'corrected' with ``polygons`` ``{structure: [polygon, ...]}`` in original
+    pixels. ``seen``: the version the reviewer saw. Refused (:class:`ReviewConflict`) when a
+    structure it touches was saved by somebody after ``seen``."""
+    reviewer, note, touched = _checked(reviewer, seen, decision, structure, polygons, note)
     now = D.utcnow()
     try:
         with engine.connect().execution_options(write_lock=True) as conn, conn.begin():

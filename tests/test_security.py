@@ -175,8 +175,10 @@ def test_sqlite_query_reads_an_older_schema_as_it_is_and_creates_no_database(tmp
 
 
 def test_a_database_in_a_folder_that_does_not_exist_is_refused_not_created(tmp_path):
-    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path}/no/such/dir/x.db", "groups", "list"])
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path}/no/such/dir/x.db", "db", "init"])
     assert r.exit_code == 1 and "does not exist" in r.output and "mkdir -p" in r.output
+    r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path}/no/such/dir/x.db", "groups", "list"])
+    assert r.exit_code == 1 and "no database at" in r.output
     assert not (tmp_path / "no").exists()
 
 

@@ -50,6 +50,17 @@ def _decoded_lines(raw: Iterable[bytes], encoding: str, bad: set[int]) -> Iterat
             yield line.decode(encoding, errors="replace")
 
 
+def _check_encoding(encoding: str) -> None:
+    """A CatalogueError for an ``--encoding`` that is no text file's: unknown, a transform
+    (rot13, base64, hex), or one for host names (punycode, idna)."""
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise CatalogueError(f"--encoding {encoding!r}: unknown text encoding; e.g. utf-8, cp1251, latin-1") from None
+    if not getattr(codec, "_is_text_encoding", True) or codec.name in ("punycode", "idna"):
+        raise CatalogueError(f"--encoding {encoding!r}: not a text file's encoding; e.g. utf-8, cp1251, latin-1")
+
+
 def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
              ) -> tuple[list[str], Iterator[tuple[int, dict[str, str] | Problem]]]:
     """Header and a stream of ``(line, row)`` or ``(line, Problem)`` for a (gzipped) CSV.
@@ -60,13 +71,7 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
     if path.is_dir():
         raise CatalogueError(f"{path} is a folder: this format takes one CSV file (a folder of DICOM "
                              "files loads with `catalogue load dicom`)")
-    try:
-        codec = codecs.lookup(encoding)
-    except LookupError:
-        raise CatalogueError(f"--encoding {encoding!r}: unknown text encoding; e.g. utf-8, cp1251, latin-1") from None
-    # rot13, base64, hex... are transforms, punycode and idna encode host names: none is a file's encoding
-    if not getattr(codec, "_is_text_encoding", True) or codec.name in ("punycode", "idna"):
-        raise CatalogueError(f"--encoding {encoding!r}: not a text file's encoding; e.g. utf-8, cp1251, latin-1")
+    _check_encoding(encoding)
     delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
     if len(delimiter) != 1:
         raise CatalogueError(f"--delimiter {delimiter!r}: one character, e.g. ',' ';' or '\\t' for a tab")

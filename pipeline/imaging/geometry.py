@@ -89,15 +89,11 @@ class Geometry:
         # only the box around what lies above level, and a ring of cells around it, can hold a
         # crossing: the field is that box (and a pixel more each side), in the coordinates of the
         # whole array ringed by a pixel below level (`y0`, `x0`: the box's origin there)
-        over: np.ndarray = np.any(arr > level, axis=0)
-        ys, xs = np.flatnonzero(over.any(axis=1)), np.flatnonzero(over.any(axis=0))
-        if len(ys) == 0:
+        boxed = _boxed_field(arr, level)
+        if boxed is None:
             empty = np.zeros(0, np.int64)
             return [(empty, empty, empty) for _ in range(n)]
-        y0, x0 = int(ys[0]), int(xs[0])
-        field = np.zeros((n, int(ys[-1]) - y0 + 3, int(xs[-1]) - x0 + 3))
-        r0, r1, c0, c1 = max(y0 - 1, 0), min(int(ys[-1]) + 2, size), max(x0 - 1, 0), min(int(xs[-1]) + 2, size)
-        field[:, r0 - y0 + 1:r1 - y0 + 1, c0 - x0 + 1:c1 - x0 + 1] = arr[:, r0:r1, c0:c1]
+        field, y0, x0 = boxed
         above = field > level
         corner = above[:, :-1, :-1]
         straddle = (corner != above[:, :-1, 1:]) | (corner != above[:, 1:, :-1]) | (corner != above[:, 1:, 1:])
@@ -153,6 +149,22 @@ class Geometry:
 
     def as_row(self) -> dict[str, float | int | str]:
         return dataclasses.asdict(self)
+
+
+def _boxed_field(arr: np.ndarray, level: float) -> tuple[np.ndarray, int, int] | None:
+    """``arr`` (``(C, S, S)``) ringed by a pixel below ``level``, cut to the box around what
+    lies above it and a pixel more each side (float64), with the box's origin in the ringed
+    array's coordinates; None when nothing lies above ``level``."""
+    n, size = len(arr), arr.shape[-1]
+    over: np.ndarray = np.any(arr > level, axis=0)
+    ys, xs = np.flatnonzero(over.any(axis=1)), np.flatnonzero(over.any(axis=0))
+    if len(ys) == 0:
+        return None
+    y0, x0 = int(ys[0]), int(xs[0])
+    field = np.zeros((n, int(ys[-1]) - y0 + 3, int(xs[-1]) - x0 + 3))
+    r0, r1, c0, c1 = max(y0 - 1, 0), min(int(ys[-1]) + 2, size), max(x0 - 1, 0), min(int(xs[-1]) + 2, size)
+    field[:, r0 - y0 + 1:r1 - y0 + 1, c0 - x0 + 1:c1 - x0 + 1] = arr[:, r0:r1, c0:c1]
+    return field, y0, x0
 
 
 def _warp(arr: np.ndarray, m: np.ndarray, out_wh: tuple[int, int]) -> np.ndarray:

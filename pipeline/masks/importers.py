@@ -306,15 +306,7 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     if not files:
         raise MaskImportError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     summary = ImportSummary()
-    by_stem: dict[str, list[Path]] = {}
-    for path in files:
-        by_stem.setdefault(uid_prefix + path.stem, []).append(path)
-    for uid, clash in by_stem.items():
-        if len(clash) > 1:
-            log.warning("%s: %s share this uid; both left out: rename one (or keep one) and import again", uid,
-                        " and ".join(p.name for p in clash))
-            summary.skipped += len(clash)
-    files = [p for p in files if len(by_stem[uid_prefix + p.stem]) == 1]
+    files = _one_file_a_uid(files, uid_prefix, summary)
     existing = _catalogued(engine, [uid_prefix + p.stem for p in files])
     for path in tqdm(files, desc=f"masks {root.name}", unit="img"):
         uid = uid_prefix + path.stem
@@ -329,22 +321,7 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
                         "under other uids with --uid-prefix (e.g. --uid-prefix %s_)", uid, why, source)
             summary.skipped += 1
             continue
-        rows = []
-        for structure, sub in masks.items():
-            found = _same_stem(root / sub, path.stem)
-            if found is None:
-                continue
-            try:
-                mask = _mask_file(found)
-            except MaskImportError as e:
-                log.warning("%s: %s; skipped", uid, e)
-                summary.skipped += 1
-                continue
-            if mask.shape != (h, w):
-                log.warning("%s: mask %s is %s, image is %s; skipped", uid, found, mask.shape, (h, w))
-                summary.skipped += 1
-                continue
-            rows.append(mask_row(uid, structure, mask))
+        rows = _mask_rows(root, masks, uid, path.stem, (h, w), summary)
         image = {"uid": uid, "source": source, "path": str(path.resolve()), "height": h, "width": w}
         _store(engine, [image], rows, update=("path", "height", "width"))
         summary.images += 1
@@ -352,6 +329,44 @@ def import_png_dirs(engine: Engine, root: Path, images: str = "images",
     with engine.begin() as conn:
         record_source(conn, source, definitions)
     return summary
+
+
+def _one_file_a_uid(files: list[Path], uid_prefix: str, summary: ImportSummary) -> list[Path]:
+    """``files`` but those that share a uid (``a.png`` and ``a.jpg``): both left out, with a
+    line naming them, since which one the masks belong to is not known."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(uid_prefix + path.stem, []).append(path)
+    for uid, clash in by_stem.items():
+        if len(clash) > 1:
+            log.warning("%s: %s share this uid; both left out: rename one (or keep one) and import again", uid,
+                        " and ".join(p.name for p in clash))
+            summary.skipped += len(clash)
+    return [p for p in files if len(by_stem[uid_prefix + p.stem]) == 1]
+
+
+def _mask_rows(root: Path, masks: dict[str, str], uid: str, stem: str, shape: tuple[int, int],
+               summary: ImportSummary) -> list[dict]:
+    """The ``masks`` rows of one image: each structure's file of that ``stem`` read
+    (:func:`_mask_file`), one that cannot be read or is of another ``shape`` left out with a
+    line (counted in ``summary``)."""
+    rows = []
+    for structure, sub in masks.items():
+        found = _same_stem(root / sub, stem)
+        if found is None:
+            continue
+        try:
+            mask = _mask_file(found)
+        except MaskImportError as e:
+            log.warning("%s: %s; skipped", uid, e)
+            summary.skipped += 1
+            continue
+        if mask.shape != shape:
+            log.warning("%s: mask %s is %s, image is %s; skipped", uid, found, mask.shape, shape)
+            summary.skipped += 1
+            continue
+        rows.append(mask_row(uid, structure, mask))
+    return rows
 
 
 def _catalogued(engine: Engine, uids: Sequence[str]) -> dict[str, Any]:
