@@ -112,6 +112,42 @@ def calibrate(spacing: tuple[float | None, float | None], source: str | None,
     return (sx, sy), what
 
 
+ADULT_AGE = 16  # years: from here the thorax has an adult's width
+
+# The internal width of the thorax on a frontal chest film, mm: wider than any newborn's is
+# narrow (about 100 mm) and narrower than any adult's is wide (about 400 mm), with room for
+# magnification (AP films, 10-15%) and habitus. An adult's is at least 180 mm; a child's at most
+# 200 mm plus 15 mm a year of age (10 years: 350 mm). A width outside them means the pixel
+# spacing is wrong (a scanned film's, a resized copy's), not that the patient is.
+THORAX_MM = (80.0, 450.0)
+ADULT_THORAX_MIN_MM = 180.0
+
+
+def thorax_bounds(age: int | None) -> tuple[float, float, str]:
+    """The thoracic widths (mm) a patient of ``age`` years can have, and who that is in words."""
+    if age is None or age < 0:
+        return (*THORAX_MM, "a patient of unknown age")
+    if age >= ADULT_AGE:
+        return ADULT_THORAX_MIN_MM, THORAX_MM[1], f"an adult (age {age})"
+    return THORAX_MM[0], min(THORAX_MM[1], 200.0 + 15.0 * age), f"a child of {age}"
+
+
+def plausible_mm(values: dict[str, Any], age: int | None) -> dict[str, Any]:
+    """``values`` (:func:`measure_boxes`' with ``mm_calibration``) with the millimetres
+    withheld, and the reason in ``mm_calibration``, when the thoracic width they give lies
+    outside what a patient of ``age`` can have (:func:`thorax_bounds`)."""
+    width = values.get("thoracic_width_mm")
+    if width is None:
+        return values
+    lo, hi, who = thorax_bounds(age)
+    if lo <= width <= hi:
+        return values
+    why = (f"withheld: a thoracic width of {width:.0f} mm is outside {lo:.0f}-{hi:.0f} mm for {who}; "
+           f"from {values.get('mm_calibration') or 'the spacing'}")
+    return {**values, "heart_width_mm": None, "thoracic_width_mm": None, "heart_area_mm2": None,
+            "mm_calibration": why[:160]}
+
+
 def mean_column(mask: np.ndarray) -> float | None:
     """A mask's mean foreground column (the mean of the columns it touches), None when it is
     empty: what :func:`pipeline.quality.plausibility` compares."""

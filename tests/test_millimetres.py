@@ -72,3 +72,30 @@ def test_nih_spacing_of_the_original_is_scaled_to_the_resized_file(tmp_path):
                                      "(2682x2749 -> 512x512 px)")
     assert row["thoracic_width_mm"] == pytest.approx(row["thoracic_width_px"] * 0.143 * 2682 / 512)
     assert 220 < row["thoracic_width_mm"] < 400  # an adult thorax (it was 62 mm before)
+
+
+def test_widths_no_patient_of_that_age_can_have_are_withheld_with_the_reason(tmp_path):
+    """cr_chest_pa_jpeg_baseline (PatientAge 62) read a thorax of 134 mm from its own
+    PixelSpacing: no adult's is that narrow, so its millimetres are withheld and
+    mm_calibration says why; the same film of a four-year-old keeps them."""
+    from pipeline.measure import plausible_mm, thorax_bounds
+    assert thorax_bounds(None)[:2] == (80.0, 450.0) and thorax_bounds(40)[:2] == (180.0, 450.0)
+    assert thorax_bounds(4)[:2] == (80.0, 260.0)
+    kept = {"thoracic_width_mm": 300.0, "heart_width_mm": 140.0, "heart_area_mm2": 1.0, "mm_calibration": "x"}
+    assert plausible_mm(kept, 40) == kept
+    (tmp_path / "films").mkdir()
+    spacing = pydicom.dcmread(DICOM / "cr_chest_pa_jpeg_baseline.dcm").PixelSpacing  # its own
+    _made(tmp_path, "adult", PatientAge="062Y", PixelSpacing=spacing)
+    _made(tmp_path, "child", PatientAge="004Y", PixelSpacing=spacing)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    run = lambda *a: CliRunner().invoke(cli, ["--db", url, *a])  # noqa: E731
+    assert run("catalogue", "load", "dicom", str(tmp_path / "films"), "--workers", "1").exit_code == 0
+    assert run("label", "--all", "--device", "cpu", "--workers", "1", "--cache", str(tmp_path / "cache")).exit_code == 0
+    rows = {row["uid"]: row for row in json.loads(run(
+        "query", "SELECT uid, thoracic_width_px, thoracic_width_mm, heart_width_mm, mm_calibration FROM label_results",
+        "--json").output)}
+    adult, child = rows["adult"], rows["child"]
+    assert adult["thoracic_width_mm"] is None and adult["heart_width_mm"] is None
+    assert adult["mm_calibration"].startswith("withheld: a thoracic width of 1")
+    assert "180-450 mm for an adult (age 62)" in adult["mm_calibration"]
+    assert 100 < child["thoracic_width_mm"] < 160 and child["mm_calibration"] == "PixelSpacing"

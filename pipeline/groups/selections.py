@@ -73,6 +73,7 @@ class Selected(NamedTuple):
     body_part: str | None = None
     size: tuple[int | None, int | None] = (None, None)  # the catalogue's width and height, of ``spacing``
     spacing_source: str | None = None  # where ``spacing`` came from (measure.calibrate)
+    age: int | None = None  # the patient's, in whole years: the widths in mm are checked against it
 
 
 @dataclass
@@ -110,7 +111,7 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
         raise GroupsError("choose exactly one of --group, --sample or --all (or --source alone)")
     i = D.images
     q = select(i.c.uid, i.c.path, i.c.spacing_x, i.c.spacing_y, i.c.view, i.c.modality, i.c.body_part,
-               i.c.width, i.c.height, i.c.spacing_source)
+               i.c.width, i.c.height, i.c.spacing_source, i.c.age)
     if group:
         q = q.join(D.groups, D.groups.c.uid == i.c.uid).where(D.groups.c.group_name == group)
     elif sample_name:
@@ -132,8 +133,8 @@ def select_images(conn: Connection, group: str | None = None, sample_name: str |
             yield r
 
     rows = (r for r in counted(conn.execute(q)) if not on_disk or on_this_machine(r.path))
-    items = [Selected(uid, path, (sx, sy), view, modality, part, (w, h), spacing_from)
-             for uid, path, sx, sy, view, modality, part, w, h, spacing_from in itertools.islice(rows, limit)]
+    items = [Selected(uid, path, (sx, sy), view, modality, part, (w, h), spacing_from, age)
+             for uid, path, sx, sy, view, modality, part, w, h, spacing_from, age in itertools.islice(rows, limit)]
     if not items:
         if seen:  # there were images: none is on this machine
             raise GroupsError(f"none of the {seen} images of this selection has its file on this machine "

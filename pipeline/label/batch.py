@@ -21,7 +21,7 @@ from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected
 from pipeline.imaging import FIXUPS, Geometry, collimation_rim, upright
-from pipeline.measure import bbox, calibrate, clean, mean_column, measure_boxes
+from pipeline.measure import bbox, calibrate, clean, mean_column, measure_boxes, plausible_mm
 from pipeline.model import LoadedModel, infer
 from pipeline.quality import QualityModel
 from pipeline.quality.inputs import OK as INPUT_OK
@@ -46,6 +46,7 @@ class Item:
     header: str | None = None  # why the catalogue's header says it is no frontal chest film (inputs.header_check)
     thumb: np.ndarray | None = None  # the film's thumbnail (inputs.thumbnail): what the input check compares
     calibration: str | None = None  # where ``spacing`` came from, or why there is none (measure.calibrate)
+    age: int | None = None  # the patient's, whole years: the mm widths are checked against it (measure.plausible_mm)
 
 
 @dataclass
@@ -115,6 +116,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     values["mm_calibration"] = item.calibration
+    values = plausible_mm(values, item.age)
     fit = atlas.fit(whole_masks) if atlas is not None else None
     lungs = [whole_masks[s] for s in ("left_lung", "right_lung") if s in whole_masks]
     border = Q.heart_border(item.image, whole_masks.get("heart"), np.logical_or.reduce(lungs) if lungs else None) \
@@ -271,7 +273,7 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
                                              (got.geom.orig_width, got.geom.orig_height))
             items.append(Item(sel.uid, image, got.geom, spacing, Q.rim_share(image, rim), rim,
                               header_check(sel.modality, sel.body_part, sel.view),
-                              thumbnail(image, got.geom.film_box()), calibration))
+                              thumbnail(image, got.geom.film_box()), calibration, sel.age))
         else:
             errors.append(Result(sel.uid, error=f"{got.error_class}: {got.message}"))
     return items, errors
