@@ -142,6 +142,7 @@ def test_review_command_refuses_an_open_binding_without_a_token(tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import cli
+    assert CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'c.db'}", "db", "init"]).exit_code == 0
     r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'c.db'}", "review", "--host", "0.0.0.0"],
                            env={"CXRLABEL_REVIEW_TOKEN": ""})
     assert r.exit_code != 0 and "--token" in r.output and len(r.output.strip().splitlines()) == 1
