@@ -253,3 +253,21 @@ def test_selection_options_are_one_set_and_a_pilot_can_be_drawn_from_films_on_di
     assert r.exit_code == 0 and "2 written" in r.output, r.output
     r = run(url, "groups", "sample", "--name", "p2", "--per-group", "3", "--group", "cardiomegaly")
     assert r.exit_code != 0 and "no group named 'cardiomegaly': there are healthy" in r.output
+
+
+def test_messages_point_the_right_way(tmp_path):
+    """`label --all` on an empty catalogue pointed to `groups list`; `label` with no selection
+    exited 1 where usage errors are 2; `review --group foo` said to run label first; `report
+    --out` into a folder that does not exist made the whole tree."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "db", "init").exit_code == 0
+    r = CliRunner().invoke(cli, ["--db", url, "label", "--all"])
+    assert r.exit_code == 1 and "catalogue load" in r.output and "groups list" not in r.output
+    assert run(url, "catalogue", "load", "dicom", str(DICOM), "--workers", "1").exit_code == 0
+    r = CliRunner().invoke(cli, ["--db", url, "label"])
+    assert r.exit_code == 2 and "choose exactly one of --group, --sample or --all" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "review", "--group", "foo"])
+    assert r.exit_code == 1 and "no group named 'foo'" in r.output
+    r = CliRunner().invoke(cli, ["--db", url, "report", "--group", "foo",
+                                 "--out", str(tmp_path / "no" / "such" / "x")])
+    assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "no").exists()

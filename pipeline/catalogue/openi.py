@@ -51,7 +51,7 @@ def _openi_report(root: ET.Element, name: str, resolve: Callable[[str], str]) ->
     report_id = uid_el.get("id") if uid_el is not None else Path(name).stem
     parents = [el.get("id") for el in root.iter("parentImage") if el.get("id")]
     if not parents:
-        yield Problem(None, report_id, f"{name}: report has no image (parentImage)")
+        yield Problem(None, report_id, f"report has no image (parentImage): {name}")
         return
     for image_id in parents:
         yield {"uid": image_id, "source": "openi", "patient_id": report_id, "text": text or None,

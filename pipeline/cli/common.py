@@ -170,6 +170,9 @@ class SelectionArgs:
         """The :class:`pipeline.groups.Selection` these options name (``limit``: a default
         when none was given)."""
         from pipeline.groups import select_images
+        chosen = sum(bool(x) for x in (self.group, self.sample, self.all_images))
+        if chosen > 1 or (chosen == 0 and not self.source):  # a usage error: exit 2, as click's own
+            raise click.UsageError("choose exactly one of --group, --sample or --all (or --source alone)")
         with engine.connect() as conn:
             return select_images(conn, self.group, self.sample, self.all_images, self.limit or limit, self.source,
                                  on_disk=self.on_disk)

@@ -133,6 +133,9 @@ def report_cmd(ctx, groups, sample, model, out_dir, tiles, include_flagged, per_
     from pipeline.report import report
     if bool(groups) == bool(sample):
         raise click.UsageError("choose --group (one or more) or --sample")
+    if out_dir != Path("data/reports") and not out_dir.parent.exists():  # as --db: a mistyped path makes nothing
+        raise click.UsageError(f"--out {out_dir}: the folder {out_dir.parent} does not exist: create it "
+                               f"(mkdir -p {out_dir.parent}) or choose another")
     files = report(engine_of(ctx), out_dir, model, list(groups), sample, tiles, include_flagged=include_flagged,
                    per_film=per_film)
     if as_json:

@@ -46,7 +46,11 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
     engine = engine_of(ctx)
     rows, counts = R.worklist(engine, model, R.Filters(group=group, sample=sample), limit=1)
     if not counts["images"]:
-        raise R.ReviewError(f"no images labelled by model {model!r} in this selection: run `cxrlabel label` first")
+        from pipeline.groups import missing_name  # a name that does not exist is said so, as elsewhere
+        with engine.connect() as conn:
+            missing = missing_name(conn, group=group, sample_name=sample, labelled_by=model)
+        raise R.ReviewError(missing or f"no images labelled by model {model!r} in this selection: run "
+                            "`cxrlabel label` first")
     app = webapp.create_app(engine, model, R.Filters(group=group, sample=sample), reviewer, token, host, allow_hosts)
     address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"reviewing {counts['images']} images labelled by {model} ({counts['reviewed']} reviewed so far) "

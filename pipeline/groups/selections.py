@@ -169,4 +169,6 @@ def why_empty(conn: Connection, group: str | None, sample_name: str | None, sour
     what += f" (source {source!r})" if source else ""
     if labelled_by:
         return f"{what} has no images labelled by model {labelled_by!r}: run `cxrlabel label` first"
+    if what == "catalogue":
+        return "the catalogue has no images yet: load them with `cxrlabel catalogue load FORMAT SOURCE`"
     return f"{what} has no images: see `cxrlabel groups list`"
