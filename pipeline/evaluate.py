@@ -245,8 +245,10 @@ def bland_altman_figure(ev: Evaluation, path: Path) -> Path:
     means = [b["bias"] for b in bands]
     half = [1.96 * b["sd"] / math.sqrt(b["n"]) if b["n"] > 1 else 0.0 for b in bands]
     bx.bar(range(len(names)), [m if m == m else 0 for m in means], yerr=half, capsize=3, color="tab:blue")
-    for k, b in enumerate(bands):
-        bx.text(k, 0, f"n={b['n']}", ha="center", va="bottom" if (means[k] or 0) < 0 else "top", fontsize=7)
+    top = max([abs(m) + h for m, h in zip(means, half, strict=True) if m == m] + [0.005])
+    for k, b in enumerate(bands):  # above each bar's interval, never under it
+        bx.text(k, top * 1.15, f"n={b['n']}", ha="center", va="bottom", fontsize=7)
+    bx.set_ylim(-top * 1.4, top * 1.45)
     bx.axhline(0, color="k", lw=0.8)
     bx.set_xticks(range(len(names)), names, fontsize=8)
     bx.set(xlabel="true CTR", ylabel="bias (95% interval)", title="bias by true-CTR band")

@@ -265,9 +265,9 @@ def _roc(rows: list[dict], positive: str, negative: str, path: Path, model: str,
         ax.set(xlabel=f"{negative} called {positive} (false positive rate)",
                ylabel=f"{positive} found (true positive rate)",
                title=f"CTR separating {positive}\nfrom {negative} ({model})")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)  # under the axes
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return drawn
 
@@ -357,15 +357,17 @@ def _histogram(rows: list[dict], path: Path, model: str, unit: str = "patients")
         by_group: dict[str, list[float]] = {}
         for r in vrows:
             by_group.setdefault(r.get("group_name") or "no group", []).append(r["ctr"])
-        for g, values in sorted(by_group.items()):
+        for k, (g, values) in enumerate(sorted(by_group.items())):
             share = float(np.mean(np.array(values) > 0.5))
-            ax.hist(values, bins=bins, alpha=0.55, density=True,
-                    label=f"{g} ({len(values)} {unit}, {share:.0%} above 0.5)")
+            # each group's share of its own patients per bin, as an outline: groups of any size
+            # compare, and overlapping groups stay readable (filled bars mixed into brown)
+            ax.hist(values, bins=bins, weights=np.full(len(values), 100 / len(values)), histtype="step",
+                    linewidth=1.8, color=f"C{k}", label=f"{g}: {len(values)} {unit}, {share:.0%} above 0.5")
         ax.axvline(0.5, color="k", lw=0.8, ls="--")
-        ax.set(xlabel="cardiothoracic ratio", ylabel="density",
-               title=f"CTR by group, {view} ({model}; {'every film' if unit == 'films' else 'one film per patient'})")
+        ax.set(xlabel="cardiothoracic ratio", ylabel=f"% of the group's {unit}",
+               title=f"CTR by group, {view}\n({model}; {'every film' if unit == 'films' else 'one film per patient'})")
         if by_group:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
