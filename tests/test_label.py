@@ -657,7 +657,10 @@ def test_ctrl_c_mid_run_is_one_line_and_a_prompt_exit(annotated_db, tiny_model, 
     env = {**os.environ, "CXRLABEL_DB": f"sqlite:///{db}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pipeline", "-v", "label", "--all", "--model", str(tiny_model),
            "--batch-size", "2", "--device", "cpu", "--workers", "2", "--cache", str(tmp_path / "c")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # as a terminal starts it: SIGINT at its default (a shell's background job, CI's among them,
+    # may hand it down ignored, and Python then never installs its KeyboardInterrupt handler)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # two batches written: the pool's workers are busy; Ctrl-C the whole group
         if "batch 2 written" in line:
             os.killpg(proc.pid, signal.SIGINT)
