@@ -74,7 +74,8 @@ def trained_films(engine: Engine, model: str, uids: list[str]) -> set[str] | Non
     with engine.connect() as conn:
         patients = {p for _, p in D.rows_in(conn, select(i.c.uid, i.c.patient_id), i.c.uid, list(trained)) if p}
         of = dict(D.rows_in(conn, select(i.c.uid, i.c.patient_id), i.c.uid, uids))
-    return {u for u in uids if u in set(trained) or (of.get(u) and of[u] in patients)}
+    trained = set(trained)
+    return {u for u in uids if u in trained or (of.get(u) and of[u] in patients)}
 
 
 def _stats(values: list[float]) -> dict[str, float]:

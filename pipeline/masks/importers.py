@@ -61,9 +61,8 @@ def _decoded(path: Path, palette: bool = False) -> np.ndarray:
             data = np.frombuffer(f.read(), np.uint8)
     except CxrlabelError as e:
         raise MaskImportError(str(e)) from None
-    if data.size:
-        _check_mask_size(path, data)
-    arr = _palette_indices(data) if palette and data.size else None
+    mode = _check_mask_size(path, data) if data.size else None
+    arr = _palette_indices(data) if palette and mode == "P" else None
     try:
         if arr is None:
             arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -111,21 +110,22 @@ def _mask_file(path: Path) -> np.ndarray:
 
 
 def _palette_indices(data: np.ndarray) -> np.ndarray | None:
-    """The index array of a palette image (after :func:`_check_mask_size`), else None."""
+    """The index array of a palette image (one :func:`_check_mask_size` found "P"); None
+    when PIL cannot decode it after all (OpenCV's turn)."""
     import io
 
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
-            return np.asarray(im) if im.mode == "P" else None
+            return np.asarray(im)
     except Exception:  # noqa: BLE001 - not an image PIL reads: OpenCV's turn
         return None
 
 
-def _check_mask_size(path: Path, data: np.ndarray) -> None:
+def _check_mask_size(path: Path, data: np.ndarray) -> str | None:
     """Refuse, from its header alone, a mask file that would decode past the images' budget
     (:data:`pipeline.imaging.MAX_PIXELS`: a 1.7 MB 16-bit PNG can claim 30000 x 30000 pixels,
-    5.3 GB decoded)."""
+    5.3 GB decoded); its PIL mode ("P" for a palette), None where PIL cannot read it."""
     import io
 
     from PIL import Image
@@ -135,15 +135,16 @@ def _check_mask_size(path: Path, data: np.ndarray) -> None:
         with warnings.catch_warnings():  # PIL's own bomb warning: the budget below says it plainly
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data.tobytes())) as im:
-                width, height = im.size
+                (width, height), mode = im.size, im.mode
     except Image.DecompressionBombError as e:  # past twice PIL's limit, far past ours
         raise MaskImportError(f"{path}: a mask past the decoding budget of {MAX_PIXELS / 1e6:.0f} megapixels "
                               f"({e})") from None
     except Exception:  # noqa: BLE001 - what PIL cannot read, OpenCV may: its own check follows
-        return
+        return None
     if width * height > MAX_PIXELS:
         raise MaskImportError(f"{path}: a mask of {width} x {height} pixels, more than the decoding budget of "
                               f"{MAX_PIXELS / 1e6:.0f} megapixels: not a chest film's mask")
+    return mode
 
 
 def _image_size(path: Path) -> tuple[int, int]:
