@@ -117,8 +117,9 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual", incl
     film is one, :class:`NothingHeldOut` says so. ``among``: only these uids (a selection)."""
     if truth != "manual":
         raise EvaluateError(f"--truth {truth!r}: only 'manual' masks serve as truth")
+    ref, model = model, db_name(engine, model)
     uids = _films_with_both(engine, model, among)
-    trained = trained_films(engine, model, uids)
+    trained = trained_films(engine, ref, uids)
     if trained and not include_trained:
         if len(trained) == len(uids):
             raise NothingHeldOut(f"all {len(uids)} films with manual masks and masks by model {model!r} are films it "
@@ -140,6 +141,38 @@ def evaluate(engine: Engine, model: str = "default", truth: str = "manual", incl
                     "off_by_0.03": a["off_by_0.03"], "left_out": sum(left_out.values()),
                     "left_out_reasons": left_out, "bands": agreement_by_band(truth_ctr, pred_ctr)}
     return ev
+
+
+def db_name(engine: Engine, model: str) -> str:
+    """The name ``model``'s rows carry in the database: a checkpoint path's (as ``label
+    --model PATH`` stored them), else ``model`` itself (a registered or kept name)."""
+    from pipeline.model import ModelError, locate
+    if model == "default" or not (model.endswith(".pt") or Path(model).exists()):
+        return model
+    try:
+        return locate(engine, model)[1]
+    except ModelError:
+        return model
+
+
+def common_held_out(engine: Engine, models: list[str], among: set[str] | None = None) -> set[str]:
+    """The films every one of ``models`` labelled, that have manual masks, and that none of
+    them trained on (nor a patient of): where they compare on equal terms (an adapted model
+    trained on its parent's films and the clinic's, so its parent is judged on the clinic's
+    other films too). One line naming the way on when none is left."""
+    uids: set[str] | None = None
+    for m in models:
+        got = set(_films_with_both(engine, db_name(engine, m), among))
+        uids = got if uids is None else uids & got
+    trained: set[str] = set()
+    for m in models:
+        trained |= trained_films(engine, m, sorted(uids or ())) or set()
+    left = (uids or set()) - trained
+    if not left:
+        raise NothingHeldOut(f"no film with manual masks is labelled by {', '.join(models)} and unseen by all of "
+                             f"them ({len(trained)} are films one of them trained on): annotate films none of them "
+                             "saw, label them with each model, and compare again")
+    return left
 
 
 def _films_with_both(engine: Engine, model: str, among: set[str] | None) -> list[str]:

@@ -39,11 +39,33 @@ def status(engine: Engine, runs: int = 5) -> dict:
         out["mask_sources"] = {row.source: row.definitions for row in conn.execute(
             select(D.mask_sources.c.source, D.mask_sources.c.definitions).order_by(D.mask_sources.c.source))}
         r = D.label_runs
-        out["runs"] = [dict(row._mapping) for row in conn.execute(
+        last: list[dict] = [dict(row._mapping) for row in conn.execute(
             select(r.c.id, r.c.model, r.c.selection, r.c.device, r.c.status, r.c.n_selected, r.c.n_labelled,
                    r.c.n_skipped, r.c.n_failed, r.c.started_at, r.c.ended_at).order_by(r.c.id.desc()).limit(runs))]
+        out["runs"] = last
+        out["models"] = _models(conn, last[0]["model"] if last else "default")
     out["next"] = next_step(out)
     return out
+
+
+def _models(conn, current: str) -> dict:
+    """The model labelling now uses (the last run's; the shipped default before any) and the
+    registered models with the parent each was adapted from (`train --from`)."""
+    import json
+    registered = []
+    for name, metrics in conn.execute(select(D.models.c.name, D.models.c.metrics).order_by(D.models.c.name)):
+        try:
+            info = json.loads(metrics or "{}")
+        except ValueError:
+            info = {}
+        parent = info.get("parent") if isinstance(info, dict) else None
+        registered.append({"name": name, "parent": parent.get("name") if isinstance(parent, dict) else None,
+                           "parent_sha256": parent.get("sha256") if isinstance(parent, dict) else None,
+                           "adapted_on": info.get("adapted_on") if isinstance(info, dict) else None})
+    calibrated = {(r.model, r.site) for r in conn.execute(select(D.ctr_calibrations.c.model,
+                                                                 D.ctr_calibrations.c.site))}
+    return {"current": current, "registered": registered,
+            "calibrated": [f"{m} at {site}" for m, site in sorted(calibrated)]}
 
 
 def next_step(s: dict) -> str:

@@ -1,5 +1,22 @@
--- cxrlabel schema, version 9. Generated from pipeline/db/schema.py by
+-- cxrlabel schema, version 10. Generated from pipeline/db/schema.py by
 -- `cxrlabel db schema > sql/schema.sql`; tests check the two agree.
+
+CREATE TABLE ctr_calibrations (
+	model_sha256 VARCHAR(64) NOT NULL, 
+	site VARCHAR(100) NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	kind VARCHAR(10) NOT NULL, 
+	intercept FLOAT NOT NULL, 
+	slope FLOAT NOT NULL, 
+	intercept_low FLOAT, 
+	intercept_high FLOAT, 
+	slope_low FLOAT, 
+	slope_high FLOAT, 
+	films INTEGER NOT NULL, 
+	details TEXT, 
+	fitted_at DATETIME NOT NULL, 
+	PRIMARY KEY (model_sha256, site)
+);
 
 CREATE TABLE failures (
 	id INTEGER NOT NULL, 

@@ -29,6 +29,9 @@ LEFT JOIN groups g ON g.uid = i.uid;
 -- ImagerPixelSpacing with or without the magnification factor, NIH's spacing of the original
 -- scaled to the file's pixels, a CSV column), or 'none: ...' and why (no spacing, a spacing
 -- of 0, one that makes an implausible film width).
+-- `ctr_calibrated`: the CTR the site's own readers would draw, where `cxrlabel calibrate` fitted the
+-- model's weights at the film's site (its source) on films of that site; `ctr` stays the model's.
+-- `ctr_calibration` says which calibration and how many films stand behind it.
 -- `outside_norms`: a film the CTR norms do not describe, marked, never refused: an AP view (the
 -- heart is magnified) or a child (under 16, where the catalogue knows the age).
 CREATE VIEW label_results AS
@@ -52,6 +55,9 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
             WHEN i.age < 16 THEN 'child'
        END AS outside_norms,
        CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 1 ELSE 0 END AS in_statistics,
+       CASE WHEN m.ctr IS NOT NULL THEN cal.intercept + cal.slope * m.ctr END AS ctr_calibrated,
+       CASE WHEN cal.site IS NOT NULL THEN cal.kind || ' calibration for ' || cal.site || ', '
+            || cal.films || ' films' END AS ctr_calibration,
        ROW_NUMBER() OVER (
            PARTITION BY m.model, g.group_name, COALESCE(i.source || ':' || i.patient_id, 'film:' || m.uid)
            ORDER BY CASE WHEN m.input_check IS NULL OR m.input_check = 'ok' THEN 0 ELSE 1 END,
@@ -60,4 +66,5 @@ SELECT m.uid, g.group_name, m.model, m.run_id, m.ctr, m.ctr_missing,
 FROM measurements m
 JOIN images i ON i.uid = m.uid
 LEFT JOIN groups g ON g.uid = m.uid
-LEFT JOIN label_runs lr ON lr.id = m.run_id;
+LEFT JOIN label_runs lr ON lr.id = m.run_id
+LEFT JOIN ctr_calibrations cal ON cal.model_sha256 = lr.model_sha256 AND cal.site = i.source;

@@ -76,6 +76,17 @@ def status_cmd(ctx, as_json) -> None:
                    "cardiomediastinum (heart and upper mediastinum; CTR reads low in enlarged hearts): "
                    "label them again with a model that learned the heart alone (`cxrlabel label --model "
                    "NAME`; the earlier rows are kept as NAME@SHA12)")
+    models = s["models"]
+    parents = {m["name"]: m for m in models["registered"]}
+    current = parents.get(models["current"])
+    click.echo(f"{'model':<11}{models['current']} labels now" + (
+        f", adapted from {current['parent']} (sha256 {str(current['parent_sha256'])[:12]}) on "
+        f"{current['adapted_on']} films" if current and current["parent"] else ""))
+    adapted = [f"{m['name']} (from {m['parent']})" for m in models["registered"] if m["parent"]]
+    if adapted:
+        click.echo(f"{'':<11}adapted models: {', '.join(adapted)}")
+    if models["calibrated"]:
+        click.echo(f"{'':<11}CTR calibrations: {', '.join(models['calibrated'])} (label_results.ctr_calibrated)")
     line("masks", s["masks"], "masks by kind")
     for source, definitions in s["mask_sources"].items():
         click.echo(f"{'':<11}{source}: " + "; ".join(f"{k} = {v}" for k, v in json.loads(definitions).items()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit, emit_json, emit_stream, engine_of, handle_errors
+from pipeline.cli.common import emit, emit_json, emit_stream, engine_of, handle_errors, json_option
 
 
 @click.command()
@@ -37,7 +37,9 @@ def query(ctx, sql, as_csv, as_json) -> None:
 
 @click.command("evaluate")
 @click.option("--truth", default="manual", show_default=True, help="Truth masks: manual.")
-@click.option("--model", default="default", show_default=True)
+@click.option("--model", "models", multiple=True,
+              help="The model [default]; repeat to compare models side by side on the films none of them "
+                   "trained on (a parent and its adaptation).")
 @click.option("--source", help="Only the films of this source (images.source, e.g. wingspan).")
 @click.option("--sample", help="Only the films of this named sample (`cxrlabel groups sample`).")
 @click.option("--include-trained", is_flag=True,
@@ -48,7 +50,7 @@ def query(ctx, sql, as_csv, as_json) -> None:
               help="Also draw the CTR's Bland-Altman plot and bias by true-CTR band here.")
 @click.pass_context
 @handle_errors
-def evaluate_cmd(ctx, truth, model, source, sample, include_trained, as_json, out_dir) -> None:
+def evaluate_cmd(ctx, truth, models, source, sample, include_trained, as_json, out_dir) -> None:
     """Dice per structure and the CTR's agreement with manual masks: bias, MAE, 95% limits of
     agreement and the share of films off by more than 0.03, overall and by true-CTR band. Films
     the model trained on are left out (and counted) unless --include-trained.
@@ -57,6 +59,7 @@ def evaluate_cmd(ctx, truth, model, source, sample, include_trained, as_json, ou
     Example:
         cxrlabel evaluate --truth manual --model default --out reports/
         cxrlabel evaluate --model my_clinic_model --source clinic_a --json
+        cxrlabel evaluate --model default --model clinic_a --source clinic_a
     """
     from pipeline.evaluate import NothingHeldOut, bland_altman_figure, evaluate
     engine = engine_of(ctx)
@@ -66,6 +69,10 @@ def evaluate_cmd(ctx, truth, model, source, sample, include_trained, as_json, ou
         with engine.connect() as conn:
             chosen = select_images(conn, sample_name=sample, all_images=not sample, source=source)
         among = {it.uid for it in chosen.items}
+    if len(models) > 1:
+        _compare(engine, list(dict.fromkeys(models)), truth, include_trained, among, as_json, out_dir)
+        return
+    model = models[0] if models else "default"
     try:
         ev = evaluate(engine, model, truth, include_trained, among)
     except NothingHeldOut as nothing:  # an answer, not a failure: there is no film to say it of
@@ -97,6 +104,46 @@ def evaluate_cmd(ctx, truth, model, source, sample, include_trained, as_json, ou
         click.echo(f"  left out of the CTR error: {n} image{'s' if n > 1 else ''} whose {reason}")
     if figure:
         click.echo(f"  Bland-Altman plot and bias by band: {figure}")
+
+
+def _compare(engine, models: list[str], truth: str, include_trained: bool, among: set[str] | None,
+             as_json: bool, out_dir: Path | None) -> None:
+    """``evaluate --model A --model B``: each model on the same films, none of which any of them
+    trained on, side by side (with --include-trained: on every film they all labelled)."""
+    from pipeline.evaluate import NothingHeldOut, bland_altman_figure, common_held_out, evaluate
+    if include_trained:
+        chosen = among
+    else:
+        try:
+            chosen = common_held_out(engine, models, among)
+        except NothingHeldOut as nothing:
+            click.echo(str(nothing))
+            return
+    evs = [evaluate(engine, m, truth, include_trained, chosen) for m in models]
+    if as_json:
+        emit_json([ev.as_dict() for ev in evs])
+        return
+    click.echo(f"{len(models)} models on the same {evs[0].images} films with manual masks"
+               + (" (films they trained on included)" if include_trained else ", none of which any of them trained on"))
+    width = max(12, *(len(m) for m in models))
+    click.echo(f"  {'':<24}" + "".join(f"{m:>{width + 2}}" for m in models))
+
+    def line(label: str, cells: list[str]) -> None:
+        click.echo(f"  {label:<24}" + "".join(f"{c:>{width + 2}}" for c in cells))
+
+    for s in evs[0].dice:
+        line(f"Dice {s}", [f"{ev.dice[s]['mean']:.4f}" if s in ev.dice else "-" for ev in evs])
+    line("CTR bias", [f"{ev.ctr_error['mean']:+.4f}" for ev in evs])
+    line("CTR MAE", [f"{ev.ctr_error['mae']:.4f}" for ev in evs])
+    line("CTR 95% limits", [f"{ev.ctr_error['loa'][0]:+.3f}..{ev.ctr_error['loa'][1]:+.3f}" for ev in evs])
+    line("off by > 0.03", [f"{ev.ctr_error['off_by_0.03']:.1%}" for ev in evs])
+    line("films with a CTR", [str(ev.ctr_error["n"]) for ev in evs])
+    for ev in evs:
+        for note in ev.notes:
+            click.echo(f"  note ({ev.model}): {note}")
+        if out_dir and ev.ctr_error["n"]:
+            click.echo(f"  Bland-Altman plot ({ev.model}): "
+                       f"{bland_altman_figure(ev, out_dir / f'ctr_bland_altman_{_file_name(ev.model)}.png')}")
 
 
 def _file_name(label: str) -> str:
@@ -201,4 +248,60 @@ def failures_cmd(ctx, stage, since_run, limit, as_csv, as_json) -> None:
                    "(`cxrlabel status` groups them by reason)")
 
 
-COMMANDS = [query, evaluate_cmd, report_cmd, failures_cmd]
+@click.command("calibrate")
+@click.option("--model", default="default", show_default=True, help="Whose CTR to calibrate.")
+@click.option("--source", "site", help="The site: a catalogue source whose annotated films the model never trained on.")
+@click.option("--kind", type=click.Choice(["offset", "linear"]), default="offset", show_default=True,
+              help="offset: the mean difference (10 films or more); linear: intercept and slope by least "
+                   "squares, which also undoes a compressed range (20 films or more).")
+@click.option("--min-films", type=click.IntRange(min=3), help="Fit on fewer films than the kind needs [10 / 20].")
+@click.option("--dry-run", is_flag=True, help="Print the fit without storing it.")
+@click.option("--list", "list_all", is_flag=True, help="List the stored calibrations.")
+@click.option("--drop", is_flag=True, help="Remove the model's calibration at --source.")
+@json_option
+@click.pass_context
+@handle_errors
+def calibrate_cmd(ctx, model, site, kind, min_films, dry_run, list_all, drop, as_json) -> None:
+    """Fit a site's CTR calibration: the CTR its own readers draw, from the model's, on the
+    site's films with manual heart and lung masks. label_results then shows ctr_calibrated
+    (and which calibration) beside the model's ctr on every film of that site the same model
+    weights labelled; the raw ctr is never changed.
+
+    \b
+    Example:
+        cxrlabel calibrate --model default --source clinic_a
+        cxrlabel calibrate --list
+    """
+    from pipeline.calibration import calibrate, calibrations, forget
+    engine = engine_of(ctx)
+    if list_all:
+        emit(calibrations(engine), as_json)
+        return
+    if not site:
+        raise click.UsageError("--source SITE: the catalogue source whose films to calibrate on (or --list)")
+    if drop:
+        from pipeline.model import locate
+        from pipeline.model.checkpoints import file_sha256
+        n = forget(engine, file_sha256(locate(engine, model)[0]), site)
+        click.echo(f"{model} at {site}: " + ("calibration removed" if n else "no calibration stored"))
+        return
+    cal = calibrate(engine, model, site, kind, min_films, store=not dry_run)
+    if as_json:
+        emit_json(cal.as_dict())
+        return
+    raw, loo = cal.details["raw"], cal.details["calibrated_loo"]
+    formula = (f"CTR {cal.intercept:+.4f} (95% CI {cal.intercept_ci[0]:+.4f} to {cal.intercept_ci[1]:+.4f})"
+               if cal.kind == "offset" else
+               f"{cal.intercept:+.4f} (95% CI {cal.intercept_ci[0]:+.4f} to {cal.intercept_ci[1]:+.4f}) + "
+               f"{cal.slope:.3f} (95% CI {cal.slope_ci[0]:.3f} to {cal.slope_ci[1]:.3f}) x CTR")
+    click.echo(f"{model} at {site}: {cal.kind} calibration on {cal.films} films: calibrated = {formula}")
+    click.echo(f"  on these films, each left out of its own fit: bias {raw['bias']:+.4f} -> {loo['bias']:+.4f}, "
+               f"MAE {raw['mae']:.4f} -> {loo['mae']:.4f}")
+    if loo["mae"] >= raw["mae"]:
+        click.echo("  note: the calibration does not lower the error a new film of the site would see: "
+                   "drop it (--drop), or annotate more films")
+    click.echo("not stored (--dry-run)" if dry_run else
+               f"stored: label_results.ctr_calibrated for {model}'s films of {site}")
+
+
+COMMANDS = [query, evaluate_cmd, report_cmd, failures_cmd, calibrate_cmd]

@@ -12,6 +12,14 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.command("train")
 @click.option("--model", "preset", default="cxr_deep", show_default=True,
               help="Preset from models/presets.toml.")
+@click.option("--from", "parent", metavar="MODEL",
+              help="Adapt this model (default, a registered name or a checkpoint) to the database's manual "
+                   "and reviewed films instead of training from scratch: its network and input are kept, "
+                   "a few steps at a tenth of its learning rate, pulled toward its weights; structures the "
+                   "films do not draw are taught by its own predictions. Registers NAME [PARENT_adapted].")
+@click.option("--pull", type=click.FloatRange(0),
+              help="With --from: how strongly each step pulls the weights back toward the parent's "
+                   "(decoupled L2-SP); 0 = off [10].")
 @click.option("--size", type=click.IntRange(32, 4096), help="Image side [preset].")
 @click.option("--mode", type=click.Choice(["pad", "stretch"]), help="Geometry mode [preset].")
 @click.option("--roi", type=click.IntRange(16, 4096), help="Training crop side [preset].")
@@ -44,6 +52,10 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "
                    "uses manual masks only.")
 @click.option("--review-model", help="Whose reviewed masks --masks reviewed/accepted takes [default].")
+@click.option("--structures", metavar="NAMES",
+              help="The network's outputs, comma-separated, from heart, left_lung, right_lung and "
+                   "cardiomediastinum (an auxiliary output, never labelled) [all four]: leave out what "
+                   "no annotated film draws.")
 @click.option("--folds", type=click.IntRange(min=2), help="K-fold cross-validation (folds group films by patient).")
 @click.option("--fold", "only", type=click.IntRange(min=0), multiple=True,
               help="With --folds: train only this fold (repeatable), so a cross-validation can span sessions; "
@@ -66,8 +78,8 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.pass_context
 @handle_errors
-def train_cmd(ctx, preset, folds, only, device, name, run_dir, no_resume, cache_dir, parallel_folds, loader_workers,
-              **overrides) -> None:
+def train_cmd(ctx, preset, parent, folds, only, device, name, run_dir, no_resume, cache_dir, parallel_folds,
+              loader_workers, **overrides) -> None:
     """Stage 3: train a network on the manual masks; registers the best checkpoint.
 
     Held-out images are stored as uid lists in RUN_DIR/splits.json and reused on resume;
@@ -77,13 +89,20 @@ def train_cmd(ctx, preset, folds, only, device, name, run_dir, no_resume, cache_
     Example:
         cxrlabel train --model cxr_deep --epochs 100 --folds 5
         cxrlabel train --model unet7_res --size 512 --folds 5 --device cuda
+        cxrlabel train --from default --name clinic_a
     """
     from pipeline.train import TrainConfig, cross_validate
+    if parent is not None:
+        _adapt(ctx, parent, preset, folds, name, run_dir, no_resume, cache_dir, device, overrides)
+        return
+    if overrides.get("pull") is not None:
+        raise click.UsageError("--pull is an adaptation's setting: give --from MODEL too")
     for key, example in (("widen_range", "0.85,1.35"), ("widen_ctr", "0.40,0.66")):
         if overrides.get(key):
             overrides[key] = _pair(overrides[key], f"--{key.replace('_', '-')}", example)
-    if overrides.get("masks"):
-        overrides["masks"] = tuple(m.strip() for m in overrides["masks"].split(",") if m.strip())
+    for key in ("masks", "structures"):
+        if overrides.get(key):
+            overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())
     if only and not folds:
         raise click.UsageError("--fold needs --folds K (which cross-validation the fold belongs to)")
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
@@ -166,6 +185,34 @@ def models_upgrade(ctx, checkpoints) -> None:
 
 
 COMMANDS = [train_cmd, models]
+
+
+def _adapt(ctx, parent: str, preset: str, folds: int | None, name: str | None, run_dir: Path | None,
+           no_resume: bool, cache_dir: str | None, device: str, overrides: dict) -> None:
+    """``train --from PARENT``: adapt a model (see :mod:`pipeline.train.adapt`)."""
+    from pipeline.model.registry import check_model_name
+    from pipeline.train.adapt import adapt
+    if folds:
+        raise click.UsageError("--from adapts one model: leave out --folds (evaluate the adapted model "
+                               "on the clinic's films it did not see with `cxrlabel evaluate`)")
+    if ctx.get_parameter_source("preset") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"--from keeps {parent}'s network: leave out --model {preset}")
+    for key in ("widen_range", "widen_ctr"):
+        if overrides.get(key):
+            raise click.UsageError(f"--from keeps {parent}'s recipe: leave out --{key.replace('_', '-')}")
+    for key in ("masks", "structures"):
+        if overrides.get(key):
+            overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())
+    stem = Path(parent).stem if parent.endswith(".pt") else parent
+    name = check_model_name(name or f"{stem}_adapted")
+    run_dir = run_dir or Path("runs") / name
+    overrides = {k: v for k, v in overrides.items() if k not in ("widen_range", "widen_ctr")}
+    a = adapt(engine_of(ctx), parent, run_dir, name, cache_dir, device, not no_resume, **overrides)
+    taught = "; " + ", ".join(f"{s} taught by {a.parent} on {n}" for s, n in a.taught.items()) if a.taught else ""
+    click.echo(f"{a.name}: {a.parent} (sha256 {a.parent_sha256[:12]}) adapted on {a.films} films, "
+               f"{a.result.history[-1]['epoch'] if a.result.history else 0} epochs in {a.seconds:.0f} s{taught}")
+    click.echo(f"checkpoints and learning curve in {run_dir}; label with `cxrlabel label --model {a.name}`, "
+               f"compare with `cxrlabel evaluate --model {a.parent} --model {a.name}`")
 
 
 def _pair(text: str, option: str, example: str) -> tuple[float, float]:

@@ -56,6 +56,7 @@ from pipeline.db.rows import (  # noqa: F401
 from pipeline.db.schema import (  # noqa: F401
     SCHEMA_VERSION,
     cache,
+    ctr_calibrations,
     failures,
     groups,
     images,

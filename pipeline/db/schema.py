@@ -21,7 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 metadata = MetaData()
@@ -267,6 +267,30 @@ quality_scores = Table(
     Column("model", String(100), nullable=False),  # the name it was fitted under
     Column("score", Text, nullable=False),  # JSON: pipeline.quality.QualityModel.to_json
     Column("origin", Text),  # what it was fitted on, in words
+    Column("fitted_at", DateTime, nullable=False),
+)
+
+
+# A CTR calibration of one model's weights at one site (`cxrlabel calibrate`): the CTR a site's
+# readers would draw, as intercept + slope x the model's CTR, fitted on the site's annotated
+# films the model never trained on. A site is a catalogue source (images.source): what a user
+# names on loading a clinic's films, where an institution header is often blank or anonymised.
+# label_results shows the calibrated CTR beside the model's, never instead of it.
+ctr_calibrations = Table(
+    "ctr_calibrations",
+    metadata,
+    Column("model_sha256", String(64), primary_key=True),
+    Column("site", String(100), primary_key=True),
+    Column("model", String(100), nullable=False),  # the name it was fitted under
+    Column("kind", String(10), nullable=False),  # offset | linear
+    Column("intercept", Float, nullable=False),
+    Column("slope", Float, nullable=False),
+    Column("intercept_low", Float),  # 95% bootstrap interval (offset: of the offset itself)
+    Column("intercept_high", Float),
+    Column("slope_low", Float),
+    Column("slope_high", Float),
+    Column("films", Integer, nullable=False),
+    Column("details", Text),  # JSON: cross-validated MAE and bias before and after, films used
     Column("fitted_at", DateTime, nullable=False),
 )
 

@@ -10,7 +10,7 @@ from typing import Any
 from monai.utils import look_up_option
 
 from pipeline import CxrlabelError
-from pipeline.masks import TRAINED
+from pipeline.masks import STRUCTURES, TRAINED
 from pipeline.model import ModelError, ModelSpec
 from pipeline.resources import resource
 
@@ -64,6 +64,11 @@ class TrainConfig:
     # the outputs: the labelled structures and, where a source draws it, the cardiomediastinum
     # (each image supervises only what its source defines; see train.data and train.losses)
     structures: tuple[str, ...] = TRAINED
+    # adaptation (`train --from`, pipeline.train.adapt): the parent checkpoint's sha256 the run
+    # starts from, and how strongly each step pulls the weights back toward the parent's
+    # (decoupled, as AdamW's decay pulls toward zero); None and 0 for a model trained from scratch
+    parent: str | None = None
+    pull: float = 0.0
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -90,6 +95,12 @@ class TrainConfig:
         if unknown or "manual" not in values["masks"]:
             raise TrainError(f"--masks {','.join(values['masks'])}: a comma-separated list of "
                              f"{', '.join(MASK_SOURCES)} that includes manual (validation uses it)")
+        values["structures"] = tuple(values.get("structures", default("structures")))
+        odd = [s for s in values["structures"] if s not in TRAINED]
+        if odd or not any(s in STRUCTURES for s in values["structures"]) or \
+                len(set(values["structures"])) < len(values["structures"]):
+            raise TrainError(f"--structures {','.join(values['structures'])}: a comma-separated list of "
+                             f"{', '.join(TRAINED)}, each once, with at least one of {', '.join(STRUCTURES)}")
         cfg = cls(preset=name, network=p["network"], args=dict(p.get("args", {})), **values)
         try:
             cfg.spec()

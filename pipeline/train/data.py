@@ -96,11 +96,13 @@ def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude
     return masks, source
 
 
-def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None) -> Dataset:
+def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None,
+                 every_structure: bool = True) -> Dataset:
     """The annotated images, cached at ``cfg``'s size (collected where missing), with their
     manual masks mapped into cache geometry, and with ``cfg.masks`` beyond ``manual`` the
     images people reviewed (:func:`reviewed_masks`). Images that cannot be decoded are left
-    out (and recorded in ``failures``)."""
+    out (and recorded in ``failures``). ``every_structure``: refuse data in which no image
+    defines one of ``cfg.structures`` (an adaptation lets its parent teach those instead)."""
     uids = annotated_uids(engine)
     if not uids:
         raise TrainError("no manual masks in the database: run `cxrlabel masks import "
@@ -136,10 +138,11 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None)
                 digest.update(f"{e.uid}/{structure}/{int(m.sum())}".encode())
         digest.update(e.image.tobytes())
     missing = [s for j, s in enumerate(cfg.structures) if not valid[:, j].any()]
-    if missing:
+    if missing and every_structure:
         raise TrainError(f"no annotated image defines {', '.join(missing)}: import a source that draws it "
                          "(`cxrlabel masks import png-dirs ... --mask heart=FOLDER`; GeneralBlockchain draws "
-                         "the cardiomediastinum, not the heart alone), or train other structures")
+                         "the cardiomediastinum, not the heart alone), or leave it out (`--structures "
+                         f"{','.join(s for s in cfg.structures if s not in missing)}`)")
     sources = [extra_source.get(e.uid, "manual") for e in entries] if extra else None
     return Dataset([e.uid for e in entries], images, masks, valid, digest.hexdigest(), sources,
                    [e.geom for e in entries], patients, tuple(cfg.structures))

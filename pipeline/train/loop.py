@@ -101,7 +101,7 @@ class Trainer:
 
     def __init__(self, engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
                  device: str = "auto", dataset: Dataset | None = None, held_out: list[str] | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, start: Start | None = None) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.run_dir = cfg, run_dir
@@ -110,6 +110,7 @@ class Trainer:
             0 if dev.type == "cpu" else max(1, min(8, torch.get_num_threads() - 1)))
         torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
         self.ds = ds = dataset or load_dataset(engine, cfg, cache_dir)
+        self.start = start
         if held_out is None:
             held_out = splits_for(run_dir, ds.manual, cfg, ds.patients).val[cfg.fold]
         self.held_out = held_out
@@ -120,13 +121,20 @@ class Trainer:
         self.trained_uids = sorted(ds.uids[i] for i in self.tr)
         _seed_all(cfg.seed)
         self.model = build_network(cfg.spec()).to(dev)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        self.anchor: list[torch.Tensor] = []
+        if start is not None:  # an adaptation: the parent's weights, and the pull back toward them
+            self.model.load_state_dict({k: v.float() for k, v in start.weights.items()})
+            self.anchor = [p.detach().clone() for p in self.model.parameters()]
+            self.trained_uids = sorted(set(self.trained_uids) | set(start.trained_uids))
+        # decay toward zero for a model from scratch; an adaptation decays toward its parent instead
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0 if start else 1e-4)
         self.steps_per_epoch = max(1, len(self.tr) // cfg.batch)
-        # warm up over a tenth of training, but at least two steps (one would divide by zero)
-        warmup = max(0.1, 2.0 / (cfg.epochs * self.steps_per_epoch))
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                         steps_per_epoch=self.steps_per_epoch,
-                                                         pct_start=min(warmup, 0.5))
+        # warm up over a tenth of training, but at least two steps (one would divide by zero); a
+        # schedule of at least three steps (a single small batch for one or two epochs is fewer,
+        # and OneCycleLR divides by zero there: the steps past the run are never taken)
+        total = max(3, cfg.epochs * self.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, total_steps=total,
+                                                         pct_start=min(max(0.1, 2.0 / total), 0.5))
         self.avg = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.scored = self.avg.module if self.avg else self.model  # what is validated and saved
         self.rng = random.Random(cfg.seed + 1)
@@ -185,11 +193,21 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.anchor and self.cfg.pull:
+                self._pull()
             self.sched.step()
             if self.avg:
                 self.avg.update(self.model)
             losses.append(loss.item())
         return float(np.mean(losses))
+
+    @torch.no_grad()
+    def _pull(self) -> None:
+        """Move every weight a step back toward the parent's: L2-SP (Li et al. 2018), decoupled
+        from the gradient as AdamW decouples its decay, at the schedule's learning rate."""
+        rate = float(self.sched.get_last_lr()[0]) * self.cfg.pull
+        for p, p0 in zip(self.model.parameters(), self.anchor, strict=True):
+            p.sub_(p - p0, alpha=rate)
 
     def validate(self) -> dict[str, float]:
         return validate(self.scored, self.ds, self.va, self.cfg, self.dev) if self.va else {}
@@ -224,7 +242,8 @@ class Trainer:
     def _save_model(self, path: Path, scores: dict) -> None:
         save_checkpoint(path, self.scored, self.cfg.spec(),
                         {"dice": scores, "epoch": self.progress.epoch, "data_hash": self.ds.hash,
-                         "images": self.trained_on, "trained_uids": self.trained_uids},
+                         "images": self.trained_on, "trained_uids": self.trained_uids,
+                         **(self.start.lineage(self.ds.uids[i] for i in self.tr) if self.start else {})},
                         training=self.cfg.as_dict())
 
     def finish(self) -> TrainResult:
@@ -257,10 +276,26 @@ class Trainer:
         return self.finish()
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where an adaptation starts (``train --from``): the parent model's weights, name, file
+    hash and the films it trained on (the adapted model's trained films include them)."""
+
+    weights: dict[str, torch.Tensor]
+    name: str
+    sha256: str
+    trained_uids: tuple[str, ...]
+
+    def lineage(self, adapted: Iterator[str] | list[str]) -> dict:
+        """What the adapted checkpoint records of its parent and the films it adapted on."""
+        return {"parent": {"name": self.name, "sha256": self.sha256}, "adapted_uids": sorted(adapted)}
+
+
 def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None = None,
           device: str = "auto", resume: bool = True, progress: bool = True,
           dataset: Dataset | None = None, until_epoch: int | None = None,
-          held_out: list[str] | None = None, workers: int | None = None) -> TrainResult:
+          held_out: list[str] | None = None, workers: int | None = None,
+          start: Start | None = None) -> TrainResult:
     """Train one model and resume from ``run_dir/last.pt`` when it exists.
 
     ``held_out``: the validation uids (default: fold ``cfg.fold`` of ``run_dir/splits.json``,
@@ -269,7 +304,7 @@ def train(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: str | None
     (default: none on a CPU, whose cores the model uses; on a GPU one per torch thread but
     one, up to 8). The result does not depend on it.
     """
-    trainer = Trainer(engine, cfg, run_dir, cache_dir, device, dataset, held_out, workers)
+    trainer = Trainer(engine, cfg, run_dir, cache_dir, device, dataset, held_out, workers, start)
     if resume:
         trainer.resume()
     return trainer.run(until_epoch, progress)
