@@ -40,6 +40,7 @@ from tqdm import tqdm
 from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline.imaging import DECODE_TIMEOUT, DecodeError, Geometry, deadline, preprocess
+from pipeline.pacs.fetch import PacsUnreachable, fetch_to, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,25 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
 
     Pure function of its arguments: runs in a worker process (or a distributed worker).
     """
+    staged = None
     try:
         if not source:
             raise DecodeError(f"{uid}: no source path in the catalogue")
+        if is_remote(source):  # a PACS instance: fetched as stored beside its entry, decoded as a file
+            staged = fetch_to(source, f"{out}.dcm")
+            source = str(staged)
         with deadline(DECODE_TIMEOUT, source):
             img, geom = preprocess(source, size, mode)
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(img, np.uint8), allow_pickle=False)
+    except PacsUnreachable as e:  # every other instance would wait out the same retries: stop the run
+        return {"uid": uid, "error": type(e).__name__, "fatal": True, "message": str(e)}
     except Exception as e:  # a bad file is recorded, never stops the run
         return {"uid": uid, "error": type(e).__name__, "message": str(e)}
+    finally:
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                os.remove(staged)
     data = buf.getvalue()
     tmp = f"{out}.tmp{os.getpid()}"
     try:
@@ -183,6 +194,8 @@ def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_
             for r in failed:  # only with a failure_stage; the run's end groups them by reason (failures.summary)
                 log.debug("%s %s: %s", failure_stage, r["uid"], r["message"])
                 D.record_failure(conn, str(failure_stage), r["uid"], r["message"], r["error"])
+    if fatal and fatal["error"] == "PacsUnreachable":
+        raise CacheError(f"{fatal['message']}; the run stopped there (what was cached is kept)")
     if fatal:
         raise CacheError(f"{fatal['message']}: free space or fix the permissions of that folder, "
                          "or choose another with --cache / CXRLABEL_CACHE; the run stopped there")

@@ -55,6 +55,7 @@ CREATE TABLE images (
 	study_uid VARCHAR(100), 
 	sop_uid VARCHAR(100), 
 	study_description TEXT, 
+	accession VARCHAR(64), 
 	license VARCHAR(40), 
 	loaded_at DATETIME NOT NULL, 
 	PRIMARY KEY (uid)

@@ -76,6 +76,82 @@ def pg_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- Orthanc (a real PACS)
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PACS_USER, PACS_PASSWORD = "reader-7f3a", "s3cret-Pw"
+
+
+class Pacs:
+    """A private Orthanc: its DICOMweb base URL, credentials and storage folder."""
+
+    def __init__(self, url: str, root: Path, aet: str, dicom_port: int) -> None:
+        self.url, self.root, self.aet, self.dicom_port = url, root, aet, dicom_port
+        self.user, self.password = PACS_USER, PACS_PASSWORD
+
+    def env(self, monkeypatch) -> None:
+        monkeypatch.setenv("CXRLABEL_PACS_USER", self.user)
+        monkeypatch.setenv("CXRLABEL_PACS_PASSWORD", self.password)
+
+    def instances(self) -> list[str]:
+        import requests
+        r = requests.get(self.url.replace("/dicom-web", "/instances"), auth=(self.user, self.password), timeout=30)
+        return r.json()
+
+
+def stow(url: str, files: list[Path], auth: tuple[str, str]) -> None:
+    """Store DICOM files over STOW-RS (plain requests: the fixture does not lean on the code tested)."""
+    import requests
+    boundary = "cxrlabel-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                    + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    r = requests.post(f"{url}/studies", data=body, auth=auth, timeout=60, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    r.raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A private Orthanc with its DICOMweb plugin on free 127.0.0.1 ports, authentication on
+    and a temporary storage folder (never the system service), holding the shared chest
+    DICOMs (JPEG 2000, JPEG baseline and uncompressed among them) stored over STOW-RS."""
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        if os.environ.get("CXRLABEL_REQUIRE_ORTHANC"):
+            pytest.fail("Orthanc or its DICOMweb plugin not found (apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip("Orthanc not installed: apt-get install orthanc orthanc-dicomweb to run the PACS tests")
+    import json
+    root = tmp_path_factory.mktemp("orthanc")
+    http, dicom = _free_port(), _free_port()
+    config = {"Name": "cxrlabel-test", "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANCTEST",
+              "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+              "RegisteredUsers": {PACS_USER: PACS_PASSWORD}, "Plugins": [str(DICOMWEB_PLUGIN)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w+b")
+    proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # blocks until Orthanc says it has started (or ends)
+            log.write(line)
+            if b"Orthanc has started" in line:
+                break
+        else:
+            pytest.fail(f"Orthanc did not start: see {root / 'orthanc.log'}")
+        import threading
+        threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
+        url = f"http://127.0.0.1:{http}/dicom-web"
+        stow(url, sorted(DICOM.glob("*.dcm")), (PACS_USER, PACS_PASSWORD))
+        yield Pacs(url, root, "ORTHANCTEST", dicom)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
 _counter = iter(range(10**6))
 
 

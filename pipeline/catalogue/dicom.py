@@ -38,28 +38,34 @@ def _dicom_header(args: tuple[str, str]) -> Item:
     except (InvalidDicomError, OSError, ValueError, EOFError) as e:
         return Problem(None, rel, f"unreadable DICOM header: {e}")
     try:
-        (sy, sx), spacing_source = dicom_spacing(ds)
-        record = {
-            "uid": rel, "source": "dicom", "path": path,
-            "patient_id": str(ds.get("PatientID", "")) or None,
-            "study_uid": str(ds.get("StudyInstanceUID", "")) or None,
-            "sop_uid": str(ds.get("SOPInstanceUID", "")) or None,
-            "study_date": parse_date(str(ds.get("StudyDate", ""))),
-            "modality": str(ds.get("Modality", "")) or None,
-            "body_part": str(ds.get("BodyPartExamined", "")) or None,
-            "view": str(ds.get("ViewPosition", "")) or None,
-            "sex": parse_sex(str(ds.get("PatientSex", ""))),
-            "age": parse_age(str(ds.get("PatientAge", ""))),
-            "height": int(ds.Rows) if "Rows" in ds else None,
-            "width": int(ds.Columns) if "Columns" in ds else None,
-            "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
-            "spacing_x": sx, "spacing_y": sy, "spacing_source": spacing_source,
-            "study_description": str(ds.get("StudyDescription", "")) or None,
-        }
+        return header_record(ds, rel, path)
     except Exception as e:  # also pydicom's own types: it parses each element when first read,
         # and a damaged one (an unknown value representation, a value cut short) raises there
         return Problem(None, rel, f"{rel}: {e}")
-    return record
+
+
+def header_record(ds, uid: str, path: str, source: str = "dicom") -> dict:
+    """The catalogue's row of a DICOM header (a file's, or a PACS's metadata): the same
+    fields, read the same way, wherever the instance lives."""
+    (sy, sx), spacing_source = dicom_spacing(ds)
+    return {
+        "uid": uid, "source": source, "path": path,
+        "patient_id": str(ds.get("PatientID", "")) or None,
+        "study_uid": str(ds.get("StudyInstanceUID", "")) or None,
+        "sop_uid": str(ds.get("SOPInstanceUID", "")) or None,
+        "study_date": parse_date(str(ds.get("StudyDate", ""))),
+        "modality": str(ds.get("Modality", "")) or None,
+        "body_part": str(ds.get("BodyPartExamined", "")) or None,
+        "view": str(ds.get("ViewPosition", "")) or None,
+        "sex": parse_sex(str(ds.get("PatientSex", ""))),
+        "age": parse_age(str(ds.get("PatientAge", ""))),
+        "height": int(ds.Rows) if "Rows" in ds else None,
+        "width": int(ds.Columns) if "Columns" in ds else None,
+        "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
+        "spacing_x": sx, "spacing_y": sy, "spacing_source": spacing_source,
+        "study_description": str(ds.get("StudyDescription", "")) or None,
+        "accession": str(ds.get("AccessionNumber", "")) or None,
+    }
 
 
 def dicom_spacing(ds) -> tuple[tuple[float | None, float | None], str]:

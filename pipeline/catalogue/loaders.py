@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import bindparam, column, func, or_, select, table, update
 from sqlalchemy.engine import Engine
@@ -34,23 +35,39 @@ class LoadOptions:
     text_key: str = "sop_uid"
     text_key_column: str | None = None
     text_column: str = "text"
+    # dicomweb: what to ask the PACS for (pipeline.pacs.catalogue)
+    modalities: tuple[str, ...] = ("CR", "DX")
+    study_date: str | None = None
+    body_part: str | None = None
+    page_size: int = 500
+    fields: str = "metadata"  # metadata (every header field, a request a series) | qido (its answer only)
+    allow_http: bool = False
 
 
-LOADERS: dict[str, Callable[[Engine, Path, LoadOptions], LoadSummary]] = {
+LOADERS: dict[str, Callable[[Engine, Any, LoadOptions], LoadSummary]] = {  # a Path, or dicomweb's URL
     "nih": lambda engine, source, o: load_nih(engine, source, o.image_root),
     "openi": lambda engine, source, o: load_openi(engine, source, o.image_root),
     "dicom": lambda engine, source, o: load_dicom(engine, source, o.workers, o.uid_from, o.text_csv,
                                                   o.text_key, o.text_column, o.text_key_column),
+    "dicomweb": lambda engine, source, o: _load_dicomweb(engine, str(source), o),
     "csv": lambda engine, source, o: load_csv(engine, source, parse_mapping(o.mapping), o.image_root,
                                               o.encoding, o.delimiter, o.source_name),
 }
 
 
-def load(engine: Engine, fmt: str, source: Path, options: LoadOptions | None = None) -> LoadSummary:
+def load(engine: Engine, fmt: str, source: Path | str, options: LoadOptions | None = None) -> LoadSummary:
     """Load ``source`` as ``fmt`` (one of :data:`LOADERS`)."""
     if fmt not in LOADERS:  # (MONAI's look_up_option would import torch for one dict look-up)
         raise CatalogueError(f"unknown catalogue format {fmt!r}: use one of {', '.join(LOADERS)}")
-    return LOADERS[fmt](engine, Path(source), options or LoadOptions())
+    return LOADERS[fmt](engine, source if fmt == "dicomweb" else Path(source), options or LoadOptions())
+
+
+def _load_dicomweb(engine: Engine, url: str, o: LoadOptions) -> LoadSummary:
+    from pipeline.catalogue.dicom import _text_lookup
+    from pipeline.pacs.catalogue import PacsQuery, load_dicomweb
+    texts = _text_lookup(o.text_csv, o.text_key_column or o.text_key, o.text_column) if o.text_csv else None
+    query = PacsQuery(tuple(o.modalities), o.study_date, o.body_part, o.page_size, o.fields == "metadata")
+    return load_dicomweb(engine, url, query, o.source_name, texts, o.text_key, o.allow_http or None)
 
 
 @dataclass

@@ -53,6 +53,7 @@ class LoadSummary:
     loaded: int = 0
     errors: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    kept: int = 0  # already in the catalogue and left as they were (a PACS's instances loaded again)
 
     def add_problem(self, reason: str) -> None:
         self.errors += 1

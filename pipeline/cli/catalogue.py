@@ -17,7 +17,7 @@ def catalogue() -> None:
 
 @catalogue.command("load")
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(list(C.LOADERS)))
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder holding the image files (searched at any depth).")
 @click.option("--map", "mapping", multiple=True, metavar="FIELD=COLUMN",
@@ -35,6 +35,16 @@ def catalogue() -> None:
               help="dicom: catalogue field to join on (sop_uid, study_uid, patient_id, uid).")
 @click.option("--text-key-column", help="dicom: key column in --text-csv [default: --text-key].")
 @click.option("--text-column", default="text", show_default=True, help="dicom: text column in --text-csv.")
+@click.option("--modality", "modalities", multiple=True, default=("CR", "DX"), show_default=True,
+              help="dicomweb: modalities to catalogue (repeat).")
+@click.option("--study-date", metavar="RANGE", help="dicomweb: YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-.")
+@click.option("--body-part", help="dicomweb: BodyPartExamined to match, e.g. CHEST.")
+@click.option("--page-size", type=click.IntRange(1, 10000), default=500, show_default=True,
+              help="dicomweb: instances a QIDO request asks for (limit/offset paging).")
+@click.option("--fields", type=click.Choice(["metadata", "qido"]), default="metadata", show_default=True,
+              help="dicomweb: metadata reads each new series' headers (every field `load dicom` reads, one request "
+                   "a series); qido keeps the search's answer (no view, spacing or age on most servers).")
+@click.option("--allow-http", is_flag=True, help="dicomweb: allow plain HTTP to another machine (a network you trust).")
 @click.pass_context
 @handle_errors
 def catalogue_load(ctx, fmt, source, **options) -> None:
@@ -42,7 +52,9 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
 
     \b
     Formats: nih (Data_Entry_2017 CSV[.gz]), dicom (folder tree, headers only),
-    openi (NLMCXR_reports.tgz), csv (any clinic export, with --map).
+    openi (NLMCXR_reports.tgz), csv (any clinic export, with --map), dicomweb (a PACS's
+    DICOMweb URL; credentials from CXRLABEL_PACS_USER/_PASSWORD, _TOKEN or netrc; pixels are
+    fetched when collected or labelled).
     Rows that cannot be loaded go to load_errors with the reason (see `catalogue errors`); the
     rest loads. A load that loaded nothing exits 4.
 
@@ -53,9 +65,19 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
             --map age=Age --map sex=Sex --map path=File --encoding cp1251 --delimiter ';'
         cxrlabel catalogue load dicom /pacs/export --text-csv reports.csv --text-key study_uid \\
             --text-key-column StudyUID --text-column Report
+        CXRLABEL_PACS_USER=me CXRLABEL_PACS_PASSWORD=... cxrlabel catalogue load dicomweb \\
+            https://pacs.example.org/dicom-web --study-date 20230101-20231231 --source-name clinic_a \\
+            --text-csv ris.csv --text-key accession --text-key-column Accession --text-column Report
     """
+    if fmt == "dicomweb":
+        if ctx.get_parameter_source("source_name") == click.core.ParameterSource.DEFAULT:
+            options["source_name"] = "pacs"
+        options["modalities"] = tuple(m.upper() for m in options["modalities"])
+    else:
+        source = click.Path(exists=True, path_type=Path).convert(source, None, ctx)
     s = C.load(engine_of(ctx, create=True), fmt, source, C.LoadOptions(**options))
-    click.echo(f"{source}: {s.loaded} rows loaded, {s.errors} rows left out (in load_errors, with the reason)")
+    click.echo(f"{source}: {s.loaded} rows loaded, {s.errors} rows left out (in load_errors, with the reason)"
+               + (f", {s.kept} already in the catalogue (kept as they were)" if s.kept else ""))
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {n:>7}  {reason}")
     if s.loaded == 0 and s.errors:  # nothing was done: the documented status for it, never 0

@@ -68,6 +68,7 @@ images = Table(
     Column("study_uid", String(100)),
     Column("sop_uid", String(100)),
     Column("study_description", Text),
+    Column("accession", String(64)),  # AccessionNumber: how a RIS export's reports join a PACS's films
     Column("license", String(40)),  # per-image licence where the source states one
     Column("loaded_at", DateTime, nullable=False),
 )

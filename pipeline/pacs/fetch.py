@@ -1,0 +1,64 @@
+"""Pixels on demand: a PACS instance fetched (WADO-RS, as stored) beside its cache entry,
+decoded by the same code as a file on disk, then removed (the cache entry is what is kept).
+
+Runs in the decoder processes, so the number of requests in flight is the number of decoder
+workers (``--workers``; every core by default): bounded, whatever the selection's size. Each
+process keeps one HTTP session per server (its connections reused). A server that stays down
+after the bounded retries stops the run (:class:`PacsUnreachable`: a rerun fetches only what
+is not cached); one instance the server refuses is that instance's failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from pipeline.pacs.client import SCHEME, DicomWeb, PacsAuthError, PacsError
+
+_CLIENTS: dict[str, DicomWeb] = {}
+
+
+class PacsUnreachable(PacsError):
+    """The server did not answer after the bounded retries (or refused the credentials):
+    every other instance would fail the same way, so the run stops."""
+
+
+def is_remote(path: str | None) -> bool:
+    return bool(path) and str(path).startswith(SCHEME)
+
+
+def base_of(url: str) -> str:
+    """The DICOMweb base of an instance URL (what precedes ``/studies/``)."""
+    return url.split("/studies/", 1)[0]
+
+
+def client_for(base: str) -> DicomWeb:
+    if base not in _CLIENTS:
+        _CLIENTS[base] = DicomWeb(base)
+    return _CLIENTS[base]
+
+
+def fetch_to(path: str, dest: str | Path) -> Path:
+    """Write the instance ``path`` (``dicomweb+URL``) to ``dest`` (atomically); raise
+    :class:`PacsUnreachable` when the server is gone or refuses us, :class:`PacsError` when it
+    refuses this instance."""
+    url = path[len(SCHEME):]
+    try:
+        data = client_for(base_of(url)).instance(url)
+    except PacsAuthError as e:
+        raise PacsUnreachable(str(e)) from None
+    except PacsError as e:
+        if "tries" in str(e):
+            raise PacsUnreachable(str(e)) from None
+        raise
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return dest

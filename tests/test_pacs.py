@@ -1,0 +1,250 @@
+"""A clinic's PACS, a real one (Orthanc with its DICOMweb plugin, started by the `orthanc`
+fixture): catalogued over QIDO-RS and WADO-RS metadata, pixels fetched on demand into the
+cache, faults through a small proxy on 127.0.0.1, credentials kept out of everything stored."""
+
+import http.server
+import threading
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from pipeline import db as D
+from pipeline.cli import cli
+from pipeline.collect import Settings, preprocess
+from pipeline.pacs.client import DicomWeb, PacsError, check_url, multipart_parts
+from tests.conftest import DICOM
+
+
+def run(url, *args):
+    return CliRunner().invoke(cli, ["--db", url, *args], catch_exceptions=False)
+
+
+def shared_sops() -> dict[str, list]:
+    """SOP Instance UID -> the shared files that hold it (two films are there twice, in
+    another transfer syntax: a PACS keeps one of each pair)."""
+    out: dict[str, list] = {}
+    for f in sorted(DICOM.glob("*.dcm")):
+        out.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), []).append(f)
+    return out
+
+
+class FaultProxy:
+    """A proxy on 127.0.0.1 in front of the PACS that can fail as servers do: one instance
+    answering 500, the first N requests 503, an offset ignored, or stop answering at all."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rstrip("/")
+        self.fail_sop: str | None = None
+        self.busy = 0  # the next requests answered 503 (Retry-After 0)
+        self.ignore_offset = False
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _forward(self, method: str) -> None:
+                proxy.requests.append(f"{method} {self.path}")
+                if proxy.busy:
+                    proxy.busy -= 1
+                    return self._answer(503, b"busy", {"Retry-After": "0"})
+                if proxy.fail_sop and proxy.fail_sop in self.path and "/instances/" in self.path:
+                    return self._answer(500, b"internal error")
+                path = self.path
+                if proxy.ignore_offset and "offset=" in path:
+                    path = "&".join(p for p in path.split("&") if not p.startswith("offset="))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = requests.request(method, proxy.target + path, data=body, headers=headers, timeout=60)
+                self._answer(r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "")})
+
+            def _answer(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(orthanc):
+    p = FaultProxy(orthanc.url.rsplit("/dicom-web", 1)[0])
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def pacs_env(orthanc, monkeypatch, tmp_path):
+    orthanc.env(monkeypatch)
+    monkeypatch.setenv("CXRLABEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXRLABEL_PACS_BACKOFF", "0.01")
+    monkeypatch.setenv("CXRLABEL_PACS_RETRIES", "2")
+    return orthanc
+
+
+def test_the_pacs_holds_the_shared_films_once_each(orthanc):
+    assert len(orthanc.instances()) == len(shared_sops()) >= 3
+
+
+def test_catalogue_from_a_pacs_reads_what_a_folder_load_reads(pacs_env, db_url, tmp_path):
+    """Every instance once, with the header fields `catalogue load dicom` reads from the same
+    film on disk; loading again adds nothing."""
+    r = run(db_url, "catalogue", "load", "dicomweb", pacs_env.url, "--page-size", "2")
+    assert r.exit_code == 0, r.output
+    sops = shared_sops()
+    assert f"{len(sops)} rows loaded" in r.output
+    disk = f"sqlite:///{tmp_path / 'disk.db'}"
+    assert run(disk, "catalogue", "load", "dicom", str(DICOM), "--uid-from", "sop").exit_code == 0
+    fields = ("patient_id", "study_uid", "study_date", "modality", "view", "sex", "age", "width", "height",
+              "photometric", "spacing_x", "spacing_y", "spacing_source", "accession")
+    pacs_rows, disk_rows = ({row.uid: row for row in D.connect(u).connect().execute(select(D.images))}
+                            for u in (db_url, disk))
+    assert set(pacs_rows) == set(sops)
+    for sop, row in pacs_rows.items():
+        assert row.source == "pacs" and row.path.startswith("dicomweb+" + pacs_env.url)
+        assert row.path.endswith(f"/instances/{sop}")
+        assert {f: getattr(row, f) for f in fields} == {f: getattr(disk_rows[sop], f) for f in fields}
+    again = run(db_url, "catalogue", "load", "dicomweb", pacs_env.url)
+    assert "0 rows loaded" in again.output and f"{len(sops)} already in the catalogue" in again.output
+
+
+def test_an_instance_catalogued_from_disk_stays_one_image(pacs_env, tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicom", str(DICOM)).exit_code == 0  # uids are file paths here
+    before = {r.uid: r.path for r in D.connect(url).connect().execute(select(D.images))}
+    r = run(url, "catalogue", "load", "dicomweb", pacs_env.url, "--source-name", "clinic_a")
+    assert "0 rows loaded" in r.output and f"{len(shared_sops())} already in the catalogue" in r.output
+    assert {r.uid: r.path for r in D.connect(url).connect().execute(select(D.images))} == before
+
+
+def test_pixels_come_on_demand_decoded_as_from_disk(pacs_env, tmp_path):
+    """collect fetches each instance as stored (its transfer syntax) and decodes it with the
+    same code as the file: the same cache entry as one of the files holding that SOP."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    run(url, "catalogue", "load", "dicomweb", pacs_env.url)
+    r = run(url, "collect", "--all")
+    sops = shared_sops()
+    assert r.exit_code == 0 and f"{len(sops)} cached now" in r.output and "0 failed" in r.output
+    from pipeline.collect import read_cached
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        cached = read_cached(conn, list(sops), Settings(256, "pad"))  # the default model's
+    for sop, files in sops.items():
+        on_disk = [preprocess(f, 256, "pad")[0] for f in files]
+        assert any(np.array_equal(cached[sop].image, img) for img in on_disk), sop
+    assert not list((tmp_path / "cache").rglob("*.dcm"))  # the fetched DICOM is not kept beside the entry
+    again = run(url, "collect", "--all")
+    assert f"{len(sops)} already cached" in again.output
+    labelled = run(url, "label", "--all", "--model", "default")
+    assert labelled.exit_code == 0 and f"{len(sops)} labelled" in labelled.output
+
+
+def test_one_failing_instance_is_one_failure(pacs_env, proxy, tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicomweb", proxy.url).exit_code == 0
+    sops = sorted(shared_sops())
+    proxy.fail_sop = sops[0]
+    r = run(url, "collect", "--all")
+    assert f"{len(sops) - 1} cached now" in r.output and "1 failed" in r.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        failures = conn.execute(select(D.failures.c.uid, D.failures.c.message)).all()
+    assert [f.uid for f in failures] == [sops[0]] and "HTTP 500" in failures[0].message
+    proxy.fail_sop = None
+    assert "1 cached now" in run(url, "collect", "--all").output
+
+
+def test_busy_answers_are_retried_and_a_stopped_server_stops_the_run(pacs_env, proxy, tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    proxy.busy = 2  # two 503s with Retry-After: 0, then answers
+    assert run(url, "catalogue", "load", "dicomweb", proxy.url).exit_code == 0
+    assert proxy.requests[:3] == [proxy.requests[0]] * 3  # the same search, tried again
+    sops = sorted(shared_sops())
+    proxy.stop()  # the server goes away before the pixels are fetched
+    r = run(url, "collect", "--all")
+    assert r.exit_code != 0 and "after 3 tries" in r.output and "Traceback" not in r.output
+    assert "the run stopped there" in r.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        assert conn.execute(select(D.images.c.uid)).scalars().all() == sops  # nothing stored is lost
+        assert not conn.execute(select(D.failures)).all()  # not one failure per instance
+    back = FaultProxy(proxy.target)  # the server back, on the same address
+    back.server.server_close()
+    back.server = http.server.ThreadingHTTPServer(("127.0.0.1", proxy.port), back.server.RequestHandlerClass)
+    back.port = proxy.port
+    threading.Thread(target=back.server.serve_forever, daemon=True).start()
+    try:
+        assert f"{len(sops)} cached now" in run(url, "collect", "--all").output
+    finally:
+        back.stop()
+
+
+def test_a_server_that_ignores_the_offset_stops_the_load_instead_of_looping(pacs_env, proxy, tmp_path):
+    proxy.ignore_offset = True
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    r = run(url, "catalogue", "load", "dicomweb", proxy.url, "--page-size", "1")
+    assert r.exit_code == 1 and "ignores the QIDO offset" in r.output
+    assert len([q for q in proxy.requests if "/instances?" in q]) <= 2 * 2  # per modality: two pages, no loop
+
+
+def test_credentials_never_stored_and_a_wrong_password_is_one_line(pacs_env, proxy, tmp_path, monkeypatch, capsys):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicomweb", proxy.url).exit_code == 0
+    run(url, "label", "--all", "--model", "default")
+    dump = "\n".join(D.connect(url).raw_connection().iterdump()) + run(url, "status", "--json").output
+    assert pacs_env.password not in dump and pacs_env.user not in dump
+    monkeypatch.setenv("CXRLABEL_PACS_PASSWORD", "wrong")
+    proxy.requests.clear()
+    r = run(url, "catalogue", "load", "dicomweb", proxy.url)
+    assert r.exit_code == 1 and "refused the credentials (401)" in r.output and "wrong" not in r.output
+    assert len(proxy.requests) == 1  # never retried
+    said = [line for line in r.output.splitlines() if line.strip() and "load dicom-web" not in line]  # bar aside
+    assert len(said) == 1 and said[0].startswith("Error: ")
+
+
+def test_urls_that_would_leak_or_travel_in_the_clear_are_refused():
+    with pytest.raises(PacsError, match="user or password in it"):
+        check_url("https://me:pw@pacs.example.org/dicom-web")
+    with pytest.raises(PacsError, match="plain HTTP to another machine"):
+        check_url("http://pacs.example.org/dicom-web", allow_http=False)
+    assert check_url("http://pacs.example.org/dicom-web/", allow_http=True) == "http://pacs.example.org/dicom-web"
+    assert check_url("http://127.0.0.1:8042/dicom-web") == "http://127.0.0.1:8042/dicom-web"
+    assert check_url("http://[::1]:8042/dicom-web", allow_http=False).startswith("http://[::1]")
+
+
+def test_multipart_answers_are_split_into_their_parts():
+    body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\nONE\r\n--b1\r\nContent-Type: application/dicom\r\n\r\n"
+            b"TWO\r\n--b1--\r\n")
+    assert multipart_parts(body, 'multipart/related; type="application/dicom"; boundary=b1') == [b"ONE", b"TWO"]
+    assert multipart_parts(b"junk", "application/json") == []
+
+
+def test_search_pages_walk_the_whole_archive(pacs_env):
+    with DicomWeb(pacs_env.url) as client:
+        pages = list(client.search("instances", {}, page=1))
+    assert [len(p) for p in pages] == [1] * len(shared_sops())
