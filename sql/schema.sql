@@ -115,6 +115,22 @@ CREATE TABLE models (
 	PRIMARY KEY (name)
 );
 
+CREATE TABLE pacs_exports (
+	destination VARCHAR(300) NOT NULL, 
+	sop_uid VARCHAR(100) NOT NULL, 
+	kind VARCHAR(10) NOT NULL, 
+	uid VARCHAR(200) NOT NULL, 
+	model VARCHAR(100) NOT NULL, 
+	sop_class_uid VARCHAR(100) NOT NULL, 
+	study_uid VARCHAR(100) NOT NULL, 
+	series_uid VARCHAR(100) NOT NULL, 
+	supersedes VARCHAR(100), 
+	exported_at DATETIME NOT NULL, 
+	PRIMARY KEY (destination, sop_uid)
+);
+
+CREATE INDEX ix_pacs_exports_uid ON pacs_exports (uid, model, kind);
+
 CREATE TABLE quality_scores (
 	model_sha256 VARCHAR(64) NOT NULL, 
 	tta BOOLEAN NOT NULL, 

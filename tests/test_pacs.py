@@ -3,6 +3,7 @@ fixture): catalogued over QIDO-RS and WADO-RS metadata, pixels fetched on demand
 cache, faults through a small proxy on 127.0.0.1, credentials kept out of everything stored."""
 
 import http.server
+import json
 import threading
 
 import numpy as np
@@ -41,6 +42,7 @@ class FaultProxy:
         self.fail_sop: str | None = None
         self.busy = 0  # the next requests answered 503 (Retry-After 0)
         self.ignore_offset = False
+        self.refuse_first_store = False  # a STOW answered 202: its first instance refused (0xA700)
         self.requests: list[str] = []
         proxy = self
 
@@ -61,6 +63,13 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 r = requests.request(method, proxy.target + path, data=body, headers=headers, timeout=60)
+                if method == "POST" and proxy.refuse_first_store and r.ok:
+                    answer = r.json()
+                    done = answer["00081199"]["Value"]
+                    first = done.pop(0)
+                    first["00081197"] = {"vr": "US", "Value": [0xA700]}
+                    answer["00081198"] = {"vr": "SQ", "Value": [first]}
+                    return self._answer(202, json.dumps(answer).encode(), {"Content-Type": "application/dicom+json"})
                 self._answer(r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "")})
 
             def _answer(self, status: int, body: bytes, headers: dict | None = None) -> None:
@@ -248,3 +257,120 @@ def test_search_pages_walk_the_whole_archive(pacs_env):
     with DicomWeb(pacs_env.url) as client:
         pages = list(client.search("instances", {}, page=1))
     assert [len(p) for p in pages] == [1] * len(shared_sops())
+
+
+# ---------------------------------------------------------------- results back
+
+
+@pytest.fixture
+def labelled_from_pacs(pacs_env, tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicomweb", pacs_env.url).exit_code == 0
+    assert run(url, "label", "--all", "--model", "default").exit_code == 0
+    return url
+
+
+def _sr_groups(ds) -> dict:
+    """``{code meaning: (value, unit, line or None)}`` of a measurement report's groups."""
+    out = {}
+
+    def walk(items, line=None):
+        for item in items:
+            if item.ValueType == "SCOORD":
+                line = np.array(item.GraphicData, float).reshape(-1, 2)
+            if item.ValueType == "NUM":
+                mv = item.MeasuredValueSequence[0]
+                out[item.ConceptNameCodeSequence[0].CodeMeaning] = (
+                    float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue,
+                    item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, line)
+                for sub in item.ContentSequence:
+                    if sub.ValueType == "SCOORD":
+                        out.setdefault("lines", []).append(np.array(sub.GraphicData, float).reshape(-1, 2))
+    walk(ds.ContentSequence)
+    return out
+
+
+def test_the_measurement_report_states_the_ctr_and_draws_the_widths(labelled_from_pacs, tmp_path, capfd):
+    """export sr writes a TID 1500 report per film, its source header from the PACS: the CTR and
+    the two widths (mm where calibrated) as labelled, each width a line on the source image as
+    long as the width; it passes dciodvfy without an error."""
+    import shutil
+    import subprocess
+
+    from pipeline.pacs.results import CODES
+    url = labelled_from_pacs
+    r = run(url, "export", "sr", "--all", "--out", str(tmp_path / "sr"))
+    assert r.exit_code == 0 and f"{len(shared_sops())} written" in r.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        meas = {m.uid: m for m in conn.execute(select(D.measurements))}
+    for f in sorted((tmp_path / "sr").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        assert ds.Modality == "SR" and ds.Manufacturer == "cxrlabel"
+        src_uid = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+            .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        m = meas[src_uid]
+        got = _sr_groups(ds)
+        assert got[CODES["ctr"][2]][0] == pytest.approx(m.ctr, abs=1e-6) and got[CODES["ctr"][2]][2] == "99CXRLABEL"
+        heart, thorax = got[CODES["heart_width"][2]], got[CODES["thoracic_width"][2]]
+        if m.heart_width_mm is not None:
+            assert heart[:2] == (pytest.approx(m.heart_width_mm), "mm")
+            assert thorax[:2] == (pytest.approx(m.thoracic_width_mm), "mm")
+        else:
+            assert heart[:2] == (m.heart_width_px, "{pixels}")
+        spans = sorted(float(line[1, 0] - line[0, 0]) for line in got["lines"])
+        assert spans == sorted([float(m.heart_width_px), float(m.thoracic_width_px)])
+    if shutil.which("dciodvfy"):
+        capfd.readouterr()
+        for f in sorted((tmp_path / "sr").glob("*.dcm")):
+            res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+            assert not [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")], f
+
+
+def test_results_go_back_to_the_pacs_once_and_a_change_supersedes(labelled_from_pacs, pacs_env):
+    url = labelled_from_pacs
+    n = len(shared_sops())
+    for kind in ("seg", "sr"):
+        r = run(url, "export", kind, "--all", "--to", pacs_env.url)
+        assert r.exit_code == 0 and f"{n} written" in r.output, r.output
+    with DicomWeb(pacs_env.url) as client:
+        modalities = sorted(dicom_value for page in client.search("instances", {}) for row in page
+                            if (dicom_value := (row.get("00080060", {}).get("Value") or [None])[0]))
+    assert modalities.count("SEG") == n and modalities.count("SR") == n
+    again = run(url, "export", "sr", "--all", "--to", pacs_env.url)
+    assert "0 written" in again.output and f"{n} already there" in again.output
+    # a corrected mask: a new report, naming the one it supersedes
+    eng = D.connect(url)
+    with eng.begin() as conn:
+        row = conn.execute(select(D.masks).where(D.masks.c.structure == "heart", D.masks.c.kind == "predicted")
+                           .order_by(D.masks.c.uid)).first()
+        from pipeline.masks import decode, encode
+        mask = decode(bytes(row.data), row.encoding, (row.height, row.width))
+        mask[mask.shape[0] // 2, :5] = True
+        conn.execute(D.masks.update().where(D.masks.c.uid == row.uid, D.masks.c.structure == "heart",
+                                            D.masks.c.kind == "predicted").values(data=encode(mask), encoding="png"))
+    changed = run(url, "export", "sr", "--all", "--to", pacs_env.url)
+    assert "1 written" in changed.output and f"{n - 1} already there" in changed.output
+    with eng.connect() as conn:
+        pe = D.pacs_exports
+        newest = conn.execute(select(pe).where(pe.c.uid == row.uid, pe.c.kind == "sr")
+                              .order_by(pe.c.exported_at.desc())).all()
+    assert len(newest) == 2 and newest[0].supersedes == newest[1].sop_uid
+    with DicomWeb(pacs_env.url) as client:
+        data = client.instance(f"{pacs_env.url}/studies/{newest[0].study_uid}/series/{newest[0].series_uid}"
+                               f"/instances/{newest[0].sop_uid}")
+    import io
+    sr = pydicom.dcmread(io.BytesIO(data))
+    predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == newest[1].sop_uid
+
+
+def test_a_store_that_refuses_some_instances_is_counted_per_instance(labelled_from_pacs, pacs_env, proxy):
+    proxy.refuse_first_store = True
+    r = run(labelled_from_pacs, "export", "sr", "--all", "--to", proxy.url)
+    n = len(shared_sops())
+    assert r.exit_code == 0 and f"{n - 1} written" in r.output and "1 images skipped: the PACS refused it" in r.output
+    proxy.refuse_first_store = False
+    assert "1 written" in run(labelled_from_pacs, "export", "sr", "--all", "--to", proxy.url).output

@@ -59,27 +59,35 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
 
 
 @click.command("export")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(["seg", "png", "rle"]))
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["seg", "sr", "png", "rle"]))
 @selection_options
 @click.option("--model", default="default", show_default=True, help="Whose masks.")
 @click.option("--reviewed", is_flag=True,
               help="The masks as people left them (corrected, or the model's where accepted); "
                    "images nobody reviewed are left out.")
 @click.option("--include-rejected", is_flag=True, help="Also masks a reviewer rejected.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="A CSV file for rle; a folder for png and seg.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="A CSV file for rle; a folder for png, seg and sr.")
+@click.option("--to", "to_url", metavar="URL",
+              help="seg and sr: store them in this PACS over DICOMweb (STOW-RS) instead of a folder; credentials "
+                   "as for `catalogue load dicomweb`.")
+@click.option("--allow-http", is_flag=True, help="--to: allow plain HTTP to another machine.")
 @click.pass_context
 @handle_errors
-def export_cmd(ctx, fmt, selection, model, reviewed, include_rejected, out) -> None:
-    """Export masks: DICOM SEG, 1-bit PNGs, or a CheXmask-layout run-length CSV.
+def export_cmd(ctx, fmt, selection, model, reviewed, include_rejected, out, to_url, allow_http) -> None:
+    """Export masks: DICOM SEG, a DICOM measurement report (TID 1500 SR: the CTR and the heart's
+    and thorax's widths as lines on the film), 1-bit PNGs, or a CheXmask-layout run-length CSV.
 
-    Resumable: what is already in OUT and matches is kept; the rest is written.
+    Resumable: what is already in OUT (or the PACS) and matches is kept; the rest is written.
+    A changed result (corrected masks, another model) is a new object; in a PACS, the report
+    names the one it supersedes.
 
     \b
     Example:
         cxrlabel export rle --group cardiomegaly --out exports/cardiomegaly.csv
         cxrlabel export seg --sample test70k --reviewed --out exports/seg/
         cxrlabel export png --all --model default --out exports/png/
+        cxrlabel export sr --source pacs --to https://pacs.example.org/dicom-web
     """
     from pipeline.export import export
     from pipeline.groups import select_images
@@ -90,7 +98,14 @@ def export_cmd(ctx, fmt, selection, model, reviewed, include_rejected, out) -> N
     with engine.connect() as conn:
         chosen = select_images(conn, selection.group, selection.sample, selection.all_images, selection.limit,
                                selection.source, labelled_by=model, on_disk=selection.on_disk)
-    s = export(engine, fmt, out, chosen, model, reviewed, include_rejected)
+    if bool(out) == bool(to_url):
+        raise click.UsageError("say where: --out PATH" + (", or --to URL (a PACS)" if fmt in ("seg", "sr") else ""))
+    if to_url and fmt not in ("seg", "sr"):
+        raise click.UsageError(f"--to stores DICOM in a PACS: seg or sr, not {fmt} (use --out)")
+    if allow_http:
+        import os
+        os.environ["CXRLABEL_PACS_ALLOW_HTTP"] = "1"
+    s = export(engine, fmt, to_url or out, chosen, model, reviewed, include_rejected)
     click.echo(f"{fmt} export to {s.out}: {s.written} written, {s.kept} already there and unchanged"
                + (f", {s.rejected} rejected masks left out" if s.rejected else ""))
     for reason, n in sorted(s.skipped.items()):

@@ -67,6 +67,7 @@ from pipeline.db.schema import (  # noqa: F401
     measurements,
     metadata,
     models,
+    pacs_exports,
     quality_scores,
     reviews,
     samples,

@@ -79,7 +79,8 @@ MIGRATIONS: dict[int, list[str]] = {
     # the review worklist's order where a fitted score gives it (pipeline/quality/trust.py)
     9: ["ALTER TABLE measurements ADD COLUMN trust FLOAT",
         "CREATE INDEX ix_measurements_model_trust ON measurements (model, trust)"],
-    # ctr_calibrations is a new table (create_all adds it); label_results shows it. A PACS's
+    # ctr_calibrations and pacs_exports are new tables (create_all adds them); label_results shows
+    # the calibration. A PACS's
     # films carry their accession number (reports of a RIS export join by it)
     10: ["ALTER TABLE images ADD COLUMN accession VARCHAR(64)"],
 }

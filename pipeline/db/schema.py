@@ -296,6 +296,26 @@ ctr_calibrations = Table(
 )
 
 
+# What a PACS holds of our results (`cxrlabel export seg|sr --to URL`): one row per object
+# stored, so an export of the same result stores nothing again and a changed one names the
+# object it supersedes.
+pacs_exports = Table(
+    "pacs_exports",
+    metadata,
+    Column("destination", String(300), primary_key=True),  # the DICOMweb base URL (never a credential)
+    Column("sop_uid", String(100), primary_key=True),
+    Column("kind", String(10), nullable=False),  # seg | sr
+    Column("uid", String(200), nullable=False),  # the source image
+    Column("model", String(100), nullable=False),
+    Column("sop_class_uid", String(100), nullable=False),
+    Column("study_uid", String(100), nullable=False),
+    Column("series_uid", String(100), nullable=False),
+    Column("supersedes", String(100)),  # the SOP Instance UID of the object this one replaces
+    Column("exported_at", DateTime, nullable=False),
+    Index("ix_pacs_exports_uid", "uid", "model", "kind"),
+)
+
+
 # What people decided about a model's masks (`cxrlabel review`): one row per decision, never
 # updated. `version` counts an image's decisions for that model; a save names the version it
 # saw, so the second of two browsers saving from the same version is refused (unique key).

@@ -16,7 +16,7 @@ from pipeline.export.stream import ExportSummary, items
 from pipeline.groups import Selection
 from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES, heart_definition
 
-FORMATS = ("rle", "png", "seg")
+FORMATS = ("rle", "png", "seg", "sr")
 
 
 def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, model: str = "default",
@@ -25,14 +25,26 @@ def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, mode
     ``rle``, a folder otherwise)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
-    out = Path(out)
-    check_destination(fmt, out)
-    summary = ExportSummary(out)
+    remote = isinstance(out, str) and out.startswith(("http://", "https://"))
+    if remote:
+        from pipeline.pacs.client import check_url
+        out = check_url(str(out))
+    else:
+        out = Path(out)
+        check_destination(fmt, out)
+    summary = ExportSummary(Path(out) if not remote else out)  # type: ignore[arg-type]  # a URL, for a PACS
     bar = tqdm(items(engine, selection, model, reviewed, include_rejected, summary), total=len(selection.items),
                desc=f"export {fmt}", unit="img", disable=not progress)
     with engine.connect() as conn:
         older = heart_definition(conn, model) != "heart"
     names = {s: (CARDIOMEDIASTINUM if older and s == "heart" else s) for s in STRUCTURES}
     with _terminate_as_interrupt():
-        {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), out, summary, names)
+        if remote:
+            from pipeline.pacs.results import store_results
+            store_results(engine, fmt, str(out), iter(bar), summary, names, model)
+        elif fmt == "sr":
+            from pipeline.pacs.results import export_sr
+            export_sr(engine, iter(bar), Path(out), summary, model)
+        else:
+            {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), Path(out), summary, names)
     return summary

@@ -3,7 +3,6 @@ referencing the source image and naming the algorithm or the reviewer."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import warnings
@@ -37,23 +36,14 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
     _prepare_folder("seg", out)
     from pipeline.imaging import DecodeError, open_regular
     for it in stream:
-        try:
-            with open_regular(it.path) if it.path else contextlib.nullcontext() as f:
-                src = pydicom.dcmread(f, stop_before_pixels=True) if f is not None else None
-        except (OSError, pydicom.errors.InvalidDicomError, DecodeError):
-            src = None
+        src = source_header(it.path)
         if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
             _skip(summary, "not from a DICOM file (seg needs the source DICOM)")
             continue
         if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
             _skip(summary, "masks and source DICOM differ in size")
             continue
-        digest = hashlib.sha256()
-        for s in STRUCTURES:
-            if s in it.masks:
-                digest.update(s.encode() + it.masks[s][0] + it.reviewers.get(s, "").encode())
-        uid = pydicom.uid.generate_uid(entropy_srcs=[str(src.SOPInstanceUID), it.model, str(it.sha256),
-                                                     digest.hexdigest()])
+        uid = content_uid(src, it)
         path = out / f"{safe_name(it.uid)}.dcm"
         if path.exists():
             try:
@@ -64,24 +54,71 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
                         continue
             except (OSError, pydicom.errors.InvalidDicomError, AttributeError, DecodeError):
                 pass  # unreadable or another export: written again
-        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if k not in src]
-        if missing:
-            _skip(summary, f"source DICOM lacks {', '.join(missing)}")
-            continue
-        for keyword in TYPE2:  # empty where the source leaves them out (the SEG must carry them)
-            if keyword not in src:
-                setattr(src, keyword, "")
-        _valid_age(src)
-        try:
-            with warnings.catch_warnings():  # highdicom's warnings quote patient names: never to a terminal
-                warnings.simplefilter("ignore", UserWarning)
-                seg = _segmentation(src, it, uid, names)
-        except (ValueError, TypeError, AttributeError) as e:
-            _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
+        seg = segmentation_of(src, it, uid, names, summary)
+        if seg is None:
             continue
         with _written(path) as tmp:
             seg.save_as(tmp)
         summary.written += 1
+
+
+def source_header(path: str | None):
+    """The source image's DICOM header (no pixels): read from its file, or from the PACS it
+    lives in (WADO-RS metadata); None when it is no DICOM or cannot be had."""
+    import pydicom
+
+    from pipeline.imaging import DecodeError, open_regular
+    from pipeline.pacs.fetch import is_remote
+    if not path:
+        return None
+    if is_remote(path):
+        from pipeline.pacs.results import remote_header
+        return remote_header(path)
+    try:
+        with open_regular(path) as f:
+            return pydicom.dcmread(f, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError, DecodeError):
+        return None
+
+
+def content_uid(src, it: Item, kind: str = "seg") -> str:
+    """The SOP Instance UID of ``it``'s ``kind`` object: derived from the source instance,
+    the model and the masks' content (and who reviewed them), so an export of the same result
+    has the same UID (found and kept), and a changed result a new one."""
+    import pydicom
+    digest = hashlib.sha256()
+    for s in STRUCTURES:
+        if s in it.masks:
+            digest.update(s.encode() + it.masks[s][0] + it.reviewers.get(s, "").encode())
+    sources = [str(src.SOPInstanceUID), it.model, str(it.sha256), digest.hexdigest()]
+    return pydicom.uid.generate_uid(entropy_srcs=sources if kind == "seg" else [*sources, kind])
+
+
+def prepared_source(src, summary: ExportSummary) -> bool:
+    """Whether the source header can be referenced (and make it so: empty Type 2 attributes,
+    a valid age); a skip reason counted in ``summary`` otherwise."""
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if k not in src]
+    if missing:
+        _skip(summary, f"source DICOM lacks {', '.join(missing)}")
+        return False
+    for keyword in TYPE2:  # empty where the source leaves them out (the SEG must carry them)
+        if keyword not in src:
+            setattr(src, keyword, "")
+    _valid_age(src)
+    return True
+
+
+def segmentation_of(src, it: Item, uid: str, names: dict[str, str], summary: ExportSummary):
+    """``it``'s DICOM SEG on ``src``, or None (the reason counted in ``summary``)."""
+    if not prepared_source(src, summary):
+        return None
+    try:
+        with warnings.catch_warnings():  # highdicom's warnings quote patient names: never to a terminal
+            warnings.simplefilter("ignore", UserWarning)
+            return _segmentation(src, it, uid, names)
+    except (ValueError, TypeError, AttributeError) as e:
+        _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
+        return None
 
 
 def _valid_age(src) -> None:
