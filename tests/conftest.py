@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -112,17 +113,16 @@ def stow(url: str, files: list[Path], auth: tuple[str, str]) -> None:
     r.raise_for_status()
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory):
+def orthanc_available() -> bool:
+    return ORTHANC.exists() and DICOMWEB_PLUGIN.exists()
+
+
+@contextlib.contextmanager
+def running_orthanc(root: Path, files: list[Path]):
     """A private Orthanc with its DICOMweb plugin on free 127.0.0.1 ports, authentication on
-    and a temporary storage folder (never the system service), holding the shared chest
-    DICOMs (JPEG 2000, JPEG baseline and uncompressed among them) stored over STOW-RS."""
-    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
-        if os.environ.get("CXRLABEL_REQUIRE_ORTHANC"):
-            pytest.fail("Orthanc or its DICOMweb plugin not found (apt-get install orthanc orthanc-dicomweb)")
-        pytest.skip("Orthanc not installed: apt-get install orthanc orthanc-dicomweb to run the PACS tests")
+    and its storage under ``root`` (never the system service), holding ``files`` stored over
+    STOW-RS; stopped when the block ends. (Also bench/pacs.py's server.)"""
     import json
-    root = tmp_path_factory.mktemp("orthanc")
     http, dicom = _free_port(), _free_port()
     config = {"Name": "cxrlabel-test", "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANCTEST",
               "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
@@ -140,16 +140,29 @@ def orthanc(tmp_path_factory):
             if b"Orthanc has started" in line:
                 break
         else:
-            pytest.fail(f"Orthanc did not start: see {root / 'orthanc.log'}")
+            raise RuntimeError(f"Orthanc did not start: see {root / 'orthanc.log'}")
         import threading
         threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
         url = f"http://127.0.0.1:{http}/dicom-web"
-        stow(url, sorted(DICOM.glob("*.dcm")), (PACS_USER, PACS_PASSWORD))
+        for start in range(0, len(files), 16):
+            stow(url, files[start:start + 16], (PACS_USER, PACS_PASSWORD))
         yield Pacs(url, root, "ORTHANCTEST", dicom)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A private Orthanc (:func:`running_orthanc`) holding the shared chest DICOMs (JPEG 2000,
+    JPEG baseline and uncompressed among them)."""
+    if not orthanc_available():
+        if os.environ.get("CXRLABEL_REQUIRE_ORTHANC"):
+            pytest.fail("Orthanc or its DICOMweb plugin not found (apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip("Orthanc not installed: apt-get install orthanc orthanc-dicomweb to run the PACS tests")
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), sorted(DICOM.glob("*.dcm"))) as pacs:
+        yield pacs
 
 
 _counter = iter(range(10**6))
