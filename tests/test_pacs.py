@@ -299,7 +299,7 @@ def test_the_measurement_report_states_the_ctr_and_draws_the_widths(labelled_fro
     import shutil
     import subprocess
 
-    from pipeline.pacs.results import CODES
+    from pipeline.export.sr import CODES
     url = labelled_from_pacs
     r = run(url, "export", "sr", "--all", "--out", str(tmp_path / "sr"))
     assert r.exit_code == 0 and f"{len(shared_sops())} written" in r.output

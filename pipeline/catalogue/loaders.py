@@ -35,7 +35,7 @@ class LoadOptions:
     text_key: str = "sop_uid"
     text_key_column: str | None = None
     text_column: str = "text"
-    # dicomweb: what to ask the PACS for (pipeline.pacs.catalogue)
+    # dicomweb: what to ask the PACS for (pipeline.catalogue.dicomweb)
     modalities: tuple[str, ...] = ("CR", "DX")
     study_date: str | None = None
     body_part: str | None = None
@@ -64,7 +64,7 @@ def load(engine: Engine, fmt: str, source: Path | str, options: LoadOptions | No
 
 def _load_dicomweb(engine: Engine, url: str, o: LoadOptions) -> LoadSummary:
     from pipeline.catalogue.dicom import _text_lookup
-    from pipeline.pacs.catalogue import PacsQuery, load_dicomweb
+    from pipeline.catalogue.dicomweb import PacsQuery, load_dicomweb
     texts = _text_lookup(o.text_csv, o.text_key_column or o.text_key, o.text_column) if o.text_csv else None
     query = PacsQuery(tuple(o.modalities), o.study_date, o.body_part, o.page_size, o.fields == "metadata")
     return load_dicomweb(engine, url, query, o.source_name, texts, o.text_key, o.allow_http or None)

@@ -7,7 +7,12 @@
 * ``png``: one 1-bit PNG per structure per image in original geometry, and ``index.csv``;
 * ``seg``: one DICOM Segmentation object per DICOM-sourced image (highdicom), a segment per
   structure, referencing the source image's SOP Instance, study and series, and naming the
-  algorithm (model and sha256) or, for reviewed masks, the reviewer.
+  algorithm (model and sha256) or, for reviewed masks, the reviewer;
+* ``sr``: one DICOM measurement report (TID 1500) per DICOM-sourced image: the CTR, and the
+  heart's and thorax's widths as lines on the source image (:mod:`~pipeline.export.sr`).
+
+``seg`` and ``sr`` can also be stored in a PACS over STOW-RS (``--to URL``), through the PACS
+client, once each (``pacs_exports``).
 
 Masks are the model's (``--model``), or as people left them (``--reviewed``: corrected where
 corrected, the model's where accepted; images nobody reviewed are left out). A mask whose
@@ -26,8 +31,8 @@ they carry patient data (README, "Sharing exports").
 
 * :mod:`~pipeline.export.destination`: where an export may write, and writing there safely;
 * :mod:`~pipeline.export.stream`: the masks an export streams (:class:`Item`, :func:`items`);
-* :mod:`~pipeline.export.rle`, :mod:`~pipeline.export.png`, :mod:`~pipeline.export.seg`: the
-  three writers;
+* :mod:`~pipeline.export.rle`, :mod:`~pipeline.export.png`, :mod:`~pipeline.export.seg`,
+  :mod:`~pipeline.export.sr`: the writers (and the PACS store);
 * :mod:`~pipeline.export.formats`: :data:`FORMATS` and :func:`export`, the entry point.
 """
 

@@ -40,10 +40,10 @@ def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, mode
     names = {s: (CARDIOMEDIASTINUM if older and s == "heart" else s) for s in STRUCTURES}
     with _terminate_as_interrupt():
         if remote:
-            from pipeline.pacs.results import store_results
+            from pipeline.export.sr import store_results
             store_results(engine, fmt, str(out), iter(bar), summary, names, model)
         elif fmt == "sr":
-            from pipeline.pacs.results import export_sr
+            from pipeline.export.sr import export_sr
             export_sr(engine, iter(bar), Path(out), summary, model)
         else:
             {"rle": export_rle, "png": export_png, "seg": export_seg}[fmt](iter(bar), Path(out), summary, names)

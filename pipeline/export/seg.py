@@ -72,7 +72,7 @@ def source_header(path: str | None):
     if not path:
         return None
     if is_remote(path):
-        from pipeline.pacs.results import remote_header
+        from pipeline.pacs.fetch import remote_header
         return remote_header(path)
     try:
         with open_regular(path) as f:

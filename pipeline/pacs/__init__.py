@@ -1,3 +1,5 @@
-"""A clinic's PACS: its films catalogued over DICOMweb (:mod:`~pipeline.pacs.catalogue`),
-their pixels fetched on demand into the cache (:mod:`~pipeline.pacs.fetch`), results written
-back (:mod:`~pipeline.pacs.results`), through one client (:mod:`~pipeline.pacs.client`)."""
+"""Where a film comes from when it lives in a PACS: the DICOMweb client
+(:mod:`~pipeline.pacs.client`: transport, paging, retries, credentials) and an instance
+fetched beside the cache entry that needs it (:mod:`~pipeline.pacs.fetch`). It knows neither
+the catalogue nor the cache: ``catalogue.dicomweb`` catalogues through it, ``collect`` fetches
+through it, ``export.sr`` stores through it."""

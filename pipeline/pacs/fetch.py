@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 from pipeline.pacs.client import SCHEME, DicomWeb, PacsAuthError, PacsError
@@ -62,3 +63,17 @@ def fetch_to(path: str, dest: str | Path) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
     return dest
+
+
+def remote_header(path: str):
+    """A PACS instance's header (WADO-RS metadata, bulk data left out), or None."""
+    import pydicom
+    url = path[len(SCHEME):]
+    try:
+        meta = client_for(base_of(url)).request("GET", f"{url}/metadata",
+                                                headers={"Accept": "application/dicom+json"}).json()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: b"")
+    except (PacsError, ValueError, IndexError, KeyError, TypeError):
+        return None

@@ -1,6 +1,6 @@
-"""Results back where radiologists look: a DICOM SEG of the masks and a TID 1500 measurement
-report (DICOM Comprehensive SR, highdicom) of the CTR, written to a folder or stored in a PACS
-over STOW-RS (``cxrlabel export seg|sr --to URL``).
+"""Results back where radiologists look: a TID 1500 measurement report (DICOM Comprehensive SR,
+highdicom) of the CTR, written to a folder (``export sr``), and it or the DICOM SEG stored in a
+PACS over STOW-RS through the PACS client (``cxrlabel export seg|sr --to URL``).
 
 The report holds, for the source image it references:
 
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import db as D
 from pipeline.export.stream import ExportSummary, Item, _skip
-from pipeline.pacs.client import DicomWeb, PacsError
+from pipeline.pacs.client import DicomWeb
 
 # (code value, coding scheme designator, meaning): no standard code names the CTR
 CODING_SCHEME = "99CXRLABEL"
@@ -58,23 +58,6 @@ class Widths:
     thoracic_mm: float | None
     heart_px: int | None
     thoracic_px: int | None
-
-
-def remote_header(path: str):
-    """A PACS instance's header (WADO-RS metadata, bulk data left out), or None."""
-    import pydicom
-
-    from pipeline.pacs.client import SCHEME
-    from pipeline.pacs.fetch import base_of, client_for
-    url = path[len(SCHEME):]
-    try:
-        meta = client_for(base_of(url)).request("GET", f"{url}/metadata",
-                                                headers={"Accept": "application/dicom+json"}).json()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.Dataset.from_json(meta[0], bulk_data_uri_handler=lambda *_: b"")
-    except (PacsError, ValueError, IndexError, KeyError, TypeError):
-        return None
 
 
 def width_line(mask: np.ndarray) -> list[tuple[float, float]] | None:
