@@ -128,7 +128,10 @@ def running_orthanc(root: Path, files: list[Path]):
               "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
               "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
               "RegisteredUsers": {PACS_USER: PACS_PASSWORD}, "Plugins": [str(DICOMWEB_PLUGIN)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}}
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+              # C-FIND and C-GET from our AE title (a PACS answers the modalities it knows)
+              "DicomModalities": {"cxrlabel": {"AET": "CXRLABEL", "Host": "127.0.0.1", "Port": 11112,
+                                               "AllowFind": True, "AllowGet": True}}}
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w+b")
     proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=subprocess.DEVNULL,

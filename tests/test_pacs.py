@@ -374,3 +374,45 @@ def test_a_store_that_refuses_some_instances_is_counted_per_instance(labelled_fr
     assert r.exit_code == 0 and f"{n - 1} written" in r.output and "1 images skipped: the PACS refused it" in r.output
     proxy.refuse_first_store = False
     assert "1 written" in run(labelled_from_pacs, "export", "sr", "--all", "--to", proxy.url).output
+
+
+# ---------------------------------------------------------------- the DICOM network services
+
+
+def test_catalogue_and_pixels_over_dimse(pacs_env, tmp_path):
+    """C-FIND study by study, series by series; C-GET each instance as stored (JPEG 2000 among
+    them): the same cache entries as from the files; loading again adds nothing."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    address = f"127.0.0.1:{pacs_env.dicom_port}"
+    r = run(url, "catalogue", "load", "dimse", address, "--called-aet", pacs_env.aet, "--source-name", "clinic_b")
+    sops = shared_sops()
+    assert r.exit_code == 0 and f"{len(sops)} rows loaded" in r.output, r.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        rows = {row.uid: row for row in conn.execute(select(D.images))}
+    assert set(rows) == set(sops)
+    for sop, row in rows.items():
+        assert row.source == "clinic_b" and row.path.startswith(f"dimse://{address}/") and sop in row.path
+        first = pydicom.dcmread(sops[sop][0], stop_before_pixels=True)
+        assert (row.modality, row.width, row.patient_id) == (first.Modality, first.Columns, first.PatientID)
+    assert "0 rows loaded" in run(url, "catalogue", "load", "dimse", address, "--called-aet", pacs_env.aet).output
+    got = run(url, "collect", "--all")
+    assert f"{len(sops)} cached now" in got.output and "0 failed" in got.output, got.output
+    from pipeline.collect import read_cached
+    with eng.connect() as conn:
+        cached = read_cached(conn, list(sops), Settings(256, "pad"))
+    for sop, files in sops.items():
+        assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
+
+
+def test_a_dimse_pacs_that_is_not_there_is_one_line(pacs_env, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once closed
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    r = run(url, "catalogue", "load", "dimse", f"127.0.0.1:{port}", "--called-aet", "NOBODY")
+    assert r.exit_code == 1 and "no association after 3 tries" in r.output and "Traceback" not in r.output
+    assert "ERROR" not in r.output  # pynetdicom's own log stays off the terminal
+    r = run(url, "catalogue", "load", "dimse", "pacs-without-port", "--called-aet", "X")
+    assert r.exit_code == 1 and "HOST:PORT" in r.output

@@ -93,12 +93,7 @@ def load_dicomweb(engine: Engine, url: str, query: PacsQuery | None = None, sour
 def _page_items(engine: Engine, client: DicomWeb, page: list[dict], query: PacsQuery, source: str,
                 texts: dict[str, str] | None, text_key: str, counts: dict[str, int]) -> Iterator[Item]:
     """The catalogue rows of one QIDO page's new instances (known ones counted and left)."""
-    sops = [s for s in (dicom_json_value(r, "00080018") for r in page) if s]
-    with engine.connect() as conn:
-        known = set()
-        for chunk in D.chunks(sops, D.IN_CHUNK):
-            known |= {v for row in conn.execute(select(D.images.c.uid, D.images.c.sop_uid).where(
-                or_(D.images.c.uid.in_(chunk), D.images.c.sop_uid.in_(chunk)))) for v in row}
+    known = _known(engine, [s for s in (dicom_json_value(r, "00080018") for r in page) if s])
     by_series: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in page:
         sop, study, series = (dicom_json_value(r, t) for t in ("00080018", "0020000D", "0020000E"))
@@ -177,3 +172,55 @@ def _qido_record(r: dict, sop: str, path: str, source: str) -> dict:
             "width": int(cols) if cols and cols.isdigit() else None,
             "study_description": value("00081030"), "accession": value("00080050"),
             "spacing_source": "none: catalogued from QIDO fields (--fields qido)"}
+
+
+def load_dimse(engine: Engine, address: str, called: str, calling: str, query: PacsQuery | None = None,
+               source: str = "pacs", texts: dict[str, str] | None = None, text_key: str = "accession",
+               progress: bool = True) -> LoadSummary:
+    """Catalogue a PACS over C-FIND (study, series, image): the fields its answers carry (a
+    server fills those it indexes; spacing and view often not), read by :func:`header_record`;
+    instances already catalogued are kept as they were."""
+    import pydicom
+
+    from pipeline.catalogue.dicom import header_record
+    from pipeline.pacs.dimse import Peer, find_instances
+    query = query or PacsQuery()
+    peer = Peer.parse(address, called, calling)
+    study_date = check_date_range(query.study_date)
+    counts = {"already": 0}
+
+    def items() -> Iterator[Item]:
+        for series in find_instances(peer, query.modalities, study_date, query.body_part):
+            sops = [f["SOPInstanceUID"] for f, _ in series]
+            known = _known(engine, sops)
+            for fields, path in series:
+                sop = str(fields["SOPInstanceUID"])
+                if sop in known:
+                    counts["already"] += 1
+                    continue
+                ds = pydicom.Dataset()
+                with warnings.catch_warnings():  # a value pydicom finds odd (an age of '62') is read as a file's is
+                    warnings.simplefilter("ignore")
+                    for keyword, value in fields.items():
+                        setattr(ds, keyword, value)
+                try:
+                    item: Item = header_record(ds, sop, path, source)
+                except Exception as e:  # a value the server sent that a header cannot hold: this instance only
+                    item = Problem(None, sop, f"{sop}: {e}")
+                if texts is not None and isinstance(item, dict):
+                    item["text"] = texts.get(str(item.get(text_key) or ""))
+                yield item
+
+    summary = store(engine, items(), str(peer), progress=progress)
+    summary.kept = counts["already"]
+    return summary
+
+
+def _known(engine: Engine, sops: list[str]) -> set[str]:
+    """Those of ``sops`` the catalogue holds (as a uid, or as an image's SOP Instance UID)."""
+    known: set[str] = set()
+    with engine.connect() as conn:
+        for chunk in D.chunks(sops, D.IN_CHUNK):
+            known |= {v for row in conn.execute(select(D.images.c.uid, D.images.c.sop_uid).where(
+                or_(D.images.c.uid.in_(chunk), D.images.c.sop_uid.in_(chunk)))) for v in row}
+    return known

@@ -42,6 +42,8 @@ class LoadOptions:
     page_size: int = 500
     fields: str = "metadata"  # metadata (every header field, a request a series) | qido (its answer only)
     allow_http: bool = False
+    aet: str = "CXRLABEL"  # dimse: our AE title
+    called_aet: str | None = None  # dimse: the PACS's
 
 
 LOADERS: dict[str, Callable[[Engine, Any, LoadOptions], LoadSummary]] = {  # a Path, or dicomweb's URL
@@ -50,6 +52,7 @@ LOADERS: dict[str, Callable[[Engine, Any, LoadOptions], LoadSummary]] = {  # a P
     "dicom": lambda engine, source, o: load_dicom(engine, source, o.workers, o.uid_from, o.text_csv,
                                                   o.text_key, o.text_column, o.text_key_column),
     "dicomweb": lambda engine, source, o: _load_dicomweb(engine, str(source), o),
+    "dimse": lambda engine, source, o: _load_dimse(engine, str(source), o),
     "csv": lambda engine, source, o: load_csv(engine, source, parse_mapping(o.mapping), o.image_root,
                                               o.encoding, o.delimiter, o.source_name),
 }
@@ -59,7 +62,20 @@ def load(engine: Engine, fmt: str, source: Path | str, options: LoadOptions | No
     """Load ``source`` as ``fmt`` (one of :data:`LOADERS`)."""
     if fmt not in LOADERS:  # (MONAI's look_up_option would import torch for one dict look-up)
         raise CatalogueError(f"unknown catalogue format {fmt!r}: use one of {', '.join(LOADERS)}")
-    return LOADERS[fmt](engine, source if fmt == "dicomweb" else Path(source), options or LoadOptions())
+    return LOADERS[fmt](engine, source if fmt in REMOTE else Path(source), options or LoadOptions())
+
+
+REMOTE = ("dicomweb", "dimse")  # formats whose source is a PACS's address, not a file
+
+
+def _load_dimse(engine: Engine, address: str, o: LoadOptions) -> LoadSummary:
+    from pipeline.catalogue.dicom import _text_lookup
+    from pipeline.catalogue.dicomweb import PacsQuery, load_dimse
+    if not o.called_aet:
+        raise CatalogueError("dimse: give the PACS's AE title with --called-aet (and ours with --aet)")
+    texts = _text_lookup(o.text_csv, o.text_key_column or o.text_key, o.text_column) if o.text_csv else None
+    return load_dimse(engine, address, o.called_aet, o.aet, PacsQuery(tuple(o.modalities), o.study_date,
+                                                                        o.body_part), o.source_name, texts, o.text_key)
 
 
 def _load_dicomweb(engine: Engine, url: str, o: LoadOptions) -> LoadSummary:

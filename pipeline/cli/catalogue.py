@@ -36,15 +36,18 @@ def catalogue() -> None:
 @click.option("--text-key-column", help="dicom: key column in --text-csv [default: --text-key].")
 @click.option("--text-column", default="text", show_default=True, help="dicom: text column in --text-csv.")
 @click.option("--modality", "modalities", multiple=True, default=("CR", "DX"), show_default=True,
-              help="dicomweb: modalities to catalogue (repeat).")
-@click.option("--study-date", metavar="RANGE", help="dicomweb: YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-.")
-@click.option("--body-part", help="dicomweb: BodyPartExamined to match, e.g. CHEST.")
+              help="dicomweb, dimse: modalities to catalogue (repeat).")
+@click.option("--study-date", metavar="RANGE",
+              help="dicomweb, dimse: YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-.")
+@click.option("--body-part", help="dicomweb, dimse: BodyPartExamined to match, e.g. CHEST.")
 @click.option("--page-size", type=click.IntRange(1, 10000), default=500, show_default=True,
               help="dicomweb: instances a QIDO request asks for (limit/offset paging).")
 @click.option("--fields", type=click.Choice(["metadata", "qido"]), default="metadata", show_default=True,
               help="dicomweb: metadata reads each new series' headers (every field `load dicom` reads, one request "
                    "a series); qido keeps the search's answer (no view, spacing or age on most servers).")
 @click.option("--allow-http", is_flag=True, help="dicomweb: allow plain HTTP to another machine (a network you trust).")
+@click.option("--aet", default="CXRLABEL", show_default=True, help="dimse: our AE title (the PACS must know it).")
+@click.option("--called-aet", help="dimse: the PACS's AE title.")
 @click.pass_context
 @handle_errors
 def catalogue_load(ctx, fmt, source, **options) -> None:
@@ -54,7 +57,8 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
     Formats: nih (Data_Entry_2017 CSV[.gz]), dicom (folder tree, headers only),
     openi (NLMCXR_reports.tgz), csv (any clinic export, with --map), dicomweb (a PACS's
     DICOMweb URL; credentials from CXRLABEL_PACS_USER/_PASSWORD, _TOKEN or netrc; pixels are
-    fetched when collected or labelled).
+    fetched when collected or labelled), dimse (a PACS's HOST:PORT over C-FIND, pixels by
+    C-GET; --called-aet and --aet).
     Rows that cannot be loaded go to load_errors with the reason (see `catalogue errors`); the
     rest loads. A load that loaded nothing exits 4.
 
@@ -69,7 +73,7 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
             https://pacs.example.org/dicom-web --study-date 20230101-20231231 --source-name clinic_a \\
             --text-csv ris.csv --text-key accession --text-key-column Accession --text-column Report
     """
-    if fmt == "dicomweb":
+    if fmt in ("dicomweb", "dimse"):
         if ctx.get_parameter_source("source_name") == click.core.ParameterSource.DEFAULT:
             options["source_name"] = "pacs"
         options["modalities"] = tuple(m.upper() for m in options["modalities"])

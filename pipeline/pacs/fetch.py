@@ -26,7 +26,8 @@ class PacsUnreachable(PacsError):
 
 
 def is_remote(path: str | None) -> bool:
-    return bool(path) and str(path).startswith(SCHEME)
+    """Whether a catalogued path is a PACS instance (DICOMweb or DIMSE), not a file."""
+    return bool(path) and str(path).startswith((SCHEME, "dimse://"))
 
 
 def base_of(url: str) -> str:
@@ -44,6 +45,14 @@ def fetch_to(path: str, dest: str | Path) -> Path:
     """Write the instance ``path`` (``dicomweb+URL``) to ``dest`` (atomically); raise
     :class:`PacsUnreachable` when the server is gone or refuses us, :class:`PacsError` when it
     refuses this instance."""
+    if path.startswith("dimse://"):
+        from pipeline.pacs.dimse import get_instance
+        try:
+            return get_instance(path, dest)
+        except PacsError as e:
+            if "tries" in str(e) or "rejected the association" in str(e):
+                raise PacsUnreachable(str(e)) from None
+            raise
     url = path[len(SCHEME):]
     try:
         data = client_for(base_of(url)).instance(url)
@@ -66,8 +75,16 @@ def fetch_to(path: str, dest: str | Path) -> Path:
 
 
 def remote_header(path: str):
-    """A PACS instance's header (WADO-RS metadata, bulk data left out), or None."""
+    """A PACS instance's header (WADO-RS metadata, bulk data left out; over DIMSE, the
+    instance fetched), or None."""
     import pydicom
+    if path.startswith("dimse://"):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return pydicom.dcmread(fetch_to(path, Path(tmp) / "instance.dcm"), stop_before_pixels=True)
+            except (PacsError, OSError, pydicom.errors.InvalidDicomError):
+                return None
     url = path[len(SCHEME):]
     try:
         meta = client_for(base_of(url)).request("GET", f"{url}/metadata",

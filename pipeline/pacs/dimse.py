@@ -1,0 +1,195 @@
+"""A PACS over the DICOM network services (pynetdicom), for archives that offer no DICOMweb:
+C-FIND walks the archive study by study, series by series (the hierarchy every Query/Retrieve
+SCP answers; nothing is held but one study's answers at a time), C-GET fetches one instance as
+stored (our storage SCP role offers the compressed transfer syntaxes, so the reduced-size
+decoders still apply).
+
+An instance's path is ``dimse://HOST:PORT/STUDY/SERIES/SOP?called=AET&calling=AET`` (AE
+titles are names, not secrets). An association that cannot be made or is aborted is retried
+with back-off as an HTTP request is (:mod:`pipeline.pacs.client`'s settings), then stops the
+run with one line; a C-GET that fails for one instance fails that instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+from pipeline.pacs.client import BACKOFF, RETRIES, TIMEOUT, PacsError, _env_number
+
+# pynetdicom logs every refused connection and odd message itself: what went wrong reaches the
+# user as our one line (or a failures row), never as its log on the terminal
+logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+SCHEME = "dimse://"
+# Study Root Query/Retrieve and the storage classes a chest film comes in (PS3.4 Annex B)
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+GET = "1.2.840.10008.5.1.4.1.2.2.3"
+STORAGE = ("1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+           "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+           "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+           "1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
+CALLING = "CXRLABEL"
+
+# C-FIND keys asked at each level (what a catalogue row reads; a server fills what it indexes)
+STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "AccessionNumber", "PatientID", "PatientSex", "PatientAge",
+              "StudyDescription")
+SERIES_KEYS = ("SeriesInstanceUID", "Modality", "BodyPartExamined")
+IMAGE_KEYS = ("SOPInstanceUID", "SOPClassUID", "Rows", "Columns", "PhotometricInterpretation", "ViewPosition",
+              "PixelSpacing", "ImagerPixelSpacing")
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    called: str  # the PACS's AE title
+    calling: str = CALLING  # ours
+
+    @classmethod
+    def parse(cls, address: str, called: str, calling: str = CALLING) -> Peer:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise PacsError(f"{address!r}: give the PACS as HOST:PORT (its DICOM port, e.g. pacs.example.org:104)")
+        for name, value in (("--called-aet", called), ("--aet", calling)):
+            if not value or len(value) > 16 or not value.isascii() or "\\" in value:
+                raise PacsError(f"{name} {value!r}: an AE title is 1 to 16 ASCII characters")
+        return cls(host, int(port), called, calling)
+
+    def path(self, study: str, series: str, sop: str) -> str:
+        return (f"{SCHEME}{self.host}:{self.port}/{study}/{series}/{sop}"
+                f"?called={quote(self.called)}&calling={quote(self.calling)}")
+
+    def __str__(self) -> str:
+        return f"{self.called}@{self.host}:{self.port}"
+
+
+def parse_path(path: str) -> tuple[Peer, str, str, str]:
+    parts = urlsplit(path)
+    q = parse_qs(parts.query)
+    study, series, sop = parts.path.strip("/").split("/")
+    peer = Peer(parts.hostname or "", parts.port or 104, q["called"][0], q.get("calling", [CALLING])[0])
+    return peer, study, series, sop
+
+
+def _associate(peer: Peer, contexts, roles=(), handlers=()):
+    """An association with ``peer``, retried with back-off; one line when it cannot be had."""
+    from pynetdicom import AE
+    retries = int(_env_number("CXRLABEL_PACS_RETRIES", RETRIES))
+    backoff = _env_number("CXRLABEL_PACS_BACKOFF", BACKOFF)
+    ae = AE(ae_title=peer.calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _env_number("CXRLABEL_PACS_TIMEOUT", TIMEOUT)
+    for attempt in range(retries + 1):
+        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.called, ext_neg=list(roles),
+                             evt_handlers=list(handlers))
+        if assoc.is_established:
+            return assoc
+        if assoc.is_rejected:
+            raise PacsError(f"{peer}: the PACS rejected the association (is {peer.calling} a modality it knows, and "
+                            f"{peer.called} its AE title?)")
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise PacsError(f"{peer}: no association after {retries + 1} tries: is the server up? A later run goes on from "
+                    "where this one stopped")
+
+
+def _find(assoc, level: str, keys: tuple[str, ...], match: dict, model) -> Iterator:
+    from pydicom import Dataset
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    for k in keys:
+        setattr(q, k, match.get(k) or None)  # empty: a return key (universal matching)
+    for status, identifier in assoc.send_c_find(q, model):
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise PacsError(f"C-FIND {level}: the association ended (timed out or aborted)")
+        if code in (0xFF00, 0xFF01) and identifier is not None:
+            yield identifier
+        elif code not in (0x0000, 0xFF00, 0xFF01):
+            raise PacsError(f"C-FIND {level}: the PACS answered status {code:#06x}")
+
+
+def find_instances(peer: Peer, modalities: tuple[str, ...], study_date: str | None,
+                   body_part: str | None) -> Iterator[list[tuple[dict, str]]]:
+    """Per series that matches: ``[(header fields, path), ...]`` of its instances."""
+    from pynetdicom import build_context
+    assoc = _associate(peer, [build_context(FIND)])
+    try:
+        studies = list(_find(assoc, "STUDY", STUDY_KEYS, {"StudyDate": study_date or ""}, FIND))
+        for st in studies:
+            study_uid = str(st.get("StudyInstanceUID", ""))
+            for modality in modalities:
+                match = {"StudyInstanceUID": study_uid, "Modality": modality, "BodyPartExamined": body_part or ""}
+                # each level's answers read to the end before the next query: one C-FIND at a time
+                # on an association (a second one begun mid-answer interleaves their messages)
+                for se in list(_find(assoc, "SERIES", SERIES_KEYS + ("StudyInstanceUID",), match, FIND)):
+                    series_uid = str(se.get("SeriesInstanceUID", ""))
+                    out = []
+                    for im in list(_find(assoc, "IMAGE", IMAGE_KEYS + ("StudyInstanceUID", "SeriesInstanceUID"),
+                                         {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}, FIND)):
+                        fields = {**_plain(st), **_plain(se), **_plain(im)}
+                        sop = fields.get("SOPInstanceUID")
+                        if sop:
+                            out.append((fields, peer.path(study_uid, series_uid, sop)))
+                    if out:
+                        yield out
+    finally:
+        assoc.release()
+
+
+def _plain(ds) -> dict:
+    return {e.keyword: e.value for e in ds if e.keyword and e.value not in (None, "")}
+
+
+def get_instance(path: str, dest: str | Path) -> Path:
+    """C-GET one instance (as stored) into ``dest``; :class:`PacsError` when it cannot."""
+    from pydicom.uid import (
+        JPEG2000,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLosslessSV1,
+        RLELossless,
+    )
+    from pynetdicom import build_context, build_role, evt
+    peer, study, series, sop = parse_path(path)
+    syntaxes = [JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, RLELossless,
+                ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+    storage = STORAGE
+    got: dict = {}
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        got["ds"] = ds
+        return 0x0000
+
+    # one presentation context per (storage class, transfer syntax): a PACS accepts one syntax per
+    # context and picks its own favourite (uncompressed), then cannot send a JPEG 2000 film in it
+    contexts = [build_context(GET)] + [
+        build_context(c, ts) for c in storage for ts in syntaxes]
+    assoc = _associate(peer, contexts, [build_role(c, scp_role=True) for c in storage],
+                       [(evt.EVT_C_STORE, on_store)])
+    from pydicom import Dataset
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID = study, series, sop
+    try:
+        last = None
+        for status, _ in assoc.send_c_get(q, GET):
+            last = getattr(status, "Status", None)
+    finally:
+        assoc.release()
+    if "ds" not in got:
+        raise PacsError(f"C-GET {sop}: the PACS sent no instance (status {last if last is None else hex(last)})")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    got["ds"].save_as(dest, enforce_file_format=True)
+    return dest
