@@ -163,7 +163,7 @@ def review_app(engine, tmp: Path) -> tuple:
     review_db = D.connect(f"sqlite:///{tmp / 'review.db'}")
     _one_labelled_image(review_db)
     client = create_app(review_db, "m").test_client()
-    post = "/api/image/p1/review"
+    post = "/api/review/p1"
     body = {"decision": "accepted", "version": 0, "reviewer": "x"}
     n = int(client.get("/", headers={"Host": "attacker.example:8765"}).status_code == 421)
     n += client.post(post, json=body, headers={"Origin": "http://attacker.example"}).status_code == 403
@@ -279,7 +279,7 @@ def red_team_2026_12(engine, tmp: Path) -> tuple:
     review_db = D.connect(f"sqlite:///{tmp / 'red_review.db'}")
     _one_labelled_image(review_db)
     client = create_app(review_db, "m").test_client()
-    post = "/api/image/p1/review"
+    post = "/api/review/p1"
     bad = [b'{"decision": "corrected", "version": 0, "reviewer": "x", "polygons": {"heart": [[1' + b"0" * 400
            + b', 2], [5, 6], [7, 9]]}}', b'{"decision": "accepted", "version": 0, "reviewer": "\\ud800"}',
            b'{"decision": "accepted", "version": 0, "reviewer": "x", "note": "a\\u0000b"}']

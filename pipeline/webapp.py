@@ -253,7 +253,9 @@ def _api(app: Flask, engine: Engine, model: str, reviewer: str) -> None:
     def image_json(uid: str):
         return jsonify(R.image_view(engine, uid, model))
 
-    @app.get("/api/image/<path:uid>/png")
+    # the uid is the last thing in every route: a route with a suffix after it (``/api/image/<uid>/png``)
+    # answered the uid ``sub/png`` with the image ``sub``'s pixels
+    @app.get("/api/png/<path:uid>")
     def image_png(uid: str):
         R.image_view(engine, uid, model)  # only images of this model's worklist are served
         png, scale = R.display_png(engine, uid)
@@ -262,7 +264,7 @@ def _api(app: Flask, engine: Engine, model: str, reviewer: str) -> None:
         resp.headers["Cache-Control"] = "private, max-age=3600"
         return resp
 
-    @app.post("/api/image/<path:uid>/review")
+    @app.post("/api/review/<path:uid>")
     def review_post(uid: str):
         origin = request.headers.get("Origin")
         if origin is not None:

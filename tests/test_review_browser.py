@@ -109,12 +109,12 @@ def test_the_app_refuses_what_it_must(app_url):
             return e.code
 
     ok_body = b'{"decision": "accepted", "version": 0, "reviewer": "x"}'
-    target = f"/api/image/{uids[0]}/review"
+    target = f"/api/review/{uids[0]}"
     assert post(target, ok_body, {"Content-Type": "application/json", "Origin": "http://evil.example"}) == 403
     assert post(target, ok_body, {"Content-Type": "text/plain"}) == 415
     assert post(target, b'{"decision": "accepted", "version": "0", "reviewer": "x"}',
                 {"Content-Type": "application/json"}) == 400
-    assert post("/api/image/../../etc/passwd/review", ok_body, {"Content-Type": "application/json"}) in (400, 404)
+    assert post("/api/review/../../etc/passwd", ok_body, {"Content-Type": "application/json"}) in (400, 404)
     with engine.connect() as c:
         assert c.execute(text("SELECT COUNT(*) FROM reviews")).scalar() == 0
     assert post(target, ok_body, {"Content-Type": "application/json"}) == 200

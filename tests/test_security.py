@@ -293,9 +293,9 @@ def test_the_review_app_answers_only_its_own_host(sqlite_engine):
     # writes: the Origin must be this host, whatever scheme a proxy adds
     body = {"decision": "accepted", "version": 0, "reviewer": "x"}
     for origin in ("http://attacker.example", "null", "http://127.0.0.1:9999"):
-        r = client.post("/api/image/p1/review", json=body, headers={"Host": "127.0.0.1:8765", "Origin": origin})
+        r = client.post("/api/review/p1", json=body, headers={"Host": "127.0.0.1:8765", "Origin": origin})
         assert r.status_code == 403, origin
-    r = client.post("/api/image/p1/review", json=body,
+    r = client.post("/api/review/p1", json=body,
                     headers={"Host": "127.0.0.1:8765", "Origin": "http://127.0.0.1:8765"})
     assert r.status_code == 200
 
@@ -329,7 +329,7 @@ def test_the_review_app_answers_only_its_own_host(sqlite_engine):
 ])
 def test_every_bad_review_request_is_a_4xx(sqlite_engine, body, status):
     _one_labelled_image(sqlite_engine)
-    r = _app(sqlite_engine).post("/api/image/p1/review", data=body, content_type="application/json")
+    r = _app(sqlite_engine).post("/api/review/p1", data=body, content_type="application/json")
     assert r.status_code == status, r.get_data(as_text=True)[:200]
     with sqlite_engine.connect() as c:
         assert c.execute(text("SELECT COUNT(*) FROM reviews")).scalar() == 0
@@ -561,6 +561,16 @@ def test_nul_in_an_address_is_a_400_on_both_databases(engine):
     assert client.get("/api/image/p1").status_code == 200
 
 
+def test_a_uid_that_ends_like_a_route_is_its_own_image(sqlite_engine):
+    """A uid ``sub/png`` is answered as itself, never as the pixels of the image ``sub``."""
+    _one_labelled_image(sqlite_engine, "sub")
+    _one_labelled_image(sqlite_engine, "sub/png")
+    client = _app(sqlite_engine)
+    assert client.get("/api/image/sub/png").get_json()["uid"] == "sub/png"
+    assert client.get("/api/image/sub").get_json()["uid"] == "sub"
+    assert "'sub/png' has no file" in client.get("/api/png/sub/png").get_json()["error"]  # its own, not sub's
+
+
 def test_a_fifo_among_annotated_images_is_left_out_not_waited_on(engine, tmp_path):
     import numpy as np
     from PIL import Image
@@ -587,11 +597,11 @@ def test_text_a_database_cannot_store_is_refused_before_the_write_on_both_databa
     for field in ("reviewer", "note"):
         for bad in ("a\x00b", "a\ud800b"):
             body = {"decision": "accepted", "version": 0, "reviewer": "x", field: bad}
-            r = client.post("/api/image/p1/review", data=json.dumps(body), content_type="application/json")
+            r = client.post("/api/review/p1", data=json.dumps(body), content_type="application/json")
             assert r.status_code == 400 and field in r.get_json()["error"], (field, bad, r.get_data(as_text=True))
-    r = client.post("/api/image/p1/review", json={"decision": "accepted", "version": 2147483646, "reviewer": "x"})
+    r = client.post("/api/review/p1", json={"decision": "accepted", "version": 2147483646, "reviewer": "x"})
     assert r.status_code == 409 and "reload" in r.get_json()["error"]
-    r = client.post("/api/image/p1/review", json={"decision": "accepted", "version": 0, "reviewer": "x"})
+    r = client.post("/api/review/p1", json={"decision": "accepted", "version": 0, "reviewer": "x"})
     assert r.status_code == 200 and r.get_json()["version"] == 1
 
 
@@ -607,3 +617,85 @@ def test_a_model_name_is_a_plain_name(sqlite_engine, tmp_path, name):
     r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'c.db'}", "train", "--name", name or "''"])
     assert r.exit_code != 0 and not (tmp_path / "runs").exists()
     assert check_model_name("clinic_a-v2.1") == "clinic_a-v2.1"
+
+
+# ---------------------------------------------------------------- red team 2026-12-07, the rest
+
+
+def _dicom_with(tmp_path, name: str, **attrs) -> Path:
+    import warnings
+
+    import pydicom
+    ds = pydicom.dcmread(REPO.parent / "shared" / "data" / "dicom" / "cr_chest_pa_jpeg_baseline.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+    folder = tmp_path / "dicom"
+    folder.mkdir(exist_ok=True)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / f"{name}.dcm")
+    return folder
+
+
+def test_junk_header_fields_are_left_out_with_a_note_and_the_film_kept(tmp_path, db_url):
+    folder = _dicom_with(tmp_path, "junk", PatientAge="999Y", PatientSex="Q", StudyDate="20231399",
+                         PixelSpacing=["1e300", "1e300"])
+    _dicom_with(tmp_path, "inf", PixelSpacing=["inf", "0.1"])
+    _dicom_with(tmp_path, "negative", PixelSpacing=["-0.1", "0.1"])
+    r = CliRunner().invoke(cli, ["--db", db_url, "catalogue", "load", "dicom", str(folder)])
+    assert r.exit_code == 0 and "3 rows loaded, 0 rows left out" in r.output, r.output
+    assert "3 junk fields left out of rows that loaded" in r.output
+    eng = D.connect(db_url)
+    with eng.connect() as c:
+        rows = {x.uid: x for x in c.execute(text("SELECT uid, age, sex, study_date, spacing_x, spacing_source "
+                                                 "FROM images"))}
+        notes = c.execute(text("SELECT uid, reason FROM load_errors")).all()
+    junk = rows["junk"]
+    assert (junk.age, junk.sex, junk.study_date, junk.spacing_x) == (None, None, None, None)
+    assert "mm is not a film's" in junk.spacing_source
+    assert rows["inf"].spacing_x is None and "is not a positive number" in rows["inf"].spacing_source
+    assert "-0.1" in rows["negative"].spacing_source and "is 0" not in rows["negative"].spacing_source
+    (uid, reason), = notes
+    assert uid == "junk" and all(k in reason for k in ("PatientAge left out", "PatientSex left out",
+                                                        "StudyDate left out"))
+
+
+def test_a_window_that_is_not_a_number_is_left_out_not_read_as_a_blank_film(tmp_path):
+    from pipeline.imaging.decoders import decode_dicom
+    folder = _dicom_with(tmp_path, "nan", WindowCenter="nan", WindowWidth="400")
+    unit, facts = decode_dicom(folder / "nan.dcm", 256)
+    assert unit.std() > 0.05 and "left out" in facts["window"]
+
+
+def test_an_unterminated_quote_is_a_malformed_row_not_a_field(tmp_path, db_url):
+    csv_file = tmp_path / "export.csv"
+    csv_file.write_text('uid,text\na,"cardiomegaly"\nb,"never closed\nc,normal\n')
+    r = CliRunner().invoke(cli, ["--db", db_url, "catalogue", "load", "csv", str(csv_file), "--map", "uid=uid",
+                                 "--map", "text=text"])
+    assert "1 rows loaded, 1 rows left out" in r.output
+    eng = D.connect(db_url)
+    with eng.connect() as c:
+        assert c.execute(text("SELECT uid FROM images")).scalars().all() == ["a"]
+        assert "quote opened on line 3 never closes" in c.execute(text("SELECT reason FROM load_errors")).scalar()
+
+
+def test_a_uid_repeated_in_a_later_batch_of_one_load_is_reported(sqlite_engine):
+    from pipeline.catalogue.records import store
+    items = [{"uid": u, "source": "csv", "text": t} for u, t in (("a", "first"), ("b", "x"), ("a", "again"))]
+    s = store(sqlite_engine, iter(items), "export.csv", batch_size=2, progress=False)
+    assert s.errors == 1 and s.reasons == {"duplicate uid": 1}
+    with sqlite_engine.connect() as c:
+        assert "also earlier in this load" in c.execute(text("SELECT reason FROM load_errors")).scalar()
+        assert c.execute(text("SELECT text FROM images WHERE uid = 'a'")).scalar() == "again"
+    again = store(sqlite_engine, iter(items[:2]), "export.csv", batch_size=2, progress=False)
+    assert again.errors == 0  # loading the file again is an update, not a duplicate
+
+
+def test_a_group_name_longer_than_its_column_is_refused_on_loading_the_rules(tmp_path):
+    from pipeline.groups import GroupsError
+    from pipeline.groups.rules import load_rules
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[[group]]\nname = "{"x" * 41}"\nmatch = ["heart"]\n')
+    with pytest.raises(GroupsError, match="1 to 40 characters"):
+        load_rules(rules)

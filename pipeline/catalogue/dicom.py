@@ -3,6 +3,7 @@ pixels), with pixel spacing and report text joined from a CSV."""
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pipeline.catalogue.records import (
     Item,
     LoadSummary,
     Problem,
+    RowError,
     parse_age,
     parse_date,
     parse_sex,
@@ -48,24 +50,39 @@ def header_record(ds, uid: str, path: str, source: str = "dicom") -> dict:
     """The catalogue's row of a DICOM header (a file's, or a PACS's metadata): the same
     fields, read the same way, wherever the instance lives."""
     (sy, sx), spacing_source = dicom_spacing(ds)
+    notes: list[str] = []
+
+    def lenient(parse, keyword: str):
+        """A header field parsed, or left out with a note (the image is kept): PatientAge 999Y,
+        PatientSex Q, StudyDate 20231399."""
+        try:
+            return parse(str(ds.get(keyword, "")))
+        except RowError as e:
+            notes.append(f"{keyword} left out: {e}")
+            return None
+
     return {
         "uid": uid, "source": source, "path": path,
         "patient_id": str(ds.get("PatientID", "")) or None,
         "study_uid": str(ds.get("StudyInstanceUID", "")) or None,
         "sop_uid": str(ds.get("SOPInstanceUID", "")) or None,
-        "study_date": parse_date(str(ds.get("StudyDate", ""))),
+        "study_date": lenient(parse_date, "StudyDate"),
         "modality": str(ds.get("Modality", "")) or None,
         "body_part": str(ds.get("BodyPartExamined", "")) or None,
         "view": str(ds.get("ViewPosition", "")) or None,
-        "sex": parse_sex(str(ds.get("PatientSex", ""))),
-        "age": parse_age(str(ds.get("PatientAge", ""))),
+        "sex": lenient(parse_sex, "PatientSex"),
+        "age": lenient(parse_age, "PatientAge"),
         "height": int(ds.Rows) if "Rows" in ds else None,
         "width": int(ds.Columns) if "Columns" in ds else None,
         "photometric": str(ds.get("PhotometricInterpretation", "")) or None,
         "spacing_x": sx, "spacing_y": sy, "spacing_source": spacing_source,
         "study_description": str(ds.get("StudyDescription", "")) or None,
         "accession": str(ds.get("AccessionNumber", "")) or None,
+        "_notes": notes,
     }
+
+
+SPACING_MM = (0.01, 5.0)  # a radiograph's pixel, mm: outside it a spacing is junk (inf, 1e300, 1e-300), never stored
 
 
 def dicom_spacing(ds) -> tuple[tuple[float | None, float | None], str]:
@@ -80,10 +97,15 @@ def dicom_spacing(ds) -> tuple[tuple[float | None, float | None], str]:
             return (float(v[0]), float(v[1])) if v is not None and len(v) == 2 else None
         except (TypeError, ValueError):
             return None
+
+    def usable(p: tuple[float, float] | None) -> bool:
+        return p is not None and all(math.isfinite(x) and SPACING_MM[0] <= x <= SPACING_MM[1] for x in p)
+
     pixel, imager = pair("PixelSpacing"), pair("ImagerPixelSpacing")
-    if pixel and min(pixel) > 0:
-        return pixel, "PixelSpacing"
-    if imager and min(imager) > 0:
+    if usable(pixel):
+        return pixel, "PixelSpacing"  # type: ignore[return-value]
+    if usable(imager):
+        assert imager is not None
         try:
             factor = float(ds.get("EstimatedRadiographicMagnificationFactor") or 0)
         except (TypeError, ValueError):
@@ -91,8 +113,17 @@ def dicom_spacing(ds) -> tuple[tuple[float | None, float | None], str]:
         if factor >= 1.0:
             return (imager[0] / factor, imager[1] / factor), f"ImagerPixelSpacing / magnification {factor:g}"
         return imager, "ImagerPixelSpacing (at the detector: magnified)"
-    zero = "PixelSpacing" if pixel else "ImagerPixelSpacing" if imager else None
-    return (None, None), f"none: {zero} is 0" if zero else "none in the header"
+    for tag, p in (("PixelSpacing", pixel), ("ImagerPixelSpacing", imager)):
+        if p is None:
+            continue
+        shown = "\\".join(f"{x:g}" for x in p)
+        if all(x == 0 for x in p):
+            return (None, None), f"none: {tag} is 0"
+        if not all(math.isfinite(x) and x > 0 for x in p):
+            return (None, None), f"none: {tag} {shown} is not a positive number"
+        return (None, None), (f"none: {tag} {shown} mm is not a film's (a pixel is "
+                              f"{SPACING_MM[0]:g}-{SPACING_MM[1]:g} mm)")
+    return (None, None), "none in the header"
 
 
 def dicom_files(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:

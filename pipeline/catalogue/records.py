@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Float, Integer
+from sqlalchemy import Float, Integer, select
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
@@ -40,6 +40,7 @@ class Problem:
     line: int | None
     uid: str | None
     reason: str
+    kept: bool = False  # a note on a row that loaded all the same (a junk field left out of it)
 
 
 Record = dict
@@ -54,10 +55,15 @@ class LoadSummary:
     errors: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     kept: int = 0  # already in the catalogue and left as they were (a PACS's instances loaded again)
+    notes: dict[str, int] = field(default_factory=dict)  # fields left out of rows that loaded, by reason
+    started: dt.datetime | None = None  # when the load began: a uid loaded since is a duplicate of this load
 
-    def add_problem(self, reason: str) -> None:
-        self.errors += 1
+    def add_problem(self, reason: str, kept: bool = False) -> None:
         key = reason.split(":")[0]
+        if kept:
+            self.notes[key] = self.notes.get(key, 0) + 1
+            return
+        self.errors += 1
         self.reasons[key] = self.reasons.get(key, 0) + 1
 
 
@@ -124,7 +130,7 @@ def parse_int(value: str | None, what: str) -> int | None:
 def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: int = 5000,
           progress: bool = True) -> LoadSummary:
     """Upsert records and log problems, ``batch_size`` items per transaction."""
-    summary = LoadSummary(source_file)
+    summary = LoadSummary(source_file, started=D.utcnow())
     bar = tqdm(desc=f"load {Path(source_file).name}", unit="row", disable=not progress)
     batch: dict[str, Record] = {}
     problems: list[Problem] = []
@@ -140,6 +146,7 @@ def store(engine: Engine, items: Iterable[Item], source_file: str, batch_size: i
                                             f"{lines[uid]}; this later row wins"))
                 batch[uid] = item
                 lines[uid] = item.get("_line")
+                problems += [Problem(item.get("_line"), uid, note, kept=True) for note in item.pop("_notes", ())]
             if len(batch) + len(problems) >= batch_size:
                 _flush(engine, batch, problems, summary)
                 bar.update(len(batch) + len(problems))
@@ -185,6 +192,12 @@ def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
         if (why := unstorable(batch[uid])) is not None:
             problems.append(Problem(batch[uid].get("_line"), uid, f"left out: {why}"))
             del batch[uid]
+    if summary.started is not None and batch:  # a uid an earlier batch of this same load stored
+        with engine.connect() as conn:
+            again = D.rows_in(conn, select(D.images.c.uid).where(D.images.c.loaded_at >= summary.started),
+                              D.images.c.uid, list(batch))
+            problems += [Problem(batch[uid].get("_line"), uid, "duplicate uid: also earlier in this load; "
+                                 "this later row wins") for (uid,) in again]
     # only the fields this source provides: a reload never blanks columns another source set
     fields = sorted({k for record in batch.values() for k in record if k in IMAGE_FIELDS})
     get = dict.get
@@ -196,11 +209,14 @@ def _flush(engine: Engine, batch: dict[str, Record], problems: list[Problem],
     with engine.begin() as conn:
         D.upsert(conn, D.images, rows, ["uid"])
         # one row per problem and source line: a reload renews it rather than repeating it
-        logged = {(p.line or 0, (p.uid or "")[:200]): p.reason for p in problems}  # load_errors.uid holds 200
+        logged: dict[tuple[int, str], str] = {}  # load_errors.uid holds 200; one row per line and uid
+        for p in problems:
+            key = (p.line or 0, (p.uid or "")[:200])
+            logged[key] = f"{logged[key]}; {p.reason}" if key in logged else p.reason
         D.upsert(conn, D.load_errors, [
             {"source_file": summary.source_file, "line": line, "uid": uid, "reason": reason,
              "created_at": now, "last_seen_at": now} for (line, uid), reason in logged.items()],
             ["source_file", "line", "uid"], update=["reason", "last_seen_at"])
     summary.loaded += len(rows)
     for p in problems:
-        summary.add_problem(p.reason)
+        summary.add_problem(p.reason, p.kept)

@@ -80,7 +80,9 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
     lines = _decoded_lines(f, encoding, bad)
     if encoding.lower().replace("-", "") in ("utf8", "utf8sig"):
         lines = (line.lstrip("\ufeff") if i == 0 else line for i, line in enumerate(lines))
-    reader = csv.reader(lines, delimiter=delimiter)
+    # strict: a quote never closed (it swallowed the rest of the file) or text after a closing quote
+    # is a malformed row with its reason, never a row whose last field holds the lines after it
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -104,7 +106,9 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
                         "the rows before it are loaded; restore the file and load it again "
                         "(loaded rows are updated, not duplicated)") from e
                 except csv.Error as e:
-                    yield start, Problem(start, None, f"malformed CSV: {e}")
+                    why = (f"a quote opened on line {start} never closes (every line after it is inside it)"
+                           if "unexpected end of data" in str(e) else str(e))
+                    yield start, Problem(start, None, f"malformed CSV: {why}")
                     start = reader.line_num + 1
                     continue
                 end = reader.line_num

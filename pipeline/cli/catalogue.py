@@ -84,6 +84,10 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
                + (f", {s.kept} already in the catalogue (kept as they were)" if s.kept else ""))
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {n:>7}  {reason}")
+    if s.notes:
+        click.echo(f"{sum(s.notes.values())} junk fields left out of rows that loaded (in load_errors):")
+        for reason, n in sorted(s.notes.items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {n:>7}  {reason}")
     if s.loaded == 0 and s.errors:  # nothing was done: the documented status for it, never 0
         raise click.exceptions.Exit(EXIT_NONE_DONE)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import CxrlabelError
+from pipeline import db as D
 from pipeline.regular import read_text
 from pipeline.resources import resource
 
@@ -162,6 +163,10 @@ def _validate(raw: dict, path: Path) -> None:
         check(g, _GROUP_KEYS, where)
         if "name" not in g or "match" not in g:
             raise GroupsError(f"{path}: {where}needs `name` and `match`")
+        # one limit on both databases, checked before a write
+        width = int(getattr(D.groups.c.group_name.type, "length", 40))
+        if not g["name"].strip() or len(g["name"]) > width or "\x00" in g["name"]:
+            raise GroupsError(f"{path}: {where}a group's name is 1 to {width} characters (no NUL): shorten it")
         if g.get("report_ctr", "above") not in ("above", "below"):
             raise GroupsError(f"{path}: {where}report_ctr must be \"above\" or \"below\", not {g['report_ctr']!r}")
 

@@ -191,7 +191,10 @@ def _decode_dataset(path: Path, ds, target: int | None) -> tuple[np.ndarray, dic
         if small is not None:
             pixels, facts["reduced"] = small, "block"
     arr = apply_modality_lut(pixels, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    if "VOILUTSequence" not in ds and "WindowCenter" in ds and not _window_usable(ds):
+        facts["window"] = "left out: WindowCenter/Width not finite numbers with a positive width"
+        unit = _to_unit(arr)  # the full range, as a film without a window is read
+    elif "VOILUTSequence" in ds or "WindowCenter" in ds:
         arr = apply_voi_lut(arr, ds, index=0)
         lo, hi = float(np.min(arr)), float(np.max(arr))
         # windowed output spans the VOI output range; normalise by the window's own range
@@ -226,6 +229,18 @@ def _block_mean(arr: np.ndarray, target: int) -> np.ndarray | None:
     h, w = arr.shape
     padded = cv2.copyMakeBorder(arr, 0, -h % f, 0, -w % f, cv2.BORDER_REPLICATE)
     return cv2.resize(padded, (padded.shape[1] // f, padded.shape[0] // f), interpolation=cv2.INTER_AREA)
+
+
+def _window_usable(ds) -> bool:
+    """Whether the header's first window is one: a finite centre and a finite, positive width
+    (a NaN centre made every pixel NaN, read as a blank image)."""
+    def first(v):
+        try:
+            return float(v[0] if isinstance(v, list | tuple) or getattr(v, "VM", 1) > 1 else v)
+        except (TypeError, ValueError, IndexError):
+            return float("nan")
+    centre, width = first(ds.get("WindowCenter")), first(ds.get("WindowWidth"))
+    return bool(np.isfinite(centre) and np.isfinite(width) and width > 0)
 
 
 def _window_output_range(ds, arr: np.ndarray) -> tuple[float, float]:

@@ -239,7 +239,7 @@ async function send(decision, body = {}) {
   const name = reviewer.value.trim();
   if (!name) { say("type your name in 'reviewer' first", true); reviewer.focus(); return null; }
   localStorage.setItem("cxrlabel-reviewer", name);
-  const res = await fetch(`/api/image/${encodeURIComponent(view.uid)}/review`, {
+  const res = await fetch(`/api/review/${encodeURIComponent(view.uid)}`, {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ decision, version: view.version, reviewer: name,
                            note: document.getElementById("note").value || null, ...body }),
@@ -309,7 +309,7 @@ image.addEventListener("error", async () => {
   const answer = await res.json().catch(() => ({}));
   say(answer.error || "the image could not be loaded", true);
 });
-image.src = `/api/image/${encodeURIComponent(view.uid)}/png`;
+image.src = `/api/png/${encodeURIComponent(view.uid)}`;
 showPanel();
 resize();
 fitView();
