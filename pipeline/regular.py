@@ -55,3 +55,28 @@ def read_text(path: str | Path, error: type[Exception] = CxrlabelError, what: st
     except UnicodeDecodeError as e:
         raise error(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                     "save it as UTF-8") from e
+
+
+def check_output_file(path: str | Path, ours, error: type[Exception] = CxrlabelError, what: str = "file") -> Path:
+    """``path`` as a file cxrlabel may write (a score, a figure, a checkpoint), the guard an
+    export has: a new file in a folder that exists, or a file ``ours(path)`` recognises as one
+    it wrote before; never a link (written through, it lands outside), a folder, a FIFO or a
+    device, nor a file of someone else's. ``error`` names the path and the way out."""
+    p = Path(path)
+    if p.is_symlink():
+        raise error(f"{path}: a symbolic link (writing through it lands at {os.path.realpath(p)}): name the "
+                    f"{what} by a path of its own")
+    if not p.parent.is_dir():
+        raise error(f"{path}: the folder {p.parent} does not exist: create it (mkdir -p {p.parent}) or choose another")
+    if p.exists():
+        mode = p.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: {kind_of(mode)}, not a file: name a {what} to write")
+        try:
+            mine = bool(ours(p))
+        except Exception:  # unreadable, or not what it says: not recognisably ours
+            mine = False
+        if not mine:
+            raise error(f"{path}: a file cxrlabel did not write: choose another path for the {what}, or move that "
+                        "file away first")
+    return p

@@ -41,6 +41,8 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
     assert 0 <= j.trust_auroc <= 1 and info["held_out"]["auroc_worst_tenth_ctr_by_trust"] is not None
     assert sum(n for _, _, n in j.calibration) == j.films and len(j.calibration) == 10
     assert (tmp_path / "cal.png").stat().st_size > 1000
+    from pipeline.quality.fit import _is_our_figure
+    assert _is_our_figure(tmp_path / "cal.png")  # a later fit may replace it; a foreign PNG it refuses
     # kept in the database for this very checkpoint; labelling finds it before any file
     lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
     assert stored(annotated_engine, lm.sha256) is not None

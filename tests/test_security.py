@@ -699,3 +699,44 @@ def test_a_group_name_longer_than_its_column_is_refused_on_loading_the_rules(tmp
     rules.write_text(f'[[group]]\nname = "{"x" * 41}"\nmatch = ["heart"]\n')
     with pytest.raises(GroupsError, match="1 to 40 characters"):
         load_rules(rules)
+
+
+def test_models_export_writes_only_a_new_file_or_one_of_its_own(tmp_path, tiny_model):
+    from pipeline.model import ModelError, export_checkpoint
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone's notes")
+    link = tmp_path / "model.pt"
+    link.symlink_to(outside)
+    with pytest.raises(ModelError, match="a symbolic link"):
+        export_checkpoint(tiny_model, link)
+    assert outside.read_text() == "someone's notes"
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_text("not ours")
+    with pytest.raises(ModelError, match="a file cxrlabel did not write"):
+        export_checkpoint(tiny_model, foreign)
+    with pytest.raises(ModelError, match="does not exist"):
+        export_checkpoint(tiny_model, tmp_path / "no" / "such" / "model.pt")
+    mine = tmp_path / "mine.pt"
+    export_checkpoint(tiny_model, mine)
+    export_checkpoint(tiny_model, mine, half=False)  # replacing one of its own is fine
+
+
+def test_quality_fit_outputs_are_guarded_as_exports_are(tmp_path):
+    from pipeline.quality.films import FitError
+    from pipeline.quality.fit import _is_our_figure, _is_score_file
+    from pipeline.regular import check_output_file
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\n someone else's")
+    (tmp_path / "fig.png").symlink_to(outside)
+    with pytest.raises(FitError, match="a symbolic link"):
+        check_output_file(tmp_path / "fig.png", _is_our_figure, FitError, "figure")
+    with pytest.raises(FitError, match="did not write"):
+        check_output_file(outside, _is_our_figure, FitError, "figure")
+    (tmp_path / "score.json").write_text('{"not": "a score"}')
+    with pytest.raises(FitError, match="did not write"):
+        check_output_file(tmp_path / "score.json", _is_score_file, FitError, "score file")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(FitError, match="FIFO"):
+        check_output_file(fifo, _is_score_file, FitError, "score file")
+    assert check_output_file(tmp_path / "new.json", _is_score_file, FitError) == tmp_path / "new.json"

@@ -4,6 +4,7 @@ exported for inference, upgraded; a file's sha256."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> str:
     """A checkpoint for shipping (fp16 weights by default, current format); the new sha256.
     Its fitted quality scores (``<src>.quality*.json``), if any, go along."""
+    from pipeline.regular import check_output_file
     ck = read_checkpoint(src)
+    check_output_file(dst, read_checkpoint, ModelError, "checkpoint")  # a new file, or one of ours to replace
+    for tta in (False, True):  # and its scores beside it, where the source has them
+        if Q.sidecar(src, tta).exists():
+            check_output_file(Q.sidecar(dst, tta), lambda p: Q.QualityModel.from_json(json.loads(p.read_text())),
+                              ModelError, "score file")
     ck.state_dict = {k: (v.half() if half else v.float()) if v.is_floating_point() else v
                      for k, v in ck.state_dict.items()}
     sha = write_checkpoint(dst, ck)

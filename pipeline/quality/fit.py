@@ -8,6 +8,7 @@ error), then fitted on every fold, stored and drawn."""
 from __future__ import annotations
 
 import datetime
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pipeline.quality.features import FEATURES, SHAPE
 from pipeline.quality.films import Films, FitError, films_from_database, films_from_folds
 from pipeline.quality.score import QualityModel, store
 from pipeline.quality.trust import WORST, finds_worst, fit_trust, held_out_trust
+from pipeline.regular import check_output_file
 
 
 def held_out_estimates(rows: list[dict], structures: Sequence[str], alpha: float = 1.0,
@@ -230,6 +232,10 @@ def fit(engine: Engine, model: str = "default", cv: Path | None = None, checkpoi
     lm = resolve_model(engine, model, "cpu")
     if out is not None:
         refuse_package_path(out)
+        for path in (out, tta_path(out)):
+            check_output_file(path, _is_score_file, FitError, "score file")
+    if figure is not None:
+        check_output_file(figure, _is_our_figure, FitError, "figure")
     films = (films_from_folds(engine, cv, cache, checkpoint, shifts, tta, seed, progress=progress) if cv is not None
              else films_from_database(engine, lm, cache, folds, shifts, tta, seed, sample, progress))
     try:
@@ -248,9 +254,7 @@ def fit(engine: Engine, model: str = "default", cv: Path | None = None, checkpoi
         store(engine, lm.name, lm.sha256, s, is_tta)
         result.stored.append(f"the database (quality_scores, {lm.name} {lm.sha256[:12]}{', tta' if is_tta else ''})")
         if out is not None:
-            path = out if not is_tta else out.with_name(out.name.replace(".quality.json", ".quality-tta.json")
-                                                         if out.name.endswith(".quality.json")
-                                                         else out.stem + "-tta" + out.suffix)
+            path = out if not is_tta else tta_path(out)
             s.save(path)
             result.stored.append(str(path))
     if figure is not None:
@@ -272,6 +276,25 @@ def not_worth_installing(j: Judged) -> str | None:
     if j.spearman < MIN_SPEARMAN:
         return f"held out it ranks the films at Spearman {j.spearman:.3f}, below the floor of {MIN_SPEARMAN}"
     return None
+
+
+def tta_path(out: Path) -> Path:
+    """Where ``--out``'s test-time-augmentation score goes, beside it."""
+    return out.with_name(out.name.replace(".quality.json", ".quality-tta.json") if out.name.endswith(".quality.json")
+                         else out.stem + "-tta" + out.suffix)
+
+
+FIGURE_SOFTWARE = "cxrlabel"  # the PNG tEXt Software of our figures: how a later run knows one it may replace
+
+
+def _is_score_file(path: Path) -> bool:
+    QualityModel.from_json(json.loads(path.read_text()))
+    return True
+
+
+def _is_our_figure(path: Path) -> bool:
+    head = path.read_bytes()[:4096]
+    return head.startswith(b"\x89PNG") and b"Software\x00" + FIGURE_SOFTWARE.encode() in head
 
 
 def refuse_package_path(path: Path) -> None:
@@ -303,6 +326,6 @@ def calibration_figure(judged: Judged, path: Path, title: str) -> Path:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": FIGURE_SOFTWARE})
     plt.close(fig)
     return Path(path)
