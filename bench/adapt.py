@@ -291,7 +291,8 @@ def main() -> None:
         if parent:
             results.append(run_shift(shift, parent, ref, ns, args.work, folders))
             print(table(results[-1]), flush=True)
-    (args.work / "adapt_results.json").write_text(json.dumps(results, indent=1))
+    for r in results:
+        (args.work / f"adapt_results_{r['shift']}.json").write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":
