@@ -293,6 +293,61 @@ def red_team_2026_12(engine, tmp: Path) -> tuple:
             12, n, gone)
 
 
+def red_team_2026_12_rest(engine, tmp: Path) -> tuple:
+    """The red team of 2026-12-07 (issue 41), the rest of points 6, 9 and 12: a checkpoint export
+    through a link and over a foreign file; a fitted score's file over someone else's; junk DICOM
+    header fields and spacing; an unterminated CSV quote; a uid repeated in a later batch; a
+    41-character group name; a uid ``sub/png`` in the review app; a NaN window. Each refused with
+    one line, or left out with a note while the rest loads."""
+    from pipeline.catalogue.records import store
+    from pipeline.groups.rules import load_rules
+    from pipeline.imaging.decoders import decode_dicom
+    from pipeline.model import export_checkpoint
+    from pipeline.quality.films import FitError
+    from pipeline.quality.fit import _is_score_file
+    from pipeline.regular import check_output_file
+    from pipeline.webapp import create_app
+    from tests.test_security import _dicom_with, _one_labelled_image
+    before = snapshot(engine)
+    outside = tmp / "rest_outside.txt"
+    outside.write_text("someone's notes")
+    link = tmp / "rest_link.pt"
+    link.symlink_to(outside)
+    default = REPO / "models" / "default" / "model.pt"
+    n = sum(_refused(fn) for fn in (lambda: export_checkpoint(default, link),
+                                                  lambda: export_checkpoint(default, outside)))
+    n += _refused(lambda: check_output_file(outside, _is_score_file, FitError))
+    n += outside.read_text() == "someone's notes"
+    (tmp / "rest").mkdir(exist_ok=True)
+    (tmp / "rest_nan").mkdir(exist_ok=True)
+    folder = _dicom_with(tmp / "rest", "junk", PatientAge="999Y", PatientSex="Q", StudyDate="20231399",
+                         PixelSpacing=["1e300", "1e300"])
+    side = D.connect(f"sqlite:///{tmp / 'rest.db'}")
+    s = C.load_dicom(side, folder, progress=False)
+    with side.connect() as c:
+        row = c.execute(text("SELECT age, sex, study_date, spacing_x FROM images WHERE uid = 'junk'")).first()
+    n += s.loaded == 1 and row is not None and tuple(row) == (None, None, None, None) and sum(s.notes.values()) == 3
+    csv_file = tmp / "rest.csv"
+    csv_file.write_text('uid,text\na,"cardiomegaly"\nb,"never closed\nc,normal\n')
+    s = C.load_csv(side, csv_file, {"uid": "uid", "text": "text"}, progress=False)
+    n += s.loaded == 1 and s.errors == 1
+    items = [{"uid": u, "source": "csv"} for u in ("x", "y", "x")]
+    n += store(side, iter(items), "rest.csv", batch_size=2, progress=False).errors == 1
+    rules = tmp / "rest.toml"
+    rules.write_text(f'[[group]]\nname = "{"x" * 41}"\nmatch = ["heart"]\n')
+    n += _refused(lambda: load_rules(rules))
+    review_db = D.connect(f"sqlite:///{tmp / 'rest_review.db'}")
+    _one_labelled_image(review_db, "sub")
+    _one_labelled_image(review_db, "sub/png")
+    n += create_app(review_db, "m").test_client().get("/api/image/sub/png").get_json()["uid"] == "sub/png"
+    nan = _dicom_with(tmp / "rest_nan", "nan", WindowCenter="nan", WindowWidth="400")
+    n += float(decode_dicom(nan / "nan.dcm", 128)[0].std()) > 0.05
+    review_db.dispose()
+    side.dispose()
+    return ("the red team of 2026-12-07, the rest (write guards, junk headers, CSV quote, batches, names, routes)",
+            10, n, lost(before, snapshot(engine)))
+
+
 def environment(tmp: Path) -> tuple:
     """An unreachable database and Ray address, and a database folder that does not exist:
     one-line errors within seconds, nothing created."""
@@ -387,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(exports(engine, tmp))
         rows.append(environment(tmp))
         rows.append(red_team_2026_12(engine, tmp))
+        rows.append(red_team_2026_12_rest(engine, tmp))
 
         # crafted checkpoints
         marker = tmp / "ran"
