@@ -200,19 +200,20 @@ def exports(engine, tmp: Path) -> tuple:
     out = tmp / "exports" / "m.csv"
     E.export(engine, "rle", out, chosen, progress=False)
     kept = out.read_bytes()
-    real = E._rle_row
+    import pipeline.export.rle as writer  # the writer's own name for it (the package re-exports it)
+    real = writer._rle_row
     for fault in (KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")):
-        def failing(it, fault=fault):
+        def failing(*_, fault=fault):
             raise fault
 
-        E._rle_row = failing
+        writer._rle_row = failing
         try:
             E.export(engine, "rle", out, chosen, progress=False)
         except (KeyboardInterrupt, E.ExportError) as e:
             n += (isinstance(e, KeyboardInterrupt) or str(out) in str(e)) and out.read_bytes() == kept \
                 and not list(out.parent.glob("*.partial"))
         finally:
-            E._rle_row = real
+            writer._rle_row = real
     clean = precious.read_text() == "a thesis chapter\n" and os.listdir(tmp / "photos") == ["holiday.png"]
     return ("exports (unrelated file, device, foreign folder, Ctrl-C, full disk)", 5, n if clean else 0, 0)
 
@@ -483,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         before = snapshot(engine)
         with engine.connect() as c:
             dicom = select_images(c, source="dicom")
-        runs = [threading.Thread(target=label, args=(engine, dicom, "default", "cpu", 2, str(tmp / "cache"), 1),
-                                 kwargs={"progress": False}) for _ in range(2)]
+        options = LabelOptions("default", "cpu", 2, str(tmp / "cache"), 1, progress=False)
+        runs = [threading.Thread(target=label, args=(engine, dicom, options)) for _ in range(2)]
         for t in runs:
             t.start()
         for t in runs:
