@@ -7,11 +7,13 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 
 from pipeline import db as D
+from pipeline.cli import cli
 from pipeline.groups import Selection, select_images
 from pipeline.imaging import Geometry, preprocess
 from pipeline.label import REFRAME_CONTACTS, Item, LabelOptions, edge_contacts, forward, label, reframe
@@ -554,7 +556,16 @@ def test_models_list_shows_the_shipped_default_first(sqlite_engine):
     from pipeline.model import default_model_path, file_sha256, list_models
     rows = list_models(sqlite_engine)  # a new database registers nothing: the default is still in use
     assert [r["name"] for r in rows] == ["default"]
-    assert rows[0]["sha256"] == file_sha256(default_model_path()) and rows[0]["trained_on"].endswith("(shipped)")
+    assert rows[0]["sha256"] == file_sha256(default_model_path()) and "(shipped" in rows[0]["trained_on"]
+    # trained on every film, it has no validation Dice: its recipe's cross-validated Dice, and it says so
+    assert rows[0]["dice_heart"] == 0.937 and "5-fold CV" in rows[0]["trained_on"]
+    table = CliRunner().invoke(cli, ["--db", str(sqlite_engine.url), "models", "list"]).output
+    assert file_sha256(default_model_path()) in table  # the whole sha256, never cut
+
+
+def test_a_table_cell_cut_short_ends_in_an_ellipsis(sqlite_engine):
+    r = CliRunner().invoke(cli, ["--db", str(sqlite_engine.url), "query", f"SELECT '{'x' * 100}' AS long"])
+    assert "x" * 59 + "…" in r.output and "x" * 61 not in r.output
 
 
 def test_a_tiles_captions_are_readable_on_a_bright_film():

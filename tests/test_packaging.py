@@ -19,7 +19,7 @@ from tests.conftest import DICOM, REPO
 RUNTIME_FILES = ["pipeline/sql/views.sql", "pipeline/sql/schema.sql", "pipeline/sql/queries/ctr_by_group.sql",
                  "pipeline/models/presets.toml", "pipeline/models/default/model.pt",
                  "pipeline/models/default/MODEL_CARD.md", "pipeline/models/default/model.quality.json",
-                 "pipeline/models/default/model.quality-tta.json",
+                 "pipeline/models/default/model.quality-tta.json", "pipeline/models/default/cross_validation.json",
                  "pipeline/rules/default.toml",
                  "pipeline/cli/__init__.py", "pipeline/train/loop.py", "pipeline/model/spec.py",
                  "pipeline/db/schema.py", "pipeline/label/run.py", "pipeline/imaging/fixups.py"]

@@ -104,8 +104,8 @@ def emit_json(value: object) -> None:
 
 
 def emit(rows: list[dict], as_json: bool, as_csv: bool = False, uncut: tuple[str, ...] = ()) -> None:
-    """Rows as JSON, CSV or an aligned table (cells cut at 60 characters, but the columns
-    ``uncut``, which should come last)."""
+    """Rows as JSON, CSV or an aligned table (cells cut at :data:`CELL` characters with an
+    ellipsis, but the columns ``uncut``, which should come last)."""
     if as_json:
         emit_json(rows)
         return
@@ -118,13 +118,20 @@ def emit(rows: list[dict], as_json: bool, as_csv: bool = False, uncut: tuple[str
         w.writeheader()
         w.writerows(rows)
         return
-    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))[
-              :None if c in uncut else 60] for c in cols] for r in rows]
+    cells = [[_cell(r[c], c in uncut) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     click.echo("  ".join("-" * w for w in widths))
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+CELL = 60  # characters a table cell shows; a longer one ends in an ellipsis (--csv and --json show all)
+
+
+def _cell(value, whole: bool) -> str:
+    text = "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if whole or len(text) <= CELL else text[:CELL - 1] + "…"
 
 
 def emit_stream(columns: list[str], rows: Iterator[dict], as_json: bool, as_csv: bool,

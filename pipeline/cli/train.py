@@ -143,7 +143,10 @@ def models_list(ctx, as_json) -> None:
         cxrlabel models list --json
     """
     from pipeline.model import list_models
-    emit(list_models(engine_of(ctx)), as_json)
+    rows = list_models(engine_of(ctx))
+    # the whole sha256 and path, last (they identify the file); every other cell as a table shows it
+    emit([{**{k: v for k, v in r.items() if k not in ("sha256", "path")}, "sha256": r["sha256"], "path": r["path"]}
+          for r in rows], as_json, uncut=("sha256", "path"))
 
 
 @models.command("export")

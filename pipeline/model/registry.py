@@ -134,15 +134,21 @@ def _shipped_row() -> dict:
     """``list_models``' row of the shipped default model (what `label` uses unless told)."""
     path = default_model_path()
     row = {"name": "default", "preset": None, "dice_heart": None, "dice_left_lung": None, "dice_right_lung": None,
-           "sha256": None, "path": str(path), "created_at": None, "trained_on": "(missing: reinstall)"}
+           "sha256": None, "path": str(path), "created_at": None,
+           "trained_on": "(missing: reinstall)"}
     if not path.exists():
         return row
     ck = read_checkpoint(path)
-    dice = ck.info.get("dice") or {}
+    dice = {k: v for k, v in (ck.info.get("dice") or {}).items() if _finite(v) is not None}
+    cv = resource("models", "default", "cross_validation.json")
+    if not dice and cv.exists():  # trained on every film: its held-out Dice is the recipe's, cross-validated
+        dice = json.loads(cv.read_text())["dice"]
     return {**row, "preset": ck.training.get("preset"), "dice_heart": _finite(dice.get("heart")),
             "dice_left_lung": _finite(dice.get("left_lung")), "dice_right_lung": _finite(dice.get("right_lung")),
             "sha256": file_sha256(path), "created_at": ck.info.get("trained"),
-            "trained_on": ", ".join(f"{k} {v}" for k, v in (ck.info.get("images") or {}).items()) + " (shipped)"}
+            "trained_on": ", ".join(f"{k} {v}" for k, v in (ck.info.get("images") or {}).items()) + " (shipped"
+            + ("; Dice: its recipe's 5-fold CV)" if not ck.info.get("dice") or cv.exists() and
+               dice == json.loads(cv.read_text())["dice"] else ")")}
 
 
 def _finite(v: float | None) -> float | None:
