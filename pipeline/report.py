@@ -51,23 +51,21 @@ class ReportFiles:
     summary: dict = field(default_factory=dict)  # the numbers behind the figures (ctr_summary)
 
 
-def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> np.ndarray:
-    """``(S, S, 3) uint8`` BGR tile: contours, width lines, CTR and quality."""
+TILE = 320  # a contact sheet's tile, px: its captions in a type a reader reads at the sheet's size
+
+
+def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict,
+            size: int = TILE) -> np.ndarray:
+    """``(size, size, 3) uint8`` BGR tile: contours and width lines drawn on the cached image,
+    then brought to ``size`` and captioned there (CTR and quality, uid and group)."""
     tile = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     for s, m in masks.items():
         small = geom.to_cache(m.astype(np.float32)) > 0.5
         contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(tile, contours, -1, COLOURS.get(s, (255, 255, 255)), 1)
-    heart = masks.get("heart")
-    if heart is not None and heart.any() and meas.get("heart_x0") is not None:
-        rows = np.flatnonzero(heart.any(axis=1))
-        y = int(rows[int(len(rows) * 0.7)])  # lower heart: where the transverse diameter lies
-        cv2.line(tile, geom.point_to_cache(meas["heart_x0"], y), geom.point_to_cache(meas["heart_x1"], y),
-                 (0, 230, 255), 1)
-        if meas.get("lungs_x0") is not None:
-            (x0, yc), (x1, _) = geom.point_to_cache(meas["lungs_x0"], y), geom.point_to_cache(meas["lungs_x1"], y)
-            cv2.line(tile, (x0, yc + 3), (x1, yc + 3), (255, 255, 0), 1)
+    _width_lines(tile, geom, masks, meas)
+    tile = cv2.resize(tile, (size, size), interpolation=cv2.INTER_LINEAR if size > tile.shape[0] else cv2.INTER_AREA)
     ctr = meas.get("ctr")
     q = meas.get("quality")
     label = f"CTR {ctr:.2f}" if ctr is not None else "CTR -"
@@ -84,6 +82,30 @@ def overlay(image: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], mea
     _caption(tile, flag_caption(meas["input_check"]) if flagged else label, 1,
              (80, 80, 255) if flagged else (255, 255, 255))
     return tile
+
+
+def _width_lines(tile: np.ndarray, geom: Geometry, masks: dict[str, np.ndarray], meas: dict) -> None:
+    """The heart's width across the lower heart, where the transverse diameter lies, and the
+    thorax's below it at the lungs' widest row (at least a tenth of the heart's height lower:
+    two lines on top of each other read as one)."""
+    heart = masks.get("heart")
+    if heart is None or not heart.any() or meas.get("heart_x0") is None:
+        return
+    rows = np.flatnonzero(heart.any(axis=1))
+    y = int(rows[int(len(rows) * 0.7)])
+    cv2.line(tile, geom.point_to_cache(meas["heart_x0"], y), geom.point_to_cache(meas["heart_x1"], y),
+             (0, 230, 255), 1)
+    lungs = [m for s, m in masks.items() if s in ("left_lung", "right_lung") and m.any()]
+    if meas.get("lungs_x0") is None or not lungs:
+        return
+    union = np.logical_or.reduce(lungs)
+    left, right = np.argmax(union, axis=1), union.shape[1] - np.argmax(union[:, ::-1], axis=1)
+    spans = np.where(union.any(axis=1), right - left, 0)
+    yt = int(np.argmax(spans))
+    gap = max(8, (rows[-1] - rows[0]) // 10)
+    yt = yt if abs(yt - y) >= gap else y + gap
+    (x0, yc), (x1, _) = geom.point_to_cache(meas["lungs_x0"], yt), geom.point_to_cache(meas["lungs_x1"], yt)
+    cv2.line(tile, (x0, yc), (x1, yc), (255, 255, 0), 1)
 
 
 def flag_caption(reason: str, width: int = 34) -> str:
@@ -151,8 +173,7 @@ def report(engine: Engine, out_dir: Path, model: str = "default", group: str | S
         if pixels in seen:  # the same film under another uid (an archive's copy): shown once
             continue
         seen.add(pixels)
-        tile = overlay(e.image, e.geom, masks.get(r["uid"], {}), r)
-        images.append(cv2.resize(tile, (256, 256), interpolation=cv2.INTER_AREA))
+        images.append(overlay(e.image, e.geom, masks.get(r["uid"], {}), r))
     sheet = _grid(images, columns)
     sheet_path = out_dir / f"contact_sheet_{name}.png"
     cv2.imwrite(str(sheet_path), sheet)
@@ -308,10 +329,11 @@ def _caption(tile: np.ndarray, text: str, where: int, colour=(255, 255, 255)) ->
     """``text`` on a dark band along the tile's top (``where`` 0) or bottom (1): readable on
     a bright film as on a dark one."""
     h, w = tile.shape[:2]
-    y0 = 0 if where == 0 else h - 16
-    band = tile[y0:y0 + 16]
+    band_h = max(16, h // 16)
+    y0 = 0 if where == 0 else h - band_h
+    band = tile[y0:y0 + band_h]
     band[:] = (band * 0.25).astype(np.uint8)
-    cv2.putText(tile, text, (4, y0 + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, colour, 1, cv2.LINE_AA)
+    cv2.putText(tile, text, (4, y0 + band_h - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.38 * h / 256, colour, 1, cv2.LINE_AA)
 
 
 LEGEND = (("heart", COLOURS["heart"]), ("left lung", COLOURS["left_lung"]), ("right lung", COLOURS["right_lung"]),
@@ -334,13 +356,13 @@ def _legend(width: int) -> np.ndarray:
 def _grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     """The tiles, ``columns`` to a row, under the legend."""
     if not tiles:
-        return np.zeros((256, 256, 3), np.uint8)
+        return np.zeros((TILE, TILE, 3), np.uint8)
     rows = (len(tiles) + columns - 1) // columns
     cols = min(columns, len(tiles))
-    sheet = np.zeros((rows * 256, cols * 256, 3), np.uint8)
+    sheet = np.zeros((rows * TILE, cols * TILE, 3), np.uint8)
     for i, t in enumerate(tiles):
         r, c = divmod(i, columns)
-        sheet[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = t
+        sheet[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = t
     return np.concatenate([_legend(sheet.shape[1]), sheet])
 
 

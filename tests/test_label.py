@@ -322,7 +322,7 @@ def test_kill_9_mid_run_then_rerun_labels_each_image_once(annotated_db, tiny_mod
 def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     from pipeline.evaluate import evaluate
     from pipeline.groups import sample
-    from pipeline.report import report
+    from pipeline.report import TILE, report
     s = label(annotated_engine, _items(annotated_engine, 6),
               LabelOptions(model=str(tiny_model), device="cpu", batch_size=3, cache_dir=str(tmp_path / "c"),
                            workers=1, progress=False))
@@ -353,7 +353,7 @@ def test_evaluate_and_report(annotated_engine, tiny_model, tmp_path):
     files = report(annotated_engine, tmp_path / "rep", s.model, group="cardiomegaly")
     assert files.images == 6 and files.contact_sheet.stat().st_size > 10_000  # the copy is shown once
     sheet = cv2.imread(str(files.contact_sheet))
-    assert sheet.shape[0] == 40 + 256 and sheet[:40].std() > 5  # the legend above one row of tiles
+    assert sheet.shape[0] == 40 + TILE and sheet[:40].std() > 5  # the legend above one row of tiles
     assert files.histogram.exists() and files.bland_altman.stat().st_size > 10_000
     files = report(annotated_engine, tmp_path / "rep", s.model, sample="2024/q1", tiles=2)
     assert files.images == 2 and files.contact_sheet.parent == tmp_path / "rep"
