@@ -44,6 +44,7 @@ from pipeline.train.plots import plot_curve
 
 log = logging.getLogger(__name__)
 
+RESUME_EVERY = 30.0  # seconds between resume points within a call (one is always written at its end)
 AUGMENTATION_SEEDS = "per-image-v1"  # how augmentation draws its randomness (see sample_seeds)
 
 
@@ -141,6 +142,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = Progress()
         self.last = run_dir / "last.pt"
+        self.saved_at = time.monotonic()
 
     def resume(self) -> None:
         """Carry on from ``last.pt``, if there is one (refused when made otherwise)."""
@@ -225,11 +227,17 @@ class Trainer:
             return True
         return False
 
-    def save(self, best: bool, scores: dict[str, float], rng_state: tuple) -> None:
-        """``best.pt`` when this epoch is the best, and the resume point ``last.pt`` (written
-        beside and moved, so a crash never leaves half of one)."""
-        if best:
+    def save(self, best: bool, scores: dict[str, float], rng_state: tuple, last_of_call: bool = True) -> None:
+        """``best.pt`` when this epoch is the best on held-out images (without them the model is
+        the last epoch: :meth:`finish` writes it once), and the resume point ``last.pt`` (written
+        beside and moved, so a crash never leaves half of one) at the last epoch of this call and
+        otherwise at most every :data:`RESUME_EVERY` seconds: an adaptation's epochs are single
+        steps, and writing 75 MB after each took longer than the step."""
+        if best and self.va:
             self._save_model(self.run_dir / "best.pt", scores)
+        if not last_of_call and time.monotonic() - self.saved_at < RESUME_EVERY:
+            return
+        self.saved_at = time.monotonic()
         tmp = self.last.with_name("last.pt.tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(), "state": dataclasses.asdict(self.progress),
@@ -251,6 +259,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         if self.va and p.epoch == cfg.epochs and p.history:
             self._save_model(self.run_dir / "final.pt", {s: p.history[-1].get(s) for s in cfg.structures})
+        if not self.va and p.history and p.best_epoch == p.epoch:  # no held-out images: the last epoch is the model
+            self._save_model(self.run_dir / "best.pt", {})
         best = p.history[p.best_epoch - 1] if p.history else {}
         plot_curve(p.history, self.run_dir / "learning_curve.png", f"{cfg.preset} ({cfg.network}, {cfg.size}px)",
                    cfg.structures)
@@ -269,7 +279,7 @@ class Trainer:
             loss = self.train_epoch(batches)
             scores = self.validate()
             best = self.record(epoch, loss, scores, time.perf_counter() - t0)
-            self.save(best, scores, rng_after[n])
+            self.save(best, scores, rng_after[n], last_of_call=epoch == stop - 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
         bar.close()
