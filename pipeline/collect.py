@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline.imaging import DECODE_TIMEOUT, DecodeError, Geometry, deadline, preprocess
-from pipeline.pacs.fetch import PacsUnreachable, fetch_to, is_remote
+from pipeline.pacs.fetch import PacsUnreachable, environment, fetch_to, is_remote, use_environment
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,10 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
 
 
 def _job(args: tuple) -> dict:
+    """One decode in a worker; a PACS instance's job carries the caller's PACS settings last."""
+    if len(args) > 6:
+        use_environment(args[6])
+        args = args[:6]
     return collect_one(*args)
 
 
@@ -169,8 +173,9 @@ def decoder_pool(workers: int | None, jobs: int) -> contextlib.AbstractContextMa
 
 def _decode_many(items: Sequence[tuple[str, str | None]], settings: Settings, root: Path,
                  pool: Executor | None, keep_images: bool) -> Iterator[dict]:
+    remote = environment()
     jobs = [(u, p or "", str(entry_path(root, settings, u)), settings.size, settings.mode, keep_images)
-            for u, p in items]
+            + ((remote,) if is_remote(p) else ()) for u, p in items]
     if pool is None:
         yield from map(_job, jobs)
     else:

@@ -25,6 +25,33 @@ class PacsUnreachable(PacsError):
     every other instance would fail the same way, so the run stops."""
 
 
+# what a fetch reads from the environment: credentials, limits, the netrc file. Decoder processes
+# start from a fork server whose environment is the one it began with, so a fetch carries the
+# caller's values with it (in memory, to our own processes; never written anywhere)
+SETTINGS = ("CXRLABEL_PACS_USER", "CXRLABEL_PACS_PASSWORD", "CXRLABEL_PACS_TOKEN", "CXRLABEL_PACS_TIMEOUT",
+            "CXRLABEL_PACS_RETRIES", "CXRLABEL_PACS_BACKOFF", "CXRLABEL_PACS_ALLOW_HTTP", "NETRC", "HOME")
+
+
+def environment() -> dict[str, str]:
+    """This process's PACS settings, to hand to a decoder process (:func:`use_environment`)."""
+    return {k: os.environ[k] for k in SETTINGS if k in os.environ}
+
+
+def use_environment(settings: dict[str, str]) -> None:
+    """Make ``settings`` this process's PACS settings (a decoder process, before a fetch);
+    sessions made under other settings are dropped."""
+    if all(os.environ.get(k) == settings.get(k) for k in SETTINGS):
+        return
+    for k in SETTINGS:
+        if k in settings:
+            os.environ[k] = settings[k]
+        else:
+            os.environ.pop(k, None)
+    for client in _CLIENTS.values():
+        client.close()
+    _CLIENTS.clear()
+
+
 def is_remote(path: str | None) -> bool:
     """Whether a catalogued path is a PACS instance (DICOMweb or DIMSE), not a file."""
     return bool(path) and str(path).startswith((SCHEME, "dimse://"))
