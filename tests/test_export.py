@@ -140,7 +140,7 @@ def test_seg_export_round_trips_through_highdicom(engine, tmp_path):
     import pydicom
     truth = _labelled_dicoms(engine, tmp_path / "dicom", extra_png=True, rng=np.random.default_rng(0))
     s = export(engine, "seg", tmp_path / "seg", _selection(engine), progress=False)
-    assert s.written == 2 and s.skipped == {"not from a DICOM file (seg needs the source DICOM)": 1}
+    assert s.written == 2 and s.skipped == {"not from a DICOM file (seg and sr need the source DICOM)": 1}
     with engine.connect() as c:
         dicom_rows = c.execute(text("SELECT uid, sop_uid, study_uid FROM images WHERE sop_uid IS NOT NULL")).all()
     for uid, sop, study in dicom_rows:

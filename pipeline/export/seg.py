@@ -36,12 +36,7 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
     _prepare_folder("seg", out)
     from pipeline.imaging import DecodeError, open_regular
     for it in stream:
-        src = source_header(it.path)
-        if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
-            _skip(summary, "not from a DICOM file (seg needs the source DICOM)")
-            continue
-        if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
-            _skip(summary, "masks and source DICOM differ in size")
+        if (src := source_for(it, summary)) is None:
             continue
         uid = content_uid(src, it)
         path = out / f"{safe_name(it.uid)}.dcm"
@@ -60,6 +55,19 @@ def export_seg(stream: Iterator[Item], out: Path, summary: ExportSummary, names:
         with _written(path) as tmp:
             seg.save_as(tmp)
         summary.written += 1
+
+
+def source_for(it: Item, summary: ExportSummary):
+    """``it``'s source header when a DICOM object can reference it (a DICOM file or a PACS
+    instance of the masks' size); None, the reason counted in ``summary``, otherwise."""
+    src = source_header(it.path)
+    if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
+        _skip(summary, "not from a DICOM file (seg and sr need the source DICOM)")
+        return None
+    if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
+        _skip(summary, "masks and source DICOM differ in size")
+        return None
+    return src
 
 
 def source_header(path: str | None):

@@ -156,16 +156,11 @@ def store_results(engine: Engine, kind: str, url: str, stream: Iterator[Item], s
                   names: dict[str, str], model: str) -> None:
     """``kind`` (``seg`` or ``sr``) objects of the stream's films, stored in the PACS at ``url``
     over STOW-RS, :data:`STOW_BATCH` at a time; what it already holds is kept."""
-    from pipeline.export.seg import content_uid, prepared_source, segmentation_of, source_header
+    from pipeline.export.seg import content_uid, prepared_source, segmentation_of, source_for
     with DicomWeb(url) as client:
         batch: list[tuple[str, object, str | None]] = []
         for it in stream:
-            src = source_header(it.path)
-            if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
-                _skip(summary, f"not from a DICOM file or PACS instance ({kind} needs the source's header)")
-                continue
-            if (int(src.Rows), int(src.Columns)) != (it.height, it.width):
-                _skip(summary, "masks and source DICOM differ in size")
+            if (src := source_for(it, summary)) is None:
                 continue
             sop = content_uid(src, it, kind)
             earlier = previous_exports(engine, client.base, kind, it.uid, model)
@@ -202,13 +197,11 @@ def export_sr(engine: Engine, stream: Iterator[Item], out, summary: ExportSummar
     import pydicom
 
     from pipeline.export.destination import _prepare_folder, _written
-    from pipeline.export.seg import content_uid, prepared_source, source_header
+    from pipeline.export.seg import content_uid, prepared_source, source_for
     from pipeline.export.stream import safe_name
     _prepare_folder("sr", out)
     for it in stream:
-        src = source_header(it.path)
-        if src is None or "SOPInstanceUID" not in src or "Rows" not in src:
-            _skip(summary, "not from a DICOM file or PACS instance (sr needs the source's header)")
+        if (src := source_for(it, summary)) is None:
             continue
         sop = content_uid(src, it, "sr")
         path = out / f"{safe_name(it.uid)}.dcm"
