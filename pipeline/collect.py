@@ -40,7 +40,8 @@ from tqdm import tqdm
 from pipeline import CxrlabelError, process_pool
 from pipeline import db as D
 from pipeline.imaging import DECODE_TIMEOUT, DecodeError, Geometry, deadline, preprocess
-from pipeline.pacs.fetch import PacsUnreachable, environment, fetch_to, is_remote, use_environment
+from pipeline.pacs.client import PacsUnreachable
+from pipeline.pacs.fetch import environment, fetch_to, is_remote, use_environment
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def collect_one(uid: str, source: str, out: str, size: int, mode: str, keep_imag
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(img, np.uint8), allow_pickle=False)
     except PacsUnreachable as e:  # every other instance would wait out the same retries: stop the run
-        return {"uid": uid, "error": type(e).__name__, "fatal": True, "message": str(e)}
+        return {"uid": uid, "error": "PacsUnreachable", "fatal": True, "message": str(e)}
     except Exception as e:  # a bad file is recorded, never stops the run
         return {"uid": uid, "error": type(e).__name__, "message": str(e)}
     finally:

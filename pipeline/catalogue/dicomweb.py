@@ -73,7 +73,8 @@ def load_dicomweb(engine: Engine, url: str, query: PacsQuery | None = None, sour
     """Catalogue the instances of the DICOMweb server at ``url`` that match ``query``.
     ``texts``: report text by ``text_key`` (an images field: accession, study_uid, sop_uid,
     patient_id) from a RIS export."""
-    query = dataclasses.replace(query or PacsQuery(), study_date=check_date_range((query or PacsQuery()).study_date))
+    query = query or PacsQuery()
+    query = dataclasses.replace(query, study_date=check_date_range(query.study_date))
     client = DicomWeb(url, allow_http)
     summary_holder: dict[str, int] = {"already": 0}
 
@@ -131,14 +132,12 @@ def _headers(client: DicomWeb, study: str, series: str, rows: list[dict]):
     stays down stops the load instead: its next run goes on)."""
     import pydicom
 
-    from pipeline.pacs.client import PacsAuthError
+    from pipeline.pacs.client import PacsUnreachable
     try:
         meta = client.series_metadata(study, series)
-    except PacsAuthError:
+    except PacsUnreachable:  # the server is gone or refuses us: stop, with what was loaded kept
         raise
     except PacsError as e:
-        if "tries" in str(e):  # the server is gone: stop, with what was loaded kept
-            raise
         return Problem(None, series, f"series {series}: no metadata ({e})")
     out = {}
     for m in meta if isinstance(meta, list) else []:

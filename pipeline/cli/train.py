@@ -92,6 +92,9 @@ def train_cmd(ctx, preset, parent, folds, only, device, name, run_dir, no_resume
         cxrlabel train --from default --name clinic_a
     """
     from pipeline.train import TrainConfig, cross_validate
+    for key in ("masks", "structures"):
+        if overrides.get(key):
+            overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())
     if parent is not None:
         _adapt(ctx, parent, preset, folds, name, run_dir, no_resume, cache_dir, device, overrides)
         return
@@ -100,9 +103,6 @@ def train_cmd(ctx, preset, parent, folds, only, device, name, run_dir, no_resume
     for key, example in (("widen_range", "0.85,1.35"), ("widen_ctr", "0.40,0.66")):
         if overrides.get(key):
             overrides[key] = _pair(overrides[key], f"--{key.replace('_', '-')}", example)
-    for key in ("masks", "structures"):
-        if overrides.get(key):
-            overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())
     if only and not folds:
         raise click.UsageError("--fold needs --folds K (which cross-validation the fold belongs to)")
     cfg = TrainConfig.from_preset(preset, folds=folds or 1, **overrides)
@@ -203,9 +203,6 @@ def _adapt(ctx, parent: str, preset: str, folds: int | None, name: str | None, r
     for key in ("widen_range", "widen_ctr"):
         if overrides.get(key):
             raise click.UsageError(f"--from keeps {parent}'s recipe: leave out --{key.replace('_', '-')}")
-    for key in ("masks", "structures"):
-        if overrides.get(key):
-            overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())
     stem = Path(parent).stem if parent.endswith(".pt") else parent
     name = check_model_name(name or f"{stem}_adapted")
     run_dir = run_dir or Path("runs") / name

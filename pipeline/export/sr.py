@@ -156,7 +156,7 @@ def store_results(engine: Engine, kind: str, url: str, stream: Iterator[Item], s
                   names: dict[str, str], model: str) -> None:
     """``kind`` (``seg`` or ``sr``) objects of the stream's films, stored in the PACS at ``url``
     over STOW-RS, :data:`STOW_BATCH` at a time; what it already holds is kept."""
-    from pipeline.export.seg import content_uid, prepared_source, segmentation_of, source_for
+    from pipeline.export.seg import content_uid, segmentation_of, source_for
     with DicomWeb(url) as client:
         batch: list[tuple[str, object, str | None]] = []
         for it in stream:
@@ -167,20 +167,8 @@ def store_results(engine: Engine, kind: str, url: str, stream: Iterator[Item], s
             if any(r["sop_uid"] == sop for r in earlier):
                 summary.kept += 1
                 continue
-            if kind == "seg":
-                ds = segmentation_of(src, it, sop, names, summary)
-            elif prepared_source(src, summary):
-                widths = widths_of(engine, model, [it.uid]).get(it.uid)
-                try:
-                    with warnings.catch_warnings():  # highdicom's warnings quote patient names
-                        warnings.simplefilter("ignore", UserWarning)
-                        ds = measurement_report(src, it, widths or Widths(None, None, None, None, None), sop,
-                                                [_reference(r) for r in earlier[:1]])
-                except (ValueError, TypeError, AttributeError) as e:
-                    _skip(summary, f"DICOM SR could not be made ({type(e).__name__}: {str(e)[:120]})")
-                    ds = None
-            else:
-                ds = None
+            ds = (segmentation_of(src, it, sop, names, summary) if kind == "seg" else
+                  report_of(engine, src, it, sop, model, summary, [_reference(r) for r in earlier[:1]]))
             if ds is None:
                 continue
             batch.append((it.uid, ds, earlier[0]["sop_uid"] if earlier else None))
@@ -197,7 +185,7 @@ def export_sr(engine: Engine, stream: Iterator[Item], out, summary: ExportSummar
     import pydicom
 
     from pipeline.export.destination import _prepare_folder, _written
-    from pipeline.export.seg import content_uid, prepared_source, source_for
+    from pipeline.export.seg import content_uid, source_for
     from pipeline.export.stream import safe_name
     _prepare_folder("sr", out)
     for it in stream:
@@ -213,19 +201,28 @@ def export_sr(engine: Engine, stream: Iterator[Item], out, summary: ExportSummar
                     continue
             except (OSError, pydicom.errors.InvalidDicomError, AttributeError):
                 pass
-        if not prepared_source(src, summary):
-            continue
-        widths = widths_of(engine, model, [it.uid]).get(it.uid) or Widths(None, None, None, None, None)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                sr = measurement_report(src, it, widths, sop)
-        except (ValueError, TypeError, AttributeError) as e:
-            _skip(summary, f"DICOM SR could not be made ({type(e).__name__}: {str(e)[:120]})")
+        if (sr := report_of(engine, src, it, sop, model, summary)) is None:
             continue
         with _written(path) as tmp:
             sr.save_as(tmp, enforce_file_format=True)
         summary.written += 1
+
+
+def report_of(engine: Engine, src, it: Item, sop: str, model: str, summary: ExportSummary,
+              previous: list | None = None):
+    """``it``'s measurement report on ``src`` (naming ``previous`` reports it supersedes), or
+    None (the reason counted in ``summary``): as :func:`pipeline.export.seg.segmentation_of`."""
+    from pipeline.export.seg import prepared_source
+    if not prepared_source(src, summary):
+        return None
+    widths = widths_of(engine, model, [it.uid]).get(it.uid) or Widths(None, None, None, None, None)
+    try:
+        with warnings.catch_warnings():  # highdicom's warnings quote patient names: never to a terminal
+            warnings.simplefilter("ignore", UserWarning)
+            return measurement_report(src, it, widths, sop, previous)
+    except (ValueError, TypeError, AttributeError) as e:
+        _skip(summary, f"DICOM SR could not be made ({type(e).__name__}: {str(e)[:120]})")
+        return None
 
 
 def _stow(engine: Engine, client: DicomWeb, kind: str, model: str, batch: list, summary: ExportSummary) -> None:

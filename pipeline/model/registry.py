@@ -50,14 +50,21 @@ def model_spec(engine: Engine | None, ref: str = "default") -> ModelSpec:
     return read_checkpoint(locate(engine, ref)[0]).spec
 
 
-def resolve_model(engine: Engine | None, ref: str = "default", device: str = "auto") -> LoadedModel:
-    """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
+def verified(engine: Engine | None, ref: str = "default") -> tuple[Path, str, str]:
+    """:func:`locate`'s file and name for ``ref``, and the file's sha256: refused when a
+    registered model's file is no longer the one it was registered with."""
     path, name, registered = locate(engine, ref)
     sha = file_sha256(path)
     if registered is not None and sha != registered:
         raise ModelError(f"model {ref!r}: {path} has sha256 {sha}, but was registered with {registered}: "
                          "the file changed after it was registered; train it again, or name the file "
                          "by its path if you trust it")
+    return path, name, sha
+
+
+def resolve_model(engine: Engine | None, ref: str = "default", device: str = "auto") -> LoadedModel:
+    """``default`` (the shipped model), a name in the ``models`` table, or a checkpoint path."""
+    path, name, sha = verified(engine, ref)
     dev = pick_device(device)
     module, ck = load_model(path, dev)
     if dev.type == "cpu":

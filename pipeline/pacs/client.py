@@ -40,8 +40,13 @@ class PacsError(CxrlabelError):
     pass
 
 
-class PacsAuthError(PacsError):
-    """The server refused the credentials: never retried."""
+class PacsUnreachable(PacsError):
+    """The server did not answer after the bounded retries, or refuses us: every other request
+    would fail the same way, so a run stops (a rerun goes on from where it stopped)."""
+
+
+class PacsAuthError(PacsUnreachable):
+    """The server refused the credentials (or, over DIMSE, the association): never retried."""
 
 
 def _is_local(host: str) -> bool:
@@ -155,8 +160,8 @@ class DicomWeb:
                 wait = _retry_after(r) or self.backoff * 2 ** attempt
             if attempt < self.retries:
                 time.sleep(min(wait, MAX_WAIT))
-        raise PacsError(f"{what}: {last} after {self.retries + 1} tries: is the server up? A later run goes on "
-                        "from where this one stopped")
+        raise PacsUnreachable(f"{what}: {last} after {self.retries + 1} tries: is the server up? A later run goes "
+                              "on from where this one stopped")
 
     # ------------------------------------------------------------ QIDO-RS
     def search(self, level: str, params: dict, page: int = 500) -> Iterator[list[dict]]:

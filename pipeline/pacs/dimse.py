@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from pipeline.pacs.client import BACKOFF, RETRIES, TIMEOUT, PacsError, _env_number
+from pipeline.pacs.client import BACKOFF, RETRIES, TIMEOUT, PacsAuthError, PacsError, PacsUnreachable, _env_number
 
 # pynetdicom logs every refused connection and odd message itself: what went wrong reaches the
 # user as our one line (or a failures row), never as its log on the terminal
@@ -89,12 +89,12 @@ def _associate(peer: Peer, contexts, roles=(), handlers=()):
         if assoc.is_established:
             return assoc
         if assoc.is_rejected:
-            raise PacsError(f"{peer}: the PACS rejected the association (is {peer.calling} a modality it knows, and "
-                            f"{peer.called} its AE title?)")
+            raise PacsAuthError(f"{peer}: the PACS rejected the association (is {peer.calling} a modality it "
+                                f"knows, and {peer.called} its AE title?)")
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
-    raise PacsError(f"{peer}: no association after {retries + 1} tries: is the server up? A later run goes on from "
-                    "where this one stopped")
+    raise PacsUnreachable(f"{peer}: no association after {retries + 1} tries: is the server up? A later run goes "
+                          "on from where this one stopped")
 
 
 def _find(assoc, level: str, keys: tuple[str, ...], match: dict, model) -> Iterator:

@@ -15,14 +15,9 @@ import os
 import warnings
 from pathlib import Path
 
-from pipeline.pacs.client import SCHEME, DicomWeb, PacsAuthError, PacsError
+from pipeline.pacs.client import SCHEME, DicomWeb, PacsError
 
 _CLIENTS: dict[str, DicomWeb] = {}
-
-
-class PacsUnreachable(PacsError):
-    """The server did not answer after the bounded retries (or refused the credentials):
-    every other instance would fail the same way, so the run stops."""
 
 
 # what a fetch reads from the environment: credentials, limits, the netrc file. Decoder processes
@@ -74,21 +69,9 @@ def fetch_to(path: str, dest: str | Path) -> Path:
     refuses this instance."""
     if path.startswith("dimse://"):
         from pipeline.pacs.dimse import get_instance
-        try:
-            return get_instance(path, dest)
-        except PacsError as e:
-            if "tries" in str(e) or "rejected the association" in str(e):
-                raise PacsUnreachable(str(e)) from None
-            raise
+        return get_instance(path, dest)
     url = path[len(SCHEME):]
-    try:
-        data = client_for(base_of(url)).instance(url)
-    except PacsAuthError as e:
-        raise PacsUnreachable(str(e)) from None
-    except PacsError as e:
-        if "tries" in str(e):
-            raise PacsUnreachable(str(e)) from None
-        raise
+    data = client_for(base_of(url)).instance(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")

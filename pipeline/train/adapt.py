@@ -30,9 +30,8 @@ import torch
 from sqlalchemy.engine import Engine
 
 from pipeline.imaging import model_input
-from pipeline.model import ModelError, load_model, pick_device, predict, register_model
-from pipeline.model.checkpoints import file_sha256
-from pipeline.model.registry import locate
+from pipeline.model import load_model, pick_device, predict, register_model
+from pipeline.model.registry import verified
 from pipeline.train.config import TrainConfig, TrainError
 from pipeline.train.data import Dataset, load_dataset
 from pipeline.train.folds import splits_for
@@ -72,8 +71,8 @@ def adaptation_config(ck_training: dict, spec_dict: dict, sha256: str, **overrid
     base = {**spec_dict, **ck_training}
     base.setdefault("preset", "adapted")
     cfg = TrainConfig.from_dict({**base, "structures": list(spec_dict["structures"])})
-    values: dict[str, Any] = {"lr": cfg.lr * LR_SHARE, "val_frac": 0.0, "folds": 1, "fold": 0, "masks": ADAPT_MASKS,
-              "pull": PULL, "parent": sha256, "threads": None}
+    values: dict[str, Any] = {"lr": cfg.lr * LR_SHARE, "val_frac": 0.0, "folds": 1, "fold": 0,
+                              "masks": ADAPT_MASKS, "pull": PULL, "parent": sha256, "threads": None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["masks"] = tuple(values["masks"])
     if "manual" not in values["masks"]:
@@ -106,15 +105,10 @@ def adapt(engine: Engine, parent_ref: str, run_dir: Path, name: str, cache_dir: 
     """Adapt ``parent_ref`` (``default``, a registered name or a checkpoint) to the database's
     manual (and reviewed) films; registers the result as ``name``."""
     started = time.time()
-    path, parent_name, registered = locate(engine, parent_ref)
-    sha = file_sha256(path)
-    if registered is not None and sha != registered:
-        raise ModelError(f"model {parent_ref!r}: {path} changed after it was registered (sha256 {sha}); "
-                         "name the file by its path if you trust it")
+    path, parent_name, sha = verified(engine, parent_ref)
     dev = pick_device(device)
     parent, ck = load_model(path, dev)
-    overrides.setdefault("review_model", None)
-    if overrides["review_model"] is None:
+    if overrides.get("review_model") is None:
         overrides["review_model"] = parent_name  # the corrections a clinic made of the parent's masks
     cfg = adaptation_config(ck.training, ck.spec.as_dict(), sha, **overrides)
     if overrides.get("threads"):
@@ -129,7 +123,7 @@ def adapt(engine: Engine, parent_ref: str, run_dir: Path, name: str, cache_dir: 
         cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(ADAPT_STEPS / steps)))
     taught = teach_missing(ds, train_idx, parent, cfg, dev)
     del parent
-    start = Start({k: v for k, v in ck.state_dict.items()}, parent_name, sha,
+    start = Start(ck.state_dict, parent_name, sha,
                   tuple(ck.info.get("trained_uids") or ()))
     result = train(engine, cfg, run_dir, cache_dir, device, resume, progress, dataset=ds, held_out=held,
                    start=start)
