@@ -435,6 +435,39 @@ def test_a_later_process_pool_starts_with_the_pipelines_worker_modules_imported(
     assert done.stdout.strip() == "['pipeline.collect', 'pipeline.label', 'torch']", done.stdout
 
 
+def test_a_pool_starts_all_its_workers_before_its_first_task():
+    """Labelling starts its post-processing workers beside the first batch's model pass
+    (their start, ~0.25 s, otherwise delayed the first batch's answer): after start_all
+    every worker is running, each a process of its own."""
+    import subprocess
+    import sys
+    code = ("from pipeline import process_pool\n"
+            "with process_pool(2) as pool:\n"
+            "    pool.start_all()\n"
+            "    print(len(pool._processes), len({p.pid for p in pool._processes.values()}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "2"], done.stdout
+
+
+def test_a_batch_is_shared_between_workers_by_the_films_sizes():
+    """Each film goes to exactly one task; the two tasks' work (a fixed part and one that
+    grows with the film's pixels) differs by less than one film's."""
+    from pipeline.imaging import Geometry
+    from pipeline.label.batch import Item
+    from pipeline.label.run import FILM_WORK, _shares
+    sides = [3000, 512, 2500, 600, 800, 2048, 1024, 700, 2800, 512, 900, 1500, 3000, 640, 2200, 1000]
+    items = [Item(f"u{i}", np.zeros((256, 256), np.uint8), Geometry.fit(s, s, 256, "pad"))
+             for i, s in enumerate(sides)]
+    tasks = _shares(items, 2)
+    assert sorted(i for t in tasks for i in t) == list(range(len(items)))
+    assert all(t == sorted(t) for t in tasks)
+    work = [sum(1 + sides[i] ** 2 / FILM_WORK for i in t) for t in tasks]
+    assert abs(work[0] - work[1]) <= 1 + 3000 ** 2 / FILM_WORK
+    assert _shares(items[:1], 2) == [[0]] and _shares([], 2) == []
+
+
 def test_every_file_a_user_names_is_opened_only_when_it_is_a_regular_file(engine, tmp_path):
     """A FIFO given where a rules file, a CSV, a reports table, an OpenI archive or a .sql
     file belongs is refused at once with a line naming it (it blocked for ever before), and a

@@ -9,7 +9,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 
 WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU
+
+FILM_WORK = 6e6  # original pixels whose runs cost post-processing as much as its fixed part
+# (bench/overhead.py: ~5 ms a film, ~7.8 ms for films of 2,000 px a side and more)
 
 
 @dataclass
@@ -254,9 +257,9 @@ class Local:
     """The local loop. On a GPU, the batches before the one in the model are post-processed
     (in processes) and written (in a writer thread) meanwhile, and the next two load (in
     threads); the loop waits only when more than :data:`WRITES_IN_FLIGHT` are. On a CPU the
-    model already takes every core: overlapping only makes them compete (measured: 0.50 vs
-    0.58 of model-only throughput on 2 cores), so each batch is post-processed and written
-    before the next runs."""
+    model already takes every core: overlapping post-processing with it only makes them
+    compete, so each batch is post-processed before the next runs, and only its write (one
+    thread, mostly waiting on SQLite) runs behind the next model pass."""
 
     def refuse(self, options: LabelOptions) -> None:
         return None  # every option is the local loop's own
@@ -277,23 +280,25 @@ class Local:
                 bar.update(done.labelled + done.failed)
                 log.info("run %d: batch %d written (%d images)", run.run_id, n, done.labelled)
 
-            depth = WRITES_IN_FLIGHT if lm.device.type == "cuda" else 0
+            on_gpu = lm.device.type == "cuda"
             with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
                     process_pool(processes) as procs:
+                procs.start_all()  # beside the first batch's load and model pass
                 written: deque[Future] = deque()
                 for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
                     futures: list[Future] = []
                     if items:
                         probs, copies = work.infer(items, inputs)
-                        # a task per worker, each a slice of the batch; with the films' cached pixels,
-                        # which the score's heart_border reads (64 kB a film at 256 px)
-                        share = max(1, -(-len(items) // processes))
-                        futures = [procs.submit(postprocess_all, items[i:i + share],
-                                                probs[i:i + share], lm.spec.structures, work.scorer,
-                                                copies[i:i + share] if copies is not None else None)
-                                   for i in range(0, len(items), share)]
+                        # a task per worker, with the films' cached pixels (the score's heart_border
+                        # reads them, 64 kB a film at 256 px), shared out by the films' sizes
+                        futures = [procs.submit(postprocess_all, [items[i] for i in part], probs[part],
+                                                lm.spec.structures, work.scorer,
+                                                copies[part] if copies is not None else None)
+                                   for part in _shares(items, processes)]
+                    if not on_gpu:  # the cores are the model's again once its films are post-processed
+                        wait(futures)
                     written.append(writer.submit(finish, n, futures, errors))
-                    while len(written) > depth:
+                    while len(written) > (WRITES_IN_FLIGHT if on_gpu else 1):
                         written.popleft().result()  # a failed write stops the run here
                 while written:
                     written.popleft().result()
@@ -323,6 +328,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _shares(items: Sequence[Item], parts: int) -> list[list[int]]:
+    """The batch's indices in at most ``parts`` tasks of about equal work: post-processing
+    costs a film a fixed part and a part that grows with its original size (its runs,
+    :data:`FILM_WORK`), so the largest go first, each to the lightest task so far; each
+    task's indices in batch order."""
+    tasks: list[list[int]] = [[] for _ in range(min(parts, len(items)))]
+    load = [0.0] * len(tasks)
+    work = [1 + it.geom.orig_height * it.geom.orig_width / FILM_WORK for it in items]
+    for i in sorted(range(len(items)), key=lambda i: -work[i]):
+        lightest = load.index(min(load))
+        tasks[lightest].append(i)
+        load[lightest] += work[i]
+    return [sorted(t) for t in tasks if t]
 
 
 def _prefetch(work: BatchLabeller, todo: Sequence[Selected], bs: int, threads: Executor, procs: Executor
