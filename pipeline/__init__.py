@@ -40,6 +40,8 @@ def process_pool(workers: int | None = None):
     from concurrent.futures import ProcessPoolExecutor
 
     class Pool(ProcessPoolExecutor):
+        size: int  # its workers
+
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
                 # Ctrl-C: the workers (which ignore it) are stopped now, not after their tasks
@@ -52,7 +54,7 @@ def process_pool(workers: int | None = None):
             """Start every worker now rather than at the tasks that first need them, so their
             start (a fork and this program's re-import, ~0.25 s) runs beside the caller's
             own first work instead of in front of the first task's answer."""
-            for _ in range(self._max_workers):
+            for _ in range(self.size):
                 self.submit(os.getpid)
 
     context: multiprocessing.context.BaseContext
@@ -61,7 +63,9 @@ def process_pool(workers: int | None = None):
         context.set_forkserver_preload(["pipeline", *WORKER_MODULES])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
-    return Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    pool = Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    pool.size = workers or os.cpu_count() or 1  # as many as ProcessPoolExecutor starts by default
+    return pool
 
 
 def _start_worker(owner: int) -> None:
