@@ -35,8 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "fixtures" / "report_grammar.tsv"
-# (part, seed, reports per language), in the order they were drawn
-PARTS = [("tune", 20261205, 200), ("tune", 5122026, 100), ("heldout", 1812202612, 150)]
+# (part, seed, reports per language, shapes), in the order they were drawn; the past's and a
+# relative's statements (CONTEXT_SHAPES) came on 2026-12-07 with a held-out part of their own
+PARTS = [("tune", 20261205, 200, "plain"), ("tune", 5122026, 100, "plain"), ("heldout", 1812202612, 150, "plain"),
+         ("tune", 7122026, 80, "context"), ("heldout", 2612071207, 80, "context")]
 
 
 @dataclass
@@ -165,12 +167,50 @@ def ru_heart_doubted(r: random.Random) -> Statement:
                      "ru_doubt_closing")
 
 
+RU_PAST_NOUN = ["кардиомегалия", "расширение тени сердца", "увеличение левого желудочка", "расширение сердца влево",
+                "увеличение размеров сердца"]
+RU_PAST_PARTICIPLE = {"кардиомегалия": "выявленная", "расширение тени сердца": "описанное",
+                      "увеличение левого желудочка": "выявленное", "расширение сердца влево": "отмеченное",
+                      "увеличение размеров сердца": "выявленное"}
+RU_RELATIVE = ["матери", "отца", "брата", "сестры", "родителей"]
+
+
+def ru_heart_past(r: random.Random) -> Statement:
+    """An enlargement of the past, not today's film's (ConText's historical context)."""
+    noun = r.choice(RU_PAST_NOUN)
+    kind = r.choice(["before", "after", "earlier", "earlier_after", "previous_films"])
+    if kind == "before":
+        return Statement(f"В анамнезе {noun}", "historical", "ru_past_before")
+    if kind == "after":
+        return Statement(f"{noun} в анамнезе", "historical", "ru_past_after")
+    if kind == "earlier":
+        return Statement(f"Ранее {RU_PAST_PARTICIPLE[noun]} {noun}", "historical", "ru_past_earlier")
+    if kind == "earlier_after":
+        return Statement(f"{noun} {RU_PAST_PARTICIPLE[noun]} ранее",
+                         "historical", "ru_past_earlier_after")
+    verb = "определялась" if noun == "кардиомегалия" else "определялось"
+    return Statement(f"На {r.choice(['предыдущих', 'прежних'])} {r.choice(['снимках', 'рентгенограммах'])} "
+                     f"{verb} {noun}", "historical", "ru_past_previous_films")
+
+
+def ru_heart_family(r: random.Random) -> Statement:
+    """A relative's enlarged heart (ConText's experiencer)."""
+    noun = r.choice(["кардиомегалия", "кардиомиопатия с кардиомегалией", "расширение сердца"])
+    kind = r.choice(["before", "after", "family"])
+    if kind == "before":
+        return Statement(f"У {r.choice(RU_RELATIVE)} {noun}", "family", "ru_family_before")
+    if kind == "after":
+        return Statement(f"{noun} у {r.choice(RU_RELATIVE)}", "family", "ru_family_after")
+    return Statement(f"Семейный анамнез: {noun} у {r.choice(RU_RELATIVE)}", "family", "ru_family_history")
+
+
 def ru_referral(r: random.Random) -> Statement:
     gen, acc, nom = r.choice(RU_REFERRAL_X)
     return Statement(r.choice(RU_REFERRAL).format(x=gen, y=acc, q=nom), "referral", "ru_referral")
 
 
-RU = {"enlarged": ru_heart_enlarged, "heart_normal": ru_heart_normal, "doubted": ru_heart_doubted,
+RU = {"historical": ru_heart_past, "family": ru_heart_family,
+      "enlarged": ru_heart_enlarged, "heart_normal": ru_heart_normal, "doubted": ru_heart_doubted,
       "referral": ru_referral,
       "lung_normal": lambda r: Statement(r.choice(RU_LUNG_NORMAL), "normal", "ru_lungs_normal"),
       "other_normal": lambda r: Statement(r.choice(RU_OTHER_NORMAL), "normal", "ru_other_normal"),
@@ -255,7 +295,37 @@ def en_heart_doubted(r: random.Random) -> Statement:
     return Statement(f"{subject} {modal}", "doubted", "en_doubt_modal")
 
 
-EN = {"enlarged": en_heart_enlarged, "heart_normal": en_heart_normal, "doubted": en_heart_doubted,
+def en_heart_past(r: random.Random) -> Statement:
+    """An enlargement of the past, not today's film's (ConText's historical context)."""
+    noun = r.choice(["cardiomegaly", "cardiac enlargement", "an enlarged heart", "mild cardiomegaly"])
+    kind = r.choice(["history", "ho", "prior", "past", "by_history"])
+    if kind == "history":
+        return Statement(f"{r.choice(['History of', 'Known history of', 'Past medical history of'])} {noun}",
+                         "historical", "en_past_history")
+    if kind == "ho":
+        return Statement(f"H/o {noun}", "historical", "en_past_ho")
+    if kind == "prior":
+        return Statement(f"{r.choice(['Prior study', 'Previous radiograph', 'Old films'])} "
+                         f"{r.choice(['showed', 'demonstrated'])} {noun}", "historical", "en_past_prior_study")
+    if kind == "past":
+        return Statement(f"{noun} in the past", "historical", "en_past_after")
+    return Statement(f"{noun} by history", "historical", "en_past_by_history")
+
+
+def en_heart_family(r: random.Random) -> Statement:
+    """A relative's enlarged heart (ConText's experiencer)."""
+    noun = r.choice(["cardiomegaly", "cardiac enlargement", "an enlarged heart"])
+    relative = r.choice(["mother", "father", "brother", "sister"])
+    kind = r.choice(["family", "relative_has", "patients_relative"])
+    if kind == "family":
+        return Statement(f"Family history of {noun}", "family", "en_family_history")
+    if kind == "relative_has":
+        return Statement(f"{relative} {r.choice(['has', 'had'])} {noun}", "family", "en_family_relative")
+    return Statement(f"{noun} in the patient's {relative}", "family", "en_family_after")
+
+
+EN = {"historical": en_heart_past, "family": en_heart_family,
+      "enlarged": en_heart_enlarged, "heart_normal": en_heart_normal, "doubted": en_heart_doubted,
       "referral": lambda r: Statement(r.choice(EN_REFERRAL).format(x=r.choice(EN_REFERRAL_X)), "referral",
                                       "en_referral"),
       "lung_normal": lambda r: Statement(r.choice(EN_LUNG_NORMAL), "normal", "en_lungs_normal"),
@@ -271,6 +341,15 @@ SHAPES = [("enlarged", ["lung_normal"], "cardiomegaly"), ("enlarged", ["abnormal
           (None, ["whole_normal"], "healthy"), (None, ["lung_normal", "other_normal"], "healthy"),
           ("heart_normal", ["abnormal"], "none"), ("doubted", ["lung_normal"], "none"),
           ("doubted", ["lung_normal", "other_normal"], "none"), (None, ["abnormal"], "none")]
+
+# what the past or a relative says beside today's statements: neither a finding nor a veto
+# (ConText's historical and experiencer contexts), so the group is today's statements' group
+CONTEXT_SHAPES = [("historical", ["heart_normal", "lung_normal"], "healthy"),
+                  ("historical", ["lung_normal", "other_normal"], "healthy"),
+                  ("historical", ["enlarged", "lung_normal"], "cardiomegaly"),
+                  ("historical", ["abnormal"], "none"), ("historical", ["doubted"], "none"),
+                  ("family", ["heart_normal", "lung_normal"], "healthy"), ("family", ["whole_normal"], "healthy"),
+                  ("family", ["enlarged"], "cardiomegaly"), ("family", ["heart_normal", "abnormal"], "none")]
 
 
 def typo(text: str, r: random.Random, lang: str) -> tuple[str, str]:
@@ -290,10 +369,11 @@ def typo(text: str, r: random.Random, lang: str) -> tuple[str, str]:
     return text.replace("ширен", "ширенн", 1).replace("личен", "личенн", 1), "doubled н"
 
 
-def report(lang: str, r: random.Random) -> tuple[str, str, str]:
-    """One report: ``(text, expected group, constructions)``."""
+def report(lang: str, r: random.Random, shapes: str = "plain") -> tuple[str, str, str]:
+    """One report: ``(text, expected group, constructions)``, of the ``plain`` shapes (today's
+    statements) or the ``context`` ones (a past or a relative's finding beside them)."""
     grammar = RU if lang == "ru" else EN
-    heart, beside, expected = r.choice(SHAPES)
+    heart, beside, expected = r.choice(SHAPES if shapes == "plain" else CONTEXT_SHAPES)
     statements = [grammar[k](r) for k in ([heart] if heart else []) + beside]
     r.shuffle(statements)
     if r.random() < 0.25:  # a referral's question comes first; it is not a finding
@@ -308,13 +388,13 @@ def report(lang: str, r: random.Random) -> tuple[str, str, str]:
 
 def write(path: Path) -> list[dict]:
     rows: list[dict] = []
-    for part, seed, n in PARTS:
+    for part, seed, n, shapes in PARTS:
         for lang in ("ru", "en"):
             r = random.Random(f"{seed}-{lang}")
             seen = {row["text"] for row in rows if row["lang"] == lang}
             made = 0
             while made < n:
-                text, expected, how = report(lang, r)
+                text, expected, how = report(lang, r, shapes)
                 if text not in seen:
                     seen.add(text)
                     made += 1

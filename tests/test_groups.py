@@ -289,6 +289,7 @@ def test_the_grammar_corpus_is_the_grammars_output_with_a_held_out_part(tmp_path
         assert not tune & {r["text"] for r in mine if r["part"] == "heldout"}  # held out means never seen
         kinds = {c for r in mine for c in r["construction"].split("+")}
         assert {f"{lang}_referral", f"{lang}_enlarged_after_descriptive", "caps"} <= kinds
+        assert any(k.startswith(f"{lang}_past_") for k in kinds) and any(k.startswith(f"{lang}_family_") for k in kinds)
 
 
 @pytest.mark.parametrize("row", [r for r in GRAMMAR if r["part"] == "tune"],
@@ -338,6 +339,47 @@ def test_held_out_grammar_reports_meet_the_goals():
 def test_referrals_rule_outs_latin_and_descriptive_phrases(report, group):
     d = G.decide(report, None, RULES, trace=True)
     assert d.group == group, d.steps
+
+
+@pytest.mark.parametrize("report, group, verdict", [
+    # the past is not today's film (ConText's historical context): neither a finding nor a veto
+    ("В анамнезе кардиомегалия. Сердце не расширено. Лёгкие без очаговых теней.", "healthy", "historical"),
+    ("Кардиомегалия в анамнезе. Лёгкие без очаговых теней.", "healthy", "historical"),
+    ("Ранее выявленная кардиомегалия. Сердце не расширено.", "healthy", "historical"),
+    ("History of cardiomegaly. The heart size is normal. Lungs are clear.", "healthy", "historical"),
+    ("Prior study demonstrated cardiac enlargement. Heart size normal. Clear lungs.", "healthy", "historical"),
+    ("History of cardiomegaly. The heart is enlarged.", "cardiomegaly", "historical"),
+    # someone else's finding (the experiencer)
+    ("У матери кардиомегалия. Сердце не расширено. Лёгкие без очаговых теней.", "healthy", "other"),
+    ("Family history of cardiomegaly. The heart is not enlarged. Lungs are clear.", "healthy", "other"),
+    ("Normal chest x-ray. An enlarged heart in the patient's father.", "healthy", "other"),
+    # a comparison, or what persists, is today's finding
+    ("По сравнению с предыдущим исследованием сердце расширено.", "cardiomegaly", None),
+    ("Сердце, как и на прежних снимках, расширено.", "cardiomegaly", None),
+    ("The heart, as on the prior study, is enlarged.", "cardiomegaly", None),
+    ("Cardiomegaly, previously noted. Lungs are clear.", "cardiomegaly", None),
+    ("Again seen is cardiomegaly.", "cardiomegaly", None),
+])
+def test_the_past_and_someone_elses_findings_are_not_todays(report, group, verdict):
+    d = G.decide(report, None, RULES, trace=True)
+    assert d.group == group, d.steps
+    said = {"historical": "a past finding", "other": "said of someone else"}
+    if verdict:
+        assert any(said[verdict] in step and "cardiomegaly:" in step for step in d.steps), d.steps
+    else:
+        assert not any(w in step for step in d.steps for w in said.values()), d.steps
+
+
+def test_a_rules_file_without_context_cues_reads_as_before(tmp_path):
+    """The contexts are the rules file's: one that names none judges a phrase as it always
+    did (a history of cardiomegaly counts), and its keys are checked like the others."""
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[[group]]\nname = "cardiomegaly"\nmatch = ["cardiomegaly"]\n', encoding="utf-8")
+    assert G.classify("History of cardiomegaly.", None, G.load_rules(plain))[0] == "cardiomegaly"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('historical = "history of"\n[[group]]\nname = "c"\nmatch = ["c"]\n', encoding="utf-8")
+    with pytest.raises(G.GroupsError, match="historical must be a list"):
+        G.load_rules(bad)
 
 
 def test_explain_says_a_referral_asked():

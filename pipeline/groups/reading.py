@@ -1,5 +1,6 @@
-"""One report read: clauses, each phrase judged by the words around it (negation, doubt, the
-referral's question), a CTR the report states, and the group decided with its steps."""
+"""One report read: clauses, each phrase judged by the words around it (the four contexts of
+ConText, Harkema et al. 2009: negation, doubt, the past and someone else; and the referral's
+question), a CTR the report states, and the group decided with its steps."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def clauses(text: str, rules: Rules) -> list[str]:
 class Hit(NamedTuple):
     """One pattern found in one clause, and what the words around it make of it."""
 
-    verdict: str  # 'yes', 'negated', 'uncertain', or 'asked' (the referral's question, not a finding)
+    verdict: str  # 'yes', 'negated', 'uncertain'; or, none of them a finding of today's film of this
+    # patient: 'asked' (the referral's question), 'historical' (the past), 'other' (someone else's)
     words: str  # the matched words
     clause: str
     cue: str | None = None  # the negation or doubt, where one decided
@@ -86,14 +88,22 @@ _LAST_ITEM = {"or", "and", "nor", "или", "и", "либо", "ни"}  # the con
 _WORD_REST = re.compile(r"\w*")
 
 
-def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = True) -> tuple[str, str | None]:
+def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = True, context: bool = True
+          ) -> tuple[str, str | None]:
     """``(verdict, cue)`` of the words ``clause[start:end]`` (a stem's match reaches to its
-    word's end). 'uncertain' when a doubt cue is inside them, in the ``window`` words before
-    (or a parenthetical doubt just before a comma: "вероятно, ..."), in the ``post_window``
-    words after, closing their comma-stretch (``end_uncertain``: "... не исключается",
-    "...?"), or standing alone after a comma at the clause's end ("cardiomegaly,
-    questionable"); else 'negated' when a negation stands likewise (``negation`` before: across a
-    comma only into a list it opened; ``post_negation`` after; ``end_negation`` closing the
+    word's end). 'other' when an ``experiencer`` cue starts in the ``window`` words before or
+    inside them, or a ``post_experiencer`` cue stands after them in their comma-stretch ("у
+    матери кардиомегалия", "family history of cardiomegaly", "cardiomegaly in the patient's
+    father"): someone else's finding; else 'historical' likewise with the ``historical``
+    cues ("в анамнезе", "history of", "ранее выявленная"): a past finding, not today's
+    film's. Neither counts for a group nor vetoes one, whatever negation or doubt stands
+    beside it (``context``: False where the clause holds no such cue, :attr:`Rules.context`).
+    Otherwise 'uncertain' when a doubt cue is inside them, in the ``window`` words before (or
+    a parenthetical doubt just before a comma: "вероятно, ..."), in the ``post_window`` words
+    after, closing their comma-stretch (``end_uncertain``: "... не исключается", "...?"), or
+    standing alone after a comma at the clause's end ("cardiomegaly, questionable"); else
+    'negated' when a negation stands likewise (``negation`` before: across a comma only into
+    a list it opened; ``post_negation`` after; ``end_negation`` closing the
     stretch: "очаговых теней в лёгких не выявлено"); else 'yes'."""
     end = m.end() if (m := _WORD_REST.match(clause, end)) else end
     words, before = clause[start:end], clause[:start]
@@ -109,6 +119,12 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
     pre = " ".join(tail.split()[-rules.window:]) + " " + words
     rest = clause[end:].split(",", 1)[0]
     post = " ".join(rest.split()[:rules.post_window])
+    around = f"{pre} {rest.strip()}"  # a cue that starts before the words' end governs them
+    for verdict, cues, after in (("other", rules.experiencer, rules.post_experiencer),
+                                 ("historical", rules.historical, rules.post_historical)) if context else ():
+        if (found := next((m for m in cues.finditer(around) if m.start() < len(pre)), None)
+                or after.search(rest)):
+            return verdict, found.group(0).strip()
     alone = clause[end:].split(",")[-1] if "," in clause[end:] else ""
     if len(alone.split()) <= 3 and (found := rules.post_uncertain.search(alone)):  # "cardiomegaly, questionable"
         return "uncertain", found.group(0).strip()
@@ -134,20 +150,42 @@ def _last(pattern: re.Pattern, text: str) -> str | None:
     return None
 
 
-def find(clause_list: list[str], patterns: list[re.Pattern], rules: Rules, negatable: bool = True,
+class Clause:
+    """A clause of the report, and what :func:`judge` reads of it, once per report: the
+    referral's question that opens it, and (asked only where a phrase matched in it) whether
+    it holds a cue of the past or of someone else (:attr:`Rules.context`)."""
+
+    __slots__ = ("text", "asked", "_context", "_rules")
+
+    def __init__(self, text: str, rules: Rules) -> None:
+        self.text, self.asked, self._rules = text, rules.referral.search(text), rules
+        self._context: bool | None = None
+
+    @property
+    def context(self) -> bool:
+        if self._context is None:
+            self._context = self._rules.context.search(self.text) is not None
+        return self._context
+
+
+def marked(clause_list: list[str], rules: Rules) -> list[Clause]:
+    return [Clause(c, rules) for c in clause_list]
+
+
+def find(clause_list: list[Clause], patterns: list[re.Pattern], rules: Rules, negatable: bool = True,
          until: tuple[str, ...] = ()) -> list[Hit]:
-    """The matches of ``patterns`` in the clauses, judged (:func:`judge`): all of them, or up
-    to the first whose verdict is in ``until``."""
+    """The matches of ``patterns`` in the clauses (:func:`marked`), judged (:func:`judge`): all
+    of them, or up to the first whose verdict is in ``until``."""
     hits = []
-    for c in clause_list:
-        asked = rules.referral.search(c)
+    for clause in clause_list:
+        c, asked = clause.text, clause.asked
         for p in patterns:
             for m in p.finditer(c):
                 cue: str | None
                 if asked and asked.start() <= m.start():
                     verdict, cue = "asked", asked.group(0).strip()
                 else:
-                    verdict, cue = judge(c, m.start(), m.end(), rules, negatable)
+                    verdict, cue = judge(c, m.start(), m.end(), rules, negatable, clause.context)
                 hits.append(Hit(verdict, m.group(0), c, cue, p.pattern))
                 if verdict in until:
                     return hits
@@ -204,7 +242,9 @@ class Decision:
 
 def _describe(h: Hit, g: GroupRule) -> str:
     said = {"yes": "counts", "negated": f"negated by {h.cue!r}", "uncertain": f"doubted by {h.cue!r}",
-            "asked": f"asked by the referral {h.cue!r}, not a finding"}[h.verdict]
+            "asked": f"asked by the referral {h.cue!r}, not a finding",
+            "historical": f"a past finding ({h.cue!r}), not today's",
+            "other": f"said of someone else ({h.cue!r}), not the patient"}[h.verdict]
     return f"{h.words!r} in {h.clause!r}: {said}{_line(h, g)}"
 
 
@@ -221,7 +261,8 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
     phrase makes the image ambiguous (no group); a counted one decides unless an ``unless``
     phrase counts or is doubted somewhere in the report, or the stated CTR contradicts it.
     A phrase after a ``referral`` cue in its clause (the clinician's question: "Indication: r/o
-    ...", "С целью исключения ...") is neither a finding nor a veto.
+    ...", "С целью исключения ..."), of the past ("в анамнезе") or of someone else ("у
+    матери") is neither a finding nor a veto.
     ``trace``: judge every phrase for the steps (else each search stops at the first that
     decides; the group is the same).
     """
@@ -235,6 +276,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
     if not text or not text.strip():
         return Decision(None, "no text", ["no report text and no deciding label"])
     found = clauses(text, rules)
+    read = marked(found, rules)
     ctr = report_ctr(text, rules)
     evidence = ctr_evidence(ctr)
     steps = [f"clauses: {found}"]
@@ -242,7 +284,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
         steps.append(f"report states CTR {ctr.value:.2f} ({ctr.words!r}): " +
                      (f"{evidence} 0.5" if evidence else "at 0.5, no evidence either way"))
     for g in rules.groups:
-        hits = find(found, g.match, rules, g.negatable, until=stop)
+        hits = find(read, g.match, rules, g.negatable, until=stop)
         steps += [f"{g.name}: {_describe(h, g)}" for h in hits]
         counted = [h for h in hits if h.verdict == "yes"]
         doubted = [h for h in hits if h.verdict == "uncertain"]
@@ -258,7 +300,7 @@ def decide(text: str | None, labels: str | None, rules: Rules, trace: bool = Fal
             steps.append(f"{g.name}: contradicted by the stated CTR {ctr.value:.2f} -> no group")
             return Decision(None, f"conflict {g.name}: {counted[0].words!r} vs CTR {ctr.value:.2f}", steps,
                             _exact(ctr))
-        judged = find(found, g.unless, rules, until=() if trace else ("yes", "uncertain"))
+        judged = find(read, g.unless, rules, until=() if trace else ("yes", "uncertain"))
         vetoes = [h for h in judged if h.verdict in ("yes", "uncertain")]
         steps += [f"{g.name} unless: {_describe(h, g)}" for h in judged]
         if vetoes or (against_ctr and g.report_ctr == "below"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -50,6 +51,18 @@ class Rules:
     end_uncertain: re.Pattern = re.compile(NEVER)
     referral: re.Pattern = re.compile(NEVER)
     statement_end: re.Pattern = re.compile(NEVER)
+    historical: re.Pattern = re.compile(NEVER)  # ConText's historical context, before a phrase
+    post_historical: re.Pattern = re.compile(NEVER)  # ... and after it
+    experiencer: re.Pattern = re.compile(NEVER)  # ConText's experiencer: someone else's finding
+    post_experiencer: re.Pattern = re.compile(NEVER)
+
+    @functools.cached_property
+    def context(self) -> re.Pattern:
+        """Any cue of the past or of someone else: a clause without one is judged without
+        looking for them (most are; judged phrase by phrase they cost a quarter of the pace)."""
+        cues = [p.pattern for p in (self.historical, self.post_historical, self.experiencer, self.post_experiencer)
+                if p.pattern != NEVER]
+        return re.compile("|".join(f"(?:{c})" for c in cues) or NEVER, re.IGNORECASE)
 
     @property
     def names(self) -> list[str]:
@@ -108,7 +121,8 @@ def load_rules(path: str | Path | None = None) -> Rules:
                  int(raw.get("window", 6)), str(path), alternation("post_negation"),
                  alternation("post_uncertain"), int(raw.get("post_window", 3)), one("clause_split", NEVER), ctr,
                  alternation("statement_words"), alternation("end_negation"), alternation("end_uncertain"),
-                 alternation("referral"), alternation("statement_end"))
+                 alternation("referral"), alternation("statement_end"), alternation("historical"),
+                 alternation("post_historical"), alternation("experiencer"), alternation("post_experiencer"))
 
 
 def _written(pattern: str) -> list[str]:
@@ -128,14 +142,15 @@ def _line_of(lines: list[str], written: list[str], start: int = 1) -> int | None
 _TOP_KEYS = {"group": list, "negation": list, "uncertain": list, "sentence_split": str, "window": int,
              "post_negation": list, "post_uncertain": list, "post_window": int, "clause_split": str,
              "report_ctr": str, "statement_words": list, "end_negation": list, "end_uncertain": list,
-             "referral": list, "statement_end": list}
+             "referral": list, "statement_end": list, "historical": list, "post_historical": list,
+             "experiencer": list, "post_experiencer": list}
 
 
 _GROUP_KEYS = {"name": str, "labels": list, "match": list, "unless": list, "negatable": bool, "report_ctr": str}
 
 _LISTS_OF_STRINGS = {"negation", "uncertain", "labels", "match", "unless", "post_negation", "post_uncertain",
                      "statement_words", "end_negation", "end_uncertain", "referral",
-                     "statement_end"}
+                     "statement_end", "historical", "post_historical", "experiencer", "post_experiencer"}
 
 
 def _validate(raw: dict, path: Path) -> None:
