@@ -12,6 +12,22 @@ class CxrlabelError(Exception):
     """Base class of the errors the CLI turns into a one-line message with a next step."""
 
 
+def one_of(value, options, what: str = "option"):
+    """``options[value]`` (a dict) or ``value`` (any other collection of names) when it is
+    one; else a ValueError naming it, the closest names ("did you mean 'unet'?") and all of
+    them. What MONAI's ``look_up_option`` did here, without importing MONAI (2 s) and torch
+    for a dictionary look-up: ``cxrlabel quality show`` and ``models list`` start in a
+    fraction of the time."""
+    import difflib
+
+    if value in options:
+        return options[value] if isinstance(options, dict) else value
+    names = [str(k) for k in options]
+    close = difflib.get_close_matches(str(value), names, n=3, cutoff=0.6)
+    hint = f", did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown {what} {value!r}{hint} (known: {', '.join(names)})")
+
+
 # the modules whose functions the pipeline's process pools run (imported by their fork server)
 WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label")
 

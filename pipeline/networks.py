@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.utils import look_up_option
 from torch import nn
+
+from pipeline import one_of
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,9 +30,9 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 def create_network(name: str, out_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered network (input ``(B, 1, H, W)``, output ``(B, out_channels, H, W)`` logits).
 
-    An unknown name raises MONAI's ``look_up_option`` error, which suggests the closest names.
+    An unknown name raises a ValueError that suggests the closest names (:func:`pipeline.one_of`).
     """
-    return look_up_option(name, NETWORKS)(out_channels=out_channels, **kwargs)
+    return one_of(name, NETWORKS, "network")(out_channels=out_channels, **kwargs)
 
 
 @register("unet")

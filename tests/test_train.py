@@ -33,6 +33,22 @@ def test_network_builds_and_runs(name):
     assert out.shape == (2, 3, 64, 64)
 
 
+def test_reading_a_models_spec_never_imports_monai():
+    """`quality show`, `models list` and `status` read checkpoints' specs: a registry look-up
+    of names (pipeline.one_of), not MONAI's, whose import alone took 2 of `quality show`'s
+    4.5 s. Building a network still imports it."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pipeline.model import read_checkpoint, model_scores\n"
+            "from pipeline.train.config import TrainConfig\nTrainConfig.from_preset('cxr_deep')\n"
+            "print('monai' in sys.modules)\n"
+            "from pipeline.networks import create_network\ncreate_network('unet', channels=(4, 8, 16))\n"
+            "print('monai' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_unknown_network_suggests_names():
     with pytest.raises(ValueError, match="did you mean 'unet'"):
         create_network("unett")

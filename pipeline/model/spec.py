@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.utils import look_up_option
 
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, one_of
 from pipeline.imaging import FIXUPS, MODES, NORMS
 from pipeline.masks import CARDIOMEDIASTINUM, STRUCTURES
 from pipeline.networks import NETWORKS, create_network
@@ -57,9 +56,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         try:
-            look_up_option(self.network, NETWORKS)
-            look_up_option(self.norm, NORMS)
-            look_up_option(self.mode, MODES)
+            one_of(self.network, NETWORKS, "network")
+            one_of(self.norm, NORMS, "norm")
+            one_of(self.mode, MODES, "mode")
         except ValueError as e:
             raise ModelError(f"model spec: {e}") from None
         object.__setattr__(self, "structures", tuple(self.structures))

@@ -7,9 +7,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from monai.utils import look_up_option
-
-from pipeline import CxrlabelError
+from pipeline import CxrlabelError, one_of
 from pipeline.masks import STRUCTURES, TRAINED
 from pipeline.model import ModelError, ModelSpec
 from pipeline.resources import resource
@@ -75,9 +73,9 @@ class TrainConfig:
         """A preset with the ``overrides`` that are not None (command-line options)."""
         table = presets()
         try:
-            p = look_up_option(name, table)
+            p = one_of(name, table, "preset")
         except ValueError as e:
-            raise TrainError(f"unknown preset: {e}") from None
+            raise TrainError(str(e)) from None
         # a setting neither the preset nor the command line gives takes TrainConfig's default
         values = {k: v for k, v in p.items() if k not in ("network", "args")}
         values.update({k: v for k, v in overrides.items() if v is not None})
