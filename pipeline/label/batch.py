@@ -72,57 +72,82 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     original geometry as runs (:meth:`Geometry.runs_above`): the full-size masks (up to 3000
     x 3000 pixels each) are never built, and the runs are the stored run-length encoding.
     """
-    quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
-    cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
-    ring = np.ones((3, 3), np.uint8)
-    agreement: dict[str, float] = {}
-    kept: dict[str, float] = {}
-    columns: dict[str, float | None] = {}
-    features: dict[str, dict[str, float]] = {}
     size = probs.shape[-1]
-    atlas = scorer.atlas if scorer is not None else None
-    whole_masks = {s: np.zeros((size, size), bool) for s in structures}  # what the input check reads
-    soft = np.zeros(probs.shape, np.float32)  # what is mapped back: 0 away from each kept component
-    fg: np.ndarray = probs > cut
-    fg_rows, fg_cols = np.asarray(fg.any(axis=2)), np.asarray(fg.any(axis=1))
-    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
-    for i, s in enumerate(structures):
-        ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
-        kept[s], agreement[s], columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
-        if len(xs) == 0:
-            features[s] = Q.structure_features(np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), 0.0,
-                                               agreement[s], size)
-            continue
-        # clean inside the box, with two pixels of margin: room for the dilation below
-        window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
-        p = probs[i][window].astype(np.float32) * unit
-        cleaned, kept[s] = clean(p > 0.5)
-        # the probabilities near the kept component, its holes filled
-        near = cv2.dilate(cleaned.astype(np.uint8), ring) > 0
-        part = np.where(near, p, np.float32(0))
-        part[cleaned & (part <= 0.5)] = 0.75
-        soft[i][window] = part
-        whole_masks[s][window] = cleaned
-        # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
-        # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
-        agreement[s] = min(1.0, 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned))))
-        column = mean_column(cleaned)
-        columns[s] = column + window[1].start if column is not None else None
-        features[s] = Q.structure_features(p, cleaned, kept[s], agreement[s], size)
+    read = _cleaned(probs, structures)
     shape = (item.geom.orig_height, item.geom.orig_width)
-    runs = item.geom.runs_above(soft)
+    runs = item.geom.runs_above(read.soft)
     encoded = dict(zip(structures, M.EncodedMask.from_runs(runs, shape), strict=True))
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     values["mm_calibration"] = item.calibration
     values = plausible_mm(values, item.age)
-    fit = atlas.fit(whole_masks) if atlas is not None else None
+    scored = _scored(item, read, values["ctr"], size, structures, scorer, tta)
+    return Result(item.uid, encoded, {**values, **scored}, features=read.features)
+
+
+@dataclass
+class _Cleaned:
+    """One image's structures cleaned at the model's resolution (:func:`_cleaned`)."""
+
+    soft: np.ndarray  # (C, S, S) float32: what is mapped back, 0 away from each kept component
+    masks: dict[str, np.ndarray]  # each cleaned mask, (S, S) bool: what the input check and the atlas read
+    agreement: dict[str, float]  # soft Dice of the model's output with its cleaned mask
+    kept: dict[str, float]  # the share of the foreground the clean-up kept
+    columns: dict[str, float | None]  # each mask's mean column
+    features: dict[str, dict[str, float]]  # the quality score's per-structure inputs
+
+
+def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
+    """Each structure of ``(C, S, S)`` probabilities (float, or uint8 = round(255 p)) cleaned
+    inside its box, with two pixels of margin, and what the score reads of it."""
+    quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
+    cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
+    ring = np.ones((3, 3), np.uint8)
+    size = probs.shape[-1]
+    out = _Cleaned(np.zeros(probs.shape, np.float32), {s: np.zeros((size, size), bool) for s in structures},
+                   {}, {}, {}, {})
+    fg: np.ndarray = probs > cut
+    fg_rows, fg_cols = np.asarray(fg.any(axis=2)), np.asarray(fg.any(axis=1))
+    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
+    for i, s in enumerate(structures):
+        ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
+        out.kept[s], out.agreement[s], out.columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
+        if len(xs) == 0:
+            out.features[s] = Q.structure_features(np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), 0.0,
+                                                   out.agreement[s], size)
+            continue
+        # clean inside the box, with two pixels of margin: room for the dilation below
+        window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
+        p = probs[i][window].astype(np.float32) * unit
+        cleaned, out.kept[s] = clean(p > 0.5)
+        # the probabilities near the kept component, its holes filled
+        near = cv2.dilate(cleaned.astype(np.uint8), ring) > 0
+        part = np.where(near, p, np.float32(0))
+        part[cleaned & (part <= 0.5)] = 0.75
+        out.soft[i][window] = part
+        out.masks[s][window] = cleaned
+        # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
+        # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
+        out.agreement[s] = min(1.0, 2 * float((part * cleaned).sum())
+                               / (float(sums[i]) + int(np.count_nonzero(cleaned))))
+        column = mean_column(cleaned)
+        out.columns[s] = column + window[1].start if column is not None else None
+        out.features[s] = Q.structure_features(p, cleaned, out.kept[s], out.agreement[s], size)
+    return out
+
+
+def _scored(item: Item, read: _Cleaned, ctr: float | None, size: int, structures: Sequence[str],
+            scorer: QualityModel | None, tta: list[np.ndarray] | None) -> dict:
+    """The quality score, the trust and the input check of one image's cleaned masks; a
+    film that is no chest film the model can read scores 0 (first in the review worklist)."""
+    whole_masks = read.masks
+    fit = scorer.atlas.fit(whole_masks) if scorer is not None and scorer.atlas is not None else None
     lungs = [whole_masks[s] for s in ("left_lung", "right_lung") if s in whole_masks]
     border = Q.heart_border(item.image, whole_masks.get("heart"), np.logical_or.reduce(lungs) if lungs else None) \
         if item.image.shape == (size, size) else 0.0
-    features, scored = Q.score_image(
-        scorer, features, agreement, kept, columns, values["ctr"],
+    read.features, scored = Q.score_image(
+        scorer, read.features, read.agreement, read.kept, read.columns, ctr,
         item.rim if item.rim is not None else Q.rim_share(item.image),
         Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None, fit, border)
     look = None
@@ -131,10 +156,10 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
             thumbnail(item.image, item.geom.film_box()) if item.image.size else None)
         look = scorer.appearance.look(thumb) if thumb is not None else None
     scored["input_check"] = item.header or check_input(whole_masks, item.geom.film_box(), fit, look)
-    if scored["input_check"] != INPUT_OK:  # not a film the model can read: first in the review worklist
+    if scored["input_check"] != INPUT_OK:
         scored["quality"] = 0.0
         scored["trust"] = 0.0 if scored["trust"] is not None else None
-    return Result(item.uid, encoded, {**values, **scored}, features=features)
+    return scored
 
 
 def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str],
