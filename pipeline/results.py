@@ -121,50 +121,14 @@ def sql_skeleton(sql: str) -> str:
             i = n if j < 0 else j
             out.append(" ")
         elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while depth:
-                if i >= n:
-                    raise QueryError("SQL error: a /* comment is not closed")
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
+            i = _comment_end(sql, i)
             out.append(" ")
         elif c == "'":
-            backslashes = sql[i - 1:i] in ("e", "E") and not _name_char(sql[i - 2:i - 1])
-            j = i + 1
-            while True:
-                if j >= n:
-                    raise QueryError("SQL error: a string literal is not closed")
-                if backslashes and sql[j] == "\\":
-                    j += 2
-                elif sql[j] == "'" and sql.startswith("''", j):
-                    j += 2
-                elif sql[j] == "'":
-                    break
-                else:
-                    j += 1
+            i = _literal_end(sql, i)
             out.append("''")
-            i = j + 1
         elif c == '"':
-            if sql[max(0, i - 2):i].lower() == "u&":
-                raise QueryError('query refused: Unicode-escaped names (U&"...") are not read by the query command')
-            j, name = i + 1, []
-            while True:
-                if j >= n:
-                    raise QueryError('SQL error: a quoted name (") is not closed')
-                if sql.startswith('""', j):
-                    name.append("_")
-                    j += 2
-                elif sql[j] == '"':
-                    break
-                else:
-                    name.append(sql[j] if sql[j].isalnum() or sql[j] in "_$" else "_")
-                    j += 1
-            out.append("".join(name) or "_")
-            i = j + 1
+            name, i = _quoted_name(sql, i)
+            out.append(name)
         elif c == "$" and not _name_char(sql[i - 1:i]) and (m := _DOLLAR.match(sql, i)):
             close = sql.find(m.group(0), m.end())
             if close < 0:
@@ -175,6 +139,58 @@ def sql_skeleton(sql: str) -> str:
             out.append(c)
             i += 1
     return "".join(out).lower()
+
+
+def _comment_end(sql: str, i: int) -> int:
+    """Where the (nested) ``/* */`` comment that opens at ``i`` ends."""
+    depth, i = 1, i + 2
+    while depth:
+        if i >= len(sql):
+            raise QueryError("SQL error: a /* comment is not closed")
+        if sql.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif sql.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+        else:
+            i += 1
+    return i
+
+
+def _literal_end(sql: str, i: int) -> int:
+    """Where the string literal whose quote is at ``i`` ends (``''`` inside it, and backslash
+    escapes in an ``E'...'`` one)."""
+    backslashes = sql[i - 1:i] in ("e", "E") and not _name_char(sql[i - 2:i - 1])
+    j = i + 1
+    while True:
+        if j >= len(sql):
+            raise QueryError("SQL error: a string literal is not closed")
+        if backslashes and sql[j] == "\\":
+            j += 2
+        elif sql[j] == "'" and sql.startswith("''", j):
+            j += 2
+        elif sql[j] == "'":
+            return j + 1
+        else:
+            j += 1
+
+
+def _quoted_name(sql: str, i: int) -> tuple[str, int]:
+    """The quoted identifier that opens at ``i``, unquoted (characters outside a name made
+    ``_``), and where it ends; Unicode-escaped names are refused."""
+    if sql[max(0, i - 2):i].lower() == "u&":
+        raise QueryError('query refused: Unicode-escaped names (U&"...") are not read by the query command')
+    j, name = i + 1, []
+    while True:
+        if j >= len(sql):
+            raise QueryError('SQL error: a quoted name (") is not closed')
+        if sql.startswith('""', j):
+            name.append("_")
+            j += 2
+        elif sql[j] == '"':
+            return "".join(name) or "_", j + 1
+        else:
+            name.append(sql[j] if sql[j].isalnum() or sql[j] in "_$" else "_")
+            j += 1
 
 
 def _name_char(c: str) -> bool:
