@@ -92,42 +92,45 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",",
         f.close()
         raise CatalogueError(f"{path}: not a readable CSV file ({e or type(e).__name__})") from e
 
-    def rows() -> Iterator[tuple[int, dict[str, str] | Problem]]:
-        start = reader.line_num + 1
-        try:
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    return
-                except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
-                    raise CatalogueError(
-                        f"{path} is truncated or damaged after line {start - 1} ({e or type(e).__name__}): "
-                        "the rows before it are loaded; restore the file and load it again "
-                        "(loaded rows are updated, not duplicated)") from e
-                except csv.Error as e:
-                    why = (f"a quote opened on line {start} never closes (every line after it is inside it)"
-                           if "unexpected end of data" in str(e) else str(e))
-                    yield start, Problem(start, None, f"malformed CSV: {why}")
-                    start = reader.line_num + 1
-                    continue
-                end = reader.line_num
-                if not values:
-                    start = end + 1
-                    continue
-                if any(n in bad for n in range(start, end + 1)):
-                    yield start, Problem(start, values[0] or None,
-                                         f"bad encoding: bytes not valid {encoding}")
-                elif len(values) != len(header):
-                    yield start, Problem(start, values[0] or None,
-                                         f"wrong column count: {len(values)} instead of {len(header)}")
-                else:
-                    yield start, dict(zip(header, values, strict=True))
-                start = end + 1
-        finally:
-            f.close()
+    return header, _rows(reader, header, f, bad, path, encoding)
 
-    return header, rows()
+
+def _rows(reader, header: list[str], f, bad: set[int], path: Path, encoding: str,
+          ) -> Iterator[tuple[int, dict[str, str] | Problem]]:
+    """:func:`read_csv`'s rows after the header, each ``(line, row)`` or ``(line, Problem)``
+    (``bad``: the lines whose bytes did not decode); ``f`` is closed at the end."""
+    start = reader.line_num + 1
+    try:
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+                raise CatalogueError(
+                    f"{path} is truncated or damaged after line {start - 1} ({e or type(e).__name__}): "
+                    "the rows before it are loaded; restore the file and load it again "
+                    "(loaded rows are updated, not duplicated)") from e
+            except csv.Error as e:
+                why = (f"a quote opened on line {start} never closes (every line after it is inside it)"
+                       if "unexpected end of data" in str(e) else str(e))
+                yield start, Problem(start, None, f"malformed CSV: {why}")
+                start = reader.line_num + 1
+                continue
+            end = reader.line_num
+            if not values:
+                start = end + 1
+                continue
+            if any(n in bad for n in range(start, end + 1)):
+                yield start, Problem(start, values[0] or None, f"bad encoding: bytes not valid {encoding}")
+            elif len(values) != len(header):
+                yield start, Problem(start, values[0] or None,
+                                     f"wrong column count: {len(values)} instead of {len(header)}")
+            else:
+                yield start, dict(zip(header, values, strict=True))
+            start = end + 1
+    finally:
+        f.close()
 
 
 def _rows_to_items(rows: Iterator[tuple[int, dict[str, str] | Problem]],
