@@ -111,17 +111,7 @@ class Geometry:
         below = layer, at[1] + wide
         top_l, top_r = flat[at], flat[at[0], at[1] + 1]
         drop_l, drop_r = flat[below] - top_l, flat[below[0], below[1] + 1] - top_r
-        # each cell, once for every original row across it, in (array, row, column) order:
-        # the cells of one cell row of one array are consecutive in `index`
-        key = layer * (size + 1) + cell_rows
-        group_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else key
-        group_size = np.diff(np.r_[group_start, len(key)])
-        lo = np.searchsorted(k, cell_rows[group_start], "left")
-        pairs = (np.searchsorted(k, cell_rows[group_start], "right") - lo) * group_size
-        group = np.repeat(np.arange(len(group_start)), pairs)
-        nth = np.arange(len(group)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-        row = lo[group] + nth // group_size[group]
-        cell = group_start[group] + nth % group_size[group]
+        row, cell = _rows_across(layer * (size + 1) + cell_rows, cell_rows, k)
         left = top_l[cell] + t[row] * drop_l[cell]
         right = top_r[cell] + t[row] * drop_r[cell]
         rising = right > level
@@ -136,12 +126,7 @@ class Geometry:
         x[(col == size) & ~rising] = self.orig_width
         if not (rising[0::2].all() and not rising[1::2].any()):
             raise ValueError("unpaired level crossings: the array is not finite")
-        first = np.maximum(np.floor(x[0::2]).astype(np.int64) + 1, 0)  # pixel centres strictly inside
-        last = np.minimum(np.ceil(x[1::2]).astype(np.int64) - 1, self.orig_width - 1)
-        keep = first <= last
-        row, first, last, which = row[0::2][keep], first[keep], last[keep], layer[cell[0::2]][keep]
-        bounds = np.searchsorted(which, np.arange(n + 1))
-        return [(row[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
+        return _runs(row[0::2], x, layer[cell[0::2]], n, self.orig_width)
 
     def _check_cache_shape(self, arr: np.ndarray) -> None:
         if arr.shape != (self.size, self.size):
@@ -149,6 +134,33 @@ class Geometry:
 
     def as_row(self) -> dict[str, float | int | str]:
         return dataclasses.asdict(self)
+
+
+def _rows_across(key: np.ndarray, cell_rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each straddling cell (``key``: its array and cell row, sorted; ``cell_rows``: its cell
+    row), once for every original row across it (``k``: each original row's cell row, sorted):
+    ``(original row, cell)`` pairs in (array, row, column) order. The cells of one cell row of
+    one array are consecutive."""
+    group_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else key
+    group_size = np.diff(np.r_[group_start, len(key)])
+    lo = np.searchsorted(k, cell_rows[group_start], "left")
+    pairs = (np.searchsorted(k, cell_rows[group_start], "right") - lo) * group_size
+    group = np.repeat(np.arange(len(group_start)), pairs)
+    nth = np.arange(len(group)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    return lo[group] + nth // group_size[group], group_start[group] + nth % group_size[group]
+
+
+def _runs(row: np.ndarray, x: np.ndarray, which: np.ndarray, n: int, width: int
+          ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Runs of original pixels from paired crossings (``x``: in, out, in... original columns,
+    each pair on ``row``, of array ``which``): the pixel centres strictly inside each pair,
+    per array of ``n``."""
+    first = np.maximum(np.floor(x[0::2]).astype(np.int64) + 1, 0)
+    last = np.minimum(np.ceil(x[1::2]).astype(np.int64) - 1, width - 1)
+    keep = first <= last
+    row, first, last, which = row[keep], first[keep], last[keep], which[keep]
+    bounds = np.searchsorted(which, np.arange(n + 1))
+    return [(row[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _boxed_field(arr: np.ndarray, level: float) -> tuple[np.ndarray, int, int] | None:

@@ -83,17 +83,9 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
     else:
         trained = [train(engine, c, where, cache_dir, device, resume, progress, dataset=data, held_out=held,
                          workers=workers) for c, where, held in folds]
-    results, names = [], []
-    for (fold_cfg, where, _), r in zip(folds, trained, strict=True):
-        fold = fold_cfg.fold
-        name = ""
-        if register_as:
-            name = f"{register_as}_fold{fold}" if cfg.folds > 1 else register_as
-            register_model(engine, name, where / "best.pt", cfg.preset, fold_cfg.as_dict(), r.dice,
-                           data.hash, {"best_epoch": r.best_epoch, "history": r.history,
-                                       "seconds": r.seconds, "training_images": data.counts()})
-        results.append(r)
-        names.append(name)
+    results = list(trained)
+    names = [_register_fold(engine, register_as, cfg.folds, c, where, r, data) if register_as else ""
+             for (c, where, _), r in zip(folds, results, strict=True)]
     summary = summarise_folds(results)
     seconds = time.time() - started
     if len(chosen) == cfg.folds:
@@ -101,6 +93,16 @@ def cross_validate(engine: Engine, cfg: TrainConfig, run_dir: Path, cache_dir: s
             {"preset": cfg.preset, "config": cfg.as_dict(), "dice": summary, "seconds": seconds,
              "data_hash": data.hash, "images": data.counts()}, indent=2))
     return CrossValidation(run_dir, names, results, summary, seconds, data.counts())
+
+
+def _register_fold(engine: Engine, register_as: str, folds: int, fold_cfg: TrainConfig, where: Path,
+                   r: TrainResult, data: Dataset) -> str:
+    """Register one fold's best checkpoint as ``NAME_foldK`` (``NAME`` for a single run)."""
+    name = f"{register_as}_fold{fold_cfg.fold}" if folds > 1 else register_as
+    register_model(engine, name, where / "best.pt", fold_cfg.preset, fold_cfg.as_dict(), r.dice,
+                   data.hash, {"best_epoch": r.best_epoch, "history": r.history,
+                               "seconds": r.seconds, "training_images": data.counts()})
+    return name
 
 
 def _train_fold(url: str, cfg: TrainConfig, where: Path, cache_dir: str | None, device: str, resume: bool,
