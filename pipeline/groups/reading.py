@@ -119,12 +119,13 @@ def judge(clause: str, start: int, end: int, rules: Rules, negatable: bool = Tru
     pre = " ".join(tail.split()[-rules.window:]) + " " + words
     rest = clause[end:].split(",", 1)[0]
     post = " ".join(rest.split()[:rules.post_window])
-    around = f"{pre} {rest.strip()}"  # a cue that starts before the words' end governs them
-    for verdict, cues, after in (("other", rules.experiencer, rules.post_experiencer),
-                                 ("historical", rules.historical, rules.post_historical)) if context else ():
-        if (found := next((m for m in cues.finditer(around) if m.start() < len(pre)), None)
-                or after.search(rest)):
-            return verdict, found.group(0).strip()
+    if context:
+        around = f"{pre} {rest.strip()}"  # a cue that starts before the words' end governs them
+        for verdict, cues, after in (("other", rules.experiencer, rules.post_experiencer),
+                                     ("historical", rules.historical, rules.post_historical)):
+            if (found := next((m for m in cues.finditer(around) if m.start() < len(pre)), None)
+                    or after.search(rest)):
+                return verdict, found.group(0).strip()
     alone = clause[end:].split(",")[-1] if "," in clause[end:] else ""
     if len(alone.split()) <= 3 and (found := rules.post_uncertain.search(alone)):  # "cardiomegaly, questionable"
         return "uncertain", found.group(0).strip()

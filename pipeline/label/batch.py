@@ -72,7 +72,6 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     original geometry as runs (:meth:`Geometry.runs_above`): the full-size masks (up to 3000
     x 3000 pixels each) are never built, and the runs are the stored run-length encoding.
     """
-    size = probs.shape[-1]
     read = _cleaned(probs, structures)
     shape = (item.geom.orig_height, item.geom.orig_width)
     runs = item.geom.runs_above(read.soft)
@@ -82,8 +81,8 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     values = measure_boxes(boxes, encoded["heart"].area if "heart" in encoded else None, item.spacing)
     values["mm_calibration"] = item.calibration
     values = plausible_mm(values, item.age)
-    scored = _scored(item, read, values["ctr"], size, structures, scorer, tta)
-    return Result(item.uid, encoded, {**values, **scored}, features=read.features)
+    features, scored = _scored(item, read, values["ctr"], scorer, tta)
+    return Result(item.uid, encoded, {**values, **scored}, features=features)
 
 
 @dataclass
@@ -137,19 +136,20 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
     return out
 
 
-def _scored(item: Item, read: _Cleaned, ctr: float | None, size: int, structures: Sequence[str],
-            scorer: QualityModel | None, tta: list[np.ndarray] | None) -> dict:
-    """The quality score, the trust and the input check of one image's cleaned masks; a
-    film that is no chest film the model can read scores 0 (first in the review worklist)."""
-    whole_masks = read.masks
+def _scored(item: Item, read: _Cleaned, ctr: float | None, scorer: QualityModel | None,
+            tta: list[np.ndarray] | None) -> tuple[dict[str, dict[str, float]], dict]:
+    """The score's features, and the quality score, the trust and the input check, of one
+    image's cleaned masks; a film that is no chest film the model can read scores 0 (first in
+    the review worklist)."""
+    whole_masks, size = read.masks, read.soft.shape[-1]
     fit = scorer.atlas.fit(whole_masks) if scorer is not None and scorer.atlas is not None else None
     lungs = [whole_masks[s] for s in ("left_lung", "right_lung") if s in whole_masks]
     border = Q.heart_border(item.image, whole_masks.get("heart"), np.logical_or.reduce(lungs) if lungs else None) \
         if item.image.shape == (size, size) else 0.0
-    read.features, scored = Q.score_image(
+    features, scored = Q.score_image(
         scorer, read.features, read.agreement, read.kept, read.columns, ctr,
         item.rim if item.rim is not None else Q.rim_share(item.image),
-        Q.tta_agreement(whole_masks, tta, list(structures)) if tta is not None else None, fit, border)
+        Q.tta_agreement(whole_masks, tta, list(whole_masks)) if tta is not None else None, fit, border)
     look = None
     if scorer is not None and scorer.appearance is not None:
         thumb = item.thumb if item.thumb is not None else (
@@ -159,7 +159,7 @@ def _scored(item: Item, read: _Cleaned, ctr: float | None, size: int, structures
     if scored["input_check"] != INPUT_OK:
         scored["quality"] = 0.0
         scored["trust"] = 0.0 if scored["trust"] is not None else None
-    return scored
+    return features, scored
 
 
 def postprocess_or_fail(item: Item, probs: np.ndarray, structures: Sequence[str],
