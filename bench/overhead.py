@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from clinic import build  # noqa: E402
 
+import pipeline.compiled  # noqa: E402,F401  (loaded before timing, as labelling's fork server loads it)
 from pipeline import catalogue as C  # noqa: E402
 from pipeline import db as D  # noqa: E402
 from pipeline import imaging  # noqa: E402

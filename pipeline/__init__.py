@@ -29,7 +29,7 @@ def one_of(value, options, what: str = "option"):
 
 
 # the modules whose functions the pipeline's process pools run (imported by their fork server)
-WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label")
+WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label", "pipeline.compiled")
 
 
 def process_pool(workers: int | None = None):

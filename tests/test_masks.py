@@ -52,13 +52,29 @@ def test_run_length_text_round_trips_and_reads_as_chexmask(mask):
     assert np.array_equal(enc.decode(), mask)
 
 
-@given(st.lists(st.lists(st.integers(0, 10 ** 15), max_size=20), min_size=1, max_size=4))
-def test_numbers_print_as_python_prints_them(groups):
-    values = [v for g in groups for v in g]
-    assert M._ascii_numbers(np.array(values, np.int64)) == " ".join(map(str, values)).encode()
-    # several texts printed at once: each as printed alone
-    ends = np.cumsum([len(g) for g in groups])
-    assert M._ascii_numbers(np.array(values, np.int64), ends) == [" ".join(map(str, g)).encode() for g in groups]
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 10 ** 6)), max_size=12), min_size=1, max_size=4),
+       st.integers(1, 10 ** 6))
+def test_run_length_text_is_the_runs_as_python_prints_them(masks, width):
+    """Several masks' runs printed at once: each as Python prints its starts and lengths,
+    runs that carry on onto the next row merged."""
+    runs = []
+    for cuts in masks:  # non-overlapping runs in row order, from sorted cuts of the flat image
+        flat = sorted({r * width + min(c, width - 1) for r, c in cuts})
+        starts, ends = flat[0::2], [e + 1 for e in flat[1::2]]
+        runs.append([(s // width, s % width, min(e - 1, (s // width + 1) * width - 1))
+                     for s, e in zip(starts, ends, strict=False)])
+    expected = []
+    for mask in runs:
+        merged: list[list[int]] = []
+        for row, first, last in mask:
+            start, end = row * width + first, row * width + last + 1
+            if merged and merged[-1][1] == start:
+                merged[-1][1] = end
+            else:
+                merged.append([start, end])
+        expected.append(" ".join(f"{s + 1} {e - s}" for s, e in merged).encode())
+    arrays = [tuple(np.array([r[i] for r in mask], np.int64) for i in range(3)) for mask in runs]
+    assert M.rles(arrays, width) == expected
 
 
 @pytest.mark.parametrize("data", [b"1 2 3", b"0 4", b"5 0", b"90 20", b"1 x"])

@@ -84,49 +84,19 @@ class Geometry:
         each crossing of ``level`` is solved exactly, and only in the cache cells whose
         corners straddle it: the work grows with the outlines, not the areas.
         """
+        from pipeline import compiled  # numba: its import is paid only where masks are mapped back
+
         self._check_cache_shape(arr[0])
-        n, size = len(arr), self.size
-        # only the box around what lies above level, and a ring of cells around it, can hold a
-        # crossing: the field is that box (and a pixel more each side), in the coordinates of the
-        # whole array ringed by a pixel below level (`y0`, `x0`: the box's origin there)
-        boxed = _boxed_field(arr, level)
-        if boxed is None:
-            empty = np.zeros(0, np.int64)
-            return [(empty, empty, empty) for _ in range(n)]
-        field, y0, x0 = boxed
-        above = field > level
-        corner = above[:, :-1, :-1]
-        straddle = (corner != above[:, :-1, 1:]) | (corner != above[:, 1:, :-1]) | (corner != above[:, 1:, 1:])
-        # the cell row above each original row's centre, and how far down the cell it lies;
-        # beyond the edge rows, the edge row's values (OpenCV's BORDER_REPLICATE)
-        v = np.clip((np.arange(self.orig_height) + 0.5 + self.offset_y) * self.scale_y - 0.5, 0, size - 1)
+        # the cell row above each original row's centre (in the array ringed by a pixel below
+        # level), and how far down the cell it lies; beyond the edge rows, the edge row's
+        # values (OpenCV's BORDER_REPLICATE)
+        v = np.clip((np.arange(self.orig_height) + 0.5 + self.offset_y) * self.scale_y - 0.5, 0, self.size - 1)
         k, t = np.floor(v).astype(np.int64) + 1, v - np.floor(v)
-        index = np.flatnonzero(straddle)  # in (array, row, column) order
-        high, wide = field.shape[1:]
-        layer, rest = np.divmod(index, (high - 1) * (wide - 1))
-        box_rows, box_cols = np.divmod(rest, wide - 1)
-        cell_rows, cell_cols = box_rows + y0, box_cols + x0  # in the whole ringed array
-        flat = field.reshape(n, -1)
-        at = layer, box_rows * wide + box_cols
-        below = layer, at[1] + wide
-        top_l, top_r = flat[at], flat[at[0], at[1] + 1]
-        drop_l, drop_r = flat[below] - top_l, flat[below[0], below[1] + 1] - top_r
-        row, cell = _rows_across(layer * (size + 1) + cell_rows, cell_rows, k)
-        left = top_l[cell] + t[row] * drop_l[cell]
-        right = top_r[cell] + t[row] * drop_r[cell]
-        rising = right > level
-        crossing = np.flatnonzero((left > level) != rising)  # in, out, in... along each row
-        row, cell, rising = row[crossing], cell[crossing], rising[crossing]
-        left, right = left[crossing], right[crossing]
-        col = cell_cols[cell]
-        u = col - 1 + (level - left) / (right - left)  # cache column of the crossing
-        x = (u + 0.5) / self.scale_x - 0.5 - self.offset_x  # ... and original column
-        # beyond the edge columns, the edge column's values: out to the original's border
-        x[(col == 0) & rising] = -1.0
-        x[(col == size) & ~rising] = self.orig_width
-        if not (rising[0::2].all() and not rising[1::2].any()):
-            raise ValueError("unpaired level crossings: the array is not finite")
-        return _runs(row[0::2], x, layer[cell[0::2]], n, self.orig_width)
+        field = np.ascontiguousarray(arr, np.float32 if arr.dtype == np.float32 else np.float64)
+        which, rows, first, last = compiled.runs_above(field, float(level), k, t, float(self.scale_x),
+                                                       float(self.offset_x), int(self.orig_width))
+        bounds = np.searchsorted(which, np.arange(len(arr) + 1))
+        return [(rows[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _check_cache_shape(self, arr: np.ndarray) -> None:
         if arr.shape != (self.size, self.size):
@@ -134,49 +104,6 @@ class Geometry:
 
     def as_row(self) -> dict[str, float | int | str]:
         return dataclasses.asdict(self)
-
-
-def _rows_across(key: np.ndarray, cell_rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each straddling cell (``key``: its array and cell row, sorted; ``cell_rows``: its cell
-    row), once for every original row across it (``k``: each original row's cell row, sorted):
-    ``(original row, cell)`` pairs in (array, row, column) order. The cells of one cell row of
-    one array are consecutive."""
-    group_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else key
-    group_size = np.diff(np.r_[group_start, len(key)])
-    lo = np.searchsorted(k, cell_rows[group_start], "left")
-    pairs = (np.searchsorted(k, cell_rows[group_start], "right") - lo) * group_size
-    group = np.repeat(np.arange(len(group_start)), pairs)
-    nth = np.arange(len(group)) - np.repeat(np.cumsum(pairs) - pairs, pairs)
-    return lo[group] + nth // group_size[group], group_start[group] + nth % group_size[group]
-
-
-def _runs(row: np.ndarray, x: np.ndarray, which: np.ndarray, n: int, width: int
-          ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Runs of original pixels from paired crossings (``x``: in, out, in... original columns,
-    each pair on ``row``, of array ``which``): the pixel centres strictly inside each pair,
-    per array of ``n``."""
-    first = np.maximum(np.floor(x[0::2]).astype(np.int64) + 1, 0)
-    last = np.minimum(np.ceil(x[1::2]).astype(np.int64) - 1, width - 1)
-    keep = first <= last
-    row, first, last, which = row[keep], first[keep], last[keep], which[keep]
-    bounds = np.searchsorted(which, np.arange(n + 1))
-    return [(row[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def _boxed_field(arr: np.ndarray, level: float) -> tuple[np.ndarray, int, int] | None:
-    """``arr`` (``(C, S, S)``) ringed by a pixel below ``level``, cut to the box around what
-    lies above it and a pixel more each side (float64), with the box's origin in the ringed
-    array's coordinates; None when nothing lies above ``level``."""
-    n, size = len(arr), arr.shape[-1]
-    over: np.ndarray = np.any(arr > level, axis=0)
-    ys, xs = np.flatnonzero(over.any(axis=1)), np.flatnonzero(over.any(axis=0))
-    if len(ys) == 0:
-        return None
-    y0, x0 = int(ys[0]), int(xs[0])
-    field = np.zeros((n, int(ys[-1]) - y0 + 3, int(xs[-1]) - x0 + 3))
-    r0, r1, c0, c1 = max(y0 - 1, 0), min(int(ys[-1]) + 2, size), max(x0 - 1, 0), min(int(xs[-1]) + 2, size)
-    field[:, r0 - y0 + 1:r1 - y0 + 1, c0 - x0 + 1:c1 - x0 + 1] = arr[:, r0:r1, c0:c1]
-    return field, y0, x0
 
 
 def _warp(arr: np.ndarray, m: np.ndarray, out_wh: tuple[int, int]) -> np.ndarray:

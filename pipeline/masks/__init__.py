@@ -17,11 +17,9 @@ the label run.
 
 from pipeline.masks.encoding import (  # noqa: F401
     _PNG_SIGNATURE,
-    _POWERS,
     MASK_KEYS,
     ZLIB_LEVEL,
     EncodedMask,
-    _ascii_numbers,
     _png_chunk,
     decode,
     encode,

@@ -7,7 +7,6 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import cv2
 import numpy as np
@@ -48,66 +47,25 @@ def rles(masks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int)
     """Each mask's runs of foreground pixels (row, first column, last column; sorted, not
     overlapping) -> CheXmask's run-length text: ``"start length start length ..."``, ASCII,
     with 1-based starts into the row-major flattened image; runs that continue onto the next
-    row merge. The masks of one image are printed together (a third of the time)."""
-    numbers = []
-    for rows, first, last in masks:
-        starts = np.asarray(rows, np.int64) * width + np.asarray(first, np.int64)
-        ends = np.asarray(rows, np.int64) * width + np.asarray(last, np.int64) + 1
-        if len(starts) > 1:
-            carried = starts[1:] == ends[:-1]  # run i + 1 carries on run i
-            if carried.any():
-                starts, ends = starts[np.r_[True, ~carried]], ends[np.r_[~carried, True]]
-        pairs = np.empty(2 * len(starts), np.int64)
-        pairs[0::2], pairs[1::2] = starts + 1, ends - starts
-        numbers.append(pairs)
-    return _ascii_numbers(np.concatenate(numbers), np.cumsum([len(n) for n in numbers]))
+    row merge. The masks of one image are printed together, in one compiled pass."""
+    from pipeline import compiled  # numba: its import is paid only where masks are encoded
 
+    def joined(part: int) -> np.ndarray:
+        return np.concatenate([np.asarray(m[part], np.int64) for m in masks]) if masks else np.zeros(0, np.int64)
 
-@overload
-def _ascii_numbers(values: np.ndarray, groups: None = None) -> bytes: ...
-
-
-@overload
-def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | np.ndarray) -> list[bytes]: ...
-
-
-def _ascii_numbers(values: np.ndarray, groups: Sequence[int] | np.ndarray | None = None) -> bytes | list[bytes]:
-    """Non-negative integers as space-separated ASCII decimals, like ``" ".join(map(str, v))``,
-    for the whole array at once (a Python loop over 10,000 numbers takes a millisecond).
-    With ``groups`` (cumulative counts), one text per group of consecutive numbers."""
-    if len(values) == 0:
-        return b"" if groups is None else [b""] * len(groups)
-    digits = np.searchsorted(_POWERS, values.astype(np.uint64), "right").clip(1)
-    width = int(digits.max())
-    columns, rest = [], values.copy()
-    for _ in range(width):  # least significant first; scalar divisors are fast in numpy
-        columns.append(ord("0") + (rest % 10).astype(np.uint8))
-        rest //= 10
-    spaces = np.cumsum(digits + 1) - 1 + width  # where each number's separator goes
-    out = np.empty(int(spaces[-1]), np.uint8)  # led by `width` bytes of scratch
-    # every number writes `width` digits right-aligned, most significant first: the leading
-    # zeros of a short number land on its predecessor, whose own digits come later
-    for k in range(width - 1, -1, -1):
-        out[spaces - 1 - k] = columns[k]
-    out[spaces[:-1]] = ord(" ")
-    text = out.tobytes()
-    if groups is None:
-        return text[width:]
-    bounds = [width, *(int(spaces[g - 1]) + 1 if g else width for g in groups)]
-    return [text[i:max(i, j - 1)] for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-_POWERS = 10 ** np.arange(20, dtype=np.uint64)
+    bounds = np.cumsum([0, *(len(m[0]) for m in masks)])
+    text, ends = compiled.rle_text(joined(0), joined(1), joined(2), bounds, int(width))
+    data = text.tobytes()
+    return [data[i:j] for i, j in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def rle_of(mask: np.ndarray) -> bytes:
     """``(H, W)`` bool array -> :func:`rles` text."""
     flat = np.concatenate([[False], mask.ravel() > 0, [False]])
     edges = np.flatnonzero(flat[1:] != flat[:-1])  # run starts and ends, 0-based, alternating
-    starts, ends = edges[0::2], edges[1::2]
-    pairs = np.empty(2 * len(starts), np.int64)
-    pairs[0::2], pairs[1::2] = starts + 1, ends - starts
-    return _ascii_numbers(pairs)
+    # the runs of one row as long as the whole image: the same text
+    (text,) = rles([(np.zeros(len(edges) // 2, np.int64), edges[0::2], edges[1::2] - 1)], mask.size)
+    return text
 
 
 def decode(data: bytes, encoding: str = "png", shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,0 +1,216 @@
+"""Labelling's two innermost loops, compiled (numba, cached on disk): where the model's masks
+cross their threshold at original size, and those runs as run-length text.
+
+Written as NumPy they were some forty array calls per structure of a few microseconds each,
+a third of post-processing (issue 40); here each is one pass over the few pixels it needs,
+with the same floating-point operations in the same order, so the runs and the text are
+byte for byte those of the array code they replaced (checked against OpenCV's bilinear map
+in the tests). Imported where used, and by the worker processes' fork server once
+(``pipeline.WORKER_MODULES``): importing numba costs half a second, which no command that
+only reads the catalogue should pay. The first call in a fresh installation compiles (a few
+seconds) and stores the machine code beside this file, or in numba's user cache where the
+package's folder cannot be written; later processes load it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+@_jit
+def _value(arr: np.ndarray, a: int, j: int, i: int, size: int) -> float:
+    """``arr[a]`` ringed by zeros: ``(j, i)`` index the ringed array (0 and ``size + 1`` the ring)."""
+    if 1 <= j <= size and 1 <= i <= size:
+        return np.float64(arr[a, j - 1, i - 1])
+    return 0.0
+
+
+@_jit
+def _first_set(row: np.ndarray, start: int) -> int:
+    while not row[start]:
+        start += 1
+    return start
+
+
+@_jit
+def _last_set(row: np.ndarray, start: int) -> int:
+    end = start + 7
+    while not row[end]:
+        end -= 1
+    return end
+
+
+@_jit
+def _straddling(above: np.ndarray, j: int, lo: int, hi: int, cells: np.ndarray) -> int:
+    """The cells of ringed cell row ``j`` (between ringed rows ``j`` and ``j + 1`` of
+    ``above``, 0/1 bytes) whose four corners do not all lie on one side of the level, into
+    ``cells``; how many. Only cells ``lo`` to ``hi`` can: those beside a column with
+    something above the level. Eight cells at a time: byte ``c`` of a word of a row and,
+    shifted down a byte, byte ``c + 1`` (the words are little-endian)."""
+    top, bottom = above[j].view(np.uint64), above[j + 1].view(np.uint64)
+    n = 0
+    for w in range(lo // 8, hi // 8 + 1):  # beyond lo and hi every corner is 0: nothing straddles
+        top_next = (top[w] >> np.uint64(8)) | (top[w + 1] << np.uint64(56))
+        bottom_next = (bottom[w] >> np.uint64(8)) | (bottom[w + 1] << np.uint64(56))
+        flags = (top[w] ^ top_next) | (bottom[w] ^ bottom_next) | (top[w] ^ bottom[w])
+        c = 8 * w
+        while flags:
+            if flags & np.uint64(0xFF):
+                cells[n] = c
+                n += 1
+            flags >>= np.uint64(8)
+            c += 1
+    return n
+
+
+@_jit
+def runs_above(arr: np.ndarray, level: float, k: np.ndarray, t: np.ndarray, scale_x: float,
+               offset_x: float, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of original pixels where the bilinear map of each ``(S, S)`` array of ``arr``
+    exceeds ``level``: ``(which array, row, first column, last column)``, sorted by array,
+    row and column (see :meth:`pipeline.imaging.Geometry.runs_above`, which gives ``k``, each
+    original row's ringed cell row, sorted, and ``t``, how far down that cell it lies).
+
+    Along an original row the map is linear between two cache columns, so each crossing of
+    ``level`` is solved exactly, and only in the cells whose corners straddle it."""
+    n, size = arr.shape[0], arr.shape[1]
+    out, found = np.empty((max(256, 4 * len(k)), 4), np.int64), 0  # (array, row, first, last) per run
+    padded = 8 * ((size + 2) // 8 + 2)  # room for the word-aligned flags beyond the ring
+    above = np.zeros((size + 2, padded), np.uint8)  # ringed by a column and row below the level
+    row_any = np.zeros(size + 2, np.bool_)
+    cells = np.empty(size + 1, np.int64)
+    corners = np.empty((size + 1, 4), np.float64)  # each straddling cell's top left, its drop, top right, drop
+    for a in range(n):
+        row_any[:] = False
+        lo, hi = size + 1, 0  # the ringed columns with something above the level
+        for j in range(size):
+            row, ringed = arr[a, j], above[j + 1]
+            for i in range(size):
+                ringed[i + 1] = np.float64(row[i]) > level
+            words = ringed.view(np.uint64)  # the row's first and last columns above, a word at a time
+            for w in range(len(words)):
+                if words[w]:
+                    row_any[j + 1] = True
+                    lo = min(lo, _first_set(ringed, 8 * w))
+                    break
+            if row_any[j + 1]:
+                for w in range(len(words) - 1, -1, -1):
+                    if words[w]:
+                        hi = max(hi, _last_set(ringed, 8 * w))
+                        break
+        cell_row, count = -1, 0
+        for r in range(len(k)):
+            j = k[r]
+            if not (row_any[j] or row_any[j + 1]):
+                continue
+            if j != cell_row:
+                cell_row, count = j, _straddling(above, j, lo - 1, hi, cells)
+                for m in range(count):
+                    c = cells[m]
+                    corners[m, 0], corners[m, 2] = _value(arr, a, j, c, size), _value(arr, a, j, c + 1, size)
+                    corners[m, 1] = _value(arr, a, j + 1, c, size) - corners[m, 0]
+                    corners[m, 3] = _value(arr, a, j + 1, c + 1, size) - corners[m, 2]
+            inside, x_in = False, 0.0
+            for m in range(count):
+                left = corners[m, 0] + t[r] * corners[m, 1]
+                right = corners[m, 2] + t[r] * corners[m, 3]
+                rising = right > level
+                if (left > level) == rising:
+                    continue
+                if rising == inside:
+                    raise ValueError("unpaired level crossings: the array is not finite")
+                c = cells[m]
+                u = (c - 1) + (level - left) / (right - left)  # cache column of the crossing
+                x = (u + 0.5) / scale_x - 0.5 - offset_x  # ... and original column
+                # beyond the edge columns, the edge column's values: out to the original's border
+                if c == 0 and rising:
+                    x = -1.0
+                elif c == size and not rising:
+                    x = np.float64(width)
+                if rising:
+                    inside, x_in = True, x
+                    continue
+                inside = False
+                first = max(int(np.floor(x_in)) + 1, 0)
+                last = min(int(np.ceil(x)) - 1, width - 1)
+                if first <= last:
+                    if found == len(out):
+                        out = np.concatenate((out, np.empty_like(out)))
+                    out[found, 0], out[found, 1], out[found, 2], out[found, 3] = a, r, first, last
+                    found += 1
+            if inside:
+                raise ValueError("unpaired level crossings: the array is not finite")
+    return out[:found, 0].copy(), out[:found, 1].copy(), out[:found, 2].copy(), out[:found, 3].copy()
+
+
+@_jit
+def _digits(value: int) -> int:
+    d = 1
+    while value >= 10:
+        value //= 10
+        d += 1
+    return d
+
+
+@_jit
+def _put(out: np.ndarray, at: int, value: int, space: bool) -> int:
+    """``value`` as ASCII decimals at ``out[at:]``, after a space if ``space``; where it ends."""
+    if space:
+        out[at] = 32
+        at += 1
+    end = at + _digits(value)
+    p = end
+    while True:
+        p -= 1
+        out[p] = 48 + value % 10
+        value //= 10
+        if value == 0:
+            break
+    return end
+
+
+@_jit
+def rle_text(rows: np.ndarray, first: np.ndarray, last: np.ndarray, bounds: np.ndarray,
+             width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of several masks of one image (mask ``m``: runs ``bounds[m]:bounds[m + 1]`` of
+    ``rows``, ``first``, ``last``, sorted, not overlapping) -> CheXmask's run-length text
+    (``"start length ..."``, 1-based starts into the row-major flattened image; a run that
+    carries on the next row merges with it): one byte array and each mask's text's end in it."""
+    out = np.empty(42 * len(rows) + 1, np.uint8)  # two numbers of up to 20 digits a run, spaced
+    ends = np.empty(len(bounds) - 1, np.int64)
+    at = 0
+    for m in range(len(bounds) - 1):
+        start, end, written = -1, -1, False
+        for q in range(bounds[m], bounds[m + 1]):
+            s = rows[q] * width + first[q]
+            e = rows[q] * width + last[q] + 1
+            if s == end:  # carries on the run before
+                end = e
+                continue
+            if start >= 0:
+                at = _put(out, at, start + 1, written)
+                at = _put(out, at, end - start, True)
+                written = True
+            start, end = s, e
+        if start >= 0:
+            at = _put(out, at, start + 1, written)
+            at = _put(out, at, end - start, True)
+        ends[m] = at
+    return out[:at], ends
+
+
+def _load() -> None:
+    """Both functions' machine code for the arguments labelling gives them, loaded (or, the
+    first time, compiled and stored) now: a fork server that imports this module hands it
+    to every worker it forks, which then start computing at once (numba's own start, about
+    0.4 s, is paid here once)."""
+    empty = np.zeros(0, np.int64)
+    for dtype in (np.float32, np.float64):
+        runs_above(np.zeros((1, 2, 2), dtype), 0.5, np.ones(1, np.int64), np.zeros(1), 1.0, 0.0, 2)
+    rle_text(empty, empty, empty, np.zeros(1, np.int64), 1)
+
+
+_load()
