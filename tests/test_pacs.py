@@ -329,7 +329,11 @@ def test_the_measurement_report_states_the_ctr_and_draws_the_widths(labelled_fro
             assert not [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")], f
 
 
-def test_results_go_back_to_the_pacs_once_and_a_change_supersedes(labelled_from_pacs, pacs_env):
+def test_results_go_back_to_the_pacs_once_and_a_change_supersedes(labelled_from_pacs, pacs_env, tmp_path):
+    import io
+    import shutil
+    import subprocess
+
     url = labelled_from_pacs
     n = len(shared_sops())
     for kind in ("seg", "sr"):
@@ -361,10 +365,29 @@ def test_results_go_back_to_the_pacs_once_and_a_change_supersedes(labelled_from_
     with DicomWeb(pacs_env.url) as client:
         data = client.instance(f"{pacs_env.url}/studies/{newest[0].study_uid}/series/{newest[0].series_uid}"
                                f"/instances/{newest[0].sop_uid}")
-    import io
     sr = pydicom.dcmread(io.BytesIO(data))
     predecessor = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert predecessor.ReferencedSOPInstanceUID == newest[1].sop_uid
+    # ... and a new SEG, the next in its series, referencing the one it supersedes
+    changed = run(url, "export", "seg", "--all", "--to", pacs_env.url)
+    assert "1 written" in changed.output and f"{n - 1} already there" in changed.output
+    with eng.connect() as conn:
+        segs = conn.execute(select(pe).where(pe.c.uid == row.uid, pe.c.kind == "seg")
+                            .order_by(pe.c.exported_at.desc())).all()
+    assert len(segs) == 2 and segs[0].supersedes == segs[1].sop_uid and segs[0].series_uid == segs[1].series_uid
+    with DicomWeb(pacs_env.url) as client:
+        new, old = (pydicom.dcmread(io.BytesIO(client.instance(
+            f"{pacs_env.url}/studies/{s.study_uid}/series/{s.series_uid}/instances/{s.sop_uid}"))) for s in segs)
+    assert (old.InstanceNumber, new.InstanceNumber) == (1, 2) and new.ContentDescription.startswith("revision 2")
+    referenced = {i.ReferencedSOPInstanceUID: i.ReferencedSOPClassUID
+                  for series in new.ReferencedSeriesSequence for i in series.ReferencedInstanceSequence}
+    assert referenced[old.SOPInstanceUID] == old.SOPClassUID
+    assert old.SOPInstanceUID not in {i.ReferencedSOPInstanceUID for series in old.ReferencedSeriesSequence
+                                      for i in series.ReferencedInstanceSequence}
+    if shutil.which("dciodvfy"):
+        new.save_as(tmp_path / "new.dcm", enforce_file_format=True)
+        res = subprocess.run(["dciodvfy", str(tmp_path / "new.dcm")], capture_output=True, text=True)
+        assert not [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_a_store_that_refuses_some_instances_is_counted_per_instance(labelled_from_pacs, pacs_env, proxy):

@@ -116,14 +116,20 @@ def prepared_source(src, summary: ExportSummary) -> bool:
     return True
 
 
-def segmentation_of(src, it: Item, uid: str, names: dict[str, str], summary: ExportSummary):
-    """``it``'s DICOM SEG on ``src``, or None (the reason counted in ``summary``)."""
+def segmentation_of(src, it: Item, uid: str, names: dict[str, str], summary: ExportSummary,
+                    previous: list[dict] | None = None):
+    """``it``'s DICOM SEG on ``src``, or None (the reason counted in ``summary``);
+    ``previous``: the SEGs of the same film and model a PACS holds (``pacs_exports`` rows,
+    newest first), which this one supersedes (:func:`_supersede`)."""
     if not prepared_source(src, summary):
         return None
     try:
         with warnings.catch_warnings():  # highdicom's warnings quote patient names: never to a terminal
             warnings.simplefilter("ignore", UserWarning)
-            return _segmentation(src, it, uid, names)
+            seg = _segmentation(src, it, uid, names)
+            if previous:
+                _supersede(seg, previous)
+            return seg
     except (ValueError, TypeError, AttributeError) as e:
         _skip(summary, f"DICOM SEG could not be made ({type(e).__name__}: {str(e)[:120]})")
         return None
@@ -185,6 +191,28 @@ def _segmentation(src, it: Item, sop_uid: str, names: dict[str, str]):
     # source's, or empty where it has none); highdicom leaves it out
     seg.PatientOrientation = src.get("PatientOrientation", "") or ""
     return seg
+
+
+def _supersede(seg, previous: list[dict]) -> None:
+    """Mark ``seg`` as the newer version of ``previous[0]`` (``pacs_exports`` rows, newest
+    first). A SEG has no Predecessor Documents Sequence (an SR's way): the newer one lies in
+    the same series (its UID comes from the source's series and the model) with the next
+    Instance Number, which viewers show last; it references the one it replaces in its Common
+    Instance Reference Module, the list of instances of the study an object refers to; and
+    its Content Description opens with the revision."""
+    from pydicom import Dataset
+    older = previous[0]
+    seg.InstanceNumber = len(previous) + 1
+    seg.ContentDescription = f"revision {seg.InstanceNumber}: {seg.ContentDescription}"[:64]
+    instance = Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = older["sop_class_uid"], older["sop_uid"]
+    for series in seg.get("ReferencedSeriesSequence", []):
+        if series.SeriesInstanceUID == older["series_uid"]:
+            series.ReferencedInstanceSequence.append(instance)
+            return
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedInstanceSequence = older["series_uid"], [instance]
+    seg.ReferencedSeriesSequence.append(series)
 
 
 def _version() -> str:

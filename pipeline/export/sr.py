@@ -17,9 +17,10 @@ would match), so :data:`CODES` holds ours, in a private coding scheme, in this o
 Idempotent: an object's SOP Instance UID derives from the source, the model and the masks'
 content (:func:`pipeline.export.seg.content_uid`), and what a destination holds is recorded in
 ``pacs_exports``, so exporting the same result again stores nothing; a changed result (corrected
-masks, another model's) is a new instance, and the report names the one it supersedes
-(Predecessor Documents Sequence). A STOW-RS answer that stores some instances and refuses others
-(a 202) is counted instance by instance.
+masks, another model's) is a new instance that names the one it supersedes: the report in
+its Predecessor Documents Sequence, the SEG (which has none) by its Instance Number in the same
+series and a reference in its Common Instance Reference Module (``seg._supersede``). A STOW-RS
+answer that stores some instances and refuses others (a 202) is counted instance by instance.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def store_results(engine: Engine, kind: str, url: str, stream: Iterator[Item], s
             if any(r["sop_uid"] == sop for r in earlier):
                 summary.kept += 1
                 continue
-            ds = (segmentation_of(src, it, sop, names, summary) if kind == "seg" else
+            ds = (segmentation_of(src, it, sop, names, summary, earlier) if kind == "seg" else
                   report_of(engine, src, it, sop, model, summary, [_reference(r) for r in earlier[:1]]))
             if ds is None:
                 continue
