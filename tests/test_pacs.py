@@ -42,6 +42,7 @@ class FaultProxy:
         self.fail_sop: str | None = None
         self.busy = 0  # the next requests answered 503 (Retry-After 0)
         self.ignore_offset = False
+        self.huge = 0  # each search answer sent with its rows repeated this many times (limit ignored)
         self.refuse_first_store = False  # a STOW answered 202: its first instance refused (0xA700)
         self.requests: list[str] = []
         proxy = self
@@ -70,6 +71,9 @@ class FaultProxy:
                     first["00081197"] = {"vr": "US", "Value": [0xA700]}
                     answer["00081198"] = {"vr": "SQ", "Value": [first]}
                     return self._answer(202, json.dumps(answer).encode(), {"Content-Type": "application/dicom+json"})
+                if proxy.huge and method == "GET" and "/instances?" in path and r.ok:
+                    return self._answer(200, json.dumps(r.json() * proxy.huge).encode(),
+                                        {"Content-Type": "application/dicom+json"})
                 self._answer(r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "")})
 
             def _answer(self, status: int, body: bytes, headers: dict | None = None) -> None:
@@ -78,7 +82,10 @@ class FaultProxy:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (a huge answer)
+                    pass
 
             def do_GET(self):
                 self._forward("GET")
@@ -219,6 +226,30 @@ def test_a_server_that_ignores_the_offset_stops_the_load_instead_of_looping(pacs
     r = run(url, "catalogue", "load", "dicomweb", proxy.url, "--page-size", "1")
     assert r.exit_code == 1 and "ignores the QIDO offset" in r.output
     assert len([q for q in proxy.requests if "/instances?" in q]) <= 2 * 2  # per modality: two pages, no loop
+
+
+def test_a_huge_search_answer_stops_the_load_before_it_fills_the_memory(pacs_env, proxy, tmp_path, monkeypatch):
+    """A server that ignores the limit and sends far more than a page in one answer: the answer
+    is read as it arrives and refused past CXRLABEL_PACS_MAX_ANSWER_MB, in one line; what an
+    earlier load stored stays as it was."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run(url, "catalogue", "load", "dicomweb", proxy.url).exit_code == 0
+    before = _catalogue_rows(url)
+    proxy.huge = 2000
+    monkeypatch.setenv("CXRLABEL_PACS_MAX_ANSWER_MB", "0.5")
+    r = run(url, "catalogue", "load", "dicomweb", proxy.url)
+    assert r.exit_code == 1 and "ran past 0.5 MB" in r.output and "CXRLABEL_PACS_MAX_ANSWER_MB" in r.output
+    assert sum("ran past" in line for line in r.output.splitlines()) == 1 and "Traceback" not in r.output
+    assert _catalogue_rows(url) == before
+    # a limit the answer fits in: the rows repeated are one image each
+    monkeypatch.setenv("CXRLABEL_PACS_MAX_ANSWER_MB", "64")
+    assert run(url, "catalogue", "load", "dicomweb", proxy.url).exit_code == 0
+    assert _catalogue_rows(url) == before
+
+
+def _catalogue_rows(url: str) -> list:
+    with D.connect(url).connect() as conn:
+        return [tuple(r) for r in conn.execute(select(D.images.c.uid, D.images.c.path).order_by(D.images.c.uid))]
 
 
 def test_credentials_never_stored_and_a_wrong_password_is_one_line(pacs_env, proxy, tmp_path, monkeypatch, capsys):

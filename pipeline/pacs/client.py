@@ -13,11 +13,16 @@ A 401 or 403 is one line, at once (retrying a wrong password only locks accounts
 503, 504, a time-out or a dropped connection are retried :data:`RETRIES` times with
 exponential back-off (a ``Retry-After`` the server sends is honoured, up to
 :data:`MAX_WAIT` seconds), then one line naming the server and what it answered.
+
+A search or metadata answer is read as it arrives and refused past :data:`MAX_ANSWER_MB`
+(``CXRLABEL_PACS_MAX_ANSWER_MB``): a server that ignores ``limit`` and sends its whole
+archive in one answer stops the load with one line, before the answer fills the memory.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 import uuid
@@ -32,6 +37,7 @@ BACKOFF = 0.5  # seconds before the first retry; doubled each time
 MAX_WAIT = 30.0  # the longest a Retry-After is waited for
 TIMEOUT = 60.0  # seconds to connect and between bytes of an answer
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_ANSWER_MB = 256.0  # the most of one search or metadata answer read (a page of 500 instances: ~2 MB)
 DICOM_JSON = "application/dicom+json"
 SCHEME = "dicomweb+"  # images.path of an instance that lives in a PACS: dicomweb+https://.../instances/SOP
 
@@ -118,6 +124,7 @@ class DicomWeb:
         self.timeout = timeout if timeout is not None else _env_number("CXRLABEL_PACS_TIMEOUT", TIMEOUT)
         self.retries = retries if retries is not None else int(_env_number("CXRLABEL_PACS_RETRIES", RETRIES))
         self.backoff = backoff if backoff is not None else _env_number("CXRLABEL_PACS_BACKOFF", BACKOFF)
+        self.max_answer = int(_env_number("CXRLABEL_PACS_MAX_ANSWER_MB", MAX_ANSWER_MB) * 2 ** 20)
         self.session = requests.Session()
         headers, auth = _auth_headers()
         self.session.headers.update(headers)
@@ -173,8 +180,8 @@ class DicomWeb:
         offset, first_key = 0, None
         while True:
             r = self.request("GET", level, params={**params, "limit": page, "offset": offset},
-                             headers={"Accept": DICOM_JSON})
-            rows = r.json() if r.content.strip() else []
+                             headers={"Accept": DICOM_JSON}, stream=True)
+            rows = self._json(r, f"{self.base}/{level}", f"the answer to a page of {page} matches")
             if not isinstance(rows, list):
                 raise PacsError(f"{self.base}/{level}: the answer is not a list of DICOM JSON objects")
             if not rows:
@@ -193,8 +200,36 @@ class DicomWeb:
     # ------------------------------------------------------------ WADO-RS
     def series_metadata(self, study: str, series: str) -> list[dict]:
         """Every instance's header of a series (all but bulk data), in DICOM JSON."""
-        r = self.request("GET", f"studies/{study}/series/{series}/metadata", headers={"Accept": DICOM_JSON})
-        return r.json()
+        r = self.request("GET", f"studies/{study}/series/{series}/metadata", headers={"Accept": DICOM_JSON},
+                         stream=True)
+        rows = self._json(r, f"{self.base}/studies/{study}/series/{series}/metadata", "the series' metadata")
+        if not isinstance(rows, list):
+            raise PacsError(f"{self.base}: the metadata of series {series} is not a list of DICOM JSON objects")
+        return rows
+
+    def _json(self, r, where: str, what: str):
+        """The DICOM JSON of a streamed answer, read as it arrives and refused past
+        :attr:`max_answer` bytes ([] for an empty answer)."""
+        import requests
+        chunks, size = [], 0
+        try:
+            with r:
+                for chunk in r.iter_content(2 ** 20):
+                    size += len(chunk)
+                    if size > self.max_answer:
+                        raise PacsError(
+                            f"{where}: {what} ran past {self.max_answer / 2 ** 20:g} MB: the server ignores the "
+                            "QIDO limit, or a series is huge; narrow the search (--study-date ranges) or raise "
+                            "CXRLABEL_PACS_MAX_ANSWER_MB")
+                    chunks.append(chunk)
+        except requests.RequestException as e:
+            raise PacsUnreachable(f"{where}: the answer broke off ({type(e).__name__}): is the server up? A later "
+                                  "run goes on from where this one stopped") from None
+        body = b"".join(chunks)
+        try:
+            return json.loads(body) if body.strip() else []
+        except ValueError:
+            raise PacsError(f"{where}: the answer is not DICOM JSON") from None
 
     def instance(self, url: str) -> bytes:
         """One instance as stored (its own transfer syntax, so the reduced-size decoders
