@@ -16,7 +16,8 @@ each measurement is repeated (``--repeat``, 3) with its baseline alternated besi
 ratio taken against the baseline run next to it, and the median ratio is the one to quote.
 The goals (issue 40) are printed beside it; this is a benchmark, and nothing fails on a ratio.
 
-Usage: python bench/label.py [--n 200] [--repeat 3] [--rss 1000 10000] [--model default] [--device auto]
+Usage: python bench/label.py [--n 200] [--repeat 3] [--parts warm cold] [--rss 1000 10000] [--model default]
+       [--device auto]
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement, alternated; the median is quoted")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--parts", nargs="+", choices=("warm", "cold"), default=["warm", "cold"],
+                    help="which throughput measurements to run (both by default)")
     ap.add_argument("--rss-child", nargs=2, metavar=("DB", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -217,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         archive = tmp / "clinic"
         build(args.n, archive, args.data)
-        warm(tmp, archive, args.model, args.device, args.batch, args.repeat)
-        cold(tmp, archive, args.model, args.device, args.batch, args.repeat)
+        if "warm" in args.parts:
+            warm(tmp, archive, args.model, args.device, args.batch, args.repeat)
+        if "cold" in args.parts:
+            cold(tmp, archive, args.model, args.device, args.batch, args.repeat)
         if args.rss:
             rss(tmp, archive, args.rss, args.model, args.device)
     return 0
