@@ -87,8 +87,9 @@ PACS_USER, PACS_PASSWORD = "reader-7f3a", "s3cret-Pw"
 class Pacs:
     """A private Orthanc: its DICOMweb base URL, credentials and storage folder."""
 
-    def __init__(self, url: str, root: Path, aet: str, dicom_port: int) -> None:
+    def __init__(self, url: str, root: Path, aet: str, dicom_port: int, move_port: int) -> None:
         self.url, self.root, self.aet, self.dicom_port = url, root, aet, dicom_port
+        self.move_port = move_port  # where it sends what our AE title asks it to C-MOVE
         self.user, self.password = PACS_USER, PACS_PASSWORD
 
     def env(self, monkeypatch) -> None:
@@ -123,15 +124,16 @@ def running_orthanc(root: Path, files: list[Path]):
     and its storage under ``root`` (never the system service), holding ``files`` stored over
     STOW-RS; stopped when the block ends. (Also bench/pacs.py's server.)"""
     import json
-    http, dicom = _free_port(), _free_port()
+    http, dicom, move = _free_port(), _free_port(), _free_port()
     config = {"Name": "cxrlabel-test", "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANCTEST",
               "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
               "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
               "RegisteredUsers": {PACS_USER: PACS_PASSWORD}, "Plugins": [str(DICOMWEB_PLUGIN)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-              # C-FIND and C-GET from our AE title (a PACS answers the modalities it knows)
-              "DicomModalities": {"cxrlabel": {"AET": "CXRLABEL", "Host": "127.0.0.1", "Port": 11112,
-                                               "AllowFind": True, "AllowGet": True}}}
+              # C-FIND, C-GET and C-MOVE (to our storage SCP's port) from our AE title: a PACS
+              # answers the modalities it knows
+              "DicomModalities": {"cxrlabel": {"AET": "CXRLABEL", "Host": "127.0.0.1", "Port": move,
+                                               "AllowFind": True, "AllowGet": True, "AllowMove": True}}}
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w+b")
     proc = subprocess.Popen([str(ORTHANC), str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
@@ -149,7 +151,7 @@ def running_orthanc(root: Path, files: list[Path]):
         url = f"http://127.0.0.1:{http}/dicom-web"
         for start in range(0, len(files), 16):
             stow(url, files[start:start + 16], (PACS_USER, PACS_PASSWORD))
-        yield Pacs(url, root, "ORTHANCTEST", dicom)
+        yield Pacs(url, root, "ORTHANCTEST", dicom, move)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

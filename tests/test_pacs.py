@@ -459,6 +459,39 @@ def test_catalogue_and_pixels_over_dimse(pacs_env, tmp_path):
         assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
 
 
+def test_pixels_by_c_move_to_our_own_storage_scp(pacs_env, tmp_path):
+    """An archive that allows only C-MOVE: each instance is sent to our storage SCP on the port
+    the PACS knows for our AE title, started for it and stopped after; decoded as from the
+    files. The port is free again afterwards; a port that is taken fails each instance in one
+    line, and a later run fetches them."""
+    import socket
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    address = f"127.0.0.1:{pacs_env.dicom_port}"
+    r = run(url, "catalogue", "load", "dimse", address, "--called-aet", pacs_env.aet,
+            "--move-port", str(pacs_env.move_port))
+    sops = shared_sops()
+    assert r.exit_code == 0 and f"{len(sops)} rows loaded" in r.output, r.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        assert all(f"&move={pacs_env.move_port}" in p for (p,) in conn.execute(select(D.images.c.path)))
+    with socket.socket() as taken:  # another program holds the port
+        taken.bind(("", pacs_env.move_port))
+        taken.listen()
+        busy = run(url, "collect", "--all", "--workers", "1")
+        assert f"cannot listen on port {pacs_env.move_port}" in busy.output, busy.output
+    got = run(url, "collect", "--all")
+    assert f"{len(sops)} cached now" in got.output and "0 failed" in got.output, got.output
+    from pipeline.collect import read_cached
+    with eng.connect() as conn:
+        cached = read_cached(conn, list(sops), Settings(256, "pad"))
+    for sop, files in sops.items():
+        assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
+    with socket.socket() as again:  # our storage SCP is gone (its closed connections may linger)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("", pacs_env.move_port))
+        again.listen()
+
+
 def test_a_dimse_pacs_that_is_not_there_is_one_line(pacs_env, tmp_path):
     import socket
     with socket.socket() as s:

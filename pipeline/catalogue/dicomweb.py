@@ -175,16 +175,17 @@ def _qido_record(r: dict, sop: str, path: str, source: str) -> dict:
 
 def load_dimse(engine: Engine, address: str, called: str, calling: str, query: PacsQuery | None = None,
                source: str = "pacs", texts: dict[str, str] | None = None, text_key: str = "accession",
-               progress: bool = True) -> LoadSummary:
+               progress: bool = True, move_port: int | None = None) -> LoadSummary:
     """Catalogue a PACS over C-FIND (study, series, image): the fields its answers carry (a
     server fills those it indexes; spacing and view often not), read by :func:`header_record`;
-    instances already catalogued are kept as they were."""
+    instances already catalogued are kept as they were. ``move_port``: their pixels come by
+    C-MOVE to our storage SCP on that port (the PACS's entry for our AE title), not by C-GET."""
     import pydicom
 
     from pipeline.catalogue.dicom import header_record
     from pipeline.pacs.dimse import Peer, find_instances
     query = query or PacsQuery()
-    peer = Peer.parse(address, called, calling)
+    peer = Peer.parse(address, called, calling, move_port)
     study_date = check_date_range(query.study_date)
     counts = {"already": 0}
 

@@ -44,6 +44,7 @@ class LoadOptions:
     allow_http: bool = False
     aet: str = "CXRLABEL"  # dimse: our AE title
     called_aet: str | None = None  # dimse: the PACS's
+    move_port: int | None = None  # dimse: retrieve by C-MOVE to our storage SCP on this port (None: C-GET)
 
 
 LOADERS: dict[str, Callable[[Engine, Any, LoadOptions], LoadSummary]] = {  # a Path, or dicomweb's URL
@@ -75,7 +76,8 @@ def _load_dimse(engine: Engine, address: str, o: LoadOptions) -> LoadSummary:
         raise CatalogueError("dimse: give the PACS's AE title with --called-aet (and ours with --aet)")
     texts = _text_lookup(o.text_csv, o.text_key_column or o.text_key, o.text_column) if o.text_csv else None
     return load_dimse(engine, address, o.called_aet, o.aet, PacsQuery(tuple(o.modalities), o.study_date,
-                                                                        o.body_part), o.source_name, texts, o.text_key)
+                                                                        o.body_part), o.source_name, texts, o.text_key,
+                      move_port=o.move_port)
 
 
 def _load_dicomweb(engine: Engine, url: str, o: LoadOptions) -> LoadSummary:

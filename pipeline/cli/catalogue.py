@@ -48,6 +48,8 @@ def catalogue() -> None:
 @click.option("--allow-http", is_flag=True, help="dicomweb: allow plain HTTP to another machine (a network you trust).")
 @click.option("--aet", default="CXRLABEL", show_default=True, help="dimse: our AE title (the PACS must know it).")
 @click.option("--called-aet", help="dimse: the PACS's AE title.")
+@click.option("--move-port", type=int, help="dimse: fetch pixels by C-MOVE to our storage SCP on this port (the one "
+                                            "the PACS has for --aet), for an archive that allows no C-GET.")
 @click.pass_context
 @handle_errors
 def catalogue_load(ctx, fmt, source, **options) -> None:
@@ -58,7 +60,7 @@ def catalogue_load(ctx, fmt, source, **options) -> None:
     openi (NLMCXR_reports.tgz), csv (any clinic export, with --map), dicomweb (a PACS's
     DICOMweb URL; credentials from CXRLABEL_PACS_USER/_PASSWORD, _TOKEN or netrc; pixels are
     fetched when collected or labelled), dimse (a PACS's HOST:PORT over C-FIND, pixels by
-    C-GET; --called-aet and --aet).
+    C-GET, or C-MOVE with --move-port; --called-aet and --aet).
     Rows that cannot be loaded go to load_errors with the reason (see `catalogue errors`); the
     rest loads. A load that loaded nothing exits 4.
 

@@ -2,12 +2,16 @@
 C-FIND walks the archive study by study, series by series (the hierarchy every Query/Retrieve
 SCP answers; nothing is held but one study's answers at a time), C-GET fetches one instance as
 stored (our storage SCP role offers the compressed transfer syntaxes, so the reduced-size
-decoders still apply).
+decoders still apply). An archive that allows only C-MOVE sends the instance to a storage SCP
+of ours, started for the one instance on the port the archive knows for our AE title
+(``--move-port``) and stopped after it; the processes of a pool take that port in turn (a
+lock file beside it).
 
 An instance's path is ``dimse://HOST:PORT/STUDY/SERIES/SOP?called=AET&calling=AET`` (AE
-titles are names, not secrets). An association that cannot be made or is aborted is retried
-with back-off as an HTTP request is (:mod:`pipeline.pacs.client`'s settings), then stops the
-run with one line; a C-GET that fails for one instance fails that instance.
+titles are names, not secrets), with ``&move=PORT`` where it is retrieved by C-MOVE. An
+association that cannot be made or is aborted is retried with back-off as an HTTP request is
+(:mod:`pipeline.pacs.client`'s settings), then stops the run with one line; a C-GET or C-MOVE
+that fails for one instance fails that instance.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ SCHEME = "dimse://"
 # Study Root Query/Retrieve and the storage classes a chest film comes in (PS3.4 Annex B)
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 GET = "1.2.840.10008.5.1.4.1.2.2.3"
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STORAGE = ("1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
            "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
            "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
@@ -49,20 +54,24 @@ class Peer:
     port: int
     called: str  # the PACS's AE title
     calling: str = CALLING  # ours
+    move_port: int | None = None  # retrieve by C-MOVE to our storage SCP on this port (None: C-GET)
 
     @classmethod
-    def parse(cls, address: str, called: str, calling: str = CALLING) -> Peer:
+    def parse(cls, address: str, called: str, calling: str = CALLING, move_port: int | None = None) -> Peer:
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise PacsError(f"{address!r}: give the PACS as HOST:PORT (its DICOM port, e.g. pacs.example.org:104)")
         for name, value in (("--called-aet", called), ("--aet", calling)):
             if not value or len(value) > 16 or not value.isascii() or "\\" in value:
                 raise PacsError(f"{name} {value!r}: an AE title is 1 to 16 ASCII characters")
-        return cls(host, int(port), called, calling)
+        if move_port is not None and not 0 < move_port < 65536:
+            raise PacsError(f"--move-port {move_port}: a TCP port (1-65535), the one the PACS knows for our AE title")
+        return cls(host, int(port), called, calling, move_port)
 
     def path(self, study: str, series: str, sop: str) -> str:
+        move = f"&move={self.move_port}" if self.move_port else ""
         return (f"{SCHEME}{self.host}:{self.port}/{study}/{series}/{sop}"
-                f"?called={quote(self.called)}&calling={quote(self.calling)}")
+                f"?called={quote(self.called)}&calling={quote(self.calling)}{move}")
 
     def __str__(self) -> str:
         return f"{self.called}@{self.host}:{self.port}"
@@ -72,7 +81,9 @@ def parse_path(path: str) -> tuple[Peer, str, str, str]:
     parts = urlsplit(path)
     q = parse_qs(parts.query)
     study, series, sop = parts.path.strip("/").split("/")
-    peer = Peer(parts.hostname or "", parts.port or 104, q["called"][0], q.get("calling", [CALLING])[0])
+    move = q.get("move", [""])[0]
+    peer = Peer(parts.hostname or "", parts.port or 104, q["called"][0], q.get("calling", [CALLING])[0],
+                int(move) if move.isdigit() else None)
     return peer, study, series, sop
 
 
@@ -145,8 +156,8 @@ def _plain(ds) -> dict:
     return {e.keyword: e.value for e in ds if e.keyword and e.value not in (None, "")}
 
 
-def get_instance(path: str, dest: str | Path) -> Path:
-    """C-GET one instance (as stored) into ``dest``; :class:`PacsError` when it cannot."""
+def _syntaxes() -> list[str]:
+    """The transfer syntaxes our storage SCP role accepts: the compressed ones first."""
     from pydicom.uid import (
         JPEG2000,
         DeflatedExplicitVRLittleEndian,
@@ -158,38 +169,83 @@ def get_instance(path: str, dest: str | Path) -> Path:
         JPEGLosslessSV1,
         RLELossless,
     )
-    from pynetdicom import build_context, build_role, evt
+    return [JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, RLELossless,
+            ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+
+
+def get_instance(path: str, dest: str | Path) -> Path:
+    """C-GET (or, for a path with ``move=PORT``, C-MOVE) one instance, as stored, into
+    ``dest``; :class:`PacsError` when it cannot."""
+    from pydicom import Dataset
     peer, study, series, sop = parse_path(path)
-    syntaxes = [JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, RLELossless,
-                ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
-    storage = STORAGE
     got: dict = {}
 
     def on_store(event):
         ds = event.dataset
+        if str(ds.get("SOPInstanceUID", "")) != sop:  # only the instance asked for
+            return 0xA700
         ds.file_meta = event.file_meta
         got["ds"] = ds
         return 0x0000
 
-    # one presentation context per (storage class, transfer syntax): a PACS accepts one syntax per
-    # context and picks its own favourite (uncompressed), then cannot send a JPEG 2000 film in it
-    contexts = [build_context(GET)] + [
-        build_context(c, ts) for c in storage for ts in syntaxes]
-    assoc = _associate(peer, contexts, [build_role(c, scp_role=True) for c in storage],
-                       [(evt.EVT_C_STORE, on_store)])
-    from pydicom import Dataset
     q = Dataset()
     q.QueryRetrieveLevel = "IMAGE"
     q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID = study, series, sop
-    try:
-        last = None
-        for status, _ in assoc.send_c_get(q, GET):
-            last = getattr(status, "Status", None)
-    finally:
-        assoc.release()
+    last = (_moved if peer.move_port else _got)(peer, q, on_store)
     if "ds" not in got:
-        raise PacsError(f"C-GET {sop}: the PACS sent no instance (status {last if last is None else hex(last)})")
+        how = "C-MOVE" if peer.move_port else "C-GET"
+        raise PacsError(f"{how} {sop}: the PACS sent no instance (status {last if last is None else hex(last)})")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     got["ds"].save_as(dest, enforce_file_format=True)
     return dest
+
+
+def _got(peer: Peer, query, on_store) -> int | None:
+    """C-GET ``query`` on an association that takes our storage SCP role; the last status."""
+    from pynetdicom import build_context, build_role, evt
+
+    # one presentation context per (storage class, transfer syntax): a PACS accepts one syntax per
+    # context and picks its own favourite (uncompressed), then cannot send a JPEG 2000 film in it
+    contexts = [build_context(GET)] + [build_context(c, ts) for c in STORAGE for ts in _syntaxes()]
+    assoc = _associate(peer, contexts, [build_role(c, scp_role=True) for c in STORAGE],
+                       [(evt.EVT_C_STORE, on_store)])
+    return _statuses(assoc, assoc.send_c_get(query, GET))
+
+
+def _moved(peer: Peer, query, on_store) -> int | None:
+    """C-MOVE ``query`` to our own storage SCP, listening on ``peer.move_port`` only meanwhile
+    (one process of this machine at a time: there is one port); the last status."""
+    import fcntl
+    import tempfile
+
+    from pynetdicom import AE, build_context, evt
+    assert peer.move_port is not None
+    with open(Path(tempfile.gettempdir()) / f"cxrlabel-move-{peer.move_port}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ae = AE(ae_title=peer.calling)
+        ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = _env_number("CXRLABEL_PACS_TIMEOUT", TIMEOUT)
+        for c in STORAGE:
+            ae.add_supported_context(c, _syntaxes())
+        try:
+            server = ae.start_server(("", peer.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        except OSError as e:
+            raise PacsUnreachable(f"{peer}: our storage SCP cannot listen on port {peer.move_port} for C-MOVE "
+                                  f"({e.strerror}): is another program on it? (--move-port)") from None
+        assert server is not None  # block=False: the server, running in its own threads
+        try:
+            assoc = _associate(peer, [build_context(MOVE)])
+            return _statuses(assoc, assoc.send_c_move(query, peer.calling, MOVE))
+        finally:
+            server.shutdown()
+
+
+def _statuses(assoc, answers) -> int | None:
+    """Read a C-GET's or C-MOVE's answers to the end, then release the association; the last status."""
+    try:
+        last = None
+        for status, _ in answers:
+            last = getattr(status, "Status", None)
+        return last
+    finally:
+        assoc.release()
