@@ -430,6 +430,34 @@ def test_a_store_that_refuses_some_instances_is_counted_per_instance(labelled_fr
     assert "1 written" in run(labelled_from_pacs, "export", "sr", "--all", "--to", proxy.url).output
 
 
+def test_results_go_back_by_c_store_once(labelled_from_pacs, pacs_env, tmp_path):
+    """export seg|sr --to dimse://HOST:PORT?called=AET: each object by C-STORE, in the PACS as
+    stored (the same SOP Instance UIDs as the files export writes), recorded per destination,
+    so a second export stores nothing; a destination without an AE title is one line."""
+    url = labelled_from_pacs
+    n = len(shared_sops())
+    to = f"dimse://127.0.0.1:{pacs_env.dicom_port}?called={pacs_env.aet}"
+    for kind in ("sr", "seg"):
+        r = run(url, "export", kind, "--all", "--to", to)
+        assert r.exit_code == 0 and f"{n} written" in r.output, r.output
+        again = run(url, "export", kind, "--all", "--to", to)
+        assert "0 written" in again.output and f"{n} already there" in again.output
+    eng = D.connect(url)
+    with eng.connect() as conn:
+        pe = D.pacs_exports
+        stored = conn.execute(select(pe.c.sop_uid, pe.c.kind).where(pe.c.destination.startswith("dimse://"))).all()
+    assert len(stored) == 2 * n
+    files = run(url, "export", "sr", "--all", "--out", str(tmp_path / "sr"))
+    assert files.exit_code == 0
+    written = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in (tmp_path / "sr").glob("*.dcm")}
+    assert written == {sop for sop, kind in stored if kind == "sr"}
+    with DicomWeb(pacs_env.url) as client:
+        held = {row["00080018"]["Value"][0] for page in client.search("instances", {"Modality": "SR"}) for row in page}
+    assert written <= held
+    bad = run(url, "export", "sr", "--all", "--to", f"dimse://127.0.0.1:{pacs_env.dicom_port}")
+    assert bad.exit_code != 0 and "called=AET" in bad.output and "Traceback" not in bad.output
+
+
 # ---------------------------------------------------------------- the DICOM network services
 
 

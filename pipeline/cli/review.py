@@ -69,8 +69,8 @@ def review_cmd(ctx, group, sample, all_images, model, reviewer, host, port, toke
 @click.option("--out", type=click.Path(path_type=Path),
               help="A CSV file for rle; a folder for png, seg and sr.")
 @click.option("--to", "to_url", metavar="URL",
-              help="seg and sr: store them in this PACS over DICOMweb (STOW-RS) instead of a folder; credentials "
-                   "as for `catalogue load dicomweb`.")
+              help="seg and sr: store them in this PACS instead of a folder: over DICOMweb (STOW-RS) at a URL, "
+                   "credentials as for `catalogue load dicomweb`; or by C-STORE to dimse://HOST:PORT?called=AET.")
 @click.option("--allow-http", is_flag=True, help="--to: allow plain HTTP to another machine.")
 @click.pass_context
 @handle_errors
@@ -88,6 +88,7 @@ def export_cmd(ctx, fmt, selection, model, reviewed, include_rejected, out, to_u
         cxrlabel export seg --sample test70k --reviewed --out exports/seg/
         cxrlabel export png --all --model default --out exports/png/
         cxrlabel export sr --source pacs --to https://pacs.example.org/dicom-web
+        cxrlabel export seg --source pacs --to 'dimse://pacs.example.org:104?called=PACS'
     """
     from pipeline.export import export
     from pipeline.groups import select_images

@@ -25,10 +25,11 @@ def export(engine: Engine, fmt: str, out: str | Path, selection: Selection, mode
     ``rle``, a folder otherwise)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
-    remote = isinstance(out, str) and out.startswith(("http://", "https://"))
+    remote = isinstance(out, str) and out.startswith(("http://", "https://", "dimse://"))
     if remote:
         from pipeline.pacs.client import check_url
-        out = check_url(str(out))
+        from pipeline.pacs.dimse import Store
+        out = Store(str(out)).base if str(out).startswith("dimse://") else check_url(str(out))
     else:
         out = Path(out)
         check_destination(fmt, out)

@@ -37,6 +37,8 @@ from sqlalchemy.engine import Engine
 from pipeline import db as D
 from pipeline.export.stream import ExportSummary, Item, _skip
 from pipeline.pacs.client import DicomWeb
+from pipeline.pacs.dimse import SCHEME as DIMSE
+from pipeline.pacs.dimse import Store
 
 # (code value, coding scheme designator, meaning): no standard code names the CTR
 CODING_SCHEME = "99CXRLABEL"
@@ -156,9 +158,10 @@ def _reference(row: dict):
 def store_results(engine: Engine, kind: str, url: str, stream: Iterator[Item], summary: ExportSummary,
                   names: dict[str, str], model: str) -> None:
     """``kind`` (``seg`` or ``sr``) objects of the stream's films, stored in the PACS at ``url``
-    over STOW-RS, :data:`STOW_BATCH` at a time; what it already holds is kept."""
+    over STOW-RS (or C-STORE, for ``dimse://HOST:PORT?called=AET``), :data:`STOW_BATCH` at a
+    time; what it already holds is kept."""
     from pipeline.export.seg import content_uid, segmentation_of, source_for
-    with DicomWeb(url) as client:
+    with Store(url) if url.startswith(DIMSE) else DicomWeb(url) as client:
         batch: list[tuple[str, object, str | None]] = []
         for it in stream:
             if (src := source_for(it, summary)) is None:
@@ -226,7 +229,7 @@ def report_of(engine: Engine, src, it: Item, sop: str, model: str, summary: Expo
         return None
 
 
-def _stow(engine: Engine, client: DicomWeb, kind: str, model: str, batch: list, summary: ExportSummary) -> None:
+def _stow(engine: Engine, client: DicomWeb | Store, kind: str, model: str, batch: list, summary: ExportSummary) -> None:
     """One STOW-RS request; each instance stored is recorded, each refused one counted."""
     blobs = []
     for _, ds, _ in batch:

@@ -249,3 +249,60 @@ def _statuses(assoc, answers) -> int | None:
         return last
     finally:
         assoc.release()
+
+
+# C-STORE statuses that store the instance: success, and the warnings of coercion, elements
+# discarded and a data set that does not match its SOP class (PS3.4 B.2.3)
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class Store:
+    """A PACS's storage SCP as a destination of results (``export seg|sr --to
+    dimse://HOST:PORT?called=AET``): :meth:`store` answers as :meth:`DicomWeb.store` does,
+    one association a call, each instance by C-STORE in its own transfer syntax."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        q = parse_qs(parts.query)
+        if parts.scheme != "dimse" or not parts.hostname or not q.get("called") or parts.path.strip("/"):
+            raise PacsError(f"{url!r}: give a PACS's storage SCP as dimse://HOST:PORT?called=AET "
+                            "(its AE title; &calling=AET for ours, CXRLABEL by default)")
+        self.peer = Peer.parse(f"{parts.hostname}:{parts.port or 104}", q["called"][0],
+                               q.get("calling", [CALLING])[0])
+        self.base = (f"{SCHEME}{self.peer.host}:{self.peer.port}?called={quote(self.peer.called)}"
+                     f"&calling={quote(self.peer.calling)}")
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def store(self, instances: list[bytes], sop_uids: list[str]) -> list:
+        """C-STORE ``instances`` (DICOM Part 10 bytes); each one's outcome."""
+        import io
+
+        import pydicom
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import build_context
+
+        from pipeline.pacs.client import StoreResult
+        datasets = [pydicom.dcmread(io.BytesIO(b)) for b in instances]
+        syntaxes: dict[str, list[str]] = {}
+        for ds in datasets:
+            own = syntaxes.setdefault(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            if str(ds.file_meta.TransferSyntaxUID) not in own:
+                own.insert(0, str(ds.file_meta.TransferSyntaxUID))
+        assoc = _associate(self.peer, [build_context(c, ts) for c, ts in syntaxes.items()])
+        results = []
+        try:
+            for ds, sop in zip(datasets, sop_uids, strict=True):
+                code = getattr(assoc.send_c_store(ds), "Status", None)
+                if code is None:
+                    raise PacsUnreachable(f"{self.peer}: the association ended during a C-STORE (timed out or "
+                                          "aborted): a later export stores what is left")
+                results.append(StoreResult(sop, code in STORED, "" if code in STORED else
+                                           f"refused (C-STORE status {code:#06x})"))
+        finally:
+            assoc.release()
+        return results
