@@ -88,6 +88,10 @@ def cli(ctx: click.Context, url: str | None, verbose: int) -> None:
     """
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # pydicom logs each value it finds odd as it reads it (an age of '62'), which the
+        # catalogue reads as it can and records where it cannot (load_errors); -v shows them. A
+        # filter, not a level: pydicom sets its logger's level when it is imported, later
+        logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)
     ctx.ensure_object(dict).update(url=url, verbose=verbose)
 
 
