@@ -95,6 +95,9 @@ class _Cleaned:
     kept: dict[str, float]  # the share of the foreground the clean-up kept
     columns: dict[str, float | None]  # each mask's mean column
     features: dict[str, dict[str, float]]  # the quality score's per-structure inputs
+    # each cleaned mask's box (x0, y0, x1, y1, inclusive; None: empty): what the checks read of
+    # the whole masks lies inside it, so they read only that
+    boxes: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
 
 
 def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
@@ -111,7 +114,7 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
     sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
     for i, s in enumerate(structures):
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
-        out.kept[s], out.agreement[s], out.columns[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None
+        out.kept[s], out.agreement[s], out.columns[s], out.boxes[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None, None
         if len(xs) == 0:
             out.features[s] = Q.structure_features(np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), 0.0,
                                                    out.agreement[s], size)
@@ -132,6 +135,9 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
                                / (float(sums[i]) + int(np.count_nonzero(cleaned))))
         column = mean_column(cleaned)
         out.columns[s] = column + window[1].start if column is not None else None
+        if (box := bbox(cleaned)) is not None:
+            y, x = window[0].start, window[1].start
+            out.boxes[s] = (box[0] + x, box[1] + y, box[2] + x, box[3] + y)
         out.features[s] = Q.structure_features(p, cleaned, out.kept[s], out.agreement[s], size)
     return out
 
@@ -141,11 +147,19 @@ def _scored(item: Item, read: _Cleaned, ctr: float | None, scorer: QualityModel 
     """The score's features, and the quality score, the trust and the input check, of one
     image's cleaned masks; a film that is no chest film the model can read scores 0 (first in
     the review worklist)."""
-    whole_masks, size = read.masks, read.soft.shape[-1]
-    fit = scorer.atlas.fit(whole_masks) if scorer is not None and scorer.atlas is not None else None
-    lungs = [whole_masks[s] for s in ("left_lung", "right_lung") if s in whole_masks]
-    border = Q.heart_border(item.image, whole_masks.get("heart"), np.logical_or.reduce(lungs) if lungs else None) \
-        if item.image.shape == (size, size) else 0.0
+    whole_masks, size, boxes = read.masks, read.soft.shape[-1], read.boxes
+    fit = scorer.atlas.fit(whole_masks, boxes) if scorer is not None and scorer.atlas is not None else None
+    lungs = [s for s in ("left_lung", "right_lung") if s in whole_masks]
+    lung_box = Q.union_box([boxes[s] for s in lungs])
+    border = 0.0
+    if item.image.shape == (size, size) and lungs:
+        both = np.zeros((size, size), bool)  # the lungs together, made only inside their box
+        if lung_box is not None:
+            window = (slice(lung_box[1], lung_box[3] + 1), slice(lung_box[0], lung_box[2] + 1))
+            both[window] = np.logical_or.reduce([whole_masks[s][window] for s in lungs])
+        border = Q.heart_border(item.image, whole_masks.get("heart"), both, (boxes.get("heart"), lung_box))
+    elif item.image.shape == (size, size):
+        border = Q.heart_border(item.image, whole_masks.get("heart"), None)
     features, scored = Q.score_image(
         scorer, read.features, read.agreement, read.kept, read.columns, ctr,
         item.rim if item.rim is not None else Q.rim_share(item.image),
@@ -155,7 +169,7 @@ def _scored(item: Item, read: _Cleaned, ctr: float | None, scorer: QualityModel 
         thumb = item.thumb if item.thumb is not None else (
             thumbnail(item.image, item.geom.film_box()) if item.image.size else None)
         look = scorer.appearance.look(thumb) if thumb is not None else None
-    scored["input_check"] = item.header or check_input(whole_masks, item.geom.film_box(), fit, look)
+    scored["input_check"] = item.header or check_input(whole_masks, item.geom.film_box(), fit, look, boxes)
     if scored["input_check"] != INPUT_OK:
         scored["quality"] = 0.0
         scored["trust"] = 0.0 if scored["trust"] is not None else None

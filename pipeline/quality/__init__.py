@@ -33,6 +33,7 @@ from pipeline.quality.features import (
     structure_features,
     tta_agreement,
     tta_copies,
+    union_box,
 )
 from pipeline.quality.score import (
     FORMAT,
@@ -56,4 +57,4 @@ __all__ = ["CONTEXT", "FEATURES", "FORMAT", "IMAGE_FEATURES", "SCORE_RECIPE", "S
            "TTA_SHIFT", "Atlas", "QualityModel", "Scores", "atlas_frame", "checked", "design", "from_sidecar",
            "heart_border", "heuristic", "image_features", "lungs_swapped", "plausibility", "recipe_differences",
            "recipe_of", "rim_share", "score_image", "scores_for", "sidecar", "store", "stored", "structure_features",
-           "tta_agreement", "tta_copies"]
+           "tta_agreement", "tta_copies", "union_box"]

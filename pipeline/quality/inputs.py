@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from pipeline.measure import bbox
+
 OK = "ok"
 RADIOGRAPHS = {"CR", "DX", "DR", "RG"}  # DICOM Modality of a chest projection radiograph (not PX: dental)
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
@@ -130,9 +132,10 @@ def header_check(modality: str | None, body_part: str | None, view: str | None) 
 
 
 def anatomy(masks: dict[str, np.ndarray], film: tuple[float, float, float, float] | None = None,
-            ) -> dict[str, float]:
+            boxes: dict[str, tuple[int, int, int, int] | None] | None = None) -> dict[str, float]:
     """What :func:`check` reads of the cleaned masks ``{structure: (S, S) bool}`` at model
-    resolution, within the ``film`` box (cache pixels; None: the whole image)."""
+    resolution, within the ``film`` box (cache pixels; None: the whole image). ``boxes``: the
+    masks' boxes (``(x0, y0, x1, y1)``; None: empty), when known: each is counted inside its box."""
     side = next(iter(masks.values())).shape[0]
     x0, y0, x1, y1 = film or (0, 0, side - 1, side - 1)
     fx0, fy0, fx1, fy1 = int(np.ceil(x0)), int(np.ceil(y0)), int(np.floor(x1)), int(np.floor(y1))
@@ -144,9 +147,10 @@ def anatomy(masks: dict[str, np.ndarray], film: tuple[float, float, float, float
     parts = {}
     for s in ("heart", "left_lung", "right_lung"):
         m = masks.get(s)
-        if m is None or not m.any():
+        box = (boxes.get(s) if boxes is not None else bbox(m)) if m is not None else None
+        if m is None or box is None:
             return out
-        parts[s] = _Projection(m)
+        parts[s] = _Projection(m, box)
     lung_l, lung_r, heart = parts["left_lung"], parts["right_lung"], parts["heart"]
     out["lung_share"] = min(lung_l.n, lung_r.n) / film_area
     overlap = min(lung_l.y1, lung_r.y1) - max(lung_l.y0, lung_r.y0) + 1
@@ -173,10 +177,13 @@ def anatomy(masks: dict[str, np.ndarray], film: tuple[float, float, float, float
 
 class _Projection:
     """A non-empty ``(S, S)`` bool mask's pixel count, extent and mean row and column, from
-    its row and column counts."""
+    its row and column counts (counted inside its ``box``, zero beyond it)."""
 
-    def __init__(self, m: np.ndarray) -> None:
-        self.rows, self.cols = np.count_nonzero(m, axis=1), np.count_nonzero(m, axis=0)
+    def __init__(self, m: np.ndarray, box: tuple[int, int, int, int]) -> None:
+        x0, y0, x1, y1 = box
+        inside = m[y0:y1 + 1, x0:x1 + 1]
+        self.rows, self.cols = np.zeros(m.shape[0], np.intp), np.zeros(m.shape[1], np.intp)
+        self.rows[y0:y1 + 1], self.cols[x0:x1 + 1] = np.count_nonzero(inside, axis=1), np.count_nonzero(inside, axis=0)
         ys, xs = np.flatnonzero(self.rows), np.flatnonzero(self.cols)
         self.n = int(self.rows.sum())
         self.n_rows, self.n_cols = len(ys), len(xs)
@@ -186,15 +193,17 @@ class _Projection:
 
 
 def check(masks: dict[str, np.ndarray], film: tuple[float, float, float, float] | None = None,
-          atlas_fit: dict[str, float] | None = None, look: dict[str, float] | None = None) -> str:
+          atlas_fit: dict[str, float] | None = None, look: dict[str, float] | None = None,
+          boxes: dict[str, tuple[int, int, int, int] | None] | None = None) -> str:
     """``ok``, or why the film does not read as a frontal chest radiograph (one line).
-    ``look``: :meth:`Appearance.look` of the film, where the model's score carries one."""
+    ``look``: :meth:`Appearance.look` of the film, where the model's score carries one;
+    ``boxes``: the masks' boxes, when known (:func:`anatomy`)."""
     if look is not None:
         if max(look["upright"], look["turned"]) < MIN_LOOK:
             return f"not a chest film? it looks like no annotated chest film (correlation {look['upright']:.2f})"
         if look["turned"] > look["upright"] + TURN_MARGIN:
             return "turned? it looks more like a chest film turned a quarter or half"
-    a = anatomy(masks, film)
+    a = anatomy(masks, film, boxes)
     if a["lung_share"] < MIN_LUNG_SHARE:
         return "not a chest film? the model finds no pair of lungs"
     if a["side_by_side"] < MIN_SIDE_BY_SIDE or a["lungs_tall"] < MIN_LUNGS_TALL:
