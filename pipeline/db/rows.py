@@ -3,6 +3,7 @@ keys in chunks the drivers accept, failures recorded and cleared."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -33,37 +34,46 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
     """
     if not rows:
         return
+    columns = tuple(rows[0])
+    sql, order, procs = _upsert_sql(conn.dialect, table, columns, tuple(keys),
+                                    tuple(update) if update is not None else None)
+    _executemany(conn, sql, order, procs, rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_sql(dialect: Any, table: Table, columns: tuple[str, ...], keys: tuple[str, ...],
+                update: tuple[str, ...] | None) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+    """The upsert of ``columns`` into ``table`` compiled for ``dialect``: its SQL, the order of
+    its parameters (None: named ones) and each column's bind processor. Compiled once per
+    table and columns (a labelling batch writes the same ones every time: compiling them took
+    a few milliseconds a batch)."""
     insert: Any
-    if conn.dialect.name == "sqlite":
+    if dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
-    elif conn.dialect.name == "postgresql":
+    elif dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[no-redef]
     else:
-        raise DatabaseError(f"database {conn.dialect.name!r} is not supported: use SQLite or PostgreSQL")
-    columns = list(rows[0])
+        raise DatabaseError(f"database {dialect.name!r} is not supported: use SQLite or PostgreSQL")
     stmt = insert(table).values({c: bindparam(c) for c in columns})
     names = update if update is not None else [c for c in columns if c not in keys]
     updates = {c: stmt.excluded[c] for c in names}
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates) if updates \
         else stmt.on_conflict_do_nothing(index_elements=list(keys))
-    _executemany(conn, stmt, table, columns, rows)
+    compiled = stmt.compile(dialect=dialect)
+    procs = {c: p for c in columns if (p := table.c[c].type.bind_processor(dialect))}
+    order = compiled.positiontup  # qmark/format dialects; named ones (psycopg) take the dicts
+    return str(compiled), tuple(order) if order is not None else None, procs
 
 
-def _executemany(conn: Connection, stmt: Any, table: Table, columns: list[str],
+def _executemany(conn: Connection, sql: str, order: tuple[str, ...] | None, procs: dict[str, Any],
                  rows: Sequence[dict[str, Any]]) -> None:
-    """Execute ``stmt`` for many rows at the driver level.
-
-    The statement is compiled once for the connection's dialect and each column's bind
-    processor applied, which is what SQLAlchemy does per row but several times faster for
-    bulk loads (catalogues of millions of rows).
-    """
-    compiled = stmt.compile(dialect=conn.dialect)
-    procs = {c: p for c in columns if (p := table.c[c].type.bind_processor(conn.dialect))}
+    """Execute the compiled ``sql`` for many rows at the driver level, each column's bind
+    processor applied: what SQLAlchemy does per row, but several times faster for bulk loads
+    (catalogues of millions of rows)."""
     if procs:
         rows = [{**r, **{c: p(r[c]) for c, p in procs.items()}} for r in rows]
-    order = compiled.positiontup  # qmark/format dialects; named ones (psycopg) take the dicts
     params: list = [tuple(map(r.__getitem__, order)) for r in rows] if order is not None else list(rows)
-    conn.exec_driver_sql(str(compiled), params)
+    conn.exec_driver_sql(sql, params)
 
 
 def chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
