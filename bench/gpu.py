@@ -19,7 +19,7 @@ pointing at them round-robin, then measures, on the device given (CUDA by defaul
 Needs only the project's own dependencies and a data folder with the shared layout (a small
 subset will do: a few GeneralBlockchain images, nih-samples, the two CR DICOMs).
 
-Usage: python bench/gpu.py [--n 240] [--rows 2400] [--data ../shared/data] [--device auto]
+Usage: python bench/gpu.py [--n 240] [--rows 2400] [--data ../shared/data] [--device auto] [--label-only]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from clinic import build  # noqa: E402
 
+import pipeline.compiled  # noqa: E402,F401  (loaded before timing, as labelling's fork server loads it)
 from pipeline import catalogue as C  # noqa: E402
 from pipeline import db as D  # noqa: E402
 from pipeline import masks as M  # noqa: E402
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--label-only", action="store_true",
+                    help="stop after labelling, post-processing and the CPU-vs-device agreement: no training "
+                         "sections (a lent device's minutes go to the labelling figures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(CORES)
     lines: list[str] = []
@@ -222,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                     ctr_diff.append(abs(a.measurements["ctr"] - b.measurements["ctr"]))
             row("CPU vs CUDA labelling output, 48 images", ", ".join(
                 f"{s} Dice min {min(v):.4f}" for s, v in agree.items()) + f"; CTR max diff {max(ctr_diff):.4f}")
+
+        if args.label_only:
+            if args.out:
+                args.out.write_text("\n".join(lines) + "\n")
+            return 0
 
         # training: step times, augmentation, and the whole loop on the device
         from pipeline.train import TrainConfig, train
