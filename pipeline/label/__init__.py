@@ -45,7 +45,7 @@ from pipeline.label.run import (  # noqa: F401
     LabelSummary,
     Local,
     _alive,
-    _prefetch,
+    _Loads,
     label,
     labelled_uids,
     mark_abandoned_runs,
