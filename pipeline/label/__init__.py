@@ -45,7 +45,7 @@ from pipeline.label.run import (  # noqa: F401
     LabelSummary,
     Local,
     _alive,
-    _Loads,
+    _prefetch,
     label,
     labelled_uids,
     mark_abandoned_runs,

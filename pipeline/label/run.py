@@ -285,12 +285,7 @@ class Local:
                     process_pool(processes) as procs:
                 procs.start_all()  # beside the first batch's load and model pass
                 written: deque[Future] = deque()
-                batches = _Loads(work, run.todo, bs, loaders, procs)
-                for n in range(1, len(batches) + 1):
-                    items, errors, inputs = batches.get(n - 1)
-                    if on_gpu:  # the next two load while this one runs the model
-                        batches.start(n)
-                        batches.start(n + 1)
+                for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
                     futures: list[Future] = []
                     if items:
                         probs, copies = work.infer(items, inputs)
@@ -300,8 +295,7 @@ class Local:
                                                 lm.spec.structures, work.scorer,
                                                 copies[part] if copies is not None else None)
                                    for part in _shares(items, processes)]
-                    if not on_gpu:  # the next batch loads beside post-processing, never beside the model,
-                        batches.start(n)  # and the cores are the model's again once both are done
+                    if not on_gpu:  # the cores are the model's again once its films are post-processed
                         wait(futures)
                     written.append(writer.submit(finish, n, futures, errors))
                     while len(written) > (WRITES_IN_FLIGHT if on_gpu else 1):
@@ -351,26 +345,14 @@ def _shares(items: Sequence[Item], parts: int) -> list[list[int]]:
     return [sorted(t) for t in tasks if t]
 
 
-class _Loads:
-    """The batches of ``todo`` loaded in threads (:meth:`BatchLabeller.load`: the cache read,
-    decoding what is missing, the model's input), each started when the loop says: on a GPU
-    two ahead, while the model runs; on a CPU one ahead, while the batch before is
-    post-processed (beside the model's pass they only slow it: its threads wait on the cores
-    the loaders hold)."""
-
-    def __init__(self, work: BatchLabeller, todo: Sequence[Selected], bs: int, threads: Executor,
-                 procs: Executor) -> None:
-        self.work, self.threads, self.procs = work, threads, procs
-        self.chunks = list(D.chunks(todo, bs))
-        self.started: dict[int, Future] = {}
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def start(self, i: int) -> None:
-        if i < len(self.chunks) and i not in self.started:
-            self.started[i] = self.threads.submit(self.work.load, self.chunks[i], self.procs)
-
-    def get(self, i: int) -> tuple[list[Item], list[Result], np.ndarray | None]:
-        self.start(i)
-        return self.started.pop(i).result()
+def _prefetch(work: BatchLabeller, todo: Sequence[Selected], bs: int, threads: Executor, procs: Executor
+              ) -> Iterator[tuple[list[Item], list[Result], np.ndarray | None]]:
+    """Batches whose images load (decoding what is missing) and are normalised for the model
+    while the previous batch runs in it: the model's loop only runs the model."""
+    chunks = list(D.chunks(todo, bs))
+    ahead: list[Future] = [threads.submit(work.load, c, procs) for c in chunks[:2]]
+    for i in range(len(chunks)):
+        current = ahead.pop(0)
+        if i + 2 < len(chunks):
+            ahead.append(threads.submit(work.load, chunks[i + 2], procs))
+        yield current.result()
