@@ -125,7 +125,7 @@ def _compare(engine, models: list[str], truth: str, include_trained: bool, among
         return
     click.echo(f"{len(models)} models on the same {evs[0].images} films with manual masks"
                + (" (films they trained on included)" if include_trained else ", none of which any of them trained on"))
-    width = max(12, *(len(m) for m in models))
+    width = max(14, *(len(m) for m in models))  # the widest cell: the limits, "-0.040..+0.018"
     click.echo(f"  {'':<24}" + "".join(f"{m:>{width + 2}}" for m in models))
 
     def line(label: str, cells: list[str]) -> None:

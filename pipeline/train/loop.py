@@ -281,7 +281,8 @@ class Trainer:
             best = self.record(epoch, loss, scores, time.perf_counter() - t0)
             self.save(best, scores, rng_after[n], last_of_call=epoch == stop - 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items()})
+            # a structure no held-out film draws (a clinic's cardiomediastinum) has no score: not shown
+            bar.set_postfix(loss=f"{loss:.3f}", **{k[:5]: f"{v:.3f}" for k, v in scores.items() if v == v})
         bar.close()
         return self.finish()
 
