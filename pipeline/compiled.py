@@ -208,8 +208,7 @@ def _load() -> None:
     to every worker it forks, which then start computing at once (numba's own start, about
     0.4 s, is paid here once)."""
     empty = np.zeros(0, np.int64)
-    for dtype in (np.float32, np.float64):
-        runs_above(np.zeros((1, 2, 2), dtype), 0.5, np.ones(1, np.int64), np.zeros(1), 1.0, 0.0, 2)
+    runs_above(np.zeros((1, 2, 2), np.float32), 0.5, np.ones(1, np.int64), np.zeros(1), 1.0, 0.0, 2)
     rle_text(empty, empty, empty, np.zeros(1, np.int64), 1)
 
 

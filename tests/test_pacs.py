@@ -33,6 +33,16 @@ def shared_sops() -> dict[str, list]:
     return out
 
 
+def assert_cached_as_from_files(eng, sops: dict[str, list]) -> None:
+    """Each instance's cache entry (the default model's settings) is the decode of one of the
+    shared files that hold its SOP Instance UID."""
+    from pipeline.collect import read_cached
+    with eng.connect() as conn:
+        cached = read_cached(conn, list(sops), Settings(256, "pad"))
+    for sop, files in sops.items():
+        assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
+
+
 class FaultProxy:
     """A proxy on 127.0.0.1 in front of the PACS that can fail as servers do: one instance
     answering 500, the first N requests 503, an offset ignored, or stop answering at all."""
@@ -166,13 +176,7 @@ def test_pixels_come_on_demand_decoded_as_from_disk(pacs_env, tmp_path):
     r = run(url, "collect", "--all")
     sops = shared_sops()
     assert r.exit_code == 0 and f"{len(sops)} cached now" in r.output and "0 failed" in r.output
-    from pipeline.collect import read_cached
-    eng = D.connect(url)
-    with eng.connect() as conn:
-        cached = read_cached(conn, list(sops), Settings(256, "pad"))  # the default model's
-    for sop, files in sops.items():
-        on_disk = [preprocess(f, 256, "pad")[0] for f in files]
-        assert any(np.array_equal(cached[sop].image, img) for img in on_disk), sop
+    assert_cached_as_from_files(D.connect(url), sops)
     assert not list((tmp_path / "cache").rglob("*.dcm"))  # the fetched DICOM is not kept beside the entry
     again = run(url, "collect", "--all")
     assert f"{len(sops)} already cached" in again.output
@@ -480,11 +484,7 @@ def test_catalogue_and_pixels_over_dimse(pacs_env, tmp_path):
     assert "0 rows loaded" in run(url, "catalogue", "load", "dimse", address, "--called-aet", pacs_env.aet).output
     got = run(url, "collect", "--all")
     assert f"{len(sops)} cached now" in got.output and "0 failed" in got.output, got.output
-    from pipeline.collect import read_cached
-    with eng.connect() as conn:
-        cached = read_cached(conn, list(sops), Settings(256, "pad"))
-    for sop, files in sops.items():
-        assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
+    assert_cached_as_from_files(eng, sops)
 
 
 def test_pixels_by_c_move_to_our_own_storage_scp(pacs_env, tmp_path):
@@ -509,11 +509,7 @@ def test_pixels_by_c_move_to_our_own_storage_scp(pacs_env, tmp_path):
         assert f"cannot listen on port {pacs_env.move_port}" in busy.output, busy.output
     got = run(url, "collect", "--all")
     assert f"{len(sops)} cached now" in got.output and "0 failed" in got.output, got.output
-    from pipeline.collect import read_cached
-    with eng.connect() as conn:
-        cached = read_cached(conn, list(sops), Settings(256, "pad"))
-    for sop, files in sops.items():
-        assert any(np.array_equal(cached[sop].image, preprocess(f, 256, "pad")[0]) for f in files), sop
+    assert_cached_as_from_files(eng, sops)
     with socket.socket() as again:  # our storage SCP is gone (its closed connections may linger)
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("", pacs_env.move_port))

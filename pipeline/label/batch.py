@@ -151,15 +151,12 @@ def _scored(item: Item, read: _Cleaned, ctr: float | None, scorer: QualityModel 
     fit = scorer.atlas.fit(whole_masks, boxes) if scorer is not None and scorer.atlas is not None else None
     lungs = [s for s in ("left_lung", "right_lung") if s in whole_masks]
     lung_box = Q.union_box([boxes[s] for s in lungs])
-    border = 0.0
-    if item.image.shape == (size, size) and lungs:
-        both = np.zeros((size, size), bool)  # the lungs together, made only inside their box
-        if lung_box is not None:
-            window = (slice(lung_box[1], lung_box[3] + 1), slice(lung_box[0], lung_box[2] + 1))
-            both[window] = np.logical_or.reduce([whole_masks[s][window] for s in lungs])
-        border = Q.heart_border(item.image, whole_masks.get("heart"), both, (boxes.get("heart"), lung_box))
-    elif item.image.shape == (size, size):
-        border = Q.heart_border(item.image, whole_masks.get("heart"), None)
+    both = np.zeros((size, size), bool) if lungs else None  # the lungs together, made only inside their box
+    if both is not None and lung_box is not None:
+        window = (slice(lung_box[1], lung_box[3] + 1), slice(lung_box[0], lung_box[2] + 1))
+        both[window] = np.logical_or.reduce([whole_masks[s][window] for s in lungs])
+    border = Q.heart_border(item.image, whole_masks.get("heart"), both, (boxes.get("heart"), lung_box)) \
+        if item.image.shape == (size, size) else 0.0
     features, scored = Q.score_image(
         scorer, read.features, read.agreement, read.kept, read.columns, ctr,
         item.rim if item.rim is not None else Q.rim_share(item.image),

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from pipeline.pacs.client import BACKOFF, RETRIES, TIMEOUT, PacsAuthError, PacsError, PacsUnreachable, _env_number
+from pipeline.pacs.client import (
+    BACKOFF,
+    RETRIES,
+    TIMEOUT,
+    PacsAuthError,
+    PacsError,
+    PacsUnreachable,
+    StoreResult,
+    _env_number,
+)
 
 # pynetdicom logs every refused connection and odd message itself: what went wrong reaches the
 # user as our one line (or a failures row), never as its log on the terminal
@@ -278,15 +287,13 @@ class Store:
     def __exit__(self, *exc) -> None:
         return None
 
-    def store(self, instances: list[bytes], sop_uids: list[str]) -> list:
+    def store(self, instances: list[bytes], sop_uids: list[str]) -> list[StoreResult]:
         """C-STORE ``instances`` (DICOM Part 10 bytes); each one's outcome."""
         import io
 
         import pydicom
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import build_context
-
-        from pipeline.pacs.client import StoreResult
         datasets = [pydicom.dcmread(io.BytesIO(b)) for b in instances]
         syntaxes: dict[str, list[str]] = {}
         for ds in datasets:

@@ -147,8 +147,7 @@ def anatomy(masks: dict[str, np.ndarray], film: tuple[float, float, float, float
     parts = {}
     for s in ("heart", "left_lung", "right_lung"):
         m = masks.get(s)
-        box = (boxes.get(s) if boxes is not None else bbox(m)) if m is not None else None
-        if m is None or box is None:
+        if m is None or (box := boxes.get(s) if boxes is not None else bbox(m)) is None:
             return out
         parts[s] = _Projection(m, box)
     lung_l, lung_r, heart = parts["left_lung"], parts["right_lung"], parts["heart"]
