@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import db as D  # noqa: E402
 from pipeline.quality import FEATURES, SHAPE, QualityModel  # noqa: E402
-from pipeline.quality.films import STRENGTHS, Films, films_from_folds  # noqa: E402
+from pipeline.quality.films import STRENGTHS, Films, from_folds, label, variants  # noqa: E402
 from pipeline.quality.fit import (  # noqa: E402, F401  (spearman: bench/ctr_bands.py reads it here)
     estimate_into,
     fit_films,
@@ -42,8 +42,8 @@ from pipeline.shifts import SHIFTS  # noqa: E402
 def collect_rows(engine, run_dir: Path, cache: str | None, seed: int, tta: bool = False,
                  widened: bool = False, checkpoint: str = "best") -> list[dict]:
     """One row per (fold, held-out film, variant, structure), every shift at both strengths:
-    :func:`pipeline.quality.films.films_from_folds`."""
-    return films_from_folds(engine, run_dir, cache, checkpoint, True, tta, seed, widened).rows
+    :func:`pipeline.quality.films.from_folds`."""
+    return label(from_folds(engine, run_dir, cache, checkpoint, True), variants(True, widened), tta, seed).rows
 
 
 def fixed_estimates(rows: list[dict], score: QualityModel) -> list[float]:
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows and args.rows.exists() and not (args.out or args.out_tta):
         films = Films(json.loads(args.rows.read_text()), 0, str(args.cv), None, None)
     else:
-        films = films_from_folds(engine, args.cv, args.cache, args.checkpoint, True, args.tta, args.seed)
+        films = label(from_folds(engine, args.cv, args.cache, args.checkpoint, True), variants(True), args.tta,
+                      args.seed)
         if args.rows:
             args.rows.write_text(json.dumps(films.rows))
     rows = [r for r in films.rows if r["shift"] != "widened"]

@@ -138,7 +138,8 @@ def test_a_fit_that_ranks_nothing_replaces_no_score_without_force(annotated_engi
     assert "missing" in not_worth_installing(blank)
     assert "below the floor" in not_worth_installing(Judged(40, 0.1, 0.05, 0.2, 0.5, 0.5, 30, []))
     assert not_worth_installing(Judged(40, 0.7, 0.02, 0.2, 0.5, 0.8, 30, [])) is None
-    monkeypatch.setattr(F, "films_from_database", lambda *a, **k: None)
+    monkeypatch.setattr(F, "from_database", lambda *a, **k: None)
+    monkeypatch.setattr(F, "label", lambda *a, **k: None)
     monkeypatch.setattr(F, "fit_films", lambda *a, **k: (shipped, blank, None, None))
     lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
     with pytest.raises(FitError, match="not kept: its held-out figures are missing .*--force"):

@@ -5,14 +5,15 @@ They come from one of two places:
 * **a cross-validation run** (``RUN_DIR`` of ``cxrlabel train --folds K``): each fold's model
   labels its own held-out films; by default each fold's last epoch (``final.pt``), as long as
   the model a run on every film ships, since the score's features read the model's
-  confidence, which grows with training (:func:`films_from_folds`);
+  confidence, which grows with training (:func:`from_folds`);
 * **the database**: the films with manual masks, or masks a person corrected in review, that
   the model did not train on (a checkpoint records the films it trained on); the model labels
-  them, and the leave-fold-out folds group them by patient (:func:`films_from_database`).
+  them, and the leave-fold-out folds group them by patient (:func:`from_database`).
 
-Every film goes through the labelling path (:func:`pipeline.label.reframe`,
-:func:`pipeline.label.postprocess` at cache geometry), as it is and, with ``shifts``, through
-each equipment-like shift of :mod:`pipeline.shifts` at two strengths. Each mask gives one row:
+Either gives the films and their folds (:class:`Chosen`), before any is labelled; :func:`label`
+then labels them all in one pass. Every film goes through the labelling path
+(:func:`pipeline.label.reframe`, :func:`pipeline.label.postprocess` at cache geometry), as it is
+and, with ``shifts``, through each equipment-like shift of :mod:`pipeline.shifts` at two strengths. Each mask gives one row:
 the score's features, its fit to an atlas of the other folds' annotated masks, and its true
 Dice (lungs in their source's own convention: :func:`pipeline.masks.overlap_ignored`); each
 film its true and measured CTR."""
@@ -176,6 +177,32 @@ def atlas_of(ds, structures: Sequence[str], leave_out: Collection[int] = ()) -> 
 
 
 @dataclass
+class Fold:
+    """One fold: the films it holds out (indices into the dataset), the model that labels them
+    (a checkpoint loaded when its turn comes), and the films its atlas leaves out."""
+
+    k: int
+    model: LoadedModel | Path
+    held: list[int]
+    atlas_leave_out: Collection[int]
+
+
+@dataclass
+class Chosen:
+    """The films a score is fitted on, before any is labelled: the dataset, its folds, and
+    what they are in words (the score's provenance)."""
+
+    ds: object  # pipeline.train.data.Dataset
+    folds: list[Fold]
+    structures: list[str]
+    sources: dict[str, str]  # uid: images.source
+    source: str
+    fold_models: dict | None  # how the models that label them were trained (None: the model itself)
+    atlas_leave_out: Collection[int]  # of the atlas the fitted score keeps
+    images: int
+
+
+@dataclass
 class Films:
     """The labelled films' rows, what they came from, and the atlas the fitted score keeps."""
 
@@ -198,12 +225,11 @@ def _dataset(engine: Engine, training: dict, cache: str | None, masks: tuple[str
     return load_dataset(engine, cfg, cache)
 
 
-def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, checkpoint: str = "final",
-                     shifts: bool = False, tta: bool = False, seed: int = 0, widened: bool = False,
-                     progress: bool = True) -> Films:
-    """Each fold of the cross-validation in ``run_dir`` labels its held-out films with its
-    ``checkpoint`` (``final``: its last epoch; ``best``: its best on those very films, which
-    flatters them)."""
+def from_folds(engine: Engine, run_dir: Path, cache: str | None = None, checkpoint: str = "final",
+               shifts: bool = False) -> Chosen:
+    """The held-out films of each fold of the cross-validation in ``run_dir``, each labelled
+    by its fold's ``checkpoint`` (``final``: its last epoch; ``best``: its best on those very
+    films, which flatters them)."""
     from pipeline.train.folds import SPLITS_FILE
     splits_path = Path(run_dir) / SPLITS_FILE
     if not splits_path.exists():
@@ -215,23 +241,16 @@ def films_from_folds(engine: Engine, run_dir: Path, cache: str | None = None, ch
                        "out, so it needs two or more: train more folds (`cxrlabel train --folds K --fold N`)")
     first = read_checkpoint(Path(run_dir) / f"fold{trained[0]}" / f"{checkpoint}.pt")
     ds = _dataset(engine, first.training, cache)
-    kinds = variants(shifts, widened)
-    rng = np.random.default_rng(seed)
-    rows: list[dict] = []
-    held_total = sum(len(ds.indices(splits["val"][k])) for k in trained)
-    structures = first.spec.structures  # each fold's, as read below (one recipe: the same)
-    sources = _sources(engine, ds.uids)
-    with tqdm(total=held_total, desc="quality fit: label held-out films", unit="film", disable=not progress) as bar:
-        for k in trained:
-            lm = resolve_model(None, str(Path(run_dir) / f"fold{k}" / f"{checkpoint}.pt"), "cpu")
-            structures = lm.spec.structures
-            held = ds.indices(splits["val"][k])
-            rows += label_films(lm, ds, held, k, atlas_of(ds, structures, held), kinds, rng, tta, bar, sources)
+    folds = []
+    for k in trained:
+        held = ds.indices(splits["val"][k])
+        folds.append(Fold(k, Path(run_dir) / f"fold{k}" / f"{checkpoint}.pt", held, held))
     source = (f"out-of-fold films of {Path(run_dir).name} ({len(trained)} folds, each fold's {checkpoint}.pt"
               f"{', with equipment-like shifts' if shifts else ''})")
-    return Films(rows, len(trained), source, {"checkpoint": checkpoint, "epochs": first.training.get("epochs"),
-                                              "epoch": first.info.get("epoch"), "training": recipe_of(first.training)},
-                 atlas_of(ds, structures), held_total, appearance_of(ds))
+    fold_models = {"checkpoint": checkpoint, "epochs": first.training.get("epochs"),
+                   "epoch": first.info.get("epoch"), "training": recipe_of(first.training)}
+    return Chosen(ds, folds, list(first.spec.labelled), _sources(engine, ds.uids), source, fold_models, (),
+                  sum(len(f.held) for f in folds))
 
 
 def _finished(fold: Path, checkpoint: str) -> bool:
@@ -245,12 +264,11 @@ def _finished(fold: Path, checkpoint: str) -> bool:
     return last["state"]["epoch"] >= last["config"]["epochs"]
 
 
-def films_from_database(engine: Engine, lm: LoadedModel, cache: str | None = None, folds: int = 5,
-                        shifts: bool = False, tta: bool = False, seed: int = 0, sample: str | None = None,
-                        progress: bool = True) -> Films:
-    """The model labels the database's annotated films it did not train on (manual masks, and
-    masks people corrected in review of its own labels); ``sample``: only the films of that
-    named sample. The leave-fold-out folds (``folds``) group the films by patient."""
+def from_database(engine: Engine, lm: LoadedModel, cache: str | None = None, folds: int = 5, seed: int = 0,
+                  sample: str | None = None, shifts: bool = False) -> Chosen:
+    """The database's annotated films the model did not train on (manual masks, and masks
+    people corrected in review of its own labels), all labelled by the model; ``sample``: only
+    the films of that named sample. The leave-fold-out folds (``folds``) group them by patient."""
     from pipeline.train.folds import make_splits
     ck = read_checkpoint(lm.path)
     trained_on = ck.info.get("trained_uids")
@@ -266,24 +284,34 @@ def films_from_database(engine: Engine, lm: LoadedModel, cache: str | None = Non
         raise FitError(f"{len(usable)} annotated film(s) the model {lm.name!r} did not train on"
                        f"{f' in sample {sample!r}' if sample else ''}: the score needs at least {2 * folds} "
                        f"({folds} folds of two): annotate or review more (`cxrlabel masks import`, `cxrlabel review`)")
-    uids = [ds.uids[i] for i in usable]
-    splits = make_splits(uids, folds, seed=seed, groups=ds.patients)
-    kinds = variants(shifts)
-    rng = np.random.default_rng(seed)
-    rows: list[dict] = []
-    sources = _sources(engine, ds.uids)
-    with tqdm(total=len(usable), desc="quality fit: label annotated films", unit="film",
-              disable=not progress) as bar:
-        for k, held_uids in enumerate(splits.val):
-            held = ds.indices(held_uids)
-            others = [i for i in usable if i not in set(held)]
-            atlas = atlas_of(ds, lm.spec.structures, [i for i in range(len(ds.uids)) if i not in set(others)])
-            rows += label_films(lm, ds, held, k, atlas, kinds, rng, tta, bar, sources)
+    splits = make_splits([ds.uids[i] for i in usable], folds, seed=seed, groups=ds.patients)
+    chosen = []
+    for k, held_uids in enumerate(splits.val):
+        held = ds.indices(held_uids)
+        others = set(usable) - set(held)  # the atlas of a fold: the other folds' films only
+        chosen.append(Fold(k, lm, held, [i for i in range(len(ds.uids)) if i not in others]))
     source = (f"{len(usable)} annotated films {lm.name} did not train on"
               f"{f' (sample {sample})' if sample else ''}, {folds} folds by patient"
               f"{', with equipment-like shifts' if shifts else ''}")
-    return Films(rows, folds, source, None, atlas_of(ds, lm.spec.structures, set(range(len(ds.uids))) - set(usable)),
-                 len(usable), appearance_of(ds))
+    return Chosen(ds, chosen, list(lm.spec.structures), _sources(engine, ds.uids), source, None,
+                  set(range(len(ds.uids))) - set(usable), len(usable))
+
+
+def label(chosen: Chosen, kinds: Sequence[tuple[str, float]], tta: bool = False, seed: int = 0,
+          progress: bool = True) -> Films:
+    """Every chosen film through each variant of ``kinds``, labelled by its fold's model as
+    labelling labels it, one row per mask (:func:`label_films`); with the atlas and look of
+    the annotated films the fitted score keeps."""
+    ds, rows = chosen.ds, []
+    rng = np.random.default_rng(seed)  # one stream over the folds in turn: the variants' randomness
+    with tqdm(total=chosen.images, desc="quality fit: label held-out films", unit="film",
+              disable=not progress) as bar:
+        for fold in chosen.folds:
+            lm = fold.model if isinstance(fold.model, LoadedModel) else resolve_model(None, str(fold.model), "cpu")
+            atlas = atlas_of(ds, chosen.structures, fold.atlas_leave_out)
+            rows += label_films(lm, ds, fold.held, fold.k, atlas, kinds, rng, tta, bar, chosen.sources)
+    return Films(rows, len(chosen.folds), chosen.source, chosen.fold_models,
+                 atlas_of(ds, chosen.structures, chosen.atlas_leave_out), chosen.images, appearance_of(ds))
 
 
 def _sources(engine: Engine, uids: Sequence[str]) -> dict[str, str]:

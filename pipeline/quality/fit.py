@@ -1,6 +1,8 @@
 """Fitting a model's quality score on annotated films it did not train on (``cxrlabel quality fit``).
 
-The films (:mod:`pipeline.quality.films`) are labelled once; the score is fitted leaving one
+One pass: the films (:func:`pipeline.quality.films.from_folds` or
+:func:`~pipeline.quality.films.from_database`), each film's variants labelled once with their
+features (:func:`pipeline.quality.films.label`), then the fit (:func:`fit_films`). The score is fitted leaving one
 fold out at a time and judged on that fold (:func:`judge`: Spearman and MAE against the true
 mean Dice, calibration by decile, the AUROC of finding the worst tenth of films by CTR
 error), then fitted on every fold, stored and drawn."""
@@ -20,7 +22,7 @@ from sqlalchemy.engine import Engine
 from pipeline.metrics import auc
 from pipeline.model import resolve_model
 from pipeline.quality.features import FEATURES, SHAPE
-from pipeline.quality.films import Films, FitError, films_from_database, films_from_folds
+from pipeline.quality.films import Films, FitError, from_database, from_folds, label, variants
 from pipeline.quality.score import QualityModel, store
 from pipeline.quality.trust import WORST, finds_worst, fit_trust, held_out_trust
 from pipeline.regular import check_output_file
@@ -236,9 +238,10 @@ def fit(engine: Engine, model: str = "default", cv: Path | None = None, checkpoi
             check_output_file(path, _is_score_file, FitError, "score file")
     if figure is not None:
         check_output_file(figure, _is_our_figure, FitError, "figure")
-    films = (films_from_folds(engine, cv, cache, checkpoint, shifts, tta, seed, progress=progress) if cv is not None
-             else films_from_database(engine, lm, cache, folds, shifts, tta, seed, sample, progress))
-    try:
+    chosen = (from_folds(engine, cv, cache, checkpoint, shifts) if cv is not None
+              else from_database(engine, lm, cache, folds, seed, sample, shifts))  # the films,
+    films = label(chosen, variants(shifts), tta, seed, progress)  # each variant's features,
+    try:  # and the score fitted on them
         score, judged, tta_score, tta_judged = fit_films(films, lm.spec.structures, alpha, tta)
     except np.linalg.LinAlgError as e:
         raise FitError(f"--alpha {alpha:g}: the ridge regression is singular on these films ({e}); use a "
