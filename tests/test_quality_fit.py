@@ -40,6 +40,16 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
     assert result.score.trust is not None and result.score.trust.films == j.films
     assert 0 <= j.trust_auroc <= 1 and info["held_out"]["auroc_worst_tenth_ctr_by_trust"] is not None
     assert sum(n for _, _, n in j.calibration) == j.films and len(j.calibration) == 10
+    # the worst tenth by true mean Dice too, by the score and by the trust
+    assert 0 <= j.auroc_dice <= 1 and 0 <= j.trust_auroc_dice <= 1
+    assert info["held_out"]["auroc_worst_tenth_dice"] == round(j.auroc_dice, 4)
+    # each source judged by a score and trust fitted on the other source's films alone
+    assert set(j.unseen) == {"generalblockchain", "wingspan"} == set(info["held_out_unseen_source"])
+    assert j.unseen["wingspan"].films == j.by_source["wingspan"].films
+    assert j.unseen["wingspan"].estimate != j.by_source["wingspan"].estimate  # another fit
+    assert j.unseen["wingspan"].ctr_films > 10 and 0 <= j.unseen["wingspan"].trust_auroc <= 1
+    assert math.isnan(j.unseen["generalblockchain"].auroc)  # no heart-only truth there: no CTR error
+    assert result.films == j.films and (result.too_few() is None) == (j.films >= 50)
     assert (tmp_path / "cal.png").stat().st_size > 1000
     from pipeline.quality.fit import _is_our_figure
     assert _is_our_figure(tmp_path / "cal.png")  # a later fit may replace it; a foreign PNG it refuses
@@ -96,7 +106,8 @@ def test_a_score_fitted_on_cross_validation_folds_records_them_and_ships_as_a_fi
                                       "--cv", str(tmp_path / "cv"), "--out", str(sidecar(model)),
                                       "--cache", str(tmp_path / "cache"), "--tta"])
     assert result.exit_code == 0, result.output
-    assert "score, held out (231 films)" in result.output and "score with --tta" in result.output
+    assert "score, held out (231 films, 231 with their variants)" in result.output
+    assert "score with --tta" in result.output
     assert "  wingspan films only (131)" in result.output and "  generalblockchain films only (100)" in result.output
     score = QualityModel.load(sidecar(model))
     assert score.info["fold_models"]["checkpoint"] == "final" and score.info["folds"] == 2
@@ -139,7 +150,7 @@ def test_a_fit_that_ranks_nothing_replaces_no_score_without_force(annotated_engi
     assert "below the floor" in not_worth_installing(Judged(40, 0.1, 0.05, 0.2, 0.5, 0.5, 30, []))
     assert not_worth_installing(Judged(40, 0.7, 0.02, 0.2, 0.5, 0.8, 30, [])) is None
     monkeypatch.setattr(F, "from_database", lambda *a, **k: None)
-    monkeypatch.setattr(F, "label", lambda *a, **k: None)
+    monkeypatch.setattr(F, "label", lambda *a, **k: F.Films([], 0, "nothing", None, None))
     monkeypatch.setattr(F, "fit_films", lambda *a, **k: (shipped, blank, None, None))
     lm = resolve_model(annotated_engine, str(tiny_model), "cpu")
     with pytest.raises(FitError, match="not kept: its held-out figures are missing .*--force"):

@@ -51,8 +51,10 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, f
     Every film is labelled as `cxrlabel label` would; the score is fitted leaving one fold out
     at a time, and its held-out figures are printed: Spearman and mean absolute error against
     the true mean Dice, calibration by decile, and the AUROC of finding the worst tenth of films
-    by CTR error, by the score and by the review worklist's trust (the score together with how
-    plainly each film shows the heart's width-setting borders). The score fitted on every fold
+    by mean Dice and by CTR error, by the score and by the review worklist's trust (the score
+    together with how plainly each film shows the heart's width-setting borders); with films of
+    two or more sources, also each source's figures with the score fitted without its films (a
+    source the score never saw). Under 50 films, it says the figures are rough. The score fitted on every fold
     is kept in the database for the model's checkpoint, where `label` finds it before the file
     beside the checkpoint.
 
@@ -67,18 +69,26 @@ def quality_fit(ctx, model, cv, checkpoint, sample, folds, shifts, tta, alpha, f
                  force=force)
     judged = [("score", result.judged)] + ([("score with --tta", result.tta_judged)] if result.tta_judged else [])
     if as_json:
-        emit_json({name: j.as_dict() for name, j in judged} | {"stored": result.stored})
+        emit_json({name: j.as_dict() for name, j in judged} | {"films": result.films, "too_few": result.too_few(),
+                                                                "stored": result.stored})
         return
     for name, j in judged:
-        click.echo(f"{name}, held out ({j.films} films): Spearman {j.spearman:.3f} with the true mean Dice "
-                   f"(heuristic {j.heuristic_spearman:.3f}), MAE {j.mae:.4f}, AUROC {j.auroc:.3f} for the worst "
-                   f"tenth by CTR error ({j.ctr_films} films with a true CTR)")
+        click.echo(f"{name}, held out ({result.films} films, {j.films} with their variants): Spearman "
+                   f"{j.spearman:.3f} with the true mean Dice (heuristic {j.heuristic_spearman:.3f}), MAE {j.mae:.4f}; "
+                   f"the worst tenth found at AUROC {j.auroc_dice:.3f} by mean Dice, {j.auroc:.3f} by CTR error "
+                   f"({j.ctr_films} with a true CTR)")
         if j.trust_auroc == j.trust_auroc:
-            click.echo(f"  the worklist's trust (quality and the heart's borders) finds that tenth at AUROC "
-                       f"{j.trust_auroc:.3f}")
+            click.echo(f"  the worklist's trust (quality and the heart's borders) finds them at AUROC "
+                       f"{j.trust_auroc_dice:.3f} by mean Dice, {j.trust_auroc:.3f} by CTR error")
     for source, j in result.judged.by_source.items():
         click.echo(f"  {source} films only ({j.films}): Spearman {j.spearman:.3f}, MAE {j.mae:.4f}, "
-                   f"AUROC {j.auroc:.3f} ({j.ctr_films} with a true CTR)")
+                   f"AUROC {j.auroc_dice:.3f} by mean Dice, {j.auroc:.3f} by CTR error ({j.ctr_films} with a true CTR)")
+    for source, j in result.judged.unseen.items():
+        click.echo(f"  {source} films, the score and trust fitted without them ({j.films}): Spearman "
+                   f"{j.spearman:.3f}; worst tenth at AUROC {j.auroc_dice:.3f} by mean Dice, {j.auroc:.3f} by CTR "
+                   f"error; by trust {j.trust_auroc_dice:.3f} and {j.trust_auroc:.3f}")
+    if warning := result.too_few():
+        click.secho(f"note: {warning}", fg="yellow")
     click.echo("calibration by decile of the estimate (held out):")
     emit([{"estimated": e, "true": t, "films": n} for e, t, n in result.judged.calibration], False)
     for where in result.stored:

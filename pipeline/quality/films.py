@@ -13,10 +13,10 @@ They come from one of two places:
 Either gives the films and their folds (:class:`Chosen`), before any is labelled; :func:`label`
 then labels them all in one pass. Every film goes through the labelling path
 (:func:`pipeline.label.reframe`, :func:`pipeline.label.postprocess` at cache geometry), as it is
-and, with ``shifts``, through each equipment-like shift of :mod:`pipeline.shifts` at two strengths. Each mask gives one row:
-the score's features, its fit to an atlas of the other folds' annotated masks, and its true
-Dice (lungs in their source's own convention: :func:`pipeline.masks.overlap_ignored`); each
-film its true and measured CTR."""
+and, with ``shifts``, through each equipment-like shift of :mod:`pipeline.shifts` at two
+strengths. Each mask gives one row: the score's features, its fit to an atlas of the other
+folds' annotated masks, and its true Dice (lungs in their source's own convention:
+:func:`pipeline.masks.overlap_ignored`); each film its true and measured CTR."""
 
 from __future__ import annotations
 

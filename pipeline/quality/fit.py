@@ -68,11 +68,15 @@ class Judged:
     estimate: list[float] = field(default_factory=list, repr=False)
     by_source: dict[str, Judged] = field(default_factory=dict, repr=False)  # the same, per images.source
     trust_auroc: float = math.nan  # the same AUROC by the worklist's trust (pipeline.quality.trust), held out
+    auroc_dice: float = math.nan  # of finding the worst tenth by true mean Dice from the estimate
+    trust_auroc_dice: float = math.nan  # the same by the trust
+    unseen: dict[str, Judged] = field(default_factory=dict, repr=False)  # per source: fitted without its films
 
     def as_dict(self) -> dict:
         out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()
-               if k not in ("true", "estimate", "by_source")}
-        return out | ({"by_source": {k: j.as_dict() for k, j in self.by_source.items()}} if self.by_source else {})
+               if k not in ("true", "estimate", "by_source", "unseen")}
+        return (out | ({"by_source": {k: j.as_dict() for k, j in self.by_source.items()}} if self.by_source else {})
+                | ({"unseen_source": {k: j.as_dict() for k, j in self.unseen.items()}} if self.unseen else {}))
 
 
 def _films(rows: list[dict], keep) -> list[list[int]]:
@@ -108,8 +112,10 @@ def trust_films(rows: list[dict], estimate: Sequence[float | None]) -> list[dict
     out = []
     for members in _films(rows, lambda n, r: estimate[n] is not None):
         first = rows[members[0]]
+        dice = [rows[n]["dice"] for n in members if rows[n]["dice"] is not None]
         out.append({"estimate": float(np.mean([estimate[n] for n in members])), "border": first["heart_border"],
-                    "fold": first["fold"], "ctr_error": _ctr_error(first)})
+                    "fold": first["fold"], "ctr_error": _ctr_error(first),
+                    "dice": float(np.mean(dice)) if dice else None})
     return out
 
 
@@ -125,7 +131,43 @@ def judge(rows: list[dict], estimate: Sequence[float | None], source: str | None
     errors = [f["ctr_error"] for f in films]
     return Judged(len(films), spearman(est, true), float(np.mean(np.abs(est - true))), spearman(heur, true),
                   worst_share(est, true), finds_worst(est, errors), sum(e is not None for e in errors),
-                  calibration(est, true), true.tolist(), est.tolist())
+                  calibration(est, true), true.tolist(), est.tolist(), auroc_dice=finds_worst(est, (1 - true).tolist()))
+
+
+def judge_trust(judged: Judged, films: list[dict], trust: Sequence[float]) -> None:
+    """Into ``judged``: how well ``trust`` (per film of ``films``, :func:`trust_films`) finds the
+    worst tenth by CTR error and by true mean Dice."""
+    judged.trust_auroc = finds_worst(trust, [f["ctr_error"] for f in films])
+    known = [n for n, f in enumerate(films) if f["dice"] is not None]
+    judged.trust_auroc_dice = finds_worst([trust[n] for n in known], [1 - films[n]["dice"] for n in known])
+
+
+def unseen_sources(rows: list[dict], structures: Sequence[str], alpha: float = 1.0,
+                   names: tuple[str, ...] = FEATURES) -> dict[str, Judged]:
+    """Per source (``images.source``) of two or more: the score and the trust fitted on the
+    other sources' films alone, judged on its films, as on a clinic's films of equipment and
+    readers the score never saw. A structure no other source draws has no estimate there (the
+    heart alone, fitted on a source that draws the cardiomediastinum): its films' mean Dice is
+    then the other structures'."""
+    sources = sorted({r["source"] for r in rows if r.get("source")})
+    out: dict[str, Judged] = {}
+    for src in sources if len(sources) > 1 else ():
+        others = [r for r in rows if r.get("source") != src]
+        if not any(r["dice"] is not None for r in others):
+            continue
+        score = QualityModel.fit(others, [r["dice"] for r in others], list(structures), alpha, names=names)
+        estimate: list[float | None] = [None] * len(rows)
+        estimate_into(estimate, score, rows, [n for n, r in enumerate(rows) if r.get("source") == src], names)
+        try:
+            judged = judge(rows, estimate, src)
+        except FitError:  # no structure of its films has both a truth and an estimate
+            continue
+        if all("heart_border" in r for r in rows):
+            trust = fit_trust(trust_films(others, held_out_estimates(others, structures, alpha, names)))
+            films = trust_films(rows, estimate)
+            judge_trust(judged, films, [trust(f["estimate"], f["border"]) for f in films])
+        out[src] = judged
+    return out
 
 
 def rank(x: np.ndarray) -> np.ndarray:
@@ -135,8 +177,9 @@ def rank(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a, b) -> float:
+    """Spearman's rho; NaN with under two values or where either side never varies."""
     a, b = rank(np.asarray(a, float)), rank(np.asarray(b, float))
-    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 else math.nan
+    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and np.ptp(a) > 0 and np.ptp(b) > 0 else math.nan
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -163,6 +206,9 @@ def calibration(est: np.ndarray, true: np.ndarray, bins: int = 10) -> list[list[
              int(np.sum(which == b))] for b in range(bins) if np.any(which == b)]
 
 
+FEW_FILMS = 50  # below it, a worst tenth of under 5 films: an AUROC that one film moves by 0.1 or more
+
+
 @dataclass
 class Fitted:
     """A fitted score and its held-out figures (and the one that reads test-time augmentation)."""
@@ -172,6 +218,15 @@ class Fitted:
     tta_score: QualityModel | None = None
     tta_judged: Judged | None = None
     stored: list[str] = field(default_factory=list)  # where each was kept, in words
+    films: int = 0  # distinct annotated films behind the figures (each is judged in several variants)
+
+    def too_few(self) -> str | None:
+        """A plain warning when too few films stand behind the held-out figures, else None."""
+        if self.films >= FEW_FILMS:
+            return None
+        return (f"only {self.films} films stand behind these figures (their worst tenth is {self.films // 10} "
+                f"film(s)): read them as rough, not as the score's accuracy; {FEW_FILMS} or more annotated or "
+                "reviewed films give figures you can quote")
 
 
 def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: bool = False,
@@ -210,15 +265,33 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
         trust = None
         if all("heart_border" in r for r in rows):  # rows measured before the feature existed: no trust
             per_film = trust_films(rows, estimate)
-            judged.trust_auroc = finds_worst(held_out_trust(per_film), [f["ctr_error"] for f in per_film])
+            judge_trust(judged, per_film, held_out_trust(per_film))
             trust = fit_trust(per_film)
-            held_out["auroc_worst_tenth_ctr_by_trust"] = (round(judged.trust_auroc, 4)
-                                                          if judged.trust_auroc == judged.trust_auroc else None)
+            held_out["auroc_worst_tenth_ctr_by_trust"] = _rounded(judged.trust_auroc)
             info["trust_weight"] = trust.weight
+        held_out["auroc_worst_tenth_dice"] = _rounded(judged.auroc_dice)
+        if judged.trust_auroc_dice == judged.trust_auroc_dice:
+            held_out["auroc_worst_tenth_dice_by_trust"] = _rounded(judged.trust_auroc_dice)
+        if names == base:  # the plain score's figures on a source it never saw
+            judged.unseen = unseen_sources(rows, structures, alpha, names)
+            if judged.unseen:
+                info["held_out_unseen_source"] = {src: _figures(j) for src, j in judged.unseen.items()}
         score = QualityModel.fit(rows, [r["dice"] for r in rows], list(structures), alpha, info, names, films.atlas,
                                  films.appearance, trust)
         out += [score, judged]
     return (out[0], out[1], *(out[2:] if tta else (None, None)))
+
+
+def _rounded(x: float) -> float | None:
+    return round(x, 4) if x == x else None
+
+
+def _figures(j: Judged) -> dict:
+    """What a score keeps of a judgement (``info``), NaN as None."""
+    return {"films": j.films, "spearman": _rounded(j.spearman), "mae": _rounded(j.mae),
+            "auroc_worst_tenth_dice": _rounded(j.auroc_dice), "auroc_worst_tenth_ctr": _rounded(j.auroc),
+            "auroc_worst_tenth_dice_by_trust": _rounded(j.trust_auroc_dice),
+            "auroc_worst_tenth_ctr_by_trust": _rounded(j.trust_auroc)}
 
 
 def fit(engine: Engine, model: str = "default", cv: Path | None = None, checkpoint: str = "final",
@@ -250,7 +323,7 @@ def fit(engine: Engine, model: str = "default", cv: Path | None = None, checkpoi
         if j is not None and not force and (why := not_worth_installing(j)):
             raise FitError(f"{name} was not kept: {why}. Fit on more, and more varied, annotated films, or keep "
                            "it anyway with --force")
-    result = Fitted(score, judged, tta_score, tta_judged)
+    result = Fitted(score, judged, tta_score, tta_judged, films=films.images)
     for s, is_tta in ((score, False), (tta_score, True)):
         if s is None:
             continue
