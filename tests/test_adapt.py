@@ -96,6 +96,33 @@ def test_train_from_adapts_the_parent_and_records_its_lineage(clinic_db, tiny_mo
         "films" in status
 
 
+def test_train_from_source_adapts_on_that_sources_films_only(clinic_db, tiny_model, tmp_path, monkeypatch):
+    """A clinic's database that also holds a public set (the demo's does): `--source` keeps the
+    adaptation to the clinic's films; the checkpoint says so; an unknown source is refused."""
+    from pipeline.masks import import_png_dirs
+    monkeypatch.setenv("CXRLABEL_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "public"
+    names = sorted(p.name for p in (WINGSPAN / "png").iterdir())[-4:]
+    for sub in ("png", "mask/heart", "mask/left_lung", "mask/right_lung"):
+        (other / sub).mkdir(parents=True)
+        for n in names:
+            shutil.copy(WINGSPAN / sub / n, other / sub / f"pub_{n}")
+    eng = D.connect(clinic_db)
+    import_png_dirs(eng, other, images="png", source="public",
+                    masks={s: f"mask/{s}" for s in ("heart", "left_lung", "right_lung")})
+    with eng.connect() as conn:
+        clinic = sorted(conn.execute(select(D.images.c.uid).where(D.images.c.source == "clinic_a")).scalars())
+    eng.dispose()
+    r = run(clinic_db, "train", "--from", str(tiny_model), "--epochs", "1", "--source", "clinic_a",
+            "--run-dir", str(tmp_path / "a"), "--name", "clinic_only")
+    assert r.exit_code == 0, r.output
+    ck = read_checkpoint(tmp_path / "a" / "best.pt")
+    assert ck.info["adapted_uids"] == clinic and list(ck.training["sources"]) == ["clinic_a"]
+    r = run(clinic_db, "train", "--from", str(tiny_model), "--epochs", "1", "--source", "clinic_b",
+            "--run-dir", str(tmp_path / "b"))
+    assert r.exit_code != 0 and "no manual masks of source clinic_b" in r.output
+
+
 def test_train_from_keeps_the_parents_network(clinic_db, tiny_model):
     for args, option in ((["--size", "128"], "--size"), (["--structures", "heart"], "--structures"),
                          (["--model", "cxr_small"], "--model cxr_small"), (["--folds", "3"], "--folds")):

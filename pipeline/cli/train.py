@@ -52,6 +52,9 @@ from pipeline.cli.common import emit, engine_of, handle_errors, json_option
                    "`cxrlabel review`), accepted (the model's, accepted there) [manual]. Validation "
                    "uses manual masks only.")
 @click.option("--review-model", help="Whose reviewed masks --masks reviewed/accepted takes [default].")
+@click.option("--source", "sources", multiple=True,
+              help="Only the annotated (and reviewed) films of this source (images.source; repeatable), "
+                   "e.g. a clinic's own beside the public sets [every source].")
 @click.option("--structures", metavar="NAMES",
               help="The network's outputs, comma-separated, from heart, left_lung, right_lung and "
                    "cardiomediastinum (an auxiliary output, never labelled) [all four]: leave out what "
@@ -89,9 +92,10 @@ def train_cmd(ctx, preset, parent, folds, only, device, name, run_dir, no_resume
     Example:
         cxrlabel train --model cxr_deep --epochs 100 --folds 5
         cxrlabel train --model unet7_res --size 512 --folds 5 --device cuda
-        cxrlabel train --from default --name clinic_a
+        cxrlabel train --from default --name clinic_a --source clinic_a
     """
     from pipeline.train import TrainConfig, cross_validate
+    overrides["sources"] = tuple(overrides.get("sources") or ()) or None
     for key in ("masks", "structures"):
         if overrides.get(key):
             overrides[key] = tuple(m.strip() for m in overrides[key].split(",") if m.strip())

@@ -221,7 +221,7 @@ def _dataset(engine: Engine, training: dict, cache: str | None, masks: tuple[str
     (a cardiomediastinum too, so a lung drawn behind it is compared in its own convention)."""
     from pipeline.train.config import TrainConfig
     from pipeline.train.data import load_dataset
-    cfg = TrainConfig.from_dict({**training, "masks": masks, "review_model": review_model})
+    cfg = TrainConfig.from_dict({**training, "masks": masks, "review_model": review_model, "sources": ()})
     return load_dataset(engine, cfg, cache)
 
 

@@ -45,7 +45,7 @@ PULL = 10.0  # TrainConfig.pull of an adaptation (bench/adapt.py)
 ADAPT_MASKS = ("manual", "reviewed")  # a clinic's own outlines and its corrections of the parent's
 # what an adaptation may change of its parent: how it trains, never what the network is or reads
 SETTINGS = frozenset({"epochs", "batch", "lr", "ema", "shifts", "masks", "review_model", "seed", "threads",
-                      "val_frac", "pull", "loss", "width_loss"})
+                      "val_frac", "pull", "loss", "width_loss", "sources"})
 
 
 @dataclass
@@ -72,7 +72,8 @@ def adaptation_config(ck_training: dict, spec_dict: dict, sha256: str, **overrid
     base.setdefault("preset", "adapted")
     cfg = TrainConfig.from_dict({**base, "structures": list(spec_dict["structures"])})
     values: dict[str, Any] = {"lr": cfg.lr * LR_SHARE, "val_frac": 0.0, "folds": 1, "fold": 0,
-                              "masks": ADAPT_MASKS, "pull": PULL, "parent": sha256, "threads": None}
+                              "masks": ADAPT_MASKS, "pull": PULL, "parent": sha256, "threads": None,
+                              "sources": ()}  # the clinic's films, not the parent's choice of sources
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["masks"] = tuple(values["masks"])
     if "manual" not in values["masks"]:

@@ -57,6 +57,7 @@ class TrainConfig:
     widen_range: tuple[float, float] = (1.05, 1.35)  # heart width factors drawn uniformly (< 1 narrows)
     widen_ctr: tuple[float, float] | None = None  # instead: the CTR to widen (or narrow) to, drawn uniformly
     masks: tuple[str, ...] = ("manual",)  # which masks train: manual, reviewed, accepted (see MASK_SOURCES)
+    sources: tuple[str, ...] = ()  # only the annotated films of these images.source values; () = every source
     review_model: str = "default"  # whose reviewed masks `reviewed`/`accepted` take
     threads: int | None = None
     # the outputs: the labelled structures and, where a source draws it, the cardiomediastinum
@@ -80,6 +81,7 @@ class TrainConfig:
         values = {k: v for k, v in p.items() if k not in ("network", "args")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["masks"] = tuple(values.get("masks", default("masks")))
+        values["sources"] = tuple(values.get("sources", default("sources")))
         values["widen_range"] = tuple(values.get("widen_range", default("widen_range")))
         lo, hi = values["widen_range"]
         if not 0.5 <= lo <= hi <= 2.0:

@@ -54,11 +54,13 @@ class Dataset:
         return sorted(where[u] for u in uids if u in where)
 
 
-def annotated_uids(engine: Engine) -> list[str]:
-    """Every image with at least one manual mask, sorted."""
+def annotated_uids(engine: Engine, sources: tuple[str, ...] = ()) -> list[str]:
+    """Every image with at least one manual mask (of ``sources`` only, if any), sorted."""
+    q = select(D.masks.c.uid).where(D.masks.c.kind == "manual").distinct()
+    if sources:
+        q = q.where(D.masks.c.uid.in_(select(D.images.c.uid).where(D.images.c.source.in_(sources))))
     with engine.connect() as conn:
-        return sorted(conn.execute(select(D.masks.c.uid).where(D.masks.c.kind == "manual")
-                                   .distinct()).scalars())
+        return sorted(conn.execute(q).scalars())
 
 
 def patient_groups(conn, uids: list[str]) -> dict[str, str]:
@@ -103,12 +105,20 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None,
     images people reviewed (:func:`reviewed_masks`). Images that cannot be decoded are left
     out (and recorded in ``failures``). ``every_structure``: refuse data in which no image
     defines one of ``cfg.structures`` (an adaptation lets its parent teach those instead)."""
-    uids = annotated_uids(engine)
+    uids = annotated_uids(engine, cfg.sources)
+    if not uids and cfg.sources:
+        raise TrainError(f"no manual masks of source {', '.join(cfg.sources)}: see `cxrlabel status` for the "
+                         "sources the database holds")
     if not uids:
         raise TrainError("no manual masks in the database: run `cxrlabel masks import "
                          "generalblockchain ../shared/data/generalblockchain` first")
     extra, extra_source = ({}, {}) if cfg.masks == ("manual",) else reviewed_masks(
         engine, cfg.masks, cfg.review_model, set(uids), cfg.structures)
+    if cfg.sources and extra:  # reviewed films of the chosen sources only
+        with engine.connect() as conn:
+            mine = set(conn.execute(select(D.images.c.uid).where(D.images.c.source.in_(cfg.sources))).scalars())
+        extra = {u: m for u, m in extra.items() if u in mine}
+        extra_source = {u: k for u, k in extra_source.items() if u in mine}
     everyone = uids + sorted(extra)
     with engine.connect() as conn:
         paths = {row.uid: row.path for row in D.rows_in(
