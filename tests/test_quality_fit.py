@@ -75,6 +75,7 @@ def test_a_score_fitted_on_the_databases_films_is_kept_there_and_labels_with_it(
     shown = json.loads(out.output)
     assert shown[0]["score"] == "plain" and shown[0]["from"].startswith("the database")
     assert shown[0]["spearman"] == pytest.approx(j.spearman, abs=1e-4)
+    assert shown[0]["auroc_worst_dice"] == pytest.approx(j.auroc_dice, abs=1e-4)
 
 
 def test_quality_fit_refuses_what_it_cannot_hold_out(annotated_engine, tiny_model, tmp_path):

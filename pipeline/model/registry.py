@@ -189,5 +189,6 @@ def model_scores(engine: Engine, name: str | None = None) -> list[dict]:
             out.append({"model": n, "score": kind if score is not None else "heuristic", "from": origin,
                         "fitted_on": info.get("fitted_on") or info.get("cv_run"), "fitted": info.get("fitted"),
                         "spearman": held.get("spearman"), "mae": held.get("mae"),
+                        "auroc_worst_dice": held.get("auroc_worst_tenth_dice"),
                         "auroc_worst_ctr": held.get("auroc_worst_tenth_ctr")})
     return out
