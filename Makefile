@@ -18,7 +18,7 @@ NIH_CSV := $(DATA)/catalogues/nih/Data_Entry_2017_v2020.csv.gz
 CX     := $(BIN)/cxrlabel --db $(DB)
 export CXRLABEL_CACHE := $(CACHE)
 
-.PHONY: install test lint catalogue masks train train-cv label demo bench bench-quick clean-data
+.PHONY: install test test-readme lint catalogue masks train train-cv label demo bench bench-quick clean-data
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -m "not readme"
+
+# Every bash block of README.md, run as written on the demo's data (tests/test_readme.py: it
+# builds the demo with make, then adapts the shipped model as the README does: minutes)
+test-readme: install
+	$(BIN)/python -m pytest -q --durations=5 -m readme tests/test_readme.py
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench

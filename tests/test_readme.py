@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import DATA
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.readme]
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
