@@ -502,7 +502,8 @@ def test_pixels_by_c_move_to_our_own_storage_scp(pacs_env, tmp_path):
     eng = D.connect(url)
     with eng.connect() as conn:
         assert all(f"&move={pacs_env.move_port}" in p for (p,) in conn.execute(select(D.images.c.path)))
-    with socket.socket() as taken:  # another program holds the port
+    with socket.socket() as taken:  # another program holds the port (an earlier test's closed
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections may linger there)
         taken.bind(("", pacs_env.move_port))
         taken.listen()
         busy = run(url, "collect", "--all", "--workers", "1")
