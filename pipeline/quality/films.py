@@ -285,15 +285,15 @@ def from_database(engine: Engine, lm: LoadedModel, cache: str | None = None, fol
                        f"{f' in sample {sample!r}' if sample else ''}: the score needs at least {2 * folds} "
                        f"({folds} folds of two): annotate or review more (`cxrlabel masks import`, `cxrlabel review`)")
     splits = make_splits([ds.uids[i] for i in usable], folds, seed=seed, groups=ds.patients)
-    chosen = []
+    parts = []
     for k, held_uids in enumerate(splits.val):
         held = ds.indices(held_uids)
         others = set(usable) - set(held)  # the atlas of a fold: the other folds' films only
-        chosen.append(Fold(k, lm, held, [i for i in range(len(ds.uids)) if i not in others]))
+        parts.append(Fold(k, lm, held, [i for i in range(len(ds.uids)) if i not in others]))
     source = (f"{len(usable)} annotated films {lm.name} did not train on"
               f"{f' (sample {sample})' if sample else ''}, {folds} folds by patient"
               f"{', with equipment-like shifts' if shifts else ''}")
-    return Chosen(ds, chosen, list(lm.spec.structures), _sources(engine, ds.uids), source, None,
+    return Chosen(ds, parts, list(lm.spec.structures), _sources(engine, ds.uids), source, None,
                   set(range(len(ds.uids))) - set(usable), len(usable))
 
 

@@ -246,9 +246,8 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
                              else set())
             judged.by_source = {src: judge(rows, estimate, src) for src in sources}
         held_out = {"spearman": round(judged.spearman, 4), "mae": round(judged.mae, 4),
-                    "auroc_worst_tenth_ctr": round(judged.auroc, 4) if judged.auroc == judged.auroc else None,
-                    "worst_10pct_share_below_0_9": round(judged.worst_share, 4)
-                    if judged.worst_share == judged.worst_share else None}
+                    "auroc_worst_tenth_ctr": _rounded(judged.auroc),
+                    "worst_10pct_share_below_0_9": _rounded(judged.worst_share)}
         info = {"fitted": datetime.date.today().isoformat(), "fitted_on": films.source,
                 "films": films.images, "masks": sum(r["dice"] is not None for r in rows), "folds": films.folds,
                 "shifts": sorted({r["shift"] for r in rows} - {"none"}), "features": list(names),
@@ -257,8 +256,7 @@ def fit_films(films: Films, structures: Sequence[str], alpha: float = 1.0, tta: 
                 "calibration": judged.calibration}
         if judged.by_source:
             info["held_out_by_source"] = {src: {"films": j.films, "spearman": round(j.spearman, 4),
-                                                "mae": round(j.mae, 4), "auroc_worst_tenth_ctr":
-                                                round(j.auroc, 4) if j.auroc == j.auroc else None}
+                                                "mae": round(j.mae, 4), "auroc_worst_tenth_ctr": _rounded(j.auroc)}
                                           for src, j in judged.by_source.items()}
         if films.fold_models is None:
             info.pop("fold_models")

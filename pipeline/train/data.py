@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,11 +55,16 @@ class Dataset:
         return sorted(where[u] for u in uids if u in where)
 
 
+def _of_sources(uid: Any, sources: tuple[str, ...]) -> Any:
+    """The condition that ``uid`` (a column) is an image of one of ``sources`` (images.source)."""
+    return uid.in_(select(D.images.c.uid).where(D.images.c.source.in_(sources)))
+
+
 def annotated_uids(engine: Engine, sources: tuple[str, ...] = ()) -> list[str]:
     """Every image with at least one manual mask (of ``sources`` only, if any), sorted."""
     q = select(D.masks.c.uid).where(D.masks.c.kind == "manual").distinct()
     if sources:
-        q = q.where(D.masks.c.uid.in_(select(D.images.c.uid).where(D.images.c.source.in_(sources))))
+        q = q.where(_of_sources(D.masks.c.uid, sources))
     with engine.connect() as conn:
         return sorted(conn.execute(q).scalars())
 
@@ -71,17 +77,22 @@ def patient_groups(conn, uids: list[str]) -> dict[str, str]:
 
 
 def reviewed_masks(engine: Engine, sources: tuple[str, ...], model: str, exclude: set[str],
-                   structures: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+                   structures: tuple[str, ...], image_sources: tuple[str, ...] = (),
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """The masks people reviewed, for training: ``({uid: {structure: mask}}, {uid: source})``.
     ``reviewed``: images with a structure a reviewer corrected; ``accepted``: images accepted
     as drawn, none corrected. Structures a reviewer rejected are left out; images in
-    ``exclude`` (those with manual masks) too."""
+    ``exclude`` (those with manual masks) too; with ``image_sources``, images of other
+    sources (images.source) too."""
     from pipeline.review import final_masks, states
     wanted = {"reviewed": "corrected", "accepted": "accepted"}
     with engine.connect() as conn:
         # a model whose `heart` is the cardiomediastinum (before 2026-12-05): its reviewed heart is one
         rename = {"heart": CARDIOMEDIASTINUM} if heart_definition(conn, model) != "heart" else {}
-        uids = sorted(set(conn.execute(select(D.reviews.c.uid).where(D.reviews.c.model == model)).scalars()) - exclude)
+        q = select(D.reviews.c.uid).where(D.reviews.c.model == model)
+        if image_sources:
+            q = q.where(_of_sources(D.reviews.c.uid, image_sources))
+        uids = sorted(set(conn.execute(q).scalars()) - exclude)
         decided = states(conn, model, uids)
         masks, source = {}, {}
         for uid in uids:
@@ -113,12 +124,7 @@ def load_dataset(engine: Engine, cfg: TrainConfig, cache_dir: str | None = None,
         raise TrainError("no manual masks in the database: run `cxrlabel masks import "
                          "generalblockchain ../shared/data/generalblockchain` first")
     extra, extra_source = ({}, {}) if cfg.masks == ("manual",) else reviewed_masks(
-        engine, cfg.masks, cfg.review_model, set(uids), cfg.structures)
-    if cfg.sources and extra:  # reviewed films of the chosen sources only
-        with engine.connect() as conn:
-            mine = set(conn.execute(select(D.images.c.uid).where(D.images.c.source.in_(cfg.sources))).scalars())
-        extra = {u: m for u, m in extra.items() if u in mine}
-        extra_source = {u: k for u, k in extra_source.items() if u in mine}
+        engine, cfg.masks, cfg.review_model, set(uids), cfg.structures, cfg.sources)
     everyone = uids + sorted(extra)
     with engine.connect() as conn:
         paths = {row.uid: row.path for row in D.rows_in(
