@@ -11,7 +11,8 @@ so it reads as core-ms), on batches of 16 as `label` runs them:
 - the model's forward pass (for scale: one thread here; `label` gives it every core);
 - the hand-over of a post-processing task to a worker process (pickling the films, their
   probabilities and the quality score there, and unpickling them);
-- post-processing, in the workers, step by step: clean-up, the structures' features, the
+- post-processing, in the workers, step by step: clean-up, the compiled pass that keeps the
+  probabilities near each cleaned structure and reads its features, the
   runs of the masks at original size, their run-length text, the measurements, the atlas fit,
   the heart's border, the score and the trust, the input check's look and its verdict, and
   the rest (what `postprocess` does between them);
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                               strict=True)], n)
         steps.ms.clear()
         for owner, attr, name in [(B, "clean", "clean-up (largest component, holes filled)"),
-                                  (B.Q, "structure_features", "the structures' features"),
+                                  (pipeline.compiled, "clean_window", "cleaned probabilities and features (compiled)"),
                                   (imaging.Geometry, "runs_above", "mask runs at original size"),
                                   (M.EncodedMask, "from_runs", "run-length text"),
                                   (B, "measure_boxes", "measurements (CTR, widths, boxes)"),

@@ -1,15 +1,17 @@
-"""Labelling's two innermost loops, compiled (numba, cached on disk): where the model's masks
-cross their threshold at original size, and those runs as run-length text.
+"""Labelling's innermost loops, compiled (numba, cached on disk): what post-processing reads
+of each cleaned structure at the model's resolution, where the model's masks cross their
+threshold at original size, and those runs as run-length text.
 
-Written as NumPy they were some forty array calls per structure of a few microseconds each,
-a third of post-processing (issue 40); here each is one pass over the few pixels it needs,
-with the same floating-point operations in the same order, so the runs and the text are
-byte for byte those of the array code they replaced (checked against OpenCV's bilinear map
-in the tests). Imported where used, and by the worker processes' fork server once
-(``pipeline.WORKER_MODULES``): importing numba costs half a second, which no command that
-only reads the catalogue should pay. The first call in a fresh installation compiles (a few
-seconds) and stores the machine code beside this file, or in numba's user cache where the
-package's folder cannot be written; later processes load it.
+Written as NumPy they were some forty array calls per structure of a few microseconds each
+(issue 40); here each is one pass over the few pixels it needs, with the same floating-point
+operations in the same order (NumPy's pairwise float32 sums included), so the features, the
+runs and the text are byte for byte those of the array code they replaced (the tests hold that
+code as their reference, and OpenCV's bilinear map). Nothing here recurses: numba's disk cache
+cannot reload a recursive function (numba issue 6061). Imported where used, and by the worker
+processes' fork server once (``pipeline.WORKER_MODULES``): importing numba costs half a
+second, which no command that only reads the catalogue should pay. The first call in a fresh
+installation compiles (a few seconds) and stores the machine code beside this file, or in
+numba's user cache where the package's folder cannot be written; later processes load it.
 """
 
 from __future__ import annotations
@@ -213,3 +215,156 @@ def _load() -> None:
 
 
 _load()
+
+
+@_jit
+def extents(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each ``(S, S)`` array of ``probs``'s largest value in every row and in every column
+    (``(C, S)`` each: where something lies above a level) and its sum (``(C,)`` float64;
+    exact for integers below 2**53), in one pass (NumPy made a ``(C, S, S)`` mask for it)."""
+    n, h, w = probs.shape
+    rows, cols, sums = np.zeros((n, h), probs.dtype), np.zeros((n, w), probs.dtype), np.zeros(n, np.float64)
+    for a in range(n):
+        total = 0.0
+        for y in range(h):
+            most = probs[a, y, 0]
+            for x in range(w):
+                v = probs[a, y, x]
+                most = max(most, v)
+                cols[a, x] = max(cols[a, x], v)
+                total += v
+            rows[a, y] = most
+        sums[a] = total
+    return rows, cols, sums
+
+
+@_jit
+def _block_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
+    """NumPy's float32 sum of ``a[lo:lo + n]``, ``n`` at most 128: eight partial sums."""
+    if n < 8:
+        res = np.float32(0.0)
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r = a[lo:lo + 8].copy()
+    i = 8
+    while i < n - n % 8:
+        for q in range(8):
+            r[q] += a[lo + i + q]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise_sum(a: np.ndarray, n: int) -> np.float32:
+    """NumPy's float32 sum of ``a[:n]``: its pairwise summation (halves, cut at a multiple of
+    8, down to blocks of at most 128), so a compiled reduction reads the same last bit as the
+    array code it replaced. The halving is walked with a stack of its own: numba's cache
+    cannot reload a recursive function (numba issue 6061: a crash in the next process)."""
+    frames = np.empty((192, 3), np.int64)  # (start, length, 0: to split / 1: to join)
+    values = np.empty(64, np.float32)
+    frames[0, 0], frames[0, 1], frames[0, 2] = 0, n, 0
+    top, held = 1, 0
+    while top:
+        top -= 1
+        lo, m, join = frames[top, 0], frames[top, 1], frames[top, 2]
+        if join:
+            held -= 1
+            values[held - 1] = values[held - 1] + values[held]
+        elif m <= 128:
+            values[held] = _block_sum(a, lo, m)
+            held += 1
+        else:
+            half = m // 2
+            half -= half % 8
+            for start, length, step in ((lo, m, 1), (lo + half, m - half, 0), (lo, half, 0)):
+                frames[top, 0], frames[top, 1], frames[top, 2] = start, length, step
+                top += 1
+    return values[0]
+
+
+@_jit
+def _hull_area(cleaned: np.ndarray) -> float:
+    """The area of the convex hull of the set pixels' centres (OpenCV's contourArea of
+    convexHull of the outline: integer corners, so the shoelace sum is exact either way)."""
+    h, w = cleaned.shape
+    px, py, n = np.empty(2 * h, np.int64), np.empty(2 * h, np.int64), 0
+    for y in range(h):  # a row's first and last set pixel (every corner of the hull is one): sorted by row, column
+        first, last = -1, -1
+        for x in range(w):
+            if cleaned[y, x]:
+                if first < 0:
+                    first = x
+                last = x
+        if first >= 0:
+            px[n], py[n] = first, y
+            n += 1
+            if last != first:
+                px[n], py[n] = last, y
+                n += 1
+    hx, hy, k = np.empty(2 * n + 1, np.int64), np.empty(2 * n + 1, np.int64), 0
+    for chain in range(2):  # Andrew's monotone chain: one side, top to bottom, then the other, back
+        floor = 2 if chain == 0 else k + 1
+        for i in range(n) if chain == 0 else range(n - 2, -1, -1):
+            while k >= floor and ((hx[k - 1] - hx[k - 2]) * (py[i] - hy[k - 2])
+                                  - (hy[k - 1] - hy[k - 2]) * (px[i] - hx[k - 2])) <= 0:
+                k -= 1  # no turn the same way: not a corner
+            hx[k], hy[k] = px[i], py[i]
+            k += 1
+    twice = 0
+    for i in range(k - 1):
+        twice += hx[i] * hy[i + 1] - hx[i + 1] * hy[i]
+    return abs(twice) / 2.0
+
+
+@_jit
+def clean_window(probs: np.ndarray, y0: int, x0: int, unit: np.float32, cleaned: np.ndarray, near: np.ndarray,
+                 outline: np.ndarray, soft: np.ndarray, mask: np.ndarray, scratch: np.ndarray,
+                 ) -> tuple[int, np.float32, int, int, int, int, int, int, int, np.float32, float]:
+    """What post-processing reads of one structure's ``(S, S)`` probabilities (``probs``,
+    float or uint8 times ``unit``) in the window at ``(y0, x0)`` where it was cleaned
+    (``pipeline.label.batch._cleaned``), in one pass: ``cleaned``, the cleaned mask there,
+    ``near``, it dilated a pixel, and ``outline``, its morphological gradient (0/1 each). The
+    probabilities near the mask (filled holes 0.75) go into ``soft``, the mask into ``mask``
+    (both zero there before). Returns (the mask's area, the float32 sum of ``soft`` over it, the sum and count
+    of the columns it touches, its box x0, y0, x1, y1 in the window, the pixels with ``0.1 < p
+    < 0.9``, the float32 mean of ``|2 p - 1|`` on the outline, the hull's area), each as NumPy
+    would compute it."""
+    h, w = cleaned.shape
+    lo, hi = np.float32(0.1), np.float32(0.9)
+    products, edges = scratch[:h * w], scratch[h * w:2 * h * w]  # room the caller holds: no allocation here
+    products[:] = 0
+    area, uncertain, n_edges, col_sum, col_n = 0, 0, 0, 0, 0
+    bx0, by0, bx1, by1 = w, h, -1, -1
+    for y in range(h):
+        for x in range(w):
+            v = np.float32(probs[y0 + y, x0 + x]) * unit
+            if lo < v < hi:
+                uncertain += 1
+            if not near[y, x]:  # nothing to keep: soft and mask hold 0 there already
+                continue
+            part = v
+            if cleaned[y, x]:
+                if part <= 0.5:
+                    part = np.float32(0.75)
+                products[y * w + x] = part
+                mask[y0 + y, x0 + x] = True
+                area += 1
+                bx0, by0, bx1, by1 = min(bx0, x), min(by0, y), max(bx1, x), max(by1, y)
+            soft[y0 + y, x0 + x] = part
+            if outline[y, x]:
+                edges[n_edges] = abs(np.float32(2.0) * v - np.float32(1.0))
+                n_edges += 1
+    for x in range(bx0, bx1 + 1):
+        for y in range(by0, by1 + 1):
+            if cleaned[y, x]:
+                col_sum += x
+                col_n += 1
+                break
+    margin = _pairwise_sum(edges, n_edges) / np.float32(n_edges) if n_edges else np.float32(np.nan)
+    return (area, _pairwise_sum(products, h * w), col_sum, col_n, bx0, by0, bx1, by1, uncertain, margin,
+            _hull_area(cleaned) if area else 0.0)

@@ -113,6 +113,85 @@ def test_runs_above_match_opencvs_bilinear_map(h, w, mode, cx, cy, r, seed):
     assert all(np.array_equal(a, b) for a, b in zip(alone, (rows, first, last), strict=True))
 
 
+def _cleaned_by_arrays(probs, structures):
+    """What ``_cleaned`` computes, written as the NumPy and OpenCV array code it replaced (the
+    definition its compiled pass must match to the last bit)."""
+    import math
+
+    quantised = probs.dtype == np.uint8
+    cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
+    ring = np.ones((3, 3), np.uint8)
+    soft, masks, out = np.zeros(probs.shape, np.float32), {}, {}
+    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
+    for i, s in enumerate(structures):
+        masks[s] = np.zeros(probs.shape[1:], bool)
+        box = bbox(probs[i] > cut)
+        if box is None:
+            continue
+        window = (slice(max(0, box[1] - 2), box[3] + 3), slice(max(0, box[0] - 2), box[2] + 3))
+        p = probs[i][window].astype(np.float32) * unit
+        cleaned, kept = clean(p > 0.5)
+        part = np.where(cv2.dilate(cleaned.astype(np.uint8), ring) > 0, p, np.float32(0))
+        part[cleaned & (part <= 0.5)] = 0.75
+        soft[i][window], masks[s][window] = part, cleaned
+        agreement = min(1.0, 2 * float((part * cleaned).sum()) / (float(sums[i]) + int(np.count_nonzero(cleaned))))
+        m = cleaned.astype(np.uint8)
+        outline = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, ring) > 0
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        area = int(np.count_nonzero(cleaned))
+        out[s] = (kept, agreement, mean_column(cleaned) + window[1].start, {
+            "agreement": math.log(1.01 - agreement),
+            "uncertain": math.log(1e-3 + np.count_nonzero((p > 0.1) & (p < 0.9)) / area),
+            "edge_margin": float(np.mean(np.abs(2 * p[outline] - 1))), "kept": math.log(max(kept, 1e-3)),
+            "solidity": min(1.0, area / max(cv2.contourArea(cv2.convexHull(np.concatenate(contours))), 1.0)),
+            "area": math.log(area / probs.shape[-1] ** 2)})
+    return soft, masks, out
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), quantised=st.booleans(), blobs=st.integers(0, 5), noise=st.floats(0, 0.3))
+def test_the_compiled_clean_up_reads_what_the_array_code_read(seed, quantised, blobs, noise):
+    """Post-processing's compiled pass (``_cleaned``: the largest component, its holes filled,
+    the probabilities kept near it, the score's features) gives, bit for bit, what the NumPy
+    and OpenCV array code it replaced gave: blobs of every size, touching the edges, in
+    pieces (ties of equal pieces included), with holes and specks."""
+    from pipeline.label.batch import _cleaned
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    probs = np.zeros((3, 64, 64), np.float32)
+    for c in range(3):
+        for _ in range(blobs):
+            cy, cx, r = rng.uniform(-5, 69), rng.uniform(-5, 69), rng.uniform(0.5, 20)
+            probs[c] = np.maximum(probs[c], np.clip(1.2 - np.hypot(yy - cy, xx - cx) / r, 0, 1))
+        probs[c] *= rng.uniform(1 - noise, 1, (64, 64)).astype(np.float32)
+        probs[c][rng.random((64, 64)) < noise / 3] = rng.random()  # specks, and holes
+    if rng.random() < 0.2:
+        probs[0, 10:14, 10:14] = probs[0, 10:14, 30:34] = 0.9  # two equal pieces
+    if quantised:
+        probs = np.round(probs * 255).astype(np.uint8)
+    structures = ("heart", "left_lung", "right_lung")
+    got = _cleaned(probs, structures)
+    soft, masks, want = _cleaned_by_arrays(probs, structures)
+    assert np.array_equal(got.soft, soft) and all(np.array_equal(got.masks[s], masks[s]) for s in structures)
+    for s in structures:
+        if s in want:
+            assert (got.kept[s], got.agreement[s], got.columns[s], got.features[s]) == want[s]
+            assert got.boxes[s] == bbox(masks[s])
+        else:
+            assert got.boxes[s] is None and got.columns[s] is None
+
+
+def test_the_compiled_sum_is_numpys_float32_sum():
+    """NumPy sums float32 pairwise; the compiled pass sums as it does, to the last bit."""
+    from pipeline.compiled import _pairwise_sum
+
+    rng = np.random.default_rng(3)
+    for n in [0, 1, 7, 8, 9, 127, 128, 129, 255, 256, 1000, 4097, 65536, 70001]:
+        a = (rng.random(n) * rng.choice([1e-3, 1, 300])).astype(np.float32)
+        assert _pairwise_sum(a, n) == a.sum()
+
+
 def mean_columns(masks):
     return {s: mean_column(m) for s, m in masks.items()}
 

@@ -21,7 +21,7 @@ from pipeline import quality as Q
 from pipeline.collect import Entry, Settings, fetch
 from pipeline.groups import Selected
 from pipeline.imaging import FIXUPS, Geometry, collimation_rim, upright
-from pipeline.measure import bbox, calibrate, clean, mean_column, measure_boxes, plausible_mm
+from pipeline.measure import bbox, calibrate, clean, measure_boxes, plausible_mm
 from pipeline.model import LoadedModel, infer
 from pipeline.quality import QualityModel
 from pipeline.quality.inputs import OK as INPUT_OK
@@ -102,43 +102,44 @@ class _Cleaned:
 
 def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
     """Each structure of ``(C, S, S)`` probabilities (float, or uint8 = round(255 p)) cleaned
-    inside its box, with two pixels of margin, and what the score reads of it."""
+    inside its box, with two pixels of margin (room for the dilation that keeps the
+    probabilities near the kept component: :func:`pipeline.measure.clean`, OpenCV's), and what
+    the score reads of it, in one compiled pass per structure
+    (:func:`pipeline.compiled.clean_window`)."""
+    from pipeline import compiled  # numba: its import is paid only where masks are cleaned
+
     quantised = probs.dtype == np.uint8  # round(255 p), from the device (see forward)
     cut, unit = (127, np.float32(1 / 255)) if quantised else (0.5, np.float32(1))
     ring = np.ones((3, 3), np.uint8)
     size = probs.shape[-1]
+    scratch = np.empty(2 * size * size, np.float32)
     out = _Cleaned(np.zeros(probs.shape, np.float32), {s: np.zeros((size, size), bool) for s in structures},
                    {}, {}, {}, {})
-    fg: np.ndarray = probs > cut
-    fg_rows, fg_cols = np.asarray(fg.any(axis=2)), np.asarray(fg.any(axis=1))
-    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
+    row_max, col_max, totals = compiled.extents(probs)
+    fg_rows, fg_cols = row_max > cut, col_max > cut
+    # round(255 p) summed exactly; the float sum as NumPy's pairwise float64 sum reads it
+    sums = totals * float(unit) if quantised else probs.reshape(len(probs), -1).sum(axis=1, dtype=np.float64)
     for i, s in enumerate(structures):
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
         out.kept[s], out.agreement[s], out.columns[s], out.boxes[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None, None
         if len(xs) == 0:
-            out.features[s] = Q.structure_features(np.zeros((1, 1), np.float32), np.zeros((1, 1), bool), 0.0,
-                                                   out.agreement[s], size)
+            out.features[s] = Q.structure_features(0, 0, 0.0, 0.0, 0.0, out.agreement[s], size)
             continue
-        # clean inside the box, with two pixels of margin: room for the dilation below
         window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
-        p = probs[i][window].astype(np.float32) * unit
-        cleaned, out.kept[s] = clean(p > 0.5)
-        # the probabilities near the kept component, its holes filled
-        near = cv2.dilate(cleaned.astype(np.uint8), ring) > 0
-        part = np.where(near, p, np.float32(0))
-        part[cleaned & (part <= 0.5)] = 0.75
-        out.soft[i][window] = part
-        out.masks[s][window] = cleaned
+        cleaned, out.kept[s] = clean(probs[i][window] > cut)
+        bits = cleaned.view(np.uint8)
+        near, outline = cv2.dilate(bits, ring), cv2.morphologyEx(bits, cv2.MORPH_GRADIENT, ring)
+        y0, x0 = window[0].start, window[1].start
+        area, overlap, col_sum, col_n, bx0, by0, bx1, by1, uncertain, margin, hull = compiled.clean_window(
+            probs[i], y0, x0, unit, cleaned, near, outline, out.soft[i], out.masks[s], scratch)
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
-        # (at most 1: filled holes count as 0.75 in `part`, which the raw sum does not hold)
-        out.agreement[s] = min(1.0, 2 * float((part * cleaned).sum())
-                               / (float(sums[i]) + int(np.count_nonzero(cleaned))))
-        column = mean_column(cleaned)
-        out.columns[s] = column + window[1].start if column is not None else None
-        if (box := bbox(cleaned)) is not None:
-            y, x = window[0].start, window[1].start
-            out.boxes[s] = (box[0] + x, box[1] + y, box[2] + x, box[3] + y)
-        out.features[s] = Q.structure_features(p, cleaned, out.kept[s], out.agreement[s], size)
+        # (at most 1: filled holes count as 0.75 in the soft array, which the raw sum does not hold)
+        out.agreement[s] = min(1.0, 2 * float(overlap) / (float(sums[i]) + area))
+        if col_n:
+            out.columns[s] = col_sum / col_n + x0
+            out.boxes[s] = (bx0 + x0, by0 + y0, bx1 + x0, by1 + y0)
+        out.features[s] = Q.structure_features(area, uncertain, float(margin), hull, out.kept[s],
+                                               out.agreement[s], size)
     return out
 
 

@@ -43,28 +43,25 @@ def design(features: dict[str, dict[str, float]], names: tuple[str, ...] = FEATU
             for s, f in features.items()}
 
 
-_RING = np.ones((3, 3), np.uint8)
-
 Box = tuple[int, int, int, int]  # a mask's box: x0, y0, x1, y1, inclusive (pipeline.measure.bbox)
 
 
-def structure_features(p: np.ndarray, cleaned: np.ndarray, kept: float, agreement: float, size: int,
-                       ) -> dict[str, float]:
-    """Features of one structure from its probabilities ``p`` (float, a window of the model's
-    output) and the cleaned mask in that window; ``size``: the model's side. About 70 us."""
-    area = int(np.count_nonzero(cleaned))
+def structure_features(area: int, uncertain: int, edge_margin: float, hull: float, kept: float,
+                       agreement: float, size: int) -> dict[str, float]:
+    """Features of one structure of the model's output (``size``: its side), from what
+    :func:`pipeline.compiled.clean_window` reads of its probabilities ``p`` and of the cleaned
+    mask: the mask's ``area``, the pixels where ``0.1 < p < 0.9`` (``uncertain``), the mean of
+    ``|2 p - 1|`` on the mask's outline a pixel either side (``edge_margin``), the area of its
+    convex ``hull``, the share of the foreground the clean-up ``kept``, and the soft Dice of
+    ``p`` against the mask (``agreement``)."""
     if area == 0:
         return {"agreement": math.log(1.01 - agreement), "uncertain": 0.0, "edge_margin": 0.0, "kept": 0.0,
                 "solidity": 0.0, "area": math.log(1 / size ** 2)}
-    m = cleaned.astype(np.uint8)
-    ring = cv2.morphologyEx(m, cv2.MORPH_GRADIENT, _RING) > 0  # the outline, a pixel either side
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.contourArea(cv2.convexHull(np.concatenate(contours)))
     return {
         "agreement": math.log(1.01 - agreement),  # soft Dice of p against the mask
         # pixels the model is unsure of, per pixel of mask: a wide band is a doubtful outline
-        "uncertain": math.log(1e-3 + np.count_nonzero((p > 0.1) & (p < 0.9)) / area),
-        "edge_margin": float(np.mean(np.abs(2 * p[ring] - 1))),  # 1: a crisp outline
+        "uncertain": math.log(1e-3 + uncertain / area),
+        "edge_margin": edge_margin,  # 1: a crisp outline
         "kept": math.log(max(kept, 1e-3)),  # below 0: the clean-up threw blobs away
         "solidity": min(1.0, area / max(hull, 1.0)),
         "area": math.log(area / size ** 2),
