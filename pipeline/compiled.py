@@ -70,11 +70,13 @@ def _straddling(above: np.ndarray, j: int, lo: int, hi: int, cells: np.ndarray) 
 
 @_jit
 def runs_above(arr: np.ndarray, level: float, k: np.ndarray, t: np.ndarray, scale_x: float,
-               offset_x: float, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               offset_x: float, width: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The runs of original pixels where the bilinear map of each ``(S, S)`` array of ``arr``
     exceeds ``level``: ``(which array, row, first column, last column)``, sorted by array,
     row and column (see :meth:`pipeline.imaging.Geometry.runs_above`, which gives ``k``, each
     original row's ringed cell row, sorted, and ``t``, how far down that cell it lies).
+    ``boxes``: ``(n, 4)``, each array's rows ``[y0, y1)`` and columns ``[x0, x1)`` beyond
+    which nothing exceeds the level (only they are read).
 
     Along an original row the map is linear between two cache columns, so each crossing of
     ``level`` is solved exactly, and only in the cells whose corners straddle it."""
@@ -87,10 +89,12 @@ def runs_above(arr: np.ndarray, level: float, k: np.ndarray, t: np.ndarray, scal
     corners = np.empty((size + 1, 4), np.float64)  # each straddling cell's top left, its drop, top right, drop
     for a in range(n):
         row_any[:] = False
+        above[:] = 0
         lo, hi = size + 1, 0  # the ringed columns with something above the level
-        for j in range(size):
+        y0, y1, x0, x1 = boxes[a, 0], boxes[a, 1], boxes[a, 2], boxes[a, 3]
+        for j in range(y0, y1):
             row, ringed = arr[a, j], above[j + 1]
-            for i in range(size):
+            for i in range(x0, x1):
                 ringed[i + 1] = np.float64(row[i]) > level
             words = ringed.view(np.uint64)  # the row's first and last columns above, a word at a time
             for w in range(len(words)):
@@ -202,19 +206,6 @@ def rle_text(rows: np.ndarray, first: np.ndarray, last: np.ndarray, bounds: np.n
             at = _put(out, at, end - start, True)
         ends[m] = at
     return out[:at], ends
-
-
-def _load() -> None:
-    """Both functions' machine code for the arguments labelling gives them, loaded (or, the
-    first time, compiled and stored) now: a fork server that imports this module hands it
-    to every worker it forks, which then start computing at once (numba's own start, about
-    0.4 s, is paid here once)."""
-    empty = np.zeros(0, np.int64)
-    runs_above(np.zeros((1, 2, 2), np.float32), 0.5, np.ones(1, np.int64), np.zeros(1), 1.0, 0.0, 2)
-    rle_text(empty, empty, empty, np.zeros(1, np.int64), 1)
-
-
-_load()
 
 
 @_jit
@@ -368,3 +359,22 @@ def clean_window(probs: np.ndarray, y0: int, x0: int, unit: np.float32, cleaned:
     margin = _pairwise_sum(edges, n_edges) / np.float32(n_edges) if n_edges else np.float32(np.nan)
     return (area, _pairwise_sum(products, h * w), col_sum, col_n, bx0, by0, bx1, by1, uncertain, margin,
             _hull_area(cleaned) if area else 0.0)
+
+
+def _load() -> None:
+    """Every function's machine code for the arguments labelling gives them, loaded (or, the
+    first time, compiled and stored) now: a fork server that imports this module hands it
+    to every worker it forks, which then start computing at once (numba's own start, about
+    0.4 s, is paid here once)."""
+    empty = np.zeros(0, np.int64)
+    runs_above(np.zeros((1, 2, 2), np.float32), 0.5, np.ones(1, np.int64), np.zeros(1), 1.0, 0.0, 2,
+               np.array([[0, 2, 0, 2]], np.int64))
+    rle_text(empty, empty, empty, np.zeros(1, np.int64), 1)
+    probs = np.zeros((1, 4, 4), np.uint8)
+    extents(probs)
+    cleaned = np.zeros((4, 4), np.bool_)
+    clean_window(probs[0], 0, 0, np.float32(1 / 255), cleaned, cleaned.view(np.uint8), cleaned.view(np.uint8),
+                 np.zeros((4, 4), np.float32), np.zeros((4, 4), np.bool_), np.zeros(32, np.float32))
+
+
+_load()

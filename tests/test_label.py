@@ -111,6 +111,11 @@ def test_runs_above_match_opencvs_bilinear_map(h, w, mode, cx, cy, r, seed):
     # alone, the blob's runs are solved in the box around it: the same runs
     alone = geom.runs_above(arr[None])[0]
     assert all(np.array_equal(a, b) for a, b in zip(alone, (rows, first, last), strict=True))
+    # ... and read only inside its box (what post-processing gives): the same runs again
+    box = bbox(arr > 0.5)
+    if box is not None:
+        boxed = geom.runs_above(arr[None], boxes=np.array([[box[1], box[3] + 1, box[0], box[2] + 1]]))[0]
+        assert all(np.array_equal(a, b) for a, b in zip(boxed, (rows, first, last), strict=True))
 
 
 def _cleaned_by_arrays(probs, structures):

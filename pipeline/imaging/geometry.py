@@ -74,11 +74,14 @@ class Geometry:
                               (self.orig_width, self.orig_height),
                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    def runs_above(self, arr: np.ndarray, level: float = 0.5) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def runs_above(self, arr: np.ndarray, level: float = 0.5, boxes: np.ndarray | None = None,
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Where :meth:`to_original` of each ``(S, S)`` cache array in ``arr`` (``(C, S, S)``)
         exceeds ``level``, as runs of original pixels: per array, ``(rows, first, last)``
         int64 arrays (columns inclusive, sorted by row and column), found without building
-        any original-size array.
+        any original-size array. ``boxes``: ``(C, 4)``, each array's cache rows ``[y0, y1)``
+        and columns ``[x0, x1)`` beyond which it does not exceed ``level``, when known (only
+        they are read); None: the whole arrays.
 
         Bilinear interpolation is linear along an original row between two cache columns, so
         each crossing of ``level`` is solved exactly, and only in the cache cells whose
@@ -93,8 +96,11 @@ class Geometry:
         v = np.clip((np.arange(self.orig_height) + 0.5 + self.offset_y) * self.scale_y - 0.5, 0, self.size - 1)
         k, t = np.floor(v).astype(np.int64) + 1, v - np.floor(v)
         field = np.ascontiguousarray(arr, np.float32 if arr.dtype == np.float32 else np.float64)
+        if boxes is None:
+            boxes = np.tile(np.array([0, self.size, 0, self.size], np.int64), (len(arr), 1))
         which, rows, first, last = compiled.runs_above(field, float(level), k, t, float(self.scale_x),
-                                                       float(self.offset_x), int(self.orig_width))
+                                                       float(self.offset_x), int(self.orig_width),
+                                                       np.ascontiguousarray(boxes, np.int64))
         bounds = np.searchsorted(which, np.arange(len(arr) + 1))
         return [(rows[i:j], first[i:j], last[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
 

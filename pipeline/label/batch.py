@@ -74,7 +74,7 @@ def postprocess(item: Item, probs: np.ndarray, structures: Sequence[str],
     """
     read = _cleaned(probs, structures)
     shape = (item.geom.orig_height, item.geom.orig_width)
-    runs = item.geom.runs_above(read.soft)
+    runs = item.geom.runs_above(read.soft, boxes=read.windows)
     encoded = dict(zip(structures, M.EncodedMask.from_runs(runs, shape), strict=True))
     boxes = {s: (int(first.min()), int(rows[0]), int(last.max()), int(rows[-1])) if len(rows) else None
              for s, (rows, first, last) in zip(structures, runs, strict=True)}
@@ -98,6 +98,8 @@ class _Cleaned:
     # each cleaned mask's box (x0, y0, x1, y1, inclusive; None: empty): what the checks read of
     # the whole masks lies inside it, so they read only that
     boxes: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
+    # each structure's window (rows y0:y1, columns x0:x1): ``soft`` is 0 beyond it
+    windows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
 
 
 def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
@@ -114,7 +116,7 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
     size = probs.shape[-1]
     scratch = np.empty(2 * size * size, np.float32)
     out = _Cleaned(np.zeros(probs.shape, np.float32), {s: np.zeros((size, size), bool) for s in structures},
-                   {}, {}, {}, {})
+                   {}, {}, {}, {}, windows=np.zeros((len(structures), 4), np.int64))
     row_max, col_max, totals = compiled.extents(probs)
     fg_rows, fg_cols = row_max > cut, col_max > cut
     # round(255 p) summed exactly; the float sum as NumPy's pairwise float64 sum reads it
@@ -130,6 +132,7 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
         bits = cleaned.view(np.uint8)
         near, outline = cv2.dilate(bits, ring), cv2.morphologyEx(bits, cv2.MORPH_GRADIENT, ring)
         y0, x0 = window[0].start, window[1].start
+        out.windows[i] = y0, y0 + cleaned.shape[0], x0, x0 + cleaned.shape[1]
         area, overlap, col_sum, col_n, bx0, by0, bx1, by1, uncertain, margin, hull = compiled.clean_window(
             probs[i], y0, x0, unit, cleaned, near, outline, out.soft[i], out.masks[s], scratch)
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
