@@ -284,7 +284,7 @@ def _hull_area(cleaned: np.ndarray) -> float:
     convexHull of the outline: integer corners, so the shoelace sum is exact either way)."""
     h, w = cleaned.shape
     px, py, n = np.empty(2 * h, np.int64), np.empty(2 * h, np.int64), 0
-    for y in range(h):  # a row's first and last set pixel (every corner of the hull is one): sorted by row, column
+    for y in range(h):  # each row's first and last set pixel (every corner of the hull is one), in order
         first, last = -1, -1
         for x in range(w):
             if cleaned[y, x]:
@@ -321,10 +321,12 @@ def clean_window(probs: np.ndarray, y0: int, x0: int, unit: np.float32, cleaned:
     (``pipeline.label.batch._cleaned``), in one pass: ``cleaned``, the cleaned mask there,
     ``near``, it dilated a pixel, and ``outline``, its morphological gradient (0/1 each). The
     probabilities near the mask (filled holes 0.75) go into ``soft``, the mask into ``mask``
-    (both zero there before). Returns (the mask's area, the float32 sum of ``soft`` over it, the sum and count
-    of the columns it touches, its box x0, y0, x1, y1 in the window, the pixels with ``0.1 < p
-    < 0.9``, the float32 mean of ``|2 p - 1|`` on the outline, the hull's area), each as NumPy
-    would compute it."""
+    (both zero there before); ``scratch``: float32 room for twice the window's pixels.
+
+    Returns, each as NumPy computed it: the mask's area, the float32 sum of ``soft`` over it,
+    the sum and count of the columns it touches, its box (x0, y0, x1, y1 in the window), the
+    pixels with ``0.1 < p < 0.9``, the float32 mean of ``|2 p - 1|`` on the outline, and the
+    area of its convex hull."""
     h, w = cleaned.shape
     lo, hi = np.float32(0.1), np.float32(0.9)
     products, edges = scratch[:h * w], scratch[h * w:2 * h * w]  # room the caller holds: no allocation here

@@ -1,7 +1,8 @@
 """What the quality score reads of one labelled image.
 
-For every structure, :func:`structure_features` reads the model-resolution probabilities and
-the cleaned mask: how far the probabilities agree with the mask, how wide the band of
+For every structure, :func:`structure_features` turns what labelling's compiled pass read of
+the model-resolution probabilities and the cleaned mask (:func:`pipeline.compiled.clean_window`)
+into the features: how far the probabilities agree with the mask, how wide the band of
 uncertain pixels is, how sharp its outline, how much the clean-up threw away, how convex and
 how large it is; :func:`image_features` adds the anatomy (CTR, lungs on the wrong side, a
 missing structure, a collimator's rim); an :class:`Atlas` of the annotated masks says how far
