@@ -209,24 +209,21 @@ def rle_text(rows: np.ndarray, first: np.ndarray, last: np.ndarray, bounds: np.n
 
 
 @_jit
-def extents(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def extents(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each ``(S, S)`` array of ``probs``'s largest value in every row and in every column
-    (``(C, S)`` each: where something lies above a level) and its sum (``(C,)`` float64;
-    exact for integers below 2**53), in one pass (NumPy made a ``(C, S, S)`` mask for it)."""
+    (``(C, S)`` each: where something lies above a level), in one pass (NumPy made a
+    ``(C, S, S)`` mask for it)."""
     n, h, w = probs.shape
-    rows, cols, sums = np.zeros((n, h), probs.dtype), np.zeros((n, w), probs.dtype), np.zeros(n, np.float64)
+    rows, cols = np.zeros((n, h), probs.dtype), np.zeros((n, w), probs.dtype)
     for a in range(n):
-        total = 0.0
         for y in range(h):
             most = probs[a, y, 0]
             for x in range(w):
                 v = probs[a, y, x]
                 most = max(most, v)
                 cols[a, x] = max(cols[a, x], v)
-                total += v
             rows[a, y] = most
-        sums[a] = total
-    return rows, cols, sums
+    return rows, cols
 
 
 @_jit

@@ -117,10 +117,9 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
     scratch = np.empty(2 * size * size, np.float32)
     out = _Cleaned(np.zeros(probs.shape, np.float32), {s: np.zeros((size, size), bool) for s in structures},
                    {}, {}, {}, {}, windows=np.zeros((len(structures), 4), np.int64))
-    row_max, col_max, totals = compiled.extents(probs)
+    row_max, col_max = compiled.extents(probs)
     fg_rows, fg_cols = row_max > cut, col_max > cut
-    # round(255 p) summed exactly; the float sum as NumPy's pairwise float64 sum reads it
-    sums = totals * float(unit) if quantised else probs.reshape(len(probs), -1).sum(axis=1, dtype=np.float64)
+    sums = probs.reshape(len(probs), -1).sum(axis=1, dtype=np.uint32 if quantised else np.float64) * float(unit)
     for i, s in enumerate(structures):
         ys, xs = np.flatnonzero(fg_rows[i]), np.flatnonzero(fg_cols[i])
         out.kept[s], out.agreement[s], out.columns[s], out.boxes[s] = 1.0, 1.0 if sums[i] == 0 else 0.0, None, None
