@@ -311,12 +311,13 @@ def _hull_area(cleaned: np.ndarray) -> float:
 
 @_jit
 def clean_window(probs: np.ndarray, y0: int, x0: int, unit: np.float32, cleaned: np.ndarray, near: np.ndarray,
-                 outline: np.ndarray, soft: np.ndarray, mask: np.ndarray, scratch: np.ndarray,
+                 eroded: np.ndarray, soft: np.ndarray, mask: np.ndarray, scratch: np.ndarray,
                  ) -> tuple[int, np.float32, int, int, int, int, int, int, int, np.float32, float]:
     """What post-processing reads of one structure's ``(S, S)`` probabilities (``probs``,
     float or uint8 times ``unit``) in the window at ``(y0, x0)`` where it was cleaned
     (``pipeline.label.batch._cleaned``), in one pass: ``cleaned``, the cleaned mask there,
-    ``near``, it dilated a pixel, and ``outline``, its morphological gradient (0/1 each). The
+    ``near`` and ``eroded``, it dilated and eroded a pixel (0/1 each; where they differ lies its
+    outline, a pixel either side: OpenCV's morphological gradient). The
     probabilities near the mask (filled holes 0.75) go into ``soft``, the mask into ``mask``
     (both zero there before); ``scratch``: float32 room for twice the window's pixels.
 
@@ -346,7 +347,7 @@ def clean_window(probs: np.ndarray, y0: int, x0: int, unit: np.float32, cleaned:
                 area += 1
                 bx0, by0, bx1, by1 = min(bx0, x), min(by0, y), max(bx1, x), max(by1, y)
             soft[y0 + y, x0 + x] = part
-            if outline[y, x]:
+            if not eroded[y, x]:  # near, not eroded: the outline
                 edges[n_edges] = abs(np.float32(2.0) * v - np.float32(1.0))
                 n_edges += 1
     for x in range(bx0, bx1 + 1):

@@ -129,11 +129,11 @@ def _cleaned(probs: np.ndarray, structures: Sequence[str]) -> _Cleaned:
         window = (slice(max(0, ys[0] - 2), ys[-1] + 3), slice(max(0, xs[0] - 2), xs[-1] + 3))
         cleaned, out.kept[s] = clean(probs[i][window] > cut)
         bits = cleaned.view(np.uint8)
-        near, outline = cv2.dilate(bits, ring), cv2.morphologyEx(bits, cv2.MORPH_GRADIENT, ring)
+        near, eroded = cv2.dilate(bits, ring), cv2.erode(bits, ring)
         y0, x0 = window[0].start, window[1].start
         out.windows[i] = y0, y0 + cleaned.shape[0], x0, x0 + cleaned.shape[1]
         area, overlap, col_sum, col_n, bx0, by0, bx1, by1, uncertain, margin, hull = compiled.clean_window(
-            probs[i], y0, x0, unit, cleaned, near, outline, out.soft[i], out.masks[s], scratch)
+            probs[i], y0, x0, unit, cleaned, near, eroded, out.soft[i], out.masks[s], scratch)
         # the model's agreement with its own cleaned mask: soft Dice at the model's resolution
         # (at most 1: filled holes count as 0.75 in the soft array, which the raw sum does not hold)
         out.agreement[s] = min(1.0, 2 * float(overlap) / (float(sums[i]) + area))
