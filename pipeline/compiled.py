@@ -217,7 +217,7 @@ def extents(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.zeros((n, h), probs.dtype), np.zeros((n, w), probs.dtype)
     for a in range(n):
         for y in range(h):
-            most = probs[a, y, 0]
+            most = rows[a, y]  # from 0, as the columns: a NaN (never above a level) is passed over
             for x in range(w):
                 v = probs[a, y, x]
                 most = max(most, v)

@@ -187,6 +187,22 @@ def test_the_compiled_clean_up_reads_what_the_array_code_read(seed, quantised, b
             assert got.boxes[s] is None and got.columns[s] is None
 
 
+def test_the_windows_are_found_where_numpy_finds_values_above_the_level():
+    """The rows and columns holding a value above the level, as NumPy's ``any`` finds them:
+    uint8 and float, a NaN (never above a level) anywhere in a row included."""
+    from pipeline.compiled import extents
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        p = rng.random((3, 20, 20)).astype(np.float32)
+        p[rng.random(p.shape) < 0.1] = np.nan
+        q = (rng.random((3, 20, 20)) * 255).astype(np.uint8)
+        for arr, cut in ((p, 0.5), (q, 127)):
+            rows, cols = extents(arr)
+            assert np.array_equal(rows > cut, (arr > cut).any(axis=2))
+            assert np.array_equal(cols > cut, (arr > cut).any(axis=1))
+
+
 def test_the_compiled_sum_is_numpys_float32_sum():
     """NumPy sums float32 pairwise; the compiled pass sums as it does, to the last bit."""
     from pipeline.compiled import _pairwise_sum
