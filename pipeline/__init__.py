@@ -32,9 +32,11 @@ def one_of(value, options, what: str = "option"):
 WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label", "pipeline.compiled")
 
 
-def process_pool(workers: int | None = None):
+def process_pool(workers: int | None = None, background: bool = False):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
-    work is cancelled when its ``with`` block ends in an error.
+    work is cancelled when its ``with`` block ends in an error; with ``background`` its
+    workers compute only in the time the cores would otherwise stand idle
+    (:func:`background`).
 
     Python's pool workers otherwise wait forever on their task queue after the parent is
     killed (``kill -9``, OOM killer), holding memory and the parent's open files; and a
@@ -79,20 +81,42 @@ def process_pool(workers: int | None = None):
         context.set_forkserver_preload(["pipeline", *WORKER_MODULES])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
-    pool = Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    pool = Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), background))
     pool.size = workers or os.cpu_count() or 1  # as many as ProcessPoolExecutor starts by default
     return pool
 
 
-def _start_worker(owner: int) -> None:
-    """A pool worker's start: :func:`_one_thread`, :func:`_exit_with` its owner, and Ctrl-C
+def _start_worker(owner: int, lowered: bool = False) -> None:
+    """A pool worker's start: :func:`_one_thread`, :func:`_exit_with` its owner, Ctrl-C
     left to the owner (which stops its workers): a terminal's SIGINT reaches every process of
-    its group, and each worker printed its own KeyboardInterrupt traceback."""
+    its group, and each worker printed its own KeyboardInterrupt traceback; and with
+    ``lowered``, :func:`background`."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_thread()
     _exit_with(owner)
+    if lowered:
+        background()
+
+
+def background() -> bool:
+    """Let the calling thread (a pool worker: its process's main thread) run only when a
+    core would otherwise stand idle: Linux's ``SCHED_IDLE``, which needs no privilege.
+    Labelling on a CPU lowers its loaders, writer and post-processing so: the model's
+    threads keep the cores, and the rest runs in the time they leave (between their
+    parallel steps, and while the model's loop waits). At the same priority it took a core
+    from one of the model's threads while the other waited for it at the step's end
+    (bench/RESULTS.md, "The model first"). Returns whether it could: elsewhere (macOS,
+    Windows) the thread keeps its priority."""
+    import os
+    import threading
+
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _one_thread() -> None:

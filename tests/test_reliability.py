@@ -451,6 +451,38 @@ def test_a_pool_starts_all_its_workers_before_its_first_task():
     assert done.stdout.split() == ["2", "2"], done.stdout
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_labelling_on_a_cpu_lowers_its_workers_and_threads_to_the_cores_idle_time():
+    """A background pool's workers, and a thread that calls background(), are scheduled only
+    when a core would otherwise stand idle (SCHED_IDLE), so that the model's threads keep the
+    cores on a CPU; a plain pool's workers keep the normal policy."""
+    import subprocess
+    import sys
+    code = ("import os\n"
+            "from pipeline import process_pool\n"
+            "for lowered in (False, True):\n"
+            "    with process_pool(2, background=lowered) as pool:\n"
+            "        pool.start_all()\n"
+            "        print(sorted({pool.submit(os.sched_getscheduler, 0).result() for _ in range(8)}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [f"[{os.SCHED_OTHER}]", f"[{os.SCHED_IDLE}]"], done.stdout
+
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import background
+
+    def policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
+
+    with ThreadPoolExecutor(1, initializer=background) as lowered, ThreadPoolExecutor(1) as plain:
+        assert lowered.submit(policy).result() == os.SCHED_IDLE
+        assert plain.submit(policy).result() == os.SCHED_OTHER
+    assert policy() == os.SCHED_OTHER  # the caller's own thread is left as it was
+
+
 def test_a_batch_is_shared_between_workers_by_the_films_sizes():
     """Each film goes to exactly one task; the two tasks' work (a fixed part and one that
     grows with the film's pixels) differs by less than one film's."""

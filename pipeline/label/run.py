@@ -9,7 +9,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -18,8 +18,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
+from pipeline import background, process_pool
 from pipeline import db as D
-from pipeline import process_pool
 from pipeline.collect import Settings
 from pipeline.groups import Selected, Selection
 from pipeline.label.batch import (
@@ -38,7 +38,7 @@ from pipeline.model import LoadedModel, auto_batch_size, model_inputs, resolve_m
 log = logging.getLogger(__name__)
 
 
-WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU
+WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU (on a CPU: 1)
 
 FILM_WORK = 6e6  # original pixels whose runs cost post-processing as much as its fixed part
 # (bench/overhead.py: ~5 ms a film, ~7.8 ms for films of 2,000 px a side and more)
@@ -254,12 +254,12 @@ def label(engine: Engine, selection: Selection, options: LabelOptions | None = N
 
 @dataclass
 class Local:
-    """The local loop. On a GPU, the batches before the one in the model are post-processed
-    (in processes) and written (in a writer thread) meanwhile, and the next two load (in
-    threads); the loop waits only when more than :data:`WRITES_IN_FLIGHT` are. On a CPU the
-    model already takes every core: overlapping post-processing with it only makes them
-    compete, so each batch is post-processed before the next runs, and only its write (one
-    thread, mostly waiting on SQLite) runs behind the next model pass."""
+    """The local loop. While a batch is in the model, the batches before it are post-processed
+    (in processes) and written (in a writer thread), and the next two load (in threads); the
+    loop waits only when more than :data:`WRITES_IN_FLIGHT` batches are behind it (one on a
+    CPU). On a CPU the model's threads already take every core, so the loaders, the writer
+    and the workers run there at the lowest priority (:func:`pipeline.background`): in the
+    time the model leaves the cores idle, and when the loop waits for them."""
 
     def refuse(self, options: LabelOptions) -> None:
         return None  # every option is the local loop's own
@@ -281,8 +281,10 @@ class Local:
                 log.info("run %d: batch %d written (%d images)", run.run_id, n, done.labelled)
 
             on_gpu = lm.device.type == "cuda"
-            with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
-                    process_pool(processes) as procs:
+            lowered = None if on_gpu else background  # a CPU's cores are the model's first
+            with ThreadPoolExecutor(2, initializer=lowered) as loaders, \
+                    ThreadPoolExecutor(1, initializer=lowered) as writer, \
+                    process_pool(processes, background=not on_gpu) as procs:
                 procs.start_all()  # beside the first batch's load and model pass
                 written: deque[Future] = deque()
                 for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
@@ -295,8 +297,6 @@ class Local:
                                                 lm.spec.structures, work.scorer,
                                                 copies[part] if copies is not None else None)
                                    for part in _shares(items, processes)]
-                    if not on_gpu:  # the cores are the model's again once its films are post-processed
-                        wait(futures)
                     written.append(writer.submit(finish, n, futures, errors))
                     while len(written) > (WRITES_IN_FLIGHT if on_gpu else 1):
                         written.popleft().result()  # a failed write stops the run here
