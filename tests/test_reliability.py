@@ -483,6 +483,27 @@ def test_labelling_on_a_cpu_lowers_its_workers_and_threads_to_the_cores_idle_tim
     assert policy() == os.SCHED_OTHER  # the caller's own thread is left as it was
 
 
+def test_labelling_lowers_its_other_work_only_when_the_model_takes_every_core(tiny_model):
+    """On a CPU with a torch thread per core the model is the cores' first call; given fewer
+    threads (a machine shared with other work) the rest keeps its priority; on a GPU it feeds
+    the device and is never lowered."""
+    from dataclasses import replace
+
+    from pipeline.label.run import model_takes_every_core
+    from pipeline.model import resolve_model
+    lm = resolve_model(None, str(tiny_model), "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(os.cpu_count() or 1)
+        assert model_takes_every_core(lm)
+        assert not model_takes_every_core(replace(lm, device=torch.device("cuda")))
+        if (os.cpu_count() or 1) > 1:
+            torch.set_num_threads(1)
+            assert not model_takes_every_core(lm)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_batch_is_shared_between_workers_by_the_films_sizes():
     """Each film goes to exactly one task; the two tasks' work (a fixed part and one that
     grows with the film's pixels) differs by less than one film's."""

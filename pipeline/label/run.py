@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import numpy as np
+import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
@@ -257,9 +258,10 @@ class Local:
     """The local loop. While a batch is in the model, the batches before it are post-processed
     (in processes) and written (in a writer thread), and the next two load (in threads); the
     loop waits only when more than :data:`WRITES_IN_FLIGHT` batches are behind it (one on a
-    CPU). On a CPU the model's threads already take every core, so the loaders, the writer
-    and the workers run there at the lowest priority (:func:`pipeline.background`): in the
-    time the model leaves the cores idle, and when the loop waits for them."""
+    CPU). When the model's threads take every core (a CPU run, as the CLI starts it), the
+    loaders, the writer and the workers run at the lowest priority
+    (:func:`pipeline.background`): in the time the model leaves the cores idle, and while
+    the loop waits for them (:func:`model_takes_every_core`)."""
 
     def refuse(self, options: LabelOptions) -> None:
         return None  # every option is the local loop's own
@@ -281,10 +283,11 @@ class Local:
                 log.info("run %d: batch %d written (%d images)", run.run_id, n, done.labelled)
 
             on_gpu = lm.device.type == "cuda"
-            lowered = None if on_gpu else background  # a CPU's cores are the model's first
+            behind = model_takes_every_core(lm)
+            lowered = background if behind else None
             with ThreadPoolExecutor(2, initializer=lowered) as loaders, \
                     ThreadPoolExecutor(1, initializer=lowered) as writer, \
-                    process_pool(processes, background=not on_gpu) as procs:
+                    process_pool(processes, background=behind) as procs:
                 procs.start_all()  # beside the first batch's load and model pass
                 written: deque[Future] = deque()
                 for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
@@ -303,6 +306,16 @@ class Local:
                 while written:
                     written.popleft().result()
             bar.close()
+
+
+def model_takes_every_core(lm: LoadedModel) -> bool:
+    """Whether ``lm`` runs on the CPU with a thread for every core (torch's thread count,
+    which the CLI sets to the cores unless ``--threads`` says less). Then the run's other work
+    is lowered to the cores' idle time: at the same priority it took a core from one of the
+    model's threads while the others waited for it, and the model's passes ran 15-40% slower
+    (bench/RESULTS.md, "The model first"). With fewer threads (a machine shared with other
+    work) it keeps its priority, and the cores the model leaves."""
+    return lm.device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
 
 
 def mark_abandoned_runs(engine: Engine) -> list[int]:
