@@ -36,6 +36,17 @@ def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
+def _python(code: str) -> str:
+    """What ``code`` prints, run by a fresh interpreter at the checkout's root (a process of
+    its own: its own fork server and pools); it must exit cleanly."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -421,34 +432,26 @@ def test_a_later_process_pool_starts_with_the_pipelines_worker_modules_imported(
     DICOM folder is loaded first): a later pool's workers, label's among them, start with
     torch and the labelling code already imported, instead of each importing them again
     (a fixed ~2.9 s a pool on 2 cores; see bench/RESULTS.md)."""
-    import subprocess
-    import sys
     probe = "sorted(m for m in ('pipeline.collect', 'pipeline.label', 'torch') if m in __import__('sys').modules)"
     code = ("from pipeline import process_pool\n"
             "with process_pool(1) as pool:\n"
             "    pool.submit(int).result()\n"
             "with process_pool(1) as pool:\n"
             f"    print(pool.submit(eval, {probe!r}).result())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['pipeline.collect', 'pipeline.label', 'torch']", done.stdout
+    out = _python(code)
+    assert out.strip() == "['pipeline.collect', 'pipeline.label', 'torch']", out
 
 
 def test_a_pool_starts_all_its_workers_before_its_first_task():
     """Labelling starts its post-processing workers beside the first batch's model pass
     (their start, ~0.25 s, otherwise delayed the first batch's answer): after start_all
     every worker is running, each a process of its own."""
-    import subprocess
-    import sys
     code = ("from pipeline import process_pool\n"
             "with process_pool(2) as pool:\n"
             "    pool.start_all()\n"
             "    print(len(pool._processes), len({p.pid for p in pool._processes.values()}))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "2"], done.stdout
+    out = _python(code)
+    assert out.split() == ["2", "2"], out
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
@@ -456,18 +459,14 @@ def test_labelling_on_a_cpu_lowers_its_workers_and_threads_to_the_cores_idle_tim
     """A background pool's workers, and a thread that calls background(), are scheduled only
     when a core would otherwise stand idle (SCHED_IDLE), so that the model's threads keep the
     cores on a CPU; a plain pool's workers keep the normal policy."""
-    import subprocess
-    import sys
     code = ("import os\n"
             "from pipeline import process_pool\n"
             "for lowered in (False, True):\n"
             "    with process_pool(2, background=lowered) as pool:\n"
             "        pool.start_all()\n"
             "        print(sorted({pool.submit(os.sched_getscheduler, 0).result() for _ in range(8)}))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == [f"[{os.SCHED_OTHER}]", f"[{os.SCHED_IDLE}]"], done.stdout
+    out = _python(code)
+    assert out.split("\n")[:2] == [f"[{os.SCHED_OTHER}]", f"[{os.SCHED_IDLE}]"], out
 
     import threading
     from concurrent.futures import ThreadPoolExecutor
