@@ -100,23 +100,22 @@ def _start_worker(owner: int, lowered: bool = False) -> None:
         background()
 
 
-def background() -> bool:
+def background() -> None:
     """Let the calling thread (a pool worker: its process's main thread) run only when a
     core would otherwise stand idle: Linux's ``SCHED_IDLE``, which needs no privilege.
     Labelling on a CPU lowers its loaders, writer and post-processing so: the model's
     threads keep the cores, and the rest runs in the time they leave (between their
     parallel steps, and while the model's loop waits). At the same priority it took a core
     from one of the model's threads while the other waited for it at the step's end
-    (bench/RESULTS.md, "The model first"). Returns whether it could: elsewhere (macOS,
-    Windows) the thread keeps its priority."""
+    (bench/RESULTS.md, "The model first"). Elsewhere (macOS, Windows) the thread keeps its
+    priority."""
     import os
     import threading
 
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
-        return False
-    return True
+        pass  # no SCHED_IDLE here: the work runs at its usual priority
 
 
 def _one_thread() -> None:
