@@ -183,7 +183,7 @@ def _decode_many(items: Sequence[tuple[str, str | None]], settings: Settings, ro
         yield from pool.map(_job, jobs, chunksize=4)
 
 
-def _store(engine: Engine, settings: Settings, results: Sequence[dict], failure_stage: str | None) -> None:
+def store_entries(engine: Engine, settings: Settings, results: Sequence[dict], failure_stage: str | None) -> None:
     """Cache rows of new entries (and failures under ``failure_stage``): one transaction.
     Raises :class:`CacheError` after storing them when the cache folder cannot be written."""
     now = D.utcnow()
@@ -233,11 +233,11 @@ def collect(engine: Engine, items: Sequence[tuple[str, str | None]], settings: S
             batch.append(result)
             if len(batch) >= batch_size:
                 _count(summary, batch)
-                _store(engine, settings, batch, "collect")
+                store_entries(engine, settings, batch, "collect")
                 bar.update(len(batch))
                 batch = []
         _count(summary, batch)
-        _store(engine, settings, batch, "collect")
+        store_entries(engine, settings, batch, "collect")
         bar.update(len(batch))
     bar.close()
     return summary
@@ -257,17 +257,40 @@ def fetch(engine: Engine, items: Sequence[tuple[str, str | None]], settings: Set
 
     Failures are returned; with ``failure_stage`` they are also recorded in ``failures``.
     """
-    root = cache_root(root)
     with engine.connect() as conn:
-        found = read_cached(conn, [u for u, _ in items], settings)
-    missing = [(u, p) for u, p in items if u not in found]
-    new = list(_decode_many(missing, settings, root, pool, keep_images=True)) if missing else []
-    _store(engine, settings, new, failure_stage)
-    got: dict[str, Entry | Failure] = dict(found)
+        rows = cache_rows(conn, settings, [u for u, _ in items])
+    got, new = fetch_files(items, rows, settings, root, pool)
+    store_entries(engine, settings, new, failure_stage)
+    return got
+
+
+def cache_rows(conn: Connection, settings: Settings, uids: Sequence[str]) -> dict[str, dict]:
+    """The ``cache`` rows of ``uids`` under ``settings``, whole, as plain dicts (what another
+    process needs to read the entries: :func:`fetch_files`)."""
+    t = D.cache
+    q = select(t).where(t.c.settings_id == settings.id)
+    return {row.uid: dict(row._mapping) for row in D.rows_in(conn, q, t.c.uid, uids)}
+
+
+def fetch_files(items: Sequence[tuple[str, str | None]], rows: dict[str, dict], settings: Settings,
+                root: str | Path | None = None, pool: Executor | None = None
+                ) -> tuple[list[Entry | Failure], list[dict]]:
+    """:func:`fetch` without the database, for a process that has none (a labelling stream):
+    the entries of ``items`` whose cache ``rows`` (:func:`cache_rows`) lead to intact files,
+    the rest decoded now and written to the cache; and the new entries' rows (their images
+    left out), which the caller stores (:func:`store_entries`)."""
+    got: dict[str, Entry | Failure] = {}
+    for uid, row in rows.items():
+        try:
+            got[uid] = Entry(uid, read_entry(row["path"], row["checksum"]), geometry_of(row))
+        except (OSError, CacheError) as e:  # damaged: collected again below
+            log.warning("%s: %s", uid, e)
+    missing = [(u, p) for u, p in items if u not in got]
+    new = list(_decode_many(missing, settings, cache_root(root), pool, keep_images=True)) if missing else []
     for r in new:
         got[r["uid"]] = (Failure(r["uid"], r["error"], r["message"]) if "error" in r
-                         else Entry(r["uid"], r["image"], geometry_of(r)))
-    return [got[u] for u, _ in items]
+                         else Entry(r["uid"], r.pop("image"), geometry_of(r)))
+    return [got[u] for u, _ in items], new
 
 
 # ---------------------------------------------------------------- reading

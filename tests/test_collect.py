@@ -116,6 +116,36 @@ def test_fetch_collects_on_the_fly_and_is_the_cache_s_only_writer(engine, tmp_pa
     assert isinstance(fresh, Entry) and np.array_equal(fresh.image, entries[0].image)
 
 
+def test_a_process_without_the_database_fetches_from_the_rows_it_is_given(engine, tmp_path):
+    """What a labelling stream does: given the batch's cache rows, it reads their entries,
+    collects what is missing or damaged, and hands back the new rows, without their images,
+    for the caller to store; the same entries as fetch itself."""
+    import pickle
+
+    from pipeline.collect import cache_rows, fetch_files, store_entries
+    items = _items(engine, tmp_path)
+    cache, s = tmp_path / "cache", Settings(64)
+    collect(engine, items[:4], s, cache, workers=1, progress=False)
+    with engine.connect() as c:
+        rows = pickle.loads(pickle.dumps(cache_rows(c, s, [u for u, _ in items])))  # as sent to a stream
+    assert sorted(rows) == sorted(u for u, _ in items[:4])
+    entry_path(cache, s, items[0][0]).write_bytes(b"damaged")
+    got, new = fetch_files(items, rows, s, cache)
+    assert [x.uid for x in got] == [u for u, _ in items]
+    assert {r["uid"] for r in new} == {u for u, _ in items[4:]} | {items[0][0]}  # failures included
+    assert not any("image" in r for r in new)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM cache")).scalar() == 4  # nothing stored by it
+    store_entries(engine, s, new, None)
+    again = fetch(engine, items, s, cache)
+    for x, y in zip(got, again, strict=True):
+        assert type(x) is type(y) and x.uid == y.uid
+        if isinstance(x, Entry):
+            assert np.array_equal(x.image, y.image) and x.geom == y.geom
+    with engine.connect() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM cache")).scalar() == sum(isinstance(x, Entry) for x in got)
+
+
 def test_collect_rebuilds_entries_whose_files_were_truncated_or_deleted(engine, tmp_path):
     items = _items(engine, tmp_path)
     cache, s = tmp_path / "cache", Settings(64)
