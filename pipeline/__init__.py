@@ -5,6 +5,10 @@ Stages (one module each): ``catalogue`` and ``groups`` (stage 1), ``collect`` an
 ``cli`` is a thin click layer over them.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 __version__ = "0.1.0"
 
 
@@ -29,14 +33,14 @@ def one_of(value, options, what: str = "option"):
 
 
 # the modules whose functions the pipeline's process pools run (imported by their fork server)
-WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label", "pipeline.compiled")
+WORKER_MODULES = ("pipeline.catalogue", "pipeline.collect", "pipeline.label", "pipeline.compiled",
+                  "monai.networks.nets")  # MONAI: a labelling stream's copy of the model unpickles its network
 
 
-def process_pool(workers: int | None = None, background: bool = False):
+def process_pool(workers: int | None = None, setup: tuple[Callable[..., None], tuple] | None = None):
     """A ``ProcessPoolExecutor`` whose workers exit when this process dies, and whose queued
-    work is cancelled when its ``with`` block ends in an error; with ``background`` its
-    workers compute only in the time the cores would otherwise stand idle
-    (:func:`background`).
+    work is cancelled when its ``with`` block ends in an error; ``setup``: ``(function,
+    args)`` that each worker calls once as it starts (a labelling stream's copy of the model).
 
     Python's pool workers otherwise wait forever on their task queue after the parent is
     killed (``kill -9``, OOM killer), holding memory and the parent's open files; and a
@@ -81,41 +85,23 @@ def process_pool(workers: int | None = None, background: bool = False):
         context.set_forkserver_preload(["pipeline", *WORKER_MODULES])
     else:  # Windows: no fork server; spawned workers import what they need
         context = multiprocessing.get_context("spawn")
-    pool = Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), background))
+    pool = Pool(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), setup))
     pool.size = workers or os.cpu_count() or 1  # as many as ProcessPoolExecutor starts by default
     return pool
 
 
-def _start_worker(owner: int, lowered: bool = False) -> None:
+def _start_worker(owner: int, setup: tuple[Callable[..., None], tuple] | None = None) -> None:
     """A pool worker's start: :func:`_one_thread`, :func:`_exit_with` its owner, Ctrl-C
     left to the owner (which stops its workers): a terminal's SIGINT reaches every process of
-    its group, and each worker printed its own KeyboardInterrupt traceback; and with
-    ``lowered``, :func:`background`."""
+    its group, and each worker printed its own KeyboardInterrupt traceback; then the pool's
+    ``setup``, if any."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_thread()
     _exit_with(owner)
-    if lowered:
-        background()
-
-
-def background() -> None:
-    """Let the calling thread (a pool worker: its process's main thread) run only when a
-    core would otherwise stand idle: Linux's ``SCHED_IDLE``, which needs no privilege.
-    Labelling on a CPU lowers its loaders, writer and post-processing so: the model's
-    threads keep the cores, and the rest runs in the time they leave (between their
-    parallel steps, and while the model's loop waits). At the same priority it took a core
-    from one of the model's threads while the other waited for it at the step's end
-    (bench/RESULTS.md, "The model first"). Elsewhere (macOS, Windows) the thread keeps its
-    priority."""
-    import os
-    import threading
-
-    try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass  # no SCHED_IDLE here: the work runs at its usual priority
+    if setup is not None:
+        setup[0](*setup[1])
 
 
 def _one_thread() -> None:

@@ -454,53 +454,28 @@ def test_a_pool_starts_all_its_workers_before_its_first_task():
     assert out.split() == ["2", "2"], out
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_labelling_on_a_cpu_lowers_its_workers_and_threads_to_the_cores_idle_time():
-    """A background pool's workers, and a thread that calls background(), are scheduled only
-    when a core would otherwise stand idle (SCHED_IDLE), so that the model's threads keep the
-    cores on a CPU; a plain pool's workers keep the normal policy."""
-    code = ("import os\n"
+def test_a_pools_setup_runs_once_in_each_worker_as_it_starts():
+    """A labelling stream's copy of the model is handed over once, as its worker starts (the
+    pool's ``setup``), not with every batch."""
+    code = ("import os, tempfile\n"
             "from pipeline import process_pool\n"
-            "for lowered in (False, True):\n"
-            "    with process_pool(2, background=lowered) as pool:\n"
-            "        pool.start_all()\n"
-            "        print(sorted({pool.submit(os.sched_getscheduler, 0).result() for _ in range(8)}))\n")
+            "here, there = os.getcwd(), os.path.realpath(tempfile.gettempdir())\n"
+            "with process_pool(2, (os.chdir, (there,))) as pool:\n"
+            "    pool.start_all()\n"
+            "    print({pool.submit(os.getcwd).result() for _ in range(8)} == {there}, os.getcwd() == here)\n")
     out = _python(code)
-    assert out.split("\n")[:2] == [f"[{os.SCHED_OTHER}]", f"[{os.SCHED_IDLE}]"], out
-
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline import background
-
-    def policy() -> int:
-        return os.sched_getscheduler(threading.get_native_id())
-
-    with ThreadPoolExecutor(1, initializer=background) as lowered, ThreadPoolExecutor(1) as plain:
-        assert lowered.submit(policy).result() == os.SCHED_IDLE
-        assert plain.submit(policy).result() == os.SCHED_OTHER
-    assert policy() == os.SCHED_OTHER  # the caller's own thread is left as it was
+    assert out.split() == ["True", "True"], out
 
 
-def test_labelling_lowers_its_other_work_only_when_the_model_takes_every_core(tiny_model):
-    """On a CPU with a torch thread per core the model is the cores' first call; given fewer
-    threads (a machine shared with other work) the rest keeps its priority; on a GPU it feeds
-    the device and is never lowered."""
-    from dataclasses import replace
-
-    from pipeline.label.run import model_takes_every_core
-    from pipeline.model import resolve_model
-    lm = resolve_model(None, str(tiny_model), "cpu")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(os.cpu_count() or 1)
-        assert model_takes_every_core(lm)
-        assert not model_takes_every_core(replace(lm, device=torch.device("cuda")))
-        if (os.cpu_count() or 1) > 1:
-            torch.set_num_threads(1)
-            assert not model_takes_every_core(lm)
-    finally:
-        torch.set_num_threads(threads)
+def test_a_cpu_labels_in_a_stream_per_thread_up_to_eight():
+    """One stream per torch thread, each model on one thread, up to 8 streams (each holds a
+    model and its batch's activations); beyond, several threads each, never more in all."""
+    from pipeline.label import stream_shape
+    assert [stream_shape(t) for t in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert [stream_shape(t) for t in (9, 12, 16, 64)] == [(4, 2), (6, 2), (8, 2), (8, 8)]
+    for t in range(1, 130):
+        streams, each = stream_shape(t)
+        assert streams <= 8 and streams * each <= t and streams * each > t - each - streams
 
 
 def test_a_batch_is_shared_between_workers_by_the_films_sizes():

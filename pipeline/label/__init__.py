@@ -3,12 +3,14 @@
 * :mod:`~pipeline.label.run` owns the run: :class:`LabelOptions` (every setting, one value),
   :class:`LabelRun` (the model, the selection's images not yet labelled, its ``label_runs``
   row, how it ended), :class:`BatchLabeller` (one batch's work, the same under every
-  executor) and :class:`Local`, the executor that overlaps that work on this machine
-  (:class:`pipeline.distributed.Ray` is the other); :func:`label` opens a run and hands it
-  to an executor.
+  executor) and :class:`Local`, the executor on this machine: on a CPU, streams (processes
+  with a copy of the model each) that do whole batches; on a GPU, one model whose loading,
+  post-processing and writes overlap it (:class:`pipeline.distributed.Ray` is the other
+  executor); :func:`label` opens a run and hands it to an executor.
 * :mod:`~pipeline.label.batch`: the per-batch functions, pure of global state so a
   distributed engine's workers run them as they are: :func:`load_batch` (the cache's entries
-  via :func:`pipeline.collect.fetch`, collected on the fly where missing) -> :func:`forward`
+  via :func:`pipeline.collect.fetch`, collected on the fly where missing; :func:`items_of`
+  from entries fetched elsewhere) -> :func:`forward`
   (one pass of the model, films cut short labelled again from further out) ->
   :func:`postprocess` per image (masks in original geometry, measurements, quality, the
   input check) -> :func:`write_batch` (one transaction: masks, measurements, failures, the
@@ -27,6 +29,7 @@ from pipeline.label.batch import (  # noqa: F401
     edge_contacts,
     forward,
     forward_tta,
+    items_of,
     load_batch,
     postprocess,
     postprocess_all,
@@ -50,4 +53,5 @@ from pipeline.label.run import (  # noqa: F401
     labelled_uids,
     mark_abandoned_runs,
     retire_other_versions,
+    stream_shape,
 )

@@ -18,7 +18,7 @@ from pipeline import CxrlabelError
 from pipeline import db as D
 from pipeline import masks as M
 from pipeline import quality as Q
-from pipeline.collect import Entry, Settings, fetch
+from pipeline.collect import Entry, Failure, Settings, fetch
 from pipeline.groups import Selected
 from pipeline.imaging import FIXUPS, Geometry, collimation_rim, upright
 from pipeline.measure import bbox, calibrate, clean, measure_boxes, plausible_mm
@@ -299,9 +299,15 @@ def load_batch(engine: Engine, chunk: Sequence[Selected], settings: Settings, ca
                pool: Executor | None, fixups: tuple[str, ...] = FIXUPS) -> tuple[list[Item], list[Result]]:
     """A batch's model inputs from the cache (collected on the fly), and its failures;
     ``fixups``: the model's (``spec.fixups``): whether a film read inverted is turned back."""
+    return items_of(chunk, fetch(engine, [(s.uid, s.path) for s in chunk], settings, cache_dir, pool), fixups)
+
+
+def items_of(chunk: Sequence[Selected], entries: Sequence[Entry | Failure], fixups: tuple[str, ...] = FIXUPS
+             ) -> tuple[list[Item], list[Result]]:
+    """:func:`load_batch`'s items from the batch's cache ``entries`` (:func:`pipeline.collect.fetch`,
+    in the batch's order), and the failures among them."""
     items, errors = [], []
-    for sel, got in zip(chunk, fetch(engine, [(s.uid, s.path) for s in chunk], settings, cache_dir, pool),
-                        strict=True):
+    for sel, got in zip(chunk, entries, strict=True):
         if isinstance(got, Entry):
             image, inverted = upright(got.image) if "upright" in fixups else (got.image, False)
             if inverted:

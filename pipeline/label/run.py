@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -19,9 +20,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
-from pipeline import background, process_pool
 from pipeline import db as D
-from pipeline.collect import Settings
+from pipeline import process_pool
+from pipeline.collect import Settings, cache_root, cache_rows, fetch_files, store_entries
 from pipeline.groups import Selected, Selection
 from pipeline.label.batch import (
     Item,
@@ -29,17 +30,23 @@ from pipeline.label.batch import (
     Result,
     forward,
     forward_tta,
+    items_of,
     load_batch,
     postprocess_all,
     tta_scorer,
     write_batch,
 )
 from pipeline.model import LoadedModel, auto_batch_size, model_inputs, resolve_model
+from pipeline.pacs.fetch import environment, use_environment
 
 log = logging.getLogger(__name__)
 
 
-WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU (on a CPU: 1)
+WRITES_IN_FLIGHT = 2  # batches post-processed and written behind the model on a GPU
+
+STREAM_THREADS_FROM = 8  # streams beyond which each stream's model gets several threads (memory: ~0.6 GB a stream)
+
+BATCHES_AHEAD = 2  # batches queued for each stream, so that none waits for this process between two
 
 FILM_WORK = 6e6  # original pixels whose runs cost post-processing as much as its fixed part
 # (bench/overhead.py: ~5 ms a film, ~7.8 ms for films of 2,000 px a side and more)
@@ -103,7 +110,7 @@ class LabelOptions:
     device: str = "auto"  # auto, cpu or cuda (locally also cuda:N)
     batch_size: int | None = None  # None: as many films as the device holds (model.auto_batch_size)
     cache_dir: str | None = None
-    workers: int | None = None  # the local loop's processes that decode and post-process [cores]
+    workers: int | None = None  # a GPU run's processes that decode and post-process [cores] (a CPU run: streams)
     tta: bool = False  # two test-time-augmented copies per image, for the quality score (3x the model's work)
     progress: bool = True
 
@@ -123,19 +130,30 @@ class BatchLabeller:
     entries, collecting what is missing, and the model's inputs), :meth:`infer` (the model,
     and its test-time-augmented copies), :meth:`post` (masks, measurements, quality) and
     :meth:`write` (one transaction). Calling it does all four in this process (a Ray actor);
-    the local loop runs the same steps overlapped."""
+    the local loop runs the same steps, in its streams (a CPU) or overlapped (a GPU). A
+    stream's has no database (``engine`` None): it gets the cache's rows and hands back its
+    results (:meth:`results`)."""
 
-    def __init__(self, engine: Engine, lm: LoadedModel, options: LabelOptions, run_id: int) -> None:
-        self.engine, self.lm, self.options, self.run_id = engine, lm, options, run_id
+    def __init__(self, engine: Engine | None, lm: LoadedModel, options: LabelOptions, run_id: int) -> None:
+        self._engine, self.lm, self.options, self.run_id = engine, lm, options, run_id
         self.scorer = tta_scorer(lm) if options.tta else lm.quality
         self.settings = Settings(lm.spec.size, lm.spec.mode)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise LabelError("this batch labeller has no database (a labelling stream's): it loads from cache rows")
+        return self._engine
 
     def load(self, chunk: Sequence[Selected], pool: Executor | None = None
              ) -> tuple[list[Item], list[Result], np.ndarray | None]:
         items, errors = load_batch(self.engine, chunk, self.settings, self.options.cache_dir, pool,
                                    self.lm.spec.fixups)
-        inputs = model_inputs([it.image for it in items], self.lm.spec, [it.rim_box for it in items]) if items else None
-        return items, errors, inputs
+        return items, errors, self.inputs(items)
+
+    def inputs(self, items: Sequence[Item]) -> np.ndarray | None:
+        """The model's inputs of the batch's loaded ``items`` (None for none)."""
+        return model_inputs([it.image for it in items], self.lm.spec, [it.rim_box for it in items]) if items else None
 
     def infer(self, items: Sequence[Item], inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's probabilities, and those of its tta copies (None without ``tta``)."""
@@ -149,10 +167,12 @@ class BatchLabeller:
         failed = sum(r.error is not None for r in results)
         return BatchDone(len(results) - failed, failed, os.getpid(), socket.gethostname())
 
+    def results(self, items: Sequence[Item], errors: list[Result], inputs: np.ndarray | None) -> list[Result]:
+        """The loaded batch's results: the model's and post-processing's, then its failures to load."""
+        return (self.post(items, *self.infer(items, inputs)) if items else []) + errors
+
     def __call__(self, chunk: Sequence[Selected]) -> BatchDone:
-        items, errors, inputs = self.load(chunk)
-        results = self.post(items, *self.infer(items, inputs)) if items else []
-        return self.write(results + errors)
+        return self.write(self.results(*self.load(chunk)))
 
 
 class LabelRun:
@@ -255,13 +275,20 @@ def label(engine: Engine, selection: Selection, options: LabelOptions | None = N
 
 @dataclass
 class Local:
-    """The local loop. While a batch is in the model, the batches before it are post-processed
-    (in processes) and written (in a writer thread), and the next two load (in threads); the
-    loop waits only when more than :data:`WRITES_IN_FLIGHT` batches are behind it (one on a
-    CPU). When the model's threads take every core (a CPU run, as the CLI starts it), the
-    loaders, the writer and the workers run at the lowest priority
-    (:func:`pipeline.background`): in the time the model leaves the cores idle, and while
-    the loop waits for them (:func:`model_takes_every_core`)."""
+    """The local loop.
+
+    On a CPU it labels in streams (:func:`_streams`): processes that each hold a copy of the
+    model on one thread (several on a machine of many cores: :func:`stream_shape`) and take
+    whole batches in turn: load them (decoding what the cache lacks), run the model,
+    post-process. This process reads the cache's rows for the batches it queues and writes
+    each batch as it comes back. Two one-thread models beside each other run the model
+    faster than one model on two threads, whose threads wait for each other at the end of
+    every step; and no stream's loading or post-processing takes a core from a model thread
+    in the middle of its step (bench/RESULTS.md, "Labelling in streams").
+
+    On a GPU, while a batch is in the model, the batches before it are post-processed (in
+    processes) and written (in a writer thread), and the next two load (in threads); the
+    loop waits only when more than :data:`WRITES_IN_FLIGHT` batches are behind it."""
 
     def refuse(self, options: LabelOptions) -> None:
         return None  # every option is the local loop's own
@@ -270,11 +297,14 @@ class Local:
         return options.device
 
     def execute(self, run: LabelRun) -> None:
+        if run.lm.device.type == "cpu":
+            _streams(run)
+            return
         lm, options = run.lm, run.options
         with run.started(str(lm.device)) as work:
             bs = options.batch_size or auto_batch_size(lm)
             processes = options.workers or os.cpu_count() or 2  # a GPU box needs many CPU hands to feed the GPU
-            bar = tqdm(total=len(run.todo), desc=f"label {lm.name}", unit="img", disable=not options.progress)
+            bar = _bar(run)
 
             def finish(n: int, futures: list[Future], errors: list[Result]) -> None:
                 done = work.write([r for f in futures for r in f.result()] + errors)
@@ -282,12 +312,8 @@ class Local:
                 bar.update(done.labelled + done.failed)
                 log.info("run %d: batch %d written (%d images)", run.run_id, n, done.labelled)
 
-            on_gpu = lm.device.type == "cuda"
-            behind = model_takes_every_core(lm)
-            lowered = background if behind else None
-            with ThreadPoolExecutor(2, initializer=lowered) as loaders, \
-                    ThreadPoolExecutor(1, initializer=lowered) as writer, \
-                    process_pool(processes, background=behind) as procs:
+            with ThreadPoolExecutor(2) as loaders, ThreadPoolExecutor(1) as writer, \
+                    process_pool(processes) as procs:
                 procs.start_all()  # beside the first batch's load and model pass
                 written: deque[Future] = deque()
                 for n, (items, errors, inputs) in enumerate(_prefetch(work, run.todo, bs, loaders, procs), start=1):
@@ -301,21 +327,92 @@ class Local:
                                                 copies[part] if copies is not None else None)
                                    for part in _shares(items, processes)]
                     written.append(writer.submit(finish, n, futures, errors))
-                    while len(written) > (WRITES_IN_FLIGHT if on_gpu else 1):
+                    while len(written) > WRITES_IN_FLIGHT:
                         written.popleft().result()  # a failed write stops the run here
                 while written:
                     written.popleft().result()
             bar.close()
 
 
-def model_takes_every_core(lm: LoadedModel) -> bool:
-    """Whether ``lm`` runs on the CPU with a thread for every core (torch's thread count,
-    which the CLI sets to the cores unless ``--threads`` says less). Then the run's other work
-    is lowered to the cores' idle time: at the same priority it took a core from one of the
-    model's threads while the others waited for it, and the model's passes ran 15-40% slower
-    (bench/RESULTS.md, "The model first"). With fewer threads (a machine shared with other
-    work) it keeps its priority, and the cores the model leaves."""
-    return lm.device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1)
+def stream_shape(threads: int) -> tuple[int, int]:
+    """``(streams, threads each)`` for a CPU run given ``threads`` (torch's thread count: the
+    CLI's ``--threads``, every core by default): a stream per thread, one model thread each,
+    up to :data:`STREAM_THREADS_FROM` streams; beyond, as many threads to each as keep the
+    streams at or under it (each stream holds a model and its batch's activations, ~0.6 GB)."""
+    each = -(-threads // STREAM_THREADS_FROM)
+    return max(1, threads // each), each
+
+
+def _bar(run: LabelRun) -> tqdm:
+    return tqdm(total=len(run.todo), desc=f"label {run.lm.name}", unit="img", disable=not run.options.progress)
+
+
+def _streams(run: LabelRun) -> None:
+    """Label ``run`` on a CPU in streams (:class:`Local`): each batch queued with its cache
+    rows to whichever stream is free, :data:`BATCHES_AHEAD` per stream; written here, with the
+    entries the stream cached, as it comes back. A stream's error stops the run (a batch's
+    own bad films are results, not errors)."""
+    lm, options = run.lm, run.options
+    streams, each = stream_shape(torch.get_num_threads())
+    with run.started(str(lm.device)) as work:
+        bs = options.batch_size or auto_batch_size(lm)
+        bar = _bar(run)
+        chunks = iter(_tapering(run.todo, bs, streams))
+        root = str(cache_root(options.cache_dir))
+        setup = (_stream_start, (lm, options, cast(int, run.run_id), each, environment()))
+        with process_pool(streams, setup) as procs:
+
+            def queue(chunk: Sequence[Selected]) -> Future:
+                with run.engine.connect() as conn:
+                    rows = cache_rows(conn, work.settings, [s.uid for s in chunk])
+                return procs.submit(_stream_batch, chunk, rows, root)
+
+            pending = {queue(c) for c in itertools.islice(chunks, BATCHES_AHEAD * streams)}
+            n = 0
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    results, cached = f.result()
+                    store_entries(run.engine, work.settings, cached, None)  # a cache that cannot be written stops here
+                    batch = work.write(results)
+                    run.count(batch)
+                    bar.update(batch.labelled + batch.failed)
+                    n += 1
+                    log.info("run %d: batch %d written (%d images)", run.run_id, n, batch.labelled)
+                    if (chunk := next(chunks, None)) is not None:
+                        pending.add(queue(chunk))
+        bar.close()
+
+
+def _tapering(todo: Sequence[Selected], bs: int, streams: int, least: int = 4) -> Iterator[Sequence[Selected]]:
+    """``todo`` in batches of ``bs`` that shrink towards the end (a share of what is left,
+    down to ``least``), so that the streams finish together: with equal batches the last
+    one's stream worked on alone for up to a batch's time, 7% of a 200-film run on 2 cores."""
+    i = 0
+    while i < len(todo):
+        size = min(bs, max(least, -(-(len(todo) - i) // (2 * streams))))
+        yield todo[i:i + size]
+        i += size
+
+
+_STREAM: BatchLabeller | None = None  # a stream's batch work, in its process (_stream_start)
+
+
+def _stream_start(lm: LoadedModel, options: LabelOptions, run_id: int, threads: int, pacs: dict[str, str]) -> None:
+    """A stream's start, in its process: the run's model on ``threads`` threads, and the
+    PACS settings of the process that runs it (a film not yet cached may come from the PACS)."""
+    global _STREAM
+    torch.set_num_threads(threads)
+    use_environment(pacs)
+    _STREAM = BatchLabeller(None, lm, options, run_id)
+
+
+def _stream_batch(chunk: Sequence[Selected], rows: dict[str, dict], root: str) -> tuple[list[Result], list[dict]]:
+    """One batch in a stream: its results, and the cache rows of what it had to collect."""
+    work = cast(BatchLabeller, _STREAM)
+    entries, cached = fetch_files([(s.uid, s.path) for s in chunk], rows, work.settings, root)
+    items, errors = items_of(chunk, entries, work.lm.spec.fixups)
+    return work.results(items, errors, work.inputs(items)), cached
 
 
 def mark_abandoned_runs(engine: Engine) -> list[int]:
