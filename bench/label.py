@@ -1,7 +1,10 @@
 """Labelling throughput and memory.
 
 1. Warm cache: end-to-end images/s of `label` (cached image -> rows in the database) as a
-   ratio to model-only forward throughput on the same batches, same run (goal >= 0.9).
+   ratio to model-only forward throughput on the same batches, same run (goal >= 0.9). On a
+   CPU `label` runs the model in streams (a process per core, one thread each), which runs
+   it faster than one process on every core: model only is timed both ways, and the ratio
+   is taken against the faster.
 2. Cold cache, from the clinic archive's source files: `label` (collecting on the fly)
    against the typical script, which for each image reads the file, preprocesses it, runs
    MONAI's SimpleInferer, post-processes and inserts its row with its own commit (goal >= 3x).
@@ -98,6 +101,7 @@ def warm(tmp: Path, archive: Path, model: str, device: str, batch: int, repeat: 
     ratios = []
     for n in range(repeat):
         base = model_only()
+        streams = model_in_streams(lm, xs) if lm.device.type == "cpu" else 0.0
         copy = tmp / f"warm_{n}.db"
         shutil.copy(tmp / "warm.db", copy)
         run_engine = D.connect(f"sqlite:///{copy}")
@@ -106,11 +110,48 @@ def warm(tmp: Path, archive: Path, model: str, device: str, batch: int, repeat: 
                                                    cache_dir=str(tmp / "cache"), progress=False))
         e2e = s.labelled / (time.perf_counter() - t)
         run_engine.dispose()
-        ratios.append(e2e / base)
-        print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {base:.1f} img/s, "
-              f"end to end {e2e:.1f} img/s, ratio {e2e / base:.2f}", flush=True)
+        best = max(base, streams)
+        ratios.append(e2e / best)
+        print(f"warm cache, {s.labelled} images, batch {batch}, {lm.device}: model only {base:.1f} img/s"
+              + (f" (in streams {streams:.1f})" if streams else "")
+              + f", end to end {e2e:.1f} img/s, ratio {e2e / best:.2f}", flush=True)
     print(f"warm: {verdict(ratios, GOALS['warm'])}")
     return ratios
+
+
+def model_in_streams(lm, xs: list[torch.Tensor]) -> float:
+    """Model-only images/s run as `label` runs it on a CPU: :func:`pipeline.label.stream_shape`'s
+    processes, each its share of the batches on its threads, timed from a common start to the
+    last one's end (their start and the model's loading are not timed)."""
+    import multiprocessing
+
+    from pipeline.label import stream_shape
+    streams, each = stream_shape(torch.get_num_threads())
+    ctx = multiprocessing.get_context("spawn")
+    start, done = ctx.Barrier(streams + 1), ctx.Queue()
+    procs = [ctx.Process(target=_model_share, args=(str(lm.path), each, xs[k::streams], start, done))
+             for k in range(streams)]
+    for p in procs:
+        p.start()
+    start.wait()
+    t = time.perf_counter()
+    for _ in procs:
+        done.get()
+    took = time.perf_counter() - t
+    for p in procs:
+        p.join()
+    return sum(len(x) for x in xs) / took
+
+
+def _model_share(path: str, threads: int, xs: list[torch.Tensor], start, done) -> None:
+    torch.set_num_threads(threads)
+    lm = resolve_model(None, path, "cpu")
+    with torch.inference_mode():
+        lm.module(xs[0][:1].contiguous(memory_format=torch.channels_last))
+        start.wait()
+        for x in xs:
+            torch.sigmoid(lm.module(x.contiguous(memory_format=torch.channels_last)))
+    done.put(True)
 
 
 def typical_script(engine, items, lm, reduced_decode: bool = False) -> float:
@@ -171,11 +212,48 @@ def cold(tmp: Path, archive: Path, model: str, device: str, batch: int, repeat: 
 
 
 def rss_child(db: str, n: int, model: str, device: str, cache: str) -> None:
+    import threading
     engine = D.connect(db)
     with engine.connect() as c:
         chosen = select_images(c, all_images=True, limit=n)
+    peaks: dict[int, float] = {}  # the streams' and workers' own peaks (VmHWM), read while they live
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            for pid in _descendants(os.getpid()):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+                except (OSError, StopIteration):
+                    continue
+                peaks[pid] = max(peaks.get(pid, 0), hwm / 1024)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     label(engine, chosen, LabelOptions(model=model, device=device, batch_size=None, cache_dir=cache, progress=False))
-    print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    stop.set()
+    watcher.join()
+    print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "worker_mb": max(peaks.values(), default=0.0)}))
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its fork server's workers included), from /proc."""
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = list(map(int, f.read().split()))
+        except OSError:
+            continue
+        for child in children:
+            out += [child, *_descendants(child)]
+    return out
 
 
 def rss(tmp: Path, archive: Path, sizes: list[int], model: str, device: str) -> None:
@@ -193,8 +271,10 @@ def rss(tmp: Path, archive: Path, sizes: list[int], model: str, device: str) -> 
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     for r in results:
-        print(f"peak RSS labelling {r['n']:,} images: {r['rss_mb']:.0f} MB")
-    print(f"ratio {results[-1]['rss_mb'] / results[0]['rss_mb']:.2f} (flat = 1.0)")
+        print(f"peak RSS labelling {r['n']:,} images: {r['rss_mb']:.0f} MB, its largest worker or stream "
+              f"{r['worker_mb']:.0f} MB")
+    print(f"ratio {results[-1]['rss_mb'] / results[0]['rss_mb']:.2f}, workers' "
+          f"{results[-1]['worker_mb'] / max(results[0]['worker_mb'], 1.0):.2f} (flat = 1.0)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,13 @@ on one thread each, as a labelling worker runs), in CPU milliseconds per image (
 so it reads as core-ms), on batches of 16 as `label` runs them; each the best of five runs (the
 machine's pace moves minute to minute; the model's pass and the load: one run):
 
-- load, in the local loop's loader threads: the cache read (`fetch`, checksums verified), the
+- load: the cache read (`fetch`, checksums verified), the
   film turned upright, its collimator's rim, the thumbnail the input check compares, the
   calibration and header check, then the model's fix-ups and input normalisation;
 - the model's forward pass (for scale: one thread here; `label` gives it every core);
-- the hand-over of a post-processing task to a worker process (pickling the films, their
-  probabilities and the quality score there, and unpickling them);
-- post-processing, in the workers, step by step: clean-up, the compiled pass that keeps the
+- on a GPU, the hand-over of a post-processing task to a worker process (pickling the films,
+  their probabilities and the quality score there, and unpickling them);
+- post-processing, step by step: clean-up, the compiled pass that keeps the
   probabilities near each cleaned structure and reads its features, the
   runs of the masks at original size, their run-length text, the measurements, the atlas fit,
   the heart's border, the score and the trust, the input check's look and its verdict, and
@@ -21,11 +21,11 @@ machine's pace moves minute to minute; the model's pass and the load: one run):
 
 Each step is also timed with its neighbours inside `postprocess` (wrapping adds a little:
 the sum of the parts reads slightly above the whole, which is timed unwrapped). The table
-says where each step runs beside the model: on a CPU everything but the model and the
-hand-over runs at the lowest priority, in the time the model's threads leave the cores (and
-while the loop waits for it), so it costs the run its CPU time less what the model leaves
-idle; on a GPU everything but the model runs behind it and limits only when the CPUs cannot
-keep up. As a baseline in the same run, post-processing is also timed
+says where each step runs: on a CPU a stream (a process with its own copy of the model)
+loads a batch, runs the model and post-processes it, one after the other on its core, and
+the labelling process writes the results beside the streams, so every step costs the run
+its CPU time; on a GPU everything but the model runs behind it and limits only when the
+CPUs cannot keep up. As a baseline in the same run, post-processing is also timed
 the direct way: each cleaned structure mapped back as a full-size array and encoded as a
 PNG; the ratio is the gain.
 
@@ -76,13 +76,10 @@ from pipeline.quality import inputs as I  # noqa: E402
 BATCH = 16
 GOAL_MS = 3.0
 
-# (table row, where it runs in the local loop, on the CPU's critical path, on the GPU's)
-LOAD = "loader threads"
-WORKERS = "worker processes"
-MAIN = "model loop"
-WRITER = "writer thread"
-IDLE = "idle priority, behind the model"  # pipeline.background
-BEHIND = "behind the model, if the CPUs keep up"
+# where each step runs in the local loop: on a CPU (pipeline.label.run._streams), on a GPU
+CPU_LOAD, GPU_LOAD = "a stream, before its model pass", "loader threads, behind the model"
+CPU_POST, GPU_POST = "a stream, after its model pass", "worker processes, behind the model"
+CPU_WRITE, GPU_WRITE = "the labelling process, beside the streams", "writer thread, behind the model"
 
 
 class Steps:
@@ -236,28 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} images, originals {min(sizes) ** 0.5:.0f}-{max(sizes) ** 0.5:.0f} px a side (geometric), "
           f"model {lm.name} at {lm.spec.size} px, batches of {BATCH}, one thread each; "
           f"stored masks {mask_kb:.1f} kB per image")
-    print("| step | runs in | CPU ms per image | on a CPU | on a GPU |")
-    print("|---|---|---|---|---|")
+    print("| step | CPU ms per image | on a CPU | on a GPU |")
+    print("|---|---|---|---|")
     for name, ms in load.items():
-        print(f"| {name} | {LOAD} | {ms:.2f} | {IDLE} | {BEHIND} |")
-    print(f"| **load, in all** | {LOAD} | **{sum(load.values()):.2f}** | | |")
-    print(f"| model forward pass (one thread) | {MAIN} | {model_ms:.2f} | the cores' first call | the GPU |")
-    print(f"| hand-over of a task to a worker (pickle + unpickle) | {MAIN} + {WORKERS} | {hand_over_ms:.2f} "
-          f"| between model passes | {BEHIND} |")
+        print(f"| {name} | {ms:.2f} | {CPU_LOAD} | {GPU_LOAD} |")
+    print(f"| **load, in all** | **{sum(load.values()):.2f}** | | |")
+    print(f"| model forward pass (one thread) | {model_ms:.2f} | a stream, one thread | the GPU |")
+    print(f"| hand-over of a task to a worker (pickle + unpickle) | {hand_over_ms:.2f} "
+          f"| none: the stream post-processes its own | the model loop, then a worker |")
     for name, ms in post.items():
-        print(f"| {name} | {WORKERS} | {ms:.2f} | {IDLE} | {BEHIND} |")
-    print(f"| **post-processing, in all (timed unwrapped)** | {WORKERS} | **{whole:.2f}** | | |")
-    print(f"| database write (SQLite, a transaction a batch) | {WRITER} | {write_ms:.2f} | {IDLE} | "
-          f"{BEHIND} |")
-    print(f"| progress bar | {WRITER} | {progress_ms:.3f} | {IDLE} | {BEHIND} |")
+        print(f"| {name} | {ms:.2f} | {CPU_POST} | {GPU_POST} |")
+    print(f"| **post-processing, in all (timed unwrapped)** | **{whole:.2f}** | | |")
+    print(f"| database write (SQLite, a transaction a batch) | {write_ms:.2f} | {CPU_WRITE} | {GPU_WRITE} |")
+    print(f"| progress bar | {progress_ms:.3f} | {CPU_WRITE} | {GPU_WRITE} |")
     outside = whole + write_ms + hand_over_ms + progress_ms
     verdict = "meets" if outside <= GOAL_MS else "misses"
     print(f"| **outside the model and the load: post-processing, score, check, trust, encoding, hand-over, "
-          f"write** | | **{outside:.2f}** ({verdict} the goal <= {GOAL_MS:.0f}) | | |")
-    print(f"| post-processing the direct way: full-size arrays + PNG (baseline) | | {baseline:.2f} "
+          f"write** | **{outside:.2f}** ({verdict} the goal <= {GOAL_MS:.0f}) | | |")
+    print(f"| post-processing the direct way: full-size arrays + PNG (baseline) | {baseline:.2f} "
           f"(labelling's is {whole / baseline:.2f} of it) | | |")
     if large_ms is not None:
-        print(f"| post-processing of the {len(large)} images of 2,000 px a side or more | | {large_ms:.2f} | | |")
+        print(f"| post-processing of the {len(large)} images of 2,000 px a side or more | {large_ms:.2f} | | |")
     return 0
 
 
