@@ -469,13 +469,16 @@ def test_a_pools_setup_runs_once_in_each_worker_as_it_starts():
 
 def test_a_cpu_labels_in_a_stream_per_thread_up_to_eight():
     """One stream per torch thread, each model on one thread, up to 8 streams (each holds a
-    model and its batch's activations); beyond, several threads each, never more in all."""
+    model and its batch's activations); beyond, several threads each, never more in all;
+    or as many streams as --workers asks for, sharing the threads."""
     from pipeline.label import stream_shape
     assert [stream_shape(t) for t in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (8, 1)]
     assert [stream_shape(t) for t in (9, 12, 16, 64)] == [(4, 2), (6, 2), (8, 2), (8, 8)]
     for t in range(1, 130):
         streams, each = stream_shape(t)
         assert streams <= 8 and streams * each <= t and streams * each > t - each - streams
+    # --workers asks for the streams: they share the threads, one at least each
+    assert [stream_shape(2, 1), stream_shape(8, 2), stream_shape(2, 4)] == [(1, 2), (2, 4), (4, 1)]
 
 
 def test_a_batch_is_shared_between_workers_by_the_films_sizes():

@@ -16,11 +16,12 @@ from pipeline.cli.common import batch_exit, engine_of, handle_errors, selection_
 @click.option("--batch-size", default="auto", show_default=True, help="auto or N.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="On a GPU: processes that decode uncached images and post-process [default: cores]; "
-                   "not with --ray. A CPU run labels in --threads streams instead.")
+              help="Processes that decode uncached images and post-process [default: cores]; on a CPU, the "
+                   "labelling streams, each with a copy of the model, sharing --threads [default: one a thread, "
+                   "up to 8]; not with --ray.")
 @click.option("--threads", type=click.IntRange(min=1),
-              help="CPU threads for torch [all cores]: on a CPU, a labelling stream per thread (each a process with "
-                   "its own copy of the model; over 8, several threads each); with --ray, each actor's CPUs [1].")
+              help="CPU threads for torch [all cores]: on a CPU, shared by the labelling streams; with --ray, each "
+                   "actor's CPUs [1].")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False))
 @click.option("--ray", "ray_address", metavar="ADDRESS|local",
               help="Run on a Ray cluster (its address, or 'local' for one started here); needs cxrlabel[ray].")

@@ -110,7 +110,7 @@ class LabelOptions:
     device: str = "auto"  # auto, cpu or cuda (locally also cuda:N)
     batch_size: int | None = None  # None: as many films as the device holds (model.auto_batch_size)
     cache_dir: str | None = None
-    workers: int | None = None  # a GPU run's processes that decode and post-process [cores] (a CPU run: streams)
+    workers: int | None = None  # processes that decode and post-process [cores]; on a CPU the streams [stream_shape]
     tta: bool = False  # two test-time-augmented copies per image, for the quality score (3x the model's work)
     progress: bool = True
 
@@ -334,11 +334,14 @@ class Local:
             bar.close()
 
 
-def stream_shape(threads: int) -> tuple[int, int]:
+def stream_shape(threads: int, streams: int | None = None) -> tuple[int, int]:
     """``(streams, threads each)`` for a CPU run given ``threads`` (torch's thread count: the
-    CLI's ``--threads``, every core by default): a stream per thread, one model thread each,
-    up to :data:`STREAM_THREADS_FROM` streams; beyond, as many threads to each as keep the
+    CLI's ``--threads``, every core by default) and the ``streams`` asked for (``--workers``),
+    if any, which share the threads. Otherwise a stream per thread, one model thread each, up
+    to :data:`STREAM_THREADS_FROM` streams; beyond, as many threads to each as keep the
     streams at or under it (each stream holds a model and its batch's activations, ~0.6 GB)."""
+    if streams:
+        return streams, max(1, threads // streams)
     each = -(-threads // STREAM_THREADS_FROM)
     return max(1, threads // each), each
 
@@ -353,7 +356,7 @@ def _streams(run: LabelRun) -> None:
     entries the stream cached, as it comes back. A stream's error stops the run (a batch's
     own bad films are results, not errors)."""
     lm, options = run.lm, run.options
-    streams, each = stream_shape(torch.get_num_threads())
+    streams, each = stream_shape(torch.get_num_threads(), options.workers)
     with run.started(str(lm.device)) as work:
         bs = options.batch_size or auto_batch_size(lm)
         bar = _bar(run)
