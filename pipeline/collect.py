@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from tqdm import tqdm
 
 from pipeline import CxrlabelError, process_pool
@@ -221,7 +221,7 @@ def collect(engine: Engine, items: Sequence[tuple[str, str | None]], settings: S
     root = cache_root(root)
     summary = CollectSummary(selected=len(items))
     with engine.connect() as conn:
-        recorded = cached_rows(conn, settings, [u for u, _ in items])
+        recorded = cache_rows(conn, settings, [u for u, _ in items])
     done = {u for u, row in recorded.items() if _intact(row, verify)}
     summary.rebuilt = len(recorded) - len(done)
     todo = sorted((u, p) for u, p in items if u not in done)
@@ -279,12 +279,7 @@ def fetch_files(items: Sequence[tuple[str, str | None]], rows: dict[str, dict], 
     the entries of ``items`` whose cache ``rows`` (:func:`cache_rows`) lead to intact files,
     the rest decoded now and written to the cache; and the new entries' rows (their images
     left out), which the caller stores (:func:`store_entries`)."""
-    got: dict[str, Entry | Failure] = {}
-    for uid, row in rows.items():
-        try:
-            got[uid] = Entry(uid, read_entry(row["path"], row["checksum"]), geometry_of(row))
-        except (OSError, CacheError) as e:  # damaged: collected again below
-            log.warning("%s: %s", uid, e)
+    got: dict[str, Entry | Failure] = dict(_read_entries(rows.values()))  # a damaged one: collected again below
     missing = [(u, p) for u, p in items if u not in got]
     new = list(_decode_many(missing, settings, cache_root(root), pool, keep_images=True)) if missing else []
     for r in new:
@@ -296,25 +291,18 @@ def fetch_files(items: Sequence[tuple[str, str | None]], rows: dict[str, dict], 
 # ---------------------------------------------------------------- reading
 
 
-def cached_rows(conn: Connection, settings: Settings, uids: Sequence[str]) -> dict[str, Row]:
-    """The ``cache`` rows of ``uids`` under ``settings`` (path, size, checksum)."""
-    t = D.cache
-    q = select(t.c.uid, t.c.path, t.c.bytes, t.c.checksum).where(t.c.settings_id == settings.id)
-    return {row.uid: row for row in D.rows_in(conn, q, t.c.uid, uids)}
-
-
-def _intact(row: Row, verify: bool) -> bool:
-    """Whether an entry's file is whole: it exists with the recorded size (a cheap stat);
-    with ``verify`` its content also matches the checksum."""
+def _intact(row: dict, verify: bool) -> bool:
+    """Whether an entry's file (its :func:`cache_rows` row) is whole: it exists with the
+    recorded size (a cheap stat); with ``verify`` its content also matches the checksum."""
     try:
-        size = os.stat(row.path).st_size
+        size = os.stat(row["path"]).st_size
     except OSError:
         return False
-    if row.bytes is not None and size != row.bytes:
+    if row["bytes"] is not None and size != row["bytes"]:
         return False
     if verify:
         try:
-            read_entry(row.path, row.checksum)
+            read_entry(row["path"], row["checksum"])
         except (OSError, CacheError):
             return False
     return True
@@ -325,14 +313,20 @@ def read_cached(conn: Connection, uids: Sequence[str], settings: Settings | None
     match their checksums; a damaged entry is left out (and logged), to be collected again."""
     t = D.cache
     q = select(t) if settings is None else select(t).where(t.c.settings_id == settings.id)
+    return _read_entries(row._mapping for row in D.rows_in(conn, q, t.c.uid, uids))
+
+
+def _read_entries(rows: Iterable[Mapping[Any, Any]]) -> dict[str, Entry]:
+    """``{uid: Entry}`` of the ``cache`` rows whose files match their checksums (the first
+    row of a uid that has several); a damaged entry is left out and logged."""
     out: dict[str, Entry] = {}
-    for row in D.rows_in(conn, q, t.c.uid, uids):
-        if row.uid in out:
+    for row in rows:
+        if row["uid"] in out:
             continue
         try:
-            out[row.uid] = Entry(row.uid, read_entry(row.path, row.checksum), geometry_of(row))
+            out[row["uid"]] = Entry(row["uid"], read_entry(row["path"], row["checksum"]), geometry_of(row))
         except (OSError, CacheError) as e:
-            log.warning("%s: %s", row.uid, e)
+            log.warning("%s: %s", row["uid"], e)
     return out
 
 
